@@ -1,0 +1,1 @@
+"""Keel: a gRPC service that runs pydantic-ai agents durably, with resumable event streams."""

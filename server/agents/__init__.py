@@ -1,0 +1,1 @@
+"""② The agent loop over pydantic-ai: the registry, event mapping and test agents."""

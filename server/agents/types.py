@@ -1,0 +1,54 @@
+"""What the agent loop needs from the rest of Keel, as small protocols and records."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from keel.v1.agent_service_pb2 import AgentEvent, Usage
+from pydantic_ai import Agent
+
+
+class EventSink(Protocol):
+    """Where the loop emits events.
+
+    The loop fills in the payload, `step` and `attempt`; the sink assigns
+    run_id, index and time, and commits events to the log in batches.
+    """
+
+    async def emit(self, event: AgentEvent) -> None:
+        """Queue one event for the log; may wait when the writer is behind."""
+
+
+class Counters(Protocol):
+    """A per-run counter store (Redis when configured): how tests prove a tool ran once."""
+
+    async def incr_counter(self, run_id: str, key: str) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """What Keel knows about a run when it builds the agent's deps."""
+
+    run_id: str
+    counters: Counters
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSpec:
+    """A registry entry: an ordinary pydantic-ai Agent plus how to build its deps for a run."""
+
+    agent: Agent[Any, Any]
+    description: str = ""
+    deps: Callable[[RunInfo], Any] | None = None  # None: the agent takes no deps
+    approval_tools: frozenset[str] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True, slots=True)
+class LoopResult:
+    """How a run's agent loop ended successfully."""
+
+    output_text: str  # the final output, for text output
+    output_json: str  # the final output as JSON, for structured output ("" for text)
+    usage: Usage

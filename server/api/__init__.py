@@ -1,0 +1,1 @@
+"""① The gRPC edge: a thin servicer, request validation and the one error mapping."""

@@ -1,0 +1,130 @@
+"""Keel's domain errors: one tree, mapped to gRPC status in one place (server/api/status.py).
+
+    KeelError
+    ├── InvalidArgument           a malformed request (carries field violations)
+    │   └── UnknownAgent          agent_id names no agent of this server
+    ├── RunNotFound               no such run, or it expired
+    ├── RequestIdReused           request_id already started a different run
+    ├── OffsetExpired             offset below the earliest retained index
+    ├── OffsetBeyondEnd           offset past the last event of an ended run
+    ├── StaleEpoch                a fenced writer tried to write (never reaches a client as such)
+    ├── IndexConflict             an append did not start at the run's next index
+    ├── StoreUnavailable          Redis unreachable
+    └── ServerDraining            the server is shutting down; resume elsewhere
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class KeelError(Exception):
+    """Base of every error Keel raises on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One bad field of a request: its name and what is wrong with it."""
+
+    field: str
+    description: str
+
+
+class InvalidArgument(KeelError):
+    """A request field is missing or malformed."""
+
+    def __init__(self, *violations: FieldViolation) -> None:
+        self.violations = violations
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
+
+
+class UnknownAgent(InvalidArgument):
+    """The request names an agent this server does not have."""
+
+    def __init__(self, agent_id: str, known: list[str]) -> None:
+        self.agent_id = agent_id
+        self.known = known
+        super().__init__(
+            FieldViolation(
+                "agent_id",
+                f"unknown agent {agent_id!r}; this server runs: {', '.join(known) or 'none'}",
+            )
+        )
+
+
+class RunNotFound(KeelError):
+    """No run has this id (it never existed, or its retention time passed)."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        super().__init__(f"run {run_id!r} not found")
+
+
+class RequestIdReused(KeelError):
+    """A request_id that already started a run was sent with another agent or input."""
+
+    def __init__(self, request_id: str, run_id: str) -> None:
+        self.request_id = request_id
+        self.run_id = run_id
+        super().__init__(
+            f"request_id {request_id!r} already started run {run_id!r} with another agent or input"
+        )
+
+
+class OffsetExpired(KeelError):
+    """The requested offset is below the earliest index the log still retains."""
+
+    def __init__(self, run_id: str, offset: int, earliest_offset: int, next_offset: int) -> None:
+        self.run_id = run_id
+        self.offset = offset
+        self.earliest_offset = earliest_offset
+        self.next_offset = next_offset
+        super().__init__(
+            f"offset {offset} of run {run_id!r} is no longer retained; "
+            f"the earliest retained offset is {earliest_offset}"
+        )
+
+
+class OffsetBeyondEnd(KeelError):
+    """The run has ended and the requested offset is past its last event."""
+
+    def __init__(self, run_id: str, offset: int, next_offset: int) -> None:
+        self.run_id = run_id
+        self.offset = offset
+        self.next_offset = next_offset
+        super().__init__(
+            f"run {run_id!r} has ended with {next_offset} events; offset {offset} will never exist"
+        )
+
+
+class StaleEpoch(KeelError):
+    """A writer's epoch is older than the run's: another owner took the run over."""
+
+    def __init__(self, run_id: str, epoch: int, current_epoch: int) -> None:
+        self.run_id = run_id
+        self.epoch = epoch
+        self.current_epoch = current_epoch
+        super().__init__(f"run {run_id!r}: epoch {epoch} is fenced by epoch {current_epoch}")
+
+
+class IndexConflict(KeelError):
+    """An append did not start at the run's next index (a bug or a second writer)."""
+
+    def __init__(self, run_id: str, first_index: int, next_index: int) -> None:
+        self.run_id = run_id
+        self.first_index = first_index
+        self.next_index = next_index
+        super().__init__(
+            f"run {run_id!r}: append starts at {first_index} but the next index is {next_index}"
+        )
+
+
+class StoreUnavailable(KeelError):
+    """The store (Redis) could not be reached."""
+
+
+class ServerDraining(KeelError):
+    """The server is shutting down; the client should resume on another replica."""
+
+    def __init__(self) -> None:
+        super().__init__("server is shutting down; resume from the next offset on another replica")

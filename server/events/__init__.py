@@ -1,0 +1,1 @@
+"""③ The event log: a protocol, a memory and a Redis implementation; keys.py spells every key."""

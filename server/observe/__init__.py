@@ -1,0 +1,1 @@
+"""④ Observe: catch-up from the log, then live, with bounded per-observer queues."""

@@ -1,0 +1,1 @@
+"""② The executor: run lifecycle, batched event writing and cancellation."""
