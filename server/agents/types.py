@@ -42,6 +42,8 @@ class AgentSpec:
     agent: Agent[Any, Any]
     description: str = ""
     deps: Callable[[RunInfo], Any] | None = None  # None: the agent takes no deps
+    # Checks a run's input before the run is created; raises server.errors.InvalidArgument.
+    validate_input: Callable[[str], None] | None = None
     approval_tools: frozenset[str] = field(default_factory=frozenset)
 
 
