@@ -1,16 +1,16 @@
 """Keel's domain errors: one tree, mapped to gRPC status in one place (server/api/status.py).
 
-    KeelError
-    ├── InvalidArgument           a malformed request (carries field violations)
-    │   └── UnknownAgent          agent_id names no agent of this server
-    ├── RunNotFound               no such run, or it expired
-    ├── RequestIdReused           request_id already started a different run
-    ├── OffsetExpired             offset below the earliest retained index
-    ├── OffsetBeyondEnd           offset past the last event of an ended run
-    ├── StaleEpoch                a fenced writer tried to write (never reaches a client as such)
-    ├── IndexConflict             an append did not start at the run's next index
-    ├── StoreUnavailable          Redis unreachable
-    └── ServerDraining            the server is shutting down; resume elsewhere
+KeelError
+├── InvalidArgument           a malformed request (carries field violations)
+│   └── UnknownAgent          agent_id names no agent of this server
+├── RunNotFound               no such run, or it expired
+├── RequestIdReused           request_id already started a different run
+├── OffsetExpired             offset below the earliest retained index
+├── OffsetBeyondEnd           offset past the last event of an ended run
+├── StaleEpoch                a fenced writer tried to write (never reaches a client as such)
+├── IndexConflict             an append did not start at the run's next index
+├── StoreUnavailable          Redis unreachable
+└── ServerDraining            the server is shutting down; resume elsewhere
 """
 
 from __future__ import annotations

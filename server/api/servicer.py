@@ -1,0 +1,195 @@
+"""The AgentService servicer: validates, delegates, converts. Logic lives in runs/ and observe/."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from grpc_status import rpc_status
+from keel.v1 import agent_service_pb2 as pb
+from keel.v1 import agent_service_pb2_grpc as pb_grpc
+
+from server.agents.registry import describe
+from server.api import convert, status, validate
+from server.events.log import EventLog, RunPageCursor
+from server.observe.follow import Events, FollowLimits, Heartbeat, Item, Snapshot, follow
+from server.runs.executor import LocalExecutor
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+StreamResponse = pb.StreamResponse | pb.ObserveResponse | pb.ResumeResponse
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+    await context.abort_with_status(rpc_status.to_status(status.to_status(exc)))
+
+
+def unary(
+    method: Callable[[Any, Request, grpc.aio.ServicerContext[Any, Any]], Awaitable[Response]],
+) -> Callable[[Any, Request, grpc.aio.ServicerContext[Any, Any]], Awaitable[Response]]:
+    """Map domain errors (and bugs) of a unary handler to rich gRPC status."""
+
+    @functools.wraps(method)
+    async def handler(
+        self: Any, request: Request, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Response:
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # CancelledError is a BaseException: it passes untouched
+            await _abort(context, exc)
+            raise AssertionError("unreachable: abort raises") from exc
+
+    return handler
+
+
+def streaming(
+    method: Callable[[Any, Request, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Response]],
+) -> Callable[[Any, Request, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Response]]:
+    """Map domain errors (and bugs) of a streaming handler to rich gRPC status."""
+
+    @functools.wraps(method)
+    async def handler(
+        self: Any, request: Request, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Response]:
+        try:
+            async for response in method(self, request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # CancelledError is a BaseException: it passes untouched
+            await _abort(context, exc)
+
+    return handler
+
+
+class AgentServicer(pb_grpc.AgentServiceServicer):
+    """gRPC face of Keel (keel.v1.AgentService)."""
+
+    def __init__(
+        self,
+        log: EventLog,
+        executor: LocalExecutor,
+        *,
+        limits: FollowLimits,
+        max_batch_bytes: int,
+        draining: asyncio.Event,
+    ) -> None:
+        self._log = log
+        self._executor = executor
+        self._limits = limits
+        self._max_batch_bytes = max_batch_bytes
+        self._draining = draining
+
+    @streaming
+    async def Stream(
+        self, request: pb.StreamRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.StreamResponse]:
+        validate.start(request.agent_id, request.input, request.request_id)
+        record = await self._executor.start(request.agent_id, request.input, request.request_id)
+        async for response in self._follow(record.run_id, 0, pb.StreamResponse):
+            yield response
+
+    @streaming
+    async def Observe(
+        self, request: pb.ObserveRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.ObserveResponse]:
+        run_id = validate.run_id(request.run_id)
+        offset = validate.offset(request.offset)
+        async for response in self._follow(run_id, offset, pb.ObserveResponse):
+            yield response
+
+    async def Resume(
+        self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.ResumeResponse]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Resume is not implemented yet")
+        yield pb.ResumeResponse()  # pragma: no cover - makes this an async generator
+
+    @unary
+    async def StartRun(
+        self, request: pb.StartRunRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.StartRunResponse:
+        validate.start(request.agent_id, request.input, request.request_id)
+        record = await self._executor.start(request.agent_id, request.input, request.request_id)
+        return pb.StartRunResponse(run=convert.run(record))
+
+    @unary
+    async def GetRun(
+        self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetRunResponse:
+        record = await self._log.get_run(validate.run_id(request.run_id))
+        return pb.GetRunResponse(run=convert.run(record))
+
+    @unary
+    async def ListRuns(
+        self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListRunsResponse:
+        page_size = validate.page_size(request.page_size)
+        states = validate.states(request.states)
+        cursor = validate.decode_page_token(request.page_token, request.agent_id, states)
+        records = await self._log.list_runs(
+            agent_id=request.agent_id, states=states, limit=page_size + 1, after=cursor
+        )
+        token = ""
+        if len(records) > page_size:
+            records = records[:page_size]
+            last = records[-1]
+            token = validate.encode_page_token(
+                RunPageCursor(last.create_time_ms, last.run_id), request.agent_id, states
+            )
+        return pb.ListRunsResponse(runs=[convert.run(r) for r in records], next_page_token=token)
+
+    @unary
+    async def CancelRun(
+        self, request: pb.CancelRunRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CancelRunResponse:
+        record = await self._executor.cancel(validate.run_id(request.run_id), request.reason)
+        return pb.CancelRunResponse(run=convert.run(record))
+
+    @unary
+    async def ListAgents(
+        self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListAgentsResponse:
+        agents = []
+        for agent_id, spec in sorted(self._executor.agents.items()):
+            model_name, tools = describe(spec)
+            agents.append(
+                convert.agent(
+                    agent_id,
+                    spec,
+                    model_name,
+                    [
+                        pb.Tool(
+                            name=t.name,
+                            description=t.description,
+                            requires_approval=t.requires_approval,
+                        )
+                        for t in tools
+                    ],
+                )
+            )
+        return pb.ListAgentsResponse(agents=agents)
+
+    async def _follow(
+        self, run_id: str, offset: int, response_type: type[Response]
+    ) -> AsyncIterator[Response]:
+        # The three stream responses share one layout (snapshot=1, events=2, heartbeat=3).
+        make: Callable[..., Response] = response_type
+        items: AsyncIterator[Item] = follow(
+            self._log, run_id, offset, limits=self._limits, draining=self._draining
+        )
+        async for item in items:
+            match item:
+                case Snapshot(run=record):
+                    yield make(snapshot=pb.RunSnapshot(run=convert.run(record)))
+                case Events(events=events):
+                    for batch in convert.batches(events, self._max_batch_bytes):
+                        yield make(events=pb.EventBatch(events=batch))
+                case Heartbeat(next_offset=next_offset):
+                    heartbeat = pb.Heartbeat(next_offset=next_offset)
+                    heartbeat.time.GetCurrentTime()
+                    yield make(heartbeat=heartbeat)

@@ -1,0 +1,111 @@
+"""The one place that turns Keel's domain errors into gRPC status (google.rpc rich errors).
+
+Every error carries an ErrorInfo with domain "keel.dev", an UPPER_SNAKE reason and
+metadata holding each dynamic value, so clients branch on data, not on prose.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from server import errors
+
+DOMAIN = "keel.dev"
+_RETRY_DELAY_S = 1
+
+log = logging.getLogger(__name__)
+
+
+def to_status(exc: BaseException) -> status_pb2.Status:
+    """The google.rpc.Status a client should see for `exc`."""
+    match exc:
+        case errors.UnknownAgent():
+            return _status(
+                code_pb2.INVALID_ARGUMENT,
+                exc,
+                "UNKNOWN_AGENT",
+                {"agent_id": exc.agent_id},
+                _bad_request(exc),
+            )
+        case errors.InvalidArgument():
+            return _status(
+                code_pb2.INVALID_ARGUMENT, exc, "INVALID_ARGUMENT", {}, _bad_request(exc)
+            )
+        case errors.RunNotFound():
+            return _status(code_pb2.NOT_FOUND, exc, "RUN_NOT_FOUND", {"run_id": exc.run_id})
+        case errors.RequestIdReused():
+            return _status(
+                code_pb2.ALREADY_EXISTS,
+                exc,
+                "REQUEST_ID_REUSED",
+                {"request_id": exc.request_id, "run_id": exc.run_id},
+            )
+        case errors.OffsetExpired():
+            return _status(
+                code_pb2.OUT_OF_RANGE,
+                exc,
+                "OFFSET_EXPIRED",
+                {
+                    "run_id": exc.run_id,
+                    "offset": str(exc.offset),
+                    "earliest_offset": str(exc.earliest_offset),
+                    "next_offset": str(exc.next_offset),
+                },
+            )
+        case errors.OffsetBeyondEnd():
+            return _status(
+                code_pb2.OUT_OF_RANGE,
+                exc,
+                "OFFSET_BEYOND_END",
+                {
+                    "run_id": exc.run_id,
+                    "offset": str(exc.offset),
+                    "next_offset": str(exc.next_offset),
+                },
+            )
+        case errors.StoreUnavailable():
+            return _status(code_pb2.UNAVAILABLE, exc, "STORE_UNAVAILABLE", {}, _retry_info())
+        case errors.ServerDraining():
+            return _status(code_pb2.UNAVAILABLE, exc, "SERVER_DRAINING", {}, _retry_info())
+        case _:
+            # A bug, or a fenced write that escaped its run: never leak internals to clients.
+            log.exception("internal error", exc_info=exc)
+            return _status(code_pb2.INTERNAL, RuntimeError("internal error"), "INTERNAL", {})
+
+
+def _status(
+    code: int,
+    exc: BaseException,
+    reason: str,
+    metadata: dict[str, str],
+    *extra: any_pb2.Any,
+) -> status_pb2.Status:
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata))
+    return status_pb2.Status(code=code, message=str(exc), details=[info, *extra])
+
+
+def _bad_request(exc: errors.InvalidArgument) -> any_pb2.Any:
+    detail = any_pb2.Any()
+    detail.Pack(
+        error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
+                for v in exc.violations
+            ]
+        )
+    )
+    return detail
+
+
+def _retry_info() -> any_pb2.Any:
+    detail = any_pb2.Any()
+    detail.Pack(
+        error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=_RETRY_DELAY_S))
+    )
+    return detail

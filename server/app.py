@@ -1,0 +1,140 @@
+"""Assembles a Keel server: event log, executor, servicer, health, reflection; and its shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from keel.v1 import agent_service_pb2 as pb
+from keel.v1 import agent_service_pb2_grpc as pb_grpc
+
+from server.agents.registry import load_registry
+from server.agents.types import AgentSpec
+from server.api.servicer import AgentServicer
+from server.events.factory import open_event_log
+from server.events.log import EventLog
+from server.observe.follow import FollowLimits
+from server.runs.executor import LocalExecutor, WriterLimits
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AgentService"].full_name
+ASSISTANT_AGENT_ID = "assistant"
+
+
+@dataclass
+class Keel:
+    """A running Keel server and what it owns. `stop()` is safe to call more than once."""
+
+    server: grpc.aio.Server
+    port: int
+    settings: Settings
+    log: EventLog
+    executor: LocalExecutor
+    health: health.aio.HealthServicer
+    draining: asyncio.Event
+    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    _stopping: bool = False
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Graceful shutdown, in this order:
+
+        1. health says NOT_SERVING, so load balancers stop sending;
+        2. open streams end with UNAVAILABLE (clients resume on another replica);
+        3. the listener closes and unary calls in flight get a second to finish;
+        4. runs in progress get shutdown_grace_s to finish, then are left in the log;
+        5. the event log closes.
+        """
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        await self.health.enter_graceful_shutdown()
+        self.draining.set()
+        await self.server.stop(grace=1.0)
+        await self.executor.drain(grace)
+        await self.log.close()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+def load_agents(settings: Settings) -> dict[str, AgentSpec]:
+    agents: dict[str, AgentSpec] = {}
+    if settings.agents:
+        agents.update(load_registry(settings.agents))
+    if settings.model_base_url and settings.model_name:
+        from server.agents.openai_compat import build_openai_agent
+
+        agents[ASSISTANT_AGENT_ID] = build_openai_agent(
+            base_url=settings.model_base_url,
+            api_key=settings.model_api_key,
+            model_name=settings.model_name,
+        )
+    return agents
+
+
+async def create_server(settings: Settings) -> Keel:
+    """A started Keel server on settings.host:settings.port (port 0 picks a free port)."""
+    agents = load_agents(settings)
+    event_log = await open_event_log(
+        settings.redis_url or None,
+        key_prefix=settings.key_prefix,
+        terminal_ttl_s=settings.terminal_ttl_s,
+        retain_events=settings.retain_events,
+    )
+    executor = LocalExecutor(
+        event_log,
+        agents,
+        instance_id=settings.instance_id,
+        limits=WriterLimits(settings.write_batch_max, settings.write_pending_max),
+    )
+    draining = asyncio.Event()
+    servicer = AgentServicer(
+        event_log,
+        executor,
+        limits=FollowLimits(
+            page_size=settings.catch_up_page_size,
+            queue_size=settings.observer_queue_size,
+            heartbeat_interval_s=settings.heartbeat_interval_s,
+        ),
+        max_batch_bytes=settings.max_batch_bytes,
+        draining=draining,
+    )
+    server = grpc.aio.server()
+    pb_grpc.add_AgentServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "keel serving on %s:%d (%s)",
+        settings.host,
+        port,
+        "redis" if settings.redis_url else "memory",
+    )
+    return Keel(server, port, settings, event_log, executor, health_servicer, draining)
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    keel = await create_server(settings)
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []  # keeps the shutdown task referenced
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: stopping.append(asyncio.create_task(keel.stop())))
+    print(f"keel listening on {settings.host}:{keel.port}", flush=True)
+    await keel.wait_stopped()

@@ -1,0 +1,152 @@
+"""Follow a run from an offset: catch up from the log, then live (etcd's watchable store).
+
+1. Validate the offset against the run (expired -> OffsetExpired; past the
+   end of an ended run -> OffsetBeyondEnd), subscribe, and yield a snapshot.
+2. Unsynced: reset the live queue, then read the log in pages from
+   next_offset. A short page means the log is exhausted for now.
+3. Synced: take batches from the live queue, accepting only the exact next
+   index: lower indices are duplicates (dropped), a higher one is a gap, and
+   a gap or a demotion (queue overflow, lost pub/sub connection) sends the
+   observer back to 2. Subscribing before the first read and resetting the
+   queue before every read is what makes 2 -> 3 lossless.
+4. On a quiet stream, yield a heartbeat and compare with the log's head: a
+   notification lost without a demotion is caught here.
+5. End right after a terminal event; end with ServerDraining when the server
+   shuts down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from keel.v1.agent_service_pb2 import AgentEvent
+
+from server.errors import OffsetBeyondEnd, OffsetExpired, ServerDraining
+from server.events.log import EventLog, RunRecord
+from server.observe.observer import LiveQueue
+
+TERMINAL_PAYLOADS = frozenset({"finish", "abort", "error"})
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The run as it was when the stream opened."""
+
+    run: RunRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Events:
+    """Consecutive events, in index order."""
+
+    events: Sequence[AgentEvent]
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """The stream is alive; `next_offset` is the index it will deliver next."""
+
+    next_offset: int
+
+
+Item = Snapshot | Events | Heartbeat
+
+
+@dataclass(frozen=True, slots=True)
+class FollowLimits:
+    """Tunables of a followed stream (see server/settings.py)."""
+
+    page_size: int = 1000
+    queue_size: int = 256
+    heartbeat_interval_s: float = 5.0
+
+
+def is_terminal(event: AgentEvent) -> bool:
+    return event.WhichOneof("payload") in TERMINAL_PAYLOADS
+
+
+async def follow(
+    log: EventLog,
+    run_id: str,
+    offset: int,
+    *,
+    limits: FollowLimits,
+    draining: asyncio.Event,
+) -> AsyncIterator[Item]:
+    """Every event of the run with index >= offset, exactly once, in order; see the module doc."""
+    record = await log.get_run(run_id)
+    check_offset(record, offset)
+    queue = LiveQueue(limits.queue_size)
+    subscription = await log.subscribe(run_id, queue)
+    try:
+        yield Snapshot(record)
+        if record.state.terminal and offset == record.next_index:
+            return
+        next_offset = offset
+        while True:
+            # 2. Unsynced: catch up from the log.
+            queue.resync()
+            while True:
+                page = await log.read(run_id, next_offset, limits.page_size)
+                if page:
+                    next_offset = page[-1].index + 1
+                    yield Events(page)
+                    if is_terminal(page[-1]):
+                        return
+                if len(page) < limits.page_size:
+                    break
+            # 3. Synced: live batches while nothing is lost.
+            while not queue.demoted:
+                batch = queue.pop()
+                if batch is None:
+                    if await _quiet(queue, draining, limits.heartbeat_interval_s):
+                        yield Heartbeat(next_offset)
+                        head = (await log.get_run(run_id)).next_index
+                        if head > next_offset:
+                            break  # 4. a notification went missing: read the log
+                    continue
+                fresh = _from(batch, next_offset)
+                if not fresh:
+                    continue  # duplicates only
+                if fresh[0].index != next_offset:
+                    break  # a gap: read the log
+                next_offset = fresh[-1].index + 1
+                yield Events(fresh)
+                if is_terminal(fresh[-1]):
+                    return
+    finally:
+        await subscription.close()
+
+
+def check_offset(record: RunRecord, offset: int) -> None:
+    if offset < record.earliest_index:
+        raise OffsetExpired(record.run_id, offset, record.earliest_index, record.next_index)
+    if record.state.terminal and offset > record.next_index:
+        raise OffsetBeyondEnd(record.run_id, offset, record.next_index)
+
+
+def _from(batch: Sequence[AgentEvent], offset: int) -> Sequence[AgentEvent]:
+    """The events of `batch` with index >= offset (batches hold consecutive indices)."""
+    if not batch or batch[0].index >= offset:
+        return batch
+    skip = offset - batch[0].index
+    return batch[skip:]
+
+
+async def _quiet(queue: LiveQueue, draining: asyncio.Event, timeout_s: float) -> bool:
+    """Wait for the queue; True if `timeout_s` passed quietly. Raises ServerDraining."""
+    if draining.is_set():
+        raise ServerDraining()
+    waiters = [asyncio.ensure_future(queue.wait()), asyncio.ensure_future(draining.wait())]
+    try:
+        done, _ = await asyncio.wait(
+            waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        for waiter in waiters:
+            waiter.cancel()  # never awaited: nothing here may swallow our own cancellation
+    if draining.is_set():
+        raise ServerDraining()
+    return not done

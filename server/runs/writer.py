@@ -1,0 +1,115 @@
+"""The run's event writer: assigns indices and commits events to the log in batches.
+
+Group commit: `emit` only stamps and queues an event; a flusher task appends
+whatever has queued up in one call (one Lua script on Redis) and, while that
+call is in flight, the next batch gathers. Under a fast producer batches grow
+by themselves; a slow producer pays one round trip per event, never a timer.
+
+The writer is the run's only writer: the epoch it carries fences it out if
+another instance takes the run over, and the log rejects any batch that does
+not start at the run's next index, so no index is ever skipped or reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+
+from keel.v1.agent_service_pb2 import AgentEvent
+
+from server.events.log import EventLog, RunState
+
+
+class EventWriter:
+    """Implements the agent loop's EventSink for one run, at one epoch."""
+
+    def __init__(
+        self,
+        log: EventLog,
+        run_id: str,
+        *,
+        epoch: int,
+        next_index: int,
+        batch_max: int = 1000,
+        pending_max: int = 5000,
+    ) -> None:
+        self._log = log
+        self._run_id = run_id
+        self._epoch = epoch
+        self._next_index = next_index  # index the next emitted event gets
+        self._batch_max = batch_max
+        self._pending_max = pending_max
+        self._pending: list[AgentEvent] = []
+        self._wakeup = asyncio.Event()  # set when events are pending
+        self._drained = asyncio.Event()  # set when nothing is pending or in flight
+        self._drained.set()
+        self._lock = asyncio.Lock()  # one append in flight, taken in order
+        self._failure: BaseException | None = None
+        self._flusher: asyncio.Task[None] | None = None
+
+    @property
+    def next_index(self) -> int:
+        return self._next_index
+
+    async def emit(self, event: AgentEvent) -> None:
+        """Stamp `event` with run id, index and time and queue it for the log."""
+        self._raise_if_failed()
+        event.run_id = self._run_id
+        event.index = self._next_index
+        event.time.FromNanoseconds(time.time_ns())
+        self._next_index += 1
+        self._pending.append(event)
+        self._drained.clear()
+        self._wakeup.set()
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(
+                self._flush_forever(), name=f"writer:{self._run_id}"
+            )
+        if len(self._pending) >= self._pending_max:
+            await self._drained.wait()  # backpressure: let the log catch up
+            self._raise_if_failed()
+
+    async def commit(self, state: RunState | None = None, *, error: str = "") -> None:
+        """Commit everything emitted so far; with `state`, move the run to it in the same append."""
+        async with self._lock:
+            self._raise_if_failed()
+            batch, self._pending = self._pending, []
+            await self._append(batch, state=state, error=error)
+            self._drained.set()
+
+    async def close(self) -> None:
+        """Stop the flusher. Uncommitted events are dropped (call commit first to keep them)."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            async with self._lock:
+                self._wakeup.clear()
+                while self._pending:
+                    batch = self._pending[: self._batch_max]
+                    del self._pending[: self._batch_max]
+                    try:
+                        await self._append(batch)
+                    except Exception as exc:  # surfaced to the run by the next emit or commit
+                        self._failure = exc
+                        self._pending.clear()
+                        self._drained.set()
+                        return
+                self._drained.set()
+
+    async def _append(
+        self, batch: Sequence[AgentEvent], *, state: RunState | None = None, error: str = ""
+    ) -> None:
+        if batch or state is not None:
+            await self._log.append(self._run_id, self._epoch, batch, state=state, error=error)
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise self._failure

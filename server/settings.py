@@ -1,0 +1,59 @@
+"""Keel's settings: flags override KEEL_* environment variables, which override defaults."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Settings(BaseSettings):
+    """Every knob of a Keel server. Environment variables are KEEL_<FIELD>, e.g. KEEL_REDIS_URL."""
+
+    model_config = SettingsConfigDict(env_prefix="KEEL_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=50051, ge=0, le=65535)
+    # Redis for the event log and run records; empty: the in-memory log (one process,
+    # no durability).
+    redis_url: str = ""
+    # Prefix of every Redis key, so several deployments (or tests) can share one Redis.
+    key_prefix: str = "keel"
+    # Registry of agents: "module:attr" naming a mapping of agent id -> Agent or AgentSpec.
+    agents: str = ""
+    # An OpenAI-compatible provider: given a base URL and a model name, agent "assistant"
+    # serves it.
+    model_base_url: str = ""
+    model_api_key: str = ""
+    model_name: str = ""
+
+    # How long a terminal run's events and record are kept; live runs never expire.
+    terminal_ttl_s: float = Field(default=86_400.0, gt=0)
+    # Keep at most this many events per run (older ones are trimmed); 0 keeps all.
+    retain_events: int = Field(default=0, ge=0)
+
+    # Observe: heartbeat on streams quiet for this long.
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    # Observe: live batches an observer may have queued before it is demoted to catch-up.
+    observer_queue_size: int = Field(default=256, ge=1)
+    # Observe: events per catch-up read from the log.
+    catch_up_page_size: int = Field(default=1000, ge=1)
+    # Largest gRPC message of events the server sends (clients accept 4 MiB by default).
+    max_batch_bytes: int = Field(default=1 << 20, ge=1024)
+
+    # Writer: most events per append (one Lua call on Redis).
+    write_batch_max: int = Field(default=1000, ge=1)
+    # Writer: events a run may have emitted but not committed before it waits.
+    write_pending_max: int = Field(default=5000, ge=1)
+
+    # SIGTERM: time given to runs in progress to finish before the process exits.
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
+    # This process's name as a run owner.
+    instance_id: str = Field(default_factory=_default_instance_id)

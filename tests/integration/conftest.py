@@ -1,0 +1,140 @@
+"""A real Keel server (grpc.aio on port 0) over each backend, and helpers to read its streams."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import pytest
+from keel.v1 import agent_service_pb2 as pb
+from keel.v1 import agent_service_pb2_grpc as pb_grpc
+
+from server.app import Keel, create_server
+from server.settings import Settings
+
+SCRIPTED = "server.agents.testing:registry"
+
+
+def script(*steps: dict[str, Any]) -> str:
+    """The scripted agent's input for these steps."""
+    return json.dumps({"steps": list(steps)})
+
+
+def text(n: int, delay_ms: int = 0) -> dict[str, Any]:
+    return {"text": n, "delay_ms": delay_ms}
+
+
+def record(key: str) -> dict[str, Any]:
+    return {"tool": "record", "args": {"key": key}}
+
+
+@dataclass
+class Collected:
+    """Everything one stream delivered."""
+
+    snapshots: list[pb.RunSnapshot] = field(default_factory=list)
+    events: list[pb.AgentEvent] = field(default_factory=list)
+    heartbeats: list[pb.Heartbeat] = field(default_factory=list)
+
+    @property
+    def run_id(self) -> str:
+        return self.snapshots[0].run.run_id
+
+    @property
+    def indices(self) -> list[int]:
+        return [e.index for e in self.events]
+
+    def add(self, response: Any) -> None:
+        kind = response.WhichOneof("kind")
+        if kind == "snapshot":
+            self.snapshots.append(response.snapshot)
+        elif kind == "events":
+            self.events.extend(response.events.events)
+        elif kind == "heartbeat":
+            self.heartbeats.append(response.heartbeat)
+
+
+async def collect(call: AsyncIterator[Any], *, max_events: int | None = None) -> Collected:
+    """Read a stream to its end, or until max_events events arrived."""
+    out = Collected()
+    async for response in call:
+        out.add(response)
+        if max_events is not None and len(out.events) >= max_events:
+            break
+    return out
+
+
+def assert_contiguous(events: Sequence[pb.AgentEvent], start: int = 0) -> None:
+    """Indices are exactly start, start+1, ...: no gap, no duplicate, in order."""
+    indices = [e.index for e in events]
+    assert indices == list(range(start, start + len(indices))), indices
+
+
+def text_of(events: Sequence[pb.AgentEvent]) -> str:
+    return "".join(e.text_delta.delta for e in events if e.WhichOneof("payload") == "text_delta")
+
+
+def payloads(events: Sequence[pb.AgentEvent]) -> list[str]:
+    return [e.WhichOneof("payload") or "" for e in events]
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def make_settings(backend: str, request: pytest.FixtureRequest) -> Callable[..., Settings]:
+    """Settings for a test server on port 0, isolated by a fresh Redis key prefix."""
+    redis_url = request.getfixturevalue("redis_url") if backend == "redis" else ""
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "port": 0,
+            "agents": SCRIPTED,
+            "redis_url": redis_url,
+            "key_prefix": prefix,
+            "heartbeat_interval_s": 0.2,
+            "shutdown_grace_s": 5.0,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+async def start_keel(make_settings: Callable[..., Settings]) -> AsyncIterator[Callable[..., Any]]:
+    """Starts Keel servers with settings overrides; stops them all at the end."""
+    started: list[Keel] = []
+
+    async def start(**overrides: Any) -> Keel:
+        keel = await create_server(make_settings(**overrides))
+        started.append(keel)
+        return keel
+
+    yield start
+    for keel in started:
+        await keel.stop(grace_s=0)
+
+
+@pytest.fixture
+async def keel(start_keel: Callable[..., Any]) -> Keel:
+    server: Keel = await start_keel()
+    return server
+
+
+@pytest.fixture
+async def channel(keel: Keel) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{keel.port}") as channel:
+        yield channel
+
+
+@pytest.fixture
+def stub(channel: grpc.aio.Channel) -> pb_grpc.AgentServiceStub:
+    return pb_grpc.AgentServiceStub(channel)

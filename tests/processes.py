@@ -1,0 +1,74 @@
+"""Keel servers as real subprocesses, for restart and crash tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+_READY = "keel listening on "
+
+
+@dataclass
+class KeelProcess:
+    """One `python -m server serve` process; `port` is known once it is listening."""
+
+    process: asyncio.subprocess.Process
+    port: int
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def terminate(self) -> None:
+        """SIGTERM: the graceful shutdown."""
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL: the crash."""
+        if self.process.returncode is None:
+            self.process.kill()
+
+    async def wait(self, timeout_s: float = 30.0) -> int:
+        return await asyncio.wait_for(self.process.wait(), timeout_s)
+
+
+async def start_keel_process(
+    *,
+    redis_url: str,
+    key_prefix: str,
+    port: int = 0,
+    env: dict[str, str] | None = None,
+    agents: str = "server.agents.testing:registry",
+) -> KeelProcess:
+    """Start a server and wait until it listens; its log goes to this process's stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        "serve",
+        "--port",
+        str(port),
+        "--redis-url",
+        redis_url,
+        "--key-prefix",
+        key_prefix,
+        "--agents",
+        agents,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    while True:
+        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+        if not line:
+            raise RuntimeError(f"keel exited before listening (code {await process.wait()})")
+        if line.startswith(_READY):
+            port = int(line.rsplit(":", 1)[1])
+            return KeelProcess(process, port)
