@@ -21,7 +21,7 @@ from typing import Protocol
 from keel.v1.agent_service_pb2 import AgentEvent
 
 
-class RunState(str, enum.Enum):
+class RunState(enum.StrEnum):
     """Where a run is in its life; the terminal states start its retention time."""
 
     QUEUED = "queued"  # accepted, first step not started
@@ -75,7 +75,11 @@ class Listener(Protocol):
         """Consecutive events just committed, in index order."""
 
     def on_gap(self) -> None:
-        """Notifications may have been lost (e.g. the pub/sub connection dropped): re-read the log."""
+        """Notifications may have been lost (the pub/sub connection dropped): re-read the log.
+
+        Called only once notifications flow again, so a re-read started now
+        misses nothing committed later.
+        """
 
 
 class Subscription(Protocol):
@@ -108,7 +112,11 @@ class EventLog(Protocol):
         limit: int,
         after: RunPageCursor | None = None,
     ) -> list[RunRecord]:
-        """Up to `limit` runs, newest first, strictly after `after`, filtered by agent and states."""
+        """Up to `limit` (> 0) runs, newest first, strictly after `after`, filtered.
+
+        An empty `agent_id` or `states` does not filter. Runs whose retention
+        time passed are not listed.
+        """
 
     async def append(
         self,
@@ -130,7 +138,10 @@ class EventLog(Protocol):
         4. Trim to the configured retention of events per run, if any,
            advancing earliest_index.
         5. Only then notify listeners.
-        `events` may be empty to change only the state. Raises RunNotFound.
+        `events` may be empty to change only the state; listeners are then
+        not notified. An exact replay of an already committed batch (a retry
+        after a lost reply) writes nothing and returns the next index.
+        Raises RunNotFound; ValueError if the indices are not consecutive.
         """
 
     async def read(self, run_id: str, offset: int, limit: int) -> list[AgentEvent]:

@@ -91,6 +91,11 @@ class LocalExecutor:
     def agents(self) -> Mapping[str, AgentSpec]:
         return self._agents
 
+    @property
+    def running(self) -> frozenset[str]:
+        """Ids of the runs this process is executing now."""
+        return frozenset(self._tasks)
+
     def agent(self, agent_id: str) -> AgentSpec:
         spec = self._agents.get(agent_id)
         if spec is None:

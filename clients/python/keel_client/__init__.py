@@ -1,0 +1,15 @@
+"""keel_client: a small asyncio client for Keel whose event streams resume by themselves.
+
+- ``KeelClient``: the connection, unary helpers, and handles on runs.
+- ``RunHandle``: one run's events, yielded exactly once and in order across
+  dropped connections (reconnect on UNAVAILABLE, resume at ``next_offset``).
+- ``Reconnect``: a record of one reconnect, for logs and demos.
+- ``StreamContractError``: the server broke the stream contract (a gap).
+- ``Backoff``: the capped exponential backoff with jitter between reconnects.
+"""
+
+from keel_client.backoff import Backoff
+from keel_client.client import KeelClient
+from keel_client.handle import Reconnect, RunHandle, StreamContractError
+
+__all__ = ["Backoff", "KeelClient", "Reconnect", "RunHandle", "StreamContractError"]

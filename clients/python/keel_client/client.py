@@ -1,0 +1,172 @@
+"""KeelClient: an asyncio client of Keel's AgentService.
+
+    async with KeelClient("127.0.0.1:50051") as client:
+        handle = client.stream("scripted", '{"steps": [{"text": 5}]}')
+        async for event in handle.events():
+            ...
+
+The unary helpers return the proto messages of ``keel.v1`` and raise
+``grpc.aio.AioRpcError`` as gRPC does; only the handles' event streams retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+import grpc
+from keel.v1 import agent_service_pb2 as pb
+from keel.v1 import agent_service_pb2_grpc as pb_grpc
+
+from keel_client.backoff import Backoff
+from keel_client.handle import OnReconnect, RunHandle
+
+if TYPE_CHECKING:
+    from keel.v1.agent_service_pb2_grpc import AgentServiceAsyncStub
+
+ChannelOptions = Sequence[tuple[str, Any]]
+
+
+class KeelClient:
+    """A connection to one Keel server (or a load balancer in front of many).
+
+    The grpc.aio channel is created on first use, inside the running event
+    loop, so a client may be constructed anywhere; it belongs to the loop
+    that first used it. ``close()`` (or leaving ``async with``) closes it and
+    is safe to call more than once.
+
+    ``initial_backoff_s``/``max_backoff_s`` bound the waits between the
+    reconnects of a stream; ``max_reconnects`` is how many reconnects in a
+    row without a new event a stream makes before raising UNAVAILABLE
+    (None: no limit). ``channel_options`` go to grpc.aio.insecure_channel,
+    after defaults that make the channel's own reconnect backoff match.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        initial_backoff_s: float = 0.05,
+        max_backoff_s: float = 2.0,
+        max_reconnects: int | None = None,
+        channel_options: ChannelOptions = (),
+    ) -> None:
+        if max_reconnects is not None and max_reconnects < 0:
+            raise ValueError(f"max_reconnects must not be negative, got {max_reconnects}")
+        self.target = target
+        self.backoff = Backoff(initial_s=initial_backoff_s, max_s=max_backoff_s)
+        self.max_reconnects = max_reconnects
+        self._channel_options: list[tuple[str, Any]] = [
+            ("grpc.initial_reconnect_backoff_ms", max(1, round(initial_backoff_s * 1000))),
+            ("grpc.min_reconnect_backoff_ms", max(1, round(initial_backoff_s * 1000))),
+            ("grpc.max_reconnect_backoff_ms", max(1, round(max_backoff_s * 1000))),
+            *channel_options,
+        ]
+        self._channel: grpc.aio.Channel | None = None
+        self._async_stub: AgentServiceAsyncStub | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel, cancelling its open calls. Safe to call twice."""
+        channel, self._channel, self._async_stub, self._loop = self._channel, None, None, None
+        if channel is not None:
+            await channel.close()
+
+    def _stub(self) -> AgentServiceAsyncStub:
+        """The stub over the channel, creating both inside the running loop."""
+        loop = asyncio.get_running_loop()  # raises outside a loop, as it should
+        if self._async_stub is None or self._loop is not loop:
+            if self._loop is not None:
+                raise RuntimeError("a KeelClient is bound to the event loop that first used it")
+            self._channel = grpc.aio.insecure_channel(self.target, options=self._channel_options)
+            self._async_stub = pb_grpc.AgentServiceStub(self._channel)
+            self._loop = loop
+        return self._async_stub
+
+    # Streams.
+
+    def stream(
+        self,
+        agent_id: str,
+        input: str,
+        *,
+        request_id: str | None = None,
+        on_reconnect: OnReconnect | None = None,
+    ) -> RunHandle:
+        """A handle that starts a run with Stream on its first iteration.
+
+        Without a request_id one is generated (uuid4), so the handle's own
+        retries of a Stream that dropped before its snapshot start one run.
+        """
+        start = pb.StreamRequest(
+            agent_id=agent_id, input=input, request_id=request_id or str(uuid.uuid4())
+        )
+        return RunHandle(
+            self._stub,
+            backoff=self.backoff,
+            max_reconnects=self.max_reconnects,
+            start=start,
+            on_reconnect=on_reconnect,
+        )
+
+    def run(self, run_id: str, *, on_reconnect: OnReconnect | None = None) -> RunHandle:
+        """A handle on an existing run, observed from offset 0 unless told otherwise."""
+        return RunHandle(
+            self._stub,
+            backoff=self.backoff,
+            max_reconnects=self.max_reconnects,
+            run_id=run_id,
+            on_reconnect=on_reconnect,
+        )
+
+    # Unary calls.
+
+    async def start_run(
+        self, agent_id: str, input: str, *, request_id: str | None = None
+    ) -> pb.Run:
+        """Start a run without streaming it; the same request_id returns the same run."""
+        request = pb.StartRunRequest(agent_id=agent_id, input=input, request_id=request_id or "")
+        response = await self._stub().StartRun(request)
+        return response.run
+
+    async def get_run(self, run_id: str) -> pb.Run:
+        """A run's current state."""
+        response = await self._stub().GetRun(pb.GetRunRequest(run_id=run_id))
+        return response.run
+
+    async def list_runs(
+        self,
+        agent_id: str = "",
+        states: Sequence[pb.RunState.ValueType] = (),
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> pb.ListRunsResponse:
+        """One page of runs, newest first; pass next_page_token back for the next."""
+        request = pb.ListRunsRequest(
+            agent_id=agent_id, states=states, page_size=page_size, page_token=page_token
+        )
+        return await self._stub().ListRuns(request)
+
+    async def cancel_run(self, run_id: str, reason: str = "") -> pb.Run:
+        """Cancel a run that has not ended; an ended run is returned unchanged."""
+        response = await self._stub().CancelRun(pb.CancelRunRequest(run_id=run_id, reason=reason))
+        return response.run
+
+    async def list_agents(self) -> list[pb.Agent]:
+        """The agents this server can run, sorted by agent_id."""
+        response = await self._stub().ListAgents(pb.ListAgentsRequest())
+        return list(response.agents)

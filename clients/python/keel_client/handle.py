@@ -1,0 +1,202 @@
+"""RunHandle: one run's event stream, resumed across dropped connections.
+
+A handle remembers where its reader is (``next_offset``: the index of the
+next event it has not yielded) and, once the first snapshot named it, the
+run's id. Every reconnect asks for exactly that offset, so the events a
+reader sees are 0, 1, 2, ... exactly once, whatever happened in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import grpc
+from keel.v1 import agent_service_pb2 as pb
+
+from keel_client.backoff import Backoff
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from keel.v1.agent_service_pb2_grpc import AgentServiceAsyncStub
+
+    _Call: TypeAlias = (
+        grpc.aio.UnaryStreamCall[pb.StreamRequest, pb.StreamResponse]
+        | grpc.aio.UnaryStreamCall[pb.ObserveRequest, pb.ObserveResponse]
+    )
+
+_Response = pb.StreamResponse | pb.ObserveResponse
+
+
+class StreamContractError(RuntimeError):
+    """The server broke the stream contract: a gap in the event indices, a
+    message before the snapshot, or a snapshot of another run. Never retried:
+    it is a bug, and resuming would hide lost events."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnect:
+    """One reconnect of a handle after its stream failed with UNAVAILABLE."""
+
+    attempt: int  # 1 for the first reconnect of a row without a new event
+    offset: int  # the offset the new request resumes at (the handle's next_offset)
+    rpc: str  # "Observe", or "Stream" when the run's id was not known yet
+    delay_s: float  # how long the handle waits before sending it
+    details: str  # the status details of the error that caused it
+
+
+OnReconnect = Callable[[Reconnect], None]
+
+
+class RunHandle:
+    """A run's event stream that survives dropped connections.
+
+    Get one from ``KeelClient.stream()`` (starts a run) or ``KeelClient.run()``
+    (an existing run) and iterate ``events()``. Attributes:
+
+    - ``run_id``: the run's id; for ``stream()`` it is None until the first
+      snapshot arrives, so a Stream that drops before it is sent again with
+      the same request_id (idempotent: the server attaches to the same run).
+    - ``next_offset``: the index of the next event ``events()`` will yield,
+      that is the last yielded index + 1.
+    - ``snapshot``: the RunSnapshot of the latest (re)connection.
+    - ``last_heartbeat``: the latest Heartbeat, whose next_offset the handle
+      checks against its own.
+    - ``reconnects``: every reconnect so far; ``on_reconnect`` is also called
+      with each one as it happens.
+    """
+
+    def __init__(
+        self,
+        stub: Callable[[], AgentServiceAsyncStub],
+        *,
+        backoff: Backoff,
+        max_reconnects: int | None,
+        run_id: str | None = None,
+        start: pb.StreamRequest | None = None,
+        on_reconnect: OnReconnect | None = None,
+    ) -> None:
+        if (run_id is None) == (start is None):
+            raise ValueError("a RunHandle needs exactly one of run_id and start")
+        self.run_id = run_id
+        self.next_offset = 0
+        self.snapshot: pb.RunSnapshot | None = None
+        self.last_heartbeat: pb.Heartbeat | None = None
+        self.reconnects: list[Reconnect] = []
+        self.on_reconnect = on_reconnect
+        self._stub = stub
+        self._start = start
+        self._backoff = backoff
+        self._max_reconnects = max_reconnects
+        self._iterating = False
+        self._call_has_snapshot = False
+
+    async def events(self, from_offset: int | None = None) -> AsyncGenerator[pb.AgentEvent, None]:
+        """Yield the run's events from ``from_offset`` (default: ``next_offset``,
+        0 on a new handle) exactly once and in index order, following the run
+        live, until the server ends the stream with OK after the terminal event.
+
+        Lazy: no request is sent until the first iteration. Close it (break out
+        of ``async with contextlib.aclosing(...)``) to drop the connection; the
+        run goes on in the server and ``events()`` may be iterated again later.
+
+        1. Open Observe(run_id, next_offset), or Stream(request) while the
+           run's id is unknown (then drop the replayed events below next_offset).
+        2. Check the snapshot comes first; take the run's id from it.
+        3. For each event: index < next_offset is a duplicate (drop it);
+           index > next_offset is a gap (raise StreamContractError); otherwise
+           advance next_offset and yield it.
+        4. On UNAVAILABLE wait (capped exponential backoff with jitter) and go
+           to 1. Give up, re-raising it, after ``max_reconnects`` reconnects in
+           a row that brought no new event. Any other status is raised as is.
+        """
+        if self._iterating:
+            raise RuntimeError("this RunHandle's events() is already being iterated")
+        if from_offset is not None and from_offset < 0:
+            raise ValueError(f"from_offset must not be negative, got {from_offset}")
+        self._iterating = True
+        try:
+            if from_offset is not None:
+                self.next_offset = from_offset
+            failures = 0  # reconnects in a row that brought no new event
+            while True:
+                offset_before = self.next_offset
+                call = self._open()
+                try:
+                    async for message in call:
+                        for event in self._accept(message):
+                            yield event
+                    return
+                except grpc.aio.AioRpcError as error:
+                    failures = 0 if self.next_offset > offset_before else failures
+                    reconnect = self._reconnect_or_raise(error, failures)
+                    failures += 1
+                finally:
+                    call.cancel()
+                self.reconnects.append(reconnect)
+                if self.on_reconnect is not None:
+                    self.on_reconnect(reconnect)
+                await asyncio.sleep(reconnect.delay_s)
+        finally:
+            self._iterating = False
+
+    def _open(self) -> _Call:
+        """Step 1 of events()."""
+        self._call_has_snapshot = False
+        stub = self._stub()
+        if self.run_id is None:
+            assert self._start is not None  # __init__ requires run_id or start
+            return stub.Stream(self._start)
+        return stub.Observe(pb.ObserveRequest(run_id=self.run_id, offset=self.next_offset))
+
+    def _accept(self, message: _Response) -> Iterator[pb.AgentEvent]:
+        """Steps 2 and 3 of events() for one message: the new events it holds."""
+        kind = message.WhichOneof("kind")
+        if kind == "snapshot":
+            self._take_snapshot(message.snapshot)
+            self._call_has_snapshot = True
+        elif not self._call_has_snapshot:
+            raise StreamContractError(f"the stream sent {kind!r} before its snapshot")
+        elif kind == "events":
+            for event in message.events.events:
+                if event.index < self.next_offset:
+                    continue  # a duplicate, already yielded before a reconnect
+                if event.index > self.next_offset:
+                    raise StreamContractError(
+                        f"run {self.run_id}: expected event {self.next_offset}, got {event.index}"
+                    )
+                self.next_offset += 1  # before yielding: a reader may stop at this event
+                yield event
+        elif kind == "heartbeat":
+            self.last_heartbeat = message.heartbeat
+            # A heartbeat names the next index this stream delivers; past ours
+            # means the stream skipped events this handle never saw.
+            if message.heartbeat.next_offset > self.next_offset:
+                raise StreamContractError(
+                    f"run {self.run_id}: heartbeat at {message.heartbeat.next_offset} "
+                    f"but next_offset is {self.next_offset}"
+                )
+
+    def _reconnect_or_raise(self, error: grpc.aio.AioRpcError, failures: int) -> Reconnect:
+        """Step 4 of events(): the reconnect to make, or re-raise ``error``."""
+        if error.code() != grpc.StatusCode.UNAVAILABLE:
+            raise error
+        if self._max_reconnects is not None and failures >= self._max_reconnects:
+            raise error
+        return Reconnect(
+            attempt=failures + 1,
+            offset=self.next_offset,
+            rpc="Stream" if self.run_id is None else "Observe",
+            delay_s=self._backoff.delay_s(failures),
+            details=error.details() or "",
+        )
+
+    def _take_snapshot(self, snapshot: pb.RunSnapshot) -> None:
+        run_id = snapshot.run.run_id
+        if self.run_id is not None and run_id != self.run_id:
+            raise StreamContractError(f"expected a snapshot of run {self.run_id}, got {run_id}")
+        self.run_id = run_id
+        self.snapshot = snapshot

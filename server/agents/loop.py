@@ -1,0 +1,168 @@
+"""The agent loop: drives a pydantic-ai Agent one node at a time and emits Keel events.
+
+A run is a sequence of steps (DESIGN section 6). A step has two halves:
+
+- the model half: one model request, streamed (step_start, text/reasoning/
+  tool-input events, response_metadata);
+- the tools half: pydantic-ai handles the response and runs the function
+  tools it asks for (tool_call, tool_result/tool_error), then step_finish.
+
+Each half ends at a boundary where the run's state is consistent (the model
+response is complete and in the message history; the tool results are in
+the history), which is where a later issue checkpoints. `AgentLoop` keeps the
+halves as separate methods and exposes the message history for that reason.
+
+The loop never emits start/finish/error/abort: the executor owns the run's
+lifecycle and turns a returned LoopResult or a raised exception into the
+terminal event. Exceptions (model errors, tool exceptions, usage limits)
+propagate unchanged, and so does asyncio.CancelledError: nothing here catches
+broad exceptions.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, TypeAlias
+
+import pydantic_core
+from pydantic_ai import Agent, AgentRun, CallToolsNode, DeferredToolRequests, ModelRequestNode
+from pydantic_ai._agent_graph import AgentNode  # not re-exported, but AgentRun.next returns it
+from pydantic_ai.messages import ModelMessage, ModelResponse
+from pydantic_ai.result import FinalResult
+from pydantic_ai.usage import RunUsage
+from pydantic_graph import End
+
+from server.agents.events import StepEvents, usage_between, usage_to_pb
+from server.agents.types import AgentSpec, EventSink, LoopResult, RunInfo
+
+# What AgentRun.next returns, whatever the agent's deps and output types.
+_Node: TypeAlias = AgentNode[Any, Any] | End[FinalResult[Any]]
+
+
+class ApprovalsNotSupportedError(RuntimeError):
+    """The model called a tool that needs approval, and approvals need Resume."""
+
+    def __init__(self, tool_names: list[str]) -> None:
+        self.tool_names = tool_names
+        super().__init__(
+            f"tool call(s) {', '.join(tool_names)} need a human's approval, which needs Resume; "
+            "Resume is not implemented yet, so this run cannot continue"
+        )
+
+
+async def run_agent_loop(
+    spec: AgentSpec, prompt: str, *, run_info: RunInfo, sink: EventSink
+) -> LoopResult:
+    """Run `spec`'s agent on `prompt` to the end, emitting its events to `sink`.
+
+    Returns the run's output and usage. Raises whatever the agent raises, and
+    ApprovalsNotSupportedError when a tool call needs approval.
+    """
+    deps = spec.deps(run_info) if spec.deps is not None else None
+    async with spec.agent.iter(prompt, deps=deps) as run:
+        loop = AgentLoop(run, sink)
+        output = await loop.drive()
+        return loop_result(output, run.usage)
+
+
+def loop_result(output: Any, usage: RunUsage) -> LoopResult:
+    """The LoopResult for a run's final output: text as is, anything else as JSON."""
+    if isinstance(output, DeferredToolRequests):
+        raise ApprovalsNotSupportedError(_deferred_tool_names(output))
+    if isinstance(output, str):
+        return LoopResult(output_text=output, output_json="", usage=usage_to_pb(usage))
+    # to_json serialises pydantic models, dataclasses and plain containers
+    # the way pydantic-ai validated them.
+    return LoopResult(
+        output_text="", output_json=pydantic_core.to_json(output).decode(), usage=usage_to_pb(usage)
+    )
+
+
+class AgentLoop:
+    """Steps through one AgentRun, emitting each step's events.
+
+    `step` is the number of the last step already run (0 for a fresh run), so
+    a run resumed from a checkpoint can carry its step numbering on.
+    """
+
+    def __init__(self, run: AgentRun[Any, Any], sink: EventSink, *, step: int = 0) -> None:
+        self._run = run
+        self._sink = sink
+        self.step = step
+        self._events = StepEvents(step=step)
+        self._usage_at_step_start = copy.copy(run.usage)
+
+    def all_messages(self) -> list[ModelMessage]:
+        """pydantic-ai's message history so far (what a checkpoint serialises)."""
+        return self._run.all_messages()
+
+    @property
+    def usage(self) -> RunUsage:
+        """The run's usage so far."""
+        return self._run.usage
+
+    async def drive(self) -> Any:
+        """Run every remaining node; return the run's final output."""
+        node: _Node = self._run.next_node
+        while not Agent.is_end_node(node):
+            if Agent.is_model_request_node(node):
+                node = await self.model_half(node)
+                # Boundary 1: the response is complete, no tool has run yet.
+            elif Agent.is_call_tools_node(node):
+                node = await self.tools_half(node)
+                # Boundary 2: the step's tool results are in the history.
+            else:
+                # UserPromptNode, SetFinalResult: bookkeeping without events.
+                node = await self._run.next(node)
+        return node.data.output
+
+    async def model_half(self, node: ModelRequestNode[Any, Any]) -> _Node:
+        """Stream one model request as a new step; return the node after it."""
+        self.step += 1
+        self._events = StepEvents(step=self.step)
+        self._usage_at_step_start = copy.copy(self._run.usage)
+        await self._emit(self._events.step_start())
+
+        async with node.stream(self._run.ctx) as stream:
+            async for event in stream:
+                for out in self._events.model_event(event):
+                    await self._emit(out)
+            streamed = stream.response
+        next_node = await self._run.next(node)
+
+        # The response pydantic-ai committed to the history is the truth (a
+        # capability may have rewritten it); the streamed one is the fallback
+        # for the rare request that leads straight to another request.
+        response = next_node.model_response if Agent.is_call_tools_node(next_node) else streamed
+        await self._emit(self._events.response_metadata(response))
+        if not Agent.is_call_tools_node(next_node):
+            # No tools half follows (e.g. a capability asked for a retry), so
+            # the step ends here.
+            await self._finish_step(response)
+        return next_node
+
+    async def tools_half(self, node: CallToolsNode[Any, Any]) -> _Node:
+        """Handle the step's model response and run its tools; return the node after it."""
+        async with node.stream(self._run.ctx) as stream:
+            async for event in stream:
+                for out in self._events.tool_event(event):
+                    await self._emit(out)
+        next_node = await self._run.next(node)
+
+        if Agent.is_end_node(next_node) and isinstance(next_node.data.output, DeferredToolRequests):
+            # The step is suspended, not finished: no step_finish. A later
+            # issue emits tool_call_approval + suspended here instead.
+            raise ApprovalsNotSupportedError(_deferred_tool_names(next_node.data.output))
+        await self._finish_step(node.model_response)
+        return next_node
+
+    async def _finish_step(self, response: ModelResponse) -> None:
+        usage = usage_between(self._usage_at_step_start, self._run.usage)
+        await self._emit(self._events.step_finish(usage, response.finish_reason))
+
+    async def _emit(self, event: Any) -> None:
+        await self._sink.emit(event)
+
+
+def _deferred_tool_names(requests: DeferredToolRequests) -> list[str]:
+    return [call.tool_name for call in [*requests.approvals, *requests.calls]]

@@ -1,0 +1,326 @@
+"""The scripted agent (DESIGN section 8): a deterministic stand-in for an LLM.
+
+Serve it with `--agents server.agents.testing:registry`; its id is `scripted`.
+The run's input is a JSON script:
+
+    {"steps": [
+       {"text": 200, "delay_ms": 5},
+       {"tool": "record", "args": {"key": "k1"}},
+       {"tool": "approve_me", "args": {"action": "deploy"}},
+       {"tool": "fail", "args": {"message": "boom"}},
+       {"text": 20}
+    ]}
+
+- `{"text": N, "delay_ms": D}` streams N text deltas "t0 ", "t1 ", ...,
+  sleeping D ms between two deltas. Deltas are numbered continuously across
+  the whole run (the first delta of the second text step follows the last of
+  the first), so a client can check it saw every delta once, in order, by
+  reading the run's text alone.
+- `{"tool": "record", "args": {"key": K}}` calls `record`, which increments
+  the run's counter K (Redis when configured) and returns the new count: how
+  tests prove a tool ran exactly once across crashes.
+- `{"tool": "approve_me", "args": {...}}` calls `approve_me`, a tool that
+  requires approval (any JSON object is accepted as its arguments).
+- `{"tool": "fail", "args": {"message": M}}` calls `fail`, which raises
+  ModelRetry(M): the model sees the failure (a tool_error event) and the
+  script goes on; the run does not fail.
+- After the last step the model answers "done", and the run's output is
+  exactly "done": text deltas streamed in the same (final) model response are
+  narration before the answer, as they are in every other response. So the
+  output never depends on where step boundaries fall.
+
+pydantic-ai ends a run on a model response without tool calls, so one model
+response streams the script's text up to the next tool step and then calls
+that tool (tool_call_id "call_<n>", n counting model responses from 0). The model is stateless:
+which segment of the script to play is derived from the number of model
+responses already in the message history, so a step re-run from a checkpoint
+replays exactly the same deltas and tool calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
+from pydantic_ai import Agent, DeferredToolRequests, ModelRetry, RunContext, TextOutput, Tool
+from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse, UserPromptPart
+from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
+
+from server.agents.types import AgentSpec, RunInfo
+from server.errors import FieldViolation, InvalidArgument
+
+MAX_TEXT_DELTAS = 1_000_000  # per text step, and in the whole script
+MAX_DELAY_MS = 60_000
+MAX_STEPS = 10_000
+FINAL_ANSWER = "done"
+_MAX_REPORTED_ERRORS = 5
+
+
+# -- the script ---------------------------------------------------------------
+
+
+class _Step(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TextStep(_Step):
+    text: int = Field(ge=0, le=MAX_TEXT_DELTAS, description="how many text deltas to stream")
+    delay_ms: int = Field(default=0, ge=0, le=MAX_DELAY_MS, description="sleep between two deltas")
+
+
+class RecordArgs(_Step):
+    key: str = Field(min_length=1, max_length=256)
+
+
+class RecordStep(_Step):
+    tool: Literal["record"]
+    args: RecordArgs
+
+
+class ApproveStep(_Step):
+    tool: Literal["approve_me"]
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class FailArgs(_Step):
+    message: str = Field(max_length=10_000)
+
+
+class FailStep(_Step):
+    tool: Literal["fail"]
+    args: FailArgs
+
+
+ToolStep = Annotated[RecordStep | ApproveStep | FailStep, Field(discriminator="tool")]
+_TOOL_NAMES = ("record", "approve_me", "fail")
+
+
+def _step_kind(value: Any) -> str | None:
+    # Pick the step model by which key is present, so an unknown kind gets one
+    # clear error instead of one error per candidate model.
+    if isinstance(value, dict):
+        if "text" in value:
+            return "text"
+        if "tool" in value:
+            return "tool"
+    elif isinstance(value, _Step):
+        return "tool" if hasattr(value, "tool") else "text"
+    return None
+
+
+Step = Annotated[
+    Annotated[TextStep, Tag("text")] | Annotated[ToolStep, Tag("tool")],
+    Discriminator(
+        _step_kind,
+        custom_error_type="unknown_step_kind",
+        custom_error_message='a step is an object with either "text" or "tool"',
+    ),
+]
+
+
+class Script(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: list[Step] = Field(max_length=MAX_STEPS)
+
+    @model_validator(mode="after")
+    def _bounded_text(self) -> Script:
+        total = sum(step.text for step in self.steps if isinstance(step, TextStep))
+        if total > MAX_TEXT_DELTAS:
+            raise ValueError(f"the script streams {total} text deltas; at most {MAX_TEXT_DELTAS}")
+        return self
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    """A readable path like "steps[2].args.key".
+
+    Pydantic puts the tags of the step unions into the location ("steps", 2,
+    "tool", "record", "args", ...); a script's author never wrote those.
+    """
+    parts: list[str] = []
+    items = list(loc)
+    while items:
+        item = items.pop(0)
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1] if parts else ''}[{item}]"]
+            if items and items[0] in ("text", "tool"):
+                tag = items.pop(0)
+                if tag == "tool" and items and items[0] in _TOOL_NAMES:
+                    items.pop(0)
+        else:
+            parts.append(item)
+    return ".".join(parts)
+
+
+def _describe(error: ValidationError) -> list[FieldViolation]:
+    violations = []
+    for detail in error.errors(include_url=False)[:_MAX_REPORTED_ERRORS]:
+        where = _location(detail["loc"])
+        prefix = f"{where}: " if where else ""
+        violations.append(FieldViolation("input", f"invalid script: {prefix}{detail['msg']}"))
+    return violations
+
+
+def parse_script(text: str) -> Script:
+    """Parse a script; raise InvalidArgument (field "input") saying what is wrong."""
+    try:
+        return Script.model_validate_json(text)
+    except ValidationError as error:
+        raise InvalidArgument(*_describe(error)) from None
+
+
+def validate_input(text: str) -> None:
+    """AgentSpec.validate_input: reject a malformed script before the run is created."""
+    parse_script(text)
+
+
+# -- the model ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """What one model response plays: text deltas, then maybe one tool call."""
+
+    first_delta: int  # the number of the first delta ("t<first_delta> ")
+    text_steps: tuple[TextStep, ...]
+    tool: RecordStep | ApproveStep | FailStep | None  # None: the final answer
+
+
+def segments(script: Script) -> list[Segment]:
+    """Split a script at its tool steps: segment i is model response i."""
+    result: list[Segment] = []
+    pending: list[TextStep] = []
+    first = delta = 0
+    for step in script.steps:
+        if isinstance(step, TextStep):
+            pending.append(step)
+            delta += step.text
+        else:
+            result.append(Segment(first, tuple(pending), step))
+            pending, first = [], delta
+    result.append(Segment(first, tuple(pending), None))
+    return result
+
+
+@functools.lru_cache(maxsize=16)
+def _plan(text: str) -> tuple[Segment, ...]:
+    # Cached: the model needs the plan once per model request, and a long
+    # script would otherwise be split again for every one of its responses.
+    return tuple(segments(parse_script(text)))
+
+
+def _script_text(messages: list[ModelMessage]) -> str:
+    for message in messages:
+        if isinstance(message, ModelRequest):
+            for part in message.parts:
+                if isinstance(part, UserPromptPart) and isinstance(part.content, str):
+                    return part.content
+    raise ValueError("the scripted agent needs a user message holding its script")
+
+
+async def _play(
+    messages: list[ModelMessage], info: AgentInfo
+) -> AsyncIterator[str | DeltaToolCalls]:
+    """FunctionModel stream function: play the segment this response stands for."""
+    plan = _plan(_script_text(messages))
+    number = sum(isinstance(message, ModelResponse) for message in messages)
+    if number >= len(plan):
+        raise ValueError(f"the script has {len(plan)} model responses; response {number} asked for")
+    segment = plan[number]
+
+    delta = segment.first_delta
+    for step in segment.text_steps:
+        for i in range(step.text):
+            if i and step.delay_ms:
+                await asyncio.sleep(step.delay_ms / 1000)
+            yield f"t{delta} "
+            delta += 1
+    if segment.tool is None:
+        yield FINAL_ANSWER
+        return
+    # Name and id first, arguments after, as real providers stream them.
+    call_id = f"call_{number}"
+    args = segment.tool.args
+    args_json = json.dumps(
+        args if isinstance(args, dict) else args.model_dump(), separators=(",", ":")
+    )
+    yield {0: DeltaToolCall(name=segment.tool.tool, tool_call_id=call_id)}
+    yield {0: DeltaToolCall(json_args=args_json)}
+
+
+def _final_answer(text: str) -> str:
+    # The last response's text is its trailing "tK " deltas followed by the
+    # answer; the deltas were already delivered as text_delta events.
+    return FINAL_ANSWER if text.endswith(FINAL_ANSWER) else text
+
+
+# -- the tools ----------------------------------------------------------------
+
+
+async def record(ctx: RunContext[RunInfo], key: str) -> int:
+    """Increment the run's counter `key` and return its new value."""
+    return await ctx.deps.counters.incr_counter(ctx.deps.run_id, key)
+
+
+async def fail(message: str) -> str:
+    """Fail with `message`; the model is asked to go on."""
+    raise ModelRetry(message)
+
+
+async def _approve_me(**args: Any) -> dict[str, Any]:
+    return {"approved": True, "args": args}
+
+
+def _approve_me_tool() -> Tool[RunInfo]:
+    # from_schema accepts any JSON object as arguments (the script passes
+    # whatever it likes); it has no requires_approval parameter, so set it after.
+    tool: Tool[RunInfo] = Tool.from_schema(
+        _approve_me,
+        name="approve_me",
+        description="Do something that a human must approve first.",
+        json_schema={"type": "object", "additionalProperties": True},
+    )
+    tool.requires_approval = True
+    return tool
+
+
+def build_scripted_agent() -> Agent[RunInfo, str | DeferredToolRequests]:
+    """A fresh scripted agent (tests may build their own)."""
+    return Agent(
+        FunctionModel(stream_function=_play, model_name="scripted"),
+        deps_type=RunInfo,
+        output_type=[TextOutput(_final_answer), DeferredToolRequests],
+        name="scripted",
+        description="Plays a JSON script of text and tool steps (tests, demos, benchmarks).",
+        tools=[
+            Tool(record, takes_ctx=True),
+            # A script may fail any number of times; each ModelRetry counts
+            # against the tool's retry budget, which would otherwise end the run.
+            Tool(fail, takes_ctx=False, max_retries=MAX_STEPS),
+            _approve_me_tool(),
+        ],
+    )
+
+
+registry: dict[str, AgentSpec] = {
+    "scripted": AgentSpec(
+        agent=build_scripted_agent(),
+        description="Plays a JSON script of text and tool steps (tests, demos, benchmarks).",
+        deps=lambda info: info,
+        validate_input=validate_input,
+        approval_tools=frozenset({"approve_me"}),
+    )
+}

@@ -1,0 +1,28 @@
+"""Pick the EventLog: Redis when a URL is configured, else the embedded memory log."""
+
+from __future__ import annotations
+
+from server.events.log import EventLog
+from server.events.memory import MemoryEventLog
+from server.events.redis import RedisEventLog
+
+
+async def open_event_log(
+    redis_url: str | None,
+    *,
+    key_prefix: str = "keel",
+    terminal_ttl_s: float = 86_400,
+    retain_events: int = 0,
+) -> EventLog:
+    """A RedisEventLog on `redis_url` (StoreUnavailable if unreachable), else a MemoryEventLog.
+
+    `key_prefix` only applies to Redis: a memory log is private to its process.
+    """
+    if redis_url:
+        return await RedisEventLog.connect(
+            redis_url,
+            key_prefix=key_prefix,
+            terminal_ttl_s=terminal_ttl_s,
+            retain_events=retain_events,
+        )
+    return MemoryEventLog(terminal_ttl_s=terminal_ttl_s, retain_events=retain_events)

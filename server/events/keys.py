@@ -1,0 +1,89 @@
+"""Every Redis key and channel Keel uses, spelled in one place.
+
+All keys live under one prefix (default "keel") so that tests, or two Keel
+deployments sharing a Redis, isolate themselves by prefix and never flush.
+Every key of a run carries the `{run_id}` hash tag, so they share one hash
+slot and one Lua script can touch them all, on Redis Cluster too:
+
+    {prefix}:{run_id}:events    ZSET  score = index, member = serialized AgentEvent
+                                      (unique because each event carries its index)
+    {prefix}:{run_id}:run       HASH  the run's record, fields in RunField
+    {prefix}:{run_id}:counters  HASH  counters of incr_counter (test tools)
+    {prefix}:{run_id}:live      pub/sub channel: a serialized EventBatch per append
+    {prefix}:runs               ZSET  the run index for list_runs, see run_index_member
+
+The run index is the only key outside a run's slot, so it is never written
+by the Lua scripts; members whose run hash expired are removed lazily by
+list_runs.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class RunField(enum.StrEnum):
+    """The fields of a run's hash. The Lua scripts in scripts.py spell the same names."""
+
+    STATE = "state"  # a RunState value
+    AGENT_ID = "agent_id"
+    INPUT = "input"
+    REQUEST_ID = "request_id"
+    OWNER = "owner"  # id of the instance executing the run
+    EPOCH = "epoch"  # fencing token; appends must carry it
+    NEXT_INDEX = "next_index"  # index of the next event
+    EARLIEST_INDEX = "earliest_index"  # smallest retained index
+    CREATE_TIME_MS = "create_time_ms"  # unix ms
+    UPDATE_TIME_MS = "update_time_ms"  # unix ms
+    ERROR = "error"  # error message (failed) or reason (cancelled)
+
+
+# Zero-padded so that the lexicographic order of run index members is the
+# numeric order of create times (15 digits of unix ms last until year 33658).
+_TIME_DIGITS = 15
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key names under one prefix."""
+
+    prefix: str = "keel"
+
+    def events(self, run_id: str) -> str:
+        return f"{self.prefix}:{{{run_id}}}:events"
+
+    def run(self, run_id: str) -> str:
+        return f"{self.prefix}:{{{run_id}}}:run"
+
+    def counters(self, run_id: str) -> str:
+        return f"{self.prefix}:{{{run_id}}}:counters"
+
+    def live(self, run_id: str) -> str:
+        """The pub/sub channel announcing the run's appended events."""
+        return f"{self.prefix}:{{{run_id}}}:live"
+
+    def run_keys(self, run_id: str) -> tuple[str, str, str]:
+        """Every key of a run (not the channel): what a terminal state puts a TTL on."""
+        return self.run(run_id), self.events(run_id), self.counters(run_id)
+
+    @property
+    def run_index(self) -> str:
+        """ZSET of all runs, every score 0, read newest first with ZREVRANGEBYLEX."""
+        return f"{self.prefix}:runs"
+
+    @property
+    def pubsub_client_name(self) -> str:
+        """CLIENT SETNAME of the pub/sub connection, so CLIENT LIST shows whose it is."""
+        return f"{self.prefix}:pubsub".replace(" ", "_")
+
+
+def run_index_member(create_time_ms: int, run_id: str) -> str:
+    """The run index member of a run: lexicographic order is (create_time_ms, run_id)."""
+    return f"{create_time_ms:0{_TIME_DIGITS}d}:{run_id}"
+
+
+def parse_run_index_member(member: bytes) -> tuple[int, str]:
+    """(create_time_ms, run_id) of a run index member."""
+    time_ms, _, run_id = member.decode().partition(":")
+    return int(time_ms), run_id

@@ -1,0 +1,285 @@
+"""MemoryEventLog: the embedded EventLog, for one process without Redis.
+
+It keeps the AgentEvent objects it is given (no copy, for speed): callers
+and listeners must not mutate an event after appending or receiving it.
+Everything runs on the event loop without awaiting, so each method is atomic
+and listeners are called synchronously right after an append commits.
+
+Retention: a run that reached a terminal state disappears terminal_ttl_s
+later. Expiry is lazy (every access checks the deadline) plus a cheap sweep
+on create_run and append, so the memory of ended runs is eventually freed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from keel.v1.agent_service_pb2 import AgentEvent
+
+from server.errors import IndexConflict, OffsetExpired, RunNotFound, StaleEpoch
+from server.events.codec import check_consecutive
+from server.events.log import Listener, RunPageCursor, RunRecord, RunState, Subscription
+
+logger = logging.getLogger(__name__)
+
+# Trimmed events are dropped from the front of a run's list in chunks, since
+# deleting a list prefix is O(len); at most this many dead events are kept.
+_COMPACT_AFTER = 1024
+
+
+@dataclass(slots=True, eq=False)
+class _Run:
+    """A run's mutable state; `record` holds the fields that never change."""
+
+    record: RunRecord
+    state: RunState
+    epoch: int
+    owner: str
+    error: str
+    update_time_ms: int
+    next_index: int
+    earliest_index: int
+    events: list[AgentEvent] = field(default_factory=list)
+    base: int = 0  # index of events[0]; <= earliest_index
+    counters: dict[str, int] = field(default_factory=dict)
+    expires_at: float | None = None  # clock() deadline, set by a terminal state
+
+    def snapshot(self) -> RunRecord:
+        return dataclasses.replace(
+            self.record,
+            state=self.state,
+            epoch=self.epoch,
+            owner=self.owner,
+            error=self.error,
+            update_time_ms=self.update_time_ms,
+            next_index=self.next_index,
+            earliest_index=self.earliest_index,
+        )
+
+
+class _MemorySubscription:
+    def __init__(self, log: MemoryEventLog, run_id: str, listener: Listener) -> None:
+        self._log = log
+        self.run_id = run_id
+        self.listener = listener
+
+    async def close(self) -> None:
+        self._log._unsubscribe(self)
+
+
+class MemoryEventLog:
+    """An EventLog in this process's memory; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        terminal_ttl_s: float = 86_400,
+        retain_events: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`retain_events` > 0 keeps only that many newest events per run.
+
+        `clock` (seconds, monotonic) times retention; tests may inject one.
+        """
+        self._terminal_ttl_s = terminal_ttl_s
+        self._retain_events = retain_events
+        self._clock = clock
+        self._runs: dict[str, _Run] = {}
+        # (create_time_ms, run_id) ascending; may hold entries of expired runs,
+        # which list_runs drops when it meets them.
+        self._order: list[tuple[int, str]] = []
+        # (deadline, run_id) in deadline order: the TTL is constant, so runs
+        # become terminal in the order they expire.
+        self._expiries: deque[tuple[float, str]] = deque()
+        # Per run, its subscriptions in registration order (a dict for O(1) removal).
+        self._subscriptions: dict[str, dict[_MemorySubscription, None]] = {}
+
+    async def create_run(self, record: RunRecord) -> tuple[RunRecord, bool]:
+        self._sweep()
+        existing = self._find(record.run_id)
+        if existing is not None:
+            return existing.snapshot(), False
+        self._runs[record.run_id] = _Run(
+            record=record,
+            state=record.state,
+            epoch=record.epoch,
+            owner=record.owner,
+            error=record.error,
+            update_time_ms=record.update_time_ms,
+            next_index=record.next_index,
+            earliest_index=record.earliest_index,
+            base=record.next_index,
+        )
+        entry = (record.create_time_ms, record.run_id)
+        position = bisect.bisect_left(self._order, entry)
+        # The entry may survive from an expired run with this id and create time.
+        if position == len(self._order) or self._order[position] != entry:
+            self._order.insert(position, entry)
+        return record, True
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        return self._get(run_id).snapshot()
+
+    async def list_runs(
+        self,
+        *,
+        agent_id: str = "",
+        states: frozenset[RunState] = frozenset(),
+        limit: int,
+        after: RunPageCursor | None = None,
+    ) -> list[RunRecord]:
+        if limit <= 0:
+            raise ValueError(f"limit must be positive, got {limit}")
+        end = len(self._order)
+        if after is not None:
+            end = bisect.bisect_left(self._order, (after.create_time_ms, after.run_id))
+        page: list[RunRecord] = []
+        stale: list[tuple[int, str]] = []
+        for position in range(end - 1, -1, -1):
+            create_time_ms, run_id = entry = self._order[position]
+            run = self._find(run_id)
+            if run is None or run.record.create_time_ms != create_time_ms:
+                stale.append(entry)  # expired, or an older run that had the same id
+                continue
+            if agent_id and run.record.agent_id != agent_id:
+                continue
+            if states and run.state not in states:
+                continue
+            page.append(run.snapshot())
+            if len(page) == limit:
+                break
+        for entry in stale:
+            del self._order[bisect.bisect_left(self._order, entry)]
+        return page
+
+    async def append(
+        self,
+        run_id: str,
+        epoch: int,
+        events: Sequence[AgentEvent],
+        *,
+        state: RunState | None = None,
+        error: str = "",
+    ) -> int:
+        self._sweep()
+        run = self._get(run_id)
+        if epoch != run.epoch:
+            raise StaleEpoch(run_id, epoch, run.epoch)
+        batch = list(events)
+        if batch:
+            check_consecutive(batch)
+            first = batch[0].index
+            if first != run.next_index:
+                if self._is_replay(run, batch):
+                    return run.next_index
+                raise IndexConflict(run_id, first, run.next_index)
+            run.events.extend(batch)
+            run.next_index += len(batch)
+        if state is not None:
+            run.state = state
+            run.error = error
+            if state.terminal:
+                run.expires_at = self._clock() + self._terminal_ttl_s
+                self._expiries.append((run.expires_at, run_id))
+        run.update_time_ms = time.time_ns() // 1_000_000
+        self._trim(run)
+        if batch:
+            self._notify(run_id, batch)
+        return run.next_index
+
+    async def read(self, run_id: str, offset: int, limit: int) -> list[AgentEvent]:
+        if limit <= 0:
+            raise ValueError(f"limit must be positive, got {limit}")
+        run = self._get(run_id)
+        if offset < run.earliest_index:
+            raise OffsetExpired(run_id, offset, run.earliest_index, run.next_index)
+        start = offset - run.base
+        return run.events[start : start + limit]
+
+    async def subscribe(self, run_id: str, listener: Listener) -> Subscription:
+        # No RunNotFound here: an observer may subscribe before it reads the run.
+        subscription = _MemorySubscription(self, run_id, listener)
+        self._subscriptions.setdefault(run_id, {})[subscription] = None
+        return subscription
+
+    async def incr_counter(self, run_id: str, key: str) -> int:
+        run = self._get(run_id)
+        value = run.counters.get(key, 0) + 1
+        run.counters[key] = value
+        return value
+
+    async def get_counter(self, run_id: str, key: str) -> int:
+        run = self._find(run_id)
+        return 0 if run is None else run.counters.get(key, 0)
+
+    async def ping(self) -> None:
+        """Memory is always reachable."""
+
+    async def close(self) -> None:
+        self._subscriptions.clear()
+
+    def _find(self, run_id: str) -> _Run | None:
+        """The run, or None if it never existed or its retention time passed."""
+        run = self._runs.get(run_id)
+        if run is not None and run.expires_at is not None and run.expires_at <= self._clock():
+            del self._runs[run_id]
+            return None
+        return run
+
+    def _get(self, run_id: str) -> _Run:
+        run = self._find(run_id)
+        if run is None:
+            raise RunNotFound(run_id)
+        return run
+
+    def _sweep(self) -> None:
+        """Forget runs whose retention time passed (lazy expiry alone would keep unread ones)."""
+        now = self._clock()
+        while self._expiries and self._expiries[0][0] <= now:
+            deadline, run_id = self._expiries.popleft()
+            run = self._runs.get(run_id)
+            if run is not None and run.expires_at == deadline:
+                del self._runs[run_id]
+
+    @staticmethod
+    def _is_replay(run: _Run, batch: list[AgentEvent]) -> bool:
+        """Whether `batch` is already stored at its indices (a retry of a committed append)."""
+        start = batch[0].index
+        if start < run.earliest_index or start + len(batch) > run.next_index:
+            return False
+        stored = run.events[start - run.base : start - run.base + len(batch)]
+        return stored == batch
+
+    def _trim(self, run: _Run) -> None:
+        if self._retain_events <= 0:
+            return
+        earliest = run.next_index - self._retain_events
+        if earliest <= run.earliest_index:
+            return
+        run.earliest_index = earliest
+        if earliest - run.base > _COMPACT_AFTER:
+            del run.events[: earliest - run.base]
+            run.base = earliest
+
+    def _notify(self, run_id: str, batch: list[AgentEvent]) -> None:
+        # A copy: a listener may close its subscription while being notified.
+        for subscription in tuple(self._subscriptions.get(run_id, ())):
+            try:
+                subscription.listener.on_events(batch)
+            except Exception:
+                # The append has committed; one broken listener must not fail it or starve others.
+                logger.exception("listener of run %s failed", run_id)
+
+    def _unsubscribe(self, subscription: _MemorySubscription) -> None:
+        subscriptions = self._subscriptions.get(subscription.run_id)
+        if subscriptions is None or subscription not in subscriptions:
+            return  # closed already
+        del subscriptions[subscription]
+        if not subscriptions:
+            del self._subscriptions[subscription.run_id]

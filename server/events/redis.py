@@ -1,0 +1,334 @@
+"""RedisEventLog: the EventLog on Redis, shared by every Keel replica.
+
+Each write is one Lua script on one run's keys (scripts.py), so it is atomic
+and one round trip; the key layout is in keys.py. Live notifications travel
+over one pub/sub connection per process (fanout.py): each append publishes
+a serialized EventBatch of its events. An append that only changes the
+state publishes nothing, since listeners learn about runs from events.
+
+Redis connection and timeout errors surface as StoreUnavailable. Commands
+are not retried on connection errors (a retried increment could count
+twice); append and create_run are safe for the caller to retry, because an
+exact replay of a committed batch is a no-op and creation is idempotent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, cast
+
+from keel.v1.agent_service_pb2 import AgentEvent
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from server.errors import IndexConflict, OffsetExpired, RunNotFound, StaleEpoch, StoreUnavailable
+from server.events import scripts
+from server.events.codec import check_consecutive, encode_batch, serialize_events
+from server.events.fanout import Fanout
+from server.events.keys import Keys, RunField, parse_run_index_member, run_index_member
+from server.events.log import Listener, RunPageCursor, RunRecord, RunState, Subscription
+
+_FIELD_BYTES = {field: field.value.encode() for field in RunField}
+
+
+@contextlib.contextmanager
+def _store_errors() -> Iterator[None]:
+    """Turn Redis connectivity errors into the domain's StoreUnavailable (the one mapping)."""
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        raise StoreUnavailable(f"redis: {exc}") from exc
+
+
+class RedisEventLog:
+    """An EventLog on Redis; create it with `await RedisEventLog.connect(url)`."""
+
+    def __init__(
+        self,
+        client: Redis,
+        fanout: Fanout,
+        *,
+        keys: Keys,
+        terminal_ttl_s: float,
+        retain_events: int,
+    ) -> None:
+        """Use connect(); this takes ownership of `client` and `fanout`."""
+        self._client = client
+        self._fanout = fanout
+        self._keys = keys
+        self._terminal_ttl_ms = max(1, round(terminal_ttl_s * 1000))
+        self._retain_events = retain_events
+        self._create = client.register_script(scripts.CREATE_RUN)
+        self._append = client.register_script(scripts.APPEND)
+        self._read = client.register_script(scripts.READ)
+        self._incr = client.register_script(scripts.INCR_COUNTER)
+        self._closed = False
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        *,
+        key_prefix: str = "keel",
+        terminal_ttl_s: float = 86_400,
+        retain_events: int = 0,
+        max_connections: int = 64,
+        socket_timeout_s: float = 5.0,
+        health_check_interval_s: float = 10.0,
+    ) -> RedisEventLog:
+        """Connect to the Redis at `url` and check it answers; raises StoreUnavailable.
+
+        `socket_timeout_s` bounds every wait on Redis: a command, a free
+        connection of the pool (at most `max_connections`, plus the pub/sub
+        connection), the acknowledgement of a SUBSCRIBE.
+        `health_check_interval_s` is how long the pub/sub connection may stay
+        quiet before it is PINGed (and given up after another as long).
+        """
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=socket_timeout_s,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=socket_timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+        keys = Keys(key_prefix)
+
+        def make_pubsub_connection() -> AbstractConnection:
+            kwargs = {**pool.connection_kwargs, "client_name": keys.pubsub_client_name}
+            return pool.connection_class(**kwargs)
+
+        fanout = Fanout(
+            make_pubsub_connection,
+            subscribe_timeout_s=socket_timeout_s,
+            health_check_interval_s=health_check_interval_s,
+        )
+        log = cls(
+            Redis.from_pool(pool),
+            fanout,
+            keys=keys,
+            terminal_ttl_s=terminal_ttl_s,
+            retain_events=retain_events,
+        )
+        try:
+            await log.ping()
+        except BaseException:
+            await log.close()
+            raise
+        return log
+
+    async def create_run(self, record: RunRecord) -> tuple[RunRecord, bool]:
+        with _store_errors():
+            reply = await self._create(
+                keys=[self._keys.run(record.run_id)], args=_record_fields(record)
+            )
+            if reply[0] == 1:
+                stored, created = record, True
+            else:
+                flat: list[bytes] = reply[1]
+                stored, created = _record_from_hash(record.run_id, _pairs(flat)), False
+            # Outside the script: the index is not in the run's hash slot. Also
+            # done when the run existed, to heal a crash between the two steps.
+            member = run_index_member(stored.create_time_ms, stored.run_id)
+            await self._client.zadd(self._keys.run_index, {member: 0}, nx=True)
+        return stored, created
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        with _store_errors():
+            # bytes, not str: the client is built without decode_responses.
+            fields = cast(dict[bytes, bytes], await self._client.hgetall(self._keys.run(run_id)))
+        if not fields:
+            raise RunNotFound(run_id)
+        return _record_from_hash(run_id, fields)
+
+    async def list_runs(
+        self,
+        *,
+        agent_id: str = "",
+        states: frozenset[RunState] = frozenset(),
+        limit: int,
+        after: RunPageCursor | None = None,
+    ) -> list[RunRecord]:
+        """Walk the run index newest first, fetching run hashes a batch at a time.
+
+        Index members whose run hash is gone (expired), or belongs to a newer
+        run with the same id, are removed on the way. Filters are applied to
+        the fetched hashes, so a selective filter costs a walk over the runs
+        it skips.
+        """
+        if limit <= 0:
+            raise ValueError(f"limit must be positive, got {limit}")
+        batch_size = min(max(2 * limit, 64), 1000)
+        upper = "+" if after is None else "(" + run_index_member(after.create_time_ms, after.run_id)
+        page: list[RunRecord] = []
+        stale: list[bytes] = []
+        with _store_errors():
+            while len(page) < limit:
+                members = cast(
+                    list[bytes],
+                    await self._client.zrevrangebylex(
+                        self._keys.run_index, upper, "-", start=0, num=batch_size
+                    ),
+                )
+                if not members:
+                    break
+                parsed = [parse_run_index_member(m) for m in members]
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for _, run_id in parsed:
+                        pipe.hgetall(self._keys.run(run_id))
+                    hashes: list[dict[bytes, bytes]] = await pipe.execute()
+                for member, (create_time_ms, run_id), fields in zip(
+                    members, parsed, hashes, strict=True
+                ):
+                    if not fields:
+                        stale.append(member)
+                        continue
+                    run = _record_from_hash(run_id, fields)
+                    if run.create_time_ms != create_time_ms:
+                        stale.append(member)
+                    elif (not agent_id or run.agent_id == agent_id) and (
+                        not states or run.state in states
+                    ):
+                        page.append(run)
+                        if len(page) == limit:
+                            break
+                if len(members) < batch_size:
+                    break
+                upper = "(" + members[-1].decode()
+            if stale:
+                await self._client.zrem(self._keys.run_index, *stale)
+        return page
+
+    async def append(
+        self,
+        run_id: str,
+        epoch: int,
+        events: Sequence[AgentEvent],
+        *,
+        state: RunState | None = None,
+        error: str = "",
+    ) -> int:
+        check_consecutive(events)
+        members = serialize_events(events)
+        ttl_ms = self._terminal_ttl_ms if state is not None and state.terminal else 0
+        args: list[Any] = [
+            epoch,
+            "" if state is None else state.value,
+            error,
+            time.time_ns() // 1_000_000,
+            ttl_ms,
+            self._retain_events,
+            self._keys.live(run_id),
+            encode_batch(members),  # b"" without events: nothing is published
+            events[0].index if events else 0,
+            *members,
+        ]
+        with _store_errors():
+            reply = await self._append(keys=list(self._keys.run_keys(run_id)), args=args)
+        code = reply[0]
+        if code == scripts.OK:
+            return int(reply[1])
+        if code == scripts.NOT_FOUND:
+            raise RunNotFound(run_id)
+        if code == scripts.STALE_EPOCH:
+            raise StaleEpoch(run_id, epoch, int(reply[1]))
+        if code == scripts.INDEX_CONFLICT:
+            raise IndexConflict(run_id, events[0].index, int(reply[1]))
+        raise AssertionError(f"unexpected append reply {reply!r}")
+
+    async def read(self, run_id: str, offset: int, limit: int) -> list[AgentEvent]:
+        if limit <= 0:
+            raise ValueError(f"limit must be positive, got {limit}")
+        with _store_errors():
+            reply = await self._read(
+                keys=[self._keys.run(run_id), self._keys.events(run_id)], args=[offset, limit]
+            )
+        code = reply[0]
+        if code == scripts.NOT_FOUND:
+            raise RunNotFound(run_id)
+        if code == scripts.OFFSET_EXPIRED:
+            raise OffsetExpired(run_id, offset, int(reply[1]), int(reply[2]))
+        return [AgentEvent.FromString(member) for member in reply[1]]
+
+    async def subscribe(self, run_id: str, listener: Listener) -> Subscription:
+        return await self._fanout.subscribe(self._keys.live(run_id), listener)
+
+    async def incr_counter(self, run_id: str, key: str) -> int:
+        with _store_errors():
+            reply = await self._incr(
+                keys=[self._keys.counters(run_id), self._keys.run(run_id)], args=[key]
+            )
+        if reply[0] == scripts.NOT_FOUND:
+            raise RunNotFound(run_id)
+        return int(reply[1])
+
+    async def get_counter(self, run_id: str, key: str) -> int:
+        """0 when never incremented, and for unknown or expired runs."""
+        with _store_errors():
+            value = await self._client.hget(self._keys.counters(run_id), key)
+        return 0 if value is None else int(value)
+
+    async def ping(self) -> None:
+        with _store_errors():
+            await self._client.ping()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._fanout.close()
+        finally:
+            await self._client.aclose()
+
+
+def _record_fields(record: RunRecord) -> list[str | int]:
+    """The run hash of `record`, as field, value, ... for HSET."""
+    values: dict[RunField, str | int] = {
+        RunField.STATE: record.state.value,
+        RunField.AGENT_ID: record.agent_id,
+        RunField.INPUT: record.input,
+        RunField.REQUEST_ID: record.request_id,
+        RunField.OWNER: record.owner,
+        RunField.EPOCH: record.epoch,
+        RunField.NEXT_INDEX: record.next_index,
+        RunField.EARLIEST_INDEX: record.earliest_index,
+        RunField.CREATE_TIME_MS: record.create_time_ms,
+        RunField.UPDATE_TIME_MS: record.update_time_ms,
+        RunField.ERROR: record.error,
+    }
+    return [item for pair in values.items() for item in pair]
+
+
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    """HGETALL as a script returns it (field, value, ...) as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _record_from_hash(run_id: str, fields: Mapping[bytes, bytes]) -> RunRecord:
+    def text(field: RunField) -> str:
+        return fields.get(_FIELD_BYTES[field], b"").decode()
+
+    def number(field: RunField) -> int:
+        return int(fields.get(_FIELD_BYTES[field], b"0"))
+
+    return RunRecord(
+        run_id=run_id,
+        agent_id=text(RunField.AGENT_ID),
+        input=text(RunField.INPUT),
+        request_id=text(RunField.REQUEST_ID),
+        state=RunState(text(RunField.STATE)),
+        create_time_ms=number(RunField.CREATE_TIME_MS),
+        update_time_ms=number(RunField.UPDATE_TIME_MS),
+        next_index=number(RunField.NEXT_INDEX),
+        earliest_index=number(RunField.EARLIEST_INDEX),
+        epoch=number(RunField.EPOCH),
+        owner=text(RunField.OWNER),
+        error=text(RunField.ERROR),
+    )

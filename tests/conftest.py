@@ -1,0 +1,169 @@
+"""Fixtures shared by every test: a real Redis, unique key prefixes, and EventLogs of both kinds.
+
+The Redis is Debian's redis-server started once per session on a free port,
+without persistence. Tests isolate themselves with a fresh key prefix and
+never flush. Set KEEL_TEST_REDIS_URL to use a Redis you started yourself.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import pytest
+import redis
+
+from server.events.log import EventLog
+from server.events.memory import MemoryEventLog
+from server.events.redis import RedisEventLog
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+REDIS_START_TIMEOUT_S = 10.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait_for_ping(url: str, process: subprocess.Popen[bytes]) -> bool:
+    deadline = time.monotonic() + REDIS_START_TIMEOUT_S
+    client = redis.Redis.from_url(url, socket_timeout=1)
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                return False  # exited, e.g. the port was taken meanwhile
+            try:
+                if client.ping():
+                    return True
+            except (redis.ConnectionError, redis.TimeoutError):
+                time.sleep(0.02)
+        return False
+    finally:
+        client.close()
+
+
+def _start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A redis-server without persistence on a free port, answering PING."""
+    for _attempt in range(3):  # the free port may be taken before redis binds it
+        port = _free_port()
+        # fmt: off
+        process = subprocess.Popen(
+            [
+                REDIS_SERVER,
+                "--port", str(port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--daemonize", "no",
+                "--dir", str(workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        # fmt: on
+        url = f"redis://127.0.0.1:{port}/0"
+        if _wait_for_ping(url, process):
+            return process, url
+        _stop_redis(process)
+    pytest.fail("could not start redis-server")
+
+
+def _stop_redis(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of a real Redis for this test session."""
+    external = os.environ.get("KEEL_TEST_REDIS_URL")
+    if external:
+        yield external
+        return
+    process, url = _start_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield url
+    finally:
+        _stop_redis(process)
+
+
+@dataclass
+class DisposableRedis:
+    """A Redis of one test's own, which the test may stop (to play an outage)."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        _stop_redis(self.process)
+
+
+@pytest.fixture
+def disposable_redis(tmp_path: Path) -> Iterator[DisposableRedis]:
+    process, url = _start_redis(tmp_path)
+    try:
+        yield DisposableRedis(url, process)
+    finally:
+        _stop_redis(process)
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    """A key prefix of this test alone, so tests share one Redis without flushing."""
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+class OpenEventLog(Protocol):
+    """Opens an EventLog of the test's backend; the fixture closes it at the end."""
+
+    async def __call__(
+        self, *, terminal_ttl_s: float = ..., retain_events: int = ...
+    ) -> EventLog: ...
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def open_event_log(
+    request: pytest.FixtureRequest, key_prefix: str
+) -> AsyncIterator[OpenEventLog]:
+    """Opens EventLogs of one backend (the param) with chosen retention settings."""
+    backend: str = request.param
+    url = request.getfixturevalue("redis_url") if backend == "redis" else ""
+    opened: list[EventLog] = []
+
+    async def open_log(*, terminal_ttl_s: float = 86_400, retain_events: int = 0) -> EventLog:
+        log: EventLog
+        if backend == "redis":
+            log = await RedisEventLog.connect(
+                url,
+                key_prefix=key_prefix,
+                terminal_ttl_s=terminal_ttl_s,
+                retain_events=retain_events,
+            )
+        else:
+            log = MemoryEventLog(terminal_ttl_s=terminal_ttl_s, retain_events=retain_events)
+        opened.append(log)
+        return log
+
+    yield open_log
+    for log in opened:
+        await log.close()
+
+
+@pytest.fixture
+async def event_log(open_event_log: OpenEventLog) -> EventLog:
+    """A fresh EventLog of each backend (memory, redis) with default settings."""
+    return await open_event_log()

@@ -1,0 +1,620 @@
+"""The EventLog contract: every test runs against MemoryEventLog and RedisEventLog alike.
+
+Tests at the end (marked Redis only) check what only the Redis implementation
+has: its TTLs, its one pub/sub connection and its one script call per batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Protocol
+
+import pytest
+import redis.asyncio as aioredis
+from keel.v1.agent_service_pb2 import AgentEvent, EventBatch, TextDelta
+
+from server.errors import IndexConflict, OffsetExpired, RunNotFound, StaleEpoch, StoreUnavailable
+from server.events.codec import encode_batch, serialize_events
+from server.events.keys import Keys, run_index_member
+from server.events.log import EventLog, RunPageCursor, RunRecord, RunState
+from server.events.redis import RedisEventLog
+
+SHORT_TTL_S = 0.2
+
+
+class DisposableRedis(Protocol):
+    """The disposable_redis fixture (tests/conftest.py): a Redis of the test's own."""
+
+    url: str
+
+    def stop(self) -> None: ...
+
+
+class OpenEventLog(Protocol):
+    """The open_event_log fixture (tests/conftest.py): a log of the test's backend."""
+
+    async def __call__(
+        self, *, terminal_ttl_s: float = ..., retain_events: int = ...
+    ) -> EventLog: ...
+
+
+def make_record(
+    run_id: str | None = None,
+    *,
+    agent_id: str = "echo",
+    state: RunState = RunState.RUNNING,
+    create_time_ms: int = 1_000,
+    epoch: int = 1,
+) -> RunRecord:
+    return RunRecord(
+        run_id=run_id or f"run-{uuid.uuid4().hex[:8]}",
+        agent_id=agent_id,
+        input="hello",
+        request_id="req-1",
+        state=state,
+        create_time_ms=create_time_ms,
+        update_time_ms=create_time_ms,
+        epoch=epoch,
+        owner="instance-a",
+    )
+
+
+def make_events(run_id: str, start: int, count: int, tag: str = "t") -> list[AgentEvent]:
+    return [
+        AgentEvent(
+            run_id=run_id, index=i, step=1, attempt=1, text_delta=TextDelta(delta=f"{tag}{i}")
+        )
+        for i in range(start, start + count)
+    ]
+
+
+async def new_run(log: EventLog, **kwargs: object) -> RunRecord:
+    record, created = await log.create_run(make_record(**kwargs))  # type: ignore[arg-type]
+    assert created
+    return record
+
+
+def indices(events: Sequence[AgentEvent]) -> list[int]:
+    return [e.index for e in events]
+
+
+class Recorder:
+    """A Listener that records what it is told."""
+
+    def __init__(self) -> None:
+        self.events: list[AgentEvent] = []
+        self.gaps = 0
+        self._changed = asyncio.Event()
+
+    def on_events(self, events: Sequence[AgentEvent]) -> None:
+        self.events.extend(events)
+        self._changed.set()
+
+    def on_gap(self) -> None:
+        self.gaps += 1
+        self._changed.set()
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+        async with asyncio.timeout(timeout_s):
+            while not predicate():
+                self._changed.clear()
+                await self._changed.wait()
+
+
+# --- runs --------------------------------------------------------------------
+
+
+async def test_create_run_is_idempotent_and_returns_the_first_record(event_log: EventLog) -> None:
+    first = make_record(agent_id="echo")
+    stored, created = await event_log.create_run(first)
+    assert created and stored == first
+
+    again, created_again = await event_log.create_run(
+        make_record(first.run_id, agent_id="other", create_time_ms=9_999)
+    )
+    assert not created_again
+    assert again == first
+    assert await event_log.get_run(first.run_id) == first
+
+
+async def test_unknown_run_raises_run_not_found_everywhere(event_log: EventLog) -> None:
+    with pytest.raises(RunNotFound):
+        await event_log.get_run("nope")
+    with pytest.raises(RunNotFound):
+        await event_log.read("nope", 0, 10)
+    with pytest.raises(RunNotFound):
+        await event_log.append("nope", 1, make_events("nope", 0, 1))
+    with pytest.raises(RunNotFound):
+        await event_log.incr_counter("nope", "k")
+
+
+# --- append and read ---------------------------------------------------------
+
+
+async def test_append_keeps_dense_indices_and_read_pages_them_in_order(event_log: EventLog) -> None:
+    run = await new_run(event_log)
+    assert await event_log.append(run.run_id, 1, make_events(run.run_id, 0, 3)) == 3
+    assert await event_log.append(run.run_id, 1, make_events(run.run_id, 3, 1)) == 4
+    assert await event_log.append(run.run_id, 1, make_events(run.run_id, 4, 6)) == 10
+
+    pages: list[list[AgentEvent]] = []
+    offset = 0
+    while page := await event_log.read(run.run_id, offset, 4):
+        pages.append(page)
+        offset = page[-1].index + 1
+    assert [indices(p) for p in pages] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [e.text_delta.delta for p in pages for e in p] == [f"t{i}" for i in range(10)]
+    assert (await event_log.get_run(run.run_id)).next_index == 10
+
+
+async def test_read_at_or_past_the_head_returns_nothing(event_log: EventLog) -> None:
+    run = await new_run(event_log)
+    assert await event_log.read(run.run_id, 0, 10) == []
+    await event_log.append(run.run_id, 1, make_events(run.run_id, 0, 2))
+    assert await event_log.read(run.run_id, 2, 10) == []
+    assert await event_log.read(run.run_id, 1_000, 10) == []
+
+
+async def test_append_moves_the_state_with_or_without_events(event_log: EventLog) -> None:
+    run = await new_run(event_log, state=RunState.QUEUED)
+    assert await event_log.append(run.run_id, 1, [], state=RunState.RUNNING) == 0
+    assert (await event_log.get_run(run.run_id)).state is RunState.RUNNING
+
+    await event_log.append(
+        run.run_id, 1, make_events(run.run_id, 0, 2), state=RunState.FAILED, error="boom"
+    )
+    stored = await event_log.get_run(run.run_id)
+    assert (stored.state, stored.error, stored.next_index) == (RunState.FAILED, "boom", 2)
+    assert stored.update_time_ms >= run.update_time_ms
+
+
+async def test_append_with_a_stale_epoch_raises_and_writes_nothing(event_log: EventLog) -> None:
+    run = await new_run(event_log, epoch=2)
+    with pytest.raises(StaleEpoch) as raised:
+        await event_log.append(
+            run.run_id, 1, make_events(run.run_id, 0, 2), state=RunState.SUCCEEDED
+        )
+    assert (raised.value.epoch, raised.value.current_epoch) == (1, 2)
+    assert await event_log.read(run.run_id, 0, 10) == []
+    assert await event_log.get_run(run.run_id) == run
+
+
+async def test_append_not_at_next_index_raises_index_conflict_and_writes_nothing(
+    event_log: EventLog,
+) -> None:
+    run = await new_run(event_log)
+    await event_log.append(run.run_id, 1, make_events(run.run_id, 0, 2))
+
+    with pytest.raises(IndexConflict) as ahead:
+        await event_log.append(run.run_id, 1, make_events(run.run_id, 3, 1), state=RunState.FAILED)
+    assert (ahead.value.first_index, ahead.value.next_index) == (3, 2)
+    with pytest.raises(IndexConflict):  # a second writer's different events at taken indices
+        await event_log.append(run.run_id, 1, make_events(run.run_id, 1, 1, tag="other"))
+
+    assert indices(await event_log.read(run.run_id, 0, 10)) == [0, 1]
+    stored = await event_log.get_run(run.run_id)
+    assert (stored.next_index, stored.state) == (2, RunState.RUNNING)
+
+
+async def test_exact_replay_of_a_committed_batch_is_a_no_op(event_log: EventLog) -> None:
+    """A writer retrying an append whose reply it lost must not see a conflict."""
+    run = await new_run(event_log)
+    batch = make_events(run.run_id, 0, 3)
+    await event_log.append(run.run_id, 1, batch)
+    await event_log.append(run.run_id, 1, make_events(run.run_id, 3, 1))
+
+    assert await event_log.append(run.run_id, 1, batch) == 4
+    assert indices(await event_log.read(run.run_id, 0, 10)) == [0, 1, 2, 3]
+
+
+async def test_batch_with_non_consecutive_indices_is_rejected(event_log: EventLog) -> None:
+    run = await new_run(event_log)
+    bad = make_events(run.run_id, 0, 1) + make_events(run.run_id, 2, 1)
+    with pytest.raises(ValueError):
+        await event_log.append(run.run_id, 1, bad)
+    assert await event_log.read(run.run_id, 0, 10) == []
+
+
+# --- retention ---------------------------------------------------------------
+
+
+async def test_terminal_state_expires_the_run_after_the_ttl(open_event_log: OpenEventLog) -> None:
+    log = await open_event_log(terminal_ttl_s=SHORT_TTL_S)
+    run = await new_run(log)
+    await log.append(run.run_id, 1, make_events(run.run_id, 0, 2), state=RunState.SUCCEEDED)
+    assert (await log.get_run(run.run_id)).state is RunState.SUCCEEDED
+
+    await asyncio.sleep(SHORT_TTL_S * 2.5)
+    with pytest.raises(RunNotFound):
+        await log.get_run(run.run_id)
+    with pytest.raises(RunNotFound):
+        await log.read(run.run_id, 0, 10)
+    # The id is free again: a new run may take it.
+    assert (await log.create_run(make_record(run.run_id)))[1]
+
+
+@pytest.mark.parametrize("state", [RunState.QUEUED, RunState.RUNNING, RunState.SUSPENDED])
+async def test_nothing_expires_while_a_run_is_live(
+    open_event_log: OpenEventLog, state: RunState
+) -> None:
+    log = await open_event_log(terminal_ttl_s=SHORT_TTL_S)
+    run = await new_run(log, state=RunState.QUEUED)
+    await log.append(run.run_id, 1, make_events(run.run_id, 0, 2), state=state)
+    await log.incr_counter(run.run_id, "k")
+
+    await asyncio.sleep(SHORT_TTL_S * 2.5)
+    assert (await log.get_run(run.run_id)).state is state
+    assert indices(await log.read(run.run_id, 0, 10)) == [0, 1]
+    assert await log.get_counter(run.run_id, "k") == 1
+
+
+async def test_retain_events_trims_and_read_below_earliest_raises_offset_expired(
+    open_event_log: OpenEventLog,
+) -> None:
+    log = await open_event_log(retain_events=3)
+    run = await new_run(log)
+    await log.append(run.run_id, 1, make_events(run.run_id, 0, 2))
+    assert (await log.get_run(run.run_id)).earliest_index == 0
+    await log.append(run.run_id, 1, make_events(run.run_id, 2, 3))
+
+    stored = await log.get_run(run.run_id)
+    assert (stored.earliest_index, stored.next_index) == (2, 5)
+    assert indices(await log.read(run.run_id, 2, 10)) == [2, 3, 4]
+    with pytest.raises(OffsetExpired) as raised:
+        await log.read(run.run_id, 1, 10)
+    expired = raised.value
+    assert (expired.offset, expired.earliest_offset, expired.next_offset) == (1, 2, 5)
+
+
+# --- notifications -----------------------------------------------------------
+
+
+async def test_listener_gets_each_appended_batch_in_order_until_closed(
+    event_log: EventLog,
+) -> None:
+    run = await new_run(event_log)
+    recorder, other = Recorder(), Recorder()
+    subscription = await event_log.subscribe(run.run_id, recorder)
+    other_subscription = await event_log.subscribe(run.run_id, other)
+
+    await event_log.append(run.run_id, 1, make_events(run.run_id, 0, 2))
+    await event_log.append(run.run_id, 1, [], state=RunState.SUSPENDED)  # announces nothing
+    await event_log.append(run.run_id, 1, make_events(run.run_id, 2, 3))
+    await recorder.wait_until(lambda: len(recorder.events) == 5)
+    assert indices(recorder.events) == [0, 1, 2, 3, 4]
+    assert recorder.events == await event_log.read(run.run_id, 0, 10)
+
+    await subscription.close()
+    await subscription.close()  # safe twice
+    await event_log.append(run.run_id, 1, make_events(run.run_id, 5, 1))
+    await other.wait_until(lambda: len(other.events) == 6)
+    assert len(recorder.events) == 5
+    await other_subscription.close()
+
+
+async def test_subscribe_then_read_misses_nothing_while_a_writer_appends(
+    event_log: EventLog,
+) -> None:
+    """The observer's recipe: subscribe, then read; live events continue where the log ends."""
+    run = await new_run(event_log)
+    total = 200
+    await event_log.append(run.run_id, 1, make_events(run.run_id, 0, 10))
+
+    async def writer() -> None:
+        for index in range(10, total):
+            await event_log.append(run.run_id, 1, make_events(run.run_id, index, 1))
+            await asyncio.sleep(0)
+
+    writing = asyncio.create_task(writer())
+    await asyncio.sleep(0.001)
+    head_before = (await event_log.get_run(run.run_id)).next_index
+    recorder = Recorder()
+    subscription = await event_log.subscribe(run.run_id, recorder)
+    caught_up: list[AgentEvent] = []
+    while page := await event_log.read(run.run_id, len(caught_up), 50):
+        caught_up.extend(page)
+    await writing
+    await recorder.wait_until(
+        lambda: bool(recorder.events) and recorder.events[-1].index == total - 1
+    )
+    await subscription.close()
+
+    live = indices(recorder.events)
+    assert live == list(range(live[0], total)), "live events are consecutive and in order"
+    assert live[0] >= head_before, "nothing committed before subscribe is announced"
+    assert indices(caught_up) == list(range(len(caught_up)))
+    assert len(caught_up) >= live[0], "the read reaches where live events start: no gap"
+
+
+async def test_subscribing_to_a_run_before_it_exists_is_allowed(event_log: EventLog) -> None:
+    recorder = Recorder()
+    subscription = await event_log.subscribe("later", recorder)
+    run = await new_run(event_log, run_id="later")
+    await event_log.append(run.run_id, 1, make_events(run.run_id, 0, 1))
+    await recorder.wait_until(lambda: len(recorder.events) == 1)
+    await subscription.close()
+
+
+# --- listing -----------------------------------------------------------------
+
+
+async def test_list_runs_newest_first_with_filters_and_cursor_paging(event_log: EventLog) -> None:
+    specs = [
+        ("r1", "echo", RunState.SUCCEEDED, 1_000),
+        ("r2", "scripted", RunState.RUNNING, 2_000),
+        ("r3a", "echo", RunState.RUNNING, 3_000),
+        ("r3b", "echo", RunState.SUSPENDED, 3_000),  # same time: ordered by run_id
+        ("r4", "scripted", RunState.FAILED, 4_000),
+    ]
+    for run_id, agent_id, state, create_time_ms in specs:
+        await new_run(event_log, run_id=run_id, agent_id=agent_id, create_time_ms=create_time_ms)
+        if state is not RunState.RUNNING:
+            await event_log.append(run_id, 1, [], state=state)
+
+    def ids(runs: list[RunRecord]) -> list[str]:
+        return [r.run_id for r in runs]
+
+    assert ids(await event_log.list_runs(limit=10)) == ["r4", "r3b", "r3a", "r2", "r1"]
+    assert ids(await event_log.list_runs(agent_id="echo", limit=10)) == ["r3b", "r3a", "r1"]
+    live = frozenset({RunState.RUNNING, RunState.SUSPENDED})
+    assert ids(await event_log.list_runs(states=live, limit=10)) == ["r3b", "r3a", "r2"]
+    assert ids(await event_log.list_runs(agent_id="echo", states=live, limit=10)) == [
+        "r3b",
+        "r3a",
+    ]
+
+    seen: list[str] = []
+    cursor: RunPageCursor | None = None
+    while page := await event_log.list_runs(limit=2, after=cursor):
+        seen.extend(ids(page))
+        cursor = RunPageCursor(page[-1].create_time_ms, page[-1].run_id)
+    assert seen == ["r4", "r3b", "r3a", "r2", "r1"]
+    page = await event_log.list_runs(agent_id="echo", limit=1, after=RunPageCursor(3_000, "r3b"))
+    assert ids(page) == ["r3a"]
+
+
+async def test_list_runs_omits_expired_runs(open_event_log: OpenEventLog) -> None:
+    log = await open_event_log(terminal_ttl_s=SHORT_TTL_S)
+    await new_run(log, run_id="old", create_time_ms=1_000)
+    await log.append("old", 1, [], state=RunState.CANCELLED)
+    await new_run(log, run_id="live", create_time_ms=2_000)
+    await asyncio.sleep(SHORT_TTL_S * 2.5)
+
+    assert [r.run_id for r in await log.list_runs(limit=10)] == ["live"]
+    # A new run under the expired id is listed once, at its own time.
+    await new_run(log, run_id="old", create_time_ms=3_000)
+    assert [r.run_id for r in await log.list_runs(limit=10)] == ["old", "live"]
+
+
+# --- counters and health -----------------------------------------------------
+
+
+async def test_counters_count_per_run_and_key(event_log: EventLog) -> None:
+    a, b = await new_run(event_log), await new_run(event_log)
+    assert await event_log.get_counter(a.run_id, "k") == 0
+    assert [await event_log.incr_counter(a.run_id, "k") for _ in range(3)] == [1, 2, 3]
+    assert await event_log.incr_counter(a.run_id, "other") == 1
+    assert await event_log.incr_counter(b.run_id, "k") == 1
+    assert await event_log.get_counter(a.run_id, "k") == 3
+    assert await event_log.get_counter("nope", "k") == 0
+
+
+async def test_ping_succeeds_and_close_is_safe_twice(open_event_log: OpenEventLog) -> None:
+    log = await open_event_log()
+    await log.ping()
+    await log.close()
+    await log.close()
+
+
+def test_published_batch_encoding_matches_protobuf() -> None:
+    # Sizes on both sides of one- and two-byte lengths and of the precomputed prefixes.
+    events = [
+        AgentEvent(run_id="r", index=i, text_delta=TextDelta(delta="x" * size))
+        for i, size in enumerate([0, 100, 300, 4_100, 20_000])
+    ]
+    members = serialize_events(events)
+    assert encode_batch(members) == EventBatch(events=events).SerializeToString()
+    assert list(EventBatch.FromString(encode_batch(members)).events) == events
+
+
+# --- Redis only --------------------------------------------------------------
+
+
+@pytest.fixture
+async def raw_redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A plain client to inspect what RedisEventLog stored."""
+    client = aioredis.Redis.from_url(redis_url, decode_responses=False)
+    yield client
+    await client.aclose()
+
+
+async def test_redis_live_run_keys_have_no_ttl_and_terminal_state_sets_it_on_every_key(
+    redis_url: str, key_prefix: str, raw_redis: aioredis.Redis
+) -> None:
+    keys = Keys(key_prefix)
+    log = await RedisEventLog.connect(redis_url, key_prefix=key_prefix, terminal_ttl_s=60)
+    try:
+        run = await new_run(log)
+        await log.append(run.run_id, 1, make_events(run.run_id, 0, 2), state=RunState.SUSPENDED)
+        await log.incr_counter(run.run_id, "k")
+        for key in keys.run_keys(run.run_id):
+            assert await raw_redis.ttl(key) == -1, key
+
+        await log.append(run.run_id, 1, make_events(run.run_id, 2, 1), state=RunState.SUCCEEDED)
+        for key in keys.run_keys(run.run_id):
+            assert 0 < await raw_redis.ttl(key) <= 60, key
+        # A counter written after the end keeps the run's deadline.
+        await raw_redis.delete(keys.counters(run.run_id))
+        await log.incr_counter(run.run_id, "late")
+        assert 0 < await raw_redis.ttl(keys.counters(run.run_id)) <= 60
+    finally:
+        await log.close()
+
+
+async def test_redis_list_runs_removes_index_members_of_expired_runs(
+    redis_url: str, key_prefix: str, raw_redis: aioredis.Redis
+) -> None:
+    keys = Keys(key_prefix)
+    log = await RedisEventLog.connect(redis_url, key_prefix=key_prefix, terminal_ttl_s=SHORT_TTL_S)
+    try:
+        await new_run(log, run_id="gone", create_time_ms=1_000)
+        await log.append("gone", 1, [], state=RunState.FAILED)
+        await asyncio.sleep(SHORT_TTL_S * 2.5)
+        assert await log.list_runs(limit=10) == []
+        assert await raw_redis.zrange(keys.run_index, 0, -1) == []
+        assert run_index_member(1_000, "gone") == "000000000001000:gone"
+    finally:
+        await log.close()
+
+
+async def test_redis_pubsub_connection_killed_gives_on_gap_then_delivers_again(
+    redis_url: str, key_prefix: str, raw_redis: aioredis.Redis
+) -> None:
+    log = await RedisEventLog.connect(redis_url, key_prefix=key_prefix)
+    try:
+        run = await new_run(log)
+        recorder = Recorder()
+        subscription = await log.subscribe(run.run_id, recorder)
+        await log.append(run.run_id, 1, make_events(run.run_id, 0, 3))
+        await recorder.wait_until(lambda: len(recorder.events) == 3)
+
+        killed = await raw_redis.execute_command(  # type: ignore[no-untyped-call]
+            "CLIENT", "KILL", "TYPE", "pubsub"
+        )
+        assert killed >= 1
+        await recorder.wait_until(lambda: recorder.gaps == 1)
+        await log.append(run.run_id, 1, make_events(run.run_id, 3, 2))
+        await recorder.wait_until(lambda: len(recorder.events) == 5)
+        assert indices(recorder.events) == [0, 1, 2, 3, 4]
+        assert recorder.gaps == 1
+        await subscription.close()
+    finally:
+        await log.close()
+
+
+async def test_redis_subscribe_while_the_pubsub_connection_is_down_waits_for_resubscription(
+    redis_url: str, key_prefix: str, raw_redis: aioredis.Redis
+) -> None:
+    log = await RedisEventLog.connect(redis_url, key_prefix=key_prefix)
+    try:
+        first, second = await new_run(log), await new_run(log)
+        early = Recorder()
+        await log.subscribe(first.run_id, early)
+        await raw_redis.execute_command(  # type: ignore[no-untyped-call]
+            "CLIENT", "KILL", "TYPE", "pubsub"
+        )
+        late = Recorder()
+        await log.subscribe(second.run_id, late)  # before or after the reader notices the kill
+        await log.append(second.run_id, 1, make_events(second.run_id, 0, 2))
+        await late.wait_until(lambda: len(late.events) == 2)
+        await early.wait_until(lambda: early.gaps == 1)
+        assert late.gaps == 0, "a listener that was never live has nothing to re-read"
+    finally:
+        await log.close()
+
+
+async def test_redis_quiet_pubsub_connection_survives_health_checks(
+    redis_url: str, key_prefix: str
+) -> None:
+    log = await RedisEventLog.connect(
+        redis_url, key_prefix=key_prefix, health_check_interval_s=0.05
+    )
+    try:
+        run = await new_run(log)
+        recorder = Recorder()
+        await log.subscribe(run.run_id, recorder)
+        await asyncio.sleep(0.5)  # many PINGs, each answered
+        await log.append(run.run_id, 1, make_events(run.run_id, 0, 1))
+        await recorder.wait_until(lambda: len(recorder.events) == 1)
+        assert recorder.gaps == 0
+    finally:
+        await log.close()
+
+
+async def test_redis_uses_one_pubsub_connection_however_many_listeners(
+    redis_url: str, key_prefix: str, raw_redis: aioredis.Redis
+) -> None:
+    log = await RedisEventLog.connect(redis_url, key_prefix=key_prefix)
+    name = Keys(key_prefix).pubsub_client_name
+
+    async def ours(client_type: str | None = None) -> list[dict[str, str]]:
+        clients = await raw_redis.client_list(_type=client_type)
+        return [c for c in clients if c["name"] == name]
+
+    try:
+        runs = [await new_run(log) for _ in range(3)]
+        recorders = [Recorder() for _ in range(12)]
+        subscriptions = [
+            await log.subscribe(runs[i % 3].run_id, recorder)
+            for i, recorder in enumerate(recorders)
+        ]
+        (connection,) = await ours("pubsub")
+        assert connection["sub"] == "3"  # one Redis subscription per run, not per listener
+
+        await log.append(runs[0].run_id, 1, make_events(runs[0].run_id, 0, 1))
+        for recorder in recorders[::3]:
+            await recorder.wait_until(lambda r=recorder: len(r.events) == 1)  # type: ignore[misc]
+
+        for subscription in subscriptions:
+            await subscription.close()
+        (connection,) = await ours()  # kept for the next subscribe, out of pub/sub mode
+        assert connection["sub"] == "0"  # the last listener of each run unsubscribed
+    finally:
+        await log.close()
+    assert await ours() == []
+
+
+async def test_redis_append_is_one_script_call_per_batch(
+    redis_url: str, key_prefix: str, raw_redis: aioredis.Redis
+) -> None:
+    log = await RedisEventLog.connect(redis_url, key_prefix=key_prefix)
+
+    async def calls() -> dict[str, int]:
+        stats = await raw_redis.info("commandstats")
+        return {name: stat["calls"] for name, stat in stats.items()}
+
+    try:
+        run = await new_run(log)
+        await log.append(run.run_id, 1, make_events(run.run_id, 0, 1))  # loads the script
+        before = await calls()
+        await log.append(run.run_id, 1, make_events(run.run_id, 1, 500), state=RunState.SUCCEEDED)
+        after = await calls()
+        assert after["cmdstat_evalsha"] - before["cmdstat_evalsha"] == 1
+        assert after.get("cmdstat_eval", 0) == before.get("cmdstat_eval", 0)
+        assert indices(await log.read(run.run_id, 0, 1_000)) == list(range(501))
+    finally:
+        await log.close()
+
+
+async def test_redis_outage_raises_store_unavailable_and_close_still_returns(
+    disposable_redis: DisposableRedis,
+) -> None:
+    log = await RedisEventLog.connect(disposable_redis.url, socket_timeout_s=1)
+    run = await new_run(log)
+    await log.subscribe(run.run_id, Recorder())
+    disposable_redis.stop()
+
+    with pytest.raises(StoreUnavailable):
+        await log.ping()
+    with pytest.raises(StoreUnavailable):
+        await log.append(run.run_id, 1, make_events(run.run_id, 0, 1))
+    with pytest.raises(StoreUnavailable):
+        await log.read(run.run_id, 0, 10)
+    with pytest.raises(StoreUnavailable):
+        await log.subscribe("other", Recorder())  # no acknowledgement can come
+    await asyncio.wait_for(log.close(), 2)  # the reader is reconnecting in a loop
+
+
+async def test_redis_unreachable_raises_store_unavailable() -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        await RedisEventLog.connect(f"redis://127.0.0.1:{port}/0", socket_timeout_s=1)
+    assert time.monotonic() - started < 5

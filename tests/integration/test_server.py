@@ -1,0 +1,78 @@
+"""The server around the service: reflection, health, settings, cross-instance cancel."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from keel.v1 import agent_service_pb2 as pb
+from keel.v1 import agent_service_pb2_grpc as pb_grpc
+
+from server.app import Keel
+from server.settings import Settings
+from tests.integration.conftest import assert_contiguous, collect, payloads, script, text
+
+
+async def test_reflection_lists_agent_service_and_health(channel: grpc.aio.Channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+    async def requests() -> Any:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+    async for response in stub.ServerReflectionInfo(requests()):
+        names = {s.name for s in response.list_services_response.service}
+        assert {"keel.v1.AgentService", "grpc.health.v1.Health"} <= names
+        break
+
+
+def test_settings_come_from_keel_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEEL_PORT", "6123")
+    monkeypatch.setenv("KEEL_REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("KEEL_OBSERVER_QUEUE_SIZE", "7")
+    settings = Settings(agents="x:y")  # flags (keyword arguments) win over the environment
+    assert (settings.port, settings.redis_url, settings.observer_queue_size) == (
+        6123,
+        "redis://127.0.0.1:1/0",
+        7,
+    )
+    assert settings.agents == "x:y"
+    monkeypatch.setenv("KEEL_OBSERVER_QUEUE_SIZE", "0")
+    with pytest.raises(ValueError):
+        Settings()
+
+
+@pytest.fixture
+def backend() -> str:
+    return "redis"
+
+
+async def test_cancel_through_another_instance_stops_the_run(start_keel: Any) -> None:
+    owner: Keel = await start_keel()
+    other: Keel = await start_keel()
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{owner.port}") as owner_channel,
+        grpc.aio.insecure_channel(f"127.0.0.1:{other.port}") as other_channel,
+    ):
+        on_owner = pb_grpc.AgentServiceStub(owner_channel)
+        on_other = pb_grpc.AgentServiceStub(other_channel)
+        started = await on_owner.StartRun(
+            pb.StartRunRequest(agent_id="scripted", input=script(text(2000, delay_ms=5)))
+        )
+        run_id = started.run.run_id
+        watching = asyncio.create_task(collect(on_other.Observe(pb.ObserveRequest(run_id=run_id))))
+        while (await on_other.GetRun(pb.GetRunRequest(run_id=run_id))).run.next_offset < 10:
+            await asyncio.sleep(0.01)
+        cancelled = await on_other.CancelRun(pb.CancelRunRequest(run_id=run_id, reason="stop"))
+        assert cancelled.run.state == pb.RUN_STATE_CANCELLED
+        out = await watching
+        assert payloads(out.events)[-1] == "abort"
+        assert_contiguous(out.events)
+        async with asyncio.timeout(10):  # the owner's next append is refused: it stops
+            while owner.executor.running:
+                await asyncio.sleep(0.01)
+        final = (await on_owner.GetRun(pb.GetRunRequest(run_id=run_id))).run
+        assert final.state == pb.RUN_STATE_CANCELLED
+        assert final.next_offset == len(out.events)
