@@ -19,7 +19,8 @@ from server.api.servicer import AgentServicer
 from server.events.factory import open_event_log
 from server.events.log import EventLog
 from server.observe.follow import FollowLimits
-from server.runs.executor import LocalExecutor, WriterLimits
+from server.runs.executor import LocalExecutor, Timing
+from server.runs.supervisor import WriterLimits
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,8 @@ class Keel:
         1. health says NOT_SERVING, so load balancers stop sending;
         2. open streams end with UNAVAILABLE (clients resume on another replica);
         3. the listener closes and unary calls in flight get a second to finish;
-        4. runs in progress get shutdown_grace_s to finish, then are left in the log;
+        4. runs in progress get shutdown_grace_s to finish, then are handed back
+           (leases released) for another instance to take over;
         5. the event log closes.
         """
         if self._stopping:
@@ -90,12 +92,19 @@ async def create_server(settings: Settings) -> Keel:
         key_prefix=settings.key_prefix,
         terminal_ttl_s=settings.terminal_ttl_s,
         retain_events=settings.retain_events,
+        lease_ttl_s=settings.lease_ttl_s,
     )
     executor = LocalExecutor(
         event_log,
         agents,
         instance_id=settings.instance_id,
         limits=WriterLimits(settings.write_batch_max, settings.write_pending_max),
+        timing=Timing(
+            # A third of the TTL: a renewal may fail twice before the lease lapses.
+            lease_renew_interval_s=settings.lease_ttl_s / 3,
+            sweep_interval_s=settings.sweep_interval_s,
+            cancel_wait_s=settings.cancel_wait_s,
+        ),
     )
     draining = asyncio.Event()
     servicer = AgentServicer(
@@ -118,6 +127,7 @@ async def create_server(settings: Settings) -> Keel:
     )
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     await server.start()
+    executor.open()  # take over runs whose owner died, from now on
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(

@@ -53,7 +53,15 @@ class Settings(BaseSettings):
     # Writer: events a run may have emitted but not committed before it waits.
     write_pending_max: int = Field(default=5000, ge=1)
 
-    # SIGTERM: time given to runs in progress to finish before the process exits.
+    # Ownership: a run's owner renews its lease; when it lapses another instance takes over.
+    lease_ttl_s: float = Field(default=5.0, gt=0)
+    # How often every instance looks for runs whose lease lapsed (also once at start).
+    sweep_interval_s: float = Field(default=1.0, gt=0)
+    # CancelRun waits at most this long for the run's owner to abort it.
+    cancel_wait_s: float = Field(default=10.0, ge=0)
+
+    # SIGTERM: time given to runs in progress to finish before the process exits;
+    # runs still going then are handed back (their leases released) to other instances.
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     # This process's name as a run owner.
     instance_id: str = Field(default_factory=_default_instance_id)

@@ -3,10 +3,15 @@
 The Redis is Debian's redis-server started once per session on a free port,
 without persistence. Tests isolate themselves with a fresh key prefix and
 never flush. Set KEEL_TEST_REDIS_URL to use a Redis you started yourself.
+
+Time: a memory log runs on `log_clock`, whose `advance` jumps at once; for
+Redis it waits for the time to pass. So a lease or TTL test is instant on
+memory and honest on Redis.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -131,20 +136,52 @@ class OpenEventLog(Protocol):
     """Opens an EventLog of the test's backend; the fixture closes it at the end."""
 
     async def __call__(
-        self, *, terminal_ttl_s: float = ..., retain_events: int = ...
+        self, *, terminal_ttl_s: float = ..., retain_events: int = ..., lease_ttl_s: float = ...
     ) -> EventLog: ...
 
 
+class LogClock:
+    """The time the test's EventLogs see: real monotonic time plus the jumps of `advance`."""
+
+    def __init__(self, *, jumps: bool) -> None:
+        self._jumps = jumps
+        self._skew_s = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self._skew_s
+
+    async def advance(self, seconds: float) -> None:
+        """Let `seconds` pass for the logs: a jump on memory, a wait on Redis (its own clock)."""
+        if self._jumps:
+            self._skew_s += seconds
+            await asyncio.sleep(0)
+        else:
+            await asyncio.sleep(seconds)
+
+
 @pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The EventLog implementation under test."""
+    name: str = request.param
+    return name
+
+
+@pytest.fixture
+def log_clock(backend: str) -> LogClock:
+    return LogClock(jumps=backend == "memory")
+
+
+@pytest.fixture
 async def open_event_log(
-    request: pytest.FixtureRequest, key_prefix: str
+    request: pytest.FixtureRequest, backend: str, key_prefix: str, log_clock: LogClock
 ) -> AsyncIterator[OpenEventLog]:
-    """Opens EventLogs of one backend (the param) with chosen retention settings."""
-    backend: str = request.param
+    """Opens EventLogs of one backend with chosen retention and lease settings."""
     url = request.getfixturevalue("redis_url") if backend == "redis" else ""
     opened: list[EventLog] = []
 
-    async def open_log(*, terminal_ttl_s: float = 86_400, retain_events: int = 0) -> EventLog:
+    async def open_log(
+        *, terminal_ttl_s: float = 86_400, retain_events: int = 0, lease_ttl_s: float = 5.0
+    ) -> EventLog:
         log: EventLog
         if backend == "redis":
             log = await RedisEventLog.connect(
@@ -152,9 +189,15 @@ async def open_event_log(
                 key_prefix=key_prefix,
                 terminal_ttl_s=terminal_ttl_s,
                 retain_events=retain_events,
+                lease_ttl_s=lease_ttl_s,
             )
         else:
-            log = MemoryEventLog(terminal_ttl_s=terminal_ttl_s, retain_events=retain_events)
+            log = MemoryEventLog(
+                terminal_ttl_s=terminal_ttl_s,
+                retain_events=retain_events,
+                lease_ttl_s=lease_ttl_s,
+                clock=log_clock,
+            )
         opened.append(log)
         return log
 

@@ -9,8 +9,9 @@ A run is a sequence of steps (DESIGN section 6). A step has two halves:
 
 Each half ends at a boundary where the run's state is consistent (the model
 response is complete and in the message history; the tool results are in
-the history), which is where a later issue checkpoints. `AgentLoop` keeps the
-halves as separate methods and exposes the message history for that reason.
+the history), and there the loop hands the sink a Checkpoint, which the
+executor commits atomically with the events before it. A run resumed from a
+checkpoint goes on from that boundary (see server/agents/checkpoint.py).
 
 The loop never emits start/finish/error/abort: the executor owns the run's
 lifecycle and turns a returned LoopResult or a raised exception into the
@@ -22,16 +23,19 @@ broad exceptions.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any, TypeAlias
 
 import pydantic_core
 from pydantic_ai import Agent, AgentRun, CallToolsNode, DeferredToolRequests, ModelRequestNode
 from pydantic_ai._agent_graph import AgentNode  # not re-exported, but AgentRun.next returns it
+from pydantic_ai.capabilities import AbstractCapability
 from pydantic_ai.messages import ModelMessage, ModelResponse
 from pydantic_ai.result import FinalResult
 from pydantic_ai.usage import RunUsage
 from pydantic_graph import End
 
+from server.agents.checkpoint import Checkpoint, Phase, dump_messages
 from server.agents.events import StepEvents, usage_between, usage_to_pb
 from server.agents.types import AgentSpec, EventSink, LoopResult, RunInfo
 
@@ -51,16 +55,40 @@ class ApprovalsNotSupportedError(RuntimeError):
 
 
 async def run_agent_loop(
-    spec: AgentSpec, prompt: str, *, run_info: RunInfo, sink: EventSink
+    spec: AgentSpec,
+    prompt: str,
+    *,
+    run_info: RunInfo,
+    sink: EventSink,
+    resume: Checkpoint | None = None,
+    attempt: int = 1,
+    capabilities: Sequence[AbstractCapability[Any]] = (),
 ) -> LoopResult:
     """Run `spec`'s agent on `prompt` to the end, emitting its events to `sink`.
 
-    Returns the run's output and usage. Raises whatever the agent raises, and
-    ApprovalsNotSupportedError when a tool call needs approval.
+    With `resume`, go on from that checkpoint instead of starting afresh; the
+    first step (or half step) run is numbered `attempt`, later ones 1.
+    `capabilities` join the agent's own for this run (the executor's tool
+    journal). Returns the run's output and usage. Raises whatever the agent
+    raises, and ApprovalsNotSupportedError when a tool call needs approval.
     """
     deps = spec.deps(run_info) if spec.deps is not None else None
-    async with spec.agent.iter(prompt, deps=deps) as run:
-        loop = AgentLoop(run, sink)
+    if resume is None or resume.phase is Phase.STARTED:
+        context = spec.agent.iter(prompt, deps=deps, capabilities=capabilities)
+        step = 0
+    else:
+        context = spec.agent.iter(
+            None,
+            message_history=resume.history(),
+            usage=copy.copy(resume.usage),
+            deps=deps,
+            capabilities=capabilities,
+        )
+        step = resume.step
+    async with context as run:
+        loop = AgentLoop(run, sink, step=step, attempt=attempt)
+        if resume is not None and resume.phase is Phase.RESPONSE:
+            loop.resume_tools_half(resume.step_start_usage)
         output = await loop.drive()
         return loop_result(output, run.usage)
 
@@ -79,18 +107,31 @@ def loop_result(output: Any, usage: RunUsage) -> LoopResult:
 
 
 class AgentLoop:
-    """Steps through one AgentRun, emitting each step's events.
+    """Steps through one AgentRun, emitting each step's events and checkpoints.
 
     `step` is the number of the last step already run (0 for a fresh run), so
-    a run resumed from a checkpoint can carry its step numbering on.
+    a run resumed from a checkpoint carries its step numbering on; `attempt`
+    numbers the first step (or half step) this loop runs, 1 for later ones.
     """
 
-    def __init__(self, run: AgentRun[Any, Any], sink: EventSink, *, step: int = 0) -> None:
+    def __init__(
+        self, run: AgentRun[Any, Any], sink: EventSink, *, step: int = 0, attempt: int = 1
+    ) -> None:
         self._run = run
         self._sink = sink
         self.step = step
-        self._events = StepEvents(step=step)
+        self._attempt = attempt
+        self._events = StepEvents(step=step, attempt=attempt)
         self._usage_at_step_start = copy.copy(run.usage)
+
+    def resume_tools_half(self, step_start_usage: RunUsage) -> None:
+        """Prepare to run the tools half of step `self.step`, whose response is in the history."""
+        self._events = StepEvents(step=self.step, attempt=self._take_attempt())
+        self._usage_at_step_start = copy.copy(step_start_usage)
+
+    def _take_attempt(self) -> int:
+        attempt, self._attempt = self._attempt, 1
+        return attempt
 
     def all_messages(self) -> list[ModelMessage]:
         """pydantic-ai's message history so far (what a checkpoint serialises)."""
@@ -119,7 +160,7 @@ class AgentLoop:
     async def model_half(self, node: ModelRequestNode[Any, Any]) -> _Node:
         """Stream one model request as a new step; return the node after it."""
         self.step += 1
-        self._events = StepEvents(step=self.step)
+        self._events = StepEvents(step=self.step, attempt=self._take_attempt())
         self._usage_at_step_start = copy.copy(self._run.usage)
         await self._emit(self._events.step_start())
 
@@ -135,10 +176,12 @@ class AgentLoop:
         # for the rare request that leads straight to another request.
         response = next_node.model_response if Agent.is_call_tools_node(next_node) else streamed
         await self._emit(self._events.response_metadata(response))
-        if not Agent.is_call_tools_node(next_node):
+        if Agent.is_call_tools_node(next_node):
+            await self._checkpoint(Phase.RESPONSE)
+        else:
             # No tools half follows (e.g. a capability asked for a retry), so
             # the step ends here.
-            await self._finish_step(response)
+            await self._finish_step(response, next_node)
         return next_node
 
     async def tools_half(self, node: CallToolsNode[Any, Any]) -> _Node:
@@ -153,12 +196,31 @@ class AgentLoop:
             # The step is suspended, not finished: no step_finish. A later
             # issue emits tool_call_approval + suspended here instead.
             raise ApprovalsNotSupportedError(_deferred_tool_names(next_node.data.output))
-        await self._finish_step(node.model_response)
+        await self._finish_step(node.model_response, next_node)
         return next_node
 
-    async def _finish_step(self, response: ModelResponse) -> None:
+    async def _finish_step(self, response: ModelResponse, next_node: _Node) -> None:
         usage = usage_between(self._usage_at_step_start, self._run.usage)
         await self._emit(self._events.step_finish(usage, response.finish_reason))
+        if not Agent.is_end_node(next_node):
+            # The last step needs none: the executor commits `finish` with it.
+            await self._checkpoint(Phase.STEP, next_node)
+
+    async def _checkpoint(self, phase: Phase, next_node: _Node | None = None) -> None:
+        messages = self._run.all_messages()
+        if next_node is not None and Agent.is_model_request_node(next_node):
+            # pydantic-ai adds the next request (holding this step's tool
+            # results) to the history only when that node runs: take it now.
+            messages = [*messages, next_node.request]
+        await self._sink.checkpoint(
+            Checkpoint(
+                phase=phase,
+                step=self.step,
+                messages=dump_messages(messages),
+                usage=copy.copy(self._run.usage),
+                step_start_usage=copy.copy(self._usage_at_step_start),
+            )
+        )
 
     async def _emit(self, event: Any) -> None:
         await self._sink.emit(event)

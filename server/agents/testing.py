@@ -16,9 +16,11 @@ The run's input is a JSON script:
   the whole run (the first delta of the second text step follows the last of
   the first), so a client can check it saw every delta once, in order, by
   reading the run's text alone.
-- `{"tool": "record", "args": {"key": K}}` calls `record`, which increments
-  the run's counter K (Redis when configured) and returns the new count: how
-  tests prove a tool ran exactly once across crashes.
+- `{"tool": "record", "args": {"key": K, "delay_ms": D}}` calls `record`,
+  which counts the call in the run's counter "calls:K", takes D ms (default
+  0), then increments the run's counter K once per tool call (keyed by the
+  call's idempotency key) and returns K's new count: how tests prove a tool
+  ran exactly once across crashes ("calls:K" shows how often it was invoked).
 - `{"tool": "approve_me", "args": {...}}` calls `approve_me`, a tool that
   requires approval (any JSON object is accepted as its arguments).
 - `{"tool": "fail", "args": {"message": M}}` calls `fail`, which raises
@@ -83,6 +85,7 @@ class TextStep(_Step):
 
 class RecordArgs(_Step):
     key: str = Field(min_length=1, max_length=256)
+    delay_ms: int = Field(default=0, ge=0, le=MAX_DELAY_MS, description="time the tool takes")
 
 
 class RecordStep(_Step):
@@ -255,7 +258,8 @@ async def _play(
     call_id = f"call_{number}"
     args = segment.tool.args
     args_json = json.dumps(
-        args if isinstance(args, dict) else args.model_dump(), separators=(",", ":")
+        args if isinstance(args, dict) else args.model_dump(exclude_unset=True),
+        separators=(",", ":"),
     )
     yield {0: DeltaToolCall(name=segment.tool.tool, tool_call_id=call_id)}
     yield {0: DeltaToolCall(json_args=args_json)}
@@ -270,9 +274,15 @@ def _final_answer(text: str) -> str:
 # -- the tools ----------------------------------------------------------------
 
 
-async def record(ctx: RunContext[RunInfo], key: str) -> int:
-    """Increment the run's counter `key` and return its new value."""
-    return await ctx.deps.counters.incr_counter(ctx.deps.run_id, key)
+async def record(ctx: RunContext[RunInfo], key: str, delay_ms: int = 0) -> int:
+    """Increment the run's counter `key` once per tool call and return its new value."""
+    info = ctx.deps
+    await info.counters.incr_counter(info.run_id, f"calls:{key}")  # every invocation
+    if delay_ms:
+        await asyncio.sleep(delay_ms / 1000)
+    assert ctx.tool_call_id is not None  # pydantic-ai always sets it for tool calls
+    once_key = info.idempotency_key(ctx.tool_call_id)
+    return await info.counters.incr_counter(info.run_id, key, once_key=once_key)
 
 
 async def fail(message: str) -> str:

@@ -9,6 +9,8 @@ from typing import Any, Protocol
 from keel.v1.agent_service_pb2 import AgentEvent, Usage
 from pydantic_ai import Agent
 
+from server.agents.checkpoint import Checkpoint
+
 
 class EventSink(Protocol):
     """Where the loop emits events.
@@ -20,11 +22,14 @@ class EventSink(Protocol):
     async def emit(self, event: AgentEvent) -> None:
         """Queue one event for the log; may wait when the writer is behind."""
 
+    async def checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Commit every event emitted so far together with `checkpoint`, atomically."""
+
 
 class Counters(Protocol):
     """A per-run counter store (Redis when configured): how tests prove a tool ran once."""
 
-    async def incr_counter(self, run_id: str, key: str) -> int: ...
+    async def incr_counter(self, run_id: str, key: str, *, once_key: str = "") -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +38,17 @@ class RunInfo:
 
     run_id: str
     counters: Counters
+
+    def idempotency_key(self, tool_call_id: str) -> str:
+        """A key stable across every re-run of one tool call: give it to side effects.
+
+        A tool that finished is never called again (its result is journaled),
+        but one interrupted while running (its process died) runs again after
+        the takeover: at least once. A tool whose effect must happen once
+        passes this key to whatever it changes (an idempotent API, a
+        dedupe table) so the repeat is harmless.
+        """
+        return f"{self.run_id}:{tool_call_id}"
 
 
 @dataclass(frozen=True, slots=True)

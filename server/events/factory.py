@@ -13,6 +13,7 @@ async def open_event_log(
     key_prefix: str = "keel",
     terminal_ttl_s: float = 86_400,
     retain_events: int = 0,
+    lease_ttl_s: float = 5.0,
 ) -> EventLog:
     """A RedisEventLog on `redis_url` (StoreUnavailable if unreachable), else a MemoryEventLog.
 
@@ -24,5 +25,8 @@ async def open_event_log(
             key_prefix=key_prefix,
             terminal_ttl_s=terminal_ttl_s,
             retain_events=retain_events,
+            lease_ttl_s=lease_ttl_s,
         )
-    return MemoryEventLog(terminal_ttl_s=terminal_ttl_s, retain_events=retain_events)
+    return MemoryEventLog(
+        terminal_ttl_s=terminal_ttl_s, retain_events=retain_events, lease_ttl_s=lease_ttl_s
+    )

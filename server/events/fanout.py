@@ -2,7 +2,10 @@
 
 Pub/sub is a doorbell and the events ZSET is the record: a listener that is
 told on_gap re-reads the log. The first listener of a channel subscribes it,
-later ones share it, the last one to close unsubscribes it.
+later ones share it, the last one to close unsubscribes it. A channel's kind
+(ChannelKind, fixed when it is first subscribed) says what its messages are:
+EventBatches for Listeners, or the raw reasons of cancel requests for
+ControlListeners.
 
 On the connection (RESP3, redis-py's default, or RESP2) we send SUBSCRIBE,
 UNSUBSCRIBE and PING, and read the pushes ["subscribe", channel, n],
@@ -20,14 +23,18 @@ A reader task owns the connection:
    listeners, reconnect with capped exponential backoff and go to 1; when a
    channel's new SUBSCRIBE is acknowledged its remembered listeners get
    on_gap (only then, so a re-read they start cannot miss a later event).
+   Control listeners get nothing: the run's record keeps a cancel request,
+   so a lost message costs latency, not the request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from collections import deque
 from collections.abc import Callable
+from typing import cast
 
 from google.protobuf.message import DecodeError
 from keel.v1.agent_service_pb2 import EventBatch
@@ -36,18 +43,26 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.errors import StoreUnavailable
-from server.events.log import Listener
+from server.events.log import ControlListener, Listener
 
 logger = logging.getLogger(__name__)
+
+
+class ChannelKind(enum.Enum):
+    """What a channel's messages are, and so which listeners it has."""
+
+    EVENTS = "events"  # serialized EventBatches, for Listeners (on_gap after a reconnect)
+    CONTROL = "control"  # a cancel request's reason (UTF-8), for ControlListeners
 
 
 class _Channel:
     """The local registrations for one channel."""
 
-    __slots__ = ("gap", "name", "ready", "sent_generation", "subscriptions")
+    __slots__ = ("gap", "kind", "name", "ready", "sent_generation", "subscriptions")
 
-    def __init__(self, name: bytes) -> None:
+    def __init__(self, name: bytes, kind: ChannelKind) -> None:
         self.name = name
+        self.kind = kind  # every listener of the channel has the type this kind implies
         self.subscriptions: dict[FanoutSubscription, None] = {}  # a dict keeps order, O(1) removal
         # Done once Redis acknowledged this channel's SUBSCRIBE on the current connection.
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -62,7 +77,9 @@ class FanoutSubscription:
 
     __slots__ = ("_closed", "_fanout", "channel", "listener")
 
-    def __init__(self, fanout: Fanout, channel: _Channel, listener: Listener) -> None:
+    def __init__(
+        self, fanout: Fanout, channel: _Channel, listener: Listener | ControlListener
+    ) -> None:
         self._fanout = fanout
         self._closed = False
         self.channel = channel
@@ -105,6 +122,39 @@ class Fanout:
         self._closed = False
 
     async def subscribe(self, channel: str, listener: Listener) -> FanoutSubscription:
+        """Register `listener` for a channel of EventBatches; see _register."""
+        return await self._register(channel, ChannelKind.EVENTS, listener)
+
+    async def subscribe_control(
+        self, channel: str, listener: ControlListener
+    ) -> FanoutSubscription:
+        """Register `listener` for a channel of cancel reasons; see _register."""
+        return await self._register(channel, ChannelKind.CONTROL, listener)
+
+    async def close(self) -> None:
+        """Stop the reader and drop the connection; safe to call more than once."""
+        self._closed = True
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            try:
+                await reader
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # our caller is being cancelled too: not ours to swallow
+        for entry in self._channels.values():
+            if not entry.ready.done():
+                entry.ready.set_exception(StoreUnavailable("the event log is closed"))
+                entry.ready.exception()  # retrieved: no "never retrieved" warning without waiters
+        self._channels.clear()
+        self._pending.clear()
+
+    # --- registrations -------------------------------------------------------
+
+    async def _register(
+        self, channel: str, kind: ChannelKind, listener: Listener | ControlListener
+    ) -> FanoutSubscription:
         """Register `listener`; returns once Redis acknowledged the channel's SUBSCRIBE.
 
         Raises StoreUnavailable if no acknowledgement comes within the
@@ -117,7 +167,9 @@ class Fanout:
         name = channel.encode()
         entry = self._channels.get(name)
         if entry is None:
-            entry = self._channels[name] = _Channel(name)
+            entry = self._channels[name] = _Channel(name, kind)
+        elif entry.kind is not kind:
+            raise ValueError(f"channel {channel} carries {entry.kind.value}, not {kind.value}")
         subscription = FanoutSubscription(self, entry, listener)
         entry.subscriptions[subscription] = None
         if self._reader is None:
@@ -140,27 +192,6 @@ class Fanout:
             self._detach(subscription)
             raise
         return subscription
-
-    async def close(self) -> None:
-        """Stop the reader and drop the connection; safe to call more than once."""
-        self._closed = True
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            reader.cancel()
-            try:
-                await reader
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise  # our caller is being cancelled too: not ours to swallow
-        for entry in self._channels.values():
-            if not entry.ready.done():
-                entry.ready.set_exception(StoreUnavailable("the event log is closed"))
-                entry.ready.exception()  # retrieved: no "never retrieved" warning without waiters
-        self._channels.clear()
-        self._pending.clear()
-
-    # --- registrations -------------------------------------------------------
 
     def _detach(self, subscription: FanoutSubscription) -> _Channel | None:
         """Forget a registration; returns its channel if that was the channel's last listener."""
@@ -279,7 +310,8 @@ class Fanout:
             if entry.ready.done():
                 # Listeners that were live may have missed messages; new ones wait.
                 entry.ready = asyncio.get_running_loop().create_future()
-                entry.gap.update(entry.subscriptions)
+                if entry.kind is ChannelKind.EVENTS:
+                    entry.gap.update(entry.subscriptions)
 
     def _dispatch(self, reply: object) -> None:
         if not isinstance(reply, list) or len(reply) < 2:
@@ -307,7 +339,7 @@ class Fanout:
             entry.gap.clear()
             for subscription in gapped:
                 try:
-                    subscription.listener.on_gap()
+                    cast(Listener, subscription.listener).on_gap()
                 except Exception:
                     logger.exception("pub/sub listener failed in on_gap")
 
@@ -315,6 +347,9 @@ class Fanout:
         entry = self._channels.get(name)
         if entry is None:
             return  # unsubscribed meanwhile
+        if entry.kind is ChannelKind.CONTROL:
+            self._on_control(entry, data)
+            return
         try:
             events = list(EventBatch.FromString(data).events)
         except DecodeError:
@@ -323,7 +358,16 @@ class Fanout:
         # A copy: a listener may close its subscription while being notified.
         for subscription in tuple(entry.subscriptions):
             try:
-                subscription.listener.on_events(events)
+                cast(Listener, subscription.listener).on_events(events)
             except Exception:
                 # One broken listener must not stop the reader or starve the others.
                 logger.exception("pub/sub listener failed in on_events")
+
+    @staticmethod
+    def _on_control(entry: _Channel, data: bytes) -> None:
+        reason = data.decode(errors="replace")
+        for subscription in tuple(entry.subscriptions):
+            try:
+                cast(ControlListener, subscription.listener).on_cancel(reason)
+            except Exception:
+                logger.exception("pub/sub listener failed in on_cancel")

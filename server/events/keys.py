@@ -5,16 +5,23 @@ deployments sharing a Redis, isolate themselves by prefix and never flush.
 Every key of a run carries the `{run_id}` hash tag, so they share one hash
 slot and one Lua script can touch them all, on Redis Cluster too:
 
-    {prefix}:{run_id}:events    ZSET  score = index, member = serialized AgentEvent
-                                      (unique because each event carries its index)
-    {prefix}:{run_id}:run       HASH  the run's record, fields in RunField
-    {prefix}:{run_id}:counters  HASH  counters of incr_counter (test tools)
+    {prefix}:{run_id}:events    ZSET    score = index, member = serialized AgentEvent
+                                        (unique because each event carries its index)
+    {prefix}:{run_id}:run       HASH    the run's record, fields in RunField
+    {prefix}:{run_id}:lease     STRING  the owner's epoch, PX = lease TTL; absent = claimable
+    {prefix}:{run_id}:tools     HASH    the tool journal: tool_call_id -> result
+    {prefix}:{run_id}:counters  HASH    counters of incr_counter (test tools)
+    {prefix}:{run_id}:once      HASH    once_key -> 1: idempotency keys incr_counter has seen
     {prefix}:{run_id}:live      pub/sub channel: a serialized EventBatch per append
-    {prefix}:runs               ZSET  the run index for list_runs, see run_index_member
+    {prefix}:{run_id}:control   pub/sub channel: a cancel request's reason (UTF-8)
+    {prefix}:runs               ZSET    the run index for list_runs, see run_index_member
+    {prefix}:active             SET     ids of runs that may need an owner, for claimable
 
-The run index is the only key outside a run's slot, so it is never written
-by the Lua scripts; members whose run hash expired are removed lazily by
-list_runs.
+The run index and the active set are the only keys outside a run's slot, so
+the Lua scripts never write them; a write that needs them updates them in a
+second command after its script. Stale members are removed lazily: by
+list_runs (run hash expired) and by claimable (run ended, suspended or
+expired).
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ class RunField(enum.StrEnum):
     CREATE_TIME_MS = "create_time_ms"  # unix ms
     UPDATE_TIME_MS = "update_time_ms"  # unix ms
     ERROR = "error"  # error message (failed) or reason (cancelled)
+    CHECKPOINT = "checkpoint"  # the executor's opaque checkpoint (binary)
+    CANCEL_REASON = "cancel_reason"  # non-empty once a cancel was requested
 
 
 # Zero-padded so that the lexicographic order of run index members is the
@@ -56,21 +65,47 @@ class Keys:
     def run(self, run_id: str) -> str:
         return f"{self.prefix}:{{{run_id}}}:run"
 
+    def lease(self, run_id: str) -> str:
+        """The owner's lease; it expires by itself, and a terminal state deletes it."""
+        return f"{self.prefix}:{{{run_id}}}:lease"
+
+    def tools(self, run_id: str) -> str:
+        return f"{self.prefix}:{{{run_id}}}:tools"
+
     def counters(self, run_id: str) -> str:
         return f"{self.prefix}:{{{run_id}}}:counters"
+
+    def once(self, run_id: str) -> str:
+        return f"{self.prefix}:{{{run_id}}}:once"
 
     def live(self, run_id: str) -> str:
         """The pub/sub channel announcing the run's appended events."""
         return f"{self.prefix}:{{{run_id}}}:live"
 
-    def run_keys(self, run_id: str) -> tuple[str, str, str]:
-        """Every key of a run (not the channel): what a terminal state puts a TTL on."""
-        return self.run(run_id), self.events(run_id), self.counters(run_id)
+    def control(self, run_id: str) -> str:
+        """The pub/sub channel of requests to the run's owner (cancel)."""
+        return f"{self.prefix}:{{{run_id}}}:control"
+
+    def run_keys(self, run_id: str) -> tuple[str, str, str, str, str]:
+        """Every key of a run but the lease (and not the channels): what a terminal state
+        puts a TTL on. The run hash and the events come first (APPEND relies on it)."""
+        return (
+            self.run(run_id),
+            self.events(run_id),
+            self.tools(run_id),
+            self.counters(run_id),
+            self.once(run_id),
+        )
 
     @property
     def run_index(self) -> str:
         """ZSET of all runs, every score 0, read newest first with ZREVRANGEBYLEX."""
         return f"{self.prefix}:runs"
+
+    @property
+    def active_runs(self) -> str:
+        """SET of the ids of runs that were last seen runnable (claimable's candidates)."""
+        return f"{self.prefix}:active"
 
     @property
     def pubsub_client_name(self) -> str:

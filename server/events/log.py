@@ -35,8 +35,14 @@ class RunState(enum.StrEnum):
     def terminal(self) -> bool:
         return self in _TERMINAL
 
+    @property
+    def runnable(self) -> bool:
+        """An owner should be executing the run: only these states hold a lease or are claimed."""
+        return self in _RUNNABLE
+
 
 _TERMINAL = frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED})
+_RUNNABLE = frozenset({RunState.QUEUED, RunState.RUNNING})
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +61,8 @@ class RunRecord:
     epoch: int = 1  # fencing token of the current owner; appends must carry it
     owner: str = ""  # id of the instance that executes the run
     error: str = ""  # error message (FAILED) or reason (CANCELLED)
+    checkpoint: bytes = b""  # the executor's last checkpoint (opaque here), committed with events
+    cancel_reason: str = ""  # non-empty once CancelRun asked; the owner then aborts the run
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +90,13 @@ class Listener(Protocol):
         """
 
 
+class ControlListener(Protocol):
+    """Receives requests addressed to a run's owner (called on the event loop, must not block)."""
+
+    def on_cancel(self, reason: str) -> None:
+        """CancelRun asked, through any instance, to stop the run."""
+
+
 class Subscription(Protocol):
     """A listener's registration for one run's notifications."""
 
@@ -98,7 +113,9 @@ class EventLog(Protocol):
         Returns the stored record and whether this call created it. Creating
         is idempotent: a second call with the same run_id returns the first
         record unchanged (this is how request_id idempotency works, since
-        run ids derive from request ids).
+        run ids derive from request ids). A created run is owned by
+        `record.owner` at `record.epoch` with a fresh lease (lease_ttl_s of the
+        log) and is listed by `claimable` once that lease lapses.
         """
 
     async def get_run(self, run_id: str) -> RunRecord:
@@ -115,7 +132,8 @@ class EventLog(Protocol):
         """Up to `limit` (> 0) runs, newest first, strictly after `after`, filtered.
 
         An empty `agent_id` or `states` does not filter. Runs whose retention
-        time passed are not listed.
+        time passed are not listed. The records carry no checkpoint (b""), so
+        a page stays small; get_run has it.
         """
 
     async def append(
@@ -126,15 +144,19 @@ class EventLog(Protocol):
         *,
         state: RunState | None = None,
         error: str = "",
+        checkpoint: bytes | None = None,
     ) -> int:
         """Append events atomically and return the run's new next index.
 
         1. Check `epoch` equals the run's epoch, else raise StaleEpoch.
         2. Check events[0].index equals the run's next index, else raise
            IndexConflict (indices within `events` must be consecutive).
-        3. Store the events, advance next_index, and if `state` is given move
-           the run to it (recording `error`); a terminal state starts the
-           run's retention TTL.
+        3. Store the events, advance next_index, store `checkpoint` if given,
+           and if `state` is given move the run to it (recording `error`); a
+           terminal state starts the run's retention TTL. A state that is not
+           runnable (suspended, terminal) drops the lease, so a run that
+           becomes runnable again (Resume) is claimable at once; a runnable
+           one lists the run for `claimable` again.
         4. Trim to the configured retention of events per run, if any,
            advancing earliest_index.
         5. Only then notify listeners.
@@ -159,8 +181,75 @@ class EventLog(Protocol):
         first and reads the log second misses nothing.
         """
 
-    async def incr_counter(self, run_id: str, key: str) -> int:
-        """Increment the run's counter `key` and return its new value (for test tools)."""
+    # Ownership: leases and fencing (DESIGN section 6). The lease lives beside
+    # the run's record and expires by itself (lease_ttl_s of the log); the
+    # epoch is the fencing token every write of the owner carries.
+
+    async def claim(self, run_id: str, owner: str) -> RunRecord | None:
+        """Take over a QUEUED or RUNNING run whose lease lapsed, atomically.
+
+        On success: epoch + 1, owner = `owner`, a fresh lease; returns the new
+        record (with its checkpoint and cancel_reason). Returns None when the
+        lease is still held, or the run is not runnable (ended, suspended) or
+        unknown. Two claimers: one wins.
+        """
+
+    async def renew(self, run_id: str, epoch: int) -> bool:
+        """Extend (or retake, if it lapsed and nobody claimed) the lease at `epoch`.
+
+        False when the run's epoch moved on (the caller was fenced out and
+        must stop), the run is no longer runnable (ended, suspended) or it
+        vanished.
+        """
+
+    async def release(self, run_id: str, epoch: int) -> None:
+        """Drop the lease held at `epoch` (no-op otherwise), so any instance may claim at once."""
+
+    async def claimable(self, limit: int) -> list[str]:
+        """Up to `limit` (> 0) ids of QUEUED or RUNNING runs whose lease lapsed (for claim)."""
+
+    # The tool journal: a finished tool's result, recorded before the step's
+    # checkpoint, so a re-run step never calls a finished tool again.
+
+    async def journal_tool(self, run_id: str, epoch: int, tool_call_id: str, result: bytes) -> None:
+        """Record a tool call's result; first write wins (a later one is ignored).
+
+        Raises StaleEpoch for a fenced writer, RunNotFound. The journal lives
+        and expires with the run.
+        """
+
+    async def journaled_tool(self, run_id: str, tool_call_id: str) -> bytes | None:
+        """The recorded result of a tool call, or None."""
+
+    # Cancellation across instances.
+
+    async def request_cancel(self, run_id: str, reason: str) -> RunRecord:
+        """Store a cancel request with a live run (the first reason wins) and notify its owner.
+
+        The request is durable: an owner that subscribes (or takes the run
+        over) later still sees it in `RunRecord.cancel_reason`. No-op on an
+        ended run. Every call on a run not ended notifies again, with the
+        stored (first) reason. Returns the record. Raises RunNotFound;
+        ValueError for an empty reason (an empty cancel_reason means none).
+        """
+
+    async def subscribe_control(self, run_id: str, listener: ControlListener) -> Subscription:
+        """Register `listener` for requests addressed to the run's owner (cancel).
+
+        When this returns, every later request reaches the listener. A
+        notification lost on the way (a pub/sub reconnect) is not reported:
+        the durable `cancel_reason` is the record, so an owner also checks it
+        (claim returns it) after subscribing.
+        """
+
+    # Counters: how the scripted agent's `record` tool proves exactly-once effects.
+
+    async def incr_counter(self, run_id: str, key: str, *, once_key: str = "") -> int:
+        """Increment the run's counter `key` and return its new value (for test tools).
+
+        With `once_key` (an idempotency key), only the first call with that key
+        increments; later calls return the current value unchanged.
+        """
 
     async def get_counter(self, run_id: str, key: str) -> int:
         """The run's counter `key`, 0 if never incremented."""

@@ -8,6 +8,10 @@ and listeners are called synchronously right after an append commits.
 Retention: a run that reached a terminal state disappears terminal_ttl_s
 later. Expiry is lazy (every access checks the deadline) plus a cheap sweep
 on create_run and append, so the memory of ended runs is eventually freed.
+
+Leases are deadlines on the same injectable clock: a lease is held while
+clock() <= its deadline. When held, it is always at the run's epoch: only
+claim moves the epoch, and only while no lease is held.
 """
 
 from __future__ import annotations
@@ -19,12 +23,20 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from keel.v1.agent_service_pb2 import AgentEvent
 
 from server.errors import IndexConflict, OffsetExpired, RunNotFound, StaleEpoch
 from server.events.codec import check_consecutive
-from server.events.log import Listener, RunPageCursor, RunRecord, RunState, Subscription
+from server.events.log import (
+    ControlListener,
+    Listener,
+    RunPageCursor,
+    RunRecord,
+    RunState,
+    Subscription,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +57,17 @@ class _Run:
     update_time_ms: int
     next_index: int
     earliest_index: int
+    checkpoint: bytes
+    cancel_reason: str
     events: list[AgentEvent] = field(default_factory=list)
     base: int = 0  # index of events[0]; <= earliest_index
     counters: dict[str, int] = field(default_factory=dict)
+    once_keys: set[str] = field(default_factory=set)  # incr_counter's idempotency keys
+    tools: dict[str, bytes] = field(default_factory=dict)  # the tool journal
     expires_at: float | None = None  # clock() deadline, set by a terminal state
+    lease_until: float | None = None  # clock() deadline of the owner's lease; None = dropped
 
-    def snapshot(self) -> RunRecord:
+    def snapshot(self, *, checkpoint: bool = True) -> RunRecord:
         return dataclasses.replace(
             self.record,
             state=self.state,
@@ -60,17 +77,32 @@ class _Run:
             update_time_ms=self.update_time_ms,
             next_index=self.next_index,
             earliest_index=self.earliest_index,
+            checkpoint=self.checkpoint if checkpoint else b"",
+            cancel_reason=self.cancel_reason,
         )
 
 
-class _MemorySubscription:
-    def __init__(self, log: MemoryEventLog, run_id: str, listener: Listener) -> None:
-        self._log = log
+_L = TypeVar("_L")  # Listener or ControlListener
+
+
+class _MemorySubscription(Generic[_L]):
+    """A listener's registration in one of the log's registries (events or control)."""
+
+    def __init__(
+        self, registry: dict[str, dict[_MemorySubscription[_L], None]], run_id: str, listener: _L
+    ) -> None:
+        self._registry: dict[str, dict[_MemorySubscription[_L], None]] = registry
         self.run_id = run_id
-        self.listener = listener
+        self.listener: _L = listener
+        registry.setdefault(run_id, {})[self] = None
 
     async def close(self) -> None:
-        self._log._unsubscribe(self)
+        subscriptions = self._registry.get(self.run_id)
+        if subscriptions is None or self not in subscriptions:
+            return  # closed already
+        del subscriptions[self]
+        if not subscriptions:
+            del self._registry[self.run_id]
 
 
 class MemoryEventLog:
@@ -81,14 +113,20 @@ class MemoryEventLog:
         *,
         terminal_ttl_s: float = 86_400,
         retain_events: int = 0,
+        lease_ttl_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`retain_events` > 0 keeps only that many newest events per run.
 
-        `clock` (seconds, monotonic) times retention; tests may inject one.
+        `lease_ttl_s` is how long a run's owner holds it without renewing.
+        `clock` (seconds, monotonic) times retention and leases; tests may
+        inject one.
         """
+        if lease_ttl_s <= 0:
+            raise ValueError(f"lease_ttl_s must be positive, got {lease_ttl_s}")
         self._terminal_ttl_s = terminal_ttl_s
         self._retain_events = retain_events
+        self._lease_ttl_s = lease_ttl_s
         self._clock = clock
         self._runs: dict[str, _Run] = {}
         # (create_time_ms, run_id) ascending; may hold entries of expired runs,
@@ -98,7 +136,11 @@ class MemoryEventLog:
         # become terminal in the order they expire.
         self._expiries: deque[tuple[float, str]] = deque()
         # Per run, its subscriptions in registration order (a dict for O(1) removal).
-        self._subscriptions: dict[str, dict[_MemorySubscription, None]] = {}
+        self._subscriptions: dict[str, dict[_MemorySubscription[Listener], None]] = {}
+        self._controls: dict[str, dict[_MemorySubscription[ControlListener], None]] = {}
+        # Ids of the runnable runs (claimable's candidates), kept exact: every
+        # method is atomic here, so no lazy cleanup is needed.
+        self._active: dict[str, None] = {}
 
     async def create_run(self, record: RunRecord) -> tuple[RunRecord, bool]:
         self._sweep()
@@ -114,8 +156,13 @@ class MemoryEventLog:
             update_time_ms=record.update_time_ms,
             next_index=record.next_index,
             earliest_index=record.earliest_index,
+            checkpoint=record.checkpoint,
+            cancel_reason=record.cancel_reason,
             base=record.next_index,
         )
+        if record.state.runnable:
+            self._runs[record.run_id].lease_until = self._clock() + self._lease_ttl_s
+            self._active[record.run_id] = None
         entry = (record.create_time_ms, record.run_id)
         position = bisect.bisect_left(self._order, entry)
         # The entry may survive from an expired run with this id and create time.
@@ -151,7 +198,7 @@ class MemoryEventLog:
                 continue
             if states and run.state not in states:
                 continue
-            page.append(run.snapshot())
+            page.append(run.snapshot(checkpoint=False))
             if len(page) == limit:
                 break
         for entry in stale:
@@ -166,6 +213,7 @@ class MemoryEventLog:
         *,
         state: RunState | None = None,
         error: str = "",
+        checkpoint: bytes | None = None,
     ) -> int:
         self._sweep()
         run = self._get(run_id)
@@ -181,9 +229,17 @@ class MemoryEventLog:
                 raise IndexConflict(run_id, first, run.next_index)
             run.events.extend(batch)
             run.next_index += len(batch)
+        if checkpoint is not None:
+            run.checkpoint = checkpoint
         if state is not None:
             run.state = state
             run.error = error
+            if state.runnable:
+                self._active[run_id] = None
+            else:
+                # Nobody executes a suspended or ended run: a Resume makes it claimable at once.
+                run.lease_until = None
+                self._active.pop(run_id, None)
             if state.terminal:
                 run.expires_at = self._clock() + self._terminal_ttl_s
                 self._expiries.append((run.expires_at, run_id))
@@ -204,12 +260,80 @@ class MemoryEventLog:
 
     async def subscribe(self, run_id: str, listener: Listener) -> Subscription:
         # No RunNotFound here: an observer may subscribe before it reads the run.
-        subscription = _MemorySubscription(self, run_id, listener)
-        self._subscriptions.setdefault(run_id, {})[subscription] = None
-        return subscription
+        return _MemorySubscription(self._subscriptions, run_id, listener)
 
-    async def incr_counter(self, run_id: str, key: str) -> int:
+    async def claim(self, run_id: str, owner: str) -> RunRecord | None:
+        run = self._find(run_id)
+        if run is None or not run.state.runnable or self._lease_held(run):
+            return None
+        run.epoch += 1
+        run.owner = owner
+        run.lease_until = self._clock() + self._lease_ttl_s
+        return run.snapshot()
+
+    async def renew(self, run_id: str, epoch: int) -> bool:
+        run = self._find(run_id)
+        if run is None or not run.state.runnable or run.epoch != epoch:
+            return False
+        run.lease_until = self._clock() + self._lease_ttl_s
+        return True
+
+    async def release(self, run_id: str, epoch: int) -> None:
+        run = self._find(run_id)
+        if run is not None and run.epoch == epoch:
+            run.lease_until = None
+
+    async def claimable(self, limit: int) -> list[str]:
+        if limit <= 0:
+            raise ValueError(f"limit must be positive, got {limit}")
+        found: list[str] = []
+        for run_id in tuple(self._active):  # a copy: _find may drop expired runs
+            run = self._find(run_id)
+            if run is None:
+                del self._active[run_id]
+            elif not self._lease_held(run):
+                found.append(run_id)
+                if len(found) == limit:
+                    break
+        return found
+
+    async def journal_tool(self, run_id: str, epoch: int, tool_call_id: str, result: bytes) -> None:
         run = self._get(run_id)
+        if epoch != run.epoch:
+            raise StaleEpoch(run_id, epoch, run.epoch)
+        run.tools.setdefault(tool_call_id, result)
+
+    async def journaled_tool(self, run_id: str, tool_call_id: str) -> bytes | None:
+        run = self._find(run_id)
+        return None if run is None else run.tools.get(tool_call_id)
+
+    async def request_cancel(self, run_id: str, reason: str) -> RunRecord:
+        if not reason:
+            raise ValueError("a cancel request needs a reason")
+        run = self._get(run_id)
+        if run.state.terminal:
+            return run.snapshot()
+        if not run.cancel_reason:
+            run.cancel_reason = reason
+            run.update_time_ms = time.time_ns() // 1_000_000
+        # A copy: a listener may close its subscription while being notified.
+        for subscription in tuple(self._controls.get(run_id, ())):
+            try:
+                subscription.listener.on_cancel(run.cancel_reason)
+            except Exception:
+                # The request is stored; one broken listener must not fail it or starve others.
+                logger.exception("control listener of run %s failed", run_id)
+        return run.snapshot()
+
+    async def subscribe_control(self, run_id: str, listener: ControlListener) -> Subscription:
+        return _MemorySubscription(self._controls, run_id, listener)
+
+    async def incr_counter(self, run_id: str, key: str, *, once_key: str = "") -> int:
+        run = self._get(run_id)
+        if once_key:
+            if once_key in run.once_keys:
+                return run.counters.get(key, 0)
+            run.once_keys.add(once_key)
         value = run.counters.get(key, 0) + 1
         run.counters[key] = value
         return value
@@ -223,6 +347,7 @@ class MemoryEventLog:
 
     async def close(self) -> None:
         self._subscriptions.clear()
+        self._controls.clear()
 
     def _find(self, run_id: str) -> _Run | None:
         """The run, or None if it never existed or its retention time passed."""
@@ -231,6 +356,9 @@ class MemoryEventLog:
             del self._runs[run_id]
             return None
         return run
+
+    def _lease_held(self, run: _Run) -> bool:
+        return run.lease_until is not None and self._clock() <= run.lease_until
 
     def _get(self, run_id: str) -> _Run:
         run = self._find(run_id)
@@ -275,11 +403,3 @@ class MemoryEventLog:
             except Exception:
                 # The append has committed; one broken listener must not fail it or starve others.
                 logger.exception("listener of run %s failed", run_id)
-
-    def _unsubscribe(self, subscription: _MemorySubscription) -> None:
-        subscriptions = self._subscriptions.get(subscription.run_id)
-        if subscriptions is None or subscription not in subscriptions:
-            return  # closed already
-        del subscriptions[subscription]
-        if not subscriptions:
-            del self._subscriptions[subscription.run_id]

@@ -5,6 +5,14 @@ and one round trip; the key layout is in keys.py. Live notifications travel
 over one pub/sub connection per process (fanout.py): each append publishes
 a serialized EventBatch of its events. An append that only changes the
 state publishes nothing, since listeners learn about runs from events.
+Cancel requests travel over the same connection, on each run's control
+channel.
+
+Ownership: a run's lease is a key holding the owner's epoch that expires
+by itself (PX = lease_ttl_s). The active set (keys.py) lists the runs that
+may need an owner, so claimable need not walk every run: a write that makes
+a run runnable adds it after its script commits, and claimable drops the
+members it finds suspended, ended or gone.
 
 Redis connection and timeout errors surface as StoreUnavailable. Commands
 are not retried on connection errors (a retried increment could count
@@ -32,9 +40,19 @@ from server.events import scripts
 from server.events.codec import check_consecutive, encode_batch, serialize_events
 from server.events.fanout import Fanout
 from server.events.keys import Keys, RunField, parse_run_index_member, run_index_member
-from server.events.log import Listener, RunPageCursor, RunRecord, RunState, Subscription
+from server.events.log import (
+    ControlListener,
+    Listener,
+    RunPageCursor,
+    RunRecord,
+    RunState,
+    Subscription,
+)
 
 _FIELD_BYTES = {field: field.value.encode() for field in RunField}
+# What list_runs reads of each run: everything but the (large) checkpoint.
+_LISTED_FIELDS = [field.value for field in RunField if field is not RunField.CHECKPOINT]
+_LISTED_FIELD_BYTES = [field.encode() for field in _LISTED_FIELDS]
 
 
 @contextlib.contextmanager
@@ -57,17 +75,26 @@ class RedisEventLog:
         keys: Keys,
         terminal_ttl_s: float,
         retain_events: int,
+        lease_ttl_s: float,
     ) -> None:
         """Use connect(); this takes ownership of `client` and `fanout`."""
+        if lease_ttl_s <= 0:
+            raise ValueError(f"lease_ttl_s must be positive, got {lease_ttl_s}")
         self._client = client
         self._fanout = fanout
         self._keys = keys
         self._terminal_ttl_ms = max(1, round(terminal_ttl_s * 1000))
         self._retain_events = retain_events
+        self._lease_ttl_ms = max(1, round(lease_ttl_s * 1000))
         self._create = client.register_script(scripts.CREATE_RUN)
         self._append = client.register_script(scripts.APPEND)
         self._read = client.register_script(scripts.READ)
         self._incr = client.register_script(scripts.INCR_COUNTER)
+        self._claim = client.register_script(scripts.CLAIM)
+        self._renew = client.register_script(scripts.RENEW)
+        self._release = client.register_script(scripts.RELEASE)
+        self._journal = client.register_script(scripts.JOURNAL_TOOL)
+        self._cancel = client.register_script(scripts.REQUEST_CANCEL)
         self._closed = False
 
     @classmethod
@@ -78,6 +105,7 @@ class RedisEventLog:
         key_prefix: str = "keel",
         terminal_ttl_s: float = 86_400,
         retain_events: int = 0,
+        lease_ttl_s: float = 5.0,
         max_connections: int = 64,
         socket_timeout_s: float = 5.0,
         health_check_interval_s: float = 10.0,
@@ -89,6 +117,7 @@ class RedisEventLog:
         connection), the acknowledgement of a SUBSCRIBE.
         `health_check_interval_s` is how long the pub/sub connection may stay
         quiet before it is PINGed (and given up after another as long).
+        `lease_ttl_s` is how long a run's owner holds it without renewing.
         """
         pool = BlockingConnectionPool.from_url(
             url,
@@ -115,6 +144,7 @@ class RedisEventLog:
             keys=keys,
             terminal_ttl_s=terminal_ttl_s,
             retain_events=retain_events,
+            lease_ttl_s=lease_ttl_s,
         )
         try:
             await log.ping()
@@ -124,19 +154,27 @@ class RedisEventLog:
         return log
 
     async def create_run(self, record: RunRecord) -> tuple[RunRecord, bool]:
+        run_id = record.run_id
+        lease_ttl_ms = self._lease_ttl_ms if record.state.runnable else 0
         with _store_errors():
             reply = await self._create(
-                keys=[self._keys.run(record.run_id)], args=_record_fields(record)
+                keys=[self._keys.run(run_id), self._keys.lease(run_id)],
+                args=[lease_ttl_ms, record.epoch, *_record_fields(record)],
             )
             if reply[0] == 1:
                 stored, created = record, True
             else:
                 flat: list[bytes] = reply[1]
-                stored, created = _record_from_hash(record.run_id, _pairs(flat)), False
-            # Outside the script: the index is not in the run's hash slot. Also
-            # done when the run existed, to heal a crash between the two steps.
-            member = run_index_member(stored.create_time_ms, stored.run_id)
-            await self._client.zadd(self._keys.run_index, {member: 0}, nx=True)
+                stored, created = _record_from_hash(run_id, _pairs(flat)), False
+            # Outside the script: the index and the active set are not in the
+            # run's hash slot. Also done when the run existed, to heal a crash
+            # between the two steps.
+            member = run_index_member(stored.create_time_ms, run_id)
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.zadd(self._keys.run_index, {member: 0}, nx=True)
+                if stored.state.runnable:
+                    pipe.sadd(self._keys.active_runs, run_id)
+                await pipe.execute()
         return stored, created
 
     async def get_run(self, run_id: str) -> RunRecord:
@@ -181,11 +219,16 @@ class RedisEventLog:
                 parsed = [parse_run_index_member(m) for m in members]
                 async with self._client.pipeline(transaction=False) as pipe:
                     for _, run_id in parsed:
-                        pipe.hgetall(self._keys.run(run_id))
-                    hashes: list[dict[bytes, bytes]] = await pipe.execute()
-                for member, (create_time_ms, run_id), fields in zip(
-                    members, parsed, hashes, strict=True
+                        pipe.hmget(self._keys.run(run_id), _LISTED_FIELDS)
+                    values: list[list[bytes | None]] = await pipe.execute()
+                for member, (create_time_ms, run_id), row in zip(
+                    members, parsed, values, strict=True
                 ):
+                    fields = {
+                        name: value
+                        for name, value in zip(_LISTED_FIELD_BYTES, row, strict=True)
+                        if value is not None
+                    }
                     if not fields:
                         stale.append(member)
                         continue
@@ -213,7 +256,17 @@ class RedisEventLog:
         *,
         state: RunState | None = None,
         error: str = "",
+        checkpoint: bytes | None = None,
     ) -> int:
+        """One APPEND script; then, for a new state, the active set (outside the run's slot).
+
+        A runnable state adds the run to the active set, on every such
+        append, so a retry heals a crash between the two steps. A terminal
+        state removes it (it never comes back: safe to do eagerly). A
+        suspended run is left for claimable to remove, which re-checks the
+        state: an eager removal here could undo the addition of a Resume
+        that committed in between.
+        """
         check_consecutive(events)
         members = serialize_events(events)
         ttl_ms = self._terminal_ttl_ms if state is not None and state.terminal else 0
@@ -227,11 +280,20 @@ class RedisEventLog:
             self._keys.live(run_id),
             encode_batch(members),  # b"" without events: nothing is published
             events[0].index if events else 0,
+            0 if checkpoint is None else 1,
+            b"" if checkpoint is None else checkpoint,
             *members,
         ]
+        run_key, events_key, *other_keys = self._keys.run_keys(run_id)
+        keys = [run_key, events_key, self._keys.lease(run_id), *other_keys]
         with _store_errors():
-            reply = await self._append(keys=list(self._keys.run_keys(run_id)), args=args)
-        code = reply[0]
+            reply = await self._append(keys=keys, args=args)
+            code = reply[0]
+            if code == scripts.OK and state is not None:
+                if state.runnable:
+                    await self._client.sadd(self._keys.active_runs, run_id)
+                elif state.terminal:
+                    await self._client.srem(self._keys.active_runs, run_id)
         if code == scripts.OK:
             return int(reply[1])
         if code == scripts.NOT_FOUND:
@@ -259,10 +321,127 @@ class RedisEventLog:
     async def subscribe(self, run_id: str, listener: Listener) -> Subscription:
         return await self._fanout.subscribe(self._keys.live(run_id), listener)
 
-    async def incr_counter(self, run_id: str, key: str) -> int:
+    async def claim(self, run_id: str, owner: str) -> RunRecord | None:
+        with _store_errors():
+            reply = await self._claim(
+                keys=[self._keys.run(run_id), self._keys.lease(run_id)],
+                args=[owner, self._lease_ttl_ms],
+            )
+        if reply[0] != scripts.OK:
+            return None  # NOT_FOUND, NOT_RUNNABLE or LEASE_HELD
+        return _record_from_hash(run_id, _pairs(reply[1]))
+
+    async def renew(self, run_id: str, epoch: int) -> bool:
+        with _store_errors():
+            reply = await self._renew(
+                keys=[self._keys.run(run_id), self._keys.lease(run_id)],
+                args=[epoch, self._lease_ttl_ms],
+            )
+        return bool(reply[0] == scripts.OK)
+
+    async def release(self, run_id: str, epoch: int) -> None:
+        with _store_errors():
+            await self._release(keys=[self._keys.lease(run_id)], args=[epoch])
+
+    async def claimable(self, limit: int) -> list[str]:
+        """Walk the active set for runnable runs without a lease.
+
+        1. SSCAN the active set a batch at a time (a full pass at most).
+        2. Per member, read the run's state and whether its lease exists, in
+           one pipeline per batch.
+        3. Runnable without a lease: claimable. Runnable with a lease: owned.
+           Suspended, ended or gone: stale.
+        4. Remove the stale members, then read their state again and add back
+           any that became runnable meanwhile. Writers add a run after they
+           commit a runnable state, so either that addition comes after our
+           removal, or our second read sees the state: no runnable run is
+           ever left out.
+        """
+        if limit <= 0:
+            raise ValueError(f"limit must be positive, got {limit}")
+        active = self._keys.active_runs
+        found: list[str] = []
+        seen: set[bytes] = set()  # SSCAN may return a member more than once
+        stale: list[bytes] = []
+        cursor = 0
+        with _store_errors():
+            while True:
+                cursor, batch = await self._client.sscan(active, cursor, count=max(limit, 100))
+                members = [m for m in cast(list[bytes], batch) if m not in seen]
+                seen.update(members)
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for member in members:
+                        run_id = member.decode()
+                        pipe.hget(self._keys.run(run_id), RunField.STATE.value)
+                        pipe.exists(self._keys.lease(run_id))
+                    replies: list[Any] = await pipe.execute()
+                for member, state, leased in zip(members, replies[::2], replies[1::2], strict=True):
+                    if state is None or not RunState(state.decode()).runnable:
+                        stale.append(member)
+                    elif not leased and len(found) < limit:
+                        found.append(member.decode())
+                if len(found) == limit or cursor == 0:
+                    break
+            if stale:
+                await self._drop_stale_active(stale)
+        return found
+
+    async def _drop_stale_active(self, members: list[bytes]) -> None:
+        """Step 4 of claimable: remove, re-read, add back what became runnable."""
+        await self._client.srem(self._keys.active_runs, *members)
+        async with self._client.pipeline(transaction=False) as pipe:
+            for member in members:
+                pipe.hget(self._keys.run(member.decode()), RunField.STATE.value)
+            states: list[bytes | None] = await pipe.execute()
+        revived = [
+            member
+            for member, state in zip(members, states, strict=True)
+            if state is not None and RunState(state.decode()).runnable
+        ]
+        if revived:
+            await self._client.sadd(self._keys.active_runs, *revived)
+
+    async def journal_tool(self, run_id: str, epoch: int, tool_call_id: str, result: bytes) -> None:
+        with _store_errors():
+            reply = await self._journal(
+                keys=[self._keys.run(run_id), self._keys.tools(run_id)],
+                args=[epoch, tool_call_id, result],
+            )
+        code = reply[0]
+        if code == scripts.NOT_FOUND:
+            raise RunNotFound(run_id)
+        if code == scripts.STALE_EPOCH:
+            raise StaleEpoch(run_id, epoch, int(reply[1]))
+
+    async def journaled_tool(self, run_id: str, tool_call_id: str) -> bytes | None:
+        with _store_errors():
+            value = await self._client.hget(self._keys.tools(run_id), tool_call_id)
+        return cast(bytes | None, value)
+
+    async def request_cancel(self, run_id: str, reason: str) -> RunRecord:
+        if not reason:
+            raise ValueError("a cancel request needs a reason")
+        with _store_errors():
+            reply = await self._cancel(
+                keys=[self._keys.run(run_id)],
+                args=[reason, time.time_ns() // 1_000_000, self._keys.control(run_id)],
+            )
+        if reply[0] == scripts.NOT_FOUND:
+            raise RunNotFound(run_id)
+        return _record_from_hash(run_id, _pairs(reply[1]))
+
+    async def subscribe_control(self, run_id: str, listener: ControlListener) -> Subscription:
+        return await self._fanout.subscribe_control(self._keys.control(run_id), listener)
+
+    async def incr_counter(self, run_id: str, key: str, *, once_key: str = "") -> int:
         with _store_errors():
             reply = await self._incr(
-                keys=[self._keys.counters(run_id), self._keys.run(run_id)], args=[key]
+                keys=[
+                    self._keys.counters(run_id),
+                    self._keys.run(run_id),
+                    self._keys.once(run_id),
+                ],
+                args=[key, once_key],
             )
         if reply[0] == scripts.NOT_FOUND:
             raise RunNotFound(run_id)
@@ -288,9 +467,9 @@ class RedisEventLog:
             await self._client.aclose()
 
 
-def _record_fields(record: RunRecord) -> list[str | int]:
+def _record_fields(record: RunRecord) -> list[str | int | bytes]:
     """The run hash of `record`, as field, value, ... for HSET."""
-    values: dict[RunField, str | int] = {
+    values: dict[RunField, str | int | bytes] = {
         RunField.STATE: record.state.value,
         RunField.AGENT_ID: record.agent_id,
         RunField.INPUT: record.input,
@@ -302,6 +481,8 @@ def _record_fields(record: RunRecord) -> list[str | int]:
         RunField.CREATE_TIME_MS: record.create_time_ms,
         RunField.UPDATE_TIME_MS: record.update_time_ms,
         RunField.ERROR: record.error,
+        RunField.CHECKPOINT: record.checkpoint,
+        RunField.CANCEL_REASON: record.cancel_reason,
     }
     return [item for pair in values.items() for item in pair]
 
@@ -331,4 +512,7 @@ def _record_from_hash(run_id: str, fields: Mapping[bytes, bytes]) -> RunRecord:
         epoch=number(RunField.EPOCH),
         owner=text(RunField.OWNER),
         error=text(RunField.ERROR),
+        # Bytes as stored: the client does not decode responses.
+        checkpoint=fields.get(_FIELD_BYTES[RunField.CHECKPOINT], b""),
+        cancel_reason=text(RunField.CANCEL_REASON),
     )

@@ -1,8 +1,10 @@
 """The Lua scripts of RedisEventLog: each is one atomic step on one run's keys.
 
 Every script touches only the keys of one run (one hash slot, see keys.py).
-Hash field names are those of keys.RunField. Results are arrays whose first
-element is a status code, decoded by redis.py.
+Hash field names are those of keys.RunField and states the values of
+log.RunState: 'queued' and 'running' are the runnable states (RunState.runnable),
+the only ones that hold a lease. Results are arrays whose first element is a
+status code, decoded by redis.py.
 """
 
 from __future__ import annotations
@@ -13,25 +15,36 @@ NOT_FOUND = 1
 STALE_EPOCH = 2
 INDEX_CONFLICT = 3
 OFFSET_EXPIRED = 4
+NOT_RUNNABLE = 5  # the run is suspended or ended: nobody may own it
+LEASE_HELD = 6  # the run's owner still holds its lease
 
-# Store a new run unless its hash exists.
-# KEYS[1]  the run hash
-# ARGV     field, value, field, value, ... of the new record
+# Store a new run unless its hash exists, and give its creator the lease.
+# KEYS[1]   the run hash
+# KEYS[2]   the lease
+# ARGV[1]   lease TTL in ms, 0 = no lease (the new run is not runnable)
+# ARGV[2]   the creator's epoch (the lease's value)
+# ARGV[3..] field, value, field, value, ... of the new record
 # Returns {1} when created, {0, {field, value, ...}} with the stored record otherwise.
 CREATE_RUN = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {0, redis.call('HGETALL', KEYS[1])}
 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+if tonumber(ARGV[1]) > 0 then
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[1])
+end
 return {1}
 """
 
-# Append a batch of events, move the run's state, trim, and publish: the
-# whole of EventLog.append in one atomic step, so readers and listeners only
-# ever see committed events.
+# Append a batch of events, store the checkpoint, move the run's state,
+# trim, and publish: the whole of EventLog.append in one atomic step, so
+# readers and listeners only ever see committed events, and a checkpoint is
+# never ahead of (or behind) the events it covers.
 # KEYS[1]   the run hash
 # KEYS[2]   the events ZSET
-# KEYS[3]   the counters hash (gets the terminal TTL with the others)
+# KEYS[3]   the lease (deleted when the new state is not runnable)
+# KEYS[4..] the run's other keys (tools, counters, once): with the first two,
+#           they get the terminal TTL
 # ARGV[1]   the writer's epoch
 # ARGV[2]   new state, or '' to keep the state
 # ARGV[3]   error recorded with the new state
@@ -41,11 +54,13 @@ return {1}
 # ARGV[7]   the live channel
 # ARGV[8]   serialized EventBatch of the events, published after the commit ('' = none)
 # ARGV[9]   index of the first event (Lua cannot parse protobuf); unused without events
-# ARGV[10..] the serialized events, in index order
+# ARGV[10]  '1' to store ARGV[11] as the checkpoint, '0' to keep the stored one
+# ARGV[11]  the checkpoint (binary)
+# ARGV[12..] the serialized events, in index order
 # Returns {OK, next_index} | {NOT_FOUND} | {STALE_EPOCH, run epoch} | {INDEX_CONFLICT, next_index}
 APPEND = """
-local run, events = KEYS[1], KEYS[2]
-local first_event = 10  -- ARGV position of the first serialized event
+local run, events, lease = KEYS[1], KEYS[2], KEYS[3]
+local first_event = 12  -- ARGV position of the first serialized event
 local n = #ARGV - first_event + 1
 local f = redis.call('HMGET', run, 'epoch', 'next_index', 'earliest_index')
 if not f[1] then return {1} end
@@ -82,6 +97,11 @@ local update = {'next_index', next_index, 'update_time_ms', ARGV[4]}
 if ARGV[2] ~= '' then
   table.insert(update, 'state'); table.insert(update, ARGV[2])
   table.insert(update, 'error'); table.insert(update, ARGV[3])
+  -- Nobody executes a suspended or ended run: a Resume makes it claimable at once.
+  if ARGV[2] ~= 'queued' and ARGV[2] ~= 'running' then redis.call('DEL', lease) end
+end
+if ARGV[10] == '1' then
+  table.insert(update, 'checkpoint'); table.insert(update, ARGV[11])
 end
 local retain = tonumber(ARGV[6])
 if retain > 0 and next_index - retain > earliest then
@@ -92,6 +112,7 @@ end
 redis.call('HSET', run, unpack(update))
 local ttl_ms = tonumber(ARGV[5])
 if ttl_ms > 0 then
+  -- The lease is gone already (a terminal state is not runnable): PEXPIRE skips it.
   for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl_ms) end
 end
 if ARGV[8] ~= '' then redis.call('PUBLISH', ARGV[7], ARGV[8]) end
@@ -114,15 +135,111 @@ if offset >= tonumber(f[1]) then return {0, {}} end
 return {0, redis.call('ZRANGEBYSCORE', KEYS[2], offset, '+inf', 'LIMIT', 0, ARGV[2])}
 """
 
-# Increment a counter of an existing run; a terminal run's TTL carries over.
+# Increment a counter of an existing run, at most once per once key; a
+# terminal run's TTL carries over to the hashes it writes.
 # KEYS[1]  the counters hash
 # KEYS[2]  the run hash
+# KEYS[3]  the once-keys hash
 # ARGV[1]  the counter's name
-# Returns {OK, new value} | {NOT_FOUND}
+# ARGV[2]  the once key, '' to always increment
+# Returns {OK, the counter's value} | {NOT_FOUND}
 INCR_COUNTER = """
 if redis.call('EXISTS', KEYS[2]) == 0 then return {1} end
-local value = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+local value
+if ARGV[2] ~= '' and redis.call('HSETNX', KEYS[3], ARGV[2], 1) == 0 then
+  value = tonumber(redis.call('HGET', KEYS[1], ARGV[1])) or 0
+else
+  value = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+end
 local ttl_ms = redis.call('PTTL', KEYS[2])
-if ttl_ms > 0 then redis.call('PEXPIRE', KEYS[1], ttl_ms) end
+if ttl_ms > 0 then
+  redis.call('PEXPIRE', KEYS[1], ttl_ms)
+  redis.call('PEXPIRE', KEYS[3], ttl_ms)
+end
 return {0, value}
+"""
+
+# Take a runnable run over once its lease lapsed: bump the epoch (fencing
+# the previous owner), record the new owner and give it the lease.
+# KEYS[1]  the run hash
+# KEYS[2]  the lease
+# ARGV[1]  the new owner
+# ARGV[2]  lease TTL in ms
+# Returns {OK, {field, value, ...}} | {NOT_FOUND} | {NOT_RUNNABLE} | {LEASE_HELD}
+CLAIM = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {1} end
+if state ~= 'queued' and state ~= 'running' then return {5} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {6} end
+local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+redis.call('SET', KEYS[2], epoch, 'PX', ARGV[2])
+return {0, redis.call('HGETALL', KEYS[1])}
+"""
+
+# Extend the lease of the owner at an epoch, or take it again if it lapsed
+# and nobody claimed the run meanwhile (a claim would have bumped the epoch).
+# KEYS[1]  the run hash
+# KEYS[2]  the lease
+# ARGV[1]  the owner's epoch
+# ARGV[2]  lease TTL in ms
+# Returns {OK} | {NOT_FOUND} | {NOT_RUNNABLE} | {STALE_EPOCH, run epoch}
+RENEW = """
+local f = redis.call('HMGET', KEYS[1], 'state', 'epoch')
+if not f[1] then return {1} end
+if f[1] ~= 'queued' and f[1] ~= 'running' then return {5} end
+if tonumber(f[2]) ~= tonumber(ARGV[1]) then return {2, tonumber(f[2])} end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return {0}
+"""
+
+# Drop the lease if it is held at the given epoch.
+# KEYS[1]  the lease
+# ARGV[1]  the owner's epoch
+# Returns {OK, 1 if dropped else 0}
+RELEASE = """
+local held = redis.call('GET', KEYS[1])
+if held and tonumber(held) == tonumber(ARGV[1]) then
+  redis.call('DEL', KEYS[1])
+  return {0, 1}
+end
+return {0, 0}
+"""
+
+# Record a tool call's result for the owner at an epoch; the first write wins.
+# KEYS[1]  the run hash
+# KEYS[2]  the tools hash
+# ARGV[1]  the writer's epoch
+# ARGV[2]  the tool call id
+# ARGV[3]  the result (binary)
+# Returns {OK, 1 if recorded now else 0} | {NOT_FOUND} | {STALE_EPOCH, run epoch}
+JOURNAL_TOOL = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then return {1} end
+if tonumber(epoch) ~= tonumber(ARGV[1]) then return {2, tonumber(epoch)} end
+local recorded = redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3])
+local ttl_ms = redis.call('PTTL', KEYS[1])
+if ttl_ms > 0 then redis.call('PEXPIRE', KEYS[2], ttl_ms) end
+return {0, recorded}
+"""
+
+# Store a cancel request with a run that has not ended (the first reason
+# wins) and tell its owner, with the stored reason, after the commit.
+# KEYS[1]  the run hash
+# ARGV[1]  the reason (not empty)
+# ARGV[2]  now, unix ms (update_time_ms, when the request is new)
+# ARGV[3]  the control channel
+# Returns {OK, {field, value, ...}} | {NOT_FOUND}
+REQUEST_CANCEL = """
+local f = redis.call('HMGET', KEYS[1], 'state', 'cancel_reason')
+if not f[1] then return {1} end
+if f[1] ~= 'succeeded' and f[1] ~= 'failed' and f[1] ~= 'cancelled' then
+  local reason = f[2]
+  if not reason or reason == '' then
+    reason = ARGV[1]
+    redis.call('HSET', KEYS[1], 'cancel_reason', reason, 'update_time_ms', ARGV[2])
+  end
+  redis.call('PUBLISH', ARGV[3], reason)
+end
+return {0, redis.call('HGETALL', KEYS[1])}
 """

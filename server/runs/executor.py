@@ -1,16 +1,20 @@
-"""The local executor: starts runs and executes each in a supervisor task of this process.
+"""The local executor: starts runs, executes them in supervisor tasks, takes over orphans.
 
 A run never executes inside an RPC handler: a client disconnecting (which
 cancels its handler) only stops that client's stream, never the run.
 
-Life of a run (every state change is committed together with its event):
-1. `start` stores the run as QUEUED (idempotently, keyed by request_id) and
-   spawns its supervisor task; the RPC returns at once.
-2. The supervisor commits `start` + RUNNING, drives the agent loop through an
-   EventWriter, and commits the terminal event with its state: `finish` +
-   SUCCEEDED, `error` + FAILED, or `abort` + CANCELLED when CancelRun asked.
-3. On shutdown, runs get `shutdown_grace_s` to finish; the rest are left as
-   they are in the log (the durable-execution layer takes them over).
+Ownership (DESIGN section 6): the instance that creates a run owns it at
+epoch 1 and holds its lease (server/runs/leases.py renews it). If the owner
+dies, its lease lapses; every instance sweeps for such runs (at start and
+every `sweep_interval_s`), and one of them claims the run (epoch + 1) and
+resumes it from its last checkpoint (server/runs/supervisor.py). A stale
+owner's writes carry the old epoch and are refused, so it can never write
+again; when its lease renewal is refused it stops.
+
+Cancellation: CancelRun stores the request with the run and publishes it.
+The owner, wherever it is, aborts the run; a run whose owner is gone is
+claimed by the canceller and aborted. A request that lands before an owner
+subscribes is not lost: an owner checks the record when it starts a run.
 """
 
 from __future__ import annotations
@@ -23,38 +27,28 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from keel.v1 import agent_service_pb2 as pb
-
-from server.agents.loop import run_agent_loop
-from server.agents.types import AgentSpec, RunInfo
-from server.errors import (
-    IndexConflict,
-    RequestIdReused,
-    ServerDraining,
-    StaleEpoch,
-    UnknownAgent,
-)
+from server.agents.types import AgentSpec
+from server.errors import RequestIdReused, ServerDraining, StoreUnavailable, UnknownAgent
 from server.events.log import EventLog, RunRecord, RunState
-from server.runs.writer import EventWriter
+from server.runs.leases import LeaseKeeper
+from server.runs.supervisor import Stop, Supervisor, WriterLimits
 
 log = logging.getLogger(__name__)
 
 # Run ids of runs started with a request_id derive from it, so a retried
 # request finds the run it started without any extra lookup key.
 _REQUEST_NAMESPACE = uuid.UUID("6f2a0d3c-5b1e-4c8e-9d7a-3e4f5a6b7c8d")
+_CLAIM_BATCH = 100
+_CANCEL_POLL_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
-class WriterLimits:
-    """How an EventWriter batches (see server/runs/writer.py)."""
+class Timing:
+    """The executor's clocks (see server/settings.py)."""
 
-    batch_max: int = 1000
-    pending_max: int = 5000
-
-
-# A writer meets these when another writer got to the run first: it must stop, not fail the run.
-_FENCED = (StaleEpoch, IndexConflict)
-_ORPHAN_ABORT_TRIES = 5
+    lease_renew_interval_s: float = 1.0
+    sweep_interval_s: float = 1.0
+    cancel_wait_s: float = 10.0
 
 
 def run_id_for(request_id: str) -> str:
@@ -78,18 +72,27 @@ class LocalExecutor:
         *,
         instance_id: str,
         limits: WriterLimits | None = None,
+        timing: Timing | None = None,
     ) -> None:
         self._log = log
         self._agents = dict(agents)
         self._instance_id = instance_id
-        self._limits = limits or WriterLimits()
+        self._timing = timing or Timing()
+        self._leases = LeaseKeeper(
+            log, renew_interval_s=self._timing.lease_renew_interval_s, on_lost=self._on_lease_lost
+        )
+        self._supervisor = Supervisor(log, self._leases, limits or WriterLimits())
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._cancel_reasons: dict[str, str] = {}
+        self._sweeper: asyncio.Task[None] | None = None
         self._draining = False
 
     @property
     def agents(self) -> Mapping[str, AgentSpec]:
         return self._agents
+
+    @property
+    def instance_id(self) -> str:
+        return self._instance_id
 
     @property
     def running(self) -> frozenset[str]:
@@ -101,6 +104,11 @@ class LocalExecutor:
         if spec is None:
             raise UnknownAgent(agent_id, sorted(self._agents))
         return spec
+
+    def open(self) -> None:
+        """Start sweeping for orphaned runs (at once, then every sweep_interval_s)."""
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="sweeper")
 
     async def start(self, agent_id: str, input: str, request_id: str = "") -> RunRecord:
         """Store a new run and start executing it; a repeated request_id returns its run."""
@@ -126,105 +134,100 @@ class LocalExecutor:
             if (record.agent_id, record.input) != (agent_id, input):
                 raise RequestIdReused(request_id, record.run_id)
             return record
-        self._tasks[record.run_id] = asyncio.create_task(
-            self._supervise(record, spec), name=f"run:{record.run_id}"
-        )
+        self._spawn(record, spec)
         return record
 
     async def cancel(self, run_id: str, reason: str) -> RunRecord:
-        """Stop a run: it commits `abort` and CANCELLED. An ended run is returned as it is."""
-        record = await self._log.get_run(run_id)
-        if record.state.terminal:
-            return record
-        task = self._tasks.get(run_id)
-        if task is not None:
-            self._cancel_reasons.setdefault(run_id, reason or "cancelled")
-            task.cancel()
-            # Shield: the caller's RPC being cancelled must not interrupt the run's last write.
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(task)
-        else:
-            await self._abort_orphan(record, reason or "cancelled")
-        return await self._log.get_run(run_id)
+        """Stop a run: it commits `abort` and CANCELLED. An ended run is returned as it is.
+
+        1. Store the request with the run and publish it (its owner aborts it).
+        2. Until the run ended or cancel_wait_s passed: abort it here if this
+           process owns it, or claim it if its owner is gone and abort it.
+        Returns the run as it is then (still live only if its owner is alive
+        but slow; the stored request still ends the run).
+        """
+        reason = reason or "cancelled"
+        record = await self._log.request_cancel(run_id, reason)
+        deadline = time.monotonic() + self._timing.cancel_wait_s
+        while not record.state.terminal and time.monotonic() < deadline:
+            task = self._tasks.get(run_id)
+            if task is None and not self._draining:
+                claimed = await self._log.claim(run_id, self._instance_id)
+                if claimed is not None:
+                    task = self._spawn(claimed, self._agents.get(claimed.agent_id))
+            if task is not None:
+                self._supervisor.stop(run_id, task, Stop.CANCEL, reason)
+                # Shield: the caller's RPC being cancelled must not interrupt the run's last write.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(task)
+            else:
+                await asyncio.sleep(_CANCEL_POLL_S)
+            record = await self._log.get_run(run_id)
+        return record
+
+    async def sweep_once(self) -> list[str]:
+        """Claim every live run whose lease lapsed and whose agent this process has."""
+        claimed: list[str] = []
+        if self._draining:
+            return claimed
+        for run_id in await self._log.claimable(_CLAIM_BATCH):
+            if run_id in self._tasks:
+                continue
+            record = await self._log.get_run(run_id)
+            spec = self._agents.get(record.agent_id)
+            if spec is None:
+                continue  # an instance serving that agent will claim it
+            taken = await self._log.claim(run_id, self._instance_id)
+            if taken is not None:
+                log.info("took over run %s at epoch %d", run_id, taken.epoch)
+                self._spawn(taken, spec)
+                claimed.append(run_id)
+        return claimed
 
     async def drain(self, grace_s: float) -> None:
-        """Refuse new runs, give running ones `grace_s` to finish, then stop the rest."""
-        self._draining = True
-        tasks = list(self._tasks.values())
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=grace_s)
-            for task in pending:
-                task.cancel()
-            if pending:
-                log.warning("left %d runs unfinished at shutdown", len(pending))
-                await asyncio.wait(pending)
+        """Refuse new runs, give running ones `grace_s` to finish, then hand the rest back.
 
-    async def _supervise(self, record: RunRecord, spec: AgentSpec) -> None:
-        writer = EventWriter(
-            self._log,
-            record.run_id,
-            epoch=record.epoch,
-            next_index=record.next_index,
-            batch_max=self._limits.batch_max,
-            pending_max=self._limits.pending_max,
-        )
-        try:
-            await writer.emit(
-                pb.AgentEvent(start=pb.RunStart(agent_id=record.agent_id, input=record.input))
-            )
-            await writer.commit(RunState.RUNNING)
-            info = RunInfo(run_id=record.run_id, counters=self._log)
-            result = await run_agent_loop(spec, record.input, run_info=info, sink=writer)
-            await writer.emit(
-                pb.AgentEvent(
-                    finish=pb.RunFinish(
-                        output_text=result.output_text,
-                        output_json=result.output_json,
-                        usage=result.usage,
-                    )
-                )
-            )
-            await writer.commit(RunState.SUCCEEDED)
-        except asyncio.CancelledError:
-            reason = self._cancel_reasons.pop(record.run_id, None)
-            if reason is None:
-                raise  # shutdown: the run stays live in the log for another owner
-            await writer.emit(pb.AgentEvent(abort=pb.RunAbort(reason=reason)))
-            await writer.commit(RunState.CANCELLED, error=reason)
-        except _FENCED:
-            log.info("run %s was taken over by another writer; stopping", record.run_id)
-        except Exception as exc:
-            log.info("run %s failed: %r", record.run_id, exc)
-            message = str(exc) or type(exc).__name__
-            try:
-                await writer.emit(
-                    pb.AgentEvent(error=pb.RunError(message=message, type=type(exc).__name__))
-                )
-                await writer.commit(RunState.FAILED, error=message)
-            except _FENCED:
-                log.info("run %s was taken over by another writer; stopping", record.run_id)
-        finally:
-            await writer.close()
-            self._tasks.pop(record.run_id, None)
-
-    async def _abort_orphan(self, record: RunRecord, reason: str) -> None:
-        """Cancel a live run no task of this process executes (e.g. left by a process that exited).
-
-        The abort is appended at the run's next index; if its owner still
-        writes, one of the two appends meets IndexConflict, and a writer that
-        loses stops (see _supervise), so we retry from a fresh record.
+        A run handed back stops where it is and releases its lease, so
+        another instance claims it at once and resumes it from its last
+        checkpoint.
         """
-        for _ in range(_ORPHAN_ABORT_TRIES):
-            if record.state.terminal:
-                return
-            writer = EventWriter(
-                self._log, record.run_id, epoch=record.epoch, next_index=record.next_index
-            )
+        self._draining = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        tasks = dict(self._tasks)
+        if tasks:
+            _, pending = await asyncio.wait(tasks.values(), timeout=grace_s)
+            for run_id, task in tasks.items():
+                if task in pending:
+                    self._supervisor.stop(run_id, task, Stop.SHUTDOWN)
+            if pending:
+                log.warning("handing %d unfinished runs back at shutdown", len(pending))
+                await asyncio.wait(pending)
+        await self._leases.close()
+
+    def _spawn(self, record: RunRecord, spec: AgentSpec | None) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._supervisor.run(record, spec), name=f"run:{record.run_id}")
+        run_id = record.run_id
+        self._tasks[run_id] = task
+
+        def forget(done: asyncio.Task[None]) -> None:
+            if self._tasks.get(run_id) is done:
+                del self._tasks[run_id]
+
+        task.add_done_callback(forget)
+        return task
+
+    def _on_lease_lost(self, run_id: str) -> None:
+        task = self._tasks.get(run_id)
+        if task is not None:
+            self._supervisor.stop(run_id, task, Stop.FENCED)
+
+    async def _sweep_forever(self) -> None:
+        while True:
             try:
-                await writer.emit(pb.AgentEvent(abort=pb.RunAbort(reason=reason)))
-                await writer.commit(RunState.CANCELLED, error=reason)
-                return
-            except _FENCED:
-                record = await self._log.get_run(record.run_id)
-            finally:
-                await writer.close()
+                await self.sweep_once()
+            except StoreUnavailable as exc:
+                log.warning("sweep failed: %s", exc)
+            await asyncio.sleep(self._timing.sweep_interval_s)

@@ -71,13 +71,29 @@ class EventWriter:
             await self._drained.wait()  # backpressure: let the log catch up
             self._raise_if_failed()
 
-    async def commit(self, state: RunState | None = None, *, error: str = "") -> None:
-        """Commit everything emitted so far; with `state`, move the run to it in the same append."""
+    async def commit(
+        self, state: RunState | None = None, *, error: str = "", checkpoint: bytes | None = None
+    ) -> None:
+        """Commit everything emitted so far, with `state` and `checkpoint` if given, atomically.
+
+        Cancel-safe: a commit cancelled mid-append still finishes that append
+        before the CancelledError propagates, so the writer always knows which
+        indices are committed (a half-known write would make the next append
+        guess its index).
+        """
         async with self._lock:
             self._raise_if_failed()
             batch, self._pending = self._pending, []
-            await self._append(batch, state=state, error=error)
-            self._drained.set()
+            append = asyncio.ensure_future(
+                self._append(batch, state=state, error=error, checkpoint=checkpoint)
+            )
+            try:
+                await asyncio.shield(append)
+            except asyncio.CancelledError:
+                await append
+                raise
+            finally:
+                self._drained.set()
 
     async def close(self) -> None:
         """Stop the flusher. Uncommitted events are dropped (call commit first to keep them)."""
@@ -105,10 +121,17 @@ class EventWriter:
                 self._drained.set()
 
     async def _append(
-        self, batch: Sequence[AgentEvent], *, state: RunState | None = None, error: str = ""
+        self,
+        batch: Sequence[AgentEvent],
+        *,
+        state: RunState | None = None,
+        error: str = "",
+        checkpoint: bytes | None = None,
     ) -> None:
-        if batch or state is not None:
-            await self._log.append(self._run_id, self._epoch, batch, state=state, error=error)
+        if batch or state is not None or checkpoint is not None:
+            await self._log.append(
+                self._run_id, self._epoch, batch, state=state, error=error, checkpoint=checkpoint
+            )
 
     def _raise_if_failed(self) -> None:
         if self._failure is not None:

@@ -1,12 +1,17 @@
 """The EventLog contract: every test runs against MemoryEventLog and RedisEventLog alike.
 
 Tests at the end (marked Redis only) check what only the Redis implementation
-has: its TTLs, its one pub/sub connection and its one script call per batch.
+has: its key layout and TTLs, its active set, its one pub/sub connection and
+its one script call per batch.
+
+Time-dependent tests let time pass with `log_clock.advance` (tests/conftest.py):
+instant on memory, a real wait on Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -23,6 +28,9 @@ from server.events.log import EventLog, RunPageCursor, RunRecord, RunState
 from server.events.redis import RedisEventLog
 
 SHORT_TTL_S = 0.2
+# Long enough that a lease renewed halfway cannot lapse under a loaded test machine.
+RENEWED_LEASE_TTL_S = 0.6
+BINARY = b"\x00\xff\xfe\x80not utf-8\x00\r\n" + bytes(range(256))
 
 
 class DisposableRedis(Protocol):
@@ -37,8 +45,14 @@ class OpenEventLog(Protocol):
     """The open_event_log fixture (tests/conftest.py): a log of the test's backend."""
 
     async def __call__(
-        self, *, terminal_ttl_s: float = ..., retain_events: int = ...
+        self, *, terminal_ttl_s: float = ..., retain_events: int = ..., lease_ttl_s: float = ...
     ) -> EventLog: ...
+
+
+class LogClock(Protocol):
+    """The log_clock fixture (tests/conftest.py): the time the test's logs see."""
+
+    async def advance(self, seconds: float) -> None: ...
 
 
 def make_record(
@@ -104,6 +118,24 @@ class Recorder:
                 await self._changed.wait()
 
 
+class CancelRecorder:
+    """A ControlListener that records the reasons it is told."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+        self._changed = asyncio.Event()
+
+    def on_cancel(self, reason: str) -> None:
+        self.reasons.append(reason)
+        self._changed.set()
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+        async with asyncio.timeout(timeout_s):
+            while not predicate():
+                self._changed.clear()
+                await self._changed.wait()
+
+
 # --- runs --------------------------------------------------------------------
 
 
@@ -129,6 +161,17 @@ async def test_unknown_run_raises_run_not_found_everywhere(event_log: EventLog) 
         await event_log.append("nope", 1, make_events("nope", 0, 1))
     with pytest.raises(RunNotFound):
         await event_log.incr_counter("nope", "k")
+    with pytest.raises(RunNotFound):
+        await event_log.incr_counter("nope", "k", once_key="call-1")
+    with pytest.raises(RunNotFound):
+        await event_log.journal_tool("nope", 1, "call-1", b"result")
+    with pytest.raises(RunNotFound):
+        await event_log.request_cancel("nope", "stop")
+    # The ownership calls answer "no" rather than raise: a run may expire under a claimer.
+    assert await event_log.claim("nope", "instance-b") is None
+    assert await event_log.renew("nope", 1) is False
+    await event_log.release("nope", 1)
+    assert await event_log.journaled_tool("nope", "call-1") is None
 
 
 # --- append and read ---------------------------------------------------------
@@ -309,7 +352,10 @@ async def test_subscribe_then_read_misses_nothing_while_a_writer_appends(
             await asyncio.sleep(0)
 
     writing = asyncio.create_task(writer())
-    await asyncio.sleep(0.001)
+    # Subscribe mid-write: waiting on the log, not a timer, which a loaded machine can
+    # overshoot until the writer is done (and no live event would come).
+    while (await event_log.get_run(run.run_id)).next_index < 20:
+        await asyncio.sleep(0)
     head_before = (await event_log.get_run(run.run_id)).next_index
     recorder = Recorder()
     subscription = await event_log.subscribe(run.run_id, recorder)
@@ -389,6 +435,263 @@ async def test_list_runs_omits_expired_runs(open_event_log: OpenEventLog) -> Non
     assert [r.run_id for r in await log.list_runs(limit=10)] == ["old", "live"]
 
 
+# --- checkpoints -------------------------------------------------------------
+
+
+async def test_checkpoint_is_committed_with_its_events(event_log: EventLog) -> None:
+    run = await new_run(event_log)
+    assert run.checkpoint == b""
+    await event_log.append(run.run_id, 1, make_events(run.run_id, 0, 2), checkpoint=BINARY)
+    stored = await event_log.get_run(run.run_id)
+    assert (stored.checkpoint, stored.next_index) == (BINARY, 2)
+
+    # Without a checkpoint an append keeps the stored one; a fenced one stores nothing.
+    await event_log.append(run.run_id, 1, make_events(run.run_id, 2, 1))
+    assert (await event_log.get_run(run.run_id)).checkpoint == BINARY
+    with pytest.raises(StaleEpoch):
+        await event_log.append(run.run_id, 0, make_events(run.run_id, 3, 1), checkpoint=b"stale")
+    assert (await event_log.get_run(run.run_id)).checkpoint == BINARY
+
+    # With the state, with or without events; an empty checkpoint is a checkpoint too.
+    await event_log.append(run.run_id, 1, [], state=RunState.SUSPENDED, checkpoint=b"second")
+    stored = await event_log.get_run(run.run_id)
+    assert (stored.checkpoint, stored.state, stored.next_index) == (
+        b"second",
+        RunState.SUSPENDED,
+        3,
+    )
+    await event_log.append(run.run_id, 1, [], checkpoint=b"")
+    assert (await event_log.get_run(run.run_id)).checkpoint == b""
+
+
+async def test_list_runs_leaves_the_checkpoint_out(event_log: EventLog) -> None:
+    run = await new_run(event_log)
+    await event_log.append(run.run_id, 1, [], checkpoint=BINARY)
+    (listed,) = await event_log.list_runs(limit=10)
+    assert (listed.run_id, listed.checkpoint) == (run.run_id, b"")
+    assert listed == dataclasses.replace(await event_log.get_run(run.run_id), checkpoint=b"")
+
+
+# --- leases and fencing ------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", [RunState.QUEUED, RunState.RUNNING])
+async def test_creator_holds_the_lease_so_nobody_can_claim(
+    event_log: EventLog, state: RunState
+) -> None:
+    run = await new_run(event_log, state=state)
+    assert await event_log.claim(run.run_id, "instance-b") is None
+    assert await event_log.claimable(10) == []
+    assert await event_log.renew(run.run_id, 1)
+    assert await event_log.get_run(run.run_id) == run
+
+
+async def test_claim_after_the_lease_lapses_bumps_the_epoch_and_fences_the_old_owner(
+    open_event_log: OpenEventLog, log_clock: LogClock
+) -> None:
+    log = await open_event_log(lease_ttl_s=SHORT_TTL_S)
+    run = await new_run(log)
+    await log.append(run.run_id, 1, make_events(run.run_id, 0, 2), checkpoint=b"cp")
+    await log_clock.advance(SHORT_TTL_S * 2.5)
+    assert await log.claimable(10) == [run.run_id]
+    # Creating it again (a retried request) neither takes the run back nor renews the lease.
+    assert not (await log.create_run(make_record(run.run_id)))[1]
+    assert await log.claimable(10) == [run.run_id]
+
+    claimed = await log.claim(run.run_id, "instance-b")
+    assert claimed is not None
+    assert (claimed.epoch, claimed.owner, claimed.state) == (2, "instance-b", RunState.RUNNING)
+    assert (claimed.next_index, claimed.checkpoint) == (2, b"cp"), "the new owner resumes here"
+    assert await log.get_run(run.run_id) == claimed
+
+    with pytest.raises(StaleEpoch) as raised:
+        await log.append(run.run_id, 1, make_events(run.run_id, 2, 1), state=RunState.SUCCEEDED)
+    assert (raised.value.epoch, raised.value.current_epoch) == (1, 2)
+    with pytest.raises(StaleEpoch):
+        await log.journal_tool(run.run_id, 1, "call-1", b"old owner")
+    assert await log.renew(run.run_id, 1) is False
+    await log.release(run.run_id, 1)  # the old owner's release must not free the new lease
+
+    assert await log.claim(run.run_id, "instance-c") is None
+    assert await log.claimable(10) == []
+    assert await log.append(run.run_id, 2, make_events(run.run_id, 2, 1)) == 3
+    assert await log.journaled_tool(run.run_id, "call-1") is None
+
+
+async def test_two_claimers_one_wins(open_event_log: OpenEventLog, log_clock: LogClock) -> None:
+    log = await open_event_log(lease_ttl_s=SHORT_TTL_S)
+    run = await new_run(log)
+    await log_clock.advance(SHORT_TTL_S * 2.5)
+
+    claims = await asyncio.gather(*(log.claim(run.run_id, f"instance-{i}") for i in range(5)))
+    winners = [c for c in claims if c is not None]
+    assert len(winners) == 1
+    assert winners[0].epoch == 2
+    assert await log.get_run(run.run_id) == winners[0]
+
+
+async def test_release_lets_another_instance_claim_at_once(event_log: EventLog) -> None:
+    run = await new_run(event_log)
+    await event_log.release(run.run_id, 7)  # not the lease's epoch: a no-op
+    assert await event_log.claim(run.run_id, "instance-b") is None
+
+    await event_log.release(run.run_id, 1)
+    assert await event_log.claimable(10) == [run.run_id]
+    claimed = await event_log.claim(run.run_id, "instance-b")
+    assert claimed is not None and (claimed.epoch, claimed.owner) == (2, "instance-b")
+
+
+async def test_renew_keeps_the_lease(open_event_log: OpenEventLog, log_clock: LogClock) -> None:
+    log = await open_event_log(lease_ttl_s=RENEWED_LEASE_TTL_S)
+    run = await new_run(log)
+    for _ in range(2):  # together longer than the TTL
+        await log_clock.advance(RENEWED_LEASE_TTL_S * 0.6)
+        assert await log.renew(run.run_id, 1)
+    assert await log.claim(run.run_id, "instance-b") is None
+    assert await log.claimable(10) == []
+
+
+async def test_renew_after_a_lapse_retakes_the_lease_unless_someone_claimed(
+    open_event_log: OpenEventLog, log_clock: LogClock
+) -> None:
+    log = await open_event_log(lease_ttl_s=SHORT_TTL_S)
+    first, second = await new_run(log), await new_run(log)
+    await log_clock.advance(SHORT_TTL_S * 2.5)
+
+    assert await log.renew(first.run_id, 1), "nobody claimed: the epoch is still valid"
+    assert await log.claim(first.run_id, "instance-b") is None
+    assert await log.claim(second.run_id, "instance-b") is not None
+    assert await log.renew(second.run_id, 1) is False
+
+
+async def test_ended_runs_are_never_claimable_and_leave_the_active_set(
+    open_event_log: OpenEventLog, log_clock: LogClock
+) -> None:
+    log = await open_event_log(lease_ttl_s=SHORT_TTL_S)
+    not_runnable = []
+    for state in (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED, RunState.SUSPENDED):
+        run = await new_run(log)
+        await log.append(run.run_id, 1, make_events(run.run_id, 0, 1), state=state)
+        not_runnable.append(run.run_id)
+    live = await new_run(log, state=RunState.QUEUED)
+    await log_clock.advance(SHORT_TTL_S * 2.5)
+
+    assert await log.claimable(10) == [live.run_id]
+    for run_id in not_runnable:
+        assert await log.claim(run_id, "instance-b") is None
+        assert await log.renew(run_id, 1) is False, "its owner must stop executing it"
+    assert await log.claimable(10) == [live.run_id]
+
+
+async def test_suspending_drops_the_lease_and_resuming_makes_the_run_claimable_at_once(
+    event_log: EventLog,
+) -> None:
+    run = await new_run(event_log)
+    await event_log.append(run.run_id, 1, make_events(run.run_id, 0, 1), state=RunState.SUSPENDED)
+    assert await event_log.claimable(10) == []  # and on Redis, leaves the active set
+
+    # A Resume, through any instance, commits its events at the run's epoch...
+    await event_log.append(run.run_id, 1, make_events(run.run_id, 1, 1), state=RunState.QUEUED)
+    assert await event_log.claimable(10) == [run.run_id]
+    # ... and the instance that executes it next claims it without waiting for a lease.
+    claimed = await event_log.claim(run.run_id, "instance-b")
+    assert claimed is not None and claimed.epoch == 2
+
+
+async def test_claimable_returns_at_most_limit_distinct_runs(event_log: EventLog) -> None:
+    runs = [await new_run(event_log) for _ in range(5)]
+    for run in runs:
+        await event_log.release(run.run_id, 1)
+    some = await event_log.claimable(3)
+    assert len(some) == len(set(some)) == 3
+    assert set(some) <= {r.run_id for r in runs}
+    assert sorted(await event_log.claimable(10)) == sorted(r.run_id for r in runs)
+    with pytest.raises(ValueError):
+        await event_log.claimable(0)
+
+
+# --- the tool journal --------------------------------------------------------
+
+
+async def test_journal_first_write_wins_and_is_fenced(event_log: EventLog) -> None:
+    run = await new_run(event_log)
+    assert await event_log.journaled_tool(run.run_id, "call-1") is None
+    await event_log.journal_tool(run.run_id, 1, "call-1", BINARY)
+    await event_log.journal_tool(run.run_id, 1, "call-1", b"a re-run's different result")
+    assert await event_log.journaled_tool(run.run_id, "call-1") == BINARY
+    assert await event_log.journaled_tool(run.run_id, "call-2") is None
+
+    await event_log.release(run.run_id, 1)
+    claimed = await event_log.claim(run.run_id, "instance-b")
+    assert claimed is not None
+    with pytest.raises(StaleEpoch):
+        await event_log.journal_tool(run.run_id, 1, "call-2", b"fenced")
+    assert await event_log.journaled_tool(run.run_id, "call-2") is None
+    await event_log.journal_tool(run.run_id, claimed.epoch, "call-2", b"")
+    assert await event_log.journaled_tool(run.run_id, "call-2") == b""
+
+
+# --- cancellation ------------------------------------------------------------
+
+
+async def test_cancel_request_is_durable_and_notified(event_log: EventLog) -> None:
+    run = await new_run(event_log)
+    recorder = CancelRecorder()
+    subscription = await event_log.subscribe_control(run.run_id, recorder)
+
+    stored = await event_log.request_cancel(run.run_id, "user asked ✋")
+    assert (stored.cancel_reason, stored.state) == ("user asked ✋", RunState.RUNNING)
+    await recorder.wait_until(lambda: recorder.reasons == ["user asked ✋"])
+    assert (await event_log.get_run(run.run_id)).cancel_reason == "user asked ✋"
+
+    # The first reason wins; asking again notifies again, with it.
+    again = await event_log.request_cancel(run.run_id, "second thoughts")
+    assert again.cancel_reason == "user asked ✋"
+    await recorder.wait_until(lambda: len(recorder.reasons) == 2)
+    assert recorder.reasons == ["user asked ✋", "user asked ✋"]
+
+    # An owner that takes the run over later still sees the request.
+    await event_log.release(run.run_id, 1)
+    claimed = await event_log.claim(run.run_id, "instance-b")
+    assert claimed is not None and claimed.cancel_reason == "user asked ✋"
+    await subscription.close()
+    await subscription.close()
+
+    with pytest.raises(ValueError):
+        await event_log.request_cancel(run.run_id, "")
+
+
+async def test_cancel_request_on_an_ended_run_is_a_no_op(event_log: EventLog) -> None:
+    ended, live = await new_run(event_log), await new_run(event_log)
+    await event_log.append(ended.run_id, 1, [], state=RunState.SUCCEEDED)
+    before = await event_log.get_run(ended.run_id)
+    recorder = CancelRecorder()
+    await event_log.subscribe_control(ended.run_id, recorder)
+    await event_log.subscribe_control(live.run_id, recorder)
+
+    assert await event_log.request_cancel(ended.run_id, "too late") == before
+    assert await event_log.get_run(ended.run_id) == before
+    # Notifications of one process arrive in order: had the first been sent, it came first.
+    await event_log.request_cancel(live.run_id, "in time")
+    await recorder.wait_until(lambda: bool(recorder.reasons))
+    assert recorder.reasons == ["in time"]
+
+
+async def test_closed_control_subscription_hears_nothing(event_log: EventLog) -> None:
+    first, second = await new_run(event_log), await new_run(event_log)
+    closed, open_ = CancelRecorder(), CancelRecorder()
+    subscription = await event_log.subscribe_control(first.run_id, closed)
+    await event_log.subscribe_control(first.run_id, open_)
+    await event_log.subscribe_control(second.run_id, closed)
+    await subscription.close()
+
+    await event_log.request_cancel(first.run_id, "stop")
+    await event_log.request_cancel(second.run_id, "stop too")
+    await open_.wait_until(lambda: open_.reasons == ["stop"])
+    await closed.wait_until(lambda: bool(closed.reasons))
+    assert closed.reasons == ["stop too"]
+
+
 # --- counters and health -----------------------------------------------------
 
 
@@ -400,6 +703,17 @@ async def test_counters_count_per_run_and_key(event_log: EventLog) -> None:
     assert await event_log.incr_counter(b.run_id, "k") == 1
     assert await event_log.get_counter(a.run_id, "k") == 3
     assert await event_log.get_counter("nope", "k") == 0
+
+
+async def test_counter_once_key_increments_once(event_log: EventLog) -> None:
+    run = await new_run(event_log)
+    assert await event_log.incr_counter(run.run_id, "k", once_key="call-1") == 1
+    assert await event_log.incr_counter(run.run_id, "k", once_key="call-1") == 1
+    assert await event_log.incr_counter(run.run_id, "k", once_key="call-2") == 2
+    assert await event_log.incr_counter(run.run_id, "k") == 3
+    assert await event_log.incr_counter(run.run_id, "k", once_key="call-1") == 3
+    assert await event_log.incr_counter(run.run_id, "fresh", once_key="call-1") == 0
+    assert await event_log.get_counter(run.run_id, "k") == 3
 
 
 async def test_ping_succeeds_and_close_is_safe_twice(open_event_log: OpenEventLog) -> None:
@@ -435,21 +749,117 @@ async def test_redis_live_run_keys_have_no_ttl_and_terminal_state_sets_it_on_eve
     redis_url: str, key_prefix: str, raw_redis: aioredis.Redis
 ) -> None:
     keys = Keys(key_prefix)
-    log = await RedisEventLog.connect(redis_url, key_prefix=key_prefix, terminal_ttl_s=60)
+    log = await RedisEventLog.connect(
+        redis_url, key_prefix=key_prefix, terminal_ttl_s=60, lease_ttl_s=30
+    )
     try:
         run = await new_run(log)
-        await log.append(run.run_id, 1, make_events(run.run_id, 0, 2), state=RunState.SUSPENDED)
-        await log.incr_counter(run.run_id, "k")
-        for key in keys.run_keys(run.run_id):
+        run_keys = keys.run_keys(run.run_id)
+        lease = keys.lease(run.run_id)
+        await log.append(run.run_id, 1, make_events(run.run_id, 0, 2), checkpoint=b"cp")
+        await log.incr_counter(run.run_id, "k", once_key="call-1")
+        await log.journal_tool(run.run_id, 1, "call-1", b"result")
+        for key in run_keys:
             assert await raw_redis.ttl(key) == -1, key
+        assert 0 < await raw_redis.pttl(lease) <= 30_000  # only the lease expires by itself
+        await log.append(run.run_id, 1, [], state=RunState.SUSPENDED)
+        for key in run_keys:
+            assert await raw_redis.ttl(key) == -1, key
+        assert await raw_redis.exists(lease) == 0  # nobody executes a suspended run
 
         await log.append(run.run_id, 1, make_events(run.run_id, 2, 1), state=RunState.SUCCEEDED)
-        for key in keys.run_keys(run.run_id):
+        for key in run_keys:
             assert 0 < await raw_redis.ttl(key) <= 60, key
-        # A counter written after the end keeps the run's deadline.
-        await raw_redis.delete(keys.counters(run.run_id))
-        await log.incr_counter(run.run_id, "late")
-        assert 0 < await raw_redis.ttl(keys.counters(run.run_id)) <= 60
+        assert await raw_redis.exists(lease) == 0
+        # Hashes written after the end keep the run's deadline.
+        await raw_redis.delete(keys.counters(run.run_id), keys.once(run.run_id))
+        await raw_redis.delete(keys.tools(run.run_id))
+        await log.incr_counter(run.run_id, "late", once_key="call-2")
+        await log.journal_tool(run.run_id, 1, "call-2", b"late")
+        for key in (keys.counters(run.run_id), keys.once(run.run_id), keys.tools(run.run_id)):
+            assert 0 < await raw_redis.ttl(key) <= 60, key
+    finally:
+        await log.close()
+
+
+async def test_redis_every_key_and_channel_of_a_run_shares_its_hash_slot(
+    redis_url: str, key_prefix: str, raw_redis: aioredis.Redis
+) -> None:
+    """Lua scripts may only touch one slot on Redis Cluster: each name carries the {run_id} tag."""
+    keys = Keys(key_prefix)
+    log = await RedisEventLog.connect(redis_url, key_prefix=key_prefix)
+    try:
+        run = await new_run(log)
+        await log.append(run.run_id, 1, make_events(run.run_id, 0, 1), checkpoint=b"cp")
+        await log.incr_counter(run.run_id, "k", once_key="call-1")
+        await log.journal_tool(run.run_id, 1, "call-1", b"result")
+        stored = {key.decode() for key in await raw_redis.keys(f"{key_prefix}:{{{run.run_id}}}:*")}
+        names = {
+            *keys.run_keys(run.run_id),
+            keys.lease(run.run_id),
+            keys.live(run.run_id),
+            keys.control(run.run_id),
+        }
+        assert stored == {*keys.run_keys(run.run_id), keys.lease(run.run_id)}
+        for name in names:
+            tag = name[name.index("{") + 1 : name.index("}")]  # what Redis Cluster hashes
+            assert tag == run.run_id, name
+    finally:
+        await log.close()
+
+
+async def test_redis_claimable_removes_ended_suspended_and_gone_runs_from_the_active_set(
+    redis_url: str, key_prefix: str, raw_redis: aioredis.Redis
+) -> None:
+    keys = Keys(key_prefix)
+    log = await RedisEventLog.connect(redis_url, key_prefix=key_prefix, lease_ttl_s=SHORT_TTL_S)
+
+    async def active() -> set[str]:
+        return {m.decode() for m in await raw_redis.smembers(keys.active_runs)}
+
+    try:
+        ended, suspended, leased, lapsed = [await new_run(log) for _ in range(4)]
+        assert await active() == {ended.run_id, suspended.run_id, leased.run_id, lapsed.run_id}
+        await log.append(ended.run_id, 1, [], state=RunState.FAILED)
+        assert ended.run_id not in await active(), "a terminal append removes it at once"
+        await log.append(suspended.run_id, 1, [], state=RunState.SUSPENDED)
+        await raw_redis.sadd(keys.active_runs, ended.run_id, "gone")  # as if a removal was lost
+
+        await log.release(lapsed.run_id, 1)
+        assert await log.claimable(10) == [lapsed.run_id]
+        assert await active() == {leased.run_id, lapsed.run_id}
+
+        # A Resume lists it again; so does creating a run again (healing a lost addition).
+        await log.append(suspended.run_id, 1, [], state=RunState.RUNNING)
+        await raw_redis.srem(keys.active_runs, leased.run_id)
+        await log.create_run(make_record(leased.run_id))
+        assert await active() == {leased.run_id, lapsed.run_id, suspended.run_id}
+    finally:
+        await log.close()
+
+
+async def test_redis_control_messages_share_the_one_pubsub_connection(
+    redis_url: str, key_prefix: str, raw_redis: aioredis.Redis
+) -> None:
+    log = await RedisEventLog.connect(redis_url, key_prefix=key_prefix)
+    name = Keys(key_prefix).pubsub_client_name
+    try:
+        run = await new_run(log)
+        events, cancels = Recorder(), CancelRecorder()
+        await log.subscribe(run.run_id, events)
+        await log.subscribe_control(run.run_id, cancels)
+        await log.subscribe_control(run.run_id, CancelRecorder())
+        clients = [c for c in await raw_redis.client_list() if c["name"] == name]
+        assert [c["sub"] for c in clients] == ["2"], "one connection: live and control channels"
+
+        await raw_redis.execute_command(  # type: ignore[no-untyped-call]
+            "CLIENT", "KILL", "TYPE", "pubsub"
+        )
+        await events.wait_until(lambda: events.gaps == 1)  # resubscribed: both channels
+        await log.request_cancel(run.run_id, "after the reconnect")
+        await cancels.wait_until(lambda: cancels.reasons == ["after the reconnect"])
+        await log.append(run.run_id, 1, make_events(run.run_id, 0, 1))
+        await events.wait_until(lambda: len(events.events) == 1)
     finally:
         await log.close()
 

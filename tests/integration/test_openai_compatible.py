@@ -22,6 +22,7 @@ from server.agents.loop import run_agent_loop
 from server.agents.openai_compat import build_openai_agent
 from server.agents.registry import describe
 from server.agents.types import AgentSpec, RunInfo
+from tests.sinks import ListSink
 
 MODEL = "keel-test-model"
 API_KEY = "sk-keel-test"
@@ -177,20 +178,6 @@ def text_reply(response_id: str, pieces: list[str], prompt: int, completion: int
             usage_chunk(response_id, prompt, completion),
         ]
     )
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.events: list[Any] = []
-
-    async def emit(self, event: Any) -> None:
-        self.events.append(event)
-
-    def kinds(self) -> list[str]:
-        return [event.WhichOneof("payload") for event in self.events]
-
-    def payloads(self, kind: str) -> list[Any]:
-        return [getattr(e, kind) for e in self.events if e.WhichOneof("payload") == kind]
 
 
 class NoCounters:

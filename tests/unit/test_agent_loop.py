@@ -21,29 +21,12 @@ from pydantic_ai.models.function import (
     FunctionModel,
 )
 
+from server.agents.checkpoint import Checkpoint, Phase
 from server.agents.loop import ApprovalsNotSupportedError, run_agent_loop
 from server.agents.testing import MAX_DELAY_MS, MAX_TEXT_DELTAS, registry, validate_input
 from server.agents.types import AgentSpec, LoopResult, RunInfo
 from server.errors import InvalidArgument
-
-
-class ListSink:
-    """An EventSink that keeps every event in memory."""
-
-    def __init__(self) -> None:
-        self.events: list[Any] = []
-
-    async def emit(self, event: Any) -> None:
-        self.events.append(event)
-
-    def kinds(self) -> list[str]:
-        return [event.WhichOneof("payload") for event in self.events]
-
-    def payloads(self, kind: str) -> list[Any]:
-        return [getattr(e, kind) for e in self.events if e.WhichOneof("payload") == kind]
-
-    def text(self) -> str:
-        return "".join(p.delta for p in self.payloads("text_delta"))
+from tests.sinks import ListSink
 
 
 class MemoryCounters:
@@ -51,8 +34,13 @@ class MemoryCounters:
 
     def __init__(self) -> None:
         self.values: dict[tuple[str, str], int] = {}
+        self.once_keys: set[str] = set()
 
-    async def incr_counter(self, run_id: str, key: str) -> int:
+    async def incr_counter(self, run_id: str, key: str, *, once_key: str = "") -> int:
+        if once_key and once_key in self.once_keys:
+            return self.values.get((run_id, key), 0)
+        if once_key:
+            self.once_keys.add(once_key)
         self.values[run_id, key] = self.values.get((run_id, key), 0) + 1
         return self.values[run_id, key]
 
@@ -174,7 +162,11 @@ async def test_record_counts_per_run_and_key() -> None:
     assert [json.loads(p.result_json) for p in sink.payloads("tool_result")] == [1, 2, 1]
     _, sink = await run_script(steps, counters=counters, run_id="r2")
     assert [json.loads(p.result_json) for p in sink.payloads("tool_result")] == [1, 2, 1]
-    assert counters.values == {("r1", "a"): 2, ("r1", "b"): 1, ("r2", "a"): 2, ("r2", "b"): 1}
+    assert counters.values == {
+        **{("r1", "a"): 2, ("r1", "b"): 1, ("r2", "a"): 2, ("r2", "b"): 1},
+        # "calls:K" counts invocations, idempotent or not
+        **{("r1", "calls:a"): 2, ("r1", "calls:b"): 1, ("r2", "calls:a"): 2, ("r2", "calls:b"): 1},
+    }
 
 
 async def test_fail_steps_never_exhaust_the_retry_budget() -> None:
@@ -392,3 +384,52 @@ def test_invalid_scripts_are_rejected_with_a_clear_message(script: str, expected
     message = "; ".join(v.description for v in violations)
     assert message.startswith("invalid script")
     assert expected in message
+
+
+async def test_loop_checkpoints_at_both_halves_of_every_step_but_the_last() -> None:
+    _, sink = await run_script([{"text": 3}, {"tool": "record", "args": {"key": "k"}}, {"text": 2}])
+    phases = [(c.phase, c.step) for c in sink.checkpoints]
+    assert phases == [(Phase.RESPONSE, 1), (Phase.STEP, 1), (Phase.RESPONSE, 2)]
+    for checkpoint in sink.checkpoints:
+        decoded = Checkpoint.decode(checkpoint.encode())
+        assert decoded == checkpoint
+        assert decoded.history()  # a valid pydantic-ai history
+
+
+async def test_resuming_from_any_checkpoint_replays_exactly_the_rest_of_the_run() -> None:
+    steps: list[dict[str, Any]] = [
+        {"text": 4},
+        {"tool": "record", "args": {"key": "a"}},
+        {"tool": "fail", "args": {"message": "no"}},
+        {"text": 3},
+        {"tool": "record", "args": {"key": "b"}},
+        {"text": 2},
+    ]
+    counters = MemoryCounters()
+    whole_result, whole = await run_script(steps, counters=counters, run_id="r")
+
+    def strip(events: list[Any]) -> list[bytes]:
+        out = []
+        for event in events:
+            copy = type(event)()
+            copy.CopyFrom(event)
+            copy.attempt = 0
+            out.append(copy.SerializeToString(deterministic=True))
+        return out
+
+    for checkpoint in whole.checkpoints:
+        resumed = ListSink()
+        info = RunInfo(run_id="r", counters=counters)  # same counters: record is idempotent
+        result = await run_agent_loop(
+            SCRIPTED,
+            json.dumps({"steps": steps}),
+            run_info=info,
+            sink=resumed,
+            resume=checkpoint,
+            attempt=2,
+        )
+        assert result.output_text == whole_result.output_text
+        assert strip(resumed.events) == strip(whole.events[checkpoint.next_index :])
+        assert resumed.events[0].attempt == 2  # the re-run (half) step is the next attempt
+        assert all(e.attempt == 1 for e in resumed.events if e.step > resumed.events[0].step)
+    assert counters.values["r", "a"] == 1 and counters.values["r", "b"] == 1

@@ -1320,27 +1320,35 @@ Global___RunResumed: _TypeAlias = RunResumed  # noqa: Y015
 
 @_typing.final
 class StepSuperseded(_message.Message):
-    """StepSuperseded says an attempt of a step was interrupted and will run
-    again as attempt + 1. Clients drop that attempt's partial output.
+    """StepSuperseded says an attempt of a step was interrupted (its process
+    died) and runs again, from the run's last checkpoint, as attempt + 1. The
+    events from from_index up to this event are the interrupted attempt's
+    partial output: clients drop them (for example its text deltas). Events
+    before from_index stay valid. The event itself carries the step and the
+    new attempt.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     SUPERSEDED_STEP_FIELD_NUMBER: _builtins.int
     SUPERSEDED_ATTEMPT_FIELD_NUMBER: _builtins.int
+    FROM_INDEX_FIELD_NUMBER: _builtins.int
     superseded_step: _builtins.int
     """The interrupted step."""
     superseded_attempt: _builtins.int
     """The interrupted attempt."""
+    from_index: _builtins.int
+    """The index of the first event of the interrupted attempt's partial output."""
     def __init__(
         self,
         *,
         superseded_step: _builtins.int = ...,
         superseded_attempt: _builtins.int = ...,
+        from_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["superseded_attempt", b"superseded_attempt", "superseded_step", b"superseded_step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_index", b"from_index", "superseded_attempt", b"superseded_attempt", "superseded_step", b"superseded_step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,209 @@
+"""The ceilings' client side: raw grpc.aio streaming and raw redis-py, without Keel.
+
+Each function runs in a client process of its own (see child.py) and
+returns a JSON-able dict. The gRPC ones talk to bench/raw_grpc.py; the
+Redis ones to the benchmark's redis-server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any
+
+import grpc
+from keel.v1 import agent_service_pb2 as pb
+from redis.asyncio import Redis
+
+from bench.raw_grpc import METHOD, text_delta_event
+from bench.stats import latency_summary_ms, median, spread
+
+Params = dict[str, Any]
+
+
+def _method(channel: grpc.aio.Channel) -> Any:
+    return channel.unary_stream(
+        METHOD,
+        request_serializer=lambda data: data,
+        response_deserializer=pb.StreamResponse.FromString,
+    )
+
+
+async def _read_stream(method: Any, request: bytes, start_ns: int) -> dict[str, int]:
+    """Read one raw stream to its end: first and last receive times, messages, events."""
+    first_ns = last_ns = 0
+    messages = events = 0
+    async for response in method(request):
+        last_ns = time.perf_counter_ns()
+        if not first_ns:
+            first_ns = last_ns
+        messages += 1
+        events += len(response.events.events)
+    return {
+        "first_ms": (first_ns - start_ns) // 1000,
+        "last_ns": last_ns,
+        "messages": messages,
+        "events": events,
+    }
+
+
+async def grpc_stream(params: Params) -> Params:
+    """Messages/s (and events/s) of `streams` concurrent raw streams, best of `reps`.
+
+    The time runs from the moment the requests are sent to the last message
+    received, as for Keel's Stream, on a channel that is already connected.
+    """
+    streams, reps = int(params["streams"]), int(params["reps"])
+    request = json.dumps(
+        {"mode": "stream", "messages": int(params["messages"]), "batch": int(params["batch"])}
+    ).encode()
+    runs: list[Params] = []
+    async with grpc.aio.insecure_channel(params["target"]) as channel:
+        await channel.channel_ready()
+        method = _method(channel)
+        for _ in range(reps):
+            start_ns = time.perf_counter_ns()
+            results = await asyncio.gather(
+                *(_read_stream(method, request, start_ns) for _ in range(streams))
+            )
+            total_s = (max(r["last_ns"] for r in results) - start_ns) / 1e9
+            messages = sum(r["messages"] for r in results)
+            events = sum(r["events"] for r in results)
+            runs.append(
+                {
+                    "total_s": total_s,
+                    "messages": messages,
+                    "events": events,
+                    "messages_per_s": messages / total_s,
+                    "events_per_s": events / total_s,
+                    "time_to_first_ms": min(r["first_ms"] for r in results) / 1000,
+                }
+            )
+    return {
+        "streams": streams,
+        "messages_per_s": median([r["messages_per_s"] for r in runs]),
+        "events_per_s": median([r["events_per_s"] for r in runs]),
+        "total_ms": median([r["total_s"] * 1000 for r in runs]),
+        "time_to_first_ms": median([r["time_to_first_ms"] for r in runs]),
+        "messages_per_s_spread": spread([r["messages_per_s"] for r in runs]),
+        "total_ms_spread": spread([r["total_s"] * 1000 for r in runs]),
+        "reps": runs,
+    }
+
+
+async def grpc_fanout(params: Params) -> Params:
+    """Latency from stamping an event to receiving it, over `streams` raw streams."""
+    streams, ticks = int(params["streams"]), int(params["ticks"])
+    warmup = int(params.get("warmup_ticks", 5))
+    request = json.dumps(
+        {
+            "mode": "fanout",
+            "group": uuid.uuid4().hex,
+            "streams": streams,
+            "ticks": ticks,
+            "interval_ms": int(params["interval_ms"]),
+        }
+    ).encode()
+    latencies: list[int] = []
+
+    async def follow(method: Any) -> int:
+        received = 0
+        async for response in method(request):
+            now = time.time_ns()
+            for event in response.events.events:
+                received += 1
+                if event.index >= warmup:
+                    latencies.append(now - event.time.ToNanoseconds())
+        return received
+
+    async with grpc.aio.insecure_channel(params["target"]) as channel:
+        await channel.channel_ready()
+        method = _method(channel)
+        received = await asyncio.gather(*(follow(method) for _ in range(streams)))
+    return {
+        "streams": streams,
+        "ok": all(n == ticks for n in received),
+        **latency_summary_ms(latencies),
+    }
+
+
+# A minimal append: the next index, the ZADD and the PUBLISH Keel's APPEND does,
+# without its checks (epoch, expected index, state, retention, TTL).
+# KEYS[1] counter, KEYS[2] events ZSET; ARGV[1] channel, ARGV[2..] members.
+RAW_APPEND = """
+local n = #ARGV - 1
+local last = redis.call('INCRBY', KEYS[1], n)
+local args = {}
+for i = 1, n do
+  args[#args + 1] = last - n + i - 1
+  args[#args + 1] = ARGV[i + 1]
+end
+redis.call('ZADD', KEYS[2], unpack(args))
+redis.call('PUBLISH', ARGV[1], ARGV[n + 1])
+return last
+"""
+
+
+async def redis(params: Params) -> Params:
+    """Raw redis-py: Lua appends (one at a time, pipelined, batched) and ZRANGEBYSCORE."""
+    events = int(params["events"])
+    members = [text_delta_event(i).SerializeToString() for i in range(events)]
+    client = Redis.from_url(params["url"])
+    try:
+        append = client.register_script(RAW_APPEND)
+        results: Params = {"member_bytes": median([len(m) for m in members])}
+
+        async def timed(name: str, batch: int, pipelined: int) -> None:
+            prefix = f"ceiling:{uuid.uuid4().hex}"
+            keys = [f"{prefix}:next", f"{prefix}:events"]
+            channel = f"{prefix}:live"
+            start = time.perf_counter()
+            if pipelined > 1:
+                for first in range(0, events, pipelined):
+                    async with client.pipeline(transaction=False) as pipe:
+                        for member in members[first : first + pipelined]:
+                            await append(keys=keys, args=[channel, member], client=pipe)
+                        await pipe.execute()
+            else:
+                for first in range(0, events, batch):
+                    await append(keys=keys, args=[channel, *members[first : first + batch]])
+            elapsed = time.perf_counter() - start
+            results[name] = {
+                "events_per_s": events / elapsed,
+                "calls_per_s": events / batch / elapsed,
+            }
+
+        await append(keys=["warm:next", "warm:events"], args=["warm", b"x"])  # load the script
+        await timed("lua_append_one", 1, 1)
+        await timed("lua_append_pipelined_100", 1, 100)
+        await timed("lua_append_batch_10", 10, 1)
+        await timed("lua_append_batch_100", 100, 1)
+        await timed("lua_append_batch_1000", 1000, 1)
+
+        # ZRANGEBYSCORE of a 10,000-event run (or `events`), read whole and in pages.
+        key = f"ceiling:{uuid.uuid4().hex}:events"
+        for first in range(0, events, 1000):
+            page = members[first : first + 1000]
+            await client.zadd(key, {member: first + i for i, member in enumerate(page)})
+        whole: list[float] = []
+        paged: list[float] = []
+        for _ in range(int(params.get("reps", 7))):
+            start = time.perf_counter()
+            got = await client.zrangebyscore(key, 0, "+inf")
+            whole.append((time.perf_counter() - start) * 1000)
+            assert len(got) == events
+            start = time.perf_counter()
+            for first in range(0, events, 1000):
+                await client.zrangebyscore(key, first, "+inf", start=0, num=1000)
+            paged.append((time.perf_counter() - start) * 1000)
+        results["zrangebyscore_all"] = {
+            "events": events,
+            "ms": median(whole),
+            "spread_ms": spread(whole),
+        }
+        results["zrangebyscore_pages_1000"] = {"events": events, "ms": median(paged)}
+        return results
+    finally:
+        await client.aclose()

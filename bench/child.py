@@ -1,0 +1,40 @@
+"""A client process: `python -m bench.child NAME PARAMS_JSON` runs one client, prints its result.
+
+The result is one JSON line on stdout (the last line; the runner reads it).
+Clients live in keel_load.py (Keel's workloads) and ceilings.py (raw gRPC
+and Redis).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from bench import ceilings, keel_load
+
+Client = Callable[[dict[str, Any]], Coroutine[Any, Any, dict[str, Any]]]
+
+CLIENTS: dict[str, Client] = {
+    "stream_one": keel_load.stream_one,
+    "stream_many": keel_load.stream_many,
+    "fanout": keel_load.fanout,
+    "replay": keel_load.replay,
+    "rejoin": keel_load.rejoin,
+    "overhead": keel_load.overhead,
+    "grpc_stream": ceilings.grpc_stream,
+    "grpc_fanout": ceilings.grpc_fanout,
+    "redis": ceilings.redis,
+}
+
+
+def main(argv: list[str]) -> None:
+    name, params = argv[0], json.loads(argv[1])
+    result = asyncio.run(CLIENTS[name](params))
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

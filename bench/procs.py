@@ -1,0 +1,261 @@
+"""The benchmark's processes: a redis-server, Keel servers, the raw gRPC server, clients.
+
+Everything binds 127.0.0.1. Servers are started as `python -m ...` with the
+repo as cwd and announce their port on stdout; clients are
+`python -m bench.child NAME PARAMS_JSON` and print their result as the last
+line of stdout (see child.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+SCRIPTED_AGENTS = "server.agents.testing:registry"
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 15.0
+
+
+class BenchError(RuntimeError):
+    """A process of the benchmark failed; the message says which and why."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def proc_status_kib(pid: int, field: str) -> int:
+    """A `kB` field of /proc/<pid>/status (VmHWM: peak RSS, VmRSS: current RSS); 0 if absent."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class RedisServer:
+    """A redis-server of the benchmark's own, without persistence."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    workdir: tempfile.TemporaryDirectory[str]
+
+    @classmethod
+    def start(cls) -> RedisServer:
+        workdir = tempfile.TemporaryDirectory(prefix="keel-bench-redis-")
+        for _attempt in range(3):  # the free port may be taken before redis binds it
+            port = free_port()
+            # fmt: off
+            process = subprocess.Popen(
+                [
+                    REDIS_SERVER,
+                    "--port", str(port), "--bind", "127.0.0.1",
+                    "--save", "", "--appendonly", "no", "--daemonize", "no",
+                    "--dir", workdir.name,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            # fmt: on
+            url = f"redis://127.0.0.1:{port}/0"
+            if _wait_for_ping(url, process):
+                return cls(process, url, workdir)
+            _stop(process)
+        workdir.cleanup()
+        raise BenchError(f"could not start {REDIS_SERVER}")
+
+    def flush(self) -> None:
+        """Forget every key, so each workload starts from an empty Redis."""
+        client = redis.Redis.from_url(self.url)
+        try:
+            client.flushall()
+        finally:
+            client.close()
+
+    def version(self) -> str:
+        client = redis.Redis.from_url(self.url)
+        try:
+            info: dict[str, Any] = client.info("server")
+            return str(info.get("redis_version", ""))
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        _stop(self.process)
+        self.workdir.cleanup()
+
+
+def _wait_for_ping(url: str, process: subprocess.Popen[bytes]) -> bool:
+    deadline = time.monotonic() + 10.0
+    client = redis.Redis.from_url(url, socket_timeout=1)
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                return False
+            try:
+                if client.ping():
+                    return True
+            except (redis.ConnectionError, redis.TimeoutError):
+                time.sleep(0.02)
+        return False
+    finally:
+        client.close()
+
+
+@dataclass
+class ServerProcess:
+    """A server subprocess that printed `<ready> 127.0.0.1:PORT` on stdout."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def peak_rss_kib(self) -> int:
+        return proc_status_kib(self.pid, "VmHWM")
+
+    def rss_kib(self) -> int:
+        return proc_status_kib(self.pid, "VmRSS")
+
+    def stop(self) -> None:
+        """SIGTERM (a graceful shutdown), SIGKILL if it takes too long."""
+        _stop(self.process)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+@dataclass(frozen=True)
+class Launcher:
+    """Starts Keel servers, raw servers and clients from one source tree.
+
+    `keel_root` is the tree whose `server` and `keel.v1` are measured: this
+    repo by default, or another checkout (an A/B comparison). The bench
+    package itself always comes from this repo. Server logs go to
+    `log_dir` (one file per server), or pass through when it is None.
+    """
+
+    keel_root: Path = ROOT
+    log_dir: Path | None = None
+
+    def _env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        # keel_root first, so its server and keel.v1 win over the editable installs.
+        paths = [str(self.keel_root), str(self.keel_root / "clients" / "python"), str(ROOT)]
+        inherited = os.environ.get("PYTHONPATH")
+        if inherited:
+            paths.append(inherited)
+        return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), **(extra or {})}
+
+    def _log(self, name: str) -> Path | None:
+        if self.log_dir is None:
+            return None
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        return self.log_dir / f"{name}.log"
+
+    def start_server(
+        self, name: str, argv: list[str], ready: str, *, env: dict[str, str] | None = None
+    ) -> ServerProcess:
+        """Start `python argv...` in keel_root and wait for its `ready` line."""
+        log_path = self._log(name)
+        log = None if log_path is None else log_path.open("ab")
+        try:
+            process = subprocess.Popen(
+                [sys.executable, *argv],
+                cwd=self.keel_root,
+                env=self._env(env),
+                stdout=subprocess.PIPE,
+                stderr=log,
+            )
+        finally:
+            if log is not None:
+                log.close()  # the child has its own descriptor
+        assert process.stdout is not None
+        # readline() cannot time out: a watchdog kills a server that never gets ready.
+        watchdog = threading.Timer(READY_TIMEOUT_S, process.kill)
+        watchdog.start()
+        try:
+            while True:
+                line = process.stdout.readline().decode()
+                if not line:
+                    raise BenchError(f"{name} exited before listening (code {process.wait()})")
+                if line.startswith(ready):
+                    port = int(line.strip().rsplit(":", 1)[1])
+                    return ServerProcess(name, process, port)
+        except BaseException:
+            _stop(process, signal.SIGKILL)
+            raise
+        finally:
+            watchdog.cancel()
+
+    def start_keel(self, redis_url: str = "", *, log_level: str = "WARNING") -> ServerProcess:
+        """A Keel server serving the scripted agent, on the memory log or on `redis_url`."""
+        argv = ["-m", "server", "serve", "--port", "0", "--agents", SCRIPTED_AGENTS]
+        argv += ["--log-level", log_level]
+        if redis_url:
+            argv += ["--redis-url", redis_url, "--key-prefix", f"bench-{uuid.uuid4().hex[:8]}"]
+        # Stop fast: the benchmark waits for nothing at shutdown.
+        env = {"KEEL_SHUTDOWN_GRACE_S": "0"}
+        name = "keel-redis" if redis_url else "keel-memory"
+        return self.start_server(name, argv, "keel listening on ", env=env)
+
+    def start_raw_grpc(self) -> ServerProcess:
+        return self.start_server("raw-grpc", ["-m", "bench.raw_grpc"], "raw grpc listening on ")
+
+    def run_client(self, name: str, params: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """Run `python -m bench.child name params`; its result is its last stdout line."""
+        argv = [sys.executable, "-m", "bench.child", name, json.dumps(params)]
+        try:
+            done = subprocess.run(
+                argv,
+                cwd=self.keel_root,
+                env=self._env(),
+                stdout=subprocess.PIPE,
+                timeout=timeout_s,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"client {name} did not finish within {timeout_s:.0f}s") from None
+        lines = done.stdout.decode().strip().splitlines()
+        if done.returncode != 0 or not lines:
+            raise BenchError(f"client {name} failed with exit code {done.returncode}")
+        result: dict[str, Any] = json.loads(lines[-1])
+        return result

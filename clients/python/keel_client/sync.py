@@ -1,0 +1,260 @@
+"""Blocking use of keel_client, for scripts: the asyncio client on a private event loop.
+
+    from keel_client.sync import KeelClient
+
+    with KeelClient("127.0.0.1:50051") as client:
+        handle = client.stream("scripted", '{"steps": [{"text": 5}]}')
+        for event in handle.events():  # resumes by itself, exactly once, in order
+            ...
+
+The client starts one daemon thread running an asyncio event loop; every
+call (and every step of an event iterator) runs the asyncio client's
+coroutine on that loop and blocks the caller until it is done, so the grpc.aio
+channel lives in that loop alone. ``close()`` (or leaving ``with``) closes the
+channel, stops the loop and joins the thread; it is safe to call twice.
+
+The API and the semantics are those of ``keel_client.KeelClient`` and
+``keel_client.RunHandle``, without ``await``. Errors are the same objects
+(``grpc.aio.AioRpcError``, a ``grpc.RpcError``; ``StreamContractError``).
+``on_reconnect`` callbacks run in the client's thread. Do not call a sync
+client from an event loop that serves the Keel server it talks to: the call
+blocks that loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncGenerator, Coroutine, Iterator, Sequence
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+from keel.v1 import agent_service_pb2 as pb
+
+from keel_client import client as aio
+from keel_client.handle import OnReconnect, Reconnect
+from keel_client.handle import RunHandle as AsyncRunHandle
+
+__all__ = ["KeelClient", "RunHandle"]
+
+T = TypeVar("T")
+_STOP_TIMEOUT_S = 10.0
+
+
+class _LoopThread:
+    """An asyncio event loop running in a daemon thread of its own."""
+
+    def __init__(self, name: str) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._closed = False
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_forever()
+        finally:
+            # Finish what stop() left behind: pending tasks and async generators.
+            pending = asyncio.all_tasks(self._loop)
+            for task in pending:
+                task.cancel()
+            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run ``coroutine`` on the loop; block until it is done and return its result.
+
+        An exception in the caller while it waits (KeyboardInterrupt) cancels
+        the coroutine.
+        """
+        if self._closed:
+            coroutine.close()
+            raise RuntimeError("this KeelClient is closed")
+        if threading.current_thread() is self._thread:
+            coroutine.close()
+            raise RuntimeError("a sync KeelClient cannot be called from its own event loop")
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    def stop(self) -> None:
+        """Stop the loop and join its thread. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(_STOP_TIMEOUT_S)
+
+
+async def _next(events: AsyncGenerator[pb.AgentEvent, None]) -> pb.AgentEvent | None:
+    """The next event, or None at the end (a Future cannot carry StopAsyncIteration)."""
+    try:
+        return await anext(events)
+    except StopAsyncIteration:
+        return None
+
+
+class RunHandle:
+    """A run's event stream that survives dropped connections, for blocking code.
+
+    A view of a ``keel_client.RunHandle`` (``run_id``, ``next_offset``,
+    ``snapshot``, ``last_heartbeat``, ``reconnects`` are its attributes),
+    iterated with a plain ``for``.
+    """
+
+    def __init__(self, handle: AsyncRunHandle, loop: _LoopThread) -> None:
+        self._handle = handle
+        self._loop = loop
+
+    @property
+    def run_id(self) -> str | None:
+        """The run's id; None for a ``stream()`` handle until its first snapshot."""
+        return self._handle.run_id
+
+    @property
+    def next_offset(self) -> int:
+        """The index of the next event ``events()`` yields: the last yielded index + 1."""
+        return self._handle.next_offset
+
+    @property
+    def snapshot(self) -> pb.RunSnapshot | None:
+        """The RunSnapshot of the latest (re)connection."""
+        return self._handle.snapshot
+
+    @property
+    def last_heartbeat(self) -> pb.Heartbeat | None:
+        """The latest Heartbeat."""
+        return self._handle.last_heartbeat
+
+    @property
+    def reconnects(self) -> list[Reconnect]:
+        """Every reconnect so far."""
+        return self._handle.reconnects
+
+    def events(self, from_offset: int | None = None) -> Iterator[pb.AgentEvent]:
+        """Yield the run's events from ``from_offset`` (default: ``next_offset``)
+        exactly once and in index order, until the run's terminal event.
+
+        Lazy: nothing is sent until the first ``next()``. Breaking out of the
+        ``for`` loop (or closing the iterator) cancels the call; the run goes on
+        in the server and ``events()`` may be iterated again later. See
+        ``keel_client.RunHandle.events`` for the loop and its errors.
+        """
+        events = self._handle.events(from_offset)
+        try:
+            while (event := self._loop.run(_next(events))) is not None:
+                yield event
+        finally:
+            if not self._loop.closed:
+                self._loop.run(events.aclose())
+
+
+class KeelClient:
+    """A blocking connection to one Keel server (or a load balancer in front of many).
+
+    Takes the arguments of ``keel_client.KeelClient``. Use it as ``with``, or
+    call ``close()``.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        initial_backoff_s: float = 0.05,
+        max_backoff_s: float = 2.0,
+        max_reconnects: int | None = None,
+        channel_options: aio.ChannelOptions = (),
+    ) -> None:
+        self._client = aio.KeelClient(
+            target,
+            initial_backoff_s=initial_backoff_s,
+            max_backoff_s=max_backoff_s,
+            max_reconnects=max_reconnects,
+            channel_options=channel_options,
+        )
+        self._loop = _LoopThread(name=f"keel-client {target}")
+
+    @property
+    def target(self) -> str:
+        return self._client.target
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel (cancelling its open calls), stop the loop, join its thread.
+
+        Safe to call twice.
+        """
+        if self._loop.closed:
+            return
+        try:
+            self._loop.run(self._client.close())
+        finally:
+            self._loop.stop()
+
+    # Streams.
+
+    def stream(
+        self,
+        agent_id: str,
+        input: str,
+        *,
+        request_id: str | None = None,
+        on_reconnect: OnReconnect | None = None,
+    ) -> RunHandle:
+        """A handle that starts a run with Stream on its first iteration (see the async client)."""
+        handle = self._client.stream(
+            agent_id, input, request_id=request_id, on_reconnect=on_reconnect
+        )
+        return RunHandle(handle, self._loop)
+
+    def run(self, run_id: str, *, on_reconnect: OnReconnect | None = None) -> RunHandle:
+        """A handle on an existing run, observed from offset 0 unless told otherwise."""
+        return RunHandle(self._client.run(run_id, on_reconnect=on_reconnect), self._loop)
+
+    # Unary calls.
+
+    def start_run(self, agent_id: str, input: str, *, request_id: str | None = None) -> pb.Run:
+        """Start a run without streaming it; the same request_id returns the same run."""
+        return self._loop.run(self._client.start_run(agent_id, input, request_id=request_id))
+
+    def get_run(self, run_id: str) -> pb.Run:
+        """A run's current state."""
+        return self._loop.run(self._client.get_run(run_id))
+
+    def list_runs(
+        self,
+        agent_id: str = "",
+        states: Sequence[pb.RunState.ValueType] = (),
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> pb.ListRunsResponse:
+        """One page of runs, newest first; pass next_page_token back for the next."""
+        return self._loop.run(self._client.list_runs(agent_id, states, page_size, page_token))
+
+    def cancel_run(self, run_id: str, reason: str = "") -> pb.Run:
+        """Cancel a run that has not ended; an ended run is returned unchanged."""
+        return self._loop.run(self._client.cancel_run(run_id, reason))
+
+    def list_agents(self) -> list[pb.Agent]:
+        """The agents this server can run, sorted by agent_id."""
+        return self._loop.run(self._client.list_agents())

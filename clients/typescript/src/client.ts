@@ -1,0 +1,408 @@
+/**
+ * KeelClient: a client of Keel's AgentService whose event streams resume by
+ * themselves.
+ *
+ *     const client = new KeelClient("127.0.0.1:50051");
+ *     const handle = client.stream("scripted", '{"steps": [{"text": 5}]}');
+ *     for await (const event of handle.events()) { ... }
+ *     client.close();
+ *
+ * The unary helpers return the proto messages of keel.v1 and throw
+ * ConnectError as Connect does; only the event streams (and the delivery of
+ * a Resume's decisions) retry, and only on UNAVAILABLE.
+ */
+import { createClient, type CallOptions, type Transport } from "@connectrpc/connect";
+import {
+  Http2SessionManager,
+  createGrpcTransport,
+  type Http2SessionOptions,
+} from "@connectrpc/connect-node";
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { Backoff } from "./backoff.js";
+import { CallControl, sleep } from "./calls.js";
+import { ClientClosedError, StreamContractError, isUnavailable } from "./errors.js";
+import {
+  AgentService,
+  ResumeRequestSchema,
+  StreamRequestSchema,
+  type Agent,
+  type AgentEvent,
+  type DecisionSchema,
+  type ListRunsResponse,
+  type ResumeRequest,
+  type Run,
+  type RunSnapshot,
+  type RunState,
+} from "./gen/keel/v1/agent_service_pb.js";
+import {
+  RunHandle,
+  type AgentServiceClient,
+  type EventsOptions,
+  type HandleContext,
+  type OnReconnect,
+} from "./handle.js";
+
+export interface KeelClientOptions {
+  /**
+   * The transport to use instead of the default: gRPC over HTTP/2
+   * (cleartext, or TLS for an https:// target) with Node's http2 module.
+   * The caller owns a transport it passes in; close() does not close it.
+   */
+  transport?: Transport;
+  /** HTTP/2 keepalive and idle options of the default transport. */
+  http2?: Http2SessionOptions;
+  /** The first wait of a row of reconnects. Default 50 ms. */
+  initialBackoffMs?: number;
+  /** The longest wait between reconnects. Default 2000 ms. */
+  maxBackoffMs?: number;
+  /**
+   * How many reconnects in a row without a new event a stream makes before
+   * it throws the last UNAVAILABLE error. Default: no limit.
+   */
+  maxReconnects?: number;
+  /**
+   * Reconnect a stream that delivered no message for this long. Keel sends
+   * heartbeats on quiet streams (every KEEL_HEARTBEAT_INTERVAL_S, 5 s by
+   * default), so silence means a connection that died without telling
+   * anyone. Keep it several heartbeat intervals long. Default 30000; 0
+   * disables the watchdog.
+   */
+  stallTimeoutMs?: number;
+}
+
+/** Options of a handle on a run. */
+export interface HandleOptions {
+  /** Called with each reconnect of the handle's stream as it happens. */
+  onReconnect?: OnReconnect;
+}
+
+/** Options of stream() and startRun(). */
+export interface StartOptions extends HandleOptions {
+  /**
+   * An idempotency key (a UUID is best, at most 128 characters): requests
+   * with the same request_id start one run. Default: a random UUID, so the
+   * client's own retries never start a second run.
+   */
+  requestId?: string;
+}
+
+/** Options of resume() and the decision helpers. */
+export interface ResumeOptions extends HandleOptions {
+  /** An idempotency key: the same Resume sent twice has one effect. Default: a random UUID. */
+  requestId?: string;
+}
+
+/** Options of approve(), deny() and answer(). */
+export interface DecideOptions {
+  /** An idempotency key: the same Resume sent twice has one effect. Default: a random UUID. */
+  requestId?: string;
+  /** Stops waiting (and retrying); the decision may or may not have arrived. */
+  signal?: AbortSignal;
+}
+
+/** Filters and paging of listRuns(). */
+export interface ListRunsFilter {
+  /** Only runs of this agent. */
+  agentId?: string;
+  /** Only runs in one of these states. */
+  states?: RunState[];
+  /** The most runs to return: 0 means 50, larger values are capped at 1000. */
+  pageSize?: number;
+  /** The nextPageToken of the previous page (only valid with the same filters). */
+  pageToken?: string;
+}
+
+/** One decision of a Resume, as the generated Decision message's init shape. */
+export type DecisionInit = MessageInitShape<typeof DecisionSchema>;
+
+/** A JSON value, as JSON.stringify accepts it. */
+export type Json = string | number | boolean | null | Json[] | { [key: string]: Json };
+
+/**
+ * A connection to one Keel server (or a load balancer in front of many).
+ *
+ * `target` is "host:port" (cleartext HTTP/2) or a URL: "http://host:port",
+ * "https://host:port". close() cancels the open calls and closes the
+ * connection; it is safe to call more than once. An idle connection does not
+ * keep Node's event loop alive.
+ */
+export class KeelClient {
+  readonly baseUrl: string;
+  readonly #client: AgentServiceClient;
+  readonly #sessionManager: Http2SessionManager | undefined;
+  readonly #closed = new AbortController();
+  readonly #context: HandleContext;
+
+  constructor(target: string, options: KeelClientOptions = {}) {
+    this.baseUrl = /^https?:\/\//.test(target) ? target : `http://${target}`;
+    const maxReconnects = options.maxReconnects;
+    if (maxReconnects !== undefined && !(Number.isInteger(maxReconnects) && maxReconnects >= 0)) {
+      throw new RangeError(`maxReconnects must be a non-negative integer, got ${maxReconnects}`);
+    }
+    const stallTimeoutMs = options.stallTimeoutMs ?? 30_000;
+    if (!(stallTimeoutMs >= 0)) {
+      throw new RangeError(`stallTimeoutMs must not be negative, got ${stallTimeoutMs}`);
+    }
+    let transport = options.transport;
+    if (transport === undefined) {
+      this.#sessionManager = new Http2SessionManager(this.baseUrl, options.http2);
+      transport = createGrpcTransport({
+        baseUrl: this.baseUrl,
+        sessionManager: this.#sessionManager,
+      });
+    }
+    this.#client = createClient(AgentService, transport);
+    const closed = this.#closed.signal;
+    this.#context = {
+      client: () => this.#live(),
+      closed,
+      backoff: new Backoff({ initialMs: options.initialBackoffMs, maxMs: options.maxBackoffMs }),
+      maxReconnects,
+      stallTimeoutMs,
+    };
+  }
+
+  /** Cancels the open calls and closes the default transport's connection. Safe to call twice. */
+  close(): void {
+    if (this.#closed.signal.aborted) {
+      return;
+    }
+    this.#closed.abort(new ClientClosedError());
+    this.#sessionManager?.abort();
+  }
+
+  /** The generated Connect client, for calls the helpers do not cover. */
+  get rpc(): AgentServiceClient {
+    return this.#live();
+  }
+
+  #live(): AgentServiceClient {
+    if (this.#closed.signal.aborted) {
+      throw new ClientClosedError();
+    }
+    return this.#client;
+  }
+
+  // Streams.
+
+  /**
+   * A handle that starts a run with Stream on the first iteration of its
+   * events(). The request_id (generated unless given) makes the handle's own
+   * retries of a Stream that dropped before its snapshot start one run.
+   */
+  stream(agentId: string, input: string, options: StartOptions = {}): RunHandle {
+    const request = create(StreamRequestSchema, {
+      agentId,
+      input,
+      requestId: options.requestId ?? randomId(),
+    });
+    return new RunHandle(this.#context, { rpc: "Stream", request }, options.onReconnect);
+  }
+
+  /** A handle on an existing run, observed from offset 0 unless events() is told otherwise. */
+  run(runId: string, options: HandleOptions = {}): RunHandle {
+    return new RunHandle(this.#context, { rpc: "Observe", runId }, options.onReconnect);
+  }
+
+  /**
+   * The events of an existing run from `fromOffset` (default 0), exactly once
+   * and in order, across dropped connections and server restarts, until the
+   * run's terminal event. Aborting `signal` cancels the call and makes the
+   * generator throw the signal's reason; resume later from the last index
+   * seen + 1.
+   */
+  observeRun(
+    runId: string,
+    options: EventsOptions & HandleOptions = {},
+  ): AsyncGenerator<AgentEvent, void, undefined> {
+    return this.run(runId, options).events(options);
+  }
+
+  /**
+   * A handle that sends Resume(runId, decisions) on the first iteration of
+   * its events() and streams the run from the first event after its
+   * suspension (pass fromOffset to events() to dedupe against what you have
+   * seen already). Until the server acknowledged the decisions with the
+   * stream's snapshot, a dropped Resume is sent again with the same
+   * request_id (one effect); after that the handle resumes with Observe.
+   *
+   * The server answers UNIMPLEMENTED until Resume is implemented; it will
+   * answer FAILED_PRECONDITION (RUN_NOT_SUSPENDED, INTERRUPT_RESOLVED) for a
+   * run that does not wait for these decisions.
+   */
+  resume(runId: string, decisions: DecisionInit[], options: ResumeOptions = {}): RunHandle {
+    const request = resumeRequest(runId, decisions, options.requestId);
+    return new RunHandle(this.#context, { rpc: "Resume", request }, options.onReconnect);
+  }
+
+  /**
+   * Approves a tool call that waits for approval (a `tool_call_approval`
+   * event) and resolves with the Resume stream's snapshot once the server
+   * has the decision; observers of the run see it go on. `overrideArgs`, if
+   * given, is a JSON object that replaces the arguments the model chose.
+   */
+  approve(
+    runId: string,
+    toolCallId: string,
+    options: DecideOptions & { overrideArgs?: { [key: string]: Json } } = {},
+  ): Promise<RunSnapshot> {
+    const { overrideArgs } = options;
+    if (
+      overrideArgs !== undefined &&
+      (typeof overrideArgs !== "object" || overrideArgs === null || Array.isArray(overrideArgs))
+    ) {
+      throw new TypeError("overrideArgs must be a JSON object");
+    }
+    const overrideArgsJson = overrideArgs === undefined ? "" : JSON.stringify(overrideArgs);
+    return this.#decide(
+      runId,
+      { toolCallId, decision: { case: "approve", value: { overrideArgsJson } } },
+      options,
+    );
+  }
+
+  /** Denies a tool call that waits for approval; the model sees `message`. See approve(). */
+  deny(
+    runId: string,
+    toolCallId: string,
+    options: DecideOptions & { message?: string } = {},
+  ): Promise<RunSnapshot> {
+    const message = options.message ?? "";
+    return this.#decide(
+      runId,
+      { toolCallId, decision: { case: "deny", value: { message } } },
+      options,
+    );
+  }
+
+  /** Gives the result of a deferred tool call (a `tool_call_suspended` event). See approve(). */
+  answer(
+    runId: string,
+    toolCallId: string,
+    result: Json,
+    options: DecideOptions = {},
+  ): Promise<RunSnapshot> {
+    const resultJson = JSON.stringify(result);
+    if (resultJson === undefined) {
+      throw new TypeError("result must be a JSON value");
+    }
+    return this.#decide(
+      runId,
+      { toolCallId, decision: { case: "resultJson", value: resultJson } },
+      options,
+    );
+  }
+
+  /**
+   * Sends one decision with Resume and returns the stream's snapshot, which
+   * the server sends once it has the decision; then cancels the stream (the
+   * run goes on). A Resume that fails with UNAVAILABLE is sent again, with
+   * the same request_id, after the usual backoff.
+   */
+  async #decide(
+    runId: string,
+    decision: DecisionInit,
+    options: DecideOptions,
+  ): Promise<RunSnapshot> {
+    const request = resumeRequest(runId, [decision], options.requestId);
+    const { backoff, maxReconnects, closed, stallTimeoutMs } = this.#context;
+    for (let failures = 0; ; failures += 1) {
+      const call = new CallControl(options.signal, closed, stallTimeoutMs);
+      try {
+        for await (const message of this.#live().resume(request, { signal: call.signal })) {
+          if (message.kind.case !== "snapshot") {
+            throw new StreamContractError(
+              `the Resume stream of run ${runId} sent ${String(message.kind.case)} before its snapshot`,
+            );
+          }
+          return message.kind.value; // leaving the loop cancels the call
+        }
+        throw new StreamContractError(`the Resume stream of run ${runId} ended without a snapshot`);
+      } catch (caught) {
+        if (options.signal?.aborted) {
+          throw options.signal.reason;
+        }
+        if (closed.aborted) {
+          throw new ClientClosedError();
+        }
+        const error = call.stalled ? call.stallError() : caught;
+        if (!isUnavailable(error) || (maxReconnects !== undefined && failures >= maxReconnects)) {
+          throw error;
+        }
+      } finally {
+        call.dispose();
+      }
+      await sleep(backoff.delayMs(failures), options.signal, closed);
+    }
+  }
+
+  // Unary calls.
+
+  /** Starts a run without streaming it; the same requestId returns the same run. */
+  async startRun(
+    agentId: string,
+    input: string,
+    options: { requestId?: string } = {},
+    call?: CallOptions,
+  ): Promise<Run> {
+    const response = await this.#live().startRun(
+      { agentId, input, requestId: options.requestId ?? "" },
+      call,
+    );
+    return required(response.run, "StartRun");
+  }
+
+  /** A run's current state. */
+  async getRun(runId: string, call?: CallOptions): Promise<Run> {
+    const response = await this.#live().getRun({ runId }, call);
+    return required(response.run, "GetRun");
+  }
+
+  /** One page of runs, newest first; pass nextPageToken back as pageToken for the next. */
+  listRuns(filter: ListRunsFilter = {}, call?: CallOptions): Promise<ListRunsResponse> {
+    return this.#live().listRuns(
+      {
+        agentId: filter.agentId ?? "",
+        states: filter.states ?? [],
+        pageSize: filter.pageSize ?? 0,
+        pageToken: filter.pageToken ?? "",
+      },
+      call,
+    );
+  }
+
+  /** Cancels a run that has not ended; an ended run is returned unchanged. */
+  async cancelRun(
+    runId: string,
+    options: { reason?: string } = {},
+    call?: CallOptions,
+  ): Promise<Run> {
+    const response = await this.#live().cancelRun({ runId, reason: options.reason ?? "" }, call);
+    return required(response.run, "CancelRun");
+  }
+
+  /** The agents this server can run, sorted by agentId. */
+  async listAgents(call?: CallOptions): Promise<Agent[]> {
+    const response = await this.#live().listAgents({}, call);
+    return response.agents;
+  }
+}
+
+function resumeRequest(
+  runId: string,
+  decisions: DecisionInit[],
+  requestId: string | undefined,
+): ResumeRequest {
+  return create(ResumeRequestSchema, { runId, decisions, requestId: requestId ?? randomId() });
+}
+
+function required<T>(value: T | undefined, rpc: string): T {
+  if (value === undefined) {
+    throw new StreamContractError(`${rpc} answered without a run`);
+  }
+  return value;
+}
+
+function randomId(): string {
+  return globalThis.crypto.randomUUID();
+}

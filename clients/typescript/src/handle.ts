@@ -1,0 +1,317 @@
+/**
+ * RunHandle: one run's event stream, resumed across dropped connections.
+ *
+ * A handle remembers where its reader is (`nextOffset`: the index of the next
+ * event it has not yielded) and, once the first snapshot named it, the run's
+ * id. Every reconnect asks for exactly that offset, so the events a reader
+ * sees are 0, 1, 2, ... exactly once, whatever happened in between. It is the
+ * loop docs/clients.md describes, and the twin of the Python client's
+ * `keel_client.RunHandle`.
+ */
+import { ConnectError, type Client, type Code } from "@connectrpc/connect";
+import type { Backoff } from "./backoff.js";
+import { CallControl, sleep } from "./calls.js";
+import { ClientClosedError, StreamContractError, isUnavailable } from "./errors.js";
+import type {
+  AgentEvent,
+  AgentService,
+  Heartbeat,
+  ObserveResponse,
+  ResumeRequest,
+  ResumeResponse,
+  RunSnapshot,
+  StreamRequest,
+  StreamResponse,
+} from "./gen/keel/v1/agent_service_pb.js";
+
+export type AgentServiceClient = Client<typeof AgentService>;
+
+/** The RPC a handle sends to (re)open its stream. */
+export type StreamRpc = "Stream" | "Observe" | "Resume";
+
+/** One reconnect of a handle after its stream failed with UNAVAILABLE (or stalled). */
+export interface Reconnect {
+  /** 1 for the first reconnect of a row without a new event, then 2, 3, ... */
+  attempt: number;
+  /** The offset the new request resumes at: the handle's nextOffset. */
+  offset: bigint;
+  /** The RPC the handle sends again: Observe once the run's id and offset are known. */
+  rpc: StreamRpc;
+  /** How long the handle waits before sending it. */
+  delayMs: number;
+  /** The status of the failure that caused it (UNAVAILABLE for a broken connection). */
+  code: Code;
+  /** The failure's message. */
+  message: string;
+}
+
+export type OnReconnect = (reconnect: Reconnect) => void;
+
+export interface EventsOptions {
+  /**
+   * The index of the first event to yield (inclusive). Default: the handle's
+   * `nextOffset` (0 for a new handle), so iterating `events()` again
+   * continues where the last iteration stopped.
+   */
+  fromOffset?: bigint | number;
+  /**
+   * Stops the iteration: the open call is cancelled and the generator throws
+   * `signal.reason`. The run goes on in the server.
+   */
+  signal?: AbortSignal;
+}
+
+/** What a handle needs from its KeelClient. */
+export interface HandleContext {
+  /** The generated client; throws ClientClosedError once the KeelClient is closed. */
+  client(): AgentServiceClient;
+  /** Aborted when the KeelClient is closed. */
+  closed: AbortSignal;
+  backoff: Backoff;
+  /** Reconnects in a row without a new event before giving up; undefined: no limit. */
+  maxReconnects: number | undefined;
+  /** Reconnect when a stream delivers no message (heartbeats included) for this long; 0: never. */
+  stallTimeoutMs: number;
+}
+
+/** How a handle's first request is made. */
+export type HandleStart =
+  | { rpc: "Stream"; request: StreamRequest }
+  | { rpc: "Observe"; runId: string }
+  | { rpc: "Resume"; request: ResumeRequest };
+
+type Response = StreamResponse | ObserveResponse | ResumeResponse;
+
+/**
+ * A run's event stream that survives dropped connections.
+ *
+ * Get one from `KeelClient.stream()` (starts a run), `KeelClient.run()` (an
+ * existing run) or `KeelClient.resume()` (answers a suspended run) and
+ * iterate `events()`.
+ */
+export class RunHandle {
+  /**
+   * The run's id. For a `stream()` handle it is undefined until the first
+   * snapshot arrives; a Stream that drops before it is sent again with the
+   * same request_id (idempotent: the server attaches to the same run).
+   */
+  runId: string | undefined;
+  /** The index of the next event `events()` yields: the last yielded index + 1. */
+  nextOffset: bigint;
+  /** The RunSnapshot of the latest (re)connection. */
+  snapshot: RunSnapshot | undefined;
+  /** The latest Heartbeat; its nextOffset never exceeds the handle's. */
+  lastHeartbeat: Heartbeat | undefined;
+  /** Every reconnect so far. */
+  readonly reconnects: Reconnect[] = [];
+  /** Called with each reconnect as it happens (before its backoff delay). */
+  onReconnect: OnReconnect | undefined;
+
+  readonly #context: HandleContext;
+  readonly #start: HandleStart;
+  // False only for a Resume handle before its first event (or fromOffset):
+  // the Resume stream starts at the first event after the suspension, an
+  // index the client cannot know in advance.
+  #offsetKnown: boolean;
+  // A Resume is sent again (same request_id: one effect) until one of them
+  // reached its snapshot, i.e. the server has the decisions.
+  #resumeDelivered = false;
+  #iterating = false;
+
+  constructor(context: HandleContext, start: HandleStart, onReconnect?: OnReconnect) {
+    this.#context = context;
+    this.#start = start;
+    this.runId =
+      start.rpc === "Stream"
+        ? undefined
+        : start.rpc === "Observe"
+          ? start.runId
+          : start.request.runId;
+    this.nextOffset = 0n;
+    this.#offsetKnown = start.rpc !== "Resume";
+    this.onReconnect = onReconnect;
+  }
+
+  /**
+   * Yields the run's events from `fromOffset` exactly once and in index
+   * order, following the run live, until the server ends the stream with OK
+   * after the terminal event (finish, error or abort).
+   *
+   * Lazy: no request is sent until the first `next()`. Breaking out of a
+   * `for await` cancels the call; the run goes on in the server, and
+   * `events()` may be iterated again later to continue.
+   *
+   * 1. Open Observe(runId, nextOffset); or Stream(request) while the run's
+   *    id is unknown, Resume(request) while the decisions may not have
+   *    arrived or the offset is unknown (both idempotent by request_id).
+   * 2. Check the snapshot comes first; take the run's id from it.
+   * 3. For each event: index < nextOffset is a duplicate (drop it);
+   *    index > nextOffset is a gap (throw StreamContractError); otherwise
+   *    advance nextOffset and yield it.
+   * 4. On UNAVAILABLE (or a connection that broke, or no message for
+   *    stallTimeoutMs) wait with capped exponential backoff and jitter, and go
+   *    to 1. After maxReconnects reconnects in a row that brought no new
+   *    event, throw the last error. Any other status is thrown as is (a
+   *    ConnectError).
+   */
+  async *events(options: EventsOptions = {}): AsyncGenerator<AgentEvent, void, undefined> {
+    if (this.#iterating) {
+      throw new Error("this RunHandle's events() is already being iterated");
+    }
+    const { signal } = options;
+    const from = options.fromOffset === undefined ? undefined : BigInt(options.fromOffset);
+    if (from !== undefined && from < 0n) {
+      throw new RangeError(`fromOffset must not be negative, got ${from}`);
+    }
+    this.#iterating = true;
+    try {
+      if (from !== undefined) {
+        this.nextOffset = from;
+        this.#offsetKnown = true;
+      }
+      let failures = 0; // reconnects in a row that brought no new event
+      for (;;) {
+        this.#checkNotStopped(signal);
+        const offsetBefore = this.nextOffset;
+        const rpc = this.#nextRpc();
+        const call = new CallControl(signal, this.#context.closed, this.#context.stallTimeoutMs);
+        let reconnect: Reconnect;
+        try {
+          let hasSnapshot = false;
+          for await (const message of this.#open(rpc, call.signal)) {
+            call.touch();
+            hasSnapshot = this.#acceptControl(message, hasSnapshot, rpc);
+            if (message.kind.case === "events") {
+              for (const event of message.kind.value.events) {
+                if (this.#acceptEvent(event)) {
+                  call.pause(); // a slow reader is not a silent server
+                  yield event;
+                  call.touch();
+                }
+              }
+            }
+          }
+          return;
+        } catch (caught) {
+          this.#checkNotStopped(signal);
+          const error = call.stalled ? call.stallError() : caught;
+          if (!isUnavailable(error)) {
+            throw error;
+          }
+          if (this.nextOffset > offsetBefore) {
+            failures = 0;
+          }
+          const { maxReconnects } = this.#context;
+          if (maxReconnects !== undefined && failures >= maxReconnects) {
+            throw error;
+          }
+          const connectError = ConnectError.from(error);
+          reconnect = {
+            attempt: failures + 1,
+            offset: this.nextOffset,
+            rpc: this.#nextRpc(),
+            delayMs: this.#context.backoff.delayMs(failures),
+            code: connectError.code,
+            message: connectError.rawMessage,
+          };
+          failures += 1;
+        } finally {
+          call.dispose();
+        }
+        this.reconnects.push(reconnect);
+        this.onReconnect?.(reconnect);
+        await sleep(reconnect.delayMs, signal, this.#context.closed);
+      }
+    } finally {
+      this.#iterating = false;
+    }
+  }
+
+  /** Step 1: which RPC (re)opens the stream. */
+  #nextRpc(): StreamRpc {
+    if (this.runId === undefined) {
+      return "Stream";
+    }
+    if (this.#start.rpc === "Resume" && !(this.#resumeDelivered && this.#offsetKnown)) {
+      return "Resume";
+    }
+    return "Observe";
+  }
+
+  #open(rpc: StreamRpc, signal: AbortSignal): AsyncIterable<Response> {
+    const client = this.#context.client();
+    const start = this.#start;
+    if (rpc === "Stream" && start.rpc === "Stream") {
+      return client.stream(start.request, { signal });
+    }
+    if (rpc === "Resume" && start.rpc === "Resume") {
+      return client.resume(start.request, { signal });
+    }
+    if (rpc === "Observe" && this.runId !== undefined) {
+      return client.observe({ runId: this.runId, offset: this.nextOffset }, { signal });
+    }
+    throw new Error(`cannot open ${rpc} for a handle started with ${start.rpc}`); // unreachable
+  }
+
+  /** Step 2 and heartbeats, for one message; returns whether the call has its snapshot. */
+  #acceptControl(message: Response, hasSnapshot: boolean, rpc: StreamRpc): boolean {
+    const kind = message.kind;
+    if (kind.case === "snapshot") {
+      const runId = kind.value.run?.runId ?? "";
+      if (runId === "") {
+        throw new StreamContractError("the stream's snapshot names no run");
+      }
+      if (this.runId !== undefined && runId !== this.runId) {
+        throw new StreamContractError(`expected a snapshot of run ${this.runId}, got ${runId}`);
+      }
+      this.runId = runId;
+      this.snapshot = kind.value;
+      if (rpc === "Resume") {
+        this.#resumeDelivered = true;
+      }
+      return true;
+    }
+    if (!hasSnapshot) {
+      throw new StreamContractError(`the stream sent ${String(kind.case)} before its snapshot`);
+    }
+    if (kind.case === "heartbeat") {
+      this.lastHeartbeat = kind.value;
+      // A heartbeat names the next index this stream delivers; past ours
+      // means the stream skipped events this handle never saw.
+      if (this.#offsetKnown && kind.value.nextOffset > this.nextOffset) {
+        throw new StreamContractError(
+          `run ${this.runId}: heartbeat at ${kind.value.nextOffset} but nextOffset is ${this.nextOffset}`,
+        );
+      }
+    }
+    // Other kinds (a newer server's additions) are not this client's business.
+    return true;
+  }
+
+  /** Step 3 for one event: whether to yield it. */
+  #acceptEvent(event: AgentEvent): boolean {
+    if (!this.#offsetKnown) {
+      this.nextOffset = event.index; // a Resume stream's first event sets the baseline
+      this.#offsetKnown = true;
+    }
+    if (event.index < this.nextOffset) {
+      return false; // a duplicate, already yielded before a reconnect
+    }
+    if (event.index > this.nextOffset) {
+      throw new StreamContractError(
+        `run ${this.runId}: expected event ${this.nextOffset}, got ${event.index}`,
+      );
+    }
+    this.nextOffset += 1n; // before yielding: a reader may stop at this event
+    return true;
+  }
+
+  #checkNotStopped(signal: AbortSignal | undefined): void {
+    if (signal?.aborted) {
+      throw signal.reason;
+    }
+    if (this.#context.closed.aborted) {
+      throw new ClientClosedError();
+    }
+  }
+}

@@ -1,0 +1,41 @@
+/**
+ * @keel/client: a TypeScript client for Keel whose event streams resume by themselves.
+ *
+ * - `KeelClient`: the connection, unary helpers, decisions for suspended
+ *   runs, and handles on runs; `observeRun()` for an existing run.
+ * - `RunHandle`: one run's events, yielded exactly once and in order across
+ *   dropped connections (reconnect on UNAVAILABLE, resume at `nextOffset`).
+ * - `StreamContractError`, `ClientClosedError`, `isUnavailable()`, `errorInfo()`;
+ *   Connect's `ConnectError` and `Code`, which every failed call throws.
+ * - `Backoff`: the capped exponential backoff with jitter between reconnects.
+ * - Every generated message, enum and the `AgentService` descriptor of keel.v1.
+ */
+export { Code, ConnectError } from "@connectrpc/connect";
+export { Backoff, type BackoffOptions } from "./backoff.js";
+export {
+  KeelClient,
+  type DecideOptions,
+  type DecisionInit,
+  type HandleOptions,
+  type Json,
+  type KeelClientOptions,
+  type ListRunsFilter,
+  type ResumeOptions,
+  type StartOptions,
+} from "./client.js";
+export {
+  ClientClosedError,
+  StreamContractError,
+  errorInfo,
+  isUnavailable,
+  type ErrorInfo,
+} from "./errors.js";
+export {
+  RunHandle,
+  type AgentServiceClient,
+  type EventsOptions,
+  type OnReconnect,
+  type Reconnect,
+  type StreamRpc,
+} from "./handle.js";
+export * from "./gen/keel/v1/agent_service_pb.js";

@@ -1,0 +1,78 @@
+"""20 runs on 3 instances, 10 random SIGKILLs while they run: every run finishes, exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+from keel.v1 import agent_service_pb2 as pb
+from keel_client import KeelClient
+
+from server.events.redis import RedisEventLog
+from tests.chaos.conftest import (
+    Cluster,
+    assert_run_invariants,
+    expected_text,
+    free_port,
+    observe_all,
+    script,
+    wait_for,
+)
+
+RUNS = 20
+KILLS = 10
+SEED = 20261122
+
+
+def steps_for(i: int) -> tuple[dict[str, Any], ...]:
+    return (
+        {"text": 20 + i, "delay_ms": 15},
+        {"tool": "record", "args": {"key": "a", "delay_ms": 50}},
+        {"text": 20, "delay_ms": 15},
+        {"tool": "record", "args": {"key": "b"}},
+        {"text": 10, "delay_ms": 15},
+    )
+
+
+async def test_runs_finish_exactly_once_through_repeated_sigkills(
+    cluster: Cluster, store: RedisEventLog
+) -> None:
+    rng = random.Random(SEED)
+    ports = [free_port() for _ in range(3)]
+    instances = {port: await cluster.start(port=port) for port in ports}
+    target = "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in ports)
+
+    async with KeelClient(target, initial_backoff_s=0.05, max_backoff_s=0.5) as client:
+        run_ids = [
+            (await client.start_run("scripted", script(*steps_for(i)))).run_id for i in range(RUNS)
+        ]
+        # A resumable client follows every run through the chaos.
+        followers = [asyncio.create_task(_follow(client, run_id)) for run_id in run_ids]
+
+        for _ in range(KILLS):
+            await asyncio.sleep(rng.uniform(0.2, 0.6))
+            port = rng.choice(ports)
+            instances[port].kill()
+            await instances[port].wait()
+            instances[port] = await cluster.start(port=port)
+
+        async def all_ended() -> bool:
+            runs = [await store.get_run(run_id) for run_id in run_ids]
+            return all(run.state.terminal for run in runs)
+
+        await wait_for(all_ended, timeout_s=120, what="every run to end")
+        followed = await asyncio.wait_for(asyncio.gather(*followers), 60)
+
+    for i, (run_id, seen) in enumerate(zip(run_ids, followed, strict=True)):
+        steps = steps_for(i)
+        assert (await store.get_run(run_id)).state.value == "succeeded"
+        events = await observe_all(f"127.0.0.1:{ports[0]}", run_id)
+        assert_run_invariants(events, expected_text(*steps))
+        assert [e.SerializeToString() for e in seen] == [e.SerializeToString() for e in events]
+        counts = {key: await store.get_counter(run_id, key) for key in ("a", "b")}
+        assert counts == {"a": 1, "b": 1}, (run_id, counts)
+
+
+async def _follow(client: KeelClient, run_id: str) -> list[pb.AgentEvent]:
+    return [event async for event in client.run(run_id).events()]
