@@ -214,3 +214,36 @@ async def test_restart_of_a_lone_instance_resumes_its_runs_from_their_checkpoint
         events = await observe_all(restarted.target, run_id)
         assert_run_invariants(events, expected_text(*steps))
         assert await counters(store, run_id, "r") == {"r": 1}
+
+
+async def test_cancel_of_a_run_whose_owner_died_is_not_lost(
+    cluster: Cluster, store: RedisEventLog
+) -> None:
+    a, b = await cluster.start(), await cluster.start()
+    run_id = await start_run(a, script({"text": 500, "delay_ms": 10}))
+    await watch_until(a, run_id, lambda seen: kinds(seen).count("text_delta") >= 5)
+    a.kill()  # its lease is still held: nobody can abort the run yet
+    async with grpc.aio.insecure_channel(b.target) as channel:
+        cancelled = await pb_grpc.AgentServiceStub(channel).CancelRun(
+            pb.CancelRunRequest(run_id=run_id, reason="owner is gone")
+        )
+    assert cancelled.run.state == pb.RUN_STATE_CANCELLED
+    events = await observe_all(b.target, run_id)
+    assert [e.index for e in events] == list(range(len(events)))
+    assert kinds(events)[-1] == "abort"
+    assert events[-1].abort.reason == "owner is gone"
+
+
+async def test_sigterm_hands_runs_back_and_another_instance_resumes_them(
+    cluster: Cluster, store: RedisEventLog
+) -> None:
+    steps = ({"text": 50, "delay_ms": 10}, {"tool": "record", "args": {"key": "h"}}, {"text": 10})
+    a, b = await cluster.start(), await cluster.start()
+    run_id = await start_run(a, script(*steps))
+    await watch_until(a, run_id, lambda seen: kinds(seen).count("text_delta") >= 10)
+    a.terminate()  # shutdown grace 0: the run is handed back at once, its lease released
+    assert await a.wait() == 0
+    events = await observe_all(b.target, run_id)
+    assert_run_invariants(events, expected_text(*steps))
+    assert await counters(store, run_id, "h") == {"h": 1}
+    assert (await store.get_run(run_id)).owner != ""

@@ -61,6 +61,8 @@ def _go(gopath: Path, *args: str) -> subprocess.CompletedProcess[str]:
         "GOPATH": f"{gopath}{os.pathsep}{DEBIAN_GOPATH}",
         "GOPROXY": "off",
         "GOFLAGS": "",
+        # go needs a build cache; $HOME may be unset under CI.
+        "GOCACHE": os.environ.get("GOCACHE") or str(Path.home() / ".cache" / "go-build"),
     }
     assert GO is not None
     return subprocess.run(
