@@ -121,6 +121,9 @@ class EventLog(Protocol):
     async def get_run(self, run_id: str) -> RunRecord:
         """The run's record. Raises RunNotFound."""
 
+    async def head(self, run_id: str) -> int:
+        """The run's next index (cheap: no checkpoint is read). Raises RunNotFound."""
+
     async def list_runs(
         self,
         *,

@@ -173,6 +173,9 @@ class MemoryEventLog:
     async def get_run(self, run_id: str) -> RunRecord:
         return self._get(run_id).snapshot()
 
+    async def head(self, run_id: str) -> int:
+        return self._get(run_id).next_index
+
     async def list_runs(
         self,
         *,

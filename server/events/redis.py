@@ -185,6 +185,13 @@ class RedisEventLog:
             raise RunNotFound(run_id)
         return _record_from_hash(run_id, fields)
 
+    async def head(self, run_id: str) -> int:
+        with _store_errors():
+            next_index = await self._client.hget(self._keys.run(run_id), RunField.NEXT_INDEX)
+        if next_index is None:
+            raise RunNotFound(run_id)
+        return int(next_index)
+
     async def list_runs(
         self,
         *,

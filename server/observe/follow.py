@@ -103,7 +103,7 @@ async def follow(
                 if batch is None:
                     if await _quiet(queue, draining, limits.heartbeat_interval_s):
                         yield Heartbeat(next_offset)
-                        head = (await log.get_run(run_id)).next_index
+                        head = await log.head(run_id)
                         if head > next_offset:
                             break  # 4. a notification went missing: read the log
                     continue

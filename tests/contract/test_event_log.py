@@ -1028,3 +1028,12 @@ async def test_redis_unreachable_raises_store_unavailable() -> None:
     with pytest.raises(StoreUnavailable):
         await RedisEventLog.connect(f"redis://127.0.0.1:{port}/0", socket_timeout_s=1)
     assert time.monotonic() - started < 5
+
+
+async def test_head_is_the_next_index_and_unknown_runs_are_not_found(event_log: EventLog) -> None:
+    record = await new_run(event_log)
+    assert await event_log.head(record.run_id) == 0
+    await event_log.append(record.run_id, record.epoch, make_events(record.run_id, 0, 3))
+    assert await event_log.head(record.run_id) == 3
+    with pytest.raises(RunNotFound):
+        await event_log.head("no-such-run")
