@@ -97,6 +97,37 @@ class OffsetBeyondEnd(KeelError):
         )
 
 
+class RunNotSuspended(KeelError):
+    """Resume needs a suspended run; this one is in another state."""
+
+    def __init__(self, run_id: str, state: str) -> None:
+        self.run_id = run_id
+        self.state = state
+        super().__init__(f"run {run_id!r} is {state}, not suspended: there is nothing to resume")
+
+
+class InterruptResolved(KeelError):
+    """The interrupt was already answered, with another decision."""
+
+    def __init__(self, run_id: str, tool_call_id: str) -> None:
+        self.run_id = run_id
+        self.tool_call_id = tool_call_id
+        super().__init__(
+            f"tool call {tool_call_id!r} of run {run_id!r} was already answered differently"
+        )
+
+
+class ConcurrentModification(KeelError):
+    """Another request changed the run between our read and our write."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        super().__init__(
+            f"run {run_id!r} was changed by another request (a racing Resume or cancel); "
+            "read it again and retry if still relevant"
+        )
+
+
 class StaleEpoch(KeelError):
     """A writer's epoch is older than the run's: another owner took the run over."""
 

@@ -7,9 +7,12 @@ The loop reaches a boundary twice per step (DESIGN section 6):
   the same ids (the tool journal answers those that already finished);
 - STEP: the step is complete: its tool results are in the history.
 
-A run also has one STARTED checkpoint, committed with its `start` event. A
-checkpoint is committed in the same atomic append as the events before it,
-so the log and the checkpoint can never disagree: `next_index` is the index
+A run also has one STARTED checkpoint, committed with its `start` event,
+and a SUSPENDED one when a tool call needs a human (committed with the
+`suspended` event, so the suspension is persisted before it is announced),
+followed by a RESUMED one when the decisions arrived. A checkpoint is
+committed in the same atomic append as the events before it, so the log and
+the checkpoint can never disagree: `next_index` is the index
 of the first event *after* the checkpoint, and any event from there on
 belongs to an attempt that the checkpoint does not cover.
 """
@@ -35,6 +38,8 @@ class Phase(enum.StrEnum):
     STARTED = "started"  # the run started; no step has run
     RESPONSE = "response"  # the step's model response is complete; its tools have not run
     STEP = "step"  # the step is complete
+    SUSPENDED = "suspended"  # the step's tools half waits for decisions on `interrupts`
+    RESUMED = "resumed"  # the decisions arrived (stored with the run); the tools half goes on
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +48,7 @@ class Checkpoint:
 
     phase: Phase
     step: int  # the step the phase refers to; 0 for STARTED
+    attempt: int = 1  # the attempt of `step` that reached the boundary
     messages: bytes = b"[]"  # pydantic-ai's message history, as ModelMessagesTypeAdapter JSON
     usage: RunUsage = field(default_factory=RunUsage)  # the run's usage so far
     step_start_usage: RunUsage = field(default_factory=RunUsage)  # usage when `step` began
@@ -54,6 +60,7 @@ class Checkpoint:
             "v": _VERSION,
             "phase": self.phase.value,
             "step": self.step,
+            "attempt": self.attempt,
             "next_index": self.next_index,
             "usage": _USAGE.dump_python(self.usage, mode="json"),
             "step_start_usage": _USAGE.dump_python(self.step_start_usage, mode="json"),
@@ -74,6 +81,7 @@ class Checkpoint:
         return cls(
             phase=Phase(body["phase"]),
             step=int(body["step"]),
+            attempt=int(body["attempt"]),
             messages=json.dumps(body["messages"], separators=(",", ":")).encode(),
             usage=_USAGE.validate_python(body["usage"]),
             step_start_usage=_USAGE.validate_python(body["step_start_usage"]),

@@ -243,5 +243,6 @@ class StepEvents:
                 tool_call_id=part.tool_call_id,
                 tool_name=part.tool_name,
                 result_json=tool_result_json(part),
+                denied=part.outcome == "denied",
             )
         )

@@ -27,10 +27,17 @@ from collections.abc import Sequence
 from typing import Any, TypeAlias
 
 import pydantic_core
-from pydantic_ai import Agent, AgentRun, CallToolsNode, DeferredToolRequests, ModelRequestNode
+from pydantic_ai import (
+    Agent,
+    AgentRun,
+    CallToolsNode,
+    DeferredToolRequests,
+    DeferredToolResults,
+    ModelRequestNode,
+)
 from pydantic_ai._agent_graph import AgentNode  # not re-exported, but AgentRun.next returns it
 from pydantic_ai.capabilities import AbstractCapability
-from pydantic_ai.messages import ModelMessage, ModelResponse
+from pydantic_ai.messages import ModelMessage, ModelResponse, ToolCallPart
 from pydantic_ai.result import FinalResult
 from pydantic_ai.usage import RunUsage
 from pydantic_graph import End
@@ -43,17 +50,6 @@ from server.agents.types import AgentSpec, EventSink, LoopResult, RunInfo
 _Node: TypeAlias = AgentNode[Any, Any] | End[FinalResult[Any]]
 
 
-class ApprovalsNotSupportedError(RuntimeError):
-    """The model called a tool that needs approval, and approvals need Resume."""
-
-    def __init__(self, tool_names: list[str]) -> None:
-        self.tool_names = tool_names
-        super().__init__(
-            f"tool call(s) {', '.join(tool_names)} need a human's approval, which needs Resume; "
-            "Resume is not implemented yet, so this run cannot continue"
-        )
-
-
 async def run_agent_loop(
     spec: AgentSpec,
     prompt: str,
@@ -63,14 +59,17 @@ async def run_agent_loop(
     resume: Checkpoint | None = None,
     attempt: int = 1,
     capabilities: Sequence[AbstractCapability[Any]] = (),
+    deferred: DeferredToolResults | None = None,
 ) -> LoopResult:
-    """Run `spec`'s agent on `prompt` to the end, emitting its events to `sink`.
+    """Run `spec`'s agent on `prompt` until it ends or suspends, emitting events to `sink`.
 
     With `resume`, go on from that checkpoint instead of starting afresh; the
-    first step (or half step) run is numbered `attempt`, later ones 1.
-    `capabilities` join the agent's own for this run (the executor's tool
-    journal). Returns the run's output and usage. Raises whatever the agent
-    raises, and ApprovalsNotSupportedError when a tool call needs approval.
+    first step (or half step) run is numbered `attempt`, later ones 1. A
+    SUSPENDED or RESUMED checkpoint needs `deferred`: the decisions on its
+    interrupts. `capabilities` join the agent's own for this run (the
+    executor's tool journal). Returns the run's output and usage, or, when a
+    tool call waits for a human, a result whose `suspended` checkpoint names
+    the interrupts. Raises whatever the agent raises.
     """
     deps = spec.deps(run_info) if spec.deps is not None else None
     if resume is None or resume.phase is Phase.STARTED:
@@ -83,20 +82,25 @@ async def run_agent_loop(
             usage=copy.copy(resume.usage),
             deps=deps,
             capabilities=capabilities,
+            deferred_tool_results=deferred,
         )
         step = resume.step
     async with context as run:
         loop = AgentLoop(run, sink, step=step, attempt=attempt)
-        if resume is not None and resume.phase is Phase.RESPONSE:
+        if resume is not None and resume.phase in _MID_STEP:
             loop.resume_tools_half(resume.step_start_usage)
         output = await loop.drive()
+        if isinstance(output, DeferredToolRequests):
+            return LoopResult("", "", usage_to_pb(run.usage), suspended=loop.suspension(output))
         return loop_result(output, run.usage)
+
+
+# Checkpoints taken between a step's model response and the end of its tools half.
+_MID_STEP = frozenset({Phase.RESPONSE, Phase.SUSPENDED, Phase.RESUMED})
 
 
 def loop_result(output: Any, usage: RunUsage) -> LoopResult:
     """The LoopResult for a run's final output: text as is, anything else as JSON."""
-    if isinstance(output, DeferredToolRequests):
-        raise ApprovalsNotSupportedError(_deferred_tool_names(output))
     if isinstance(output, str):
         return LoopResult(output_text=output, output_json="", usage=usage_to_pb(usage))
     # to_json serialises pydantic models, dataclasses and plain containers
@@ -193,11 +197,25 @@ class AgentLoop:
         next_node = await self._run.next(node)
 
         if Agent.is_end_node(next_node) and isinstance(next_node.data.output, DeferredToolRequests):
-            # The step is suspended, not finished: no step_finish. A later
-            # issue emits tool_call_approval + suspended here instead.
-            raise ApprovalsNotSupportedError(_deferred_tool_names(next_node.data.output))
+            # The step is suspended, not finished: no step_finish until it resumes.
+            return next_node
         await self._finish_step(node.model_response, next_node)
         return next_node
+
+    def suspension(self, requests: DeferredToolRequests) -> Checkpoint:
+        """The SUSPENDED checkpoint of a step whose tool calls wait for decisions."""
+        interrupts = [_interrupt(call, "approval") for call in requests.approvals] + [
+            _interrupt(call, "call") for call in requests.calls
+        ]
+        return Checkpoint(
+            phase=Phase.SUSPENDED,
+            step=self.step,
+            attempt=self._events.attempt,
+            messages=dump_messages(self._run.all_messages()),
+            usage=copy.copy(self._run.usage),
+            step_start_usage=copy.copy(self._usage_at_step_start),
+            interrupts=tuple(interrupts),
+        )
 
     async def _finish_step(self, response: ModelResponse, next_node: _Node) -> None:
         usage = usage_between(self._usage_at_step_start, self._run.usage)
@@ -216,6 +234,7 @@ class AgentLoop:
             Checkpoint(
                 phase=phase,
                 step=self.step,
+                attempt=self._events.attempt,
                 messages=dump_messages(messages),
                 usage=copy.copy(self._run.usage),
                 step_start_usage=copy.copy(self._usage_at_step_start),
@@ -226,5 +245,10 @@ class AgentLoop:
         await self._sink.emit(event)
 
 
-def _deferred_tool_names(requests: DeferredToolRequests) -> list[str]:
-    return [call.tool_name for call in [*requests.approvals, *requests.calls]]
+def _interrupt(call: ToolCallPart, kind: str) -> dict[str, Any]:
+    return {
+        "tool_call_id": call.tool_call_id,
+        "tool_name": call.tool_name,
+        "args_json": call.args_as_json_str(),
+        "kind": kind,
+    }

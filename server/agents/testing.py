@@ -26,6 +26,8 @@ The run's input is a JSON script:
 - `{"tool": "fail", "args": {"message": M}}` calls `fail`, which raises
   ModelRetry(M): the model sees the failure (a tool_error event) and the
   script goes on; the run does not fail.
+- `{"error": M}` makes the model request fail with M (as a provider outage
+  would): the run ends with an `error` event and state FAILED.
 - After the last step the model answers "done", and the run's output is
   exactly "done": text deltas streamed in the same (final) model response are
   narration before the answer, as they are in every other response. So the
@@ -83,6 +85,10 @@ class TextStep(_Step):
     delay_ms: int = Field(default=0, ge=0, le=MAX_DELAY_MS, description="sleep between two deltas")
 
 
+class ErrorStep(_Step):
+    error: str = Field(min_length=1, max_length=10_000, description="the model fails with this")
+
+
 class RecordArgs(_Step):
     key: str = Field(min_length=1, max_length=256)
     delay_ms: int = Field(default=0, ge=0, le=MAX_DELAY_MS, description="time the tool takes")
@@ -119,17 +125,23 @@ def _step_kind(value: Any) -> str | None:
             return "text"
         if "tool" in value:
             return "tool"
+        if "error" in value:
+            return "error"
     elif isinstance(value, _Step):
+        if isinstance(value, ErrorStep):
+            return "error"
         return "tool" if hasattr(value, "tool") else "text"
     return None
 
 
 Step = Annotated[
-    Annotated[TextStep, Tag("text")] | Annotated[ToolStep, Tag("tool")],
+    Annotated[TextStep, Tag("text")]
+    | Annotated[ToolStep, Tag("tool")]
+    | Annotated[ErrorStep, Tag("error")],
     Discriminator(
         _step_kind,
         custom_error_type="unknown_step_kind",
-        custom_error_message='a step is an object with either "text" or "tool"',
+        custom_error_message='a step is an object with "text", "tool" or "error"',
     ),
 ]
 
@@ -193,13 +205,18 @@ def validate_input(text: str) -> None:
 # -- the model ----------------------------------------------------------------
 
 
+class ScriptedModelError(RuntimeError):
+    """The scripted model failing on purpose (an `{"error": M}` step)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Segment:
     """What one model response plays: text deltas, then maybe one tool call."""
 
     first_delta: int  # the number of the first delta ("t<first_delta> ")
     text_steps: tuple[TextStep, ...]
-    tool: RecordStep | ApproveStep | FailStep | None  # None: the final answer
+    # The tool to call (or the model failure) that ends the segment; None: the final answer.
+    tool: RecordStep | ApproveStep | FailStep | ErrorStep | None
 
 
 def segments(script: Script) -> list[Segment]:
@@ -254,6 +271,8 @@ async def _play(
     if segment.tool is None:
         yield FINAL_ANSWER
         return
+    if isinstance(segment.tool, ErrorStep):
+        raise ScriptedModelError(segment.tool.error)
     # Name and id first, arguments after, as real providers stream them.
     call_id = f"call_{number}"
     args = segment.tool.args

@@ -65,8 +65,11 @@ class AgentSpec:
 
 @dataclass(frozen=True, slots=True)
 class LoopResult:
-    """How a run's agent loop ended successfully."""
+    """How a run's agent loop ended: with its output, or suspended."""
 
     output_text: str  # the final output, for text output
     output_json: str  # the final output as JSON, for structured output ("" for text)
     usage: Usage
+    # Set when the run suspended: the checkpoint to resume from (its `interrupts`
+    # name the tool calls that wait for a decision). The output fields are then empty.
+    suspended: Checkpoint | None = None

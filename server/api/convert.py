@@ -10,6 +10,7 @@ from keel.v1.agent_service_pb2 import AgentEvent
 
 from server.agents.types import AgentSpec
 from server.events.log import RunRecord, RunState
+from server.runs.decisions import pending_interrupts
 
 STATE_TO_PROTO: dict[RunState, pb.RunState.ValueType] = {
     RunState.QUEUED: pb.RUN_STATE_QUEUED,
@@ -27,6 +28,12 @@ def _timestamp(ms: int) -> Timestamp:
     return ts
 
 
+INTERRUPT_KINDS: dict[str, pb.InterruptKind.ValueType] = {
+    "approval": pb.INTERRUPT_KIND_APPROVAL,
+    "call": pb.INTERRUPT_KIND_CALL,
+}
+
+
 def run(record: RunRecord) -> pb.Run:
     return pb.Run(
         run_id=record.run_id,
@@ -39,6 +46,15 @@ def run(record: RunRecord) -> pb.Run:
         create_time=_timestamp(record.create_time_ms),
         update_time=_timestamp(record.update_time_ms),
         error=record.error,
+        pending_interrupts=[
+            pb.Interrupt(
+                tool_call_id=i["tool_call_id"],
+                tool_name=i["tool_name"],
+                args_json=i["args_json"],
+                kind=INTERRUPT_KINDS[i["kind"]],
+            )
+            for i in pending_interrupts(record)
+        ],
     )
 
 

@@ -100,14 +100,21 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     ) -> AsyncIterator[pb.ObserveResponse]:
         run_id = validate.run_id(request.run_id)
         offset = validate.offset(request.offset)
-        async for response in self._follow(run_id, offset, pb.ObserveResponse):
+        follows = self._follow(run_id, offset, pb.ObserveResponse, request.stop_at_suspend)
+        async for response in follows:
             yield response
 
+    @streaming
     async def Resume(
         self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.ResumeResponse]:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Resume is not implemented yet")
-        yield pb.ResumeResponse()  # pragma: no cover - makes this an async generator
+        run_id = validate.run_id(request.run_id)
+        answers = validate.decisions(request.decisions)
+        if request.request_id:
+            validate.run_id(request.request_id, "request_id")
+        offset = await self._executor.resume(run_id, answers, request.request_id)
+        async for response in self._follow(run_id, offset, pb.ResumeResponse):
+            yield response
 
     @unary
     async def StartRun(
@@ -175,12 +182,21 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         return pb.ListAgentsResponse(agents=agents)
 
     async def _follow(
-        self, run_id: str, offset: int, response_type: type[Response]
+        self,
+        run_id: str,
+        offset: int,
+        response_type: type[Response],
+        stop_at_suspend: bool = False,
     ) -> AsyncIterator[Response]:
         # The three stream responses share one layout (snapshot=1, events=2, heartbeat=3).
         make: Callable[..., Response] = response_type
         items: AsyncIterator[Item] = follow(
-            self._log, run_id, offset, limits=self._limits, draining=self._draining
+            self._log,
+            run_id,
+            offset,
+            limits=self._limits,
+            draining=self._draining,
+            stop_at_suspend=stop_at_suspend,
         )
         async for item in items:
             match item:

@@ -66,6 +66,22 @@ def to_status(exc: BaseException) -> status_pb2.Status:
                     "next_offset": str(exc.next_offset),
                 },
             )
+        case errors.RunNotSuspended():
+            return _status(
+                code_pb2.FAILED_PRECONDITION,
+                exc,
+                "RUN_NOT_SUSPENDED",
+                {"run_id": exc.run_id, "state": exc.state},
+            )
+        case errors.InterruptResolved():
+            return _status(
+                code_pb2.FAILED_PRECONDITION,
+                exc,
+                "INTERRUPT_RESOLVED",
+                {"run_id": exc.run_id, "tool_call_id": exc.tool_call_id},
+            )
+        case errors.ConcurrentModification():
+            return _status(code_pb2.ABORTED, exc, "CONCURRENT_MODIFICATION", {"run_id": exc.run_id})
         case errors.StoreUnavailable():
             return _status(code_pb2.UNAVAILABLE, exc, "STORE_UNAVAILABLE", {}, _retry_info())
         case errors.ServerDraining():

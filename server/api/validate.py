@@ -7,12 +7,14 @@ import binascii
 import hashlib
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from keel.v1 import agent_service_pb2 as pb
 
 from server.errors import FieldViolation, InvalidArgument
 from server.events.log import RunPageCursor, RunState
+from server.runs.decisions import Decision
 
 MAX_ID_CHARS = 128
 MAX_INPUT_BYTES = 1 << 20
@@ -125,3 +127,66 @@ def decode_page_token(
             FieldViolation("page_token", "was issued for other filters; send the same filters")
         )
     return cursor
+
+
+def decisions(items: Sequence[pb.Decision]) -> list[Decision]:
+    """Resume's decisions as domain Decisions, or InvalidArgument naming each bad one."""
+    violations: list[FieldViolation] = []
+    result: list[Decision] = []
+    seen: set[str] = set()
+    if not items:
+        violations.append(FieldViolation("decisions", "at least one decision is required"))
+    for n, item in enumerate(items):
+        where = f"decisions[{n}]"
+        if not item.tool_call_id:
+            violations.append(FieldViolation(f"{where}.tool_call_id", "is required"))
+            continue
+        if item.tool_call_id in seen:
+            violations.append(
+                FieldViolation(f"{where}.tool_call_id", f"{item.tool_call_id!r} is answered twice")
+            )
+            continue
+        seen.add(item.tool_call_id)
+        try:
+            result.append(_decision(where, item))
+        except InvalidArgument as exc:
+            violations.extend(exc.violations)
+    if violations:
+        raise InvalidArgument(*violations)
+    return result
+
+
+def _decision(where: str, item: pb.Decision) -> Decision:
+    match item.WhichOneof("decision"):
+        case "approve":
+            override = None
+            if item.approve.override_args_json:
+                override = _json(
+                    f"{where}.approve.override_args_json", item.approve.override_args_json
+                )
+                if not isinstance(override, dict):
+                    raise InvalidArgument(
+                        FieldViolation(
+                            f"{where}.approve.override_args_json", "must be a JSON object"
+                        )
+                    )
+            return Decision(item.tool_call_id, "approve", override_args=override)
+        case "deny":
+            return Decision(item.tool_call_id, "deny", message=item.deny.message)
+        case "result_json":
+            return Decision(
+                item.tool_call_id, "result", result=_json(f"{where}.result_json", item.result_json)
+            )
+        case _:
+            raise InvalidArgument(
+                FieldViolation(where, "needs one of approve, deny or result_json")
+            )
+
+
+def _json(field: str, text: str) -> Any:
+    if len(text.encode()) > MAX_INPUT_BYTES:
+        raise InvalidArgument(FieldViolation(field, f"is longer than {MAX_INPUT_BYTES} bytes"))
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument(FieldViolation(field, f"is not valid JSON: {exc}")) from None

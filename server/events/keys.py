@@ -46,6 +46,7 @@ class RunField(enum.StrEnum):
     ERROR = "error"  # error message (failed) or reason (cancelled)
     CHECKPOINT = "checkpoint"  # the executor's opaque checkpoint (binary)
     CANCEL_REASON = "cancel_reason"  # non-empty once a cancel was requested
+    DECISIONS = "decisions"  # Resume's decisions so far (the executor's JSON)
 
 
 # Zero-padded so that the lexicographic order of run index members is the
@@ -78,6 +79,10 @@ class Keys:
     def once(self, run_id: str) -> str:
         return f"{self.prefix}:{{{run_id}}}:once"
 
+    def resumes(self, run_id: str) -> str:
+        """HASH of Resume request ids -> what they decided (idempotent retries)."""
+        return f"{self.prefix}:{{{run_id}}}:resumes"
+
     def live(self, run_id: str) -> str:
         """The pub/sub channel announcing the run's appended events."""
         return f"{self.prefix}:{{{run_id}}}:live"
@@ -86,7 +91,7 @@ class Keys:
         """The pub/sub channel of requests to the run's owner (cancel)."""
         return f"{self.prefix}:{{{run_id}}}:control"
 
-    def run_keys(self, run_id: str) -> tuple[str, str, str, str, str]:
+    def run_keys(self, run_id: str) -> tuple[str, str, str, str, str, str]:
         """Every key of a run but the lease (and not the channels): what a terminal state
         puts a TTL on. The run hash and the events come first (APPEND relies on it)."""
         return (
@@ -95,6 +100,7 @@ class Keys:
             self.tools(run_id),
             self.counters(run_id),
             self.once(run_id),
+            self.resumes(run_id),
         )
 
     @property

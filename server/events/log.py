@@ -63,6 +63,7 @@ class RunRecord:
     error: str = ""  # error message (FAILED) or reason (CANCELLED)
     checkpoint: bytes = b""  # the executor's last checkpoint (opaque here), committed with events
     cancel_reason: str = ""  # non-empty once CancelRun asked; the owner then aborts the run
+    decisions: bytes = b""  # Resume's decisions so far (opaque here: the executor's JSON)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +189,7 @@ class EventLog(Protocol):
     # the run's record and expires by itself (lease_ttl_s of the log); the
     # epoch is the fencing token every write of the owner carries.
 
-    async def claim(self, run_id: str, owner: str) -> RunRecord | None:
+    async def claim(self, run_id: str, owner: str, *, suspended: bool = False) -> RunRecord | None:
         """Take over a QUEUED or RUNNING run whose lease lapsed, atomically.
 
         On success: epoch + 1, owner = `owner`, a fresh lease; returns the new
@@ -223,6 +224,34 @@ class EventLog(Protocol):
 
     async def journaled_tool(self, run_id: str, tool_call_id: str) -> bytes | None:
         """The recorded result of a tool call, or None."""
+
+    # Human in the loop: Resume's decisions on a suspended run.
+
+    async def decide(
+        self,
+        run_id: str,
+        *,
+        expected_epoch: int,
+        decisions: bytes,
+        owner: str,
+        resume: bool,
+        request_id: str = "",
+        request_record: bytes = b"",
+    ) -> RunRecord:
+        """Store decisions on a SUSPENDED run: a compare-and-set on its epoch.
+
+        If the run is SUSPENDED at `expected_epoch`: replace its decisions with
+        `decisions`, remember `request_record` under `request_id` (if given),
+        and bump the epoch (so a racing Resume that read the same run fails).
+        With `resume`, the run also becomes QUEUED, owned by `owner` at the new
+        epoch with a fresh lease: runnable again, and claimable if that owner
+        dies before it goes on. Returns the new record. Raises RunNotFound;
+        ConcurrentModification when the run is no longer SUSPENDED at
+        `expected_epoch`.
+        """
+
+    async def resume_request(self, run_id: str, request_id: str) -> bytes | None:
+        """What `decide` remembered under `request_id` for this run, or None."""
 
     # Cancellation across instances.
 

@@ -27,7 +27,13 @@ from typing import Generic, TypeVar
 
 from keel.v1.agent_service_pb2 import AgentEvent
 
-from server.errors import IndexConflict, OffsetExpired, RunNotFound, StaleEpoch
+from server.errors import (
+    ConcurrentModification,
+    IndexConflict,
+    OffsetExpired,
+    RunNotFound,
+    StaleEpoch,
+)
 from server.events.codec import check_consecutive
 from server.events.log import (
     ControlListener,
@@ -59,11 +65,13 @@ class _Run:
     earliest_index: int
     checkpoint: bytes
     cancel_reason: str
+    decisions: bytes
     events: list[AgentEvent] = field(default_factory=list)
     base: int = 0  # index of events[0]; <= earliest_index
     counters: dict[str, int] = field(default_factory=dict)
     once_keys: set[str] = field(default_factory=set)  # incr_counter's idempotency keys
     tools: dict[str, bytes] = field(default_factory=dict)  # the tool journal
+    resumes: dict[str, bytes] = field(default_factory=dict)  # Resume request id -> record
     expires_at: float | None = None  # clock() deadline, set by a terminal state
     lease_until: float | None = None  # clock() deadline of the owner's lease; None = dropped
 
@@ -79,6 +87,7 @@ class _Run:
             earliest_index=self.earliest_index,
             checkpoint=self.checkpoint if checkpoint else b"",
             cancel_reason=self.cancel_reason,
+            decisions=self.decisions,
         )
 
 
@@ -158,6 +167,7 @@ class MemoryEventLog:
             earliest_index=record.earliest_index,
             checkpoint=record.checkpoint,
             cancel_reason=record.cancel_reason,
+            decisions=record.decisions,
             base=record.next_index,
         )
         if record.state.runnable:
@@ -265,9 +275,11 @@ class MemoryEventLog:
         # No RunNotFound here: an observer may subscribe before it reads the run.
         return _MemorySubscription(self._subscriptions, run_id, listener)
 
-    async def claim(self, run_id: str, owner: str) -> RunRecord | None:
+    async def claim(self, run_id: str, owner: str, *, suspended: bool = False) -> RunRecord | None:
         run = self._find(run_id)
-        if run is None or not run.state.runnable or self._lease_held(run):
+        if run is None or self._lease_held(run):
+            return None
+        if not (run.state.runnable or (suspended and run.state is RunState.SUSPENDED)):
             return None
         run.epoch += 1
         run.owner = owner
@@ -285,6 +297,36 @@ class MemoryEventLog:
         run = self._find(run_id)
         if run is not None and run.epoch == epoch:
             run.lease_until = None
+
+    async def decide(
+        self,
+        run_id: str,
+        *,
+        expected_epoch: int,
+        decisions: bytes,
+        owner: str,
+        resume: bool,
+        request_id: str = "",
+        request_record: bytes = b"",
+    ) -> RunRecord:
+        run = self._get(run_id)
+        if run.state is not RunState.SUSPENDED or run.epoch != expected_epoch:
+            raise ConcurrentModification(run_id)
+        run.epoch += 1
+        run.decisions = decisions
+        run.update_time_ms = time.time_ns() // 1_000_000
+        if request_id:
+            run.resumes[request_id] = request_record
+        if resume:
+            run.state = RunState.QUEUED
+            run.owner = owner
+            run.lease_until = self._clock() + self._lease_ttl_s
+            self._active[run_id] = None
+        return run.snapshot()
+
+    async def resume_request(self, run_id: str, request_id: str) -> bytes | None:
+        run = self._find(run_id)
+        return None if run is None else run.resumes.get(request_id)
 
     async def claimable(self, limit: int) -> list[str]:
         if limit <= 0:

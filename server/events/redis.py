@@ -35,7 +35,14 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from server.errors import IndexConflict, OffsetExpired, RunNotFound, StaleEpoch, StoreUnavailable
+from server.errors import (
+    ConcurrentModification,
+    IndexConflict,
+    OffsetExpired,
+    RunNotFound,
+    StaleEpoch,
+    StoreUnavailable,
+)
 from server.events import scripts
 from server.events.codec import check_consecutive, encode_batch, serialize_events
 from server.events.fanout import Fanout
@@ -95,6 +102,7 @@ class RedisEventLog:
         self._release = client.register_script(scripts.RELEASE)
         self._journal = client.register_script(scripts.JOURNAL_TOOL)
         self._cancel = client.register_script(scripts.REQUEST_CANCEL)
+        self._decide = client.register_script(scripts.DECIDE)
         self._closed = False
 
     @classmethod
@@ -328,11 +336,11 @@ class RedisEventLog:
     async def subscribe(self, run_id: str, listener: Listener) -> Subscription:
         return await self._fanout.subscribe(self._keys.live(run_id), listener)
 
-    async def claim(self, run_id: str, owner: str) -> RunRecord | None:
+    async def claim(self, run_id: str, owner: str, *, suspended: bool = False) -> RunRecord | None:
         with _store_errors():
             reply = await self._claim(
                 keys=[self._keys.run(run_id), self._keys.lease(run_id)],
-                args=[owner, self._lease_ttl_ms],
+                args=[owner, self._lease_ttl_ms, 1 if suspended else 0],
             )
         if reply[0] != scripts.OK:
             return None  # NOT_FOUND, NOT_RUNNABLE or LEASE_HELD
@@ -349,6 +357,44 @@ class RedisEventLog:
     async def release(self, run_id: str, epoch: int) -> None:
         with _store_errors():
             await self._release(keys=[self._keys.lease(run_id)], args=[epoch])
+
+    async def decide(
+        self,
+        run_id: str,
+        *,
+        expected_epoch: int,
+        decisions: bytes,
+        owner: str,
+        resume: bool,
+        request_id: str = "",
+        request_record: bytes = b"",
+    ) -> RunRecord:
+        """The DECIDE script; a resumed run then joins the active set (outside its slot)."""
+        keys = [self._keys.run(run_id), self._keys.lease(run_id), self._keys.resumes(run_id)]
+        args: list[Any] = [
+            expected_epoch,
+            decisions,
+            1 if resume else 0,
+            owner,
+            self._lease_ttl_ms,
+            request_id,
+            request_record,
+            time.time_ns() // 1_000_000,
+        ]
+        with _store_errors():
+            reply = await self._decide(keys=keys, args=args)
+            if reply[0] == scripts.OK and resume:
+                await self._client.sadd(self._keys.active_runs, run_id)
+        if reply[0] == scripts.NOT_FOUND:
+            raise RunNotFound(run_id)
+        if reply[0] == scripts.CONFLICT:
+            raise ConcurrentModification(run_id)
+        return _record_from_hash(run_id, _pairs(reply[1]))
+
+    async def resume_request(self, run_id: str, request_id: str) -> bytes | None:
+        with _store_errors():
+            value = await self._client.hget(self._keys.resumes(run_id), request_id)
+        return cast(bytes | None, value)
 
     async def claimable(self, limit: int) -> list[str]:
         """Walk the active set for runnable runs without a lease.
@@ -490,6 +536,7 @@ def _record_fields(record: RunRecord) -> list[str | int | bytes]:
         RunField.ERROR: record.error,
         RunField.CHECKPOINT: record.checkpoint,
         RunField.CANCEL_REASON: record.cancel_reason,
+        RunField.DECISIONS: record.decisions,
     }
     return [item for pair in values.items() for item in pair]
 
@@ -522,4 +569,5 @@ def _record_from_hash(run_id: str, fields: Mapping[bytes, bytes]) -> RunRecord:
         # Bytes as stored: the client does not decode responses.
         checkpoint=fields.get(_FIELD_BYTES[RunField.CHECKPOINT], b""),
         cancel_reason=text(RunField.CANCEL_REASON),
+        decisions=fields.get(_FIELD_BYTES[RunField.DECISIONS], b""),
     )

@@ -17,6 +17,7 @@ INDEX_CONFLICT = 3
 OFFSET_EXPIRED = 4
 NOT_RUNNABLE = 5  # the run is suspended or ended: nobody may own it
 LEASE_HELD = 6  # the run's owner still holds its lease
+CONFLICT = 7  # the run is no longer in the state (or at the epoch) the caller read
 
 # Store a new run unless its hash exists, and give its creator the lease.
 # KEYS[1]   the run hash
@@ -165,11 +166,13 @@ return {0, value}
 # KEYS[2]  the lease
 # ARGV[1]  the new owner
 # ARGV[2]  lease TTL in ms
+# ARGV[3]  '1' to claim a suspended run too (it holds no lease), else '0'
 # Returns {OK, {field, value, ...}} | {NOT_FOUND} | {NOT_RUNNABLE} | {LEASE_HELD}
 CLAIM = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {1} end
-if state ~= 'queued' and state ~= 'running' then return {5} end
+local claimable = state == 'queued' or state == 'running'
+if not claimable and not (state == 'suspended' and ARGV[3] == '1') then return {5} end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {6} end
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 redis.call('HSET', KEYS[1], 'owner', ARGV[1])
@@ -240,6 +243,33 @@ if f[1] ~= 'succeeded' and f[1] ~= 'failed' and f[1] ~= 'cancelled' then
     redis.call('HSET', KEYS[1], 'cancel_reason', reason, 'update_time_ms', ARGV[2])
   end
   redis.call('PUBLISH', ARGV[3], reason)
+end
+return {0, redis.call('HGETALL', KEYS[1])}
+"""
+
+# Record Resume's decisions on a suspended run: compare-and-set on its epoch.
+# KEYS[1]  the run hash
+# KEYS[2]  the lease
+# KEYS[3]  the resume requests hash
+# ARGV[1]  the epoch the caller read the run at
+# ARGV[2]  the decisions (replace the stored ones)
+# ARGV[3]  '1' to make the run runnable again (every interrupt is answered), else '0'
+# ARGV[4]  the new owner (with ARGV[3] = '1')
+# ARGV[5]  lease TTL in ms
+# ARGV[6]  the request id, or '' for none
+# ARGV[7]  what to remember under the request id
+# ARGV[8]  now, unix ms
+# Returns {OK, {field, value, ...}} | {NOT_FOUND} | {CONFLICT}
+DECIDE = """
+local f = redis.call('HMGET', KEYS[1], 'state', 'epoch')
+if not f[1] then return {1} end
+if f[1] ~= 'suspended' or tonumber(f[2]) ~= tonumber(ARGV[1]) then return {7} end
+local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+redis.call('HSET', KEYS[1], 'decisions', ARGV[2], 'update_time_ms', ARGV[8])
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[3], ARGV[6], ARGV[7]) end
+if ARGV[3] == '1' then
+  redis.call('HSET', KEYS[1], 'state', 'queued', 'owner', ARGV[4])
+  redis.call('SET', KEYS[2], epoch, 'PX', ARGV[5])
 end
 return {0, redis.call('HGETALL', KEYS[1])}
 """

@@ -11,8 +11,8 @@
    queue before every read is what makes 2 -> 3 lossless.
 4. On a quiet stream, yield a heartbeat and compare with the log's head: a
    notification lost without a demotion is caught here.
-5. End right after a terminal event; end with ServerDraining when the server
-   shuts down.
+5. End right after a terminal event (or, with stop_at_suspend, right after a
+   `suspended` event); end with ServerDraining when the server shuts down.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from keel.v1.agent_service_pb2 import AgentEvent
 
 from server.errors import OffsetBeyondEnd, OffsetExpired, ServerDraining
-from server.events.log import EventLog, RunRecord
+from server.events.log import EventLog, RunRecord, RunState
 from server.observe.observer import LiveQueue
 
 TERMINAL_PAYLOADS = frozenset({"finish", "abort", "error"})
+END_OF_STREAM_PAYLOADS = TERMINAL_PAYLOADS | {"suspended"}  # with stop_at_suspend
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,10 +64,6 @@ class FollowLimits:
     heartbeat_interval_s: float = 5.0
 
 
-def is_terminal(event: AgentEvent) -> bool:
-    return event.WhichOneof("payload") in TERMINAL_PAYLOADS
-
-
 async def follow(
     log: EventLog,
     run_id: str,
@@ -74,15 +71,20 @@ async def follow(
     *,
     limits: FollowLimits,
     draining: asyncio.Event,
+    stop_at_suspend: bool = False,
 ) -> AsyncIterator[Item]:
     """Every event of the run with index >= offset, exactly once, in order; see the module doc."""
     record = await log.get_run(run_id)
     check_offset(record, offset)
     queue = LiveQueue(limits.queue_size)
     subscription = await log.subscribe(run_id, queue)
+    ends = END_OF_STREAM_PAYLOADS if stop_at_suspend else TERMINAL_PAYLOADS
     try:
         yield Snapshot(record)
-        if record.state.terminal and offset == record.next_index:
+        at_head = offset == record.next_index
+        if at_head and (
+            record.state.terminal or (stop_at_suspend and record.state is RunState.SUSPENDED)
+        ):
             return
         next_offset = offset
         while True:
@@ -91,9 +93,10 @@ async def follow(
             while True:
                 page = await log.read(run_id, next_offset, limits.page_size)
                 if page:
-                    next_offset = page[-1].index + 1
-                    yield Events(page)
-                    if is_terminal(page[-1]):
+                    delivered, end = _until_end(page, ends)
+                    next_offset = delivered[-1].index + 1
+                    yield Events(delivered)
+                    if end:
                         return
                 if len(page) < limits.page_size:
                     break
@@ -112,9 +115,10 @@ async def follow(
                     continue  # duplicates only
                 if fresh[0].index != next_offset:
                     break  # a gap: read the log
+                fresh, end = _until_end(fresh, ends)
                 next_offset = fresh[-1].index + 1
                 yield Events(fresh)
-                if is_terminal(fresh[-1]):
+                if end:
                     return
     finally:
         await subscription.close()
@@ -125,6 +129,17 @@ def check_offset(record: RunRecord, offset: int) -> None:
         raise OffsetExpired(record.run_id, offset, record.earliest_index, record.next_index)
     if record.state.terminal and offset > record.next_index:
         raise OffsetBeyondEnd(record.run_id, offset, record.next_index)
+
+
+def _until_end(
+    batch: Sequence[AgentEvent], ends: frozenset[str]
+) -> tuple[Sequence[AgentEvent], bool]:
+    """The events of `batch` up to and including the first one that ends the stream, and
+    whether there was one (a page read from the log may go on past a suspension)."""
+    for i, event in enumerate(batch):
+        if event.WhichOneof("payload") in ends:
+            return batch[: i + 1], True
+    return batch, False
 
 
 def _from(batch: Sequence[AgentEvent], offset: int) -> Sequence[AgentEvent]:

@@ -21,15 +21,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from server.agents.checkpoint import Checkpoint
 from server.agents.types import AgentSpec
-from server.errors import RequestIdReused, ServerDraining, StoreUnavailable, UnknownAgent
+from server.errors import (
+    ConcurrentModification,
+    FieldViolation,
+    InterruptResolved,
+    InvalidArgument,
+    RequestIdReused,
+    RunNotSuspended,
+    ServerDraining,
+    StoreUnavailable,
+    UnknownAgent,
+)
 from server.events.log import EventLog, RunRecord, RunState
+from server.runs import decisions
 from server.runs.leases import LeaseKeeper
 from server.runs.supervisor import Stop, Supervisor, WriterLimits
 
@@ -49,6 +62,50 @@ class Timing:
     lease_renew_interval_s: float = 1.0
     sweep_interval_s: float = 1.0
     cancel_wait_s: float = 10.0
+
+
+def _repeat_offset(
+    run_id: str, record: RunRecord, answers: Sequence[decisions.Decision]
+) -> int | None:
+    """The offset of an earlier Resume with exactly these decisions, or None if any is new.
+
+    Raises InterruptResolved when an interrupt was already answered otherwise.
+    """
+    stored = decisions.load(record)
+    offsets = []
+    for answer in answers:
+        earlier = stored.get(answer.tool_call_id)
+        if earlier is None:
+            return None
+        if earlier.decision != answer:
+            raise InterruptResolved(run_id, answer.tool_call_id)
+        offsets.append(earlier.offset)
+    return min(offsets)
+
+
+def _check_answers(checkpoint: Checkpoint, answers: Sequence[decisions.Decision]) -> None:
+    pending = {i["tool_call_id"]: i for i in checkpoint.interrupts}
+    violations = []
+    for n, answer in enumerate(answers):
+        interrupt = pending.get(answer.tool_call_id)
+        if interrupt is None:
+            violations.append(
+                FieldViolation(
+                    f"decisions[{n}].tool_call_id",
+                    f"{answer.tool_call_id!r} names no pending interrupt of the run; "
+                    f"pending: {', '.join(sorted(pending)) or 'none'}",
+                )
+            )
+        elif answer.kind not in decisions.ANSWERS[interrupt["kind"]]:
+            wanted = " or ".join(sorted(decisions.ANSWERS[interrupt["kind"]]))
+            violations.append(
+                FieldViolation(
+                    f"decisions[{n}]",
+                    f"tool call {answer.tool_call_id!r} waits for {wanted}, not {answer.kind}",
+                )
+            )
+    if violations:
+        raise InvalidArgument(*violations)
 
 
 def run_id_for(request_id: str) -> str:
@@ -137,6 +194,66 @@ class LocalExecutor:
         self._spawn(record, spec)
         return record
 
+    async def resume(
+        self, run_id: str, answers: Sequence[decisions.Decision], request_id: str = ""
+    ) -> int:
+        """Apply decisions to a suspended run; return the offset its Resume stream starts at.
+
+        1. A request_id seen before: the same decisions return the same offset,
+           others are RequestIdReused.
+        2. Decisions already stored: equal ones are a repeat (same offset), a
+           different one is InterruptResolved.
+        3. Otherwise the run must be SUSPENDED (RunNotSuspended) and every
+           decision must answer one of its pending interrupts, with a fitting
+           kind (InvalidArgument).
+        4. Store the decisions with a compare-and-set on the run's epoch
+           (ConcurrentModification if another request changed it first). When
+           every interrupt is answered, this process owns the run again and
+           goes on with it.
+        The offset is the index of the first event after the suspension.
+        """
+        if self._draining:
+            raise ServerDraining()
+        fingerprint = decisions.fingerprint(answers)
+        record = await self._log.get_run(run_id)
+        if request_id:
+            seen = await self._log.resume_request(run_id, request_id)
+            if seen is not None:
+                earlier = json.loads(seen)
+                if earlier["fingerprint"] != fingerprint:
+                    raise RequestIdReused(request_id, run_id)
+                return int(earlier["offset"])
+        repeat = _repeat_offset(run_id, record, answers)
+        if repeat is not None:
+            return repeat
+        if record.state is not RunState.SUSPENDED:
+            raise RunNotSuspended(run_id, record.state.value)
+        checkpoint = Checkpoint.decode(record.checkpoint)
+        _check_answers(checkpoint, answers)
+        offset = checkpoint.next_index
+        stored = decisions.load(record)
+        stored.update({d.tool_call_id: decisions.Stored(d, offset) for d in answers})
+        complete = all(i["tool_call_id"] in stored for i in checkpoint.interrupts)
+        try:
+            resumed = await self._log.decide(
+                run_id,
+                expected_epoch=record.epoch,
+                decisions=decisions.dump(stored),
+                owner=self._instance_id,
+                resume=complete,
+                request_id=request_id,
+                request_record=json.dumps({"fingerprint": fingerprint, "offset": offset}).encode(),
+            )
+        except ConcurrentModification:
+            # The same decisions, sent twice at once, are still a repeat.
+            again = _repeat_offset(run_id, await self._log.get_run(run_id), answers)
+            if again is None:
+                raise
+            return again
+        if complete:
+            self._spawn(resumed, self._agents.get(resumed.agent_id))
+        return offset
+
     async def cancel(self, run_id: str, reason: str) -> RunRecord:
         """Stop a run: it commits `abort` and CANCELLED. An ended run is returned as it is.
 
@@ -152,7 +269,8 @@ class LocalExecutor:
         while not record.state.terminal and time.monotonic() < deadline:
             task = self._tasks.get(run_id)
             if task is None and not self._draining:
-                claimed = await self._log.claim(run_id, self._instance_id)
+                # A suspended run has no owner: take it, to write its abort.
+                claimed = await self._log.claim(run_id, self._instance_id, suspended=True)
                 if claimed is not None:
                     task = self._spawn(claimed, self._agents.get(claimed.agent_id))
             if task is not None:

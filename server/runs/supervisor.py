@@ -7,10 +7,16 @@
    events were written after that checkpoint (an attempt interrupted by the
    previous owner's death) commits `step_superseded` first and re-runs that
    step as attempt + 1.
+   A run resumed after a suspension (every interrupt answered) commits
+   `resumed` + RUNNING + a RESUMED checkpoint first.
 4. Drive the agent loop; every boundary checkpoint is committed atomically
    with the events before it; tool results go through the tool journal.
 5. Commit the terminal event with its state: `finish` + SUCCEEDED,
-   `error` + FAILED, or `abort` + CANCELLED.
+   `error` + FAILED, or `abort` + CANCELLED; or, when a tool call waits for
+   a human, `tool_call_approval`/`tool_call_suspended` + `suspended` +
+   SUSPENDED + the SUSPENDED checkpoint, in one append: the suspension is
+   persisted before anyone hears of it, and the run then holds no lease and
+   no task until Resume.
 
 How a supervisor is stopped decides what it writes (Stop): CANCEL writes
 `abort`; FENCED (another instance took the run over) writes nothing;
@@ -23,6 +29,7 @@ import asyncio
 import enum
 import logging
 from dataclasses import dataclass, replace
+from typing import Any
 
 from keel.v1 import agent_service_pb2 as pb
 
@@ -31,6 +38,7 @@ from server.agents.loop import run_agent_loop
 from server.agents.types import AgentSpec, RunInfo
 from server.errors import IndexConflict, StaleEpoch
 from server.events.log import EventLog, RunRecord, RunState
+from server.runs import decisions
 from server.runs.journal import ToolJournal
 from server.runs.leases import LeaseKeeper
 from server.runs.writer import EventWriter
@@ -67,17 +75,22 @@ class _CheckpointingSink:
         await self._writer.emit(event)
 
     async def checkpoint(self, checkpoint: Checkpoint) -> None:
-        await self._writer.commit(checkpoint=_stamped(checkpoint, self._writer))
-
-
-def _stamped(checkpoint: Checkpoint, writer: EventWriter) -> bytes:
-    # Committed with every event emitted so far, so the next event's index is where it ends.
-    return replace(checkpoint, next_index=writer.next_index).encode()
+        await self._writer.commit(checkpoint=checkpoint)
 
 
 async def _abort(writer: EventWriter, reason: str) -> None:
-    await writer.emit(pb.AgentEvent(abort=pb.RunAbort(reason=reason)))
-    await writer.commit(RunState.CANCELLED, error=reason)
+    abort = pb.AgentEvent(abort=pb.RunAbort(reason=reason))
+    await writer.commit(RunState.CANCELLED, error=reason, events=[abort])
+
+
+def _interrupt_event(checkpoint: Checkpoint, interrupt: dict[str, Any]) -> pb.AgentEvent:
+    event = pb.AgentEvent(step=checkpoint.step, attempt=checkpoint.attempt)
+    fields = {k: interrupt[k] for k in ("tool_call_id", "tool_name", "args_json")}
+    if interrupt["kind"] == "approval":
+        event.tool_call_approval.CopyFrom(pb.ToolCallApproval(**fields))
+    else:
+        event.tool_call_suspended.CopyFrom(pb.ToolCallSuspended(**fields))
+    return event
 
 
 class _CancelListener:
@@ -142,10 +155,8 @@ class Supervisor:
             except Exception as exc:
                 log.info("run %s failed: %r", run_id, exc)
                 message = str(exc) or type(exc).__name__
-                await writer.emit(
-                    pb.AgentEvent(error=pb.RunError(message=message, type=type(exc).__name__))
-                )
-                await writer.commit(RunState.FAILED, error=message)
+                error = pb.AgentEvent(error=pb.RunError(message=message, type=type(exc).__name__))
+                await writer.commit(RunState.FAILED, error=message, events=[error])
         except FENCED_ERRORS:
             log.info("run %s was taken over by another writer; stopping", run_id)
         finally:
@@ -156,6 +167,9 @@ class Supervisor:
 
     async def _execute(self, record: RunRecord, spec: AgentSpec, writer: EventWriter) -> None:
         resume, attempt = await self._prepare(record, writer)
+        deferred = None
+        if resume.phase in (Phase.SUSPENDED, Phase.RESUMED):
+            deferred = decisions.deferred_results(resume, record)
         info = RunInfo(run_id=record.run_id, counters=self._log)
         result = await run_agent_loop(
             spec,
@@ -165,42 +179,66 @@ class Supervisor:
             resume=resume,
             attempt=attempt,
             capabilities=[ToolJournal(self._log, record.run_id, record.epoch)],
+            deferred=deferred,
         )
-        await writer.emit(
-            pb.AgentEvent(
-                finish=pb.RunFinish(
-                    output_text=result.output_text,
-                    output_json=result.output_json,
-                    usage=result.usage,
-                )
+        if result.suspended is not None:
+            suspension = result.suspended
+            announcements = [_interrupt_event(suspension, i) for i in suspension.interrupts]
+            suspended = pb.AgentEvent(
+                step=suspension.step,
+                attempt=suspension.attempt,
+                suspended=pb.RunSuspended(
+                    tool_call_ids=[i["tool_call_id"] for i in suspension.interrupts]
+                ),
+            )
+            await writer.commit(
+                RunState.SUSPENDED, events=[*announcements, suspended], checkpoint=suspension
+            )
+            return
+        finish = pb.AgentEvent(
+            finish=pb.RunFinish(
+                output_text=result.output_text,
+                output_json=result.output_json,
+                usage=result.usage,
             )
         )
-        await writer.commit(RunState.SUCCEEDED)
+        await writer.commit(RunState.SUCCEEDED, events=[finish])
 
     async def _prepare(self, record: RunRecord, writer: EventWriter) -> tuple[Checkpoint, int]:
         """Step 3 of the module docstring: the checkpoint to run from and its first attempt."""
         if record.next_index == 0:
-            await writer.emit(
-                pb.AgentEvent(start=pb.RunStart(agent_id=record.agent_id, input=record.input))
-            )
+            start = pb.AgentEvent(start=pb.RunStart(agent_id=record.agent_id, input=record.input))
             started = Checkpoint(phase=Phase.STARTED, step=0)
-            await writer.commit(RunState.RUNNING, checkpoint=_stamped(started, writer))
+            await writer.commit(RunState.RUNNING, events=[start], checkpoint=started)
             return started, 1
         checkpoint = Checkpoint.decode(record.checkpoint)
+        if checkpoint.phase is Phase.SUSPENDED:
+            # Every interrupt is answered (that is how the run became runnable
+            # again): announce it, and checkpoint that the decisions apply.
+            ids = [i["tool_call_id"] for i in checkpoint.interrupts]
+            resumed_event = pb.AgentEvent(
+                step=checkpoint.step,
+                attempt=checkpoint.attempt,
+                resumed=pb.RunResumed(tool_call_ids=ids),
+            )
+            resumed = replace(checkpoint, phase=Phase.RESUMED)
+            await writer.commit(RunState.RUNNING, events=[resumed_event], checkpoint=resumed)
+            return resumed, checkpoint.attempt
         if record.next_index == checkpoint.next_index:
-            return checkpoint, 1  # the previous owner died right at a boundary
+            # The previous owner died right at a boundary: nothing to supersede.
+            # Mid-step, the same attempt goes on; after a step, the next starts at 1.
+            mid_step = checkpoint.phase in (Phase.RESPONSE, Phase.RESUMED)
+            return checkpoint, checkpoint.attempt if mid_step else 1
         [last] = await self._log.read(record.run_id, record.next_index - 1, 1)
         attempt = last.attempt + 1
-        await writer.emit(
-            pb.AgentEvent(
-                step=last.step,
-                attempt=attempt,
-                step_superseded=pb.StepSuperseded(
-                    superseded_step=last.step,
-                    superseded_attempt=last.attempt,
-                    from_index=checkpoint.next_index,
-                ),
-            )
+        superseded = pb.AgentEvent(
+            step=last.step,
+            attempt=attempt,
+            step_superseded=pb.StepSuperseded(
+                superseded_step=last.step,
+                superseded_attempt=last.attempt,
+                from_index=checkpoint.next_index,
+            ),
         )
-        await writer.commit()
+        await writer.commit(RunState.RUNNING, events=[superseded])
         return checkpoint, attempt

@@ -16,9 +16,11 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 from keel.v1.agent_service_pb2 import AgentEvent
 
+from server.agents.checkpoint import Checkpoint
 from server.events.log import EventLog, RunState
 
 
@@ -56,10 +58,7 @@ class EventWriter:
     async def emit(self, event: AgentEvent) -> None:
         """Stamp `event` with run id, index and time and queue it for the log."""
         self._raise_if_failed()
-        event.run_id = self._run_id
-        event.index = self._next_index
-        event.time.FromNanoseconds(time.time_ns())
-        self._next_index += 1
+        self._stamp(event)
         self._pending.append(event)
         self._drained.clear()
         self._wakeup.set()
@@ -72,9 +71,20 @@ class EventWriter:
             self._raise_if_failed()
 
     async def commit(
-        self, state: RunState | None = None, *, error: str = "", checkpoint: bytes | None = None
+        self,
+        state: RunState | None = None,
+        *,
+        error: str = "",
+        events: Sequence[AgentEvent] = (),
+        checkpoint: Checkpoint | None = None,
     ) -> None:
-        """Commit everything emitted so far, with `state` and `checkpoint` if given, atomically.
+        """Commit what was emitted, then `events`, with `state` and `checkpoint`, atomically.
+
+        `events` join the same append (the flusher never sees them), so they
+        become visible together with the state and the checkpoint: how a
+        terminal event lands with its state, and a suspension is persisted
+        before it is announced. The checkpoint is stamped with the index of
+        the first event after this append.
 
         Cancel-safe: a commit cancelled mid-append still finishes that append
         before the CancelledError propagates, so the writer always knows which
@@ -83,9 +93,16 @@ class EventWriter:
         """
         async with self._lock:
             self._raise_if_failed()
-            batch, self._pending = self._pending, []
+            for event in events:
+                self._stamp(event)
+            batch, self._pending = [*self._pending, *events], []
+            encoded = (
+                None
+                if checkpoint is None
+                else replace(checkpoint, next_index=self._next_index).encode()
+            )
             append = asyncio.ensure_future(
-                self._append(batch, state=state, error=error, checkpoint=checkpoint)
+                self._append(batch, state=state, error=error, checkpoint=encoded)
             )
             try:
                 await asyncio.shield(append)
@@ -94,6 +111,12 @@ class EventWriter:
                 raise
             finally:
                 self._drained.set()
+
+    def _stamp(self, event: AgentEvent) -> None:
+        event.run_id = self._run_id
+        event.index = self._next_index
+        event.time.FromNanoseconds(time.time_ns())
+        self._next_index += 1
 
     async def close(self) -> None:
         """Stop the flusher. Uncommitted events are dropped (call commit first to keep them)."""

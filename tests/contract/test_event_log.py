@@ -21,7 +21,14 @@ import pytest
 import redis.asyncio as aioredis
 from keel.v1.agent_service_pb2 import AgentEvent, EventBatch, TextDelta
 
-from server.errors import IndexConflict, OffsetExpired, RunNotFound, StaleEpoch, StoreUnavailable
+from server.errors import (
+    ConcurrentModification,
+    IndexConflict,
+    OffsetExpired,
+    RunNotFound,
+    StaleEpoch,
+    StoreUnavailable,
+)
 from server.events.codec import encode_batch, serialize_events
 from server.events.keys import Keys, run_index_member
 from server.events.log import EventLog, RunPageCursor, RunRecord, RunState
@@ -760,14 +767,19 @@ async def test_redis_live_run_keys_have_no_ttl_and_terminal_state_sets_it_on_eve
         await log.incr_counter(run.run_id, "k", once_key="call-1")
         await log.journal_tool(run.run_id, 1, "call-1", b"result")
         for key in run_keys:
-            assert await raw_redis.ttl(key) == -1, key
+            if key != keys.resumes(run.run_id):  # written by the first Resume, below
+                assert await raw_redis.ttl(key) == -1, key
         assert 0 < await raw_redis.pttl(lease) <= 30_000  # only the lease expires by itself
         await log.append(run.run_id, 1, [], state=RunState.SUSPENDED)
+        await log.decide(  # a partial Resume: the run stays suspended, at epoch 2
+            run.run_id, expected_epoch=1, decisions=b"{}", owner="x", resume=False,
+            request_id="req", request_record=b"r",
+        )  # fmt: skip
         for key in run_keys:
             assert await raw_redis.ttl(key) == -1, key
         assert await raw_redis.exists(lease) == 0  # nobody executes a suspended run
 
-        await log.append(run.run_id, 1, make_events(run.run_id, 2, 1), state=RunState.SUCCEEDED)
+        await log.append(run.run_id, 2, make_events(run.run_id, 2, 1), state=RunState.SUCCEEDED)
         for key in run_keys:
             assert 0 < await raw_redis.ttl(key) <= 60, key
         assert await raw_redis.exists(lease) == 0
@@ -775,7 +787,7 @@ async def test_redis_live_run_keys_have_no_ttl_and_terminal_state_sets_it_on_eve
         await raw_redis.delete(keys.counters(run.run_id), keys.once(run.run_id))
         await raw_redis.delete(keys.tools(run.run_id))
         await log.incr_counter(run.run_id, "late", once_key="call-2")
-        await log.journal_tool(run.run_id, 1, "call-2", b"late")
+        await log.journal_tool(run.run_id, 2, "call-2", b"late")
         for key in (keys.counters(run.run_id), keys.once(run.run_id), keys.tools(run.run_id)):
             assert 0 < await raw_redis.ttl(key) <= 60, key
     finally:
@@ -793,6 +805,11 @@ async def test_redis_every_key_and_channel_of_a_run_shares_its_hash_slot(
         await log.append(run.run_id, 1, make_events(run.run_id, 0, 1), checkpoint=b"cp")
         await log.incr_counter(run.run_id, "k", once_key="call-1")
         await log.journal_tool(run.run_id, 1, "call-1", b"result")
+        await log.append(run.run_id, 1, [], state=RunState.SUSPENDED)
+        await log.decide(
+            run.run_id, expected_epoch=1, decisions=b"{}", owner="x", resume=True,
+            request_id="req", request_record=b"r",
+        )  # fmt: skip
         stored = {key.decode() for key in await raw_redis.keys(f"{key_prefix}:{{{run.run_id}}}:*")}
         names = {
             *keys.run_keys(run.run_id),
@@ -1037,3 +1054,59 @@ async def test_head_is_the_next_index_and_unknown_runs_are_not_found(event_log: 
     assert await event_log.head(record.run_id) == 3
     with pytest.raises(RunNotFound):
         await event_log.head("no-such-run")
+
+
+async def _suspended_run(log: EventLog) -> RunRecord:
+    record = await new_run(log)
+    await log.append(
+        record.run_id, record.epoch, make_events(record.run_id, 0, 2), state=RunState.SUSPENDED
+    )
+    return await log.get_run(record.run_id)
+
+
+async def test_decide_is_a_compare_and_set_on_the_epoch(event_log: EventLog) -> None:
+    suspended = await _suspended_run(event_log)
+    run_id = suspended.run_id
+    partial = await event_log.decide(
+        run_id, expected_epoch=suspended.epoch, decisions=b'{"a":1}', owner="x", resume=False
+    )
+    assert partial.state is RunState.SUSPENDED and partial.decisions == b'{"a":1}'
+    assert partial.epoch == suspended.epoch + 1
+    with pytest.raises(ConcurrentModification):  # a racer that read the old epoch loses
+        await event_log.decide(
+            run_id, expected_epoch=suspended.epoch, decisions=b"{}", owner="y", resume=True
+        )
+    assert (await event_log.get_run(run_id)).decisions == b'{"a":1}'
+
+
+async def test_decide_with_resume_makes_the_run_queued_and_owned(event_log: EventLog) -> None:
+    suspended = await _suspended_run(event_log)
+    run_id = suspended.run_id
+    assert await event_log.claimable(10) == []
+    resumed = await event_log.decide(
+        run_id,
+        expected_epoch=suspended.epoch,
+        decisions=b'{"a":1,"b":2}',
+        owner="resumer",
+        resume=True,
+        request_id="req-9",
+        request_record=b"\x00remembered",
+    )
+    assert (resumed.state, resumed.owner) == (RunState.QUEUED, "resumer")
+    assert await event_log.claim(run_id, "thief") is None  # the resumer holds the lease
+    assert await event_log.resume_request(run_id, "req-9") == b"\x00remembered"
+    assert await event_log.resume_request(run_id, "other") is None
+    with pytest.raises(ConcurrentModification):  # not suspended any more
+        await event_log.decide(
+            run_id, expected_epoch=resumed.epoch, decisions=b"{}", owner="y", resume=True
+        )
+    await event_log.append(run_id, resumed.epoch, make_events(run_id, 2, 1))  # it may write
+
+
+async def test_a_suspended_run_is_claimed_only_when_asked_for(event_log: EventLog) -> None:
+    suspended = await _suspended_run(event_log)
+    assert await event_log.claim(suspended.run_id, "canceller") is None
+    taken = await event_log.claim(suspended.run_id, "canceller", suspended=True)
+    assert taken is not None and taken.epoch == suspended.epoch + 1
+    with pytest.raises(RunNotFound):
+        await event_log.decide("nope", expected_epoch=1, decisions=b"", owner="x", resume=False)

@@ -182,8 +182,49 @@ async def test_page_token_from_other_filters_or_negative_page_size_is_invalid_ar
     )
 
 
-async def test_resume_is_unimplemented_for_now(stub: pb_grpc.AgentServiceStub) -> None:
-    await _expect(
-        grpc.StatusCode.UNIMPLEMENTED,
-        lambda: collect(stub.Resume(pb.ResumeRequest(run_id="x"))),
+@pytest.mark.parametrize(
+    "decisions",
+    [
+        [],
+        [pb.Decision(approve=pb.Approve())],  # no tool_call_id
+        [pb.Decision(tool_call_id="c")],  # no decision
+        [pb.Decision(tool_call_id="c", approve=pb.Approve(override_args_json="{nope"))],
+        [pb.Decision(tool_call_id="c", approve=pb.Approve(override_args_json="[1, 2]"))],
+        [pb.Decision(tool_call_id="c", result_json="not json")],
+        [
+            pb.Decision(tool_call_id="c", deny=pb.Deny()),
+            pb.Decision(tool_call_id="c", deny=pb.Deny()),
+        ],
+    ],
+    ids=[
+        "none",
+        "no id",
+        "no decision",
+        "bad override",
+        "override not object",
+        "bad result",
+        "twice",
+    ],
+)
+async def test_malformed_resume_decisions_are_invalid_argument(
+    stub: pb_grpc.AgentServiceStub, decisions: list[pb.Decision]
+) -> None:
+    error = await _expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: collect(stub.Resume(pb.ResumeRequest(run_id="r1", decisions=decisions))),
     )
+    assert any(field.startswith("decisions") for field in _violations(error))
+
+
+async def test_resume_with_a_malformed_run_id_is_invalid_argument(
+    stub: pb_grpc.AgentServiceStub,
+) -> None:
+    decision = pb.Decision(tool_call_id="c", approve=pb.Approve())
+    for run_id in BAD_RUN_IDS.values():
+        await _expect(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            lambda r=run_id: collect(  # type: ignore[misc]
+                stub.Resume(pb.ResumeRequest(run_id=r, decisions=[decision]))
+            ),
+            "run_id",
+        )

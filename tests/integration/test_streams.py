@@ -335,20 +335,18 @@ async def test_list_agents_describes_the_scripted_agent(stub: pb_grpc.AgentServi
 
 
 async def test_failed_run_is_not_an_rpc_error(stub: pb_grpc.AgentServiceStub) -> None:
-    # The model asks for approve_me, which needs Resume (not available yet): the run fails,
-    # and its stream still ends OK after an `error` event.
+    # The model fails (as a provider outage would): the run fails, and its
+    # stream still ends OK after an `error` event.
     out = await collect(
         stub.Stream(
-            pb.StreamRequest(
-                agent_id="scripted",
-                input=script(text(2), {"tool": "approve_me", "args": {"action": "deploy"}}),
-            )
+            pb.StreamRequest(agent_id="scripted", input=script(text(2), {"error": "model down"}))
         )
     )
     assert payloads(out.events)[-1] == "error"
+    assert "model down" in out.events[-1].error.message
     assert_contiguous(out.events)
     run = (await stub.GetRun(pb.GetRunRequest(run_id=out.run_id))).run
-    assert run.state == pb.RUN_STATE_FAILED and run.error
+    assert run.state == pb.RUN_STATE_FAILED and "model down" in run.error
 
 
 async def test_graceful_shutdown_says_not_serving_and_ends_streams_with_unavailable(

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel
-from pydantic_ai import Agent, RunContext
+from pydantic_ai import Agent, DeferredToolResults, RunContext, ToolApproved, ToolDenied
 from pydantic_ai.messages import ModelMessage, ModelResponse
 from pydantic_ai.models.function import (
     AgentInfo,
@@ -22,7 +22,7 @@ from pydantic_ai.models.function import (
 )
 
 from server.agents.checkpoint import Checkpoint, Phase
-from server.agents.loop import ApprovalsNotSupportedError, run_agent_loop
+from server.agents.loop import run_agent_loop
 from server.agents.testing import MAX_DELAY_MS, MAX_TEXT_DELTAS, registry, validate_input
 from server.agents.types import AgentSpec, LoopResult, RunInfo
 from server.errors import InvalidArgument
@@ -197,16 +197,65 @@ async def test_delay_ms_sleeps_between_deltas() -> None:
     assert time.monotonic() - started >= 0.09  # three gaps between four deltas
 
 
-async def test_approval_tool_stops_the_run_with_a_clear_error() -> None:
+async def test_approval_tool_suspends_the_run_with_a_checkpoint_naming_the_interrupt() -> None:
     sink = ListSink()
     info = RunInfo(run_id="r", counters=MemoryCounters())
     script = json.dumps({"steps": [{"tool": "approve_me", "args": {"action": "deploy"}}]})
-    with pytest.raises(ApprovalsNotSupportedError, match=r"approve_me.*Resume"):
-        await run_agent_loop(SCRIPTED, script, run_info=info, sink=sink)
+    result = await run_agent_loop(SCRIPTED, script, run_info=info, sink=sink)
+    assert result.suspended is not None
+    assert result.suspended.phase is Phase.SUSPENDED and result.suspended.step == 1
+    assert list(result.suspended.interrupts) == [
+        {
+            "tool_call_id": "call_0",
+            "tool_name": "approve_me",
+            "args_json": '{"action":"deploy"}',
+            "kind": "approval",
+        }
+    ]
     # The step is suspended, not finished.
     assert "step_finish" not in sink.kinds()
-    (call,) = sink.payloads("tool_call")
-    assert json.loads(call.args_json) == {"action": "deploy"}
+
+
+async def _resume_with(decision: Any) -> tuple[LoopResult, ListSink]:
+    info = RunInfo(run_id="r", counters=MemoryCounters())
+    script = json.dumps(
+        {"steps": [{"tool": "approve_me", "args": {"action": "deploy"}}, {"text": 2}]}
+    )
+    suspended = await run_agent_loop(SCRIPTED, script, run_info=info, sink=ListSink())
+    assert suspended.suspended is not None
+    checkpoint = Checkpoint.decode(suspended.suspended.encode())
+    sink = ListSink()
+    result = await run_agent_loop(
+        SCRIPTED,
+        script,
+        run_info=info,
+        sink=sink,
+        resume=checkpoint,
+        deferred=DeferredToolResults(approvals={"call_0": decision}),
+    )
+    return result, sink
+
+
+async def test_an_approved_call_runs_and_the_step_and_run_go_on() -> None:
+    result, sink = await _resume_with(True)
+    assert result.output_text == "done" and result.suspended is None
+    (tool_result,) = sink.payloads("tool_result")
+    assert json.loads(tool_result.result_json) == {"approved": True, "args": {"action": "deploy"}}
+    assert not tool_result.denied
+    assert sink.kinds()[-1] == "step_finish" and sink.events[0].step == 1
+
+
+async def test_a_denied_call_reaches_the_model_as_a_denial() -> None:
+    result, sink = await _resume_with(ToolDenied("not on a friday"))
+    assert result.output_text == "done"
+    (tool_result,) = sink.payloads("tool_result")
+    assert tool_result.denied and "not on a friday" in tool_result.result_json
+
+
+async def test_approval_with_overridden_arguments_runs_the_tool_with_them() -> None:
+    _, sink = await _resume_with(ToolApproved(override_args={"action": "rollback"}))
+    (tool_result,) = sink.payloads("tool_result")
+    assert json.loads(tool_result.result_json)["args"] == {"action": "rollback"}
 
 
 async def test_cancellation_propagates_untouched() -> None:

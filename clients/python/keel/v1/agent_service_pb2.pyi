@@ -82,6 +82,34 @@ RUN_STATE_CANCELLED: RunState.ValueType  # 6
 """The run was cancelled: its last event is `abort`."""
 Global___RunState: _TypeAlias = RunState  # noqa: Y015
 
+class _InterruptKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _InterruptKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InterruptKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INTERRUPT_KIND_UNSPECIFIED: _InterruptKind.ValueType  # 0
+    """The kind was not set. Never returned by the server."""
+    INTERRUPT_KIND_APPROVAL: _InterruptKind.ValueType  # 1
+    """A tool call that needs a human's approval (approve or deny it)."""
+    INTERRUPT_KIND_CALL: _InterruptKind.ValueType  # 2
+    """A deferred tool call whose result comes from outside (answer it with
+    result_json).
+    """
+
+class InterruptKind(_InterruptKind, metaclass=_InterruptKindEnumTypeWrapper):
+    """InterruptKind says what a pending interrupt waits for."""
+
+INTERRUPT_KIND_UNSPECIFIED: InterruptKind.ValueType  # 0
+"""The kind was not set. Never returned by the server."""
+INTERRUPT_KIND_APPROVAL: InterruptKind.ValueType  # 1
+"""A tool call that needs a human's approval (approve or deny it)."""
+INTERRUPT_KIND_CALL: InterruptKind.ValueType  # 2
+"""A deferred tool call whose result comes from outside (answer it with
+result_json).
+"""
+Global___InterruptKind: _TypeAlias = InterruptKind  # noqa: Y015
+
 class _TaskStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -200,6 +228,7 @@ class ObserveRequest(_message.Message):
 
     RUN_ID_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
+    STOP_AT_SUSPEND_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run to observe. Required."""
     offset: _builtins.int
@@ -207,15 +236,23 @@ class ObserveRequest(_message.Message):
     the run; a client that has seen event k sends k + 1. Must not be
     negative. An offset past the head waits for that event.
     """
+    stop_at_suspend: _builtins.bool
+    """By default the stream follows a run across its suspensions (it delivers
+    the `suspended` event and waits for the run to resume). If set, the
+    stream ends with status OK right after a `suspended` event instead, or
+    right after the snapshot when the run is suspended and offset is its
+    next_offset.
+    """
     def __init__(
         self,
         *,
         run_id: _builtins.str = ...,
         offset: _builtins.int = ...,
+        stop_at_suspend: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset", "run_id", b"run_id", "stop_at_suspend", b"stop_at_suspend"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -334,6 +371,40 @@ class Decision(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_decision) -> _WhichOneofReturnType_decision | None: ...
 
 Global___Decision: _TypeAlias = Decision  # noqa: Y015
+
+@_typing.final
+class Interrupt(_message.Message):
+    """Interrupt is a tool call a suspended run waits on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
+    TOOL_NAME_FIELD_NUMBER: _builtins.int
+    ARGS_JSON_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    tool_call_id: _builtins.str
+    """The tool call's id; Decision.tool_call_id names it."""
+    tool_name: _builtins.str
+    """The tool's name."""
+    args_json: _builtins.str
+    """The arguments the model chose, as JSON."""
+    kind: Global___InterruptKind.ValueType
+    """What the interrupt waits for."""
+    def __init__(
+        self,
+        *,
+        tool_call_id: _builtins.str = ...,
+        tool_name: _builtins.str = ...,
+        args_json: _builtins.str = ...,
+        kind: Global___InterruptKind.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args_json", b"args_json", "kind", b"kind", "tool_call_id", b"tool_call_id", "tool_name", b"tool_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Interrupt: _TypeAlias = Interrupt  # noqa: Y015
 
 @_typing.final
 class Approve(_message.Message):
@@ -762,6 +833,7 @@ class Run(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    PENDING_INTERRUPTS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run's id, assigned by the server."""
     agent_id: _builtins.str
@@ -786,6 +858,10 @@ class Run(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When the run's state last changed."""
 
+    @_builtins.property
+    def pending_interrupts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Interrupt]:
+        """For a SUSPENDED run, the interrupts that still wait for a decision."""
+
     def __init__(
         self,
         *,
@@ -799,10 +875,11 @@ class Run(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         error: _builtins.str = ...,
+        pending_interrupts: _abc.Iterable[Global___Interrupt] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "create_time", b"create_time", "earliest_offset", b"earliest_offset", "error", b"error", "input", b"input", "next_offset", b"next_offset", "request_id", b"request_id", "run_id", b"run_id", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "create_time", b"create_time", "earliest_offset", b"earliest_offset", "error", b"error", "input", b"input", "next_offset", b"next_offset", "pending_interrupts", b"pending_interrupts", "request_id", b"request_id", "run_id", b"run_id", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1608,29 +1685,33 @@ Global___ToolCall: _TypeAlias = ToolCall  # noqa: Y015
 
 @_typing.final
 class ToolResult(_message.Message):
-    """ToolResult carries what a tool returned."""
+    """ToolResult carries what a tool returned, or that a human denied the call."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
     TOOL_NAME_FIELD_NUMBER: _builtins.int
     RESULT_JSON_FIELD_NUMBER: _builtins.int
+    DENIED_FIELD_NUMBER: _builtins.int
     tool_call_id: _builtins.str
     """The tool call's id."""
     tool_name: _builtins.str
     """The tool's name."""
     result_json: _builtins.str
-    """The result, as JSON."""
+    """The result, as JSON; for a denied call, the denial message the model sees."""
+    denied: _builtins.bool
+    """Whether a human denied the call (with Resume), so the tool never ran."""
     def __init__(
         self,
         *,
         tool_call_id: _builtins.str = ...,
         tool_name: _builtins.str = ...,
         result_json: _builtins.str = ...,
+        denied: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["result_json", b"result_json", "tool_call_id", b"tool_call_id", "tool_name", b"tool_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["denied", b"denied", "result_json", b"result_json", "tool_call_id", b"tool_call_id", "tool_name", b"tool_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -94,10 +94,25 @@ class AgentServiceStub:
     (resume from the next offset on another replica).
     """
     Resume: _grpc.UnaryStreamMultiCallable[_agent_service_pb2.ResumeRequest, _agent_service_pb2.ResumeResponse]
-    """Resume delivers decisions for the pending interrupts (tool approvals or
-    deferred tool results) of a suspended run, then streams the run from
-    the first event after its suspension. It is not implemented yet and
-    answers UNIMPLEMENTED.
+    """Resume delivers decisions for the pending interrupts (tool calls that
+    wait for a human's approval, or deferred tool calls that wait for their
+    result) of a suspended run, then streams the run from the first event
+    after its suspension: `resumed`, then the tool results (or denials),
+    then the rest, ending like Observe.
+
+    A run with several pending interrupts accepts their decisions in one
+    Resume or several; it continues when every one is answered (a partial
+    Resume streams and waits). The same Resume sent again (same request_id,
+    or the same decisions) has no further effect and streams from the same
+    point. Errors: INVALID_ARGUMENT for a malformed request or a tool_call_id
+    that names no pending interrupt of the run (BadRequest field
+    violations); NOT_FOUND (RUN_NOT_FOUND); FAILED_PRECONDITION
+    (RUN_NOT_SUSPENDED) when the run is not suspended; FAILED_PRECONDITION
+    (INTERRUPT_RESOLVED, metadata tool_call_id) when an interrupt was already
+    answered differently; ABORTED (CONCURRENT_MODIFICATION) when another
+    Resume of the run won a race with this one (read the run and retry if
+    still relevant); ALREADY_EXISTS (REQUEST_ID_REUSED) when request_id was
+    used for other decisions.
     """
     StartRun: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.StartRunRequest, _agent_service_pb2.StartRunResponse]
     """StartRun starts a run and returns at once, without waiting for any
@@ -171,10 +186,25 @@ class AgentServiceAsyncStub(AgentServiceStub):
     (resume from the next offset on another replica).
     """
     Resume: _aio.UnaryStreamMultiCallable[_agent_service_pb2.ResumeRequest, _agent_service_pb2.ResumeResponse]  # type: ignore[assignment]
-    """Resume delivers decisions for the pending interrupts (tool approvals or
-    deferred tool results) of a suspended run, then streams the run from
-    the first event after its suspension. It is not implemented yet and
-    answers UNIMPLEMENTED.
+    """Resume delivers decisions for the pending interrupts (tool calls that
+    wait for a human's approval, or deferred tool calls that wait for their
+    result) of a suspended run, then streams the run from the first event
+    after its suspension: `resumed`, then the tool results (or denials),
+    then the rest, ending like Observe.
+
+    A run with several pending interrupts accepts their decisions in one
+    Resume or several; it continues when every one is answered (a partial
+    Resume streams and waits). The same Resume sent again (same request_id,
+    or the same decisions) has no further effect and streams from the same
+    point. Errors: INVALID_ARGUMENT for a malformed request or a tool_call_id
+    that names no pending interrupt of the run (BadRequest field
+    violations); NOT_FOUND (RUN_NOT_FOUND); FAILED_PRECONDITION
+    (RUN_NOT_SUSPENDED) when the run is not suspended; FAILED_PRECONDITION
+    (INTERRUPT_RESOLVED, metadata tool_call_id) when an interrupt was already
+    answered differently; ABORTED (CONCURRENT_MODIFICATION) when another
+    Resume of the run won a race with this one (read the run and retry if
+    still relevant); ALREADY_EXISTS (REQUEST_ID_REUSED) when request_id was
+    used for other decisions.
     """
     StartRun: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.StartRunRequest, _agent_service_pb2.StartRunResponse]  # type: ignore[assignment]
     """StartRun starts a run and returns at once, without waiting for any
@@ -263,10 +293,25 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_service_pb2.ResumeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agent_service_pb2.ResumeResponse], _abc.AsyncIterator[_agent_service_pb2.ResumeResponse]]:
-        """Resume delivers decisions for the pending interrupts (tool approvals or
-        deferred tool results) of a suspended run, then streams the run from
-        the first event after its suspension. It is not implemented yet and
-        answers UNIMPLEMENTED.
+        """Resume delivers decisions for the pending interrupts (tool calls that
+        wait for a human's approval, or deferred tool calls that wait for their
+        result) of a suspended run, then streams the run from the first event
+        after its suspension: `resumed`, then the tool results (or denials),
+        then the rest, ending like Observe.
+
+        A run with several pending interrupts accepts their decisions in one
+        Resume or several; it continues when every one is answered (a partial
+        Resume streams and waits). The same Resume sent again (same request_id,
+        or the same decisions) has no further effect and streams from the same
+        point. Errors: INVALID_ARGUMENT for a malformed request or a tool_call_id
+        that names no pending interrupt of the run (BadRequest field
+        violations); NOT_FOUND (RUN_NOT_FOUND); FAILED_PRECONDITION
+        (RUN_NOT_SUSPENDED) when the run is not suspended; FAILED_PRECONDITION
+        (INTERRUPT_RESOLVED, metadata tool_call_id) when an interrupt was already
+        answered differently; ABORTED (CONCURRENT_MODIFICATION) when another
+        Resume of the run won a race with this one (read the run and retry if
+        still relevant); ALREADY_EXISTS (REQUEST_ID_REUSED) when request_id was
+        used for other decisions.
         """
 
     @_abc_1.abstractmethod

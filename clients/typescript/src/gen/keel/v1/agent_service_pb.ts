@@ -31,7 +31,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file keel/v1/agent_service.proto.
  */
 export const file_keel_v1_agent_service: GenFile = /*@__PURE__*/
-  fileDesc("ChtrZWVsL3YxL2FnZW50X3NlcnZpY2UucHJvdG8SB2tlZWwudjEiRAoNU3RyZWFtUmVxdWVzdBIQCghhZ2VudF9pZBgBIAEoCRINCgVpbnB1dBgCIAEoCRISCgpyZXF1ZXN0X2lkGAMgASgJIpIBCg5TdHJlYW1SZXNwb25zZRIoCghzbmFwc2hvdBgBIAEoCzIULmtlZWwudjEuUnVuU25hcHNob3RIABIlCgZldmVudHMYAiABKAsyEy5rZWVsLnYxLkV2ZW50QmF0Y2hIABInCgloZWFydGJlYXQYAyABKAsyEi5rZWVsLnYxLkhlYXJ0YmVhdEgAQgYKBGtpbmQiMAoOT2JzZXJ2ZVJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEg4KBm9mZnNldBgCIAEoAyKTAQoPT2JzZXJ2ZVJlc3BvbnNlEigKCHNuYXBzaG90GAEgASgLMhQua2VlbC52MS5SdW5TbmFwc2hvdEgAEiUKBmV2ZW50cxgCIAEoCzITLmtlZWwudjEuRXZlbnRCYXRjaEgAEicKCWhlYXJ0YmVhdBgDIAEoCzISLmtlZWwudjEuSGVhcnRiZWF0SABCBgoEa2luZCJZCg1SZXN1bWVSZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRIkCglkZWNpc2lvbnMYAiADKAsyES5rZWVsLnYxLkRlY2lzaW9uEhIKCnJlcXVlc3RfaWQYAyABKAkihwEKCERlY2lzaW9uEhQKDHRvb2xfY2FsbF9pZBgBIAEoCRIjCgdhcHByb3ZlGAIgASgLMhAua2VlbC52MS5BcHByb3ZlSAASHQoEZGVueRgDIAEoCzINLmtlZWwudjEuRGVueUgAEhUKC3Jlc3VsdF9qc29uGAQgASgJSABCCgoIZGVjaXNpb24iJQoHQXBwcm92ZRIaChJvdmVycmlkZV9hcmdzX2pzb24YASABKAkiFwoERGVueRIPCgdtZXNzYWdlGAEgASgJIpIBCg5SZXN1bWVSZXNwb25zZRIoCghzbmFwc2hvdBgBIAEoCzIULmtlZWwudjEuUnVuU25hcHNob3RIABIlCgZldmVudHMYAiABKAsyEy5rZWVsLnYxLkV2ZW50QmF0Y2hIABInCgloZWFydGJlYXQYAyABKAsyEi5rZWVsLnYxLkhlYXJ0YmVhdEgAQgYKBGtpbmQiRgoPU3RhcnRSdW5SZXF1ZXN0EhAKCGFnZW50X2lkGAEgASgJEg0KBWlucHV0GAIgASgJEhIKCnJlcXVlc3RfaWQYAyABKAkiLQoQU3RhcnRSdW5SZXNwb25zZRIZCgNydW4YASABKAsyDC5rZWVsLnYxLlJ1biIfCg1HZXRSdW5SZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCSIrCg5HZXRSdW5SZXNwb25zZRIZCgNydW4YASABKAsyDC5rZWVsLnYxLlJ1biJtCg9MaXN0UnVuc1JlcXVlc3QSEAoIYWdlbnRfaWQYASABKAkSIQoGc3RhdGVzGAIgAygOMhEua2VlbC52MS5SdW5TdGF0ZRIRCglwYWdlX3NpemUYAyABKAUSEgoKcGFnZV90b2tlbhgEIAEoCSJHChBMaXN0UnVuc1Jlc3BvbnNlEhoKBHJ1bnMYASADKAsyDC5rZWVsLnYxLlJ1bhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiMgoQQ2FuY2VsUnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkSDgoGcmVhc29uGAIgASgJIi4KEUNhbmNlbFJ1blJlc3BvbnNlEhkKA3J1bhgBIAEoCzIMLmtlZWwudjEuUnVuIhMKEUxpc3RBZ2VudHNSZXF1ZXN0IjQKEkxpc3RBZ2VudHNSZXNwb25zZRIeCgZhZ2VudHMYASADKAsyDi5rZWVsLnYxLkFnZW50ImAKBUFnZW50EhAKCGFnZW50X2lkGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEhIKCm1vZGVsX25hbWUYAyABKAkSHAoFdG9vbHMYBCADKAsyDS5rZWVsLnYxLlRvb2wiRAoEVG9vbBIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEhkKEXJlcXVpcmVzX2FwcHJvdmFsGAMgASgIIosCCgNSdW4SDgoGcnVuX2lkGAEgASgJEhAKCGFnZW50X2lkGAIgASgJEiAKBXN0YXRlGAMgASgOMhEua2VlbC52MS5SdW5TdGF0ZRINCgVpbnB1dBgEIAEoCRISCgpyZXF1ZXN0X2lkGAUgASgJEhMKC25leHRfb2Zmc2V0GAYgASgDEhcKD2VhcmxpZXN0X29mZnNldBgHIAEoAxIvCgtjcmVhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWVycm9yGAogASgJIigKC1J1blNuYXBzaG90EhkKA3J1bhgBIAEoCzIMLmtlZWwudjEuUnVuIjEKCkV2ZW50QmF0Y2gSIwoGZXZlbnRzGAEgAygLMhMua2VlbC52MS5BZ2VudEV2ZW50IkoKCUhlYXJ0YmVhdBITCgtuZXh0X29mZnNldBgBIAEoAxIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKjCwoKQWdlbnRFdmVudBIOCgZydW5faWQYASABKAkSDQoFaW5kZXgYAiABKAMSKAoEdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEc3RlcBgEIAEoBRIPCgdhdHRlbXB0GAUgASgFEiIKBXN0YXJ0GAogASgLMhEua2VlbC52MS5SdW5TdGFydEgAEigKCnN0ZXBfc3RhcnQYCyABKAsyEi5rZWVsLnYxLlN0ZXBTdGFydEgAEioKC3N0ZXBfZmluaXNoGAwgASgLMhMua2VlbC52MS5TdGVwRmluaXNoSAASJAoGZmluaXNoGA0gASgLMhIua2VlbC52MS5SdW5GaW5pc2hIABIiCgVhYm9ydBgOIAEoCzIRLmtlZWwudjEuUnVuQWJvcnRIABIiCgVlcnJvchgPIAEoCzIRLmtlZWwudjEuUnVuRXJyb3JIABIqCglzdXNwZW5kZWQYECABKAsyFS5rZWVsLnYxLlJ1blN1c3BlbmRlZEgAEiYKB3Jlc3VtZWQYESABKAsyEy5rZWVsLnYxLlJ1blJlc3VtZWRIABIyCg9zdGVwX3N1cGVyc2VkZWQYEiABKAsyFy5rZWVsLnYxLlN0ZXBTdXBlcnNlZGVkSAASKAoKdGV4dF9zdGFydBgUIAEoCzISLmtlZWwudjEuVGV4dFN0YXJ0SAASKAoKdGV4dF9kZWx0YRgVIAEoCzISLmtlZWwudjEuVGV4dERlbHRhSAASJAoIdGV4dF9lbmQYFiABKAsyEC5rZWVsLnYxLlRleHRFbmRIABIyCg9yZWFzb25pbmdfc3RhcnQYHiABKAsyFy5rZWVsLnYxLlJlYXNvbmluZ1N0YXJ0SAASMgoPcmVhc29uaW5nX2RlbHRhGB8gASgLMhcua2VlbC52MS5SZWFzb25pbmdEZWx0YUgAEi4KDXJlYXNvbmluZ19lbmQYICABKAsyFS5rZWVsLnYxLlJlYXNvbmluZ0VuZEgAEjMKEHRvb2xfaW5wdXRfc3RhcnQYKCABKAsyFy5rZWVsLnYxLlRvb2xJbnB1dFN0YXJ0SAASMwoQdG9vbF9pbnB1dF9kZWx0YRgpIAEoCzIXLmtlZWwudjEuVG9vbElucHV0RGVsdGFIABIvCg50b29sX2lucHV0X2VuZBgqIAEoCzIVLmtlZWwudjEuVG9vbElucHV0RW5kSAASJgoJdG9vbF9jYWxsGCsgASgLMhEua2VlbC52MS5Ub29sQ2FsbEgAEioKC3Rvb2xfcmVzdWx0GCwgASgLMhMua2VlbC52MS5Ub29sUmVzdWx0SAASKAoKdG9vbF9lcnJvchgtIAEoCzISLmtlZWwudjEuVG9vbEVycm9ySAASNwoSdG9vbF9jYWxsX2FwcHJvdmFsGC4gASgLMhkua2VlbC52MS5Ub29sQ2FsbEFwcHJvdmFsSAASOQoTdG9vbF9jYWxsX3N1c3BlbmRlZBgvIAEoCzIaLmtlZWwudjEuVG9vbENhbGxTdXNwZW5kZWRIABIqCgt0b29sX291dHB1dBgwIAEoCzITLmtlZWwudjEuVG9vbE91dHB1dEgAEjYKEXJlc3BvbnNlX21ldGFkYXRhGDIgASgLMhkua2VlbC52MS5SZXNwb25zZU1ldGFkYXRhSAASIQoGc291cmNlGDMgASgLMg8ua2VlbC52MS5Tb3VyY2VIABIdCgRmaWxlGDQgASgLMg0ua2VlbC52MS5GaWxlSAASJwoGb2JqZWN0GDUgASgLMhUua2VlbC52MS5PYmplY3RPdXRwdXRIABIfCgV1c2FnZRg2IAEoCzIOLmtlZWwudjEuVXNhZ2VIABIjCgR0YXNrGDwgASgLMhMua2VlbC52MS5UYXNrVXBkYXRlSABCCQoHcGF5bG9hZCIrCghSdW5TdGFydBIQCghhZ2VudF9pZBgBIAEoCRINCgVpbnB1dBgCIAEoCSILCglTdGVwU3RhcnQiQgoKU3RlcEZpbmlzaBIdCgV1c2FnZRgBIAEoCzIOLmtlZWwudjEuVXNhZ2USFQoNZmluaXNoX3JlYXNvbhgCIAEoCSJUCglSdW5GaW5pc2gSEwoLb3V0cHV0X3RleHQYASABKAkSEwoLb3V0cHV0X2pzb24YAiABKAkSHQoFdXNhZ2UYAyABKAsyDi5rZWVsLnYxLlVzYWdlIhoKCFJ1bkFib3J0Eg4KBnJlYXNvbhgBIAEoCSIpCghSdW5FcnJvchIPCgdtZXNzYWdlGAEgASgJEgwKBHR5cGUYAiABKAkiJQoMUnVuU3VzcGVuZGVkEhUKDXRvb2xfY2FsbF9pZHMYASADKAkiIwoKUnVuUmVzdW1lZBIVCg10b29sX2NhbGxfaWRzGAEgAygJIlkKDlN0ZXBTdXBlcnNlZGVkEhcKD3N1cGVyc2VkZWRfc3RlcBgBIAEoBRIaChJzdXBlcnNlZGVkX2F0dGVtcHQYAiABKAUSEgoKZnJvbV9pbmRleBgDIAEoAyIfCglUZXh0U3RhcnQSEgoKcGFydF9pbmRleBgBIAEoBSIuCglUZXh0RGVsdGESEgoKcGFydF9pbmRleBgBIAEoBRINCgVkZWx0YRgCIAEoCSIdCgdUZXh0RW5kEhIKCnBhcnRfaW5kZXgYASABKAUiJAoOUmVhc29uaW5nU3RhcnQSEgoKcGFydF9pbmRleBgBIAEoBSIzCg5SZWFzb25pbmdEZWx0YRISCgpwYXJ0X2luZGV4GAEgASgFEg0KBWRlbHRhGAIgASgJIiIKDFJlYXNvbmluZ0VuZBISCgpwYXJ0X2luZGV4GAEgASgFIk0KDlRvb2xJbnB1dFN0YXJ0EhIKCnBhcnRfaW5kZXgYASABKAUSFAoMdG9vbF9jYWxsX2lkGAIgASgJEhEKCXRvb2xfbmFtZRgDIAEoCSIzCg5Ub29sSW5wdXREZWx0YRISCgpwYXJ0X2luZGV4GAEgASgFEg0KBWRlbHRhGAIgASgJIjgKDFRvb2xJbnB1dEVuZBISCgpwYXJ0X2luZGV4GAEgASgFEhQKDHRvb2xfY2FsbF9pZBgCIAEoCSJGCghUb29sQ2FsbBIUCgx0b29sX2NhbGxfaWQYASABKAkSEQoJdG9vbF9uYW1lGAIgASgJEhEKCWFyZ3NfanNvbhgDIAEoCSJKCgpUb29sUmVzdWx0EhQKDHRvb2xfY2FsbF9pZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSEwoLcmVzdWx0X2pzb24YAyABKAkiRQoJVG9vbEVycm9yEhQKDHRvb2xfY2FsbF9pZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSDwoHbWVzc2FnZRgDIAEoCSJOChBUb29sQ2FsbEFwcHJvdmFsEhQKDHRvb2xfY2FsbF9pZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSEQoJYXJnc19qc29uGAMgASgJIk8KEVRvb2xDYWxsU3VzcGVuZGVkEhQKDHRvb2xfY2FsbF9pZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSEQoJYXJnc19qc29uGAMgASgJIjcKClRvb2xPdXRwdXQSFAoMdG9vbF9jYWxsX2lkGAEgASgJEhMKC291dHB1dF9qc29uGAIgASgJIlsKEFJlc3BvbnNlTWV0YWRhdGESEgoKbW9kZWxfbmFtZRgBIAEoCRIcChRwcm92aWRlcl9yZXNwb25zZV9pZBgCIAEoCRIVCg1wcm92aWRlcl9uYW1lGAMgASgJIiQKBlNvdXJjZRILCgN1cmwYASABKAkSDQoFdGl0bGUYAiABKAkiKAoERmlsZRISCgptZWRpYV90eXBlGAEgASgJEgwKBGRhdGEYAiABKAwiIwoMT2JqZWN0T3V0cHV0EhMKC29iamVjdF9qc29uGAEgASgJIloKBVVzYWdlEhQKDGlucHV0X3Rva2VucxgBIAEoAxIVCg1vdXRwdXRfdG9rZW5zGAIgASgDEhAKCHJlcXVlc3RzGAMgASgDEhIKCnRvb2xfY2FsbHMYBCABKAMicwoKVGFza1VwZGF0ZRIPCgd0YXNrX2lkGAEgASgJEgwKBG5hbWUYAiABKAkSIwoGc3RhdHVzGAMgASgOMhMua2VlbC52MS5UYXNrU3RhdHVzEhAKCHByb2dyZXNzGAQgASgBEg8KB21lc3NhZ2UYBSABKAkqswEKCFJ1blN0YXRlEhkKFVJVTl9TVEFURV9VTlNQRUNJRklFRBAAEhQKEFJVTl9TVEFURV9RVUVVRUQQARIVChFSVU5fU1RBVEVfUlVOTklORxACEhcKE1JVTl9TVEFURV9TVVNQRU5ERUQQAxIXChNSVU5fU1RBVEVfU1VDQ0VFREVEEAQSFAoQUlVOX1NUQVRFX0ZBSUxFRBAFEhcKE1JVTl9TVEFURV9DQU5DRUxMRUQQBiqoAQoKVGFza1N0YXR1cxIbChdUQVNLX1NUQVRVU19VTlNQRUNJRklFRBAAEhcKE1RBU0tfU1RBVFVTX1NUQVJURUQQARIXChNUQVNLX1NUQVRVU19SVU5OSU5HEAISGAoUVEFTS19TVEFUVVNfUFJPR1JFU1MQAxIZChVUQVNLX1NUQVRVU19DT01QTEVURUQQBBIWChJUQVNLX1NUQVRVU19GQUlMRUQQBTKQBAoMQWdlbnRTZXJ2aWNlEjsKBlN0cmVhbRIWLmtlZWwudjEuU3RyZWFtUmVxdWVzdBoXLmtlZWwudjEuU3RyZWFtUmVzcG9uc2UwARI+CgdPYnNlcnZlEhcua2VlbC52MS5PYnNlcnZlUmVxdWVzdBoYLmtlZWwudjEuT2JzZXJ2ZVJlc3BvbnNlMAESOwoGUmVzdW1lEhYua2VlbC52MS5SZXN1bWVSZXF1ZXN0Ghcua2VlbC52MS5SZXN1bWVSZXNwb25zZTABEj8KCFN0YXJ0UnVuEhgua2VlbC52MS5TdGFydFJ1blJlcXVlc3QaGS5rZWVsLnYxLlN0YXJ0UnVuUmVzcG9uc2USOQoGR2V0UnVuEhYua2VlbC52MS5HZXRSdW5SZXF1ZXN0Ghcua2VlbC52MS5HZXRSdW5SZXNwb25zZRI/CghMaXN0UnVucxIYLmtlZWwudjEuTGlzdFJ1bnNSZXF1ZXN0Ghkua2VlbC52MS5MaXN0UnVuc1Jlc3BvbnNlEkIKCUNhbmNlbFJ1bhIZLmtlZWwudjEuQ2FuY2VsUnVuUmVxdWVzdBoaLmtlZWwudjEuQ2FuY2VsUnVuUmVzcG9uc2USRQoKTGlzdEFnZW50cxIaLmtlZWwudjEuTGlzdEFnZW50c1JlcXVlc3QaGy5rZWVsLnYxLkxpc3RBZ2VudHNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("ChtrZWVsL3YxL2FnZW50X3NlcnZpY2UucHJvdG8SB2tlZWwudjEiRAoNU3RyZWFtUmVxdWVzdBIQCghhZ2VudF9pZBgBIAEoCRINCgVpbnB1dBgCIAEoCRISCgpyZXF1ZXN0X2lkGAMgASgJIpIBCg5TdHJlYW1SZXNwb25zZRIoCghzbmFwc2hvdBgBIAEoCzIULmtlZWwudjEuUnVuU25hcHNob3RIABIlCgZldmVudHMYAiABKAsyEy5rZWVsLnYxLkV2ZW50QmF0Y2hIABInCgloZWFydGJlYXQYAyABKAsyEi5rZWVsLnYxLkhlYXJ0YmVhdEgAQgYKBGtpbmQiSQoOT2JzZXJ2ZVJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEg4KBm9mZnNldBgCIAEoAxIXCg9zdG9wX2F0X3N1c3BlbmQYAyABKAgikwEKD09ic2VydmVSZXNwb25zZRIoCghzbmFwc2hvdBgBIAEoCzIULmtlZWwudjEuUnVuU25hcHNob3RIABIlCgZldmVudHMYAiABKAsyEy5rZWVsLnYxLkV2ZW50QmF0Y2hIABInCgloZWFydGJlYXQYAyABKAsyEi5rZWVsLnYxLkhlYXJ0YmVhdEgAQgYKBGtpbmQiWQoNUmVzdW1lUmVxdWVzdBIOCgZydW5faWQYASABKAkSJAoJZGVjaXNpb25zGAIgAygLMhEua2VlbC52MS5EZWNpc2lvbhISCgpyZXF1ZXN0X2lkGAMgASgJIocBCghEZWNpc2lvbhIUCgx0b29sX2NhbGxfaWQYASABKAkSIwoHYXBwcm92ZRgCIAEoCzIQLmtlZWwudjEuQXBwcm92ZUgAEh0KBGRlbnkYAyABKAsyDS5rZWVsLnYxLkRlbnlIABIVCgtyZXN1bHRfanNvbhgEIAEoCUgAQgoKCGRlY2lzaW9uIm0KCUludGVycnVwdBIUCgx0b29sX2NhbGxfaWQYASABKAkSEQoJdG9vbF9uYW1lGAIgASgJEhEKCWFyZ3NfanNvbhgDIAEoCRIkCgRraW5kGAQgASgOMhYua2VlbC52MS5JbnRlcnJ1cHRLaW5kIiUKB0FwcHJvdmUSGgoSb3ZlcnJpZGVfYXJnc19qc29uGAEgASgJIhcKBERlbnkSDwoHbWVzc2FnZRgBIAEoCSKSAQoOUmVzdW1lUmVzcG9uc2USKAoIc25hcHNob3QYASABKAsyFC5rZWVsLnYxLlJ1blNuYXBzaG90SAASJQoGZXZlbnRzGAIgASgLMhMua2VlbC52MS5FdmVudEJhdGNoSAASJwoJaGVhcnRiZWF0GAMgASgLMhIua2VlbC52MS5IZWFydGJlYXRIAEIGCgRraW5kIkYKD1N0YXJ0UnVuUmVxdWVzdBIQCghhZ2VudF9pZBgBIAEoCRINCgVpbnB1dBgCIAEoCRISCgpyZXF1ZXN0X2lkGAMgASgJIi0KEFN0YXJ0UnVuUmVzcG9uc2USGQoDcnVuGAEgASgLMgwua2VlbC52MS5SdW4iHwoNR2V0UnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkiKwoOR2V0UnVuUmVzcG9uc2USGQoDcnVuGAEgASgLMgwua2VlbC52MS5SdW4ibQoPTGlzdFJ1bnNSZXF1ZXN0EhAKCGFnZW50X2lkGAEgASgJEiEKBnN0YXRlcxgCIAMoDjIRLmtlZWwudjEuUnVuU3RhdGUSEQoJcGFnZV9zaXplGAMgASgFEhIKCnBhZ2VfdG9rZW4YBCABKAkiRwoQTGlzdFJ1bnNSZXNwb25zZRIaCgRydW5zGAEgAygLMgwua2VlbC52MS5SdW4SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjIKEENhbmNlbFJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEg4KBnJlYXNvbhgCIAEoCSIuChFDYW5jZWxSdW5SZXNwb25zZRIZCgNydW4YASABKAsyDC5rZWVsLnYxLlJ1biITChFMaXN0QWdlbnRzUmVxdWVzdCI0ChJMaXN0QWdlbnRzUmVzcG9uc2USHgoGYWdlbnRzGAEgAygLMg4ua2VlbC52MS5BZ2VudCJgCgVBZ2VudBIQCghhZ2VudF9pZBgBIAEoCRITCgtkZXNjcmlwdGlvbhgCIAEoCRISCgptb2RlbF9uYW1lGAMgASgJEhwKBXRvb2xzGAQgAygLMg0ua2VlbC52MS5Ub29sIkQKBFRvb2wSDAoEbmFtZRgBIAEoCRITCgtkZXNjcmlwdGlvbhgCIAEoCRIZChFyZXF1aXJlc19hcHByb3ZhbBgDIAEoCCK7AgoDUnVuEg4KBnJ1bl9pZBgBIAEoCRIQCghhZ2VudF9pZBgCIAEoCRIgCgVzdGF0ZRgDIAEoDjIRLmtlZWwudjEuUnVuU3RhdGUSDQoFaW5wdXQYBCABKAkSEgoKcmVxdWVzdF9pZBgFIAEoCRITCgtuZXh0X29mZnNldBgGIAEoAxIXCg9lYXJsaWVzdF9vZmZzZXQYByABKAMSLwoLY3JlYXRlX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVlcnJvchgKIAEoCRIuChJwZW5kaW5nX2ludGVycnVwdHMYCyADKAsyEi5rZWVsLnYxLkludGVycnVwdCIoCgtSdW5TbmFwc2hvdBIZCgNydW4YASABKAsyDC5rZWVsLnYxLlJ1biIxCgpFdmVudEJhdGNoEiMKBmV2ZW50cxgBIAMoCzITLmtlZWwudjEuQWdlbnRFdmVudCJKCglIZWFydGJlYXQSEwoLbmV4dF9vZmZzZXQYASABKAMSKAoEdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiowsKCkFnZW50RXZlbnQSDgoGcnVuX2lkGAEgASgJEg0KBWluZGV4GAIgASgDEigKBHRpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBHN0ZXAYBCABKAUSDwoHYXR0ZW1wdBgFIAEoBRIiCgVzdGFydBgKIAEoCzIRLmtlZWwudjEuUnVuU3RhcnRIABIoCgpzdGVwX3N0YXJ0GAsgASgLMhIua2VlbC52MS5TdGVwU3RhcnRIABIqCgtzdGVwX2ZpbmlzaBgMIAEoCzITLmtlZWwudjEuU3RlcEZpbmlzaEgAEiQKBmZpbmlzaBgNIAEoCzISLmtlZWwudjEuUnVuRmluaXNoSAASIgoFYWJvcnQYDiABKAsyES5rZWVsLnYxLlJ1bkFib3J0SAASIgoFZXJyb3IYDyABKAsyES5rZWVsLnYxLlJ1bkVycm9ySAASKgoJc3VzcGVuZGVkGBAgASgLMhUua2VlbC52MS5SdW5TdXNwZW5kZWRIABImCgdyZXN1bWVkGBEgASgLMhMua2VlbC52MS5SdW5SZXN1bWVkSAASMgoPc3RlcF9zdXBlcnNlZGVkGBIgASgLMhcua2VlbC52MS5TdGVwU3VwZXJzZWRlZEgAEigKCnRleHRfc3RhcnQYFCABKAsyEi5rZWVsLnYxLlRleHRTdGFydEgAEigKCnRleHRfZGVsdGEYFSABKAsyEi5rZWVsLnYxLlRleHREZWx0YUgAEiQKCHRleHRfZW5kGBYgASgLMhAua2VlbC52MS5UZXh0RW5kSAASMgoPcmVhc29uaW5nX3N0YXJ0GB4gASgLMhcua2VlbC52MS5SZWFzb25pbmdTdGFydEgAEjIKD3JlYXNvbmluZ19kZWx0YRgfIAEoCzIXLmtlZWwudjEuUmVhc29uaW5nRGVsdGFIABIuCg1yZWFzb25pbmdfZW5kGCAgASgLMhUua2VlbC52MS5SZWFzb25pbmdFbmRIABIzChB0b29sX2lucHV0X3N0YXJ0GCggASgLMhcua2VlbC52MS5Ub29sSW5wdXRTdGFydEgAEjMKEHRvb2xfaW5wdXRfZGVsdGEYKSABKAsyFy5rZWVsLnYxLlRvb2xJbnB1dERlbHRhSAASLwoOdG9vbF9pbnB1dF9lbmQYKiABKAsyFS5rZWVsLnYxLlRvb2xJbnB1dEVuZEgAEiYKCXRvb2xfY2FsbBgrIAEoCzIRLmtlZWwudjEuVG9vbENhbGxIABIqCgt0b29sX3Jlc3VsdBgsIAEoCzITLmtlZWwudjEuVG9vbFJlc3VsdEgAEigKCnRvb2xfZXJyb3IYLSABKAsyEi5rZWVsLnYxLlRvb2xFcnJvckgAEjcKEnRvb2xfY2FsbF9hcHByb3ZhbBguIAEoCzIZLmtlZWwudjEuVG9vbENhbGxBcHByb3ZhbEgAEjkKE3Rvb2xfY2FsbF9zdXNwZW5kZWQYLyABKAsyGi5rZWVsLnYxLlRvb2xDYWxsU3VzcGVuZGVkSAASKgoLdG9vbF9vdXRwdXQYMCABKAsyEy5rZWVsLnYxLlRvb2xPdXRwdXRIABI2ChFyZXNwb25zZV9tZXRhZGF0YRgyIAEoCzIZLmtlZWwudjEuUmVzcG9uc2VNZXRhZGF0YUgAEiEKBnNvdXJjZRgzIAEoCzIPLmtlZWwudjEuU291cmNlSAASHQoEZmlsZRg0IAEoCzINLmtlZWwudjEuRmlsZUgAEicKBm9iamVjdBg1IAEoCzIVLmtlZWwudjEuT2JqZWN0T3V0cHV0SAASHwoFdXNhZ2UYNiABKAsyDi5rZWVsLnYxLlVzYWdlSAASIwoEdGFzaxg8IAEoCzITLmtlZWwudjEuVGFza1VwZGF0ZUgAQgkKB3BheWxvYWQiKwoIUnVuU3RhcnQSEAoIYWdlbnRfaWQYASABKAkSDQoFaW5wdXQYAiABKAkiCwoJU3RlcFN0YXJ0IkIKClN0ZXBGaW5pc2gSHQoFdXNhZ2UYASABKAsyDi5rZWVsLnYxLlVzYWdlEhUKDWZpbmlzaF9yZWFzb24YAiABKAkiVAoJUnVuRmluaXNoEhMKC291dHB1dF90ZXh0GAEgASgJEhMKC291dHB1dF9qc29uGAIgASgJEh0KBXVzYWdlGAMgASgLMg4ua2VlbC52MS5Vc2FnZSIaCghSdW5BYm9ydBIOCgZyZWFzb24YASABKAkiKQoIUnVuRXJyb3ISDwoHbWVzc2FnZRgBIAEoCRIMCgR0eXBlGAIgASgJIiUKDFJ1blN1c3BlbmRlZBIVCg10b29sX2NhbGxfaWRzGAEgAygJIiMKClJ1blJlc3VtZWQSFQoNdG9vbF9jYWxsX2lkcxgBIAMoCSJZCg5TdGVwU3VwZXJzZWRlZBIXCg9zdXBlcnNlZGVkX3N0ZXAYASABKAUSGgoSc3VwZXJzZWRlZF9hdHRlbXB0GAIgASgFEhIKCmZyb21faW5kZXgYAyABKAMiHwoJVGV4dFN0YXJ0EhIKCnBhcnRfaW5kZXgYASABKAUiLgoJVGV4dERlbHRhEhIKCnBhcnRfaW5kZXgYASABKAUSDQoFZGVsdGEYAiABKAkiHQoHVGV4dEVuZBISCgpwYXJ0X2luZGV4GAEgASgFIiQKDlJlYXNvbmluZ1N0YXJ0EhIKCnBhcnRfaW5kZXgYASABKAUiMwoOUmVhc29uaW5nRGVsdGESEgoKcGFydF9pbmRleBgBIAEoBRINCgVkZWx0YRgCIAEoCSIiCgxSZWFzb25pbmdFbmQSEgoKcGFydF9pbmRleBgBIAEoBSJNCg5Ub29sSW5wdXRTdGFydBISCgpwYXJ0X2luZGV4GAEgASgFEhQKDHRvb2xfY2FsbF9pZBgCIAEoCRIRCgl0b29sX25hbWUYAyABKAkiMwoOVG9vbElucHV0RGVsdGESEgoKcGFydF9pbmRleBgBIAEoBRINCgVkZWx0YRgCIAEoCSI4CgxUb29sSW5wdXRFbmQSEgoKcGFydF9pbmRleBgBIAEoBRIUCgx0b29sX2NhbGxfaWQYAiABKAkiRgoIVG9vbENhbGwSFAoMdG9vbF9jYWxsX2lkGAEgASgJEhEKCXRvb2xfbmFtZRgCIAEoCRIRCglhcmdzX2pzb24YAyABKAkiWgoKVG9vbFJlc3VsdBIUCgx0b29sX2NhbGxfaWQYASABKAkSEQoJdG9vbF9uYW1lGAIgASgJEhMKC3Jlc3VsdF9qc29uGAMgASgJEg4KBmRlbmllZBgEIAEoCCJFCglUb29sRXJyb3ISFAoMdG9vbF9jYWxsX2lkGAEgASgJEhEKCXRvb2xfbmFtZRgCIAEoCRIPCgdtZXNzYWdlGAMgASgJIk4KEFRvb2xDYWxsQXBwcm92YWwSFAoMdG9vbF9jYWxsX2lkGAEgASgJEhEKCXRvb2xfbmFtZRgCIAEoCRIRCglhcmdzX2pzb24YAyABKAkiTwoRVG9vbENhbGxTdXNwZW5kZWQSFAoMdG9vbF9jYWxsX2lkGAEgASgJEhEKCXRvb2xfbmFtZRgCIAEoCRIRCglhcmdzX2pzb24YAyABKAkiNwoKVG9vbE91dHB1dBIUCgx0b29sX2NhbGxfaWQYASABKAkSEwoLb3V0cHV0X2pzb24YAiABKAkiWwoQUmVzcG9uc2VNZXRhZGF0YRISCgptb2RlbF9uYW1lGAEgASgJEhwKFHByb3ZpZGVyX3Jlc3BvbnNlX2lkGAIgASgJEhUKDXByb3ZpZGVyX25hbWUYAyABKAkiJAoGU291cmNlEgsKA3VybBgBIAEoCRINCgV0aXRsZRgCIAEoCSIoCgRGaWxlEhIKCm1lZGlhX3R5cGUYASABKAkSDAoEZGF0YRgCIAEoDCIjCgxPYmplY3RPdXRwdXQSEwoLb2JqZWN0X2pzb24YASABKAkiWgoFVXNhZ2USFAoMaW5wdXRfdG9rZW5zGAEgASgDEhUKDW91dHB1dF90b2tlbnMYAiABKAMSEAoIcmVxdWVzdHMYAyABKAMSEgoKdG9vbF9jYWxscxgEIAEoAyJzCgpUYXNrVXBkYXRlEg8KB3Rhc2tfaWQYASABKAkSDAoEbmFtZRgCIAEoCRIjCgZzdGF0dXMYAyABKA4yEy5rZWVsLnYxLlRhc2tTdGF0dXMSEAoIcHJvZ3Jlc3MYBCABKAESDwoHbWVzc2FnZRgFIAEoCSqzAQoIUnVuU3RhdGUSGQoVUlVOX1NUQVRFX1VOU1BFQ0lGSUVEEAASFAoQUlVOX1NUQVRFX1FVRVVFRBABEhUKEVJVTl9TVEFURV9SVU5OSU5HEAISFwoTUlVOX1NUQVRFX1NVU1BFTkRFRBADEhcKE1JVTl9TVEFURV9TVUNDRUVERUQQBBIUChBSVU5fU1RBVEVfRkFJTEVEEAUSFwoTUlVOX1NUQVRFX0NBTkNFTExFRBAGKmUKDUludGVycnVwdEtpbmQSHgoaSU5URVJSVVBUX0tJTkRfVU5TUEVDSUZJRUQQABIbChdJTlRFUlJVUFRfS0lORF9BUFBST1ZBTBABEhcKE0lOVEVSUlVQVF9LSU5EX0NBTEwQAiqoAQoKVGFza1N0YXR1cxIbChdUQVNLX1NUQVRVU19VTlNQRUNJRklFRBAAEhcKE1RBU0tfU1RBVFVTX1NUQVJURUQQARIXChNUQVNLX1NUQVRVU19SVU5OSU5HEAISGAoUVEFTS19TVEFUVVNfUFJPR1JFU1MQAxIZChVUQVNLX1NUQVRVU19DT01QTEVURUQQBBIWChJUQVNLX1NUQVRVU19GQUlMRUQQBTKQBAoMQWdlbnRTZXJ2aWNlEjsKBlN0cmVhbRIWLmtlZWwudjEuU3RyZWFtUmVxdWVzdBoXLmtlZWwudjEuU3RyZWFtUmVzcG9uc2UwARI+CgdPYnNlcnZlEhcua2VlbC52MS5PYnNlcnZlUmVxdWVzdBoYLmtlZWwudjEuT2JzZXJ2ZVJlc3BvbnNlMAESOwoGUmVzdW1lEhYua2VlbC52MS5SZXN1bWVSZXF1ZXN0Ghcua2VlbC52MS5SZXN1bWVSZXNwb25zZTABEj8KCFN0YXJ0UnVuEhgua2VlbC52MS5TdGFydFJ1blJlcXVlc3QaGS5rZWVsLnYxLlN0YXJ0UnVuUmVzcG9uc2USOQoGR2V0UnVuEhYua2VlbC52MS5HZXRSdW5SZXF1ZXN0Ghcua2VlbC52MS5HZXRSdW5SZXNwb25zZRI/CghMaXN0UnVucxIYLmtlZWwudjEuTGlzdFJ1bnNSZXF1ZXN0Ghkua2VlbC52MS5MaXN0UnVuc1Jlc3BvbnNlEkIKCUNhbmNlbFJ1bhIZLmtlZWwudjEuQ2FuY2VsUnVuUmVxdWVzdBoaLmtlZWwudjEuQ2FuY2VsUnVuUmVzcG9uc2USRQoKTGlzdEFnZW50cxIaLmtlZWwudjEuTGlzdEFnZW50c1JlcXVlc3QaGy5rZWVsLnYxLkxpc3RBZ2VudHNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp]);
 
 /**
  * StreamRequest starts a run and streams it.
@@ -138,6 +138,17 @@ export type ObserveRequest = Message<"keel.v1.ObserveRequest"> & {
    * @generated from field: int64 offset = 2;
    */
   offset: bigint;
+
+  /**
+   * By default the stream follows a run across its suspensions (it delivers
+   * the `suspended` event and waits for the run to resume). If set, the
+   * stream ends with status OK right after a `suspended` event instead, or
+   * right after the snapshot when the run is suspended and offset is its
+   * next_offset.
+   *
+   * @generated from field: bool stop_at_suspend = 3;
+   */
+  stopAtSuspend: boolean;
 };
 
 /**
@@ -243,7 +254,8 @@ export type Decision = Message<"keel.v1.Decision"> & {
   toolCallId: string;
 
   /**
-   * The answer.
+   * The answer: approve or deny for an INTERRUPT_KIND_APPROVAL interrupt,
+   * result_json for an INTERRUPT_KIND_CALL interrupt.
    *
    * @generated from oneof keel.v1.Decision.decision
    */
@@ -282,6 +294,48 @@ export const DecisionSchema: GenMessage<Decision> = /*@__PURE__*/
   messageDesc(file_keel_v1_agent_service, 5);
 
 /**
+ * Interrupt is a tool call a suspended run waits on.
+ *
+ * @generated from message keel.v1.Interrupt
+ */
+export type Interrupt = Message<"keel.v1.Interrupt"> & {
+  /**
+   * The tool call's id; Decision.tool_call_id names it.
+   *
+   * @generated from field: string tool_call_id = 1;
+   */
+  toolCallId: string;
+
+  /**
+   * The tool's name.
+   *
+   * @generated from field: string tool_name = 2;
+   */
+  toolName: string;
+
+  /**
+   * The arguments the model chose, as JSON.
+   *
+   * @generated from field: string args_json = 3;
+   */
+  argsJson: string;
+
+  /**
+   * What the interrupt waits for.
+   *
+   * @generated from field: keel.v1.InterruptKind kind = 4;
+   */
+  kind: InterruptKind;
+};
+
+/**
+ * Describes the message keel.v1.Interrupt.
+ * Use `create(InterruptSchema)` to create a new message.
+ */
+export const InterruptSchema: GenMessage<Interrupt> = /*@__PURE__*/
+  messageDesc(file_keel_v1_agent_service, 6);
+
+/**
  * Approve lets a tool call that needs approval run.
  *
  * @generated from message keel.v1.Approve
@@ -300,7 +354,7 @@ export type Approve = Message<"keel.v1.Approve"> & {
  * Use `create(ApproveSchema)` to create a new message.
  */
 export const ApproveSchema: GenMessage<Approve> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 6);
+  messageDesc(file_keel_v1_agent_service, 7);
 
 /**
  * Deny refuses a tool call that needs approval.
@@ -321,7 +375,7 @@ export type Deny = Message<"keel.v1.Deny"> & {
  * Use `create(DenySchema)` to create a new message.
  */
 export const DenySchema: GenMessage<Deny> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 7);
+  messageDesc(file_keel_v1_agent_service, 8);
 
 /**
  * ResumeResponse is one message of a Resume stream: the snapshot first,
@@ -367,7 +421,7 @@ export type ResumeResponse = Message<"keel.v1.ResumeResponse"> & {
  * Use `create(ResumeResponseSchema)` to create a new message.
  */
 export const ResumeResponseSchema: GenMessage<ResumeResponse> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 8);
+  messageDesc(file_keel_v1_agent_service, 9);
 
 /**
  * StartRunRequest starts a run without streaming it.
@@ -402,7 +456,7 @@ export type StartRunRequest = Message<"keel.v1.StartRunRequest"> & {
  * Use `create(StartRunRequestSchema)` to create a new message.
  */
 export const StartRunRequestSchema: GenMessage<StartRunRequest> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 9);
+  messageDesc(file_keel_v1_agent_service, 10);
 
 /**
  * StartRunResponse holds the run that was started (or found, for a
@@ -424,7 +478,7 @@ export type StartRunResponse = Message<"keel.v1.StartRunResponse"> & {
  * Use `create(StartRunResponseSchema)` to create a new message.
  */
 export const StartRunResponseSchema: GenMessage<StartRunResponse> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 10);
+  messageDesc(file_keel_v1_agent_service, 11);
 
 /**
  * GetRunRequest names a run.
@@ -445,7 +499,7 @@ export type GetRunRequest = Message<"keel.v1.GetRunRequest"> & {
  * Use `create(GetRunRequestSchema)` to create a new message.
  */
 export const GetRunRequestSchema: GenMessage<GetRunRequest> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 11);
+  messageDesc(file_keel_v1_agent_service, 12);
 
 /**
  * GetRunResponse holds a run.
@@ -466,7 +520,7 @@ export type GetRunResponse = Message<"keel.v1.GetRunResponse"> & {
  * Use `create(GetRunResponseSchema)` to create a new message.
  */
 export const GetRunResponseSchema: GenMessage<GetRunResponse> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 12);
+  messageDesc(file_keel_v1_agent_service, 13);
 
 /**
  * ListRunsRequest selects a page of runs.
@@ -510,7 +564,7 @@ export type ListRunsRequest = Message<"keel.v1.ListRunsRequest"> & {
  * Use `create(ListRunsRequestSchema)` to create a new message.
  */
 export const ListRunsRequestSchema: GenMessage<ListRunsRequest> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 13);
+  messageDesc(file_keel_v1_agent_service, 14);
 
 /**
  * ListRunsResponse is one page of runs, newest first.
@@ -538,7 +592,7 @@ export type ListRunsResponse = Message<"keel.v1.ListRunsResponse"> & {
  * Use `create(ListRunsResponseSchema)` to create a new message.
  */
 export const ListRunsResponseSchema: GenMessage<ListRunsResponse> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 14);
+  messageDesc(file_keel_v1_agent_service, 15);
 
 /**
  * CancelRunRequest names the run to cancel.
@@ -566,7 +620,7 @@ export type CancelRunRequest = Message<"keel.v1.CancelRunRequest"> & {
  * Use `create(CancelRunRequestSchema)` to create a new message.
  */
 export const CancelRunRequestSchema: GenMessage<CancelRunRequest> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 15);
+  messageDesc(file_keel_v1_agent_service, 16);
 
 /**
  * CancelRunResponse holds the run after the cancellation was recorded.
@@ -587,7 +641,7 @@ export type CancelRunResponse = Message<"keel.v1.CancelRunResponse"> & {
  * Use `create(CancelRunResponseSchema)` to create a new message.
  */
 export const CancelRunResponseSchema: GenMessage<CancelRunResponse> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 16);
+  messageDesc(file_keel_v1_agent_service, 17);
 
 /**
  * ListAgentsRequest asks for the agents this server can run.
@@ -602,7 +656,7 @@ export type ListAgentsRequest = Message<"keel.v1.ListAgentsRequest"> & {
  * Use `create(ListAgentsRequestSchema)` to create a new message.
  */
 export const ListAgentsRequestSchema: GenMessage<ListAgentsRequest> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 17);
+  messageDesc(file_keel_v1_agent_service, 18);
 
 /**
  * ListAgentsResponse lists the agents this server can run.
@@ -623,7 +677,7 @@ export type ListAgentsResponse = Message<"keel.v1.ListAgentsResponse"> & {
  * Use `create(ListAgentsResponseSchema)` to create a new message.
  */
 export const ListAgentsResponseSchema: GenMessage<ListAgentsResponse> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 18);
+  messageDesc(file_keel_v1_agent_service, 19);
 
 /**
  * Agent describes an agent this server can run.
@@ -665,7 +719,7 @@ export type Agent = Message<"keel.v1.Agent"> & {
  * Use `create(AgentSchema)` to create a new message.
  */
 export const AgentSchema: GenMessage<Agent> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 19);
+  messageDesc(file_keel_v1_agent_service, 20);
 
 /**
  * Tool describes one tool an agent can call.
@@ -700,7 +754,7 @@ export type Tool = Message<"keel.v1.Tool"> & {
  * Use `create(ToolSchema)` to create a new message.
  */
 export const ToolSchema: GenMessage<Tool> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 20);
+  messageDesc(file_keel_v1_agent_service, 21);
 
 /**
  * Run is an agent run and where it stands.
@@ -777,6 +831,13 @@ export type Run = Message<"keel.v1.Run"> & {
    * @generated from field: string error = 10;
    */
   error: string;
+
+  /**
+   * For a SUSPENDED run, the interrupts that still wait for a decision.
+   *
+   * @generated from field: repeated keel.v1.Interrupt pending_interrupts = 11;
+   */
+  pendingInterrupts: Interrupt[];
 };
 
 /**
@@ -784,7 +845,7 @@ export type Run = Message<"keel.v1.Run"> & {
  * Use `create(RunSchema)` to create a new message.
  */
 export const RunSchema: GenMessage<Run> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 21);
+  messageDesc(file_keel_v1_agent_service, 22);
 
 /**
  * RunSnapshot is the first message of every stream: the run as it was
@@ -807,7 +868,7 @@ export type RunSnapshot = Message<"keel.v1.RunSnapshot"> & {
  * Use `create(RunSnapshotSchema)` to create a new message.
  */
 export const RunSnapshotSchema: GenMessage<RunSnapshot> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 22);
+  messageDesc(file_keel_v1_agent_service, 23);
 
 /**
  * EventBatch carries consecutive events of one run, in index order.
@@ -828,7 +889,7 @@ export type EventBatch = Message<"keel.v1.EventBatch"> & {
  * Use `create(EventBatchSchema)` to create a new message.
  */
 export const EventBatchSchema: GenMessage<EventBatch> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 23);
+  messageDesc(file_keel_v1_agent_service, 24);
 
 /**
  * Heartbeat is sent on a quiet stream. It is not an event and has no index.
@@ -856,7 +917,7 @@ export type Heartbeat = Message<"keel.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 24);
+  messageDesc(file_keel_v1_agent_service, 25);
 
 /**
  * AgentEvent is one entry of a run's event log.
@@ -1158,7 +1219,7 @@ export type AgentEvent = Message<"keel.v1.AgentEvent"> & {
  * Use `create(AgentEventSchema)` to create a new message.
  */
 export const AgentEventSchema: GenMessage<AgentEvent> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 25);
+  messageDesc(file_keel_v1_agent_service, 26);
 
 /**
  * RunStart is the first event of every run.
@@ -1186,7 +1247,7 @@ export type RunStart = Message<"keel.v1.RunStart"> & {
  * Use `create(RunStartSchema)` to create a new message.
  */
 export const RunStartSchema: GenMessage<RunStart> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 26);
+  messageDesc(file_keel_v1_agent_service, 27);
 
 /**
  * StepStart opens a step: one model request and the tool calls it asks for.
@@ -1201,7 +1262,7 @@ export type StepStart = Message<"keel.v1.StepStart"> & {
  * Use `create(StepStartSchema)` to create a new message.
  */
 export const StepStartSchema: GenMessage<StepStart> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 27);
+  messageDesc(file_keel_v1_agent_service, 28);
 
 /**
  * StepFinish closes a step.
@@ -1229,7 +1290,7 @@ export type StepFinish = Message<"keel.v1.StepFinish"> & {
  * Use `create(StepFinishSchema)` to create a new message.
  */
 export const StepFinishSchema: GenMessage<StepFinish> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 28);
+  messageDesc(file_keel_v1_agent_service, 29);
 
 /**
  * RunFinish is the terminal event of a successful run.
@@ -1264,7 +1325,7 @@ export type RunFinish = Message<"keel.v1.RunFinish"> & {
  * Use `create(RunFinishSchema)` to create a new message.
  */
 export const RunFinishSchema: GenMessage<RunFinish> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 29);
+  messageDesc(file_keel_v1_agent_service, 30);
 
 /**
  * RunAbort is the terminal event of a cancelled run.
@@ -1285,7 +1346,7 @@ export type RunAbort = Message<"keel.v1.RunAbort"> & {
  * Use `create(RunAbortSchema)` to create a new message.
  */
 export const RunAbortSchema: GenMessage<RunAbort> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 30);
+  messageDesc(file_keel_v1_agent_service, 31);
 
 /**
  * RunError is the terminal event of a failed run.
@@ -1313,7 +1374,7 @@ export type RunError = Message<"keel.v1.RunError"> & {
  * Use `create(RunErrorSchema)` to create a new message.
  */
 export const RunErrorSchema: GenMessage<RunError> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 31);
+  messageDesc(file_keel_v1_agent_service, 32);
 
 /**
  * RunSuspended says the run waits for decisions on its pending interrupts.
@@ -1334,7 +1395,7 @@ export type RunSuspended = Message<"keel.v1.RunSuspended"> & {
  * Use `create(RunSuspendedSchema)` to create a new message.
  */
 export const RunSuspendedSchema: GenMessage<RunSuspended> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 32);
+  messageDesc(file_keel_v1_agent_service, 33);
 
 /**
  * RunResumed says the run continues after a suspension.
@@ -1355,7 +1416,7 @@ export type RunResumed = Message<"keel.v1.RunResumed"> & {
  * Use `create(RunResumedSchema)` to create a new message.
  */
 export const RunResumedSchema: GenMessage<RunResumed> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 33);
+  messageDesc(file_keel_v1_agent_service, 34);
 
 /**
  * StepSuperseded says an attempt of a step was interrupted (its process
@@ -1395,7 +1456,7 @@ export type StepSuperseded = Message<"keel.v1.StepSuperseded"> & {
  * Use `create(StepSupersededSchema)` to create a new message.
  */
 export const StepSupersededSchema: GenMessage<StepSuperseded> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 34);
+  messageDesc(file_keel_v1_agent_service, 35);
 
 /**
  * TextStart opens a text part of a model response.
@@ -1416,7 +1477,7 @@ export type TextStart = Message<"keel.v1.TextStart"> & {
  * Use `create(TextStartSchema)` to create a new message.
  */
 export const TextStartSchema: GenMessage<TextStart> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 35);
+  messageDesc(file_keel_v1_agent_service, 36);
 
 /**
  * TextDelta carries more text of a text part.
@@ -1444,7 +1505,7 @@ export type TextDelta = Message<"keel.v1.TextDelta"> & {
  * Use `create(TextDeltaSchema)` to create a new message.
  */
 export const TextDeltaSchema: GenMessage<TextDelta> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 36);
+  messageDesc(file_keel_v1_agent_service, 37);
 
 /**
  * TextEnd closes a text part.
@@ -1465,7 +1526,7 @@ export type TextEnd = Message<"keel.v1.TextEnd"> & {
  * Use `create(TextEndSchema)` to create a new message.
  */
 export const TextEndSchema: GenMessage<TextEnd> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 37);
+  messageDesc(file_keel_v1_agent_service, 38);
 
 /**
  * ReasoningStart opens a reasoning (thinking) part of a model response.
@@ -1486,7 +1547,7 @@ export type ReasoningStart = Message<"keel.v1.ReasoningStart"> & {
  * Use `create(ReasoningStartSchema)` to create a new message.
  */
 export const ReasoningStartSchema: GenMessage<ReasoningStart> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 38);
+  messageDesc(file_keel_v1_agent_service, 39);
 
 /**
  * ReasoningDelta carries more text of a reasoning part.
@@ -1514,7 +1575,7 @@ export type ReasoningDelta = Message<"keel.v1.ReasoningDelta"> & {
  * Use `create(ReasoningDeltaSchema)` to create a new message.
  */
 export const ReasoningDeltaSchema: GenMessage<ReasoningDelta> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 39);
+  messageDesc(file_keel_v1_agent_service, 40);
 
 /**
  * ReasoningEnd closes a reasoning part.
@@ -1535,7 +1596,7 @@ export type ReasoningEnd = Message<"keel.v1.ReasoningEnd"> & {
  * Use `create(ReasoningEndSchema)` to create a new message.
  */
 export const ReasoningEndSchema: GenMessage<ReasoningEnd> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 40);
+  messageDesc(file_keel_v1_agent_service, 41);
 
 /**
  * ToolInputStart says the model started streaming a tool call.
@@ -1570,7 +1631,7 @@ export type ToolInputStart = Message<"keel.v1.ToolInputStart"> & {
  * Use `create(ToolInputStartSchema)` to create a new message.
  */
 export const ToolInputStartSchema: GenMessage<ToolInputStart> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 41);
+  messageDesc(file_keel_v1_agent_service, 42);
 
 /**
  * ToolInputDelta carries more of a tool call's JSON arguments.
@@ -1598,7 +1659,7 @@ export type ToolInputDelta = Message<"keel.v1.ToolInputDelta"> & {
  * Use `create(ToolInputDeltaSchema)` to create a new message.
  */
 export const ToolInputDeltaSchema: GenMessage<ToolInputDelta> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 42);
+  messageDesc(file_keel_v1_agent_service, 43);
 
 /**
  * ToolInputEnd says a tool call's arguments are complete.
@@ -1626,7 +1687,7 @@ export type ToolInputEnd = Message<"keel.v1.ToolInputEnd"> & {
  * Use `create(ToolInputEndSchema)` to create a new message.
  */
 export const ToolInputEndSchema: GenMessage<ToolInputEnd> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 43);
+  messageDesc(file_keel_v1_agent_service, 44);
 
 /**
  * ToolCall says a tool is being called with complete arguments.
@@ -1661,10 +1722,10 @@ export type ToolCall = Message<"keel.v1.ToolCall"> & {
  * Use `create(ToolCallSchema)` to create a new message.
  */
 export const ToolCallSchema: GenMessage<ToolCall> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 44);
+  messageDesc(file_keel_v1_agent_service, 45);
 
 /**
- * ToolResult carries what a tool returned.
+ * ToolResult carries what a tool returned, or that a human denied the call.
  *
  * @generated from message keel.v1.ToolResult
  */
@@ -1684,11 +1745,18 @@ export type ToolResult = Message<"keel.v1.ToolResult"> & {
   toolName: string;
 
   /**
-   * The result, as JSON.
+   * The result, as JSON; for a denied call, the denial message the model sees.
    *
    * @generated from field: string result_json = 3;
    */
   resultJson: string;
+
+  /**
+   * Whether a human denied the call (with Resume), so the tool never ran.
+   *
+   * @generated from field: bool denied = 4;
+   */
+  denied: boolean;
 };
 
 /**
@@ -1696,7 +1764,7 @@ export type ToolResult = Message<"keel.v1.ToolResult"> & {
  * Use `create(ToolResultSchema)` to create a new message.
  */
 export const ToolResultSchema: GenMessage<ToolResult> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 45);
+  messageDesc(file_keel_v1_agent_service, 46);
 
 /**
  * ToolError says a tool call failed; the model is told and may retry.
@@ -1731,7 +1799,7 @@ export type ToolError = Message<"keel.v1.ToolError"> & {
  * Use `create(ToolErrorSchema)` to create a new message.
  */
 export const ToolErrorSchema: GenMessage<ToolError> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 46);
+  messageDesc(file_keel_v1_agent_service, 47);
 
 /**
  * ToolCallApproval says a tool call waits for a human's approval.
@@ -1766,7 +1834,7 @@ export type ToolCallApproval = Message<"keel.v1.ToolCallApproval"> & {
  * Use `create(ToolCallApprovalSchema)` to create a new message.
  */
 export const ToolCallApprovalSchema: GenMessage<ToolCallApproval> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 47);
+  messageDesc(file_keel_v1_agent_service, 48);
 
 /**
  * ToolCallSuspended says a tool call was deferred and waits for its result.
@@ -1801,7 +1869,7 @@ export type ToolCallSuspended = Message<"keel.v1.ToolCallSuspended"> & {
  * Use `create(ToolCallSuspendedSchema)` to create a new message.
  */
 export const ToolCallSuspendedSchema: GenMessage<ToolCallSuspended> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 48);
+  messageDesc(file_keel_v1_agent_service, 49);
 
 /**
  * ToolOutput is intermediate output of a running tool.
@@ -1829,7 +1897,7 @@ export type ToolOutput = Message<"keel.v1.ToolOutput"> & {
  * Use `create(ToolOutputSchema)` to create a new message.
  */
 export const ToolOutputSchema: GenMessage<ToolOutput> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 49);
+  messageDesc(file_keel_v1_agent_service, 50);
 
 /**
  * ResponseMetadata describes a model response.
@@ -1864,7 +1932,7 @@ export type ResponseMetadata = Message<"keel.v1.ResponseMetadata"> & {
  * Use `create(ResponseMetadataSchema)` to create a new message.
  */
 export const ResponseMetadataSchema: GenMessage<ResponseMetadata> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 50);
+  messageDesc(file_keel_v1_agent_service, 51);
 
 /**
  * Source is a document or page the model cited.
@@ -1892,7 +1960,7 @@ export type Source = Message<"keel.v1.Source"> & {
  * Use `create(SourceSchema)` to create a new message.
  */
 export const SourceSchema: GenMessage<Source> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 51);
+  messageDesc(file_keel_v1_agent_service, 52);
 
 /**
  * File is a file the model produced.
@@ -1920,7 +1988,7 @@ export type File = Message<"keel.v1.File"> & {
  * Use `create(FileSchema)` to create a new message.
  */
 export const FileSchema: GenMessage<File> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 52);
+  messageDesc(file_keel_v1_agent_service, 53);
 
 /**
  * ObjectOutput is structured output of the run.
@@ -1941,7 +2009,7 @@ export type ObjectOutput = Message<"keel.v1.ObjectOutput"> & {
  * Use `create(ObjectOutputSchema)` to create a new message.
  */
 export const ObjectOutputSchema: GenMessage<ObjectOutput> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 53);
+  messageDesc(file_keel_v1_agent_service, 54);
 
 /**
  * Usage counts tokens and requests.
@@ -1983,7 +2051,7 @@ export type Usage = Message<"keel.v1.Usage"> & {
  * Use `create(UsageSchema)` to create a new message.
  */
 export const UsageSchema: GenMessage<Usage> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 54);
+  messageDesc(file_keel_v1_agent_service, 55);
 
 /**
  * TaskUpdate reports a background task's progress.
@@ -2032,7 +2100,7 @@ export type TaskUpdate = Message<"keel.v1.TaskUpdate"> & {
  * Use `create(TaskUpdateSchema)` to create a new message.
  */
 export const TaskUpdateSchema: GenMessage<TaskUpdate> = /*@__PURE__*/
-  messageDesc(file_keel_v1_agent_service, 55);
+  messageDesc(file_keel_v1_agent_service, 56);
 
 /**
  * RunState is where a run is in its life. QUEUED, RUNNING and SUSPENDED
@@ -2100,6 +2168,41 @@ export const RunStateSchema: GenEnum<RunState> = /*@__PURE__*/
   enumDesc(file_keel_v1_agent_service, 0);
 
 /**
+ * InterruptKind says what a pending interrupt waits for.
+ *
+ * @generated from enum keel.v1.InterruptKind
+ */
+export enum InterruptKind {
+  /**
+   * The kind was not set. Never returned by the server.
+   *
+   * @generated from enum value: INTERRUPT_KIND_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * A tool call that needs a human's approval (approve or deny it).
+   *
+   * @generated from enum value: INTERRUPT_KIND_APPROVAL = 1;
+   */
+  APPROVAL = 1,
+
+  /**
+   * A deferred tool call whose result comes from outside (answer it with
+   * result_json).
+   *
+   * @generated from enum value: INTERRUPT_KIND_CALL = 2;
+   */
+  CALL = 2,
+}
+
+/**
+ * Describes the enum keel.v1.InterruptKind.
+ */
+export const InterruptKindSchema: GenEnum<InterruptKind> = /*@__PURE__*/
+  enumDesc(file_keel_v1_agent_service, 1);
+
+/**
  * TaskStatus is where a background task is in its life.
  *
  * @generated from enum keel.v1.TaskStatus
@@ -2152,7 +2255,7 @@ export enum TaskStatus {
  * Describes the enum keel.v1.TaskStatus.
  */
 export const TaskStatusSchema: GenEnum<TaskStatus> = /*@__PURE__*/
-  enumDesc(file_keel_v1_agent_service, 1);
+  enumDesc(file_keel_v1_agent_service, 2);
 
 /**
  * AgentService starts agent runs, streams their events and lets clients
@@ -2216,10 +2319,25 @@ export const AgentService: GenService<{
     output: typeof ObserveResponseSchema;
   },
   /**
-   * Resume delivers decisions for the pending interrupts (tool approvals or
-   * deferred tool results) of a suspended run, then streams the run from
-   * the first event after its suspension. It is not implemented yet and
-   * answers UNIMPLEMENTED.
+   * Resume delivers decisions for the pending interrupts (tool calls that
+   * wait for a human's approval, or deferred tool calls that wait for their
+   * result) of a suspended run, then streams the run from the first event
+   * after its suspension: `resumed`, then the tool results (or denials),
+   * then the rest, ending like Observe.
+   *
+   * A run with several pending interrupts accepts their decisions in one
+   * Resume or several; it continues when every one is answered (a partial
+   * Resume streams and waits). The same Resume sent again (same request_id,
+   * or the same decisions) has no further effect and streams from the same
+   * point. Errors: INVALID_ARGUMENT for a malformed request or a tool_call_id
+   * that names no pending interrupt of the run (BadRequest field
+   * violations); NOT_FOUND (RUN_NOT_FOUND); FAILED_PRECONDITION
+   * (RUN_NOT_SUSPENDED) when the run is not suspended; FAILED_PRECONDITION
+   * (INTERRUPT_RESOLVED, metadata tool_call_id) when an interrupt was already
+   * answered differently; ABORTED (CONCURRENT_MODIFICATION) when another
+   * Resume of the run won a race with this one (read the run and retry if
+   * still relevant); ALREADY_EXISTS (REQUEST_ID_REUSED) when request_id was
+   * used for other decisions.
    *
    * @generated from rpc keel.v1.AgentService.Resume
    */
