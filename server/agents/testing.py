@@ -26,6 +26,8 @@ The run's input is a JSON script:
 - `{"tool": "fail", "args": {"message": M}}` calls `fail`, which raises
   ModelRetry(M): the model sees the failure (a tool_error event) and the
   script goes on; the run does not fail.
+- `{"parallel": [tool step, ...]}` makes one model response call several
+  tools at once (ids "call_<n>_<k>"), e.g. two approvals pending together.
 - `{"error": M}` makes the model request fail with M (as a provider outage
   would): the run ends with an `error` event and state FAILED.
 - After the last step the model answers "done", and the run's output is
@@ -117,6 +119,10 @@ ToolStep = Annotated[RecordStep | ApproveStep | FailStep, Field(discriminator="t
 _TOOL_NAMES = ("record", "approve_me", "fail")
 
 
+class ParallelStep(_Step):
+    parallel: list[ToolStep] = Field(min_length=1, max_length=16)
+
+
 def _step_kind(value: Any) -> str | None:
     # Pick the step model by which key is present, so an unknown kind gets one
     # clear error instead of one error per candidate model.
@@ -127,9 +133,13 @@ def _step_kind(value: Any) -> str | None:
             return "tool"
         if "error" in value:
             return "error"
+        if "parallel" in value:
+            return "parallel"
     elif isinstance(value, _Step):
         if isinstance(value, ErrorStep):
             return "error"
+        if isinstance(value, ParallelStep):
+            return "parallel"
         return "tool" if hasattr(value, "tool") else "text"
     return None
 
@@ -137,11 +147,12 @@ def _step_kind(value: Any) -> str | None:
 Step = Annotated[
     Annotated[TextStep, Tag("text")]
     | Annotated[ToolStep, Tag("tool")]
-    | Annotated[ErrorStep, Tag("error")],
+    | Annotated[ErrorStep, Tag("error")]
+    | Annotated[ParallelStep, Tag("parallel")],
     Discriminator(
         _step_kind,
         custom_error_type="unknown_step_kind",
-        custom_error_message='a step is an object with "text", "tool" or "error"',
+        custom_error_message='a step is an object with "text", "tool", "parallel" or "error"',
     ),
 ]
 
@@ -216,7 +227,7 @@ class Segment:
     first_delta: int  # the number of the first delta ("t<first_delta> ")
     text_steps: tuple[TextStep, ...]
     # The tool to call (or the model failure) that ends the segment; None: the final answer.
-    tool: RecordStep | ApproveStep | FailStep | ErrorStep | None
+    tool: RecordStep | ApproveStep | FailStep | ParallelStep | ErrorStep | None
 
 
 def segments(script: Script) -> list[Segment]:
@@ -273,15 +284,19 @@ async def _play(
         return
     if isinstance(segment.tool, ErrorStep):
         raise ScriptedModelError(segment.tool.error)
-    # Name and id first, arguments after, as real providers stream them.
-    call_id = f"call_{number}"
-    args = segment.tool.args
-    args_json = json.dumps(
-        args if isinstance(args, dict) else args.model_dump(exclude_unset=True),
-        separators=(",", ":"),
-    )
-    yield {0: DeltaToolCall(name=segment.tool.tool, tool_call_id=call_id)}
-    yield {0: DeltaToolCall(json_args=args_json)}
+    if isinstance(segment.tool, ParallelStep):
+        calls = [(f"call_{number}_{k}", tool) for k, tool in enumerate(segment.tool.parallel)]
+    else:
+        calls = [(f"call_{number}", segment.tool)]
+    for part, (call_id, tool) in enumerate(calls):
+        # Name and id first, arguments after, as real providers stream them.
+        args = tool.args
+        args_json = json.dumps(
+            args if isinstance(args, dict) else args.model_dump(exclude_unset=True),
+            separators=(",", ":"),
+        )
+        yield {part: DeltaToolCall(name=tool.tool, tool_call_id=call_id)}
+        yield {part: DeltaToolCall(json_args=args_json)}
 
 
 def _final_answer(text: str) -> str:
