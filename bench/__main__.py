@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--py-spy",
         metavar="PATH",
-        help="py-spy executable: record each Keel server while measured (OUT/profiles/)",
+        help="py-spy executable: record each Keel server while measured (build/bench/*/profiles)",
     )
     parser.add_argument(
         "--render",
@@ -78,7 +78,8 @@ def _keel_version(root: Path) -> str:
     if not commit:
         return f"{root} (not a git checkout)"
     changed = _git(root, "status", "--porcelain", "--", "server", "clients/python", "proto")
-    return f"{commit}{' with uncommitted server changes' if changed else ''}"
+    dirty = " + uncommitted changes in server, clients/python or proto" if changed else ""
+    return f"{commit}{dirty}"
 
 
 def _load() -> str:
@@ -105,12 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     load_start = _load()
     start = time.monotonic()
+    # Server logs and profiles stay out of docs/: build/ is not committed.
+    scratch = ROOT / "build" / "bench" / f"{started:%Y%m%dT%H%M%SZ}-{mode}"
     run = Run(
         sizes=sizes,
-        launcher=Launcher(keel_root=args.keel_root.resolve(), log_dir=out / "logs"),
+        launcher=Launcher(keel_root=args.keel_root.resolve(), log_dir=scratch / "logs"),
         backends=backends,
         py_spy=args.py_spy,
-        profile_dir=out / "profiles",
+        profile_dir=scratch / "profiles",
         log=lambda line: print(f"[bench {time.monotonic() - start:6.1f}s] {line}", flush=True),
     )
     run.run(only)
@@ -138,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     results["targets"] = analysis.targets(run.ceilings, run.workloads)
     for path in report.write(results, out):
         print(path)
+    print(f"server logs{' and profiles' if args.py_spy else ''}: {scratch}")
     failed = [
         f"{key}/{backend}"
         for key, per_backend in run.workloads.items()

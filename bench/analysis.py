@@ -161,6 +161,15 @@ FIGURES = (
     ),
     FigureSpec(
         "e_rejoin",
+        "producer events/s after, all observers live",
+        "events/s",
+        "higher",
+        _field("producer_events_per_s_after"),
+        "the same run's producer before the rejoin",
+        _own("producer_events_per_s_before"),
+    ),
+    FigureSpec(
+        "e_rejoin",
         "producer's longest pause during the rejoin",
         "ms",
         "lower",

@@ -54,6 +54,8 @@ async def grpc_stream(params: Params) -> Params:
 
     The time runs from the moment the requests are sent to the last message
     received, as for Keel's Stream, on a channel that is already connected.
+    A ceiling is the best the machine did: the best rep is the headline, the
+    spread is kept beside it.
     """
     streams, reps = int(params["streams"]), int(params["reps"])
     request = json.dumps(
@@ -81,12 +83,13 @@ async def grpc_stream(params: Params) -> Params:
                     "time_to_first_ms": min(r["first_ms"] for r in results) / 1000,
                 }
             )
+    best = max(runs, key=lambda r: r["messages_per_s"])
     return {
         "streams": streams,
-        "messages_per_s": median([r["messages_per_s"] for r in runs]),
-        "events_per_s": median([r["events_per_s"] for r in runs]),
-        "total_ms": median([r["total_s"] * 1000 for r in runs]),
-        "time_to_first_ms": median([r["time_to_first_ms"] for r in runs]),
+        "messages_per_s": best["messages_per_s"],
+        "events_per_s": best["events_per_s"],
+        "total_ms": best["total_s"] * 1000,
+        "time_to_first_ms": min(r["time_to_first_ms"] for r in runs),
         "messages_per_s_spread": spread([r["messages_per_s"] for r in runs]),
         "total_ms_spread": spread([r["total_s"] * 1000 for r in runs]),
         "reps": runs,
@@ -94,7 +97,16 @@ async def grpc_stream(params: Params) -> Params:
 
 
 async def grpc_fanout(params: Params) -> Params:
-    """Latency from stamping an event to receiving it, over `streams` raw streams."""
+    """Latency from stamping an event to receiving it, over `streams` raw streams.
+
+    Measured `reps` times; the rep with the lowest p99 is the ceiling.
+    """
+    reps = [await _fanout_once(params) for _ in range(int(params.get("reps", 1)))]
+    best = min(reps, key=lambda r: r["p99_ms"])
+    return {**best, "p99_ms_spread": spread([r["p99_ms"] for r in reps])}
+
+
+async def _fanout_once(params: Params) -> Params:
     streams, ticks = int(params["streams"]), int(params["ticks"])
     warmup = int(params.get("warmup_ticks", 5))
     request = json.dumps(
@@ -147,7 +159,11 @@ return last
 
 
 async def redis(params: Params) -> Params:
-    """Raw redis-py: Lua appends (one at a time, pipelined, batched) and ZRANGEBYSCORE."""
+    """Raw redis-py: Lua appends (one at a time, pipelined, batched) and ZRANGEBYSCORE.
+
+    Nobody subscribes to the channel the appends publish on. The reads are
+    repeated and the fastest counts (a ceiling is the best the machine did).
+    """
     events = int(params["events"])
     members = [text_delta_event(i).SerializeToString() for i in range(events)]
     client = Redis.from_url(params["url"])
@@ -200,10 +216,14 @@ async def redis(params: Params) -> Params:
             paged.append((time.perf_counter() - start) * 1000)
         results["zrangebyscore_all"] = {
             "events": events,
-            "ms": median(whole),
+            "ms": min(whole),
             "spread_ms": spread(whole),
         }
-        results["zrangebyscore_pages_1000"] = {"events": events, "ms": median(paged)}
+        results["zrangebyscore_pages_1000"] = {
+            "events": events,
+            "ms": min(paged),
+            "spread_ms": spread(paged),
+        }
         return results
     finally:
         await client.aclose()

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable
@@ -192,6 +193,10 @@ async def stream_many(params: Params) -> Params:
     total_s = (max(r.last_event_ns for r in runs) - start_ns) / 1e9
     events = sum(r.events for r in runs)
     run_s = [(r.last_event_ns - start_ns) / 1e9 for r in runs]
+    # How long the server took to admit each Stream (its snapshot): under load
+    # grpc.aio accepts new calls slowly, and grpc cancels a call left
+    # unaccepted for 30 s (grpc.server_max_unrequested_time_in_server).
+    admitted_s = [(r.snapshot_ns - start_ns) / 1e9 for r in runs if r.snapshot_ns]
     return {
         "ok": all(r.ok for r in runs),
         "runs": len(runs),
@@ -200,6 +205,8 @@ async def stream_many(params: Params) -> Params:
         "events_per_s": events / total_s,
         "run_time_p50_s": percentile(run_s, 50),
         "run_time_max_s": max(run_s),
+        "time_to_snapshot_p50_s": percentile(admitted_s, 50),
+        "time_to_snapshot_max_s": max(admitted_s, default=math.nan),
         "events_per_message": events / max(1, sum(r.messages for r in runs)),
         "failed": sum(not r.ok for r in runs),
         "errors": _errors(runs),
@@ -286,7 +293,8 @@ async def rejoin(params: Params) -> Params:
     event that was the head when it joined. The producer's rate comes from
     the events' `time` stamps (read back at the end): before = the `before_s`
     ahead of the rejoin, during = from the rejoin until the last observer
-    caught up, but at least `before_s` (and at most until the run ended).
+    caught up, but at least `before_s` (and at most until the run ended);
+    after = the `before_s` after that, when every observer follows live.
     """
     history, tail = int(params["history"]), int(params["tail"])
     observers, before_s = int(params["observers"]), float(params["before_s"])
@@ -314,6 +322,12 @@ async def rejoin(params: Params) -> Params:
     end_ns = min(max(last_caught_up_ns, join_ns + before_ns), times[-1])
     before = _rate(times, join_ns - before_ns, join_ns)
     during = _rate(times, join_ns, end_ns) if end_ns > join_ns else before
+    # After: every observer follows live. Against "during" it tells the cost of
+    # the catch-up storm apart from the steady cost of fanning out to them all.
+    after_end_ns = min(last_caught_up_ns + before_ns, times[-1])
+    after = (
+        _rate(times, last_caught_up_ns, after_end_ns) if after_end_ns > last_caught_up_ns else {}
+    )
     catch_up_s = [(t - join_ns) / 1e9 for t in caught_up_ns.values()]
     return {
         "ok": all(r.ok for r in results) and len(caught_up_ns) == observers,
@@ -327,8 +341,10 @@ async def rejoin(params: Params) -> Params:
         "producer_rate_ratio": during["events_per_s"] / before["events_per_s"]
         if before["events_per_s"]
         else 0.0,
+        "producer_events_per_s_after": after.get("events_per_s", math.nan),
         "producer_max_gap_ms_before": before["max_gap_ms"],
         "producer_max_gap_ms_during": during["max_gap_ms"],
+        "producer_max_gap_ms_after": after.get("max_gap_ms", math.nan),
         "all_caught_up_s": max(catch_up_s) if catch_up_s else 0.0,
         "catch_up_p50_s": percentile(catch_up_s, 50),
         "caught_up_before_run_end": last_caught_up_ns <= times[-1],

@@ -251,31 +251,40 @@ def write_chart(results: Params, path: Path) -> bool:
 
     labels = [f"{row['workload'][0]}. {row['figure']}" for row in figures]
     for i, backend in enumerate(BACKENDS):
-        ys = [n + (i - 0.5) * height for n in range(len(figures))]
-        xs = [(row["backends"].get(backend) or {}).get("efficiency") or 0.0 for row in figures]
-        left.barh(ys, xs, height=height, color=colors[backend], label=backend)
-    left.axvline(1.0, color="black", linewidth=1)
-    left.set_xscale("log")
+        for n, row in enumerate(figures):
+            cell = row["backends"].get(backend) or {}
+            if not cell.get("efficiency"):
+                continue
+            y = n + (i - 0.5) * height
+            left.barh(y, cell["efficiency"], height=height, color=colors[backend])
+            text = fmt_ratio(cell["ratio"], row["better"])
+            left.text(cell["efficiency"] * 1.05, y, text, va="center", fontsize=7)
     largest = max((x for row in figures for x in _efficiencies(row)), default=1.0)
-    left.set_xlim(0.01, max(2.0, largest * 1.5))
+    _log_axis(left, 0.01, max(3.0, largest * 2))
+    left.axvline(1.0, color="black", linewidth=1)
     left.set_yticks(range(len(figures)), labels, fontsize=8)
     left.invert_yaxis()
-    left.set_xlabel("Keel / ceiling (1 = as good as the ceiling; higher is better)")
-    left.set_title("Keel against the ceilings of the same run")
-    left.legend(loc="lower right")
+    left.set_xlabel("Keel / ceiling, as efficiency (1 = as good as the ceiling; higher is better)")
+    left.set_title("Keel against the ceilings of the same run (labels: the ratio)")
+    _legend(left, colors)
 
     target_labels = [row["target"] for row in targets]
     for i, backend in enumerate(BACKENDS):
-        ys = [n + (i - 0.5) * height for n in range(len(targets))]
-        xs = [(row["backends"].get(backend) or {}).get("cost") or 0.0 for row in targets]
-        right.barh(ys, xs, height=height, color=colors[backend], label=backend)
+        for n, row in enumerate(targets):
+            cell = row["backends"].get(backend) or {}
+            if not cell.get("cost"):
+                continue
+            y = n + (i - 0.5) * height
+            right.barh(y, cell["cost"], height=height, color=colors[backend])
+            text = _with_unit(cell["value"], row["unit"])
+            right.text(cell["cost"] * 1.05, y, text, va="center", fontsize=7)
+    _log_axis(right, 0.1, 10.0)
     right.axvline(1.0, color="black", linewidth=1, linestyle="--")
-    right.set_xscale("log")
     right.set_yticks(range(len(targets)), [_wrap(t, 34) for t in target_labels], fontsize=8)
     right.invert_yaxis()
-    right.set_xlabel("value / target (≤ 1: met)")
-    right.set_title("The issue's targets")
-    right.legend(loc="lower right")
+    right.set_xlabel("value / target (1 or less: met)")
+    right.set_title("The targets (labels: the value)")
+    _legend(right, colors)
 
     fig.suptitle(
         f"Keel benchmark, {results['mode']} run of {results['started_at']} "
@@ -285,6 +294,24 @@ def write_chart(results: Params, path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _log_axis(axes: Any, low: float, high: float) -> None:
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    axes.set_xscale("log")
+    axes.set_xlim(low, high)
+    ticks = [t for t in (0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30) if low <= t <= high]
+    axes.xaxis.set_major_locator(FixedLocator(ticks))
+    axes.xaxis.set_minor_locator(NullLocator())
+    axes.set_xticklabels([f"{t:g}" for t in ticks])
+
+
+def _legend(axes: Any, colors: dict[str, str]) -> None:
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=color, label=backend) for backend, color in colors.items()]
+    axes.legend(handles=handles, loc="lower right", fontsize=8)
 
 
 def _efficiencies(row: Params) -> list[float]:

@@ -200,7 +200,7 @@ class Run:
         recorder = subprocess.Popen(
             [
                 self.py_spy, "record", "--pid", str(server.pid), "--rate", "250",
-                "--format", "speedscope", "--output", str(self.profile_dir / f"{name}.json"),
+                "--format", "raw", "--output", str(self.profile_dir / f"{name}.txt"),
                 "--nonblocking",
             ],
             stdout=subprocess.DEVNULL,
@@ -273,6 +273,7 @@ def _grpc_fanout(run: Run) -> Params:
             "streams": run.sizes.fanout_observers,
             "ticks": run.sizes.fanout_events,
             "interval_ms": run.sizes.fanout_interval_ms,
+            "reps": min(2, run.sizes.ceiling_reps),
         },
     )
 

@@ -118,7 +118,9 @@ async def create_server(settings: Settings) -> Keel:
         max_batch_bytes=settings.max_batch_bytes,
         draining=draining,
     )
-    server = grpc.aio.server()
+    # No SO_REUSEPORT: a second server on a port still held by a draining one
+    # must fail to bind, not silently split that port's connections with it.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_AgentServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

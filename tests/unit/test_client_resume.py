@@ -48,6 +48,7 @@ class FakeAgentService(pb_grpc.AgentServiceServicer):
     duplicates: int = 3  # events below the requested offset re-sent by Observe
     skip_index: int | None = None  # an index never sent: a server bug (a gap)
     calls: list[Call] = field(default_factory=list)
+    resumes: list[pb.ResumeRequest] = field(default_factory=list)
 
     def _run(self, request_id: str = "") -> pb.Run:
         return pb.Run(
@@ -94,8 +95,10 @@ class FakeAgentService(pb_grpc.AgentServiceServicer):
     async def Resume(
         self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncIterator[pb.ResumeResponse]:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in this fake")
-        yield pb.ResumeResponse()
+        self.calls.append(Call("Resume", request.request_id, N_EVENTS))
+        self.resumes.append(request)
+        async for message in self._serve(context, N_EVENTS, self._run()):
+            yield pb.ResumeResponse.FromString(message.SerializeToString())
 
     async def StartRun(
         self, request: pb.StartRunRequest, context: grpc.aio.ServicerContext[object, object]
@@ -319,3 +322,29 @@ async def test_unary_helpers_return_proto_messages(client: KeelClient) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await client.get_run("nope")
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_decision_dropped_before_its_snapshot_is_sent_again_with_the_same_request_id(
+    service: FakeAgentService, client: KeelClient
+) -> None:
+    service.abort_at = {0: -1, 1: -1}
+
+    snapshot = await client.approve(RUN_ID, "call_1", override_args={"a": 1})
+
+    assert snapshot.run.run_id == RUN_ID
+    assert [call.rpc for call in service.calls] == ["Resume"] * 3
+    assert len({call.key for call in service.calls}) == 1  # one generated request_id
+    decision = service.resumes[0].decisions[0]
+    assert (decision.tool_call_id, decision.approve.override_args_json) == ("call_1", '{"a": 1}')
+
+
+async def test_refused_decision_is_raised_at_once(
+    service: FakeAgentService, client: KeelClient
+) -> None:
+    service.abort_at, service.abort_code = {0: -1}, {0: grpc.StatusCode.FAILED_PRECONDITION}
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await client.deny(RUN_ID, "call_1", "no", request_id="r-1")
+
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert service.calls == [Call("Resume", "r-1", N_EVENTS)]

@@ -5,11 +5,16 @@
   dropped connections (reconnect on UNAVAILABLE, resume at ``next_offset``).
 - ``Reconnect``: a record of one reconnect, for logs and demos.
 - ``StreamContractError``: the server broke the stream contract (a gap).
+- ``keel_client.decisions``: the Decision messages of approve, deny and answer.
 - ``Backoff``: the capped exponential backoff with jitter between reconnects.
+
+``keel_client.sync`` has the same client for blocking code (a plain ``for``
+over a run's events), running this one on a private event loop.
 """
 
 from keel_client.backoff import Backoff
 from keel_client.client import KeelClient
-from keel_client.handle import Reconnect, RunHandle, StreamContractError
+from keel_client.errors import StreamContractError
+from keel_client.handle import Reconnect, RunHandle
 
 __all__ = ["Backoff", "KeelClient", "Reconnect", "RunHandle", "StreamContractError"]

@@ -6,14 +6,15 @@
             ...
 
 The unary helpers return the proto messages of ``keel.v1`` and raise
-``grpc.aio.AioRpcError`` as gRPC does; only the handles' event streams retry.
+``grpc.aio.AioRpcError`` as gRPC does; only the handles' event streams, and
+the delivery of decisions (Resume, idempotent by request_id), retry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
@@ -21,7 +22,9 @@ import grpc
 from keel.v1 import agent_service_pb2 as pb
 from keel.v1 import agent_service_pb2_grpc as pb_grpc
 
+from keel_client import decisions as make
 from keel_client.backoff import Backoff
+from keel_client.decisions import deliver
 from keel_client.handle import OnReconnect, RunHandle
 
 if TYPE_CHECKING:
@@ -123,14 +126,75 @@ class KeelClient:
             on_reconnect=on_reconnect,
         )
 
-    def run(self, run_id: str, *, on_reconnect: OnReconnect | None = None) -> RunHandle:
-        """A handle on an existing run, observed from offset 0 unless told otherwise."""
+    def run(
+        self,
+        run_id: str,
+        *,
+        on_reconnect: OnReconnect | None = None,
+        stop_at_suspend: bool = False,
+    ) -> RunHandle:
+        """A handle on an existing run, observed from offset 0 unless told otherwise.
+
+        With ``stop_at_suspend`` its events() end right after a ``suspended``
+        event (what an approval inbox wants) instead of following the run
+        across its suspension.
+        """
         return RunHandle(
             self._stub,
             backoff=self.backoff,
             max_reconnects=self.max_reconnects,
             run_id=run_id,
             on_reconnect=on_reconnect,
+            stop_at_suspend=stop_at_suspend,
+        )
+
+    # Decisions for a suspended run (Resume).
+
+    async def approve(
+        self,
+        run_id: str,
+        tool_call_id: str,
+        *,
+        override_args: Mapping[str, Any] | None = None,
+        request_id: str | None = None,
+    ) -> pb.RunSnapshot:
+        """Approve a pending tool call of a suspended run (``override_args``, a JSON
+        object, replaces the model's arguments); the snapshot the server sends
+        once it has the decision. Observers of the run see it go on."""
+        decision = make.approval(tool_call_id, override_args)
+        return await self.resume(run_id, [decision], request_id=request_id)
+
+    async def deny(
+        self, run_id: str, tool_call_id: str, message: str = "", *, request_id: str | None = None
+    ) -> pb.RunSnapshot:
+        """Deny a pending tool call of a suspended run; the model sees ``message``."""
+        decision = make.denial(tool_call_id, message)
+        return await self.resume(run_id, [decision], request_id=request_id)
+
+    async def answer(
+        self, run_id: str, tool_call_id: str, result: Any, *, request_id: str | None = None
+    ) -> pb.RunSnapshot:
+        """Give the result (any JSON value) of a deferred tool call of a suspended run."""
+        decision = make.answer(tool_call_id, result)
+        return await self.resume(run_id, [decision], request_id=request_id)
+
+    async def resume(
+        self,
+        run_id: str,
+        decisions: Sequence[pb.Decision],
+        *,
+        request_id: str | None = None,
+    ) -> pb.RunSnapshot:
+        """Send Resume(run_id, decisions), retrying UNAVAILABLE with the same
+        request_id (generated unless given), until the server acknowledges it
+        with the stream's snapshot; raises its other errors as they come."""
+        return await deliver(
+            self._stub,
+            run_id,
+            decisions,
+            request_id=request_id,
+            backoff=self.backoff,
+            max_reconnects=self.max_reconnects,
         )
 
     # Unary calls.

@@ -9,14 +9,16 @@ reader sees are 0, 1, 2, ... exactly once, whatever happened in between.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from keel.v1 import agent_service_pb2 as pb
 
+from keel_client import decisions
 from keel_client.backoff import Backoff
+from keel_client.errors import StreamContractError as StreamContractError  # re-exported
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -29,12 +31,6 @@ if TYPE_CHECKING:
     )
 
 _Response = pb.StreamResponse | pb.ObserveResponse
-
-
-class StreamContractError(RuntimeError):
-    """The server broke the stream contract: a gap in the event indices, a
-    message before the snapshot, or a snapshot of another run. Never retried:
-    it is a bug, and resuming would hide lost events."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +63,11 @@ class RunHandle:
       checks against its own.
     - ``reconnects``: every reconnect so far; ``on_reconnect`` is also called
       with each one as it happens.
+
+    ``approve``, ``deny`` and ``answer`` decide a pending tool call of the
+    run (see ``keel_client.decisions``); call them from inside the ``events()``
+    loop when a ``tool_call_approval`` or ``tool_call_suspended`` event
+    arrives, and the loop goes on with the resumed run.
     """
 
     def __init__(
@@ -78,9 +79,13 @@ class RunHandle:
         run_id: str | None = None,
         start: pb.StreamRequest | None = None,
         on_reconnect: OnReconnect | None = None,
+        stop_at_suspend: bool = False,
     ) -> None:
         if (run_id is None) == (start is None):
             raise ValueError("a RunHandle needs exactly one of run_id and start")
+        if stop_at_suspend and start is not None:
+            raise ValueError("stop_at_suspend is an option of Observe: use it on a run's handle")
+        self.stop_at_suspend = stop_at_suspend
         self.run_id = run_id
         self.next_offset = 0
         self.snapshot: pb.RunSnapshot | None = None
@@ -150,7 +155,10 @@ class RunHandle:
         if self.run_id is None:
             assert self._start is not None  # __init__ requires run_id or start
             return stub.Stream(self._start)
-        return stub.Observe(pb.ObserveRequest(run_id=self.run_id, offset=self.next_offset))
+        request = pb.ObserveRequest(
+            run_id=self.run_id, offset=self.next_offset, stop_at_suspend=self.stop_at_suspend
+        )
+        return stub.Observe(request)
 
     def _accept(self, message: _Response) -> Iterator[pb.AgentEvent]:
         """Steps 2 and 3 of events() for one message: the new events it holds."""
@@ -200,3 +208,41 @@ class RunHandle:
             raise StreamContractError(f"expected a snapshot of run {self.run_id}, got {run_id}")
         self.run_id = run_id
         self.snapshot = snapshot
+
+    # Decisions for the run's pending tool calls.
+
+    async def approve(
+        self,
+        tool_call_id: str,
+        *,
+        override_args: Mapping[str, Any] | None = None,
+        request_id: str | None = None,
+    ) -> pb.RunSnapshot:
+        """Approve a tool call that waits for approval; ``override_args`` (a JSON
+        object) replaces the arguments the model chose. Returns the snapshot the
+        server sends once it has the decision."""
+        return await self._decide(decisions.approval(tool_call_id, override_args), request_id)
+
+    async def deny(
+        self, tool_call_id: str, message: str = "", *, request_id: str | None = None
+    ) -> pb.RunSnapshot:
+        """Deny a tool call that waits for approval; the model sees ``message``."""
+        return await self._decide(decisions.denial(tool_call_id, message), request_id)
+
+    async def answer(
+        self, tool_call_id: str, result: Any, *, request_id: str | None = None
+    ) -> pb.RunSnapshot:
+        """Give the result (any JSON value) of a deferred tool call."""
+        return await self._decide(decisions.answer(tool_call_id, result), request_id)
+
+    async def _decide(self, decision: pb.Decision, request_id: str | None) -> pb.RunSnapshot:
+        if self.run_id is None:
+            raise RuntimeError("the run's id is not known yet: iterate events() first")
+        return await decisions.deliver(
+            self._stub,
+            self.run_id,
+            [decision],
+            request_id=request_id,
+            backoff=self._backoff,
+            max_reconnects=self._max_reconnects,
+        )

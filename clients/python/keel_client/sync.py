@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncGenerator, Coroutine, Iterator, Sequence
+from collections.abc import AsyncGenerator, Coroutine, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -55,7 +55,10 @@ class _LoopThread:
         try:
             self._loop.run_forever()
         finally:
-            # Finish what stop() left behind: pending tasks and async generators.
+            # Finish what stop() left behind: calls submitted meanwhile (one more
+            # turn starts their tasks), pending tasks (cancelled: their callers
+            # get CancelledError instead of waiting forever) and async generators.
+            self._loop.run_until_complete(asyncio.sleep(0))
             pending = asyncio.all_tasks(self._loop)
             for task in pending:
                 task.cancel()
@@ -140,6 +143,40 @@ class RunHandle:
     def reconnects(self) -> list[Reconnect]:
         """Every reconnect so far."""
         return self._handle.reconnects
+
+    @property
+    def stop_at_suspend(self) -> bool:
+        """Whether events() ends right after a ``suspended`` event (a run's handle only)."""
+        return self._handle.stop_at_suspend
+
+    @stop_at_suspend.setter
+    def stop_at_suspend(self, value: bool) -> None:
+        self._handle.stop_at_suspend = value
+
+    def approve(
+        self,
+        tool_call_id: str,
+        *,
+        override_args: Mapping[str, Any] | None = None,
+        request_id: str | None = None,
+    ) -> pb.RunSnapshot:
+        """Approve a tool call that waits for approval (see the async RunHandle)."""
+        coroutine = self._handle.approve(
+            tool_call_id, override_args=override_args, request_id=request_id
+        )
+        return self._loop.run(coroutine)
+
+    def deny(
+        self, tool_call_id: str, message: str = "", *, request_id: str | None = None
+    ) -> pb.RunSnapshot:
+        """Deny a tool call that waits for approval; the model sees ``message``."""
+        return self._loop.run(self._handle.deny(tool_call_id, message, request_id=request_id))
+
+    def answer(
+        self, tool_call_id: str, result: Any, *, request_id: str | None = None
+    ) -> pb.RunSnapshot:
+        """Give the result (any JSON value) of a deferred tool call."""
+        return self._loop.run(self._handle.answer(tool_call_id, result, request_id=request_id))
 
     def events(self, from_offset: int | None = None) -> Iterator[pb.AgentEvent]:
         """Yield the run's events from ``from_offset`` (default: ``next_offset``)
@@ -227,9 +264,55 @@ class KeelClient:
         )
         return RunHandle(handle, self._loop)
 
-    def run(self, run_id: str, *, on_reconnect: OnReconnect | None = None) -> RunHandle:
-        """A handle on an existing run, observed from offset 0 unless told otherwise."""
-        return RunHandle(self._client.run(run_id, on_reconnect=on_reconnect), self._loop)
+    def run(
+        self,
+        run_id: str,
+        *,
+        on_reconnect: OnReconnect | None = None,
+        stop_at_suspend: bool = False,
+    ) -> RunHandle:
+        """A handle on an existing run, observed from offset 0 unless told otherwise;
+        with ``stop_at_suspend`` its events() end right after a ``suspended`` event."""
+        handle = self._client.run(
+            run_id, on_reconnect=on_reconnect, stop_at_suspend=stop_at_suspend
+        )
+        return RunHandle(handle, self._loop)
+
+    # Decisions for a suspended run (Resume).
+
+    def approve(
+        self,
+        run_id: str,
+        tool_call_id: str,
+        *,
+        override_args: Mapping[str, Any] | None = None,
+        request_id: str | None = None,
+    ) -> pb.RunSnapshot:
+        """Approve a pending tool call of a suspended run (see the async client)."""
+        coroutine = self._client.approve(
+            run_id, tool_call_id, override_args=override_args, request_id=request_id
+        )
+        return self._loop.run(coroutine)
+
+    def deny(
+        self, run_id: str, tool_call_id: str, message: str = "", *, request_id: str | None = None
+    ) -> pb.RunSnapshot:
+        """Deny a pending tool call of a suspended run; the model sees ``message``."""
+        coroutine = self._client.deny(run_id, tool_call_id, message, request_id=request_id)
+        return self._loop.run(coroutine)
+
+    def answer(
+        self, run_id: str, tool_call_id: str, result: Any, *, request_id: str | None = None
+    ) -> pb.RunSnapshot:
+        """Give the result (any JSON value) of a deferred tool call of a suspended run."""
+        coroutine = self._client.answer(run_id, tool_call_id, result, request_id=request_id)
+        return self._loop.run(coroutine)
+
+    def resume(
+        self, run_id: str, decisions: Sequence[pb.Decision], *, request_id: str | None = None
+    ) -> pb.RunSnapshot:
+        """Send Resume(run_id, decisions) until the server acknowledges it (see KeelClient)."""
+        return self._loop.run(self._client.resume(run_id, decisions, request_id=request_id))
 
     # Unary calls.
 

@@ -17,7 +17,7 @@ import {
   createGrpcTransport,
   type Http2SessionOptions,
 } from "@connectrpc/connect-node";
-import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { create } from "@bufbuild/protobuf";
 import { Backoff } from "./backoff.js";
 import { CallControl, sleep } from "./calls.js";
 import { ClientClosedError, StreamContractError, isUnavailable } from "./errors.js";
@@ -27,7 +27,6 @@ import {
   StreamRequestSchema,
   type Agent,
   type AgentEvent,
-  type DecisionSchema,
   type ListRunsResponse,
   type ResumeRequest,
   type Run,
@@ -36,9 +35,14 @@ import {
 } from "./gen/keel/v1/agent_service_pb.js";
 import {
   RunHandle,
+  answer,
+  approval,
   type AgentServiceClient,
+  type DecideOptions,
+  type DecisionInit,
   type EventsOptions,
   type HandleContext,
+  type Json,
   type OnReconnect,
 } from "./handle.js";
 
@@ -76,6 +80,16 @@ export interface HandleOptions {
   onReconnect?: OnReconnect;
 }
 
+/** Options of run() and observeRun(). */
+export interface ObserveOptions extends HandleOptions {
+  /**
+   * End the stream right after a `suspended` event (or right after the
+   * snapshot when the run is suspended at the offset asked for) instead of
+   * following the run across its suspension: what an approval inbox wants.
+   */
+  stopAtSuspend?: boolean;
+}
+
 /** Options of stream() and startRun(). */
 export interface StartOptions extends HandleOptions {
   /**
@@ -92,14 +106,6 @@ export interface ResumeOptions extends HandleOptions {
   requestId?: string;
 }
 
-/** Options of approve(), deny() and answer(). */
-export interface DecideOptions {
-  /** An idempotency key: the same Resume sent twice has one effect. Default: a random UUID. */
-  requestId?: string;
-  /** Stops waiting (and retrying); the decision may or may not have arrived. */
-  signal?: AbortSignal;
-}
-
 /** Filters and paging of listRuns(). */
 export interface ListRunsFilter {
   /** Only runs of this agent. */
@@ -111,12 +117,6 @@ export interface ListRunsFilter {
   /** The nextPageToken of the previous page (only valid with the same filters). */
   pageToken?: string;
 }
-
-/** One decision of a Resume, as the generated Decision message's init shape. */
-export type DecisionInit = MessageInitShape<typeof DecisionSchema>;
-
-/** A JSON value, as JSON.stringify accepts it. */
-export type Json = string | number | boolean | null | Json[] | { [key: string]: Json };
 
 /**
  * A connection to one Keel server (or a load balancer in front of many).
@@ -154,6 +154,7 @@ export class KeelClient {
     this.#client = createClient(AgentService, transport);
     const closed = this.#closed.signal;
     this.#context = {
+      decide: (runId, decision, decideOptions) => this.#decide(runId, decision, decideOptions),
       client: () => this.#live(),
       closed,
       backoff: new Backoff({ initialMs: options.initialBackoffMs, maxMs: options.maxBackoffMs }),
@@ -200,8 +201,13 @@ export class KeelClient {
   }
 
   /** A handle on an existing run, observed from offset 0 unless events() is told otherwise. */
-  run(runId: string, options: HandleOptions = {}): RunHandle {
-    return new RunHandle(this.#context, { rpc: "Observe", runId }, options.onReconnect);
+  run(runId: string, options: ObserveOptions = {}): RunHandle {
+    const stopAtSuspend = options.stopAtSuspend ?? false;
+    return new RunHandle(
+      this.#context,
+      { rpc: "Observe", runId, stopAtSuspend },
+      options.onReconnect,
+    );
   }
 
   /**
@@ -213,7 +219,7 @@ export class KeelClient {
    */
   observeRun(
     runId: string,
-    options: EventsOptions & HandleOptions = {},
+    options: EventsOptions & ObserveOptions = {},
   ): AsyncGenerator<AgentEvent, void, undefined> {
     return this.run(runId, options).events(options);
   }
@@ -226,9 +232,11 @@ export class KeelClient {
    * stream's snapshot, a dropped Resume is sent again with the same
    * request_id (one effect); after that the handle resumes with Observe.
    *
-   * The server answers UNIMPLEMENTED until Resume is implemented; it will
-   * answer FAILED_PRECONDITION (RUN_NOT_SUSPENDED, INTERRUPT_RESOLVED) for a
-   * run that does not wait for these decisions.
+   * Errors are thrown as they come (ConnectError): FAILED_PRECONDITION
+   * (RUN_NOT_SUSPENDED, INTERRUPT_RESOLVED) for a run that does not wait for
+   * these decisions, ABORTED (CONCURRENT_MODIFICATION) when another Resume
+   * won a race, INVALID_ARGUMENT for a tool_call_id that names no pending
+   * interrupt, ALREADY_EXISTS (REQUEST_ID_REUSED).
    */
   resume(runId: string, decisions: DecisionInit[], options: ResumeOptions = {}): RunHandle {
     const request = resumeRequest(runId, decisions, options.requestId);
@@ -246,19 +254,7 @@ export class KeelClient {
     toolCallId: string,
     options: DecideOptions & { overrideArgs?: { [key: string]: Json } } = {},
   ): Promise<RunSnapshot> {
-    const { overrideArgs } = options;
-    if (
-      overrideArgs !== undefined &&
-      (typeof overrideArgs !== "object" || overrideArgs === null || Array.isArray(overrideArgs))
-    ) {
-      throw new TypeError("overrideArgs must be a JSON object");
-    }
-    const overrideArgsJson = overrideArgs === undefined ? "" : JSON.stringify(overrideArgs);
-    return this.#decide(
-      runId,
-      { toolCallId, decision: { case: "approve", value: { overrideArgsJson } } },
-      options,
-    );
+    return this.#decide(runId, approval(toolCallId, options.overrideArgs), options);
   }
 
   /** Denies a tool call that waits for approval; the model sees `message`. See approve(). */
@@ -282,15 +278,7 @@ export class KeelClient {
     result: Json,
     options: DecideOptions = {},
   ): Promise<RunSnapshot> {
-    const resultJson = JSON.stringify(result);
-    if (resultJson === undefined) {
-      throw new TypeError("result must be a JSON value");
-    }
-    return this.#decide(
-      runId,
-      { toolCallId, decision: { case: "resultJson", value: resultJson } },
-      options,
-    );
+    return this.#decide(runId, answer(toolCallId, result), options);
   }
 
   /**

@@ -12,9 +12,11 @@ import { ConnectError, type Client, type Code } from "@connectrpc/connect";
 import type { Backoff } from "./backoff.js";
 import { CallControl, sleep } from "./calls.js";
 import { ClientClosedError, StreamContractError, isUnavailable } from "./errors.js";
+import type { MessageInitShape } from "@bufbuild/protobuf";
 import type {
   AgentEvent,
   AgentService,
+  DecisionSchema,
   Heartbeat,
   ObserveResponse,
   ResumeRequest,
@@ -63,6 +65,8 @@ export interface EventsOptions {
 
 /** What a handle needs from its KeelClient. */
 export interface HandleContext {
+  /** Sends one decision with Resume for a run; the stream's snapshot (see KeelClient.approve). */
+  decide(runId: string, decision: DecisionInit, options: DecideOptions): Promise<RunSnapshot>;
   /** The generated client; throws ClientClosedError once the KeelClient is closed. */
   client(): AgentServiceClient;
   /** Aborted when the KeelClient is closed. */
@@ -77,8 +81,22 @@ export interface HandleContext {
 /** How a handle's first request is made. */
 export type HandleStart =
   | { rpc: "Stream"; request: StreamRequest }
-  | { rpc: "Observe"; runId: string }
+  | { rpc: "Observe"; runId: string; stopAtSuspend: boolean }
   | { rpc: "Resume"; request: ResumeRequest };
+
+/** One decision of a Resume, as the generated Decision message's init shape. */
+export type DecisionInit = MessageInitShape<typeof DecisionSchema>;
+
+/** A JSON value, as JSON.stringify accepts it. */
+export type Json = string | number | boolean | null | Json[] | { [key: string]: Json };
+
+/** Options of approve(), deny() and answer(). */
+export interface DecideOptions {
+  /** An idempotency key: the same Resume sent twice has one effect. Default: a random UUID. */
+  requestId?: string;
+  /** Stops waiting (and retrying); the decision may or may not have arrived. */
+  signal?: AbortSignal;
+}
 
 type Response = StreamResponse | ObserveResponse | ResumeResponse;
 
@@ -227,6 +245,39 @@ export class RunHandle {
     }
   }
 
+  /**
+   * Approves a tool call of this run that waits for approval (a
+   * `tool_call_approval` event); call it from inside the events() loop and
+   * the loop goes on with the resumed run. See KeelClient.approve().
+   */
+  approve(
+    toolCallId: string,
+    options: DecideOptions & { overrideArgs?: { [key: string]: Json } } = {},
+  ): Promise<RunSnapshot> {
+    return this.#decide(approval(toolCallId, options.overrideArgs), options);
+  }
+
+  /** Denies a tool call of this run that waits for approval; the model sees `message`. */
+  deny(
+    toolCallId: string,
+    options: DecideOptions & { message?: string } = {},
+  ): Promise<RunSnapshot> {
+    const message = options.message ?? "";
+    return this.#decide({ toolCallId, decision: { case: "deny", value: { message } } }, options);
+  }
+
+  /** Gives the result (any JSON value) of a deferred tool call of this run (`tool_call_suspended`). */
+  answer(toolCallId: string, result: Json, options: DecideOptions = {}): Promise<RunSnapshot> {
+    return this.#decide(answer(toolCallId, result), options);
+  }
+
+  async #decide(decision: DecisionInit, options: DecideOptions): Promise<RunSnapshot> {
+    if (this.runId === undefined) {
+      throw new Error("the run's id is not known yet: iterate events() first");
+    }
+    return this.#context.decide(this.runId, decision, options);
+  }
+
   /** Step 1: which RPC (re)opens the stream. */
   #nextRpc(): StreamRpc {
     if (this.runId === undefined) {
@@ -248,7 +299,11 @@ export class RunHandle {
       return client.resume(start.request, { signal });
     }
     if (rpc === "Observe" && this.runId !== undefined) {
-      return client.observe({ runId: this.runId, offset: this.nextOffset }, { signal });
+      const stopAtSuspend = this.#start.rpc === "Observe" && this.#start.stopAtSuspend;
+      return client.observe(
+        { runId: this.runId, offset: this.nextOffset, stopAtSuspend },
+        { signal },
+      );
     }
     throw new Error(`cannot open ${rpc} for a handle started with ${start.rpc}`); // unreachable
   }
@@ -314,4 +369,25 @@ export class RunHandle {
       throw new ClientClosedError();
     }
   }
+}
+
+/** The Decision that approves a tool call, with arguments that replace the model's if given. */
+export function approval(toolCallId: string, overrideArgs?: { [key: string]: Json }): DecisionInit {
+  if (
+    overrideArgs !== undefined &&
+    (typeof overrideArgs !== "object" || overrideArgs === null || Array.isArray(overrideArgs))
+  ) {
+    throw new TypeError("overrideArgs must be a JSON object");
+  }
+  const overrideArgsJson = overrideArgs === undefined ? "" : JSON.stringify(overrideArgs);
+  return { toolCallId, decision: { case: "approve", value: { overrideArgsJson } } };
+}
+
+/** The Decision that gives a deferred tool call its result. */
+export function answer(toolCallId: string, result: Json): DecisionInit {
+  const resultJson = JSON.stringify(result);
+  if (resultJson === undefined) {
+    throw new TypeError("result must be a JSON value");
+  }
+  return { toolCallId, decision: { case: "resultJson", value: resultJson } };
 }

@@ -14,12 +14,10 @@ export { Code, ConnectError } from "@connectrpc/connect";
 export { Backoff, type BackoffOptions } from "./backoff.js";
 export {
   KeelClient,
-  type DecideOptions,
-  type DecisionInit,
   type HandleOptions,
-  type Json,
   type KeelClientOptions,
   type ListRunsFilter,
+  type ObserveOptions,
   type ResumeOptions,
   type StartOptions,
 } from "./client.js";
@@ -32,8 +30,13 @@ export {
 } from "./errors.js";
 export {
   RunHandle,
+  answer,
+  approval,
   type AgentServiceClient,
+  type DecideOptions,
+  type DecisionInit,
   type EventsOptions,
+  type Json,
   type OnReconnect,
   type Reconnect,
   type StreamRpc,

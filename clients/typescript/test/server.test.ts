@@ -45,6 +45,20 @@ function deltas(n: number): string {
   return Array.from({ length: n }, (_, i) => `t${i} `).join("");
 }
 
+function approveMe(args: Record<string, unknown>): Step {
+  return { tool: "approve_me", args };
+}
+
+function toolResult(events: AgentEvent[], toolName: string) {
+  const results = events.flatMap((e) =>
+    e.payload.case === "toolResult" && e.payload.value.toolName === toolName
+      ? [e.payload.value]
+      : [],
+  );
+  assert.equal(results.length, 1, `expected one ${toolName} result`);
+  return results[0]!;
+}
+
 /** The events without the partial output of superseded attempts (what a UI keeps). */
 function effective(events: AgentEvent[]): AgentEvent[] {
   const dropped = new Set<bigint>();
@@ -220,15 +234,109 @@ describe("against one server", { timeout: TEST_TIMEOUT_MS }, () => {
   });
 
   test("approve on a run that waits for nothing fails at once, without retrying", async () => {
-    // Resume answers UNIMPLEMENTED until it is implemented, then FAILED_PRECONDITION
-    // (RUN_NOT_SUSPENDED) for a run that is not suspended: an answer either way.
     const events = await collect(client.stream("scripted", script({ text: 2 })).events());
-    await assert.rejects(
-      client.approve(events[0]!.runId, "call_0"),
-      (error: unknown) =>
-        error instanceof ConnectError &&
-        [Code.Unimplemented, Code.FailedPrecondition].includes(error.code),
+    await assert.rejects(client.approve(events[0]!.runId, "call_0"), (error: unknown) => {
+      assert.ok(error instanceof ConnectError && error.code === Code.FailedPrecondition);
+      assert.equal(errorInfo(error)?.reason, "RUN_NOT_SUSPENDED");
+      return true;
+    });
+  });
+
+  test("approve from inside the events() loop resumes the run the loop reads", async () => {
+    const handle = client.stream(
+      "scripted",
+      script({ text: 5 }, approveMe({ action: "deploy" }), { text: 3 }),
     );
+    const events: AgentEvent[] = [];
+    for await (const event of handle.events()) {
+      events.push(event);
+      if (event.payload.case === "toolCallApproval") {
+        const snapshot = await handle.approve(event.payload.value.toolCallId);
+        assert.equal(snapshot.run?.runId, handle.runId);
+      }
+    }
+
+    assertContiguous(events);
+    const kinds = payloads(events);
+    assert.ok(kinds.indexOf("toolCallApproval") < kinds.indexOf("suspended"));
+    assert.ok(kinds.indexOf("suspended") < kinds.indexOf("resumed"));
+    assert.equal(kinds.at(-1), "finish");
+    const result = toolResult(events, "approve_me");
+    assert.equal(result.denied, false);
+    assert.deepEqual(JSON.parse(result.resultJson), { approved: true, args: { action: "deploy" } });
+  });
+
+  test("deny and overridden arguments reach the tool call", async () => {
+    const denied = client.stream("scripted", script(approveMe({ action: "deploy" })));
+    const deniedEvents: AgentEvent[] = [];
+    for await (const event of denied.events()) {
+      deniedEvents.push(event);
+      if (event.payload.case === "toolCallApproval") {
+        await denied.deny(event.payload.value.toolCallId, { message: "not on a Friday" });
+      }
+    }
+    const refusal = toolResult(deniedEvents, "approve_me");
+    assert.ok(refusal.denied && refusal.resultJson.includes("not on a Friday"));
+
+    const overridden = client.stream("scripted", script(approveMe({ action: "deploy" })));
+    const overriddenEvents: AgentEvent[] = [];
+    for await (const event of overridden.events()) {
+      overriddenEvents.push(event);
+      if (event.payload.case === "toolCallApproval") {
+        const overrideArgs = { action: "canary" };
+        await overridden.approve(event.payload.value.toolCallId, { overrideArgs });
+      }
+    }
+    const result = toolResult(overriddenEvents, "approve_me");
+    assert.deepEqual(JSON.parse(result.resultJson).args, { action: "canary" });
+  });
+
+  test("an inbox stops at the suspension; the decision comes from elsewhere, once", async () => {
+    const started = await client.startRun(
+      "scripted",
+      script({ text: 3 }, approveMe({ x: 1 }), { text: 2 }),
+    );
+    const first = await collect(client.observeRun(started.runId, { stopAtSuspend: true }));
+    assert.equal(payloads(first).at(-1), "suspended");
+    const run = await client.getRun(started.runId);
+    assert.equal(run.state, RunState.SUSPENDED);
+    const [pending] = run.pendingInterrupts;
+    assert.ok(pending);
+
+    const other = new KeelClient(keel.target, FAST);
+    try {
+      const requestId = randomUUID();
+      await other.approve(started.runId, pending.toolCallId, { requestId });
+      await other.approve(started.runId, pending.toolCallId, { requestId }); // no new effect
+      await assert.rejects(
+        other.deny(started.runId, pending.toolCallId, { message: "too late" }),
+        (error: unknown) => error instanceof ConnectError && error.code === Code.FailedPrecondition,
+      );
+    } finally {
+      other.close();
+    }
+    const rest = await collect(client.observeRun(started.runId, { fromOffset: first.length }));
+    assertContiguous([...first, ...rest]);
+    assert.equal(payloads(rest)[0], "resumed");
+    assert.equal(payloads(rest).at(-1), "finish");
+  });
+
+  test("a resume() handle streams the run from the first event after its suspension", async () => {
+    const started = await client.startRun("scripted", script(approveMe({ x: 2 }), { text: 4 }));
+    const first = await collect(client.observeRun(started.runId, { stopAtSuspend: true }));
+    const approvalEvent = first.find((e) => e.payload.case === "toolCallApproval");
+    assert.ok(approvalEvent?.payload.case === "toolCallApproval");
+    const handle = client.resume(started.runId, [
+      {
+        toolCallId: approvalEvent.payload.value.toolCallId,
+        decision: { case: "approve", value: {} },
+      },
+    ]);
+    const rest = await collect(handle.events());
+
+    assertContiguous([...first, ...rest]);
+    assert.equal(payloads(rest)[0], "resumed");
+    assert.equal(payloads(rest).at(-1), "finish");
   });
 });
 
@@ -245,28 +353,36 @@ describe("across server restarts", { timeout: TEST_TIMEOUT_MS }, () => {
     const client = new KeelClient(front.target, FAST);
     let replacement: Keel | undefined;
     try {
-      const input = script({ text: 800, delay_ms: 10 }, { tool: "record", args: { key: "k" } });
+      // A run that would stream for minutes: the test cancels it once the
+      // stream has shown live events from the replacement.
+      const input = script({ text: 100_000, delay_ms: 10 });
       const run = await runnerClient.startRun("scripted", input);
       const events: AgentEvent[] = [];
-      let stateAtRestart = RunState.UNSPECIFIED;
+      let resumedAt = -1;
       for await (const event of client.observeRun(run.runId)) {
         events.push(event);
         if (events.length === 40) {
           assert.equal(await front.kill(), -1);
           replacement = await Keel.start({ redisUrl: redis.url, keyPrefix, port: front.port });
-          stateAtRestart = (await runnerClient.getRun(run.runId)).state;
+        } else if (replacement !== undefined && resumedAt < 0) {
+          resumedAt = events.length; // the first event after the restart
+        } else if (resumedAt > 0 && events.length === resumedAt + 50) {
+          await runnerClient.cancelRun(run.runId, { reason: "seen enough" });
         }
       }
 
       assertContiguous(events);
-      assert.equal(payloads(events).at(-1), "finish");
-      assert.ok(textOf(events).startsWith(deltas(800)));
-      assert.equal(payloads(events).filter((p) => p === "toolResult").length, 1);
+      assert.equal(payloads(events).at(-1), "abort", "the run should have been live to the end");
+      const text = textOf(events);
+      assert.equal(
+        text,
+        deltas(text.split(" ").length - 1),
+        "text deltas with a gap or a duplicate",
+      );
+      assert.ok(events.length >= resumedAt + 50);
       const final = await runnerClient.getRun(run.runId);
-      assert.equal(final.state, RunState.SUCCEEDED);
+      assert.equal(final.state, RunState.CANCELLED);
       assert.equal(final.nextOffset, BigInt(events.length));
-      assert.ok(replacement !== undefined, "the front server was never replaced");
-      assert.equal(stateAtRestart, RunState.RUNNING, "the stream should resume on a live run");
     } finally {
       client.close();
       runnerClient.close();

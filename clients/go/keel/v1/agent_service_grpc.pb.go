@@ -51,10 +51,25 @@ type AgentServiceClient interface {
 	// offset is past its last event; UNAVAILABLE when the server is draining
 	// (resume from the next offset on another replica).
 	Observe(ctx context.Context, in *ObserveRequest, opts ...grpc.CallOption) (AgentService_ObserveClient, error)
-	// Resume delivers decisions for the pending interrupts (tool approvals or
-	// deferred tool results) of a suspended run, then streams the run from
-	// the first event after its suspension. It is not implemented yet and
-	// answers UNIMPLEMENTED.
+	// Resume delivers decisions for the pending interrupts (tool calls that
+	// wait for a human's approval, or deferred tool calls that wait for their
+	// result) of a suspended run, then streams the run from the first event
+	// after its suspension: `resumed`, then the tool results (or denials),
+	// then the rest, ending like Observe.
+	//
+	// A run with several pending interrupts accepts their decisions in one
+	// Resume or several; it continues when every one is answered (a partial
+	// Resume streams and waits). The same Resume sent again (same request_id,
+	// or the same decisions) has no further effect and streams from the same
+	// point. Errors: INVALID_ARGUMENT for a malformed request or a tool_call_id
+	// that names no pending interrupt of the run (BadRequest field
+	// violations); NOT_FOUND (RUN_NOT_FOUND); FAILED_PRECONDITION
+	// (RUN_NOT_SUSPENDED) when the run is not suspended; FAILED_PRECONDITION
+	// (INTERRUPT_RESOLVED, metadata tool_call_id) when an interrupt was already
+	// answered differently; ABORTED (CONCURRENT_MODIFICATION) when another
+	// Resume of the run won a race with this one (read the run and retry if
+	// still relevant); ALREADY_EXISTS (REQUEST_ID_REUSED) when request_id was
+	// used for other decisions.
 	Resume(ctx context.Context, in *ResumeRequest, opts ...grpc.CallOption) (AgentService_ResumeClient, error)
 	// StartRun starts a run and returns at once, without waiting for any
 	// event. Sending it again with the same request_id returns the same run.
@@ -264,10 +279,25 @@ type AgentServiceServer interface {
 	// offset is past its last event; UNAVAILABLE when the server is draining
 	// (resume from the next offset on another replica).
 	Observe(*ObserveRequest, AgentService_ObserveServer) error
-	// Resume delivers decisions for the pending interrupts (tool approvals or
-	// deferred tool results) of a suspended run, then streams the run from
-	// the first event after its suspension. It is not implemented yet and
-	// answers UNIMPLEMENTED.
+	// Resume delivers decisions for the pending interrupts (tool calls that
+	// wait for a human's approval, or deferred tool calls that wait for their
+	// result) of a suspended run, then streams the run from the first event
+	// after its suspension: `resumed`, then the tool results (or denials),
+	// then the rest, ending like Observe.
+	//
+	// A run with several pending interrupts accepts their decisions in one
+	// Resume or several; it continues when every one is answered (a partial
+	// Resume streams and waits). The same Resume sent again (same request_id,
+	// or the same decisions) has no further effect and streams from the same
+	// point. Errors: INVALID_ARGUMENT for a malformed request or a tool_call_id
+	// that names no pending interrupt of the run (BadRequest field
+	// violations); NOT_FOUND (RUN_NOT_FOUND); FAILED_PRECONDITION
+	// (RUN_NOT_SUSPENDED) when the run is not suspended; FAILED_PRECONDITION
+	// (INTERRUPT_RESOLVED, metadata tool_call_id) when an interrupt was already
+	// answered differently; ABORTED (CONCURRENT_MODIFICATION) when another
+	// Resume of the run won a race with this one (read the run and retry if
+	// still relevant); ALREADY_EXISTS (REQUEST_ID_REUSED) when request_id was
+	// used for other decisions.
 	Resume(*ResumeRequest, AgentService_ResumeServer) error
 	// StartRun starts a run and returns at once, without waiting for any
 	// event. Sending it again with the same request_id returns the same run.
