@@ -408,7 +408,10 @@ def test_valid_scripts_pass() -> None:
         ("", "Invalid JSON"),
         ("[]", "Input should be an object"),
         ("{}", "steps: Field required"),
-        ('{"steps": [{"sing": 3}]}', 'steps[0]: a step is an object with "text", "tool", "parallel" or "error"'),
+        (
+            '{"steps": [{"sing": 3}]}',
+            'steps[0]: a step is an object with "text", "tool", "parallel" or "error"',
+        ),
         ('{"steps": [42]}', '"text", "tool", "parallel" or "error"'),
         ('{"steps": [{"tool": "rm_rf", "args": {}}]}', "steps[0]: Input tag 'rm_rf'"),
         ('{"steps": [{"tool": "record", "args": {}}]}', "steps[0].args.key: Field required"),
