@@ -10,22 +10,21 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from keel.v1 import agent_service_pb2 as pb
-from keel.v1 import agent_service_pb2_grpc as pb_grpc
 
 from server.agents.registry import load_registry
 from server.agents.types import AgentSpec
-from server.api.servicer import AgentServicer
+from server.api.servicer import SERVICE, AgentServicer, add_to_server
 from server.events.factory import open_event_log
 from server.events.log import EventLog
 from server.observe.follow import FollowLimits
+from server.observe.observer import Draining
 from server.runs.executor import LocalExecutor, Timing
 from server.runs.supervisor import WriterLimits
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AgentService"].full_name
+SERVICE_NAME = SERVICE.full_name
 ASSISTANT_AGENT_ID = "assistant"
 
 
@@ -39,7 +38,7 @@ class Keel:
     log: EventLog
     executor: LocalExecutor
     health: health.aio.HealthServicer
-    draining: asyncio.Event
+    draining: Draining
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: bool = False
 
@@ -98,7 +97,11 @@ async def create_server(settings: Settings) -> Keel:
         event_log,
         agents,
         instance_id=settings.instance_id,
-        limits=WriterLimits(settings.write_batch_max, settings.write_pending_max),
+        limits=WriterLimits(
+            settings.write_batch_max,
+            settings.write_pending_max,
+            linger_s=settings.write_linger_ms / 1000,
+        ),
         timing=Timing(
             # A third of the TTL: a renewal may fail twice before the lease lapses.
             lease_renew_interval_s=settings.lease_ttl_s / 3,
@@ -106,7 +109,7 @@ async def create_server(settings: Settings) -> Keel:
             cancel_wait_s=settings.cancel_wait_s,
         ),
     )
-    draining = asyncio.Event()
+    draining = Draining()
     servicer = AgentServicer(
         event_log,
         executor,
@@ -121,7 +124,7 @@ async def create_server(settings: Settings) -> Keel:
     # No SO_REUSEPORT: a second server on a port still held by a draining one
     # must fail to bind, not silently split that port's connections with it.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_AgentServiceServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

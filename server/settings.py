@@ -50,6 +50,9 @@ class Settings(BaseSettings):
 
     # Writer: most events per append (one Lua call on Redis).
     write_batch_max: int = Field(default=1000, ge=1)
+    # Writer: a run that flushed less than this ago waits this long before its next flush,
+    # so a fast producer's events travel in batches; a slow one's are not delayed.
+    write_linger_ms: float = Field(default=2.0, ge=0)
     # Writer: events a run may have emitted but not committed before it waits.
     write_pending_max: int = Field(default=5000, ge=1)
 

@@ -9,6 +9,7 @@ from keel.v1 import agent_service_pb2 as pb
 from keel.v1.agent_service_pb2 import AgentEvent
 
 from server.agents.types import AgentSpec
+from server.events.codec import varint
 from server.events.log import RunRecord, RunState
 from server.runs.decisions import pending_interrupts
 
@@ -75,3 +76,16 @@ def batches(events: Sequence[AgentEvent], max_bytes: int) -> Iterator[Sequence[A
         size += event_size
     if start < len(events):
         yield events[start:]
+
+
+# Field 2 (`events`, length-delimited) of StreamResponse, ObserveResponse and ResumeResponse.
+_EVENTS_FIELD_TAG = b"\x12"
+
+
+def events_response(encoded_batch: bytes) -> bytes:
+    """A serialized Stream/Observe/ResumeResponse carrying an already serialized EventBatch.
+
+    The three responses share one layout, so one encoding serves every stream
+    that sends this batch, without copying or re-serializing its events.
+    """
+    return _EVENTS_FIELD_TAG + varint(len(encoded_batch)) + encoded_batch

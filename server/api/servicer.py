@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
+from google.protobuf.message import Message
 from grpc_status import rpc_status
 from keel.v1 import agent_service_pb2 as pb
 from keel.v1 import agent_service_pb2_grpc as pb_grpc
 
 from server.agents.registry import describe
 from server.api import convert, status, validate
+from server.events.codec import Batch
 from server.events.log import EventLog, RunPageCursor
 from server.observe.follow import Events, FollowLimits, Heartbeat, Item, Snapshot, follow
+from server.observe.observer import Draining
 from server.runs.executor import LocalExecutor
 
+SERVICE = pb.DESCRIPTOR.services_by_name["AgentService"]
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 StreamResponse = pb.StreamResponse | pb.ObserveResponse | pb.ResumeResponse
@@ -67,6 +70,32 @@ def streaming(
     return handler
 
 
+def add_to_server(servicer: AgentServicer, server: grpc.aio.Server) -> None:
+    """Register `servicer` like the generated add_AgentServiceServicer_to_server, except that
+    streaming responses may be pre-serialized bytes (see convert.events_response)."""
+    handlers = {}
+    for method in SERVICE.methods:
+        request_type = getattr(pb, method.input_type.name)
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=request_type.FromString,
+            response_serializer=_serialize,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
+
+
+def _serialize(message: Message | bytes) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
 class AgentServicer(pb_grpc.AgentServiceServicer):
     """gRPC face of Keel (keel.v1.AgentService)."""
 
@@ -77,7 +106,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         *,
         limits: FollowLimits,
         max_batch_bytes: int,
-        draining: asyncio.Event,
+        draining: Draining,
     ) -> None:
         self._log = log
         self._executor = executor
@@ -202,9 +231,11 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             match item:
                 case Snapshot(run=record):
                     yield make(snapshot=pb.RunSnapshot(run=convert.run(record)))
+                case Events(events=Batch() as batch) if len(batch.encoded) <= self._max_batch_bytes:
+                    yield cast(Response, convert.events_response(batch.encoded))
                 case Events(events=events):
-                    for batch in convert.batches(events, self._max_batch_bytes):
-                        yield make(events=pb.EventBatch(events=batch))
+                    for part in convert.batches(events, self._max_batch_bytes):
+                        yield make(events=pb.EventBatch(events=part))
                 case Heartbeat(next_offset=next_offset):
                     heartbeat = pb.Heartbeat(next_offset=next_offset)
                     heartbeat.time.GetCurrentTime()

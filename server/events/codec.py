@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from keel.v1.agent_service_pb2 import AgentEvent
 
@@ -11,6 +11,27 @@ _EVENTS_TAG = b"\x0a"
 # Tag plus length prefix of an event, precomputed for the common sizes (a
 # lookup is several times faster than encoding the varint each time).
 _SMALL_EVENT_BYTES = 4096
+
+
+class Batch(list[AgentEvent]):
+    """Consecutive committed events, and their serialized EventBatch, encoded at most once.
+
+    What the logs hand to listeners and readers: a batch fanned out to many
+    observers is serialized once, not once per observer (server/api sends
+    `encoded` as is). A slice of a Batch is a plain list: it has no encoding.
+    """
+
+    __slots__ = ("_encoded",)
+
+    def __init__(self, events: Iterable[AgentEvent] = (), encoded: bytes | None = None) -> None:
+        super().__init__(events)
+        self._encoded = encoded
+
+    @property
+    def encoded(self) -> bytes:
+        if self._encoded is None:
+            self._encoded = encode_batch(serialize_events(self))
+        return self._encoded
 
 
 def check_consecutive(events: Sequence[AgentEvent]) -> None:
@@ -40,12 +61,12 @@ def encode_batch(members: Sequence[bytes]) -> bytes:
     parts: list[bytes] = []
     for member in members:
         size = len(member)
-        parts.append(heads[size] if size < _SMALL_EVENT_BYTES else _EVENTS_TAG + _varint(size))
+        parts.append(heads[size] if size < _SMALL_EVENT_BYTES else _EVENTS_TAG + varint(size))
         parts.append(member)
     return b"".join(parts)
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -54,4 +75,4 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-_HEADS = [_EVENTS_TAG + _varint(size) for size in range(_SMALL_EVENT_BYTES)]
+_HEADS = [_EVENTS_TAG + varint(size) for size in range(_SMALL_EVENT_BYTES)]

@@ -43,6 +43,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.errors import StoreUnavailable
+from server.events.codec import Batch
 from server.events.log import ControlListener, Listener
 
 logger = logging.getLogger(__name__)
@@ -351,7 +352,7 @@ class Fanout:
             self._on_control(entry, data)
             return
         try:
-            events = list(EventBatch.FromString(data).events)
+            events = Batch(EventBatch.FromString(data).events, data)
         except DecodeError:
             logger.exception("undecodable message on %r", name)
             return

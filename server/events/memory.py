@@ -34,7 +34,7 @@ from server.errors import (
     RunNotFound,
     StaleEpoch,
 )
-from server.events.codec import check_consecutive
+from server.events.codec import Batch, check_consecutive
 from server.events.log import (
     ControlListener,
     Listener,
@@ -269,7 +269,7 @@ class MemoryEventLog:
         if offset < run.earliest_index:
             raise OffsetExpired(run_id, offset, run.earliest_index, run.next_index)
         start = offset - run.base
-        return run.events[start : start + limit]
+        return Batch(run.events[start : start + limit])
 
     async def subscribe(self, run_id: str, listener: Listener) -> Subscription:
         # No RunNotFound here: an observer may subscribe before it reads the run.
@@ -440,7 +440,8 @@ class MemoryEventLog:
             del run.events[: earliest - run.base]
             run.base = earliest
 
-    def _notify(self, run_id: str, batch: list[AgentEvent]) -> None:
+    def _notify(self, run_id: str, events: list[AgentEvent]) -> None:
+        batch = Batch(events)  # one encoding, shared by every listener that sends it
         # A copy: a listener may close its subscription while being notified.
         for subscription in tuple(self._subscriptions.get(run_id, ())):
             try:

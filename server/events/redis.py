@@ -44,7 +44,7 @@ from server.errors import (
     StoreUnavailable,
 )
 from server.events import scripts
-from server.events.codec import check_consecutive, encode_batch, serialize_events
+from server.events.codec import Batch, check_consecutive, encode_batch, serialize_events
 from server.events.fanout import Fanout
 from server.events.keys import Keys, RunField, parse_run_index_member, run_index_member
 from server.events.log import (
@@ -331,7 +331,8 @@ class RedisEventLog:
             raise RunNotFound(run_id)
         if code == scripts.OFFSET_EXPIRED:
             raise OffsetExpired(run_id, offset, int(reply[1]), int(reply[2]))
-        return [AgentEvent.FromString(member) for member in reply[1]]
+        members = reply[1]
+        return Batch([AgentEvent.FromString(member) for member in members], encode_batch(members))
 
     async def subscribe(self, run_id: str, listener: Listener) -> Subscription:
         return await self._fanout.subscribe(self._keys.live(run_id), listener)

@@ -20,12 +20,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from keel.v1.agent_service_pb2 import AgentEvent
 
 from server.errors import OffsetBeyondEnd, OffsetExpired, ServerDraining
+from server.events.codec import Batch
 from server.events.log import EventLog, RunRecord, RunState
-from server.observe.observer import LiveQueue
+from server.observe.observer import Draining, LiveQueue
 
 TERMINAL_PAYLOADS = frozenset({"finish", "abort", "error"})
 END_OF_STREAM_PAYLOADS = TERMINAL_PAYLOADS | {"suspended"}  # with stop_at_suspend
@@ -70,13 +72,14 @@ async def follow(
     offset: int,
     *,
     limits: FollowLimits,
-    draining: asyncio.Event,
+    draining: Draining,
     stop_at_suspend: bool = False,
 ) -> AsyncIterator[Item]:
     """Every event of the run with index >= offset, exactly once, in order; see the module doc."""
     record = await log.get_run(run_id)
     check_offset(record, offset)
     queue = LiveQueue(limits.queue_size)
+    draining.watch(queue)
     subscription = await log.subscribe(run_id, queue)
     ends = END_OF_STREAM_PAYLOADS if stop_at_suspend else TERMINAL_PAYLOADS
     try:
@@ -102,18 +105,19 @@ async def follow(
                     break
             # 3. Synced: live batches while nothing is lost.
             while not queue.demoted:
-                batch = queue.pop()
-                if batch is None:
+                batches = queue.pop_all()
+                if not batches:
                     if await _quiet(queue, draining, limits.heartbeat_interval_s):
                         yield Heartbeat(next_offset)
-                        head = await log.head(run_id)
-                        if head > next_offset:
+                        if await log.head(run_id) > next_offset:
                             break  # 4. a notification went missing: read the log
                     continue
-                fresh = _from(batch, next_offset)
+                # Batches that queued up while the last message was sent travel together.
+                merged = batches[0] if len(batches) == 1 else _merge(batches)
+                fresh = _from(merged, next_offset)
                 if not fresh:
                     continue  # duplicates only
-                if fresh[0].index != next_offset:
+                if fresh[0].index != next_offset or not _consecutive(fresh):
                     break  # a gap: read the log
                 fresh, end = _until_end(fresh, ends)
                 next_offset = fresh[-1].index + 1
@@ -142,6 +146,19 @@ def _until_end(
     return batch, False
 
 
+def _merge(batches: list[Sequence[AgentEvent]]) -> Sequence[AgentEvent]:
+    events = [event for batch in batches for event in batch]
+    if all(isinstance(batch, Batch) for batch in batches):
+        # EventBatch encodings concatenate: the merged batch needs no new serialization.
+        return Batch(events, b"".join(cast(Batch, batch).encoded for batch in batches))
+    return events
+
+
+def _consecutive(events: Sequence[AgentEvent]) -> bool:
+    # Each committed batch is consecutive; merged ones are unless a notification was lost.
+    return events[-1].index - events[0].index + 1 == len(events)
+
+
 def _from(batch: Sequence[AgentEvent], offset: int) -> Sequence[AgentEvent]:
     """The events of `batch` with index >= offset (batches hold consecutive indices)."""
     if not batch or batch[0].index >= offset:
@@ -150,18 +167,16 @@ def _from(batch: Sequence[AgentEvent], offset: int) -> Sequence[AgentEvent]:
     return batch[skip:]
 
 
-async def _quiet(queue: LiveQueue, draining: asyncio.Event, timeout_s: float) -> bool:
+async def _quiet(queue: LiveQueue, draining: Draining, timeout_s: float) -> bool:
     """Wait for the queue; True if `timeout_s` passed quietly. Raises ServerDraining."""
     if draining.is_set():
         raise ServerDraining()
-    waiters = [asyncio.ensure_future(queue.wait()), asyncio.ensure_future(draining.wait())]
     try:
-        done, _ = await asyncio.wait(
-            waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
-        )
-    finally:
-        for waiter in waiters:
-            waiter.cancel()  # never awaited: nothing here may swallow our own cancellation
+        async with asyncio.timeout(timeout_s):  # a timer handle, not a task per wait
+            await queue.wait()
+        quiet = False
+    except TimeoutError:
+        quiet = True
     if draining.is_set():
         raise ServerDraining()
-    return not done
+    return quiet

@@ -9,6 +9,7 @@ observers and never loses an event.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections import deque
 from collections.abc import Sequence
 
@@ -45,18 +46,49 @@ class LiveQueue:
         self._batches.clear()
         self.demoted = False
 
-    def pop(self) -> Sequence[AgentEvent] | None:
-        """The oldest queued batch, or None."""
+    def pop_all(self) -> list[Sequence[AgentEvent]]:
+        """Every queued batch, oldest first ([] if none): sent on together, in one message."""
         if self._batches:
-            return self._batches.popleft()
+            batches = list(self._batches)
+            self._batches.clear()
+            return batches
         self._wakeup.clear()
-        return None
+        return []
 
     async def wait(self) -> None:
-        """Until a batch is queued or the observer is demoted."""
+        """Until a batch is queued, the observer is demoted, or `wake` is called."""
         await self._wakeup.wait()
+
+    def wake(self) -> None:
+        """Make `wait` return (the server is draining: the observer must look up)."""
+        self._wakeup.set()
 
     def _demote(self) -> None:
         self.demoted = True
         self._batches.clear()
         self._wakeup.set()
+
+
+class Draining:
+    """Set once when the server shuts down; wakes every waiting observer at once.
+
+    One flag for the whole server instead of an asyncio.Event per wait: a
+    quiet observer waits on its own queue alone, which keeps a fan-out to
+    many observers cheap.
+    """
+
+    def __init__(self) -> None:
+        self._set = False
+        self._queues: weakref.WeakSet[LiveQueue] = weakref.WeakSet()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        for queue in list(self._queues):
+            queue.wake()
+
+    def watch(self, queue: LiveQueue) -> None:
+        """Wake `queue` when the server drains (held weakly: no need to unwatch)."""
+        self._queues.add(queue)

@@ -63,6 +63,7 @@ class WriterLimits:
 
     batch_max: int = 1000
     pending_max: int = 5000
+    linger_s: float = 0.0
 
 
 class _CheckpointingSink:
@@ -132,6 +133,7 @@ class Supervisor:
             next_index=record.next_index,
             batch_max=self._limits.batch_max,
             pending_max=self._limits.pending_max,
+            linger_s=self._limits.linger_s,
         )
         try:
             try:

@@ -2,8 +2,10 @@
 
 Group commit: `emit` only stamps and queues an event; a flusher task appends
 whatever has queued up in one call (one Lua script on Redis) and, while that
-call is in flight, the next batch gathers. Under a fast producer batches grow
-by themselves; a slow producer pays one round trip per event, never a timer.
+call is in flight, the next batch gathers. A writer that flushed less than
+`linger_s` ago waits `linger_s` before its next flush, so under a fast
+producer batches grow to about rate x linger; a slow producer's events are
+flushed at once, one round trip each, with no added latency.
 
 The writer is the run's only writer: the epoch it carries fences it out if
 another instance takes the run over, and the log rejects any batch that does
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -36,6 +39,7 @@ class EventWriter:
         next_index: int,
         batch_max: int = 1000,
         pending_max: int = 5000,
+        linger_s: float = 0.0,
     ) -> None:
         self._log = log
         self._run_id = run_id
@@ -50,6 +54,8 @@ class EventWriter:
         self._lock = asyncio.Lock()  # one append in flight, taken in order
         self._failure: BaseException | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self._linger_s = linger_s
+        self._last_flush = -math.inf  # time.monotonic() when the last flush ended
 
     @property
     def next_index(self) -> int:
@@ -129,19 +135,27 @@ class EventWriter:
     async def _flush_forever(self) -> None:
         while True:
             await self._wakeup.wait()
+            if time.monotonic() - self._last_flush < self._linger_s:
+                # Busy: events keep coming. Let this batch gather for a moment,
+                # so the log, the observers and the wire see one batch instead
+                # of many single events. An idle writer flushes at once.
+                await asyncio.sleep(self._linger_s)
             async with self._lock:
                 self._wakeup.clear()
-                while self._pending:
-                    batch = self._pending[: self._batch_max]
-                    del self._pending[: self._batch_max]
-                    try:
-                        await self._append(batch)
-                    except Exception as exc:  # surfaced to the run by the next emit or commit
-                        self._failure = exc
-                        self._pending.clear()
-                        self._drained.set()
-                        return
-                self._drained.set()
+                batch = self._pending[: self._batch_max]
+                del self._pending[: self._batch_max]
+                try:
+                    await self._append(batch)
+                except Exception as exc:  # surfaced to the run by the next emit or commit
+                    self._failure = exc
+                    self._pending.clear()
+                    self._drained.set()
+                    return
+                if self._pending:
+                    self._wakeup.set()  # more came during the append: go round again
+                else:
+                    self._drained.set()
+                self._last_flush = time.monotonic()
 
     async def _append(
         self,

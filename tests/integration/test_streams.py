@@ -159,15 +159,18 @@ async def test_slow_observer_with_queue_size_one_gets_everything_and_slows_no_on
         fast_task = asyncio.create_task(
             collect(stub.Observe(pb.ObserveRequest(run_id=run_id, offset=0)))
         )
-        async for response in stub.Observe(pb.ObserveRequest(run_id=run_id, offset=0)):
+        slow_call = stub.Observe(pb.ObserveRequest(run_id=run_id, offset=0))
+        while not slow.events:
+            slow.add(await slow_call.read())
+        # The slow observer stops reading altogether: the run and the fast
+        # observer still finish, and its one-batch queue overflows meanwhile.
+        fast = await fast_task
+        state = (await stub.GetRun(pb.GetRunRequest(run_id=run_id))).run.state
+        assert state == pb.RUN_STATE_SUCCEEDED
+        assert payloads(fast.events)[-1] == "finish"
+        while (response := await slow_call.read()) != grpc.aio.EOF:  # ... then it catches up
             slow.add(response)
-            await asyncio.sleep(0.02)  # a consumer far slower than the run
-            if len(slow.events) == 10:
-                # The run and the fast observer finish while the slow one is still at ~10.
-                fast = await fast_task
-                state = (await stub.GetRun(pb.GetRunRequest(run_id=run_id))).run.state
-                assert state == pb.RUN_STATE_SUCCEEDED
-                assert payloads(fast.events)[-1] == "finish"
+            await asyncio.sleep(0.01)
         assert_contiguous(slow.events)
         assert [e.index for e in slow.events] == fast.indices
 
