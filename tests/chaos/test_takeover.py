@@ -126,8 +126,15 @@ async def test_run_survives_sigkill_during_a_tool_call(
     )
     a, b = await cluster.start(), await cluster.start()
     run_id = await start_run(a, script(*steps))
+
+    async def tool_is_running() -> None:
+        async def started() -> bool:
+            return await store.get_counter(run_id, "calls:slow") == 1
+
+        await wait_for(started, what="the tool to start")
+
     events = await kill_owner_and_finish_on(
-        cluster, a, b, run_id, lambda seen: "tool_call" in kinds(seen)
+        cluster, a, b, run_id, lambda seen: "tool_call" in kinds(seen), tool_is_running
     )
     assert_run_invariants(events, expected_text(*steps))
     superseded = [e for e in events if e.WhichOneof("payload") == "step_superseded"]
