@@ -11,6 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 _READY = "keel listening on "
+_DEMO_TIMEOUT_S = 90
 
 
 @dataclass
@@ -72,3 +73,31 @@ async def start_keel_process(
         if line.startswith(_READY):
             port = int(line.rsplit(":", 1)[1])
             return KeelProcess(process, port)
+
+
+async def assert_demo_resumes(*command: str, redis_url: str, key_prefix: str) -> None:
+    """Run an example client against a fresh server: it must drop, resume at 30 and see it all.
+
+    Every language's demo prints the same two lines (examples/README.md).
+    """
+    keel = await start_keel_process(redis_url=redis_url, key_prefix=key_prefix)
+    try:
+        demo = await asyncio.create_subprocess_exec(
+            *command,
+            keel.target,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        try:
+            output, _ = await asyncio.wait_for(demo.communicate(), _DEMO_TIMEOUT_S)
+        finally:
+            if demo.returncode is None:
+                demo.kill()
+                await demo.wait()
+        text = output.decode()
+        assert demo.returncode == 0, text
+        assert "-- resumed at offset 30" in text
+        assert "-- OK: every event exactly once" in text
+    finally:
+        keel.kill()
+        await keel.wait()

@@ -11,7 +11,6 @@ Without `go` on PATH the tests skip, except under CI, where they fail.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shutil
@@ -20,12 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import ROOT, start_keel_process
+from tests.processes import ROOT, assert_demo_resumes
 
 GO = shutil.which("go")
 DEBIAN_GOPATH = Path("/usr/share/gocode")
 BUILD_TIMEOUT_S = 300
-DEMO_TIMEOUT_S = 90
 
 if GO is None and not os.environ.get("CI"):
     pytest.skip(
@@ -101,24 +99,4 @@ def test_generated_go_stubs_and_example_build_and_vet(gopath: Path) -> None:
 async def test_go_example_resumes_a_dropped_stream_with_every_event_once(
     go_demo: Path, redis_url: str, key_prefix: str
 ) -> None:
-    keel = await start_keel_process(redis_url=redis_url, key_prefix=key_prefix)
-    try:
-        demo = await asyncio.create_subprocess_exec(
-            str(go_demo),
-            keel.target,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        try:
-            output, _ = await asyncio.wait_for(demo.communicate(), DEMO_TIMEOUT_S)
-        finally:
-            if demo.returncode is None:
-                demo.kill()
-                await demo.wait()
-        text = output.decode()
-        assert demo.returncode == 0, text
-        assert "-- resumed at offset 30" in text
-        assert "-- OK: every event exactly once" in text
-    finally:
-        keel.kill()
-        await keel.wait()
+    await assert_demo_resumes(str(go_demo), redis_url=redis_url, key_prefix=key_prefix)
