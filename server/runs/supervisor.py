@@ -36,8 +36,8 @@ from keel.v1 import agent_service_pb2 as pb
 from server.agents.checkpoint import Checkpoint, Phase
 from server.agents.loop import run_agent_loop
 from server.agents.types import AgentSpec, RunInfo
-from server.errors import IndexConflict, StaleEpoch
-from server.events.log import EventLog, RunRecord, RunState
+from server.errors import IndexConflict, StaleEpoch, StoreUnavailable
+from server.events.log import EventLog, RunRecord, RunState, Subscription
 from server.runs import decisions
 from server.runs.journal import ToolJournal
 from server.runs.leases import LeaseKeeper
@@ -125,7 +125,7 @@ class Supervisor:
         task = asyncio.current_task()
         assert task is not None
         self._leases.hold(run_id, record.epoch)
-        control = await self._log.subscribe_control(run_id, _CancelListener(self, run_id, task))
+        control: Subscription | None = None
         writer = EventWriter(
             self._log,
             run_id,
@@ -136,6 +136,7 @@ class Supervisor:
             linger_s=self._limits.linger_s,
         )
         try:
+            control = await self._log.subscribe_control(run_id, _CancelListener(self, run_id, task))
             try:
                 if record.cancel_reason:  # asked before this process got the run
                     await _abort(writer, record.cancel_reason)
@@ -154,6 +155,10 @@ class Supervisor:
                 # Stop.FENCED: another instance owns the run; write nothing.
             except FENCED_ERRORS:
                 log.info("run %s was taken over by another writer; stopping", run_id)
+            except StoreUnavailable as exc:
+                # Not the run's failure: stop here. The lease lapses, and this or
+                # another instance resumes the run from its checkpoint later.
+                log.warning("run %s stopped: the store is unreachable (%s)", run_id, exc)
             except Exception as exc:
                 log.info("run %s failed: %r", run_id, exc)
                 message = str(exc) or type(exc).__name__
@@ -161,11 +166,14 @@ class Supervisor:
                 await writer.commit(RunState.FAILED, error=message, events=[error])
         except FENCED_ERRORS:
             log.info("run %s was taken over by another writer; stopping", run_id)
+        except StoreUnavailable as exc:
+            log.warning("run %s stopped: the store is unreachable (%s)", run_id, exc)
         finally:
             self._stops.pop(run_id, None)
             self._leases.drop(run_id)
             await writer.close()
-            await control.close()
+            if control is not None:
+                await control.close()
 
     async def _execute(self, record: RunRecord, spec: AgentSpec, writer: EventWriter) -> None:
         resume, attempt = await self._prepare(record, writer)

@@ -8,12 +8,14 @@ from typing import Any
 import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
 from keel.v1 import agent_service_pb2 as pb
 from keel.v1 import agent_service_pb2_grpc as pb_grpc
 
 from server.app import Keel
 from server.settings import Settings
 from tests.integration.conftest import assert_contiguous, collect, payloads, script, text
+from tests.integration.test_streams import error_info
 
 
 async def test_reflection_lists_agent_service_and_health(channel: grpc.aio.Channel) -> None:
@@ -76,3 +78,36 @@ async def test_cancel_through_another_instance_stops_the_run(start_keel: Any) ->
         final = (await on_owner.GetRun(pb.GetRunRequest(run_id=run_id))).run
         assert final.state == pb.RUN_STATE_CANCELLED
         assert final.next_offset == len(out.events)
+
+
+async def test_an_unreachable_store_is_unavailable_with_retry_info_and_runs_stop_cleanly(
+    start_keel: Any, disposable_redis: Any
+) -> None:
+    keel: Keel = await start_keel(redis_url=disposable_redis.url)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{keel.port}") as channel:
+        stub = pb_grpc.AgentServiceStub(channel)
+        started = await stub.StartRun(
+            pb.StartRunRequest(agent_id="scripted", input=script(text(1000, delay_ms=5)))
+        )
+        run_id = started.run.run_id
+        while (await stub.GetRun(pb.GetRunRequest(run_id=run_id))).run.next_offset < 5:
+            await asyncio.sleep(0.01)
+        disposable_redis.stop()  # the outage
+        for call in (
+            lambda: stub.GetRun(pb.GetRunRequest(run_id=run_id)),
+            lambda: collect(stub.Observe(pb.ObserveRequest(run_id=run_id))),
+            lambda: stub.StartRun(pb.StartRunRequest(agent_id="scripted", input=script(text(1)))),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call()
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            status = rpc_status.from_call(err.value)  # type: ignore[arg-type]
+            assert status is not None
+            kinds = {detail.type_url.rsplit(".", 1)[-1] for detail in status.details}
+            assert {"ErrorInfo", "RetryInfo"} <= kinds
+            assert error_info(err.value).reason == "STORE_UNAVAILABLE"
+        # The run is not failed for the store's outage: its task stops, leaving
+        # the run for whoever owns it once the store is back.
+        async with asyncio.timeout(30):
+            while keel.executor.running:
+                await asyncio.sleep(0.05)
