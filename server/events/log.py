@@ -209,8 +209,12 @@ class EventLog(Protocol):
     async def release(self, run_id: str, epoch: int) -> None:
         """Drop the lease held at `epoch` (no-op otherwise), so any instance may claim at once."""
 
-    async def claimable(self, limit: int) -> list[str]:
-        """Up to `limit` (> 0) ids of QUEUED or RUNNING runs whose lease lapsed (for claim)."""
+    async def claimable(self, limit: int, *, agent_ids: frozenset[str] | None = None) -> list[str]:
+        """Up to `limit` (> 0) ids of QUEUED or RUNNING runs whose lease lapsed (for claim).
+
+        With `agent_ids`, only runs of those agents: an instance claims only
+        what it can execute, and a fleet's other agents never crowd its page.
+        """
 
     # The tool journal: a finished tool's result, recorded before the step's
     # checkpoint, so a re-run step never calls a finished tool again.

@@ -328,7 +328,7 @@ class MemoryEventLog:
         run = self._find(run_id)
         return None if run is None else run.resumes.get(request_id)
 
-    async def claimable(self, limit: int) -> list[str]:
+    async def claimable(self, limit: int, *, agent_ids: frozenset[str] | None = None) -> list[str]:
         if limit <= 0:
             raise ValueError(f"limit must be positive, got {limit}")
         found: list[str] = []
@@ -336,7 +336,9 @@ class MemoryEventLog:
             run = self._find(run_id)
             if run is None:
                 del self._active[run_id]
-            elif not self._lease_held(run):
+            elif not self._lease_held(run) and (
+                agent_ids is None or run.record.agent_id in agent_ids
+            ):
                 found.append(run_id)
                 if len(found) == limit:
                     break

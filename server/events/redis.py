@@ -397,8 +397,8 @@ class RedisEventLog:
             value = await self._client.hget(self._keys.resumes(run_id), request_id)
         return cast(bytes | None, value)
 
-    async def claimable(self, limit: int) -> list[str]:
-        """Walk the active set for runnable runs without a lease.
+    async def claimable(self, limit: int, *, agent_ids: frozenset[str] | None = None) -> list[str]:
+        """Walk the active set for runnable runs without a lease (of `agent_ids`, if given).
 
         1. SSCAN the active set a batch at a time (a full pass at most).
         2. Per member, read the run's state and whether its lease exists, in
@@ -426,13 +426,18 @@ class RedisEventLog:
                 async with self._client.pipeline(transaction=False) as pipe:
                     for member in members:
                         run_id = member.decode()
-                        pipe.hget(self._keys.run(run_id), RunField.STATE.value)
+                        pipe.hmget(self._keys.run(run_id), [RunField.STATE, RunField.AGENT_ID])
                         pipe.exists(self._keys.lease(run_id))
                     replies: list[Any] = await pipe.execute()
-                for member, state, leased in zip(members, replies[::2], replies[1::2], strict=True):
+                for member, fields, leased in zip(
+                    members, replies[::2], replies[1::2], strict=True
+                ):
+                    state, agent_id = fields
                     if state is None or not RunState(state.decode()).runnable:
                         stale.append(member)
-                    elif not leased and len(found) < limit:
+                    elif leased or len(found) == limit:
+                        continue
+                    elif agent_ids is None or agent_id.decode() in agent_ids:
                         found.append(member.decode())
                 if len(found) == limit or cursor == 0:
                     break

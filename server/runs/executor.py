@@ -288,17 +288,14 @@ class LocalExecutor:
         claimed: list[str] = []
         if self._draining:
             return claimed
-        for run_id in await self._log.claimable(_CLAIM_BATCH):
+        agent_ids = frozenset(self._agents)  # the others are for instances that serve them
+        for run_id in await self._log.claimable(_CLAIM_BATCH, agent_ids=agent_ids):
             if run_id in self._tasks:
                 continue
-            record = await self._log.get_run(run_id)
-            spec = self._agents.get(record.agent_id)
-            if spec is None:
-                continue  # an instance serving that agent will claim it
             taken = await self._log.claim(run_id, self._instance_id)
             if taken is not None:
                 log.info("took over run %s at epoch %d", run_id, taken.epoch)
-                self._spawn(taken, spec)
+                self._spawn(taken, self._agents.get(taken.agent_id))
                 claimed.append(run_id)
         return claimed
 

@@ -617,6 +617,18 @@ async def test_claimable_returns_at_most_limit_distinct_runs(event_log: EventLog
         await event_log.claimable(0)
 
 
+async def test_claimable_filters_by_agent_so_other_agents_never_crowd_the_page(
+    event_log: EventLog,
+) -> None:
+    theirs = [await new_run(event_log, agent_id="theirs") for _ in range(3)]
+    ours = await new_run(event_log, agent_id="ours")
+    for run in [*theirs, ours]:
+        await event_log.release(run.run_id, 1)
+    assert await event_log.claimable(1, agent_ids=frozenset({"ours"})) == [ours.run_id]
+    mine = await event_log.claimable(10, agent_ids=frozenset({"theirs", "absent"}))
+    assert sorted(mine) == sorted(r.run_id for r in theirs)
+
+
 # --- the tool journal --------------------------------------------------------
 
 
