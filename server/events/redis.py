@@ -44,6 +44,7 @@ from server.errors import (
     StoreUnavailable,
 )
 from server.events import scripts
+from server.events.batcher import ScriptBatcher
 from server.events.codec import Batch, check_consecutive, encode_batch, serialize_events
 from server.events.fanout import Fanout
 from server.events.keys import Keys, RunField, parse_run_index_member, run_index_member
@@ -94,7 +95,8 @@ class RedisEventLog:
         self._retain_events = retain_events
         self._lease_ttl_ms = max(1, round(lease_ttl_s * 1000))
         self._create = client.register_script(scripts.CREATE_RUN)
-        self._append = client.register_script(scripts.APPEND)
+        # Appends of many runs' writers, made in one loop turn, share a pipeline.
+        self._append = ScriptBatcher(client, client.register_script(scripts.APPEND))
         self._read = client.register_script(scripts.READ)
         self._incr = client.register_script(scripts.INCR_COUNTER)
         self._claim = client.register_script(scripts.CLAIM)

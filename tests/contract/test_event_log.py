@@ -1122,3 +1122,25 @@ async def test_a_suspended_run_is_claimed_only_when_asked_for(event_log: EventLo
     assert taken is not None and taken.epoch == suspended.epoch + 1
     with pytest.raises(RunNotFound):
         await event_log.decide("nope", expected_epoch=1, decisions=b"", owner="x", resume=False)
+
+
+async def test_concurrent_appends_of_many_runs_each_get_their_own_reply(
+    event_log: EventLog,
+) -> None:
+    """On Redis they share one pipeline (server/events/batcher.py): replies must not mix."""
+    runs = [await new_run(event_log) for _ in range(6)]
+    stale = runs[0]
+    outcomes = await asyncio.gather(
+        *(
+            event_log.append(
+                run.run_id, 9 if run is stale else 1, make_events(run.run_id, 0, 3 + n)
+            )
+            for n, run in enumerate(runs)
+        ),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[0], StaleEpoch)
+    assert outcomes[1:] == [3 + n for n in range(1, 6)]
+    for n, run in enumerate(runs[1:], start=1):
+        assert indices(await event_log.read(run.run_id, 0, 100)) == list(range(3 + n))
+    assert await event_log.read(stale.run_id, 0, 100) == []
