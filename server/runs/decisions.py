@@ -16,13 +16,14 @@ run stay, so a repeated Resume is recognised after the run went on.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic_ai import DeferredToolResults, ToolApproved, ToolDenied
 
 from server.agents.checkpoint import Checkpoint
+from server.errors import FieldViolation, InterruptResolved, InvalidArgument
 from server.events.log import RunRecord, RunState
 
 Kind = Literal["approve", "deny", "result"]
@@ -120,3 +121,47 @@ def deferred_results(checkpoint: Checkpoint, record: RunRecord) -> DeferredToolR
             case "result":
                 results.calls[decision.tool_call_id] = decision.result
     return results
+
+
+def repeat_offset(
+    run_id: str, stored: Mapping[str, Stored], answers: Sequence[Decision]
+) -> int | None:
+    """The offset of an earlier Resume with exactly these decisions, or None if any is new.
+
+    Raises InterruptResolved when an interrupt was already answered otherwise.
+    """
+    offsets = []
+    for answer in answers:
+        earlier = stored.get(answer.tool_call_id)
+        if earlier is None:
+            return None
+        if earlier.decision != answer:
+            raise InterruptResolved(run_id, answer.tool_call_id)
+        offsets.append(earlier.offset)
+    return min(offsets)
+
+
+def check_answers(checkpoint: Checkpoint, answers: Sequence[Decision]) -> None:
+    """Every answer names a pending interrupt of the checkpoint, with a fitting kind."""
+    pending = {i["tool_call_id"]: i for i in checkpoint.interrupts}
+    violations = []
+    for n, answer in enumerate(answers):
+        interrupt = pending.get(answer.tool_call_id)
+        if interrupt is None:
+            violations.append(
+                FieldViolation(
+                    f"decisions[{n}].tool_call_id",
+                    f"{answer.tool_call_id!r} names no pending interrupt of the run; "
+                    f"pending: {', '.join(sorted(pending)) or 'none'}",
+                )
+            )
+        elif answer.kind not in ANSWERS[interrupt["kind"]]:
+            wanted = " or ".join(sorted(ANSWERS[interrupt["kind"]]))
+            violations.append(
+                FieldViolation(
+                    f"decisions[{n}]",
+                    f"tool call {answer.tool_call_id!r} waits for {wanted}, not {answer.kind}",
+                )
+            )
+    if violations:
+        raise InvalidArgument(*violations)

@@ -32,9 +32,6 @@ from server.agents.checkpoint import Checkpoint
 from server.agents.types import AgentSpec
 from server.errors import (
     ConcurrentModification,
-    FieldViolation,
-    InterruptResolved,
-    InvalidArgument,
     RequestIdReused,
     RunNotSuspended,
     ServerDraining,
@@ -62,50 +59,6 @@ class Timing:
     lease_renew_interval_s: float = 1.0
     sweep_interval_s: float = 1.0
     cancel_wait_s: float = 10.0
-
-
-def _repeat_offset(
-    run_id: str, record: RunRecord, answers: Sequence[decisions.Decision]
-) -> int | None:
-    """The offset of an earlier Resume with exactly these decisions, or None if any is new.
-
-    Raises InterruptResolved when an interrupt was already answered otherwise.
-    """
-    stored = decisions.load(record)
-    offsets = []
-    for answer in answers:
-        earlier = stored.get(answer.tool_call_id)
-        if earlier is None:
-            return None
-        if earlier.decision != answer:
-            raise InterruptResolved(run_id, answer.tool_call_id)
-        offsets.append(earlier.offset)
-    return min(offsets)
-
-
-def _check_answers(checkpoint: Checkpoint, answers: Sequence[decisions.Decision]) -> None:
-    pending = {i["tool_call_id"]: i for i in checkpoint.interrupts}
-    violations = []
-    for n, answer in enumerate(answers):
-        interrupt = pending.get(answer.tool_call_id)
-        if interrupt is None:
-            violations.append(
-                FieldViolation(
-                    f"decisions[{n}].tool_call_id",
-                    f"{answer.tool_call_id!r} names no pending interrupt of the run; "
-                    f"pending: {', '.join(sorted(pending)) or 'none'}",
-                )
-            )
-        elif answer.kind not in decisions.ANSWERS[interrupt["kind"]]:
-            wanted = " or ".join(sorted(decisions.ANSWERS[interrupt["kind"]]))
-            violations.append(
-                FieldViolation(
-                    f"decisions[{n}]",
-                    f"tool call {answer.tool_call_id!r} waits for {wanted}, not {answer.kind}",
-                )
-            )
-    if violations:
-        raise InvalidArgument(*violations)
 
 
 def run_id_for(request_id: str) -> str:
@@ -223,15 +176,15 @@ class LocalExecutor:
                 if earlier["fingerprint"] != fingerprint:
                     raise RequestIdReused(request_id, run_id)
                 return int(earlier["offset"])
-        repeat = _repeat_offset(run_id, record, answers)
+        stored = decisions.load(record)
+        repeat = decisions.repeat_offset(run_id, stored, answers)
         if repeat is not None:
             return repeat
         if record.state is not RunState.SUSPENDED:
             raise RunNotSuspended(run_id, record.state.value)
         checkpoint = Checkpoint.decode(record.checkpoint)
-        _check_answers(checkpoint, answers)
+        decisions.check_answers(checkpoint, answers)
         offset = checkpoint.next_index
-        stored = decisions.load(record)
         stored.update({d.tool_call_id: decisions.Stored(d, offset) for d in answers})
         complete = all(i["tool_call_id"] in stored for i in checkpoint.interrupts)
         try:
@@ -246,7 +199,8 @@ class LocalExecutor:
             )
         except ConcurrentModification:
             # The same decisions, sent twice at once, are still a repeat.
-            again = _repeat_offset(run_id, await self._log.get_run(run_id), answers)
+            now = decisions.load(await self._log.get_run(run_id))
+            again = decisions.repeat_offset(run_id, now, answers)
             if again is None:
                 raise
             return again
