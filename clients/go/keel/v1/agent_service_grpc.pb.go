@@ -28,10 +28,17 @@ type AgentServiceClient interface {
 	// Stream sent again with the same request_id attaches to the run it
 	// started and streams it again from offset 0.
 	//
+	// A run on a thread (thread_id set) that must wait for the thread's active
+	// run (policy ENQUEUE, INTERRUPT or ROLLBACK) streams a snapshot in state
+	// QUEUED, then heartbeats until its turn comes.
+	//
 	// Errors: INVALID_ARGUMENT for an unknown agent or a malformed request
 	// (with BadRequest field violations); ALREADY_EXISTS (REQUEST_ID_REUSED)
-	// when request_id was used for a different agent or input; UNAVAILABLE
-	// when the server is draining or its store is unreachable.
+	// when request_id was used for a different agent or input; NOT_FOUND
+	// (THREAD_NOT_FOUND) for an unknown thread; FAILED_PRECONDITION
+	// (THREAD_BUSY, metadata thread_id and active_run_id) when the thread has
+	// an active run and the policy is REJECT; UNAVAILABLE when the server is
+	// draining or its store is unreachable.
 	Stream(ctx context.Context, in *StreamRequest, opts ...grpc.CallOption) (AgentService_StreamClient, error)
 	// Observe streams a run's events from an offset, then follows it live.
 	//
@@ -48,8 +55,12 @@ type AgentServiceClient interface {
 	// expired run; OUT_OF_RANGE (OFFSET_EXPIRED, metadata earliest_offset and
 	// next_offset) when offset is below the earliest event the log still
 	// retains; OUT_OF_RANGE (OFFSET_BEYOND_END) when the run has ended and
-	// offset is past its last event; UNAVAILABLE when the server is draining
-	// (resume from the next offset on another replica).
+	// offset is past its last event; FAILED_PRECONDITION (RUN_NOT_RESUMABLE,
+	// metadata next_offset) when the run's agent does not keep events and
+	// offset is below the head (such a run can only be followed live, from
+	// next_offset; a live stream of it that falls behind ends with the same
+	// error); UNAVAILABLE when the server is draining (resume from the next
+	// offset on another replica).
 	Observe(ctx context.Context, in *ObserveRequest, opts ...grpc.CallOption) (AgentService_ObserveClient, error)
 	// Resume delivers decisions for the pending interrupts (tool calls that
 	// wait for a human's approval, or deferred tool calls that wait for their
@@ -79,8 +90,8 @@ type AgentServiceClient interface {
 	// malformed run id; NOT_FOUND (RUN_NOT_FOUND) for an unknown or expired
 	// run.
 	GetRun(ctx context.Context, in *GetRunRequest, opts ...grpc.CallOption) (*GetRunResponse, error)
-	// ListRuns lists runs, newest first, optionally filtered by agent and
-	// state. Errors: INVALID_ARGUMENT for a negative page_size, an unknown
+	// ListRuns lists runs, newest first, optionally filtered by agent,
+	// thread and state. Errors: INVALID_ARGUMENT for a negative page_size, an unknown
 	// state or a page_token this server did not issue for the same filters.
 	ListRuns(ctx context.Context, in *ListRunsRequest, opts ...grpc.CallOption) (*ListRunsResponse, error)
 	// CancelRun stops a run that has not ended. The run writes an `abort`
@@ -90,6 +101,39 @@ type AgentServiceClient interface {
 	CancelRun(ctx context.Context, in *CancelRunRequest, opts ...grpc.CallOption) (*CancelRunResponse, error)
 	// ListAgents lists the agents this server can run.
 	ListAgents(ctx context.Context, in *ListAgentsRequest, opts ...grpc.CallOption) (*ListAgentsResponse, error)
+	// CreateThread creates a thread: a conversation whose runs share one
+	// message history. A run started with the thread's thread_id begins with
+	// the thread's messages and adds its own to them when it ends.
+	//
+	// The thread's id is thread_id if given, else derived from request_id if
+	// given, else random. Sending the same request again (same request_id)
+	// returns the same thread. Errors: INVALID_ARGUMENT for a malformed id,
+	// resource_id or metadata (BadRequest field violations); ALREADY_EXISTS
+	// (THREAD_ALREADY_EXISTS) when a thread with this thread_id exists and was
+	// not created by this request_id; ALREADY_EXISTS (REQUEST_ID_REUSED) when
+	// request_id created a thread with another resource_id or metadata.
+	CreateThread(ctx context.Context, in *CreateThreadRequest, opts ...grpc.CallOption) (*CreateThreadResponse, error)
+	// GetThread returns a thread: its owner, metadata, active run, queued runs
+	// and number of messages. Errors: INVALID_ARGUMENT for a malformed id;
+	// NOT_FOUND (THREAD_NOT_FOUND) for an unknown, deleted or expired thread.
+	GetThread(ctx context.Context, in *GetThreadRequest, opts ...grpc.CallOption) (*GetThreadResponse, error)
+	// ListThreads lists threads, newest first, optionally only those of one
+	// resource_id. Errors: INVALID_ARGUMENT for a negative page_size, a
+	// malformed resource_id or a page_token this server did not issue for the
+	// same resource_id.
+	ListThreads(ctx context.Context, in *ListThreadsRequest, opts ...grpc.CallOption) (*ListThreadsResponse, error)
+	// DeleteThread deletes a thread and its message history. The runs made on
+	// it stay (until their own retention time passes). Errors:
+	// INVALID_ARGUMENT for a malformed id; NOT_FOUND (THREAD_NOT_FOUND);
+	// FAILED_PRECONDITION (THREAD_BUSY, metadata active_run_id) while a run of
+	// the thread is active or waits for its turn: cancel it first.
+	DeleteThread(ctx context.Context, in *DeleteThreadRequest, opts ...grpc.CallOption) (*DeleteThreadResponse, error)
+	// ListThreadMessages returns a page of a thread's messages, oldest first
+	// (or newest first), each with the run that produced it. A run's messages
+	// join its thread when the run ends. Errors: INVALID_ARGUMENT for a
+	// malformed id, a negative page_size or a page_token this server did not
+	// issue for the same thread and order; NOT_FOUND (THREAD_NOT_FOUND).
+	ListThreadMessages(ctx context.Context, in *ListThreadMessagesRequest, opts ...grpc.CallOption) (*ListThreadMessagesResponse, error)
 }
 
 type agentServiceClient struct {
@@ -241,6 +285,51 @@ func (c *agentServiceClient) ListAgents(ctx context.Context, in *ListAgentsReque
 	return out, nil
 }
 
+func (c *agentServiceClient) CreateThread(ctx context.Context, in *CreateThreadRequest, opts ...grpc.CallOption) (*CreateThreadResponse, error) {
+	out := new(CreateThreadResponse)
+	err := c.cc.Invoke(ctx, "/keel.v1.AgentService/CreateThread", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentServiceClient) GetThread(ctx context.Context, in *GetThreadRequest, opts ...grpc.CallOption) (*GetThreadResponse, error) {
+	out := new(GetThreadResponse)
+	err := c.cc.Invoke(ctx, "/keel.v1.AgentService/GetThread", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentServiceClient) ListThreads(ctx context.Context, in *ListThreadsRequest, opts ...grpc.CallOption) (*ListThreadsResponse, error) {
+	out := new(ListThreadsResponse)
+	err := c.cc.Invoke(ctx, "/keel.v1.AgentService/ListThreads", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentServiceClient) DeleteThread(ctx context.Context, in *DeleteThreadRequest, opts ...grpc.CallOption) (*DeleteThreadResponse, error) {
+	out := new(DeleteThreadResponse)
+	err := c.cc.Invoke(ctx, "/keel.v1.AgentService/DeleteThread", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentServiceClient) ListThreadMessages(ctx context.Context, in *ListThreadMessagesRequest, opts ...grpc.CallOption) (*ListThreadMessagesResponse, error) {
+	out := new(ListThreadMessagesResponse)
+	err := c.cc.Invoke(ctx, "/keel.v1.AgentService/ListThreadMessages", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AgentServiceServer is the server API for AgentService service.
 // All implementations must embed UnimplementedAgentServiceServer
 // for forward compatibility
@@ -256,10 +345,17 @@ type AgentServiceServer interface {
 	// Stream sent again with the same request_id attaches to the run it
 	// started and streams it again from offset 0.
 	//
+	// A run on a thread (thread_id set) that must wait for the thread's active
+	// run (policy ENQUEUE, INTERRUPT or ROLLBACK) streams a snapshot in state
+	// QUEUED, then heartbeats until its turn comes.
+	//
 	// Errors: INVALID_ARGUMENT for an unknown agent or a malformed request
 	// (with BadRequest field violations); ALREADY_EXISTS (REQUEST_ID_REUSED)
-	// when request_id was used for a different agent or input; UNAVAILABLE
-	// when the server is draining or its store is unreachable.
+	// when request_id was used for a different agent or input; NOT_FOUND
+	// (THREAD_NOT_FOUND) for an unknown thread; FAILED_PRECONDITION
+	// (THREAD_BUSY, metadata thread_id and active_run_id) when the thread has
+	// an active run and the policy is REJECT; UNAVAILABLE when the server is
+	// draining or its store is unreachable.
 	Stream(*StreamRequest, AgentService_StreamServer) error
 	// Observe streams a run's events from an offset, then follows it live.
 	//
@@ -276,8 +372,12 @@ type AgentServiceServer interface {
 	// expired run; OUT_OF_RANGE (OFFSET_EXPIRED, metadata earliest_offset and
 	// next_offset) when offset is below the earliest event the log still
 	// retains; OUT_OF_RANGE (OFFSET_BEYOND_END) when the run has ended and
-	// offset is past its last event; UNAVAILABLE when the server is draining
-	// (resume from the next offset on another replica).
+	// offset is past its last event; FAILED_PRECONDITION (RUN_NOT_RESUMABLE,
+	// metadata next_offset) when the run's agent does not keep events and
+	// offset is below the head (such a run can only be followed live, from
+	// next_offset; a live stream of it that falls behind ends with the same
+	// error); UNAVAILABLE when the server is draining (resume from the next
+	// offset on another replica).
 	Observe(*ObserveRequest, AgentService_ObserveServer) error
 	// Resume delivers decisions for the pending interrupts (tool calls that
 	// wait for a human's approval, or deferred tool calls that wait for their
@@ -307,8 +407,8 @@ type AgentServiceServer interface {
 	// malformed run id; NOT_FOUND (RUN_NOT_FOUND) for an unknown or expired
 	// run.
 	GetRun(context.Context, *GetRunRequest) (*GetRunResponse, error)
-	// ListRuns lists runs, newest first, optionally filtered by agent and
-	// state. Errors: INVALID_ARGUMENT for a negative page_size, an unknown
+	// ListRuns lists runs, newest first, optionally filtered by agent,
+	// thread and state. Errors: INVALID_ARGUMENT for a negative page_size, an unknown
 	// state or a page_token this server did not issue for the same filters.
 	ListRuns(context.Context, *ListRunsRequest) (*ListRunsResponse, error)
 	// CancelRun stops a run that has not ended. The run writes an `abort`
@@ -318,6 +418,39 @@ type AgentServiceServer interface {
 	CancelRun(context.Context, *CancelRunRequest) (*CancelRunResponse, error)
 	// ListAgents lists the agents this server can run.
 	ListAgents(context.Context, *ListAgentsRequest) (*ListAgentsResponse, error)
+	// CreateThread creates a thread: a conversation whose runs share one
+	// message history. A run started with the thread's thread_id begins with
+	// the thread's messages and adds its own to them when it ends.
+	//
+	// The thread's id is thread_id if given, else derived from request_id if
+	// given, else random. Sending the same request again (same request_id)
+	// returns the same thread. Errors: INVALID_ARGUMENT for a malformed id,
+	// resource_id or metadata (BadRequest field violations); ALREADY_EXISTS
+	// (THREAD_ALREADY_EXISTS) when a thread with this thread_id exists and was
+	// not created by this request_id; ALREADY_EXISTS (REQUEST_ID_REUSED) when
+	// request_id created a thread with another resource_id or metadata.
+	CreateThread(context.Context, *CreateThreadRequest) (*CreateThreadResponse, error)
+	// GetThread returns a thread: its owner, metadata, active run, queued runs
+	// and number of messages. Errors: INVALID_ARGUMENT for a malformed id;
+	// NOT_FOUND (THREAD_NOT_FOUND) for an unknown, deleted or expired thread.
+	GetThread(context.Context, *GetThreadRequest) (*GetThreadResponse, error)
+	// ListThreads lists threads, newest first, optionally only those of one
+	// resource_id. Errors: INVALID_ARGUMENT for a negative page_size, a
+	// malformed resource_id or a page_token this server did not issue for the
+	// same resource_id.
+	ListThreads(context.Context, *ListThreadsRequest) (*ListThreadsResponse, error)
+	// DeleteThread deletes a thread and its message history. The runs made on
+	// it stay (until their own retention time passes). Errors:
+	// INVALID_ARGUMENT for a malformed id; NOT_FOUND (THREAD_NOT_FOUND);
+	// FAILED_PRECONDITION (THREAD_BUSY, metadata active_run_id) while a run of
+	// the thread is active or waits for its turn: cancel it first.
+	DeleteThread(context.Context, *DeleteThreadRequest) (*DeleteThreadResponse, error)
+	// ListThreadMessages returns a page of a thread's messages, oldest first
+	// (or newest first), each with the run that produced it. A run's messages
+	// join its thread when the run ends. Errors: INVALID_ARGUMENT for a
+	// malformed id, a negative page_size or a page_token this server did not
+	// issue for the same thread and order; NOT_FOUND (THREAD_NOT_FOUND).
+	ListThreadMessages(context.Context, *ListThreadMessagesRequest) (*ListThreadMessagesResponse, error)
 	mustEmbedUnimplementedAgentServiceServer()
 }
 
@@ -348,6 +481,21 @@ func (UnimplementedAgentServiceServer) CancelRun(context.Context, *CancelRunRequ
 }
 func (UnimplementedAgentServiceServer) ListAgents(context.Context, *ListAgentsRequest) (*ListAgentsResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method ListAgents not implemented")
+}
+func (UnimplementedAgentServiceServer) CreateThread(context.Context, *CreateThreadRequest) (*CreateThreadResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method CreateThread not implemented")
+}
+func (UnimplementedAgentServiceServer) GetThread(context.Context, *GetThreadRequest) (*GetThreadResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method GetThread not implemented")
+}
+func (UnimplementedAgentServiceServer) ListThreads(context.Context, *ListThreadsRequest) (*ListThreadsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListThreads not implemented")
+}
+func (UnimplementedAgentServiceServer) DeleteThread(context.Context, *DeleteThreadRequest) (*DeleteThreadResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method DeleteThread not implemented")
+}
+func (UnimplementedAgentServiceServer) ListThreadMessages(context.Context, *ListThreadMessagesRequest) (*ListThreadMessagesResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListThreadMessages not implemented")
 }
 func (UnimplementedAgentServiceServer) mustEmbedUnimplementedAgentServiceServer() {}
 
@@ -515,6 +663,96 @@ func _AgentService_ListAgents_Handler(srv interface{}, ctx context.Context, dec 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AgentService_CreateThread_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateThreadRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServiceServer).CreateThread(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/keel.v1.AgentService/CreateThread",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServiceServer).CreateThread(ctx, req.(*CreateThreadRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AgentService_GetThread_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetThreadRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServiceServer).GetThread(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/keel.v1.AgentService/GetThread",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServiceServer).GetThread(ctx, req.(*GetThreadRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AgentService_ListThreads_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListThreadsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServiceServer).ListThreads(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/keel.v1.AgentService/ListThreads",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServiceServer).ListThreads(ctx, req.(*ListThreadsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AgentService_DeleteThread_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteThreadRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServiceServer).DeleteThread(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/keel.v1.AgentService/DeleteThread",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServiceServer).DeleteThread(ctx, req.(*DeleteThreadRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AgentService_ListThreadMessages_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListThreadMessagesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServiceServer).ListThreadMessages(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/keel.v1.AgentService/ListThreadMessages",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServiceServer).ListThreadMessages(ctx, req.(*ListThreadMessagesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _AgentService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "keel.v1.AgentService",
 	HandlerType: (*AgentServiceServer)(nil),
@@ -538,6 +776,26 @@ var _AgentService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListAgents",
 			Handler:    _AgentService_ListAgents_Handler,
+		},
+		{
+			MethodName: "CreateThread",
+			Handler:    _AgentService_CreateThread_Handler,
+		},
+		{
+			MethodName: "GetThread",
+			Handler:    _AgentService_GetThread_Handler,
+		},
+		{
+			MethodName: "ListThreads",
+			Handler:    _AgentService_ListThreads_Handler,
+		},
+		{
+			MethodName: "DeleteThread",
+			Handler:    _AgentService_DeleteThread_Handler,
+		},
+		{
+			MethodName: "ListThreadMessages",
+			Handler:    _AgentService_ListThreadMessages_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -23,6 +23,7 @@ and then ends with status OK.
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -47,7 +48,9 @@ class _RunStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunState.Val
     RUN_STATE_UNSPECIFIED: _RunState.ValueType  # 0
     """The state was not set. Never returned by the server."""
     RUN_STATE_QUEUED: _RunState.ValueType  # 1
-    """The run was accepted and has not started its first step."""
+    """The run was accepted and has not started its first step (a run on a
+    thread may wait here for the thread's active run to end).
+    """
     RUN_STATE_RUNNING: _RunState.ValueType  # 2
     """The run is executing."""
     RUN_STATE_SUSPENDED: _RunState.ValueType  # 3
@@ -69,7 +72,9 @@ class RunState(_RunState, metaclass=_RunStateEnumTypeWrapper):
 RUN_STATE_UNSPECIFIED: RunState.ValueType  # 0
 """The state was not set. Never returned by the server."""
 RUN_STATE_QUEUED: RunState.ValueType  # 1
-"""The run was accepted and has not started its first step."""
+"""The run was accepted and has not started its first step (a run on a
+thread may wait here for the thread's active run to end).
+"""
 RUN_STATE_RUNNING: RunState.ValueType  # 2
 """The run is executing."""
 RUN_STATE_SUSPENDED: RunState.ValueType  # 3
@@ -146,6 +151,86 @@ TASK_STATUS_FAILED: TaskStatus.ValueType  # 5
 """The task failed."""
 Global___TaskStatus: _TypeAlias = TaskStatus  # noqa: Y015
 
+class _ThreadBusyPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ThreadBusyPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ThreadBusyPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    THREAD_BUSY_POLICY_UNSPECIFIED: _ThreadBusyPolicy.ValueType  # 0
+    """Not set: REJECT."""
+    THREAD_BUSY_POLICY_REJECT: _ThreadBusyPolicy.ValueType  # 1
+    """Refuse the new run: FAILED_PRECONDITION (THREAD_BUSY) with the active
+    run's id in the ErrorInfo metadata (active_run_id).
+    """
+    THREAD_BUSY_POLICY_ENQUEUE: _ThreadBusyPolicy.ValueType  # 2
+    """The new run waits in state QUEUED and starts when the runs before it
+    have ended. The queue is durable.
+    """
+    THREAD_BUSY_POLICY_INTERRUPT: _ThreadBusyPolicy.ValueType  # 3
+    """Cancel the active run (its `abort` event names the new run in
+    interrupted_by_run_id); the messages it completed stay in the thread.
+    The new run waits in the queue like ENQUEUE.
+    """
+    THREAD_BUSY_POLICY_ROLLBACK: _ThreadBusyPolicy.ValueType  # 4
+    """Cancel the active run like INTERRUPT, but none of its messages enter
+    the thread (its `abort` event has rolled_back set).
+    """
+
+class ThreadBusyPolicy(_ThreadBusyPolicy, metaclass=_ThreadBusyPolicyEnumTypeWrapper):
+    """ThreadBusyPolicy says what a run sent to a thread does when the thread
+    already has an active run (one that has not ended: queued, running or
+    suspended). Runs that wait for a thread start one at a time, in the order
+    they arrived; every policy but REJECT joins that queue. Deciding is atomic
+    across every server that shares the store: of two runs sent to an idle
+    thread at once, exactly one becomes its active run.
+    """
+
+THREAD_BUSY_POLICY_UNSPECIFIED: ThreadBusyPolicy.ValueType  # 0
+"""Not set: REJECT."""
+THREAD_BUSY_POLICY_REJECT: ThreadBusyPolicy.ValueType  # 1
+"""Refuse the new run: FAILED_PRECONDITION (THREAD_BUSY) with the active
+run's id in the ErrorInfo metadata (active_run_id).
+"""
+THREAD_BUSY_POLICY_ENQUEUE: ThreadBusyPolicy.ValueType  # 2
+"""The new run waits in state QUEUED and starts when the runs before it
+have ended. The queue is durable.
+"""
+THREAD_BUSY_POLICY_INTERRUPT: ThreadBusyPolicy.ValueType  # 3
+"""Cancel the active run (its `abort` event names the new run in
+interrupted_by_run_id); the messages it completed stay in the thread.
+The new run waits in the queue like ENQUEUE.
+"""
+THREAD_BUSY_POLICY_ROLLBACK: ThreadBusyPolicy.ValueType  # 4
+"""Cancel the active run like INTERRUPT, but none of its messages enter
+the thread (its `abort` event has rolled_back set).
+"""
+Global___ThreadBusyPolicy: _TypeAlias = ThreadBusyPolicy  # noqa: Y015
+
+class _MessageKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MessageKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MessageKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MESSAGE_KIND_UNSPECIFIED: _MessageKind.ValueType  # 0
+    """Not set. Never returned by the server."""
+    MESSAGE_KIND_REQUEST: _MessageKind.ValueType  # 1
+    """A request to the model: the user's text, tool results, system prompts."""
+    MESSAGE_KIND_RESPONSE: _MessageKind.ValueType  # 2
+    """The model's response: text, reasoning, tool calls."""
+
+class MessageKind(_MessageKind, metaclass=_MessageKindEnumTypeWrapper):
+    """MessageKind says which way a message of a thread went."""
+
+MESSAGE_KIND_UNSPECIFIED: MessageKind.ValueType  # 0
+"""Not set. Never returned by the server."""
+MESSAGE_KIND_REQUEST: MessageKind.ValueType  # 1
+"""A request to the model: the user's text, tool results, system prompts."""
+MESSAGE_KIND_RESPONSE: MessageKind.ValueType  # 2
+"""The model's response: text, reasoning, tool calls."""
+Global___MessageKind: _TypeAlias = MessageKind  # noqa: Y015
+
 @_typing.final
 class StreamRequest(_message.Message):
     """StreamRequest starts a run and streams it."""
@@ -155,6 +240,8 @@ class StreamRequest(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     INPUT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    THREAD_ID_FIELD_NUMBER: _builtins.int
+    BUSY_POLICY_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The id of the agent to run, as listed by ListAgents. Required."""
     input: _builtins.str
@@ -165,16 +252,29 @@ class StreamRequest(_message.Message):
     the same request_id but another agent_id or input fails with
     ALREADY_EXISTS.
     """
+    thread_id: _builtins.str
+    """If set, the run is made on this thread (see CreateThread): it starts
+    with the thread's message history, and its own messages join the
+    thread when it ends. Empty: a run on its own, as if no thread existed.
+    A thread's runs may use different agents. With a thread, request_id is
+    scoped to the thread.
+    """
+    busy_policy: Global___ThreadBusyPolicy.ValueType
+    """What to do when the thread already has an active run (ignored without
+    thread_id). UNSPECIFIED means REJECT.
+    """
     def __init__(
         self,
         *,
         agent_id: _builtins.str = ...,
         input: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        thread_id: _builtins.str = ...,
+        busy_policy: Global___ThreadBusyPolicy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "input", b"input", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "busy_policy", b"busy_policy", "input", b"input", "request_id", b"request_id", "thread_id", b"thread_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -499,22 +599,30 @@ class StartRunRequest(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     INPUT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    THREAD_ID_FIELD_NUMBER: _builtins.int
+    BUSY_POLICY_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The id of the agent to run, as listed by ListAgents. Required."""
     input: _builtins.str
     """The user message that starts the run. At most 1 MiB of UTF-8."""
     request_id: _builtins.str
     """An optional idempotency key; see StreamRequest.request_id."""
+    thread_id: _builtins.str
+    """The thread to make the run on; see StreamRequest.thread_id."""
+    busy_policy: Global___ThreadBusyPolicy.ValueType
+    """What to do when the thread is busy; see StreamRequest.busy_policy."""
     def __init__(
         self,
         *,
         agent_id: _builtins.str = ...,
         input: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        thread_id: _builtins.str = ...,
+        busy_policy: Global___ThreadBusyPolicy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "input", b"input", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "busy_policy", b"busy_policy", "input", b"input", "request_id", b"request_id", "thread_id", b"thread_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -602,6 +710,7 @@ class ListRunsRequest(_message.Message):
     STATES_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    THREAD_ID_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """If set, only runs of this agent."""
     page_size: _builtins.int
@@ -612,6 +721,8 @@ class ListRunsRequest(_message.Message):
     """The next_page_token of the previous page, or empty for the first page.
     It is only valid with the same filters.
     """
+    thread_id: _builtins.str
+    """If set, only runs made on this thread."""
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[Global___RunState.ValueType]:
         """If not empty, only runs in one of these states."""
@@ -623,10 +734,11 @@ class ListRunsRequest(_message.Message):
         states: _abc.Iterable[Global___RunState.ValueType] | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        thread_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "page_size", b"page_size", "page_token", b"page_token", "states", b"states"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "page_size", b"page_size", "page_token", b"page_token", "states", b"states", "thread_id", b"thread_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -761,15 +873,29 @@ class Agent(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     MODEL_NAME_FIELD_NUMBER: _builtins.int
     TOOLS_FIELD_NUMBER: _builtins.int
+    LIVE_ONLY_FIELD_NUMBER: _builtins.int
+    ENDED_RUN_RETENTION_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The id used in StreamRequest.agent_id."""
     description: _builtins.str
     """What the agent is for, from its configuration."""
     model_name: _builtins.str
     """The model the agent calls, for example "openai-chat:gpt-4o"."""
+    live_only: _builtins.bool
+    """Whether the agent's runs are live only: their events go to the streams
+    open at the time and are not kept, so Observe answers
+    FAILED_PRECONDITION (RUN_NOT_RESUMABLE) below the head. The run's
+    record, checkpoints and takeover work as for any run.
+    """
     @_builtins.property
     def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tool]:
         """The tools the agent can call."""
+
+    @_builtins.property
+    def ended_run_retention(self) -> _duration_pb2.Duration:
+        """How long this agent's ended runs are kept: the agent's own retention,
+        or the server's (KEEL_TERMINAL_TTL_S).
+        """
 
     def __init__(
         self,
@@ -778,10 +904,12 @@ class Agent(_message.Message):
         description: _builtins.str = ...,
         model_name: _builtins.str = ...,
         tools: _abc.Iterable[Global___Tool] | None = ...,
+        live_only: _builtins.bool = ...,
+        ended_run_retention: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ended_run_retention", b"ended_run_retention"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "description", b"description", "model_name", b"model_name", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "description", b"description", "ended_run_retention", b"ended_run_retention", "live_only", b"live_only", "model_name", b"model_name", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -834,6 +962,7 @@ class Run(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     PENDING_INTERRUPTS_FIELD_NUMBER: _builtins.int
+    THREAD_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run's id, assigned by the server."""
     agent_id: _builtins.str
@@ -850,6 +979,8 @@ class Run(_message.Message):
     """The smallest index the log still retains; 0 unless the log was trimmed."""
     error: _builtins.str
     """For a FAILED run, the error message; for a CANCELLED run, the reason."""
+    thread_id: _builtins.str
+    """The thread the run was made on; empty for a run on its own."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the run was created."""
@@ -876,10 +1007,11 @@ class Run(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         error: _builtins.str = ...,
         pending_interrupts: _abc.Iterable[Global___Interrupt] | None = ...,
+        thread_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "create_time", b"create_time", "earliest_offset", b"earliest_offset", "error", b"error", "input", b"input", "next_offset", b"next_offset", "pending_interrupts", b"pending_interrupts", "request_id", b"request_id", "run_id", b"run_id", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "create_time", b"create_time", "earliest_offset", b"earliest_offset", "error", b"error", "input", b"input", "next_offset", b"next_offset", "pending_interrupts", b"pending_interrupts", "request_id", b"request_id", "run_id", b"run_id", "state", b"state", "thread_id", b"thread_id", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1306,16 +1438,28 @@ class RunAbort(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REASON_FIELD_NUMBER: _builtins.int
+    INTERRUPTED_BY_RUN_ID_FIELD_NUMBER: _builtins.int
+    ROLLED_BACK_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     """Why the run was cancelled."""
+    interrupted_by_run_id: _builtins.str
+    """Set when a run sent to the same thread with policy INTERRUPT or
+    ROLLBACK cancelled this one: that run's id.
+    """
+    rolled_back: _builtins.bool
+    """Whether the cancellation was a ROLLBACK: none of this run's messages
+    entered its thread.
+    """
     def __init__(
         self,
         *,
         reason: _builtins.str = ...,
+        interrupted_by_run_id: _builtins.str = ...,
+        rolled_back: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interrupted_by_run_id", b"interrupted_by_run_id", "reason", b"reason", "rolled_back", b"rolled_back"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2008,3 +2152,631 @@ class TaskUpdate(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TaskUpdate: _TypeAlias = TaskUpdate  # noqa: Y015
+
+@_typing.final
+class Thread(_message.Message):
+    """Thread is a conversation: the message history that its runs share."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    THREAD_ID_FIELD_NUMBER: _builtins.int
+    RESOURCE_ID_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    ACTIVE_RUN_ID_FIELD_NUMBER: _builtins.int
+    QUEUED_RUN_IDS_FIELD_NUMBER: _builtins.int
+    MESSAGE_COUNT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    thread_id: _builtins.str
+    """The thread's id."""
+    resource_id: _builtins.str
+    """Who the thread belongs to, for example a user id; free text for the
+    caller, used by ListThreads to filter.
+    """
+    active_run_id: _builtins.str
+    """The run that is active on the thread (queued, running or suspended), or
+    empty when the thread is idle.
+    """
+    message_count: _builtins.int
+    """The number of messages in the thread's history."""
+    request_id: _builtins.str
+    """The idempotency key the thread was created with, if any."""
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The caller's metadata, as given to CreateThread."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the thread was created."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When a run of the thread last started or ended."""
+
+    @_builtins.property
+    def queued_run_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Runs that wait for their turn, in the order they will start."""
+
+    def __init__(
+        self,
+        *,
+        thread_id: _builtins.str = ...,
+        resource_id: _builtins.str = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        active_run_id: _builtins.str = ...,
+        queued_run_ids: _abc.Iterable[_builtins.str] | None = ...,
+        message_count: _builtins.int = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_run_id", b"active_run_id", "create_time", b"create_time", "message_count", b"message_count", "metadata", b"metadata", "queued_run_ids", b"queued_run_ids", "request_id", b"request_id", "resource_id", b"resource_id", "thread_id", b"thread_id", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Thread: _TypeAlias = Thread  # noqa: Y015
+
+@_typing.final
+class CreateThreadRequest(_message.Message):
+    """CreateThreadRequest creates a thread."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    THREAD_ID_FIELD_NUMBER: _builtins.int
+    RESOURCE_ID_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    thread_id: _builtins.str
+    """The thread's id, chosen by the caller: 1 to 64 letters, digits, '_',
+    '.' or '-', starting with a letter or digit. Empty: the server picks one
+    (derived from request_id, if given).
+    """
+    resource_id: _builtins.str
+    """Who the thread belongs to (at most 128 characters, no whitespace or
+    braces). Optional.
+    """
+    request_id: _builtins.str
+    """An optional idempotency key (a UUID is best, at most 128 characters):
+    the same request sent again returns the same thread.
+    """
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Caller's metadata: at most 64 entries, keys of 1 to 128 characters,
+        values of at most 1024 characters.
+        """
+
+    def __init__(
+        self,
+        *,
+        thread_id: _builtins.str = ...,
+        resource_id: _builtins.str = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "request_id", b"request_id", "resource_id", b"resource_id", "thread_id", b"thread_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateThreadRequest: _TypeAlias = CreateThreadRequest  # noqa: Y015
+
+@_typing.final
+class CreateThreadResponse(_message.Message):
+    """CreateThreadResponse holds the new thread (or the one an earlier request
+    with the same request_id created).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THREAD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def thread(self) -> Global___Thread:
+        """The thread."""
+
+    def __init__(
+        self,
+        *,
+        thread: Global___Thread | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["thread", b"thread"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["thread", b"thread"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateThreadResponse: _TypeAlias = CreateThreadResponse  # noqa: Y015
+
+@_typing.final
+class GetThreadRequest(_message.Message):
+    """GetThreadRequest names a thread."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THREAD_ID_FIELD_NUMBER: _builtins.int
+    thread_id: _builtins.str
+    """The thread. Required."""
+    def __init__(
+        self,
+        *,
+        thread_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["thread_id", b"thread_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetThreadRequest: _TypeAlias = GetThreadRequest  # noqa: Y015
+
+@_typing.final
+class GetThreadResponse(_message.Message):
+    """GetThreadResponse holds a thread."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THREAD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def thread(self) -> Global___Thread:
+        """The thread."""
+
+    def __init__(
+        self,
+        *,
+        thread: Global___Thread | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["thread", b"thread"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["thread", b"thread"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetThreadResponse: _TypeAlias = GetThreadResponse  # noqa: Y015
+
+@_typing.final
+class ListThreadsRequest(_message.Message):
+    """ListThreadsRequest selects a page of threads."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESOURCE_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    resource_id: _builtins.str
+    """If set, only threads of this resource_id."""
+    page_size: _builtins.int
+    """The most threads to return: 0 means 50, larger values are capped at
+    1000, negative values are INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """The next_page_token of the previous page, or empty for the first page.
+    It is only valid with the same resource_id.
+    """
+    def __init__(
+        self,
+        *,
+        resource_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "resource_id", b"resource_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListThreadsRequest: _TypeAlias = ListThreadsRequest  # noqa: Y015
+
+@_typing.final
+class ListThreadsResponse(_message.Message):
+    """ListThreadsResponse is one page of threads, newest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THREADS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Send this as page_token for the next page; empty on the last page."""
+    @_builtins.property
+    def threads(self) -> _containers.RepeatedCompositeFieldContainer[Global___Thread]:
+        """The threads."""
+
+    def __init__(
+        self,
+        *,
+        threads: _abc.Iterable[Global___Thread] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "threads", b"threads"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListThreadsResponse: _TypeAlias = ListThreadsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteThreadRequest(_message.Message):
+    """DeleteThreadRequest names the thread to delete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THREAD_ID_FIELD_NUMBER: _builtins.int
+    thread_id: _builtins.str
+    """The thread. Required."""
+    def __init__(
+        self,
+        *,
+        thread_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["thread_id", b"thread_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteThreadRequest: _TypeAlias = DeleteThreadRequest  # noqa: Y015
+
+@_typing.final
+class DeleteThreadResponse(_message.Message):
+    """DeleteThreadResponse confirms a deletion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteThreadResponse: _TypeAlias = DeleteThreadResponse  # noqa: Y015
+
+@_typing.final
+class ListThreadMessagesRequest(_message.Message):
+    """ListThreadMessagesRequest selects a page of a thread's messages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THREAD_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    NEWEST_FIRST_FIELD_NUMBER: _builtins.int
+    thread_id: _builtins.str
+    """The thread. Required."""
+    page_size: _builtins.int
+    """The most messages to return: 0 means 50, larger values are capped at
+    1000, negative values are INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """The next_page_token of the previous page, or empty for the first page.
+    It is only valid with the same thread_id and newest_first.
+    """
+    newest_first: _builtins.bool
+    """Newest first instead of oldest first (a chat shows the latest page)."""
+    def __init__(
+        self,
+        *,
+        thread_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        newest_first: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["newest_first", b"newest_first", "page_size", b"page_size", "page_token", b"page_token", "thread_id", b"thread_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListThreadMessagesRequest: _TypeAlias = ListThreadMessagesRequest  # noqa: Y015
+
+@_typing.final
+class ListThreadMessagesResponse(_message.Message):
+    """ListThreadMessagesResponse is one page of a thread's messages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Send this as page_token for the next page; empty on the last page."""
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ThreadMessage]:
+        """The messages, in the order asked for."""
+
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___ThreadMessage] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListThreadMessagesResponse: _TypeAlias = ListThreadMessagesResponse  # noqa: Y015
+
+@_typing.final
+class ThreadMessage(_message.Message):
+    """ThreadMessage is one message of a thread's history: one pydantic-ai
+    ModelRequest or ModelResponse, as the run that produced it left it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    PARTS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """The message's position in the thread, from 0, in the order the messages
+    were added.
+    """
+    run_id: _builtins.str
+    """The run that produced the message."""
+    kind: Global___MessageKind.ValueType
+    """Whether the message went to the model or came from it."""
+    @_builtins.property
+    def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___MessagePart]:
+        """The message's parts, in order."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the message was made."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        run_id: _builtins.str = ...,
+        kind: Global___MessageKind.ValueType = ...,
+        parts: _abc.Iterable[Global___MessagePart] | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "index", b"index", "kind", b"kind", "parts", b"parts", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ThreadMessage: _TypeAlias = ThreadMessage  # noqa: Y015
+
+@_typing.final
+class MessagePart(_message.Message):
+    """MessagePart is one part of a thread's message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_PROMPT_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_FIELD_NUMBER: _builtins.int
+    TOOL_RESULT_FIELD_NUMBER: _builtins.int
+    RETRY_FIELD_NUMBER: _builtins.int
+    REASONING_FIELD_NUMBER: _builtins.int
+    SYSTEM_PROMPT_FIELD_NUMBER: _builtins.int
+    FILE_FIELD_NUMBER: _builtins.int
+    OTHER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def user_prompt(self) -> Global___UserPromptPart:
+        """The user's text (in a request)."""
+
+    @_builtins.property
+    def text(self) -> Global___TextPart:
+        """Text from the model (in a response)."""
+
+    @_builtins.property
+    def tool_call(self) -> Global___ToolCall:
+        """The model called a tool (in a response)."""
+
+    @_builtins.property
+    def tool_result(self) -> Global___ToolResult:
+        """A tool's result, or a human's denial of the call (in a request)."""
+
+    @_builtins.property
+    def retry(self) -> Global___ToolError:
+        """The model was asked to try again, for example after a tool failed (in
+        a request); tool_call_id and tool_name are empty when no tool failed.
+        """
+
+    @_builtins.property
+    def reasoning(self) -> Global___ReasoningPart:
+        """The model's reasoning (in a response)."""
+
+    @_builtins.property
+    def system_prompt(self) -> Global___SystemPromptPart:
+        """A system prompt (in a request)."""
+
+    @_builtins.property
+    def file(self) -> Global___File:
+        """A file the model produced (in a response)."""
+
+    @_builtins.property
+    def other(self) -> Global___OtherPart:
+        """A part of another kind, as pydantic-ai's JSON."""
+
+    def __init__(
+        self,
+        *,
+        user_prompt: Global___UserPromptPart | None = ...,
+        text: Global___TextPart | None = ...,
+        tool_call: Global___ToolCall | None = ...,
+        tool_result: Global___ToolResult | None = ...,
+        retry: Global___ToolError | None = ...,
+        reasoning: Global___ReasoningPart | None = ...,
+        system_prompt: Global___SystemPromptPart | None = ...,
+        file: Global___File | None = ...,
+        other: Global___OtherPart | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["file", b"file", "other", b"other", "part", b"part", "reasoning", b"reasoning", "retry", b"retry", "system_prompt", b"system_prompt", "text", b"text", "tool_call", b"tool_call", "tool_result", b"tool_result", "user_prompt", b"user_prompt"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file", "other", b"other", "part", b"part", "reasoning", b"reasoning", "retry", b"retry", "system_prompt", b"system_prompt", "text", b"text", "tool_call", b"tool_call", "tool_result", b"tool_result", "user_prompt", b"user_prompt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["user_prompt", "text", "tool_call", "tool_result", "retry", "reasoning", "system_prompt", "file", "other"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___MessagePart: _TypeAlias = MessagePart  # noqa: Y015
+
+@_typing.final
+class UserPromptPart(_message.Message):
+    """UserPromptPart is the user's text. Non-text content (images, documents)
+    is summarised as its kind in brackets.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """The text."""
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserPromptPart: _TypeAlias = UserPromptPart  # noqa: Y015
+
+@_typing.final
+class TextPart(_message.Message):
+    """TextPart is text the model produced."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """The text."""
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TextPart: _TypeAlias = TextPart  # noqa: Y015
+
+@_typing.final
+class ReasoningPart(_message.Message):
+    """ReasoningPart is the model's reasoning."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """The reasoning text."""
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReasoningPart: _TypeAlias = ReasoningPart  # noqa: Y015
+
+@_typing.final
+class SystemPromptPart(_message.Message):
+    """SystemPromptPart is a system prompt sent to the model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """The prompt."""
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SystemPromptPart: _TypeAlias = SystemPromptPart  # noqa: Y015
+
+@_typing.final
+class OtherPart(_message.Message):
+    """OtherPart is a message part of a kind this API does not type."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PART_KIND_FIELD_NUMBER: _builtins.int
+    PART_JSON_FIELD_NUMBER: _builtins.int
+    part_kind: _builtins.str
+    """pydantic-ai's part_kind, for example "builtin-tool-call"."""
+    part_json: _builtins.str
+    """The part as pydantic-ai's JSON."""
+    def __init__(
+        self,
+        *,
+        part_kind: _builtins.str = ...,
+        part_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["part_json", b"part_json", "part_kind", b"part_kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OtherPart: _TypeAlias = OtherPart  # noqa: Y015

@@ -80,6 +80,31 @@ class AgentServiceStub:
                 request_serializer=keel_dot_v1_dot_agent__service__pb2.ListAgentsRequest.SerializeToString,
                 response_deserializer=keel_dot_v1_dot_agent__service__pb2.ListAgentsResponse.FromString,
                 _registered_method=True)
+        self.CreateThread = channel.unary_unary(
+                '/keel.v1.AgentService/CreateThread',
+                request_serializer=keel_dot_v1_dot_agent__service__pb2.CreateThreadRequest.SerializeToString,
+                response_deserializer=keel_dot_v1_dot_agent__service__pb2.CreateThreadResponse.FromString,
+                _registered_method=True)
+        self.GetThread = channel.unary_unary(
+                '/keel.v1.AgentService/GetThread',
+                request_serializer=keel_dot_v1_dot_agent__service__pb2.GetThreadRequest.SerializeToString,
+                response_deserializer=keel_dot_v1_dot_agent__service__pb2.GetThreadResponse.FromString,
+                _registered_method=True)
+        self.ListThreads = channel.unary_unary(
+                '/keel.v1.AgentService/ListThreads',
+                request_serializer=keel_dot_v1_dot_agent__service__pb2.ListThreadsRequest.SerializeToString,
+                response_deserializer=keel_dot_v1_dot_agent__service__pb2.ListThreadsResponse.FromString,
+                _registered_method=True)
+        self.DeleteThread = channel.unary_unary(
+                '/keel.v1.AgentService/DeleteThread',
+                request_serializer=keel_dot_v1_dot_agent__service__pb2.DeleteThreadRequest.SerializeToString,
+                response_deserializer=keel_dot_v1_dot_agent__service__pb2.DeleteThreadResponse.FromString,
+                _registered_method=True)
+        self.ListThreadMessages = channel.unary_unary(
+                '/keel.v1.AgentService/ListThreadMessages',
+                request_serializer=keel_dot_v1_dot_agent__service__pb2.ListThreadMessagesRequest.SerializeToString,
+                response_deserializer=keel_dot_v1_dot_agent__service__pb2.ListThreadMessagesResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -103,10 +128,17 @@ class AgentServiceServicer:
         Stream sent again with the same request_id attaches to the run it
         started and streams it again from offset 0.
 
+        A run on a thread (thread_id set) that must wait for the thread's active
+        run (policy ENQUEUE, INTERRUPT or ROLLBACK) streams a snapshot in state
+        QUEUED, then heartbeats until its turn comes.
+
         Errors: INVALID_ARGUMENT for an unknown agent or a malformed request
         (with BadRequest field violations); ALREADY_EXISTS (REQUEST_ID_REUSED)
-        when request_id was used for a different agent or input; UNAVAILABLE
-        when the server is draining or its store is unreachable.
+        when request_id was used for a different agent or input; NOT_FOUND
+        (THREAD_NOT_FOUND) for an unknown thread; FAILED_PRECONDITION
+        (THREAD_BUSY, metadata thread_id and active_run_id) when the thread has
+        an active run and the policy is REJECT; UNAVAILABLE when the server is
+        draining or its store is unreachable.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,8 +160,12 @@ class AgentServiceServicer:
         expired run; OUT_OF_RANGE (OFFSET_EXPIRED, metadata earliest_offset and
         next_offset) when offset is below the earliest event the log still
         retains; OUT_OF_RANGE (OFFSET_BEYOND_END) when the run has ended and
-        offset is past its last event; UNAVAILABLE when the server is draining
-        (resume from the next offset on another replica).
+        offset is past its last event; FAILED_PRECONDITION (RUN_NOT_RESUMABLE,
+        metadata next_offset) when the run's agent does not keep events and
+        offset is below the head (such a run can only be followed live, from
+        next_offset; a live stream of it that falls behind ends with the same
+        error); UNAVAILABLE when the server is draining (resume from the next
+        offset on another replica).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -179,8 +215,8 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListRuns(self, request, context):
-        """ListRuns lists runs, newest first, optionally filtered by agent and
-        state. Errors: INVALID_ARGUMENT for a negative page_size, an unknown
+        """ListRuns lists runs, newest first, optionally filtered by agent,
+        thread and state. Errors: INVALID_ARGUMENT for a negative page_size, an unknown
         state or a page_token this server did not issue for the same filters.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -199,6 +235,64 @@ class AgentServiceServicer:
 
     def ListAgents(self, request, context):
         """ListAgents lists the agents this server can run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateThread(self, request, context):
+        """CreateThread creates a thread: a conversation whose runs share one
+        message history. A run started with the thread's thread_id begins with
+        the thread's messages and adds its own to them when it ends.
+
+        The thread's id is thread_id if given, else derived from request_id if
+        given, else random. Sending the same request again (same request_id)
+        returns the same thread. Errors: INVALID_ARGUMENT for a malformed id,
+        resource_id or metadata (BadRequest field violations); ALREADY_EXISTS
+        (THREAD_ALREADY_EXISTS) when a thread with this thread_id exists and was
+        not created by this request_id; ALREADY_EXISTS (REQUEST_ID_REUSED) when
+        request_id created a thread with another resource_id or metadata.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetThread(self, request, context):
+        """GetThread returns a thread: its owner, metadata, active run, queued runs
+        and number of messages. Errors: INVALID_ARGUMENT for a malformed id;
+        NOT_FOUND (THREAD_NOT_FOUND) for an unknown, deleted or expired thread.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListThreads(self, request, context):
+        """ListThreads lists threads, newest first, optionally only those of one
+        resource_id. Errors: INVALID_ARGUMENT for a negative page_size, a
+        malformed resource_id or a page_token this server did not issue for the
+        same resource_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteThread(self, request, context):
+        """DeleteThread deletes a thread and its message history. The runs made on
+        it stay (until their own retention time passes). Errors:
+        INVALID_ARGUMENT for a malformed id; NOT_FOUND (THREAD_NOT_FOUND);
+        FAILED_PRECONDITION (THREAD_BUSY, metadata active_run_id) while a run of
+        the thread is active or waits for its turn: cancel it first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListThreadMessages(self, request, context):
+        """ListThreadMessages returns a page of a thread's messages, oldest first
+        (or newest first), each with the run that produced it. A run's messages
+        join its thread when the run ends. Errors: INVALID_ARGUMENT for a
+        malformed id, a negative page_size or a page_token this server did not
+        issue for the same thread and order; NOT_FOUND (THREAD_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -246,6 +340,31 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.ListAgents,
                     request_deserializer=keel_dot_v1_dot_agent__service__pb2.ListAgentsRequest.FromString,
                     response_serializer=keel_dot_v1_dot_agent__service__pb2.ListAgentsResponse.SerializeToString,
+            ),
+            'CreateThread': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateThread,
+                    request_deserializer=keel_dot_v1_dot_agent__service__pb2.CreateThreadRequest.FromString,
+                    response_serializer=keel_dot_v1_dot_agent__service__pb2.CreateThreadResponse.SerializeToString,
+            ),
+            'GetThread': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetThread,
+                    request_deserializer=keel_dot_v1_dot_agent__service__pb2.GetThreadRequest.FromString,
+                    response_serializer=keel_dot_v1_dot_agent__service__pb2.GetThreadResponse.SerializeToString,
+            ),
+            'ListThreads': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListThreads,
+                    request_deserializer=keel_dot_v1_dot_agent__service__pb2.ListThreadsRequest.FromString,
+                    response_serializer=keel_dot_v1_dot_agent__service__pb2.ListThreadsResponse.SerializeToString,
+            ),
+            'DeleteThread': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteThread,
+                    request_deserializer=keel_dot_v1_dot_agent__service__pb2.DeleteThreadRequest.FromString,
+                    response_serializer=keel_dot_v1_dot_agent__service__pb2.DeleteThreadResponse.SerializeToString,
+            ),
+            'ListThreadMessages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListThreadMessages,
+                    request_deserializer=keel_dot_v1_dot_agent__service__pb2.ListThreadMessagesRequest.FromString,
+                    response_serializer=keel_dot_v1_dot_agent__service__pb2.ListThreadMessagesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -470,6 +589,141 @@ class AgentService:
             '/keel.v1.AgentService/ListAgents',
             keel_dot_v1_dot_agent__service__pb2.ListAgentsRequest.SerializeToString,
             keel_dot_v1_dot_agent__service__pb2.ListAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateThread(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.v1.AgentService/CreateThread',
+            keel_dot_v1_dot_agent__service__pb2.CreateThreadRequest.SerializeToString,
+            keel_dot_v1_dot_agent__service__pb2.CreateThreadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetThread(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.v1.AgentService/GetThread',
+            keel_dot_v1_dot_agent__service__pb2.GetThreadRequest.SerializeToString,
+            keel_dot_v1_dot_agent__service__pb2.GetThreadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListThreads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.v1.AgentService/ListThreads',
+            keel_dot_v1_dot_agent__service__pb2.ListThreadsRequest.SerializeToString,
+            keel_dot_v1_dot_agent__service__pb2.ListThreadsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteThread(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.v1.AgentService/DeleteThread',
+            keel_dot_v1_dot_agent__service__pb2.DeleteThreadRequest.SerializeToString,
+            keel_dot_v1_dot_agent__service__pb2.DeleteThreadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListThreadMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.v1.AgentService/ListThreadMessages',
+            keel_dot_v1_dot_agent__service__pb2.ListThreadMessagesRequest.SerializeToString,
+            keel_dot_v1_dot_agent__service__pb2.ListThreadMessagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -69,10 +69,17 @@ class AgentServiceStub:
     Stream sent again with the same request_id attaches to the run it
     started and streams it again from offset 0.
 
+    A run on a thread (thread_id set) that must wait for the thread's active
+    run (policy ENQUEUE, INTERRUPT or ROLLBACK) streams a snapshot in state
+    QUEUED, then heartbeats until its turn comes.
+
     Errors: INVALID_ARGUMENT for an unknown agent or a malformed request
     (with BadRequest field violations); ALREADY_EXISTS (REQUEST_ID_REUSED)
-    when request_id was used for a different agent or input; UNAVAILABLE
-    when the server is draining or its store is unreachable.
+    when request_id was used for a different agent or input; NOT_FOUND
+    (THREAD_NOT_FOUND) for an unknown thread; FAILED_PRECONDITION
+    (THREAD_BUSY, metadata thread_id and active_run_id) when the thread has
+    an active run and the policy is REJECT; UNAVAILABLE when the server is
+    draining or its store is unreachable.
     """
     Observe: _grpc.UnaryStreamMultiCallable[_agent_service_pb2.ObserveRequest, _agent_service_pb2.ObserveResponse]
     """Observe streams a run's events from an offset, then follows it live.
@@ -90,8 +97,12 @@ class AgentServiceStub:
     expired run; OUT_OF_RANGE (OFFSET_EXPIRED, metadata earliest_offset and
     next_offset) when offset is below the earliest event the log still
     retains; OUT_OF_RANGE (OFFSET_BEYOND_END) when the run has ended and
-    offset is past its last event; UNAVAILABLE when the server is draining
-    (resume from the next offset on another replica).
+    offset is past its last event; FAILED_PRECONDITION (RUN_NOT_RESUMABLE,
+    metadata next_offset) when the run's agent does not keep events and
+    offset is below the head (such a run can only be followed live, from
+    next_offset; a live stream of it that falls behind ends with the same
+    error); UNAVAILABLE when the server is draining (resume from the next
+    offset on another replica).
     """
     Resume: _grpc.UnaryStreamMultiCallable[_agent_service_pb2.ResumeRequest, _agent_service_pb2.ResumeResponse]
     """Resume delivers decisions for the pending interrupts (tool calls that
@@ -125,8 +136,8 @@ class AgentServiceStub:
     run.
     """
     ListRuns: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ListRunsRequest, _agent_service_pb2.ListRunsResponse]
-    """ListRuns lists runs, newest first, optionally filtered by agent and
-    state. Errors: INVALID_ARGUMENT for a negative page_size, an unknown
+    """ListRuns lists runs, newest first, optionally filtered by agent,
+    thread and state. Errors: INVALID_ARGUMENT for a negative page_size, an unknown
     state or a page_token this server did not issue for the same filters.
     """
     CancelRun: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.CancelRunRequest, _agent_service_pb2.CancelRunResponse]
@@ -137,6 +148,44 @@ class AgentServiceStub:
     """
     ListAgents: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ListAgentsRequest, _agent_service_pb2.ListAgentsResponse]
     """ListAgents lists the agents this server can run."""
+    CreateThread: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.CreateThreadRequest, _agent_service_pb2.CreateThreadResponse]
+    """CreateThread creates a thread: a conversation whose runs share one
+    message history. A run started with the thread's thread_id begins with
+    the thread's messages and adds its own to them when it ends.
+
+    The thread's id is thread_id if given, else derived from request_id if
+    given, else random. Sending the same request again (same request_id)
+    returns the same thread. Errors: INVALID_ARGUMENT for a malformed id,
+    resource_id or metadata (BadRequest field violations); ALREADY_EXISTS
+    (THREAD_ALREADY_EXISTS) when a thread with this thread_id exists and was
+    not created by this request_id; ALREADY_EXISTS (REQUEST_ID_REUSED) when
+    request_id created a thread with another resource_id or metadata.
+    """
+    GetThread: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.GetThreadRequest, _agent_service_pb2.GetThreadResponse]
+    """GetThread returns a thread: its owner, metadata, active run, queued runs
+    and number of messages. Errors: INVALID_ARGUMENT for a malformed id;
+    NOT_FOUND (THREAD_NOT_FOUND) for an unknown, deleted or expired thread.
+    """
+    ListThreads: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ListThreadsRequest, _agent_service_pb2.ListThreadsResponse]
+    """ListThreads lists threads, newest first, optionally only those of one
+    resource_id. Errors: INVALID_ARGUMENT for a negative page_size, a
+    malformed resource_id or a page_token this server did not issue for the
+    same resource_id.
+    """
+    DeleteThread: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.DeleteThreadRequest, _agent_service_pb2.DeleteThreadResponse]
+    """DeleteThread deletes a thread and its message history. The runs made on
+    it stay (until their own retention time passes). Errors:
+    INVALID_ARGUMENT for a malformed id; NOT_FOUND (THREAD_NOT_FOUND);
+    FAILED_PRECONDITION (THREAD_BUSY, metadata active_run_id) while a run of
+    the thread is active or waits for its turn: cancel it first.
+    """
+    ListThreadMessages: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ListThreadMessagesRequest, _agent_service_pb2.ListThreadMessagesResponse]
+    """ListThreadMessages returns a page of a thread's messages, oldest first
+    (or newest first), each with the run that produced it. A run's messages
+    join its thread when the run ends. Errors: INVALID_ARGUMENT for a
+    malformed id, a negative page_size or a page_token this server did not
+    issue for the same thread and order; NOT_FOUND (THREAD_NOT_FOUND).
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -161,10 +210,17 @@ class AgentServiceAsyncStub(AgentServiceStub):
     Stream sent again with the same request_id attaches to the run it
     started and streams it again from offset 0.
 
+    A run on a thread (thread_id set) that must wait for the thread's active
+    run (policy ENQUEUE, INTERRUPT or ROLLBACK) streams a snapshot in state
+    QUEUED, then heartbeats until its turn comes.
+
     Errors: INVALID_ARGUMENT for an unknown agent or a malformed request
     (with BadRequest field violations); ALREADY_EXISTS (REQUEST_ID_REUSED)
-    when request_id was used for a different agent or input; UNAVAILABLE
-    when the server is draining or its store is unreachable.
+    when request_id was used for a different agent or input; NOT_FOUND
+    (THREAD_NOT_FOUND) for an unknown thread; FAILED_PRECONDITION
+    (THREAD_BUSY, metadata thread_id and active_run_id) when the thread has
+    an active run and the policy is REJECT; UNAVAILABLE when the server is
+    draining or its store is unreachable.
     """
     Observe: _aio.UnaryStreamMultiCallable[_agent_service_pb2.ObserveRequest, _agent_service_pb2.ObserveResponse]  # type: ignore[assignment]
     """Observe streams a run's events from an offset, then follows it live.
@@ -182,8 +238,12 @@ class AgentServiceAsyncStub(AgentServiceStub):
     expired run; OUT_OF_RANGE (OFFSET_EXPIRED, metadata earliest_offset and
     next_offset) when offset is below the earliest event the log still
     retains; OUT_OF_RANGE (OFFSET_BEYOND_END) when the run has ended and
-    offset is past its last event; UNAVAILABLE when the server is draining
-    (resume from the next offset on another replica).
+    offset is past its last event; FAILED_PRECONDITION (RUN_NOT_RESUMABLE,
+    metadata next_offset) when the run's agent does not keep events and
+    offset is below the head (such a run can only be followed live, from
+    next_offset; a live stream of it that falls behind ends with the same
+    error); UNAVAILABLE when the server is draining (resume from the next
+    offset on another replica).
     """
     Resume: _aio.UnaryStreamMultiCallable[_agent_service_pb2.ResumeRequest, _agent_service_pb2.ResumeResponse]  # type: ignore[assignment]
     """Resume delivers decisions for the pending interrupts (tool calls that
@@ -217,8 +277,8 @@ class AgentServiceAsyncStub(AgentServiceStub):
     run.
     """
     ListRuns: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ListRunsRequest, _agent_service_pb2.ListRunsResponse]  # type: ignore[assignment]
-    """ListRuns lists runs, newest first, optionally filtered by agent and
-    state. Errors: INVALID_ARGUMENT for a negative page_size, an unknown
+    """ListRuns lists runs, newest first, optionally filtered by agent,
+    thread and state. Errors: INVALID_ARGUMENT for a negative page_size, an unknown
     state or a page_token this server did not issue for the same filters.
     """
     CancelRun: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.CancelRunRequest, _agent_service_pb2.CancelRunResponse]  # type: ignore[assignment]
@@ -229,6 +289,44 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """
     ListAgents: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ListAgentsRequest, _agent_service_pb2.ListAgentsResponse]  # type: ignore[assignment]
     """ListAgents lists the agents this server can run."""
+    CreateThread: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.CreateThreadRequest, _agent_service_pb2.CreateThreadResponse]  # type: ignore[assignment]
+    """CreateThread creates a thread: a conversation whose runs share one
+    message history. A run started with the thread's thread_id begins with
+    the thread's messages and adds its own to them when it ends.
+
+    The thread's id is thread_id if given, else derived from request_id if
+    given, else random. Sending the same request again (same request_id)
+    returns the same thread. Errors: INVALID_ARGUMENT for a malformed id,
+    resource_id or metadata (BadRequest field violations); ALREADY_EXISTS
+    (THREAD_ALREADY_EXISTS) when a thread with this thread_id exists and was
+    not created by this request_id; ALREADY_EXISTS (REQUEST_ID_REUSED) when
+    request_id created a thread with another resource_id or metadata.
+    """
+    GetThread: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.GetThreadRequest, _agent_service_pb2.GetThreadResponse]  # type: ignore[assignment]
+    """GetThread returns a thread: its owner, metadata, active run, queued runs
+    and number of messages. Errors: INVALID_ARGUMENT for a malformed id;
+    NOT_FOUND (THREAD_NOT_FOUND) for an unknown, deleted or expired thread.
+    """
+    ListThreads: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ListThreadsRequest, _agent_service_pb2.ListThreadsResponse]  # type: ignore[assignment]
+    """ListThreads lists threads, newest first, optionally only those of one
+    resource_id. Errors: INVALID_ARGUMENT for a negative page_size, a
+    malformed resource_id or a page_token this server did not issue for the
+    same resource_id.
+    """
+    DeleteThread: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.DeleteThreadRequest, _agent_service_pb2.DeleteThreadResponse]  # type: ignore[assignment]
+    """DeleteThread deletes a thread and its message history. The runs made on
+    it stay (until their own retention time passes). Errors:
+    INVALID_ARGUMENT for a malformed id; NOT_FOUND (THREAD_NOT_FOUND);
+    FAILED_PRECONDITION (THREAD_BUSY, metadata active_run_id) while a run of
+    the thread is active or waits for its turn: cancel it first.
+    """
+    ListThreadMessages: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ListThreadMessagesRequest, _agent_service_pb2.ListThreadMessagesResponse]  # type: ignore[assignment]
+    """ListThreadMessages returns a page of a thread's messages, oldest first
+    (or newest first), each with the run that produced it. A run's messages
+    join its thread when the run ends. Errors: INVALID_ARGUMENT for a
+    malformed id, a negative page_size or a page_token this server did not
+    issue for the same thread and order; NOT_FOUND (THREAD_NOT_FOUND).
+    """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """AgentService starts agent runs, streams their events and lets clients
@@ -256,10 +354,17 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         Stream sent again with the same request_id attaches to the run it
         started and streams it again from offset 0.
 
+        A run on a thread (thread_id set) that must wait for the thread's active
+        run (policy ENQUEUE, INTERRUPT or ROLLBACK) streams a snapshot in state
+        QUEUED, then heartbeats until its turn comes.
+
         Errors: INVALID_ARGUMENT for an unknown agent or a malformed request
         (with BadRequest field violations); ALREADY_EXISTS (REQUEST_ID_REUSED)
-        when request_id was used for a different agent or input; UNAVAILABLE
-        when the server is draining or its store is unreachable.
+        when request_id was used for a different agent or input; NOT_FOUND
+        (THREAD_NOT_FOUND) for an unknown thread; FAILED_PRECONDITION
+        (THREAD_BUSY, metadata thread_id and active_run_id) when the thread has
+        an active run and the policy is REJECT; UNAVAILABLE when the server is
+        draining or its store is unreachable.
         """
 
     @_abc_1.abstractmethod
@@ -283,8 +388,12 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         expired run; OUT_OF_RANGE (OFFSET_EXPIRED, metadata earliest_offset and
         next_offset) when offset is below the earliest event the log still
         retains; OUT_OF_RANGE (OFFSET_BEYOND_END) when the run has ended and
-        offset is past its last event; UNAVAILABLE when the server is draining
-        (resume from the next offset on another replica).
+        offset is past its last event; FAILED_PRECONDITION (RUN_NOT_RESUMABLE,
+        metadata next_offset) when the run's agent does not keep events and
+        offset is below the head (such a run can only be followed live, from
+        next_offset; a live stream of it that falls behind ends with the same
+        error); UNAVAILABLE when the server is draining (resume from the next
+        offset on another replica).
         """
 
     @_abc_1.abstractmethod
@@ -342,8 +451,8 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_service_pb2.ListRunsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_service_pb2.ListRunsResponse, _abc.Awaitable[_agent_service_pb2.ListRunsResponse]]:
-        """ListRuns lists runs, newest first, optionally filtered by agent and
-        state. Errors: INVALID_ARGUMENT for a negative page_size, an unknown
+        """ListRuns lists runs, newest first, optionally filtered by agent,
+        thread and state. Errors: INVALID_ARGUMENT for a negative page_size, an unknown
         state or a page_token this server did not issue for the same filters.
         """
 
@@ -366,5 +475,73 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_service_pb2.ListAgentsResponse, _abc.Awaitable[_agent_service_pb2.ListAgentsResponse]]:
         """ListAgents lists the agents this server can run."""
+
+    @_abc_1.abstractmethod
+    def CreateThread(
+        self,
+        request: _agent_service_pb2.CreateThreadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.CreateThreadResponse, _abc.Awaitable[_agent_service_pb2.CreateThreadResponse]]:
+        """CreateThread creates a thread: a conversation whose runs share one
+        message history. A run started with the thread's thread_id begins with
+        the thread's messages and adds its own to them when it ends.
+
+        The thread's id is thread_id if given, else derived from request_id if
+        given, else random. Sending the same request again (same request_id)
+        returns the same thread. Errors: INVALID_ARGUMENT for a malformed id,
+        resource_id or metadata (BadRequest field violations); ALREADY_EXISTS
+        (THREAD_ALREADY_EXISTS) when a thread with this thread_id exists and was
+        not created by this request_id; ALREADY_EXISTS (REQUEST_ID_REUSED) when
+        request_id created a thread with another resource_id or metadata.
+        """
+
+    @_abc_1.abstractmethod
+    def GetThread(
+        self,
+        request: _agent_service_pb2.GetThreadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.GetThreadResponse, _abc.Awaitable[_agent_service_pb2.GetThreadResponse]]:
+        """GetThread returns a thread: its owner, metadata, active run, queued runs
+        and number of messages. Errors: INVALID_ARGUMENT for a malformed id;
+        NOT_FOUND (THREAD_NOT_FOUND) for an unknown, deleted or expired thread.
+        """
+
+    @_abc_1.abstractmethod
+    def ListThreads(
+        self,
+        request: _agent_service_pb2.ListThreadsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.ListThreadsResponse, _abc.Awaitable[_agent_service_pb2.ListThreadsResponse]]:
+        """ListThreads lists threads, newest first, optionally only those of one
+        resource_id. Errors: INVALID_ARGUMENT for a negative page_size, a
+        malformed resource_id or a page_token this server did not issue for the
+        same resource_id.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteThread(
+        self,
+        request: _agent_service_pb2.DeleteThreadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.DeleteThreadResponse, _abc.Awaitable[_agent_service_pb2.DeleteThreadResponse]]:
+        """DeleteThread deletes a thread and its message history. The runs made on
+        it stay (until their own retention time passes). Errors:
+        INVALID_ARGUMENT for a malformed id; NOT_FOUND (THREAD_NOT_FOUND);
+        FAILED_PRECONDITION (THREAD_BUSY, metadata active_run_id) while a run of
+        the thread is active or waits for its turn: cancel it first.
+        """
+
+    @_abc_1.abstractmethod
+    def ListThreadMessages(
+        self,
+        request: _agent_service_pb2.ListThreadMessagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.ListThreadMessagesResponse, _abc.Awaitable[_agent_service_pb2.ListThreadMessagesResponse]]:
+        """ListThreadMessages returns a page of a thread's messages, oldest first
+        (or newest first), each with the run that produced it. A run's messages
+        join its thread when the run ends. Errors: INVALID_ARGUMENT for a
+        malformed id, a negative page_size or a page_token this server did not
+        issue for the same thread and order; NOT_FOUND (THREAD_NOT_FOUND).
+        """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

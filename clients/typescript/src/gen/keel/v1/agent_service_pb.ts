@@ -23,15 +23,15 @@
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
-import type { Timestamp } from "@bufbuild/protobuf/wkt";
-import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { Duration, Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_duration, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file keel/v1/agent_service.proto.
  */
 export const file_keel_v1_agent_service: GenFile = /*@__PURE__*/
-  fileDesc("ChtrZWVsL3YxL2FnZW50X3NlcnZpY2UucHJvdG8SB2tlZWwudjEiRAoNU3RyZWFtUmVxdWVzdBIQCghhZ2VudF9pZBgBIAEoCRINCgVpbnB1dBgCIAEoCRISCgpyZXF1ZXN0X2lkGAMgASgJIpIBCg5TdHJlYW1SZXNwb25zZRIoCghzbmFwc2hvdBgBIAEoCzIULmtlZWwudjEuUnVuU25hcHNob3RIABIlCgZldmVudHMYAiABKAsyEy5rZWVsLnYxLkV2ZW50QmF0Y2hIABInCgloZWFydGJlYXQYAyABKAsyEi5rZWVsLnYxLkhlYXJ0YmVhdEgAQgYKBGtpbmQiSQoOT2JzZXJ2ZVJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEg4KBm9mZnNldBgCIAEoAxIXCg9zdG9wX2F0X3N1c3BlbmQYAyABKAgikwEKD09ic2VydmVSZXNwb25zZRIoCghzbmFwc2hvdBgBIAEoCzIULmtlZWwudjEuUnVuU25hcHNob3RIABIlCgZldmVudHMYAiABKAsyEy5rZWVsLnYxLkV2ZW50QmF0Y2hIABInCgloZWFydGJlYXQYAyABKAsyEi5rZWVsLnYxLkhlYXJ0YmVhdEgAQgYKBGtpbmQiWQoNUmVzdW1lUmVxdWVzdBIOCgZydW5faWQYASABKAkSJAoJZGVjaXNpb25zGAIgAygLMhEua2VlbC52MS5EZWNpc2lvbhISCgpyZXF1ZXN0X2lkGAMgASgJIocBCghEZWNpc2lvbhIUCgx0b29sX2NhbGxfaWQYASABKAkSIwoHYXBwcm92ZRgCIAEoCzIQLmtlZWwudjEuQXBwcm92ZUgAEh0KBGRlbnkYAyABKAsyDS5rZWVsLnYxLkRlbnlIABIVCgtyZXN1bHRfanNvbhgEIAEoCUgAQgoKCGRlY2lzaW9uIm0KCUludGVycnVwdBIUCgx0b29sX2NhbGxfaWQYASABKAkSEQoJdG9vbF9uYW1lGAIgASgJEhEKCWFyZ3NfanNvbhgDIAEoCRIkCgRraW5kGAQgASgOMhYua2VlbC52MS5JbnRlcnJ1cHRLaW5kIiUKB0FwcHJvdmUSGgoSb3ZlcnJpZGVfYXJnc19qc29uGAEgASgJIhcKBERlbnkSDwoHbWVzc2FnZRgBIAEoCSKSAQoOUmVzdW1lUmVzcG9uc2USKAoIc25hcHNob3QYASABKAsyFC5rZWVsLnYxLlJ1blNuYXBzaG90SAASJQoGZXZlbnRzGAIgASgLMhMua2VlbC52MS5FdmVudEJhdGNoSAASJwoJaGVhcnRiZWF0GAMgASgLMhIua2VlbC52MS5IZWFydGJlYXRIAEIGCgRraW5kIkYKD1N0YXJ0UnVuUmVxdWVzdBIQCghhZ2VudF9pZBgBIAEoCRINCgVpbnB1dBgCIAEoCRISCgpyZXF1ZXN0X2lkGAMgASgJIi0KEFN0YXJ0UnVuUmVzcG9uc2USGQoDcnVuGAEgASgLMgwua2VlbC52MS5SdW4iHwoNR2V0UnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkiKwoOR2V0UnVuUmVzcG9uc2USGQoDcnVuGAEgASgLMgwua2VlbC52MS5SdW4ibQoPTGlzdFJ1bnNSZXF1ZXN0EhAKCGFnZW50X2lkGAEgASgJEiEKBnN0YXRlcxgCIAMoDjIRLmtlZWwudjEuUnVuU3RhdGUSEQoJcGFnZV9zaXplGAMgASgFEhIKCnBhZ2VfdG9rZW4YBCABKAkiRwoQTGlzdFJ1bnNSZXNwb25zZRIaCgRydW5zGAEgAygLMgwua2VlbC52MS5SdW4SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjIKEENhbmNlbFJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEg4KBnJlYXNvbhgCIAEoCSIuChFDYW5jZWxSdW5SZXNwb25zZRIZCgNydW4YASABKAsyDC5rZWVsLnYxLlJ1biITChFMaXN0QWdlbnRzUmVxdWVzdCI0ChJMaXN0QWdlbnRzUmVzcG9uc2USHgoGYWdlbnRzGAEgAygLMg4ua2VlbC52MS5BZ2VudCJgCgVBZ2VudBIQCghhZ2VudF9pZBgBIAEoCRITCgtkZXNjcmlwdGlvbhgCIAEoCRISCgptb2RlbF9uYW1lGAMgASgJEhwKBXRvb2xzGAQgAygLMg0ua2VlbC52MS5Ub29sIkQKBFRvb2wSDAoEbmFtZRgBIAEoCRITCgtkZXNjcmlwdGlvbhgCIAEoCRIZChFyZXF1aXJlc19hcHByb3ZhbBgDIAEoCCK7AgoDUnVuEg4KBnJ1bl9pZBgBIAEoCRIQCghhZ2VudF9pZBgCIAEoCRIgCgVzdGF0ZRgDIAEoDjIRLmtlZWwudjEuUnVuU3RhdGUSDQoFaW5wdXQYBCABKAkSEgoKcmVxdWVzdF9pZBgFIAEoCRITCgtuZXh0X29mZnNldBgGIAEoAxIXCg9lYXJsaWVzdF9vZmZzZXQYByABKAMSLwoLY3JlYXRlX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVlcnJvchgKIAEoCRIuChJwZW5kaW5nX2ludGVycnVwdHMYCyADKAsyEi5rZWVsLnYxLkludGVycnVwdCIoCgtSdW5TbmFwc2hvdBIZCgNydW4YASABKAsyDC5rZWVsLnYxLlJ1biIxCgpFdmVudEJhdGNoEiMKBmV2ZW50cxgBIAMoCzITLmtlZWwudjEuQWdlbnRFdmVudCJKCglIZWFydGJlYXQSEwoLbmV4dF9vZmZzZXQYASABKAMSKAoEdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiowsKCkFnZW50RXZlbnQSDgoGcnVuX2lkGAEgASgJEg0KBWluZGV4GAIgASgDEigKBHRpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBHN0ZXAYBCABKAUSDwoHYXR0ZW1wdBgFIAEoBRIiCgVzdGFydBgKIAEoCzIRLmtlZWwudjEuUnVuU3RhcnRIABIoCgpzdGVwX3N0YXJ0GAsgASgLMhIua2VlbC52MS5TdGVwU3RhcnRIABIqCgtzdGVwX2ZpbmlzaBgMIAEoCzITLmtlZWwudjEuU3RlcEZpbmlzaEgAEiQKBmZpbmlzaBgNIAEoCzISLmtlZWwudjEuUnVuRmluaXNoSAASIgoFYWJvcnQYDiABKAsyES5rZWVsLnYxLlJ1bkFib3J0SAASIgoFZXJyb3IYDyABKAsyES5rZWVsLnYxLlJ1bkVycm9ySAASKgoJc3VzcGVuZGVkGBAgASgLMhUua2VlbC52MS5SdW5TdXNwZW5kZWRIABImCgdyZXN1bWVkGBEgASgLMhMua2VlbC52MS5SdW5SZXN1bWVkSAASMgoPc3RlcF9zdXBlcnNlZGVkGBIgASgLMhcua2VlbC52MS5TdGVwU3VwZXJzZWRlZEgAEigKCnRleHRfc3RhcnQYFCABKAsyEi5rZWVsLnYxLlRleHRTdGFydEgAEigKCnRleHRfZGVsdGEYFSABKAsyEi5rZWVsLnYxLlRleHREZWx0YUgAEiQKCHRleHRfZW5kGBYgASgLMhAua2VlbC52MS5UZXh0RW5kSAASMgoPcmVhc29uaW5nX3N0YXJ0GB4gASgLMhcua2VlbC52MS5SZWFzb25pbmdTdGFydEgAEjIKD3JlYXNvbmluZ19kZWx0YRgfIAEoCzIXLmtlZWwudjEuUmVhc29uaW5nRGVsdGFIABIuCg1yZWFzb25pbmdfZW5kGCAgASgLMhUua2VlbC52MS5SZWFzb25pbmdFbmRIABIzChB0b29sX2lucHV0X3N0YXJ0GCggASgLMhcua2VlbC52MS5Ub29sSW5wdXRTdGFydEgAEjMKEHRvb2xfaW5wdXRfZGVsdGEYKSABKAsyFy5rZWVsLnYxLlRvb2xJbnB1dERlbHRhSAASLwoOdG9vbF9pbnB1dF9lbmQYKiABKAsyFS5rZWVsLnYxLlRvb2xJbnB1dEVuZEgAEiYKCXRvb2xfY2FsbBgrIAEoCzIRLmtlZWwudjEuVG9vbENhbGxIABIqCgt0b29sX3Jlc3VsdBgsIAEoCzITLmtlZWwudjEuVG9vbFJlc3VsdEgAEigKCnRvb2xfZXJyb3IYLSABKAsyEi5rZWVsLnYxLlRvb2xFcnJvckgAEjcKEnRvb2xfY2FsbF9hcHByb3ZhbBguIAEoCzIZLmtlZWwudjEuVG9vbENhbGxBcHByb3ZhbEgAEjkKE3Rvb2xfY2FsbF9zdXNwZW5kZWQYLyABKAsyGi5rZWVsLnYxLlRvb2xDYWxsU3VzcGVuZGVkSAASKgoLdG9vbF9vdXRwdXQYMCABKAsyEy5rZWVsLnYxLlRvb2xPdXRwdXRIABI2ChFyZXNwb25zZV9tZXRhZGF0YRgyIAEoCzIZLmtlZWwudjEuUmVzcG9uc2VNZXRhZGF0YUgAEiEKBnNvdXJjZRgzIAEoCzIPLmtlZWwudjEuU291cmNlSAASHQoEZmlsZRg0IAEoCzINLmtlZWwudjEuRmlsZUgAEicKBm9iamVjdBg1IAEoCzIVLmtlZWwudjEuT2JqZWN0T3V0cHV0SAASHwoFdXNhZ2UYNiABKAsyDi5rZWVsLnYxLlVzYWdlSAASIwoEdGFzaxg8IAEoCzITLmtlZWwudjEuVGFza1VwZGF0ZUgAQgkKB3BheWxvYWQiKwoIUnVuU3RhcnQSEAoIYWdlbnRfaWQYASABKAkSDQoFaW5wdXQYAiABKAkiCwoJU3RlcFN0YXJ0IkIKClN0ZXBGaW5pc2gSHQoFdXNhZ2UYASABKAsyDi5rZWVsLnYxLlVzYWdlEhUKDWZpbmlzaF9yZWFzb24YAiABKAkiVAoJUnVuRmluaXNoEhMKC291dHB1dF90ZXh0GAEgASgJEhMKC291dHB1dF9qc29uGAIgASgJEh0KBXVzYWdlGAMgASgLMg4ua2VlbC52MS5Vc2FnZSIaCghSdW5BYm9ydBIOCgZyZWFzb24YASABKAkiKQoIUnVuRXJyb3ISDwoHbWVzc2FnZRgBIAEoCRIMCgR0eXBlGAIgASgJIiUKDFJ1blN1c3BlbmRlZBIVCg10b29sX2NhbGxfaWRzGAEgAygJIiMKClJ1blJlc3VtZWQSFQoNdG9vbF9jYWxsX2lkcxgBIAMoCSJZCg5TdGVwU3VwZXJzZWRlZBIXCg9zdXBlcnNlZGVkX3N0ZXAYASABKAUSGgoSc3VwZXJzZWRlZF9hdHRlbXB0GAIgASgFEhIKCmZyb21faW5kZXgYAyABKAMiHwoJVGV4dFN0YXJ0EhIKCnBhcnRfaW5kZXgYASABKAUiLgoJVGV4dERlbHRhEhIKCnBhcnRfaW5kZXgYASABKAUSDQoFZGVsdGEYAiABKAkiHQoHVGV4dEVuZBISCgpwYXJ0X2luZGV4GAEgASgFIiQKDlJlYXNvbmluZ1N0YXJ0EhIKCnBhcnRfaW5kZXgYASABKAUiMwoOUmVhc29uaW5nRGVsdGESEgoKcGFydF9pbmRleBgBIAEoBRINCgVkZWx0YRgCIAEoCSIiCgxSZWFzb25pbmdFbmQSEgoKcGFydF9pbmRleBgBIAEoBSJNCg5Ub29sSW5wdXRTdGFydBISCgpwYXJ0X2luZGV4GAEgASgFEhQKDHRvb2xfY2FsbF9pZBgCIAEoCRIRCgl0b29sX25hbWUYAyABKAkiMwoOVG9vbElucHV0RGVsdGESEgoKcGFydF9pbmRleBgBIAEoBRINCgVkZWx0YRgCIAEoCSI4CgxUb29sSW5wdXRFbmQSEgoKcGFydF9pbmRleBgBIAEoBRIUCgx0b29sX2NhbGxfaWQYAiABKAkiRgoIVG9vbENhbGwSFAoMdG9vbF9jYWxsX2lkGAEgASgJEhEKCXRvb2xfbmFtZRgCIAEoCRIRCglhcmdzX2pzb24YAyABKAkiWgoKVG9vbFJlc3VsdBIUCgx0b29sX2NhbGxfaWQYASABKAkSEQoJdG9vbF9uYW1lGAIgASgJEhMKC3Jlc3VsdF9qc29uGAMgASgJEg4KBmRlbmllZBgEIAEoCCJFCglUb29sRXJyb3ISFAoMdG9vbF9jYWxsX2lkGAEgASgJEhEKCXRvb2xfbmFtZRgCIAEoCRIPCgdtZXNzYWdlGAMgASgJIk4KEFRvb2xDYWxsQXBwcm92YWwSFAoMdG9vbF9jYWxsX2lkGAEgASgJEhEKCXRvb2xfbmFtZRgCIAEoCRIRCglhcmdzX2pzb24YAyABKAkiTwoRVG9vbENhbGxTdXNwZW5kZWQSFAoMdG9vbF9jYWxsX2lkGAEgASgJEhEKCXRvb2xfbmFtZRgCIAEoCRIRCglhcmdzX2pzb24YAyABKAkiNwoKVG9vbE91dHB1dBIUCgx0b29sX2NhbGxfaWQYASABKAkSEwoLb3V0cHV0X2pzb24YAiABKAkiWwoQUmVzcG9uc2VNZXRhZGF0YRISCgptb2RlbF9uYW1lGAEgASgJEhwKFHByb3ZpZGVyX3Jlc3BvbnNlX2lkGAIgASgJEhUKDXByb3ZpZGVyX25hbWUYAyABKAkiJAoGU291cmNlEgsKA3VybBgBIAEoCRINCgV0aXRsZRgCIAEoCSIoCgRGaWxlEhIKCm1lZGlhX3R5cGUYASABKAkSDAoEZGF0YRgCIAEoDCIjCgxPYmplY3RPdXRwdXQSEwoLb2JqZWN0X2pzb24YASABKAkiWgoFVXNhZ2USFAoMaW5wdXRfdG9rZW5zGAEgASgDEhUKDW91dHB1dF90b2tlbnMYAiABKAMSEAoIcmVxdWVzdHMYAyABKAMSEgoKdG9vbF9jYWxscxgEIAEoAyJzCgpUYXNrVXBkYXRlEg8KB3Rhc2tfaWQYASABKAkSDAoEbmFtZRgCIAEoCRIjCgZzdGF0dXMYAyABKA4yEy5rZWVsLnYxLlRhc2tTdGF0dXMSEAoIcHJvZ3Jlc3MYBCABKAESDwoHbWVzc2FnZRgFIAEoCSqzAQoIUnVuU3RhdGUSGQoVUlVOX1NUQVRFX1VOU1BFQ0lGSUVEEAASFAoQUlVOX1NUQVRFX1FVRVVFRBABEhUKEVJVTl9TVEFURV9SVU5OSU5HEAISFwoTUlVOX1NUQVRFX1NVU1BFTkRFRBADEhcKE1JVTl9TVEFURV9TVUNDRUVERUQQBBIUChBSVU5fU1RBVEVfRkFJTEVEEAUSFwoTUlVOX1NUQVRFX0NBTkNFTExFRBAGKmUKDUludGVycnVwdEtpbmQSHgoaSU5URVJSVVBUX0tJTkRfVU5TUEVDSUZJRUQQABIbChdJTlRFUlJVUFRfS0lORF9BUFBST1ZBTBABEhcKE0lOVEVSUlVQVF9LSU5EX0NBTEwQAiqoAQoKVGFza1N0YXR1cxIbChdUQVNLX1NUQVRVU19VTlNQRUNJRklFRBAAEhcKE1RBU0tfU1RBVFVTX1NUQVJURUQQARIXChNUQVNLX1NUQVRVU19SVU5OSU5HEAISGAoUVEFTS19TVEFUVVNfUFJPR1JFU1MQAxIZChVUQVNLX1NUQVRVU19DT01QTEVURUQQBBIWChJUQVNLX1NUQVRVU19GQUlMRUQQBTKQBAoMQWdlbnRTZXJ2aWNlEjsKBlN0cmVhbRIWLmtlZWwudjEuU3RyZWFtUmVxdWVzdBoXLmtlZWwudjEuU3RyZWFtUmVzcG9uc2UwARI+CgdPYnNlcnZlEhcua2VlbC52MS5PYnNlcnZlUmVxdWVzdBoYLmtlZWwudjEuT2JzZXJ2ZVJlc3BvbnNlMAESOwoGUmVzdW1lEhYua2VlbC52MS5SZXN1bWVSZXF1ZXN0Ghcua2VlbC52MS5SZXN1bWVSZXNwb25zZTABEj8KCFN0YXJ0UnVuEhgua2VlbC52MS5TdGFydFJ1blJlcXVlc3QaGS5rZWVsLnYxLlN0YXJ0UnVuUmVzcG9uc2USOQoGR2V0UnVuEhYua2VlbC52MS5HZXRSdW5SZXF1ZXN0Ghcua2VlbC52MS5HZXRSdW5SZXNwb25zZRI/CghMaXN0UnVucxIYLmtlZWwudjEuTGlzdFJ1bnNSZXF1ZXN0Ghkua2VlbC52MS5MaXN0UnVuc1Jlc3BvbnNlEkIKCUNhbmNlbFJ1bhIZLmtlZWwudjEuQ2FuY2VsUnVuUmVxdWVzdBoaLmtlZWwudjEuQ2FuY2VsUnVuUmVzcG9uc2USRQoKTGlzdEFnZW50cxIaLmtlZWwudjEuTGlzdEFnZW50c1JlcXVlc3QaGy5rZWVsLnYxLkxpc3RBZ2VudHNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("ChtrZWVsL3YxL2FnZW50X3NlcnZpY2UucHJvdG8SB2tlZWwudjEihwEKDVN0cmVhbVJlcXVlc3QSEAoIYWdlbnRfaWQYASABKAkSDQoFaW5wdXQYAiABKAkSEgoKcmVxdWVzdF9pZBgDIAEoCRIRCgl0aHJlYWRfaWQYBCABKAkSLgoLYnVzeV9wb2xpY3kYBSABKA4yGS5rZWVsLnYxLlRocmVhZEJ1c3lQb2xpY3kikgEKDlN0cmVhbVJlc3BvbnNlEigKCHNuYXBzaG90GAEgASgLMhQua2VlbC52MS5SdW5TbmFwc2hvdEgAEiUKBmV2ZW50cxgCIAEoCzITLmtlZWwudjEuRXZlbnRCYXRjaEgAEicKCWhlYXJ0YmVhdBgDIAEoCzISLmtlZWwudjEuSGVhcnRiZWF0SABCBgoEa2luZCJJCg5PYnNlcnZlUmVxdWVzdBIOCgZydW5faWQYASABKAkSDgoGb2Zmc2V0GAIgASgDEhcKD3N0b3BfYXRfc3VzcGVuZBgDIAEoCCKTAQoPT2JzZXJ2ZVJlc3BvbnNlEigKCHNuYXBzaG90GAEgASgLMhQua2VlbC52MS5SdW5TbmFwc2hvdEgAEiUKBmV2ZW50cxgCIAEoCzITLmtlZWwudjEuRXZlbnRCYXRjaEgAEicKCWhlYXJ0YmVhdBgDIAEoCzISLmtlZWwudjEuSGVhcnRiZWF0SABCBgoEa2luZCJZCg1SZXN1bWVSZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRIkCglkZWNpc2lvbnMYAiADKAsyES5rZWVsLnYxLkRlY2lzaW9uEhIKCnJlcXVlc3RfaWQYAyABKAkihwEKCERlY2lzaW9uEhQKDHRvb2xfY2FsbF9pZBgBIAEoCRIjCgdhcHByb3ZlGAIgASgLMhAua2VlbC52MS5BcHByb3ZlSAASHQoEZGVueRgDIAEoCzINLmtlZWwudjEuRGVueUgAEhUKC3Jlc3VsdF9qc29uGAQgASgJSABCCgoIZGVjaXNpb24ibQoJSW50ZXJydXB0EhQKDHRvb2xfY2FsbF9pZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSEQoJYXJnc19qc29uGAMgASgJEiQKBGtpbmQYBCABKA4yFi5rZWVsLnYxLkludGVycnVwdEtpbmQiJQoHQXBwcm92ZRIaChJvdmVycmlkZV9hcmdzX2pzb24YASABKAkiFwoERGVueRIPCgdtZXNzYWdlGAEgASgJIpIBCg5SZXN1bWVSZXNwb25zZRIoCghzbmFwc2hvdBgBIAEoCzIULmtlZWwudjEuUnVuU25hcHNob3RIABIlCgZldmVudHMYAiABKAsyEy5rZWVsLnYxLkV2ZW50QmF0Y2hIABInCgloZWFydGJlYXQYAyABKAsyEi5rZWVsLnYxLkhlYXJ0YmVhdEgAQgYKBGtpbmQiiQEKD1N0YXJ0UnVuUmVxdWVzdBIQCghhZ2VudF9pZBgBIAEoCRINCgVpbnB1dBgCIAEoCRISCgpyZXF1ZXN0X2lkGAMgASgJEhEKCXRocmVhZF9pZBgEIAEoCRIuCgtidXN5X3BvbGljeRgFIAEoDjIZLmtlZWwudjEuVGhyZWFkQnVzeVBvbGljeSItChBTdGFydFJ1blJlc3BvbnNlEhkKA3J1bhgBIAEoCzIMLmtlZWwudjEuUnVuIh8KDUdldFJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJIisKDkdldFJ1blJlc3BvbnNlEhkKA3J1bhgBIAEoCzIMLmtlZWwudjEuUnVuIoABCg9MaXN0UnVuc1JlcXVlc3QSEAoIYWdlbnRfaWQYASABKAkSIQoGc3RhdGVzGAIgAygOMhEua2VlbC52MS5SdW5TdGF0ZRIRCglwYWdlX3NpemUYAyABKAUSEgoKcGFnZV90b2tlbhgEIAEoCRIRCgl0aHJlYWRfaWQYBSABKAkiRwoQTGlzdFJ1bnNSZXNwb25zZRIaCgRydW5zGAEgAygLMgwua2VlbC52MS5SdW4SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjIKEENhbmNlbFJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEg4KBnJlYXNvbhgCIAEoCSIuChFDYW5jZWxSdW5SZXNwb25zZRIZCgNydW4YASABKAsyDC5rZWVsLnYxLlJ1biITChFMaXN0QWdlbnRzUmVxdWVzdCI0ChJMaXN0QWdlbnRzUmVzcG9uc2USHgoGYWdlbnRzGAEgAygLMg4ua2VlbC52MS5BZ2VudCKrAQoFQWdlbnQSEAoIYWdlbnRfaWQYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSEgoKbW9kZWxfbmFtZRgDIAEoCRIcCgV0b29scxgEIAMoCzINLmtlZWwudjEuVG9vbBIRCglsaXZlX29ubHkYBSABKAgSNgoTZW5kZWRfcnVuX3JldGVudGlvbhgGIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiJECgRUb29sEgwKBG5hbWUYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSGQoRcmVxdWlyZXNfYXBwcm92YWwYAyABKAgizgIKA1J1bhIOCgZydW5faWQYASABKAkSEAoIYWdlbnRfaWQYAiABKAkSIAoFc3RhdGUYAyABKA4yES5rZWVsLnYxLlJ1blN0YXRlEg0KBWlucHV0GAQgASgJEhIKCnJlcXVlc3RfaWQYBSABKAkSEwoLbmV4dF9vZmZzZXQYBiABKAMSFwoPZWFybGllc3Rfb2Zmc2V0GAcgASgDEi8KC2NyZWF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFZXJyb3IYCiABKAkSLgoScGVuZGluZ19pbnRlcnJ1cHRzGAsgAygLMhIua2VlbC52MS5JbnRlcnJ1cHQSEQoJdGhyZWFkX2lkGAwgASgJIigKC1J1blNuYXBzaG90EhkKA3J1bhgBIAEoCzIMLmtlZWwudjEuUnVuIjEKCkV2ZW50QmF0Y2gSIwoGZXZlbnRzGAEgAygLMhMua2VlbC52MS5BZ2VudEV2ZW50IkoKCUhlYXJ0YmVhdBITCgtuZXh0X29mZnNldBgBIAEoAxIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKjCwoKQWdlbnRFdmVudBIOCgZydW5faWQYASABKAkSDQoFaW5kZXgYAiABKAMSKAoEdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEc3RlcBgEIAEoBRIPCgdhdHRlbXB0GAUgASgFEiIKBXN0YXJ0GAogASgLMhEua2VlbC52MS5SdW5TdGFydEgAEigKCnN0ZXBfc3RhcnQYCyABKAsyEi5rZWVsLnYxLlN0ZXBTdGFydEgAEioKC3N0ZXBfZmluaXNoGAwgASgLMhMua2VlbC52MS5TdGVwRmluaXNoSAASJAoGZmluaXNoGA0gASgLMhIua2VlbC52MS5SdW5GaW5pc2hIABIiCgVhYm9ydBgOIAEoCzIRLmtlZWwudjEuUnVuQWJvcnRIABIiCgVlcnJvchgPIAEoCzIRLmtlZWwudjEuUnVuRXJyb3JIABIqCglzdXNwZW5kZWQYECABKAsyFS5rZWVsLnYxLlJ1blN1c3BlbmRlZEgAEiYKB3Jlc3VtZWQYESABKAsyEy5rZWVsLnYxLlJ1blJlc3VtZWRIABIyCg9zdGVwX3N1cGVyc2VkZWQYEiABKAsyFy5rZWVsLnYxLlN0ZXBTdXBlcnNlZGVkSAASKAoKdGV4dF9zdGFydBgUIAEoCzISLmtlZWwudjEuVGV4dFN0YXJ0SAASKAoKdGV4dF9kZWx0YRgVIAEoCzISLmtlZWwudjEuVGV4dERlbHRhSAASJAoIdGV4dF9lbmQYFiABKAsyEC5rZWVsLnYxLlRleHRFbmRIABIyCg9yZWFzb25pbmdfc3RhcnQYHiABKAsyFy5rZWVsLnYxLlJlYXNvbmluZ1N0YXJ0SAASMgoPcmVhc29uaW5nX2RlbHRhGB8gASgLMhcua2VlbC52MS5SZWFzb25pbmdEZWx0YUgAEi4KDXJlYXNvbmluZ19lbmQYICABKAsyFS5rZWVsLnYxLlJlYXNvbmluZ0VuZEgAEjMKEHRvb2xfaW5wdXRfc3RhcnQYKCABKAsyFy5rZWVsLnYxLlRvb2xJbnB1dFN0YXJ0SAASMwoQdG9vbF9pbnB1dF9kZWx0YRgpIAEoCzIXLmtlZWwudjEuVG9vbElucHV0RGVsdGFIABIvCg50b29sX2lucHV0X2VuZBgqIAEoCzIVLmtlZWwudjEuVG9vbElucHV0RW5kSAASJgoJdG9vbF9jYWxsGCsgASgLMhEua2VlbC52MS5Ub29sQ2FsbEgAEioKC3Rvb2xfcmVzdWx0GCwgASgLMhMua2VlbC52MS5Ub29sUmVzdWx0SAASKAoKdG9vbF9lcnJvchgtIAEoCzISLmtlZWwudjEuVG9vbEVycm9ySAASNwoSdG9vbF9jYWxsX2FwcHJvdmFsGC4gASgLMhkua2VlbC52MS5Ub29sQ2FsbEFwcHJvdmFsSAASOQoTdG9vbF9jYWxsX3N1c3BlbmRlZBgvIAEoCzIaLmtlZWwudjEuVG9vbENhbGxTdXNwZW5kZWRIABIqCgt0b29sX291dHB1dBgwIAEoCzITLmtlZWwudjEuVG9vbE91dHB1dEgAEjYKEXJlc3BvbnNlX21ldGFkYXRhGDIgASgLMhkua2VlbC52MS5SZXNwb25zZU1ldGFkYXRhSAASIQoGc291cmNlGDMgASgLMg8ua2VlbC52MS5Tb3VyY2VIABIdCgRmaWxlGDQgASgLMg0ua2VlbC52MS5GaWxlSAASJwoGb2JqZWN0GDUgASgLMhUua2VlbC52MS5PYmplY3RPdXRwdXRIABIfCgV1c2FnZRg2IAEoCzIOLmtlZWwudjEuVXNhZ2VIABIjCgR0YXNrGDwgASgLMhMua2VlbC52MS5UYXNrVXBkYXRlSABCCQoHcGF5bG9hZCIrCghSdW5TdGFydBIQCghhZ2VudF9pZBgBIAEoCRINCgVpbnB1dBgCIAEoCSILCglTdGVwU3RhcnQiQgoKU3RlcEZpbmlzaBIdCgV1c2FnZRgBIAEoCzIOLmtlZWwudjEuVXNhZ2USFQoNZmluaXNoX3JlYXNvbhgCIAEoCSJUCglSdW5GaW5pc2gSEwoLb3V0cHV0X3RleHQYASABKAkSEwoLb3V0cHV0X2pzb24YAiABKAkSHQoFdXNhZ2UYAyABKAsyDi5rZWVsLnYxLlVzYWdlIk4KCFJ1bkFib3J0Eg4KBnJlYXNvbhgBIAEoCRIdChVpbnRlcnJ1cHRlZF9ieV9ydW5faWQYAiABKAkSEwoLcm9sbGVkX2JhY2sYAyABKAgiKQoIUnVuRXJyb3ISDwoHbWVzc2FnZRgBIAEoCRIMCgR0eXBlGAIgASgJIiUKDFJ1blN1c3BlbmRlZBIVCg10b29sX2NhbGxfaWRzGAEgAygJIiMKClJ1blJlc3VtZWQSFQoNdG9vbF9jYWxsX2lkcxgBIAMoCSJZCg5TdGVwU3VwZXJzZWRlZBIXCg9zdXBlcnNlZGVkX3N0ZXAYASABKAUSGgoSc3VwZXJzZWRlZF9hdHRlbXB0GAIgASgFEhIKCmZyb21faW5kZXgYAyABKAMiHwoJVGV4dFN0YXJ0EhIKCnBhcnRfaW5kZXgYASABKAUiLgoJVGV4dERlbHRhEhIKCnBhcnRfaW5kZXgYASABKAUSDQoFZGVsdGEYAiABKAkiHQoHVGV4dEVuZBISCgpwYXJ0X2luZGV4GAEgASgFIiQKDlJlYXNvbmluZ1N0YXJ0EhIKCnBhcnRfaW5kZXgYASABKAUiMwoOUmVhc29uaW5nRGVsdGESEgoKcGFydF9pbmRleBgBIAEoBRINCgVkZWx0YRgCIAEoCSIiCgxSZWFzb25pbmdFbmQSEgoKcGFydF9pbmRleBgBIAEoBSJNCg5Ub29sSW5wdXRTdGFydBISCgpwYXJ0X2luZGV4GAEgASgFEhQKDHRvb2xfY2FsbF9pZBgCIAEoCRIRCgl0b29sX25hbWUYAyABKAkiMwoOVG9vbElucHV0RGVsdGESEgoKcGFydF9pbmRleBgBIAEoBRINCgVkZWx0YRgCIAEoCSI4CgxUb29sSW5wdXRFbmQSEgoKcGFydF9pbmRleBgBIAEoBRIUCgx0b29sX2NhbGxfaWQYAiABKAkiRgoIVG9vbENhbGwSFAoMdG9vbF9jYWxsX2lkGAEgASgJEhEKCXRvb2xfbmFtZRgCIAEoCRIRCglhcmdzX2pzb24YAyABKAkiWgoKVG9vbFJlc3VsdBIUCgx0b29sX2NhbGxfaWQYASABKAkSEQoJdG9vbF9uYW1lGAIgASgJEhMKC3Jlc3VsdF9qc29uGAMgASgJEg4KBmRlbmllZBgEIAEoCCJFCglUb29sRXJyb3ISFAoMdG9vbF9jYWxsX2lkGAEgASgJEhEKCXRvb2xfbmFtZRgCIAEoCRIPCgdtZXNzYWdlGAMgASgJIk4KEFRvb2xDYWxsQXBwcm92YWwSFAoMdG9vbF9jYWxsX2lkGAEgASgJEhEKCXRvb2xfbmFtZRgCIAEoCRIRCglhcmdzX2pzb24YAyABKAkiTwoRVG9vbENhbGxTdXNwZW5kZWQSFAoMdG9vbF9jYWxsX2lkGAEgASgJEhEKCXRvb2xfbmFtZRgCIAEoCRIRCglhcmdzX2pzb24YAyABKAkiNwoKVG9vbE91dHB1dBIUCgx0b29sX2NhbGxfaWQYASABKAkSEwoLb3V0cHV0X2pzb24YAiABKAkiWwoQUmVzcG9uc2VNZXRhZGF0YRISCgptb2RlbF9uYW1lGAEgASgJEhwKFHByb3ZpZGVyX3Jlc3BvbnNlX2lkGAIgASgJEhUKDXByb3ZpZGVyX25hbWUYAyABKAkiJAoGU291cmNlEgsKA3VybBgBIAEoCRINCgV0aXRsZRgCIAEoCSIoCgRGaWxlEhIKCm1lZGlhX3R5cGUYASABKAkSDAoEZGF0YRgCIAEoDCIjCgxPYmplY3RPdXRwdXQSEwoLb2JqZWN0X2pzb24YASABKAkiWgoFVXNhZ2USFAoMaW5wdXRfdG9rZW5zGAEgASgDEhUKDW91dHB1dF90b2tlbnMYAiABKAMSEAoIcmVxdWVzdHMYAyABKAMSEgoKdG9vbF9jYWxscxgEIAEoAyJzCgpUYXNrVXBkYXRlEg8KB3Rhc2tfaWQYASABKAkSDAoEbmFtZRgCIAEoCRIjCgZzdGF0dXMYAyABKA4yEy5rZWVsLnYxLlRhc2tTdGF0dXMSEAoIcHJvZ3Jlc3MYBCABKAESDwoHbWVzc2FnZRgFIAEoCSLOAgoGVGhyZWFkEhEKCXRocmVhZF9pZBgBIAEoCRITCgtyZXNvdXJjZV9pZBgCIAEoCRIvCghtZXRhZGF0YRgDIAMoCzIdLmtlZWwudjEuVGhyZWFkLk1ldGFkYXRhRW50cnkSLwoLY3JlYXRlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1hY3RpdmVfcnVuX2lkGAYgASgJEhYKDnF1ZXVlZF9ydW5faWRzGAcgAygJEhUKDW1lc3NhZ2VfY291bnQYCCABKAMSEgoKcmVxdWVzdF9pZBgJIAEoCRovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiwAEKE0NyZWF0ZVRocmVhZFJlcXVlc3QSEQoJdGhyZWFkX2lkGAEgASgJEhMKC3Jlc291cmNlX2lkGAIgASgJEjwKCG1ldGFkYXRhGAMgAygLMioua2VlbC52MS5DcmVhdGVUaHJlYWRSZXF1ZXN0Lk1ldGFkYXRhRW50cnkSEgoKcmVxdWVzdF9pZBgEIAEoCRovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiNwoUQ3JlYXRlVGhyZWFkUmVzcG9uc2USHwoGdGhyZWFkGAEgASgLMg8ua2VlbC52MS5UaHJlYWQiJQoQR2V0VGhyZWFkUmVxdWVzdBIRCgl0aHJlYWRfaWQYASABKAkiNAoRR2V0VGhyZWFkUmVzcG9uc2USHwoGdGhyZWFkGAEgASgLMg8ua2VlbC52MS5UaHJlYWQiUAoSTGlzdFRocmVhZHNSZXF1ZXN0EhMKC3Jlc291cmNlX2lkGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlAKE0xpc3RUaHJlYWRzUmVzcG9uc2USIAoHdGhyZWFkcxgBIAMoCzIPLmtlZWwudjEuVGhyZWFkEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIoChNEZWxldGVUaHJlYWRSZXF1ZXN0EhEKCXRocmVhZF9pZBgBIAEoCSIWChREZWxldGVUaHJlYWRSZXNwb25zZSJrChlMaXN0VGhyZWFkTWVzc2FnZXNSZXF1ZXN0EhEKCXRocmVhZF9pZBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCRIUCgxuZXdlc3RfZmlyc3QYBCABKAgiXwoaTGlzdFRocmVhZE1lc3NhZ2VzUmVzcG9uc2USKAoIbWVzc2FnZXMYASADKAsyFi5rZWVsLnYxLlRocmVhZE1lc3NhZ2USFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIqgBCg1UaHJlYWRNZXNzYWdlEg0KBWluZGV4GAEgASgDEg4KBnJ1bl9pZBgCIAEoCRIiCgRraW5kGAMgASgOMhQua2VlbC52MS5NZXNzYWdlS2luZBIjCgVwYXJ0cxgEIAMoCzIULmtlZWwudjEuTWVzc2FnZVBhcnQSLwoLY3JlYXRlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIoYDCgtNZXNzYWdlUGFydBIuCgt1c2VyX3Byb21wdBgBIAEoCzIXLmtlZWwudjEuVXNlclByb21wdFBhcnRIABIhCgR0ZXh0GAIgASgLMhEua2VlbC52MS5UZXh0UGFydEgAEiYKCXRvb2xfY2FsbBgDIAEoCzIRLmtlZWwudjEuVG9vbENhbGxIABIqCgt0b29sX3Jlc3VsdBgEIAEoCzITLmtlZWwudjEuVG9vbFJlc3VsdEgAEiMKBXJldHJ5GAUgASgLMhIua2VlbC52MS5Ub29sRXJyb3JIABIrCglyZWFzb25pbmcYBiABKAsyFi5rZWVsLnYxLlJlYXNvbmluZ1BhcnRIABIyCg1zeXN0ZW1fcHJvbXB0GAcgASgLMhkua2VlbC52MS5TeXN0ZW1Qcm9tcHRQYXJ0SAASHQoEZmlsZRgIIAEoCzINLmtlZWwudjEuRmlsZUgAEiMKBW90aGVyGAkgASgLMhIua2VlbC52MS5PdGhlclBhcnRIAEIGCgRwYXJ0Ih4KDlVzZXJQcm9tcHRQYXJ0EgwKBHRleHQYASABKAkiGAoIVGV4dFBhcnQSDAoEdGV4dBgBIAEoCSIdCg1SZWFzb25pbmdQYXJ0EgwKBHRleHQYASABKAkiIAoQU3lzdGVtUHJvbXB0UGFydBIMCgR0ZXh0GAEgASgJIjEKCU90aGVyUGFydBIRCglwYXJ0X2tpbmQYASABKAkSEQoJcGFydF9qc29uGAIgASgJKrMBCghSdW5TdGF0ZRIZChVSVU5fU1RBVEVfVU5TUEVDSUZJRUQQABIUChBSVU5fU1RBVEVfUVVFVUVEEAESFQoRUlVOX1NUQVRFX1JVTk5JTkcQAhIXChNSVU5fU1RBVEVfU1VTUEVOREVEEAMSFwoTUlVOX1NUQVRFX1NVQ0NFRURFRBAEEhQKEFJVTl9TVEFURV9GQUlMRUQQBRIXChNSVU5fU1RBVEVfQ0FOQ0VMTEVEEAYqZQoNSW50ZXJydXB0S2luZBIeChpJTlRFUlJVUFRfS0lORF9VTlNQRUNJRklFRBAAEhsKF0lOVEVSUlVQVF9LSU5EX0FQUFJPVkFMEAESFwoTSU5URVJSVVBUX0tJTkRfQ0FMTBACKqgBCgpUYXNrU3RhdHVzEhsKF1RBU0tfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFwoTVEFTS19TVEFUVVNfU1RBUlRFRBABEhcKE1RBU0tfU1RBVFVTX1JVTk5JTkcQAhIYChRUQVNLX1NUQVRVU19QUk9HUkVTUxADEhkKFVRBU0tfU1RBVFVTX0NPTVBMRVRFRBAEEhYKElRBU0tfU1RBVFVTX0ZBSUxFRBAFKrgBChBUaHJlYWRCdXN5UG9saWN5EiIKHlRIUkVBRF9CVVNZX1BPTElDWV9VTlNQRUNJRklFRBAAEh0KGVRIUkVBRF9CVVNZX1BPTElDWV9SRUpFQ1QQARIeChpUSFJFQURfQlVTWV9QT0xJQ1lfRU5RVUVVRRACEiAKHFRIUkVBRF9CVVNZX1BPTElDWV9JTlRFUlJVUFQQAxIfChtUSFJFQURfQlVTWV9QT0xJQ1lfUk9MTEJBQ0sQBCpgCgtNZXNzYWdlS2luZBIcChhNRVNTQUdFX0tJTkRfVU5TUEVDSUZJRUQQABIYChRNRVNTQUdFX0tJTkRfUkVRVUVTVBABEhkKFU1FU1NBR0VfS0lORF9SRVNQT05TRRACMpcHCgxBZ2VudFNlcnZpY2USOwoGU3RyZWFtEhYua2VlbC52MS5TdHJlYW1SZXF1ZXN0Ghcua2VlbC52MS5TdHJlYW1SZXNwb25zZTABEj4KB09ic2VydmUSFy5rZWVsLnYxLk9ic2VydmVSZXF1ZXN0Ghgua2VlbC52MS5PYnNlcnZlUmVzcG9uc2UwARI7CgZSZXN1bWUSFi5rZWVsLnYxLlJlc3VtZVJlcXVlc3QaFy5rZWVsLnYxLlJlc3VtZVJlc3BvbnNlMAESPwoIU3RhcnRSdW4SGC5rZWVsLnYxLlN0YXJ0UnVuUmVxdWVzdBoZLmtlZWwudjEuU3RhcnRSdW5SZXNwb25zZRI5CgZHZXRSdW4SFi5rZWVsLnYxLkdldFJ1blJlcXVlc3QaFy5rZWVsLnYxLkdldFJ1blJlc3BvbnNlEj8KCExpc3RSdW5zEhgua2VlbC52MS5MaXN0UnVuc1JlcXVlc3QaGS5rZWVsLnYxLkxpc3RSdW5zUmVzcG9uc2USQgoJQ2FuY2VsUnVuEhkua2VlbC52MS5DYW5jZWxSdW5SZXF1ZXN0Ghoua2VlbC52MS5DYW5jZWxSdW5SZXNwb25zZRJFCgpMaXN0QWdlbnRzEhoua2VlbC52MS5MaXN0QWdlbnRzUmVxdWVzdBobLmtlZWwudjEuTGlzdEFnZW50c1Jlc3BvbnNlEksKDENyZWF0ZVRocmVhZBIcLmtlZWwudjEuQ3JlYXRlVGhyZWFkUmVxdWVzdBodLmtlZWwudjEuQ3JlYXRlVGhyZWFkUmVzcG9uc2USQgoJR2V0VGhyZWFkEhkua2VlbC52MS5HZXRUaHJlYWRSZXF1ZXN0Ghoua2VlbC52MS5HZXRUaHJlYWRSZXNwb25zZRJICgtMaXN0VGhyZWFkcxIbLmtlZWwudjEuTGlzdFRocmVhZHNSZXF1ZXN0Ghwua2VlbC52MS5MaXN0VGhyZWFkc1Jlc3BvbnNlEksKDERlbGV0ZVRocmVhZBIcLmtlZWwudjEuRGVsZXRlVGhyZWFkUmVxdWVzdBodLmtlZWwudjEuRGVsZXRlVGhyZWFkUmVzcG9uc2USXQoSTGlzdFRocmVhZE1lc3NhZ2VzEiIua2VlbC52MS5MaXN0VGhyZWFkTWVzc2FnZXNSZXF1ZXN0GiMua2VlbC52MS5MaXN0VGhyZWFkTWVzc2FnZXNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * StreamRequest starts a run and streams it.
@@ -62,6 +62,25 @@ export type StreamRequest = Message<"keel.v1.StreamRequest"> & {
    * @generated from field: string request_id = 3;
    */
   requestId: string;
+
+  /**
+   * If set, the run is made on this thread (see CreateThread): it starts
+   * with the thread's message history, and its own messages join the
+   * thread when it ends. Empty: a run on its own, as if no thread existed.
+   * A thread's runs may use different agents. With a thread, request_id is
+   * scoped to the thread.
+   *
+   * @generated from field: string thread_id = 4;
+   */
+  threadId: string;
+
+  /**
+   * What to do when the thread already has an active run (ignored without
+   * thread_id). UNSPECIFIED means REJECT.
+   *
+   * @generated from field: keel.v1.ThreadBusyPolicy busy_policy = 5;
+   */
+  busyPolicy: ThreadBusyPolicy;
 };
 
 /**
@@ -449,6 +468,20 @@ export type StartRunRequest = Message<"keel.v1.StartRunRequest"> & {
    * @generated from field: string request_id = 3;
    */
   requestId: string;
+
+  /**
+   * The thread to make the run on; see StreamRequest.thread_id.
+   *
+   * @generated from field: string thread_id = 4;
+   */
+  threadId: string;
+
+  /**
+   * What to do when the thread is busy; see StreamRequest.busy_policy.
+   *
+   * @generated from field: keel.v1.ThreadBusyPolicy busy_policy = 5;
+   */
+  busyPolicy: ThreadBusyPolicy;
 };
 
 /**
@@ -557,6 +590,13 @@ export type ListRunsRequest = Message<"keel.v1.ListRunsRequest"> & {
    * @generated from field: string page_token = 4;
    */
   pageToken: string;
+
+  /**
+   * If set, only runs made on this thread.
+   *
+   * @generated from field: string thread_id = 5;
+   */
+  threadId: string;
 };
 
 /**
@@ -712,6 +752,24 @@ export type Agent = Message<"keel.v1.Agent"> & {
    * @generated from field: repeated keel.v1.Tool tools = 4;
    */
   tools: Tool[];
+
+  /**
+   * Whether the agent's runs are live only: their events go to the streams
+   * open at the time and are not kept, so Observe answers
+   * FAILED_PRECONDITION (RUN_NOT_RESUMABLE) below the head. The run's
+   * record, checkpoints and takeover work as for any run.
+   *
+   * @generated from field: bool live_only = 5;
+   */
+  liveOnly: boolean;
+
+  /**
+   * How long this agent's ended runs are kept: the agent's own retention,
+   * or the server's (KEEL_TERMINAL_TTL_S).
+   *
+   * @generated from field: google.protobuf.Duration ended_run_retention = 6;
+   */
+  endedRunRetention?: Duration | undefined;
 };
 
 /**
@@ -838,6 +896,13 @@ export type Run = Message<"keel.v1.Run"> & {
    * @generated from field: repeated keel.v1.Interrupt pending_interrupts = 11;
    */
   pendingInterrupts: Interrupt[];
+
+  /**
+   * The thread the run was made on; empty for a run on its own.
+   *
+   * @generated from field: string thread_id = 12;
+   */
+  threadId: string;
 };
 
 /**
@@ -1339,6 +1404,22 @@ export type RunAbort = Message<"keel.v1.RunAbort"> & {
    * @generated from field: string reason = 1;
    */
   reason: string;
+
+  /**
+   * Set when a run sent to the same thread with policy INTERRUPT or
+   * ROLLBACK cancelled this one: that run's id.
+   *
+   * @generated from field: string interrupted_by_run_id = 2;
+   */
+  interruptedByRunId: string;
+
+  /**
+   * Whether the cancellation was a ROLLBACK: none of this run's messages
+   * entered its thread.
+   *
+   * @generated from field: bool rolled_back = 3;
+   */
+  rolledBack: boolean;
 };
 
 /**
@@ -2103,6 +2184,627 @@ export const TaskUpdateSchema: GenMessage<TaskUpdate> = /*@__PURE__*/
   messageDesc(file_keel_v1_agent_service, 56);
 
 /**
+ * Thread is a conversation: the message history that its runs share.
+ *
+ * @generated from message keel.v1.Thread
+ */
+export type Thread = Message<"keel.v1.Thread"> & {
+  /**
+   * The thread's id.
+   *
+   * @generated from field: string thread_id = 1;
+   */
+  threadId: string;
+
+  /**
+   * Who the thread belongs to, for example a user id; free text for the
+   * caller, used by ListThreads to filter.
+   *
+   * @generated from field: string resource_id = 2;
+   */
+  resourceId: string;
+
+  /**
+   * The caller's metadata, as given to CreateThread.
+   *
+   * @generated from field: map<string, string> metadata = 3;
+   */
+  metadata: { [key: string]: string };
+
+  /**
+   * When the thread was created.
+   *
+   * @generated from field: google.protobuf.Timestamp create_time = 4;
+   */
+  createTime?: Timestamp | undefined;
+
+  /**
+   * When a run of the thread last started or ended.
+   *
+   * @generated from field: google.protobuf.Timestamp update_time = 5;
+   */
+  updateTime?: Timestamp | undefined;
+
+  /**
+   * The run that is active on the thread (queued, running or suspended), or
+   * empty when the thread is idle.
+   *
+   * @generated from field: string active_run_id = 6;
+   */
+  activeRunId: string;
+
+  /**
+   * Runs that wait for their turn, in the order they will start.
+   *
+   * @generated from field: repeated string queued_run_ids = 7;
+   */
+  queuedRunIds: string[];
+
+  /**
+   * The number of messages in the thread's history.
+   *
+   * @generated from field: int64 message_count = 8;
+   */
+  messageCount: bigint;
+
+  /**
+   * The idempotency key the thread was created with, if any.
+   *
+   * @generated from field: string request_id = 9;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message keel.v1.Thread.
+ * Use `create(ThreadSchema)` to create a new message.
+ */
+export const ThreadSchema: GenMessage<Thread> = /*@__PURE__*/
+  messageDesc(file_keel_v1_agent_service, 57);
+
+/**
+ * CreateThreadRequest creates a thread.
+ *
+ * @generated from message keel.v1.CreateThreadRequest
+ */
+export type CreateThreadRequest = Message<"keel.v1.CreateThreadRequest"> & {
+  /**
+   * The thread's id, chosen by the caller: 1 to 64 letters, digits, '_',
+   * '.' or '-', starting with a letter or digit. Empty: the server picks one
+   * (derived from request_id, if given).
+   *
+   * @generated from field: string thread_id = 1;
+   */
+  threadId: string;
+
+  /**
+   * Who the thread belongs to (at most 128 characters, no whitespace or
+   * braces). Optional.
+   *
+   * @generated from field: string resource_id = 2;
+   */
+  resourceId: string;
+
+  /**
+   * Caller's metadata: at most 64 entries, keys of 1 to 128 characters,
+   * values of at most 1024 characters.
+   *
+   * @generated from field: map<string, string> metadata = 3;
+   */
+  metadata: { [key: string]: string };
+
+  /**
+   * An optional idempotency key (a UUID is best, at most 128 characters):
+   * the same request sent again returns the same thread.
+   *
+   * @generated from field: string request_id = 4;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message keel.v1.CreateThreadRequest.
+ * Use `create(CreateThreadRequestSchema)` to create a new message.
+ */
+export const CreateThreadRequestSchema: GenMessage<CreateThreadRequest> = /*@__PURE__*/
+  messageDesc(file_keel_v1_agent_service, 58);
+
+/**
+ * CreateThreadResponse holds the new thread (or the one an earlier request
+ * with the same request_id created).
+ *
+ * @generated from message keel.v1.CreateThreadResponse
+ */
+export type CreateThreadResponse = Message<"keel.v1.CreateThreadResponse"> & {
+  /**
+   * The thread.
+   *
+   * @generated from field: keel.v1.Thread thread = 1;
+   */
+  thread?: Thread | undefined;
+};
+
+/**
+ * Describes the message keel.v1.CreateThreadResponse.
+ * Use `create(CreateThreadResponseSchema)` to create a new message.
+ */
+export const CreateThreadResponseSchema: GenMessage<CreateThreadResponse> = /*@__PURE__*/
+  messageDesc(file_keel_v1_agent_service, 59);
+
+/**
+ * GetThreadRequest names a thread.
+ *
+ * @generated from message keel.v1.GetThreadRequest
+ */
+export type GetThreadRequest = Message<"keel.v1.GetThreadRequest"> & {
+  /**
+   * The thread. Required.
+   *
+   * @generated from field: string thread_id = 1;
+   */
+  threadId: string;
+};
+
+/**
+ * Describes the message keel.v1.GetThreadRequest.
+ * Use `create(GetThreadRequestSchema)` to create a new message.
+ */
+export const GetThreadRequestSchema: GenMessage<GetThreadRequest> = /*@__PURE__*/
+  messageDesc(file_keel_v1_agent_service, 60);
+
+/**
+ * GetThreadResponse holds a thread.
+ *
+ * @generated from message keel.v1.GetThreadResponse
+ */
+export type GetThreadResponse = Message<"keel.v1.GetThreadResponse"> & {
+  /**
+   * The thread.
+   *
+   * @generated from field: keel.v1.Thread thread = 1;
+   */
+  thread?: Thread | undefined;
+};
+
+/**
+ * Describes the message keel.v1.GetThreadResponse.
+ * Use `create(GetThreadResponseSchema)` to create a new message.
+ */
+export const GetThreadResponseSchema: GenMessage<GetThreadResponse> = /*@__PURE__*/
+  messageDesc(file_keel_v1_agent_service, 61);
+
+/**
+ * ListThreadsRequest selects a page of threads.
+ *
+ * @generated from message keel.v1.ListThreadsRequest
+ */
+export type ListThreadsRequest = Message<"keel.v1.ListThreadsRequest"> & {
+  /**
+   * If set, only threads of this resource_id.
+   *
+   * @generated from field: string resource_id = 1;
+   */
+  resourceId: string;
+
+  /**
+   * The most threads to return: 0 means 50, larger values are capped at
+   * 1000, negative values are INVALID_ARGUMENT.
+   *
+   * @generated from field: int32 page_size = 2;
+   */
+  pageSize: number;
+
+  /**
+   * The next_page_token of the previous page, or empty for the first page.
+   * It is only valid with the same resource_id.
+   *
+   * @generated from field: string page_token = 3;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message keel.v1.ListThreadsRequest.
+ * Use `create(ListThreadsRequestSchema)` to create a new message.
+ */
+export const ListThreadsRequestSchema: GenMessage<ListThreadsRequest> = /*@__PURE__*/
+  messageDesc(file_keel_v1_agent_service, 62);
+
+/**
+ * ListThreadsResponse is one page of threads, newest first.
+ *
+ * @generated from message keel.v1.ListThreadsResponse
+ */
+export type ListThreadsResponse = Message<"keel.v1.ListThreadsResponse"> & {
+  /**
+   * The threads.
+   *
+   * @generated from field: repeated keel.v1.Thread threads = 1;
+   */
+  threads: Thread[];
+
+  /**
+   * Send this as page_token for the next page; empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message keel.v1.ListThreadsResponse.
+ * Use `create(ListThreadsResponseSchema)` to create a new message.
+ */
+export const ListThreadsResponseSchema: GenMessage<ListThreadsResponse> = /*@__PURE__*/
+  messageDesc(file_keel_v1_agent_service, 63);
+
+/**
+ * DeleteThreadRequest names the thread to delete.
+ *
+ * @generated from message keel.v1.DeleteThreadRequest
+ */
+export type DeleteThreadRequest = Message<"keel.v1.DeleteThreadRequest"> & {
+  /**
+   * The thread. Required.
+   *
+   * @generated from field: string thread_id = 1;
+   */
+  threadId: string;
+};
+
+/**
+ * Describes the message keel.v1.DeleteThreadRequest.
+ * Use `create(DeleteThreadRequestSchema)` to create a new message.
+ */
+export const DeleteThreadRequestSchema: GenMessage<DeleteThreadRequest> = /*@__PURE__*/
+  messageDesc(file_keel_v1_agent_service, 64);
+
+/**
+ * DeleteThreadResponse confirms a deletion.
+ *
+ * @generated from message keel.v1.DeleteThreadResponse
+ */
+export type DeleteThreadResponse = Message<"keel.v1.DeleteThreadResponse"> & {
+};
+
+/**
+ * Describes the message keel.v1.DeleteThreadResponse.
+ * Use `create(DeleteThreadResponseSchema)` to create a new message.
+ */
+export const DeleteThreadResponseSchema: GenMessage<DeleteThreadResponse> = /*@__PURE__*/
+  messageDesc(file_keel_v1_agent_service, 65);
+
+/**
+ * ListThreadMessagesRequest selects a page of a thread's messages.
+ *
+ * @generated from message keel.v1.ListThreadMessagesRequest
+ */
+export type ListThreadMessagesRequest = Message<"keel.v1.ListThreadMessagesRequest"> & {
+  /**
+   * The thread. Required.
+   *
+   * @generated from field: string thread_id = 1;
+   */
+  threadId: string;
+
+  /**
+   * The most messages to return: 0 means 50, larger values are capped at
+   * 1000, negative values are INVALID_ARGUMENT.
+   *
+   * @generated from field: int32 page_size = 2;
+   */
+  pageSize: number;
+
+  /**
+   * The next_page_token of the previous page, or empty for the first page.
+   * It is only valid with the same thread_id and newest_first.
+   *
+   * @generated from field: string page_token = 3;
+   */
+  pageToken: string;
+
+  /**
+   * Newest first instead of oldest first (a chat shows the latest page).
+   *
+   * @generated from field: bool newest_first = 4;
+   */
+  newestFirst: boolean;
+};
+
+/**
+ * Describes the message keel.v1.ListThreadMessagesRequest.
+ * Use `create(ListThreadMessagesRequestSchema)` to create a new message.
+ */
+export const ListThreadMessagesRequestSchema: GenMessage<ListThreadMessagesRequest> = /*@__PURE__*/
+  messageDesc(file_keel_v1_agent_service, 66);
+
+/**
+ * ListThreadMessagesResponse is one page of a thread's messages.
+ *
+ * @generated from message keel.v1.ListThreadMessagesResponse
+ */
+export type ListThreadMessagesResponse = Message<"keel.v1.ListThreadMessagesResponse"> & {
+  /**
+   * The messages, in the order asked for.
+   *
+   * @generated from field: repeated keel.v1.ThreadMessage messages = 1;
+   */
+  messages: ThreadMessage[];
+
+  /**
+   * Send this as page_token for the next page; empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message keel.v1.ListThreadMessagesResponse.
+ * Use `create(ListThreadMessagesResponseSchema)` to create a new message.
+ */
+export const ListThreadMessagesResponseSchema: GenMessage<ListThreadMessagesResponse> = /*@__PURE__*/
+  messageDesc(file_keel_v1_agent_service, 67);
+
+/**
+ * ThreadMessage is one message of a thread's history: one pydantic-ai
+ * ModelRequest or ModelResponse, as the run that produced it left it.
+ *
+ * @generated from message keel.v1.ThreadMessage
+ */
+export type ThreadMessage = Message<"keel.v1.ThreadMessage"> & {
+  /**
+   * The message's position in the thread, from 0, in the order the messages
+   * were added.
+   *
+   * @generated from field: int64 index = 1;
+   */
+  index: bigint;
+
+  /**
+   * The run that produced the message.
+   *
+   * @generated from field: string run_id = 2;
+   */
+  runId: string;
+
+  /**
+   * Whether the message went to the model or came from it.
+   *
+   * @generated from field: keel.v1.MessageKind kind = 3;
+   */
+  kind: MessageKind;
+
+  /**
+   * The message's parts, in order.
+   *
+   * @generated from field: repeated keel.v1.MessagePart parts = 4;
+   */
+  parts: MessagePart[];
+
+  /**
+   * When the message was made.
+   *
+   * @generated from field: google.protobuf.Timestamp create_time = 5;
+   */
+  createTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message keel.v1.ThreadMessage.
+ * Use `create(ThreadMessageSchema)` to create a new message.
+ */
+export const ThreadMessageSchema: GenMessage<ThreadMessage> = /*@__PURE__*/
+  messageDesc(file_keel_v1_agent_service, 68);
+
+/**
+ * MessagePart is one part of a thread's message.
+ *
+ * @generated from message keel.v1.MessagePart
+ */
+export type MessagePart = Message<"keel.v1.MessagePart"> & {
+  /**
+   * What the part holds.
+   *
+   * @generated from oneof keel.v1.MessagePart.part
+   */
+  part: {
+    /**
+     * The user's text (in a request).
+     *
+     * @generated from field: keel.v1.UserPromptPart user_prompt = 1;
+     */
+    value: UserPromptPart;
+    case: "userPrompt";
+  } | {
+    /**
+     * Text from the model (in a response).
+     *
+     * @generated from field: keel.v1.TextPart text = 2;
+     */
+    value: TextPart;
+    case: "text";
+  } | {
+    /**
+     * The model called a tool (in a response).
+     *
+     * @generated from field: keel.v1.ToolCall tool_call = 3;
+     */
+    value: ToolCall;
+    case: "toolCall";
+  } | {
+    /**
+     * A tool's result, or a human's denial of the call (in a request).
+     *
+     * @generated from field: keel.v1.ToolResult tool_result = 4;
+     */
+    value: ToolResult;
+    case: "toolResult";
+  } | {
+    /**
+     * The model was asked to try again, for example after a tool failed (in
+     * a request); tool_call_id and tool_name are empty when no tool failed.
+     *
+     * @generated from field: keel.v1.ToolError retry = 5;
+     */
+    value: ToolError;
+    case: "retry";
+  } | {
+    /**
+     * The model's reasoning (in a response).
+     *
+     * @generated from field: keel.v1.ReasoningPart reasoning = 6;
+     */
+    value: ReasoningPart;
+    case: "reasoning";
+  } | {
+    /**
+     * A system prompt (in a request).
+     *
+     * @generated from field: keel.v1.SystemPromptPart system_prompt = 7;
+     */
+    value: SystemPromptPart;
+    case: "systemPrompt";
+  } | {
+    /**
+     * A file the model produced (in a response).
+     *
+     * @generated from field: keel.v1.File file = 8;
+     */
+    value: File;
+    case: "file";
+  } | {
+    /**
+     * A part of another kind, as pydantic-ai's JSON.
+     *
+     * @generated from field: keel.v1.OtherPart other = 9;
+     */
+    value: OtherPart;
+    case: "other";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message keel.v1.MessagePart.
+ * Use `create(MessagePartSchema)` to create a new message.
+ */
+export const MessagePartSchema: GenMessage<MessagePart> = /*@__PURE__*/
+  messageDesc(file_keel_v1_agent_service, 69);
+
+/**
+ * UserPromptPart is the user's text. Non-text content (images, documents)
+ * is summarised as its kind in brackets.
+ *
+ * @generated from message keel.v1.UserPromptPart
+ */
+export type UserPromptPart = Message<"keel.v1.UserPromptPart"> & {
+  /**
+   * The text.
+   *
+   * @generated from field: string text = 1;
+   */
+  text: string;
+};
+
+/**
+ * Describes the message keel.v1.UserPromptPart.
+ * Use `create(UserPromptPartSchema)` to create a new message.
+ */
+export const UserPromptPartSchema: GenMessage<UserPromptPart> = /*@__PURE__*/
+  messageDesc(file_keel_v1_agent_service, 70);
+
+/**
+ * TextPart is text the model produced.
+ *
+ * @generated from message keel.v1.TextPart
+ */
+export type TextPart = Message<"keel.v1.TextPart"> & {
+  /**
+   * The text.
+   *
+   * @generated from field: string text = 1;
+   */
+  text: string;
+};
+
+/**
+ * Describes the message keel.v1.TextPart.
+ * Use `create(TextPartSchema)` to create a new message.
+ */
+export const TextPartSchema: GenMessage<TextPart> = /*@__PURE__*/
+  messageDesc(file_keel_v1_agent_service, 71);
+
+/**
+ * ReasoningPart is the model's reasoning.
+ *
+ * @generated from message keel.v1.ReasoningPart
+ */
+export type ReasoningPart = Message<"keel.v1.ReasoningPart"> & {
+  /**
+   * The reasoning text.
+   *
+   * @generated from field: string text = 1;
+   */
+  text: string;
+};
+
+/**
+ * Describes the message keel.v1.ReasoningPart.
+ * Use `create(ReasoningPartSchema)` to create a new message.
+ */
+export const ReasoningPartSchema: GenMessage<ReasoningPart> = /*@__PURE__*/
+  messageDesc(file_keel_v1_agent_service, 72);
+
+/**
+ * SystemPromptPart is a system prompt sent to the model.
+ *
+ * @generated from message keel.v1.SystemPromptPart
+ */
+export type SystemPromptPart = Message<"keel.v1.SystemPromptPart"> & {
+  /**
+   * The prompt.
+   *
+   * @generated from field: string text = 1;
+   */
+  text: string;
+};
+
+/**
+ * Describes the message keel.v1.SystemPromptPart.
+ * Use `create(SystemPromptPartSchema)` to create a new message.
+ */
+export const SystemPromptPartSchema: GenMessage<SystemPromptPart> = /*@__PURE__*/
+  messageDesc(file_keel_v1_agent_service, 73);
+
+/**
+ * OtherPart is a message part of a kind this API does not type.
+ *
+ * @generated from message keel.v1.OtherPart
+ */
+export type OtherPart = Message<"keel.v1.OtherPart"> & {
+  /**
+   * pydantic-ai's part_kind, for example "builtin-tool-call".
+   *
+   * @generated from field: string part_kind = 1;
+   */
+  partKind: string;
+
+  /**
+   * The part as pydantic-ai's JSON.
+   *
+   * @generated from field: string part_json = 2;
+   */
+  partJson: string;
+};
+
+/**
+ * Describes the message keel.v1.OtherPart.
+ * Use `create(OtherPartSchema)` to create a new message.
+ */
+export const OtherPartSchema: GenMessage<OtherPart> = /*@__PURE__*/
+  messageDesc(file_keel_v1_agent_service, 74);
+
+/**
  * RunState is where a run is in its life. QUEUED, RUNNING and SUSPENDED
  * runs are live and never expire; SUCCEEDED, FAILED and CANCELLED are
  * terminal, and a terminal run's events are kept for the server's retention
@@ -2119,7 +2821,8 @@ export enum RunState {
   UNSPECIFIED = 0,
 
   /**
-   * The run was accepted and has not started its first step.
+   * The run was accepted and has not started its first step (a run on a
+   * thread may wait here for the thread's active run to end).
    *
    * @generated from enum value: RUN_STATE_QUEUED = 1;
    */
@@ -2258,6 +2961,98 @@ export const TaskStatusSchema: GenEnum<TaskStatus> = /*@__PURE__*/
   enumDesc(file_keel_v1_agent_service, 2);
 
 /**
+ * ThreadBusyPolicy says what a run sent to a thread does when the thread
+ * already has an active run (one that has not ended: queued, running or
+ * suspended). Runs that wait for a thread start one at a time, in the order
+ * they arrived; every policy but REJECT joins that queue. Deciding is atomic
+ * across every server that shares the store: of two runs sent to an idle
+ * thread at once, exactly one becomes its active run.
+ *
+ * @generated from enum keel.v1.ThreadBusyPolicy
+ */
+export enum ThreadBusyPolicy {
+  /**
+   * Not set: REJECT.
+   *
+   * @generated from enum value: THREAD_BUSY_POLICY_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Refuse the new run: FAILED_PRECONDITION (THREAD_BUSY) with the active
+   * run's id in the ErrorInfo metadata (active_run_id).
+   *
+   * @generated from enum value: THREAD_BUSY_POLICY_REJECT = 1;
+   */
+  REJECT = 1,
+
+  /**
+   * The new run waits in state QUEUED and starts when the runs before it
+   * have ended. The queue is durable.
+   *
+   * @generated from enum value: THREAD_BUSY_POLICY_ENQUEUE = 2;
+   */
+  ENQUEUE = 2,
+
+  /**
+   * Cancel the active run (its `abort` event names the new run in
+   * interrupted_by_run_id); the messages it completed stay in the thread.
+   * The new run waits in the queue like ENQUEUE.
+   *
+   * @generated from enum value: THREAD_BUSY_POLICY_INTERRUPT = 3;
+   */
+  INTERRUPT = 3,
+
+  /**
+   * Cancel the active run like INTERRUPT, but none of its messages enter
+   * the thread (its `abort` event has rolled_back set).
+   *
+   * @generated from enum value: THREAD_BUSY_POLICY_ROLLBACK = 4;
+   */
+  ROLLBACK = 4,
+}
+
+/**
+ * Describes the enum keel.v1.ThreadBusyPolicy.
+ */
+export const ThreadBusyPolicySchema: GenEnum<ThreadBusyPolicy> = /*@__PURE__*/
+  enumDesc(file_keel_v1_agent_service, 3);
+
+/**
+ * MessageKind says which way a message of a thread went.
+ *
+ * @generated from enum keel.v1.MessageKind
+ */
+export enum MessageKind {
+  /**
+   * Not set. Never returned by the server.
+   *
+   * @generated from enum value: MESSAGE_KIND_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * A request to the model: the user's text, tool results, system prompts.
+   *
+   * @generated from enum value: MESSAGE_KIND_REQUEST = 1;
+   */
+  REQUEST = 1,
+
+  /**
+   * The model's response: text, reasoning, tool calls.
+   *
+   * @generated from enum value: MESSAGE_KIND_RESPONSE = 2;
+   */
+  RESPONSE = 2,
+}
+
+/**
+ * Describes the enum keel.v1.MessageKind.
+ */
+export const MessageKindSchema: GenEnum<MessageKind> = /*@__PURE__*/
+  enumDesc(file_keel_v1_agent_service, 4);
+
+/**
  * AgentService starts agent runs, streams their events and lets clients
  * rejoin a run's stream from any offset.
  *
@@ -2280,10 +3075,17 @@ export const AgentService: GenService<{
    * Stream sent again with the same request_id attaches to the run it
    * started and streams it again from offset 0.
    *
+   * A run on a thread (thread_id set) that must wait for the thread's active
+   * run (policy ENQUEUE, INTERRUPT or ROLLBACK) streams a snapshot in state
+   * QUEUED, then heartbeats until its turn comes.
+   *
    * Errors: INVALID_ARGUMENT for an unknown agent or a malformed request
    * (with BadRequest field violations); ALREADY_EXISTS (REQUEST_ID_REUSED)
-   * when request_id was used for a different agent or input; UNAVAILABLE
-   * when the server is draining or its store is unreachable.
+   * when request_id was used for a different agent or input; NOT_FOUND
+   * (THREAD_NOT_FOUND) for an unknown thread; FAILED_PRECONDITION
+   * (THREAD_BUSY, metadata thread_id and active_run_id) when the thread has
+   * an active run and the policy is REJECT; UNAVAILABLE when the server is
+   * draining or its store is unreachable.
    *
    * @generated from rpc keel.v1.AgentService.Stream
    */
@@ -2308,8 +3110,12 @@ export const AgentService: GenService<{
    * expired run; OUT_OF_RANGE (OFFSET_EXPIRED, metadata earliest_offset and
    * next_offset) when offset is below the earliest event the log still
    * retains; OUT_OF_RANGE (OFFSET_BEYOND_END) when the run has ended and
-   * offset is past its last event; UNAVAILABLE when the server is draining
-   * (resume from the next offset on another replica).
+   * offset is past its last event; FAILED_PRECONDITION (RUN_NOT_RESUMABLE,
+   * metadata next_offset) when the run's agent does not keep events and
+   * offset is below the head (such a run can only be followed live, from
+   * next_offset; a live stream of it that falls behind ends with the same
+   * error); UNAVAILABLE when the server is draining (resume from the next
+   * offset on another replica).
    *
    * @generated from rpc keel.v1.AgentService.Observe
    */
@@ -2371,8 +3177,8 @@ export const AgentService: GenService<{
     output: typeof GetRunResponseSchema;
   },
   /**
-   * ListRuns lists runs, newest first, optionally filtered by agent and
-   * state. Errors: INVALID_ARGUMENT for a negative page_size, an unknown
+   * ListRuns lists runs, newest first, optionally filtered by agent,
+   * thread and state. Errors: INVALID_ARGUMENT for a negative page_size, an unknown
    * state or a page_token this server did not issue for the same filters.
    *
    * @generated from rpc keel.v1.AgentService.ListRuns
@@ -2404,6 +3210,79 @@ export const AgentService: GenService<{
     methodKind: "unary";
     input: typeof ListAgentsRequestSchema;
     output: typeof ListAgentsResponseSchema;
+  },
+  /**
+   * CreateThread creates a thread: a conversation whose runs share one
+   * message history. A run started with the thread's thread_id begins with
+   * the thread's messages and adds its own to them when it ends.
+   *
+   * The thread's id is thread_id if given, else derived from request_id if
+   * given, else random. Sending the same request again (same request_id)
+   * returns the same thread. Errors: INVALID_ARGUMENT for a malformed id,
+   * resource_id or metadata (BadRequest field violations); ALREADY_EXISTS
+   * (THREAD_ALREADY_EXISTS) when a thread with this thread_id exists and was
+   * not created by this request_id; ALREADY_EXISTS (REQUEST_ID_REUSED) when
+   * request_id created a thread with another resource_id or metadata.
+   *
+   * @generated from rpc keel.v1.AgentService.CreateThread
+   */
+  createThread: {
+    methodKind: "unary";
+    input: typeof CreateThreadRequestSchema;
+    output: typeof CreateThreadResponseSchema;
+  },
+  /**
+   * GetThread returns a thread: its owner, metadata, active run, queued runs
+   * and number of messages. Errors: INVALID_ARGUMENT for a malformed id;
+   * NOT_FOUND (THREAD_NOT_FOUND) for an unknown, deleted or expired thread.
+   *
+   * @generated from rpc keel.v1.AgentService.GetThread
+   */
+  getThread: {
+    methodKind: "unary";
+    input: typeof GetThreadRequestSchema;
+    output: typeof GetThreadResponseSchema;
+  },
+  /**
+   * ListThreads lists threads, newest first, optionally only those of one
+   * resource_id. Errors: INVALID_ARGUMENT for a negative page_size, a
+   * malformed resource_id or a page_token this server did not issue for the
+   * same resource_id.
+   *
+   * @generated from rpc keel.v1.AgentService.ListThreads
+   */
+  listThreads: {
+    methodKind: "unary";
+    input: typeof ListThreadsRequestSchema;
+    output: typeof ListThreadsResponseSchema;
+  },
+  /**
+   * DeleteThread deletes a thread and its message history. The runs made on
+   * it stay (until their own retention time passes). Errors:
+   * INVALID_ARGUMENT for a malformed id; NOT_FOUND (THREAD_NOT_FOUND);
+   * FAILED_PRECONDITION (THREAD_BUSY, metadata active_run_id) while a run of
+   * the thread is active or waits for its turn: cancel it first.
+   *
+   * @generated from rpc keel.v1.AgentService.DeleteThread
+   */
+  deleteThread: {
+    methodKind: "unary";
+    input: typeof DeleteThreadRequestSchema;
+    output: typeof DeleteThreadResponseSchema;
+  },
+  /**
+   * ListThreadMessages returns a page of a thread's messages, oldest first
+   * (or newest first), each with the run that produced it. A run's messages
+   * join its thread when the run ends. Errors: INVALID_ARGUMENT for a
+   * malformed id, a negative page_size or a page_token this server did not
+   * issue for the same thread and order; NOT_FOUND (THREAD_NOT_FOUND).
+   *
+   * @generated from rpc keel.v1.AgentService.ListThreadMessages
+   */
+  listThreadMessages: {
+    methodKind: "unary";
+    input: typeof ListThreadMessagesRequestSchema;
+    output: typeof ListThreadMessagesResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_keel_v1_agent_service, 0);
