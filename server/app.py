@@ -92,6 +92,7 @@ async def create_server(settings: Settings) -> Keel:
         terminal_ttl_s=settings.terminal_ttl_s,
         retain_events=settings.retain_events,
         lease_ttl_s=settings.lease_ttl_s,
+        thread_idle_ttl_s=settings.thread_idle_ttl_s,
     )
     executor = LocalExecutor(
         event_log,
@@ -120,6 +121,7 @@ async def create_server(settings: Settings) -> Keel:
         ),
         max_batch_bytes=settings.max_batch_bytes,
         draining=draining,
+        default_retention_s=settings.terminal_ttl_s,
     )
     # No SO_REUSEPORT: a second server on a port still held by a draining one
     # must fail to bind, not silently split that port's connections with it.

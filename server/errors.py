@@ -4,9 +4,13 @@ KeelError
 ├── InvalidArgument           a malformed request (carries field violations)
 │   └── UnknownAgent          agent_id names no agent of this server
 ├── RunNotFound               no such run, or it expired
-├── RequestIdReused           request_id already started a different run
+├── ThreadNotFound            no such thread: never created, deleted or expired
+├── RequestIdReused           request_id already made a different run or thread
+├── ThreadAlreadyExists       a thread with the chosen thread_id exists
+├── ThreadBusy                the thread has an active run (REJECT, DeleteThread)
 ├── OffsetExpired             offset below the earliest retained index
 ├── OffsetBeyondEnd           offset past the last event of an ended run
+├── RunNotResumable           a live-only run's events below its head are not kept
 ├── StaleEpoch                a fenced writer tried to write (never reaches a client as such)
 ├── IndexConflict             an append did not start at the run's next index
 ├── StoreUnavailable          Redis unreachable
@@ -61,13 +65,63 @@ class RunNotFound(KeelError):
 
 
 class RequestIdReused(KeelError):
-    """A request_id that already started a run was sent with another agent or input."""
+    """A request_id that already made a run (or thread) was sent with other content."""
 
-    def __init__(self, request_id: str, run_id: str) -> None:
+    def __init__(self, request_id: str, run_id: str = "", *, thread_id: str = "") -> None:
         self.request_id = request_id
         self.run_id = run_id
+        self.thread_id = thread_id
+        if thread_id:
+            message = (
+                f"request_id {request_id!r} already created thread {thread_id!r} "
+                "with another resource_id or metadata"
+            )
+        else:
+            message = (
+                f"request_id {request_id!r} already started run {run_id!r} "
+                "with another agent or input"
+            )
+        super().__init__(message)
+
+
+class ThreadNotFound(KeelError):
+    """No thread has this id (it never existed, was deleted, or its idle time ran out)."""
+
+    def __init__(self, thread_id: str) -> None:
+        self.thread_id = thread_id
+        super().__init__(f"thread {thread_id!r} not found")
+
+
+class ThreadAlreadyExists(KeelError):
+    """CreateThread named a thread_id that is taken."""
+
+    def __init__(self, thread_id: str) -> None:
+        self.thread_id = thread_id
+        super().__init__(f"thread {thread_id!r} already exists")
+
+
+class ThreadBusy(KeelError):
+    """The thread has a run that has not ended (or one waiting for its turn)."""
+
+    def __init__(self, thread_id: str, active_run_id: str) -> None:
+        self.thread_id = thread_id
+        self.active_run_id = active_run_id
         super().__init__(
-            f"request_id {request_id!r} already started run {run_id!r} with another agent or input"
+            f"thread {thread_id!r} is busy with run {active_run_id!r}; wait for it to end, "
+            "cancel it, or send the run with another busy_policy"
+        )
+
+
+class RunNotResumable(KeelError):
+    """The run's agent keeps no events: it can only be followed live, from its head."""
+
+    def __init__(self, run_id: str, offset: int, next_offset: int) -> None:
+        self.run_id = run_id
+        self.offset = offset
+        self.next_offset = next_offset
+        super().__init__(
+            f"run {run_id!r} is live only (its agent keeps no events): offset {offset} is gone; "
+            f"follow it live from offset {next_offset}"
         )
 
 

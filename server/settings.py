@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     terminal_ttl_s: float = Field(default=86_400.0, gt=0)
     # Keep at most this many events per run (older ones are trimmed); 0 keeps all.
     retain_events: int = Field(default=0, ge=0)
+    # A thread without an active run is deleted after this long; 0 keeps threads until
+    # DeleteThread.
+    thread_idle_ttl_s: float = Field(default=0.0, ge=0)
 
     # Observe: heartbeat on streams quiet for this long.
     heartbeat_interval_s: float = Field(default=5.0, gt=0)

@@ -49,7 +49,8 @@ class Checkpoint:
     phase: Phase
     step: int  # the step the phase refers to; 0 for STARTED
     attempt: int = 1  # the attempt of `step` that reached the boundary
-    messages: bytes = b"[]"  # pydantic-ai's message history, as ModelMessagesTypeAdapter JSON
+    # The run's own messages (not the history it started from), ModelMessagesTypeAdapter JSON.
+    messages: bytes = b"[]"
     usage: RunUsage = field(default_factory=RunUsage)  # the run's usage so far
     step_start_usage: RunUsage = field(default_factory=RunUsage)  # usage when `step` began
     next_index: int = -1  # index of the first event after the checkpoint; set when committed

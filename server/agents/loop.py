@@ -13,6 +13,14 @@ the history), and there the loop hands the sink a Checkpoint, which the
 executor commits atomically with the events before it. A run resumed from a
 checkpoint goes on from that boundary (see server/agents/checkpoint.py).
 
+A run may start from a history of earlier messages (its thread's). A
+checkpoint holds only the run's own messages, so it stays small however long
+the thread is and says exactly what the run added; the history is passed in
+again on every resume. The run's own messages are those pydantic-ai reports
+as new (AgentRun.new_messages, which survives the normalisation pydantic-ai
+applies to a history it is given), after those of the checkpoint it resumed
+from.
+
 The loop never emits start/finish/error/abort: the executor owns the run's
 lifecycle and turns a returned LoopResult or a raised exception into the
 terminal event. Exceptions (model errors, tool exceptions, usage limits)
@@ -60,25 +68,39 @@ async def run_agent_loop(
     attempt: int = 1,
     capabilities: Sequence[AbstractCapability[Any]] = (),
     deferred: DeferredToolResults | None = None,
+    history: Sequence[ModelMessage] = (),
+    conversation_id: str | None = None,
 ) -> LoopResult:
     """Run `spec`'s agent on `prompt` until it ends or suspends, emitting events to `sink`.
 
+    `history` is what the conversation held before this run (its thread's
+    messages), `conversation_id` pydantic-ai's name for that conversation.
     With `resume`, go on from that checkpoint instead of starting afresh; the
     first step (or half step) run is numbered `attempt`, later ones 1. A
     SUSPENDED or RESUMED checkpoint needs `deferred`: the decisions on its
     interrupts. `capabilities` join the agent's own for this run (the
-    executor's tool journal). Returns the run's output and usage, or, when a
-    tool call waits for a human, a result whose `suspended` checkpoint names
-    the interrupts. Raises whatever the agent raises.
+    executor's tool journal). Returns the run's output, usage and own
+    messages, or, when a tool call waits for a human, a result whose
+    `suspended` checkpoint names the interrupts. Raises whatever the agent
+    raises.
     """
     deps = spec.deps(run_info) if spec.deps is not None else None
+    own: list[ModelMessage] = []
     if resume is None or resume.phase is Phase.STARTED:
-        context = spec.agent.iter(prompt, deps=deps, capabilities=capabilities)
+        context = spec.agent.iter(
+            prompt,
+            message_history=list(history) or None,
+            conversation_id=conversation_id,
+            deps=deps,
+            capabilities=capabilities,
+        )
         step = 0
     else:
+        own = resume.history()
         context = spec.agent.iter(
             None,
-            message_history=resume.history(),
+            message_history=[*history, *own],
+            conversation_id=conversation_id,
             usage=copy.copy(resume.usage),
             deps=deps,
             capabilities=capabilities,
@@ -86,28 +108,27 @@ async def run_agent_loop(
         )
         step = resume.step
     async with context as run:
-        loop = AgentLoop(run, sink, step=step, attempt=attempt)
+        loop = AgentLoop(run, sink, step=step, attempt=attempt, own=own)
         if resume is not None and resume.phase in _MID_STEP:
             loop.resume_tools_half(resume.step_start_usage)
         output = await loop.drive()
         if isinstance(output, DeferredToolRequests):
             return LoopResult("", "", usage_to_pb(run.usage), suspended=loop.suspension(output))
-        return loop_result(output, run.usage)
+        return loop_result(output, run.usage, dump_messages(loop.own_messages()))
 
 
 # Checkpoints taken between a step's model response and the end of its tools half.
 _MID_STEP = frozenset({Phase.RESPONSE, Phase.SUSPENDED, Phase.RESUMED})
 
 
-def loop_result(output: Any, usage: RunUsage) -> LoopResult:
+def loop_result(output: Any, usage: RunUsage, messages: bytes = b"[]") -> LoopResult:
     """The LoopResult for a run's final output: text as is, anything else as JSON."""
     if isinstance(output, str):
-        return LoopResult(output_text=output, output_json="", usage=usage_to_pb(usage))
+        return LoopResult(output, "", usage_to_pb(usage), messages=messages)
     # to_json serialises pydantic models, dataclasses and plain containers
     # the way pydantic-ai validated them.
-    return LoopResult(
-        output_text="", output_json=pydantic_core.to_json(output).decode(), usage=usage_to_pb(usage)
-    )
+    json_output = pydantic_core.to_json(output).decode()
+    return LoopResult("", json_output, usage_to_pb(usage), messages=messages)
 
 
 class AgentLoop:
@@ -116,13 +137,21 @@ class AgentLoop:
     `step` is the number of the last step already run (0 for a fresh run), so
     a run resumed from a checkpoint carries its step numbering on; `attempt`
     numbers the first step (or half step) this loop runs, 1 for later ones.
+    `own` are the run's messages from before this loop (its checkpoint's).
     """
 
     def __init__(
-        self, run: AgentRun[Any, Any], sink: EventSink, *, step: int = 0, attempt: int = 1
+        self,
+        run: AgentRun[Any, Any],
+        sink: EventSink,
+        *,
+        step: int = 0,
+        attempt: int = 1,
+        own: Sequence[ModelMessage] = (),
     ) -> None:
         self._run = run
         self._sink = sink
+        self._own = list(own)
         self.step = step
         self._attempt = attempt
         self._events = StepEvents(step=step, attempt=attempt)
@@ -137,9 +166,10 @@ class AgentLoop:
         attempt, self._attempt = self._attempt, 1
         return attempt
 
-    def all_messages(self) -> list[ModelMessage]:
-        """pydantic-ai's message history so far (what a checkpoint serialises)."""
-        return self._run.all_messages()
+    def own_messages(self) -> list[ModelMessage]:
+        """The run's own messages so far, without the history it started from
+        (what a checkpoint serialises)."""
+        return [*self._own, *self._run.new_messages()]
 
     @property
     def usage(self) -> RunUsage:
@@ -211,7 +241,7 @@ class AgentLoop:
             phase=Phase.SUSPENDED,
             step=self.step,
             attempt=self._events.attempt,
-            messages=dump_messages(self._run.all_messages()),
+            messages=dump_messages(self.own_messages()),
             usage=copy.copy(self._run.usage),
             step_start_usage=copy.copy(self._usage_at_step_start),
             interrupts=tuple(interrupts),
@@ -225,7 +255,7 @@ class AgentLoop:
             await self._checkpoint(Phase.STEP, next_node)
 
     async def _checkpoint(self, phase: Phase, next_node: _Node | None = None) -> None:
-        messages = self._run.all_messages()
+        messages = self.own_messages()
         if next_node is not None and Agent.is_model_request_node(next_node):
             # pydantic-ai adds the next request (holding this step's tool
             # results) to the history only when that node runs: take it now.

@@ -30,6 +30,10 @@ The run's input is a JSON script:
   tools at once (ids "call_<n>_<k>"), e.g. two approvals pending together.
 - `{"error": M}` makes the model request fail with M (as a provider outage
   would): the run ends with an `error` event and state FAILED.
+- `{"echo_history": true}` streams one text delta "history=N ", where N is
+  the number of user prompts in the history the run started with (its
+  thread's earlier turns; its own input is not counted). It does not advance
+  the "tK " numbering.
 - After the last step the model answers "done", and the run's output is
   exactly "done": text deltas streamed in the same (final) model response are
   narration before the answer, as they are in every other response. So the
@@ -37,10 +41,12 @@ The run's input is a JSON script:
 
 pydantic-ai ends a run on a model response without tool calls, so one model
 response streams the script's text up to the next tool step and then calls
-that tool (tool_call_id "call_<n>", n counting model responses from 0). The model is stateless:
+that tool (tool_call_id "call_<n>", n counting the run's model responses from
+0). The model is stateless: its script is the last user prompt of the
+history (a run on a thread sees the earlier turns' prompts before it), and
 which segment of the script to play is derived from the number of model
-responses already in the message history, so a step re-run from a checkpoint
-replays exactly the same deltas and tool calls.
+responses after that prompt, so a step re-run from a checkpoint replays
+exactly the same deltas and tool calls.
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_ai import Agent, DeferredToolRequests, ModelRetry, RunContext, TextOutput, Tool
-from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse, UserPromptPart
+from pydantic_ai.messages import ModelMessage, ModelResponse, UserPromptPart
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
 
 from server.agents.types import AgentSpec, RunInfo
@@ -85,6 +91,12 @@ class _Step(BaseModel):
 class TextStep(_Step):
     text: int = Field(ge=0, le=MAX_TEXT_DELTAS, description="how many text deltas to stream")
     delay_ms: int = Field(default=0, ge=0, le=MAX_DELAY_MS, description="sleep between two deltas")
+
+
+class EchoHistoryStep(_Step):
+    echo_history: Literal[True] = Field(
+        description="stream the number of earlier user prompts in the history"
+    )
 
 
 class ErrorStep(_Step):
@@ -129,6 +141,8 @@ def _step_kind(value: Any) -> str | None:
     if isinstance(value, dict):
         if "text" in value:
             return "text"
+        if "echo_history" in value:
+            return "echo"
         if "tool" in value:
             return "tool"
         if "error" in value:
@@ -136,6 +150,8 @@ def _step_kind(value: Any) -> str | None:
         if "parallel" in value:
             return "parallel"
     elif isinstance(value, _Step):
+        if isinstance(value, EchoHistoryStep):
+            return "echo"
         if isinstance(value, ErrorStep):
             return "error"
         if isinstance(value, ParallelStep):
@@ -146,13 +162,16 @@ def _step_kind(value: Any) -> str | None:
 
 Step = Annotated[
     Annotated[TextStep, Tag("text")]
+    | Annotated[EchoHistoryStep, Tag("echo")]
     | Annotated[ToolStep, Tag("tool")]
     | Annotated[ErrorStep, Tag("error")]
     | Annotated[ParallelStep, Tag("parallel")],
     Discriminator(
         _step_kind,
         custom_error_type="unknown_step_kind",
-        custom_error_message='a step is an object with "text", "tool", "parallel" or "error"',
+        custom_error_message=(
+            'a step is an object with "text", "echo_history", "tool", "parallel" or "error"'
+        ),
     ),
 ]
 
@@ -182,7 +201,7 @@ def _location(loc: tuple[int | str, ...]) -> str:
         item = items.pop(0)
         if isinstance(item, int):
             parts[-1:] = [f"{parts[-1] if parts else ''}[{item}]"]
-            if items and items[0] in ("text", "tool"):
+            if items and items[0] in ("text", "echo", "tool"):
                 tag = items.pop(0)
                 if tag == "tool" and items and items[0] in _TOOL_NAMES:
                     items.pop(0)
@@ -225,7 +244,7 @@ class Segment:
     """What one model response plays: text deltas, then maybe one tool call."""
 
     first_delta: int  # the number of the first delta ("t<first_delta> ")
-    text_steps: tuple[TextStep, ...]
+    text_steps: tuple[TextStep | EchoHistoryStep, ...]
     # The tool to call (or the model failure) that ends the segment; None: the final answer.
     tool: RecordStep | ApproveStep | FailStep | ParallelStep | ErrorStep | None
 
@@ -233,10 +252,12 @@ class Segment:
 def segments(script: Script) -> list[Segment]:
     """Split a script at its tool steps: segment i is model response i."""
     result: list[Segment] = []
-    pending: list[TextStep] = []
+    pending: list[TextStep | EchoHistoryStep] = []
     first = delta = 0
     for step in script.steps:
-        if isinstance(step, TextStep):
+        if isinstance(step, EchoHistoryStep):
+            pending.append(step)
+        elif isinstance(step, TextStep):
             pending.append(step)
             delta += step.text
         else:
@@ -253,27 +274,47 @@ def _plan(text: str) -> tuple[Segment, ...]:
     return tuple(segments(parse_script(text)))
 
 
-def _script_text(messages: list[ModelMessage]) -> str:
+@dataclass(frozen=True, slots=True)
+class _Turn:
+    """Where the current run stands in the history the model is shown."""
+
+    script: str  # the run's input: the last user prompt
+    responses: int  # model responses since that prompt (the run's own)
+    earlier_prompts: int  # user prompts before it (earlier turns of its thread)
+
+
+def _turn(messages: list[ModelMessage]) -> _Turn:
+    prompts: list[str] = []
+    responses = 0
     for message in messages:
-        if isinstance(message, ModelRequest):
-            for part in message.parts:
-                if isinstance(part, UserPromptPart) and isinstance(part.content, str):
-                    return part.content
-    raise ValueError("the scripted agent needs a user message holding its script")
+        if isinstance(message, ModelResponse):
+            responses += 1
+            continue
+        for part in message.parts:
+            if isinstance(part, UserPromptPart) and isinstance(part.content, str):
+                prompts.append(part.content)
+                responses = 0
+    if not prompts:
+        raise ValueError("the scripted agent needs a user message holding its script")
+    return _Turn(prompts[-1], responses, len(prompts) - 1)
 
 
 async def _play(
     messages: list[ModelMessage], info: AgentInfo
 ) -> AsyncIterator[str | DeltaToolCalls]:
     """FunctionModel stream function: play the segment this response stands for."""
-    plan = _plan(_script_text(messages))
-    number = sum(isinstance(message, ModelResponse) for message in messages)
+    turn = _turn(messages)
+    plan = _plan(turn.script)
+    number = turn.responses
     if number >= len(plan):
         raise ValueError(f"the script has {len(plan)} model responses; response {number} asked for")
     segment = plan[number]
 
     delta = segment.first_delta
     for step in segment.text_steps:
+        if isinstance(step, EchoHistoryStep):
+            yield f"history={turn.earlier_prompts} "
+            continue
         for i in range(step.text):
             if i and step.delay_ms:
                 await asyncio.sleep(step.delay_ms / 1000)

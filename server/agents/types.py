@@ -61,6 +61,17 @@ class AgentSpec:
     # Checks a run's input before the run is created; raises server.errors.InvalidArgument.
     validate_input: Callable[[str], None] | None = None
     approval_tools: frozenset[str] = field(default_factory=frozenset)
+    # False: the agent's runs are live only. Their events go to the streams open at
+    # the time and are not kept (Observe below the head is RUN_NOT_RESUMABLE); the
+    # run record, checkpoints and takeover work as for any run.
+    resumable: bool = True
+    # How long the agent's ended runs are kept, overriding the server's terminal_ttl_s.
+    ended_run_retention_s: float | None = None
+
+    def __post_init__(self) -> None:
+        retention = self.ended_run_retention_s
+        if retention is not None and not retention > 0:
+            raise ValueError(f"ended_run_retention_s must be positive, got {retention}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,3 +84,6 @@ class LoopResult:
     # Set when the run suspended: the checkpoint to resume from (its `interrupts`
     # name the tool calls that wait for a decision). The output fields are then empty.
     suspended: Checkpoint | None = None
+    # The run's own messages (not the history it started from), as
+    # ModelMessagesTypeAdapter JSON: what joins the run's thread.
+    messages: bytes = b"[]"

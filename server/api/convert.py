@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
+import pydantic_core
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from keel.v1 import agent_service_pb2 as pb
 from keel.v1.agent_service_pb2 import AgentEvent
+from pydantic_ai import messages as ai
 
+from server.agents.events import tool_result_json
 from server.agents.types import AgentSpec
 from server.events.codec import varint
-from server.events.log import RunRecord, RunState
+from server.events.log import RunRecord, RunState, ThreadRecord
 from server.runs.decisions import pending_interrupts
+from server.threads.history import ThreadMessage
 
 STATE_TO_PROTO: dict[RunState, pb.RunState.ValueType] = {
     RunState.QUEUED: pb.RUN_STATE_QUEUED,
+    RunState.ENQUEUED: pb.RUN_STATE_QUEUED,  # waiting for its thread: not started either
     RunState.RUNNING: pb.RUN_STATE_RUNNING,
     RunState.SUSPENDED: pb.RUN_STATE_SUSPENDED,
     RunState.SUCCEEDED: pb.RUN_STATE_SUCCEEDED,
@@ -56,13 +63,118 @@ def run(record: RunRecord) -> pb.Run:
             )
             for i in pending_interrupts(record)
         ],
+        thread_id=record.thread_id,
     )
 
 
-def agent(agent_id: str, spec: AgentSpec, model_name: str, tools: Sequence[pb.Tool]) -> pb.Agent:
+def agent(
+    agent_id: str,
+    spec: AgentSpec,
+    model_name: str,
+    tools: Sequence[pb.Tool],
+    *,
+    default_retention_s: float,
+) -> pb.Agent:
+    retention = Duration()
+    retention.FromNanoseconds(round((spec.ended_run_retention_s or default_retention_s) * 1e9))
     return pb.Agent(
-        agent_id=agent_id, description=spec.description, model_name=model_name, tools=tools
+        agent_id=agent_id,
+        description=spec.description,
+        model_name=model_name,
+        tools=tools,
+        live_only=not spec.resumable,
+        ended_run_retention=retention,
     )
+
+
+def thread(record: ThreadRecord) -> pb.Thread:
+    return pb.Thread(
+        thread_id=record.thread_id,
+        resource_id=record.resource_id,
+        metadata=record.metadata,
+        create_time=_timestamp(record.create_time_ms),
+        update_time=_timestamp(record.update_time_ms),
+        active_run_id=record.active_run_id,
+        queued_run_ids=record.queued_run_ids,
+        message_count=record.message_count,
+        request_id=record.request_id,
+    )
+
+
+def thread_message(item: ThreadMessage) -> pb.ThreadMessage:
+    """One message of a thread: its pydantic-ai parts as typed MessageParts."""
+    message = item.message
+    out = pb.ThreadMessage(
+        index=item.index,
+        run_id=item.run_id,
+        kind=(
+            pb.MESSAGE_KIND_REQUEST
+            if isinstance(message, ai.ModelRequest)
+            else pb.MESSAGE_KIND_RESPONSE
+        ),
+        parts=[_message_part(part) for part in message.parts],
+    )
+    # A request's own timestamp may be unset; its parts carry theirs.
+    stamps = [message.timestamp, *(getattr(p, "timestamp", None) for p in message.parts)]
+    made = next((stamp for stamp in stamps if stamp is not None), None)
+    if made is not None:
+        out.create_time.FromDatetime(made)
+    return out
+
+
+def _message_part(part: Any) -> pb.MessagePart:
+    match part:
+        case ai.UserPromptPart(content=str() as text):
+            return pb.MessagePart(user_prompt=pb.UserPromptPart(text=text))
+        case ai.UserPromptPart(content=content):
+            text = " ".join(
+                item if isinstance(item, str) else f"[{getattr(item, 'kind', 'content')}]"
+                for item in content
+            )
+            return pb.MessagePart(user_prompt=pb.UserPromptPart(text=text))
+        case ai.SystemPromptPart(content=text):
+            return pb.MessagePart(system_prompt=pb.SystemPromptPart(text=text))
+        case ai.TextPart(content=text):
+            return pb.MessagePart(text=pb.TextPart(text=text))
+        case ai.ThinkingPart(content=text):
+            return pb.MessagePart(reasoning=pb.ReasoningPart(text=text))
+        case ai.ToolCallPart():
+            call = pb.ToolCall(
+                tool_call_id=part.tool_call_id,
+                tool_name=part.tool_name,
+                args_json=part.args_as_json_str(),
+            )
+            return pb.MessagePart(tool_call=call)
+        case ai.ToolReturnPart() if part.outcome in ai.ERROR_OUTCOMES:
+            failed = pb.ToolError(
+                tool_call_id=part.tool_call_id,
+                tool_name=part.tool_name,
+                message=part.model_response_str(wrap_if_error=False),
+            )
+            return pb.MessagePart(retry=failed)
+        case ai.ToolReturnPart():
+            result = pb.ToolResult(
+                tool_call_id=part.tool_call_id,
+                tool_name=part.tool_name,
+                result_json=tool_result_json(part),
+                denied=part.outcome == "denied",
+            )
+            return pb.MessagePart(tool_result=result)
+        case ai.RetryPromptPart():
+            retry = pb.ToolError(
+                tool_call_id=part.tool_call_id if part.tool_name else "",
+                tool_name=part.tool_name or "",
+                message=part.model_response(),
+            )
+            return pb.MessagePart(retry=retry)
+        case ai.FilePart(content=content):
+            return pb.MessagePart(file=pb.File(media_type=content.media_type, data=content.data))
+        case _:
+            other = pb.OtherPart(
+                part_kind=str(getattr(part, "part_kind", type(part).__name__)),
+                part_json=pydantic_core.to_json(part).decode(),
+            )
+            return pb.MessagePart(other=other)
 
 
 def batches(events: Sequence[AgentEvent], max_bytes: int) -> Iterator[Sequence[AgentEvent]]:

@@ -15,10 +15,11 @@ from keel.v1 import agent_service_pb2_grpc as pb_grpc
 from server.agents.registry import describe
 from server.api import convert, status, validate
 from server.events.codec import Batch
-from server.events.log import EventLog, RunPageCursor
+from server.events.log import EventLog, RunPageCursor, ThreadPageCursor
 from server.observe.follow import Events, FollowLimits, Heartbeat, Item, Snapshot, follow
 from server.observe.observer import Draining
 from server.runs.executor import LocalExecutor
+from server.threads.service import Threads
 
 SERVICE = pb.DESCRIPTOR.services_by_name["AgentService"]
 Request = TypeVar("Request")
@@ -107,21 +108,44 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         limits: FollowLimits,
         max_batch_bytes: int,
         draining: Draining,
+        default_retention_s: float,
     ) -> None:
         self._log = log
         self._executor = executor
+        self._threads = Threads(log)
         self._limits = limits
         self._max_batch_bytes = max_batch_bytes
         self._draining = draining
+        self._default_retention_s = default_retention_s
 
     @streaming
     async def Stream(
         self, request: pb.StreamRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.StreamResponse]:
-        validate.start(request.agent_id, request.input, request.request_id)
-        record = await self._executor.start(request.agent_id, request.input, request.request_id)
-        async for response in self._follow(record.run_id, 0, pb.StreamResponse):
-            yield response
+        policy = validate.start(
+            request.agent_id,
+            request.input,
+            request.request_id,
+            request.thread_id,
+            request.busy_policy,
+        )
+        started = await self._executor.start(
+            request.agent_id,
+            request.input,
+            request.request_id,
+            thread_id=request.thread_id,
+            policy=policy,
+        )
+        try:
+            # The run starts once the stream listens to it (a live-only run's
+            # first events would be lost otherwise), or when the stream fails.
+            follows = self._follow(
+                started.run.run_id, 0, pb.StreamResponse, on_subscribed=started.launch
+            )
+            async for response in follows:
+                yield response
+        finally:
+            started.launch()
 
     @streaming
     async def Observe(
@@ -141,17 +165,36 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         answers = validate.decisions(request.decisions)
         if request.request_id:
             validate.run_id(request.request_id, "request_id")
-        offset = await self._executor.resume(run_id, answers, request.request_id)
-        async for response in self._follow(run_id, offset, pb.ResumeResponse):
-            yield response
+        resumed = await self._executor.resume(run_id, answers, request.request_id)
+        try:
+            follows = self._follow(
+                run_id, resumed.offset, pb.ResumeResponse, on_subscribed=resumed.launch
+            )
+            async for response in follows:
+                yield response
+        finally:
+            resumed.launch()
 
     @unary
     async def StartRun(
         self, request: pb.StartRunRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.StartRunResponse:
-        validate.start(request.agent_id, request.input, request.request_id)
-        record = await self._executor.start(request.agent_id, request.input, request.request_id)
-        return pb.StartRunResponse(run=convert.run(record))
+        policy = validate.start(
+            request.agent_id,
+            request.input,
+            request.request_id,
+            request.thread_id,
+            request.busy_policy,
+        )
+        started = await self._executor.start(
+            request.agent_id,
+            request.input,
+            request.request_id,
+            thread_id=request.thread_id,
+            policy=policy,
+        )
+        started.launch()
+        return pb.StartRunResponse(run=convert.run(started.run))
 
     @unary
     async def GetRun(
@@ -166,16 +209,22 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     ) -> pb.ListRunsResponse:
         page_size = validate.page_size(request.page_size)
         states = validate.states(request.states)
-        cursor = validate.decode_page_token(request.page_token, request.agent_id, states)
+        thread_id = validate.thread_id(request.thread_id) if request.thread_id else ""
+        filters = (request.agent_id, states, thread_id)
+        cursor = validate.decode_page_token(request.page_token, *filters)
         records = await self._log.list_runs(
-            agent_id=request.agent_id, states=states, limit=page_size + 1, after=cursor
+            agent_id=request.agent_id,
+            states=states,
+            thread_id=thread_id,
+            limit=page_size + 1,
+            after=cursor,
         )
         token = ""
         if len(records) > page_size:
             records = records[:page_size]
             last = records[-1]
             token = validate.encode_page_token(
-                RunPageCursor(last.create_time_ms, last.run_id), request.agent_id, states
+                RunPageCursor(last.create_time_ms, last.run_id), *filters
             )
         return pb.ListRunsResponse(runs=[convert.run(r) for r in records], next_page_token=token)
 
@@ -206,9 +255,77 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                         )
                         for t in tools
                     ],
+                    default_retention_s=self._default_retention_s,
                 )
             )
         return pb.ListAgentsResponse(agents=agents)
+
+    @unary
+    async def CreateThread(
+        self, request: pb.CreateThreadRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CreateThreadResponse:
+        record = await self._threads.create(
+            thread_id=validate.thread_id(request.thread_id) if request.thread_id else "",
+            resource_id=validate.resource_id(request.resource_id),
+            metadata=validate.metadata(request.metadata),
+            request_id=validate.run_id(request.request_id, "request_id")
+            if request.request_id
+            else "",
+        )
+        return pb.CreateThreadResponse(thread=convert.thread(record))
+
+    @unary
+    async def GetThread(
+        self, request: pb.GetThreadRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetThreadResponse:
+        record = await self._threads.get(validate.thread_id(request.thread_id))
+        return pb.GetThreadResponse(thread=convert.thread(record))
+
+    @unary
+    async def ListThreads(
+        self, request: pb.ListThreadsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListThreadsResponse:
+        page_size = validate.page_size(request.page_size)
+        resource_id = validate.resource_id(request.resource_id)
+        cursor = validate.decode_thread_page_token(request.page_token, resource_id)
+        records = await self._threads.page(
+            resource_id=resource_id, limit=page_size + 1, after=cursor
+        )
+        token = ""
+        if len(records) > page_size:
+            records = records[:page_size]
+            last = ThreadPageCursor(records[-1].create_time_ms, records[-1].thread_id)
+            token = validate.encode_thread_page_token(last, resource_id)
+        return pb.ListThreadsResponse(
+            threads=[convert.thread(r) for r in records], next_page_token=token
+        )
+
+    @unary
+    async def DeleteThread(
+        self, request: pb.DeleteThreadRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.DeleteThreadResponse:
+        await self._threads.delete(validate.thread_id(request.thread_id))
+        return pb.DeleteThreadResponse()
+
+    @unary
+    async def ListThreadMessages(
+        self, request: pb.ListThreadMessagesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListThreadMessagesResponse:
+        thread_id = validate.thread_id(request.thread_id)
+        page_size = validate.page_size(request.page_size)
+        newest_first = request.newest_first
+        start = validate.decode_message_page_token(request.page_token, thread_id, newest_first)
+        messages, next_start = await self._threads.messages(
+            thread_id, limit=page_size, start=start, newest_first=newest_first
+        )
+        token = (
+            ""
+            if next_start is None
+            else validate.encode_message_page_token(next_start, thread_id, newest_first)
+        )
+        return pb.ListThreadMessagesResponse(
+            messages=[convert.thread_message(m) for m in messages], next_page_token=token
+        )
 
     async def _follow(
         self,
@@ -216,6 +333,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         offset: int,
         response_type: type[Response],
         stop_at_suspend: bool = False,
+        on_subscribed: Callable[[], None] | None = None,
     ) -> AsyncIterator[Response]:
         # The three stream responses share one layout (snapshot=1, events=2, heartbeat=3).
         make: Callable[..., Response] = response_type
@@ -226,6 +344,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             limits=self._limits,
             draining=self._draining,
             stop_at_suspend=stop_at_suspend,
+            on_subscribed=on_subscribed,
         )
         async for item in items:
             match item:

@@ -37,11 +37,38 @@ def to_status(exc: BaseException) -> status_pb2.Status:
         case errors.RunNotFound():
             return _status(code_pb2.NOT_FOUND, exc, "RUN_NOT_FOUND", {"run_id": exc.run_id})
         case errors.RequestIdReused():
+            made = {"thread_id": exc.thread_id} if exc.thread_id else {"run_id": exc.run_id}
             return _status(
                 code_pb2.ALREADY_EXISTS,
                 exc,
                 "REQUEST_ID_REUSED",
-                {"request_id": exc.request_id, "run_id": exc.run_id},
+                {"request_id": exc.request_id, **made},
+            )
+        case errors.ThreadNotFound():
+            return _status(
+                code_pb2.NOT_FOUND, exc, "THREAD_NOT_FOUND", {"thread_id": exc.thread_id}
+            )
+        case errors.ThreadAlreadyExists():
+            return _status(
+                code_pb2.ALREADY_EXISTS, exc, "THREAD_ALREADY_EXISTS", {"thread_id": exc.thread_id}
+            )
+        case errors.ThreadBusy():
+            return _status(
+                code_pb2.FAILED_PRECONDITION,
+                exc,
+                "THREAD_BUSY",
+                {"thread_id": exc.thread_id, "active_run_id": exc.active_run_id},
+            )
+        case errors.RunNotResumable():
+            return _status(
+                code_pb2.FAILED_PRECONDITION,
+                exc,
+                "RUN_NOT_RESUMABLE",
+                {
+                    "run_id": exc.run_id,
+                    "offset": str(exc.offset),
+                    "next_offset": str(exc.next_offset),
+                },
             )
         case errors.OffsetExpired():
             return _status(

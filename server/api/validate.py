@@ -7,23 +7,40 @@ import binascii
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, cast
 
 from keel.v1 import agent_service_pb2 as pb
 
 from server.errors import FieldViolation, InvalidArgument
-from server.events.log import RunPageCursor, RunState
+from server.events.log import BusyPolicy, RunPageCursor, RunState, ThreadPageCursor
 from server.runs.decisions import Decision
 
 MAX_ID_CHARS = 128
+MAX_THREAD_ID_CHARS = 64
 MAX_INPUT_BYTES = 1 << 20
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+MAX_METADATA_ENTRIES = 64
+MAX_METADATA_KEY_CHARS = 128
+MAX_METADATA_VALUE_CHARS = 1024
 
 # Run ids go inside Redis hash tags ({run_id}) and URLs: no braces, no spaces, nothing exotic.
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
+# A thread id is the hash tag of its runs' keys and the part of their ids before ":".
+_THREAD_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# A resource id names a Redis key of its own: anything printable but braces and whitespace.
+_RESOURCE_ID = re.compile(r"[^\s{}\x00-\x1f\x7f]+")
 
+POLICY_FROM_PROTO: dict[int, BusyPolicy] = {
+    pb.THREAD_BUSY_POLICY_UNSPECIFIED: BusyPolicy.REJECT,
+    pb.THREAD_BUSY_POLICY_REJECT: BusyPolicy.REJECT,
+    pb.THREAD_BUSY_POLICY_ENQUEUE: BusyPolicy.ENQUEUE,
+    pb.THREAD_BUSY_POLICY_INTERRUPT: BusyPolicy.INTERRUPT,
+    pb.THREAD_BUSY_POLICY_ROLLBACK: BusyPolicy.ROLLBACK,
+}
+
+# QUEUED covers the runs that wait for their thread, too (RunState.ENQUEUED).
 STATE_FROM_PROTO: dict[int, RunState] = {
     pb.RUN_STATE_QUEUED: RunState.QUEUED,
     pb.RUN_STATE_RUNNING: RunState.RUNNING,
@@ -52,14 +69,89 @@ def run_id(value: str, field: str = "run_id") -> str:
     return value
 
 
+def thread_id(value: str, field: str = "thread_id") -> str:
+    """A well-formed thread id, or InvalidArgument saying what is wrong with it."""
+    if not value:
+        raise InvalidArgument(FieldViolation(field, "is required"))
+    if len(value) > MAX_THREAD_ID_CHARS:
+        raise InvalidArgument(
+            FieldViolation(
+                field, f"is {len(value)} characters long; the limit is {MAX_THREAD_ID_CHARS}"
+            )
+        )
+    if not _THREAD_ID.fullmatch(value):
+        raise InvalidArgument(
+            FieldViolation(
+                field,
+                "may hold only letters, digits and _ . - and must start with a letter or digit",
+            )
+        )
+    return value
+
+
+def resource_id(value: str) -> str:
+    """An empty or well-formed resource id, or InvalidArgument."""
+    if value and len(value) > MAX_ID_CHARS:
+        raise InvalidArgument(
+            FieldViolation(
+                "resource_id", f"is {len(value)} characters long; the limit is {MAX_ID_CHARS}"
+            )
+        )
+    if value and not _RESOURCE_ID.fullmatch(value):
+        raise InvalidArgument(
+            FieldViolation("resource_id", "must not hold whitespace, braces or control characters")
+        )
+    return value
+
+
+def metadata(values: Mapping[str, str]) -> dict[str, str]:
+    """Thread metadata within its limits, or InvalidArgument naming each bad entry."""
+    violations: list[FieldViolation] = []
+    if len(values) > MAX_METADATA_ENTRIES:
+        violations.append(
+            FieldViolation(
+                "metadata", f"has {len(values)} entries; the limit is {MAX_METADATA_ENTRIES}"
+            )
+        )
+    for key, value in sorted(values.items()):
+        if not key or len(key) > MAX_METADATA_KEY_CHARS:
+            violations.append(
+                FieldViolation(
+                    "metadata",
+                    f"key {key[:32]!r}: must be 1 to {MAX_METADATA_KEY_CHARS} characters long",
+                )
+            )
+        if len(value) > MAX_METADATA_VALUE_CHARS:
+            violations.append(
+                FieldViolation(
+                    f"metadata[{key[:32]!r}]",
+                    f"is {len(value)} characters long; the limit is {MAX_METADATA_VALUE_CHARS}",
+                )
+            )
+    if violations:
+        raise InvalidArgument(*violations[:5])
+    return dict(values)
+
+
+def policy(value: int) -> BusyPolicy:
+    result = POLICY_FROM_PROTO.get(value)
+    if result is None:
+        raise InvalidArgument(
+            FieldViolation("busy_policy", f"{value} is not a valid ThreadBusyPolicy")
+        )
+    return result
+
+
 def offset(value: int) -> int:
     if value < 0:
         raise InvalidArgument(FieldViolation("offset", f"must not be negative (got {value})"))
     return value
 
 
-def start(agent_id: str, input: str, request_id: str) -> None:
-    """Checks the fields shared by Stream and StartRun."""
+def start(
+    agent_id: str, input: str, request_id: str, thread: str = "", busy_policy: int = 0
+) -> BusyPolicy:
+    """Checks the fields shared by Stream and StartRun; returns the busy policy."""
     violations: list[FieldViolation] = []
     if not agent_id:
         violations.append(FieldViolation("agent_id", "is required"))
@@ -71,12 +163,22 @@ def start(agent_id: str, input: str, request_id: str) -> None:
             FieldViolation("input", f"is {size} bytes long; the limit is {MAX_INPUT_BYTES}")
         )
     if request_id:
-        try:
-            run_id(request_id, "request_id")
-        except InvalidArgument as exc:
-            violations.extend(exc.violations)
+        violations.extend(_violations(run_id, request_id, "request_id"))
+    if thread:
+        violations.extend(_violations(thread_id, thread))
+    violations.extend(_violations(policy, busy_policy))
     if violations:
         raise InvalidArgument(*violations)
+    return policy(busy_policy)
+
+
+def _violations(check: Callable[..., object], *args: Any) -> Sequence[FieldViolation]:
+    """What `check(*args)` finds wrong (it raises InvalidArgument), or nothing."""
+    try:
+        check(*args)
+    except InvalidArgument as exc:
+        return exc.violations
+    return ()
 
 
 def page_size(value: int) -> int:
@@ -92,41 +194,97 @@ def states(values: Iterable[int]) -> frozenset[RunState]:
         if state is None:
             raise InvalidArgument(FieldViolation("states", f"{value} is not a valid RunState"))
         result.add(state)
+        if state is RunState.QUEUED:
+            result.add(RunState.ENQUEUED)
     return frozenset(result)
 
 
-def _filter_digest(agent_id: str, states: frozenset[RunState]) -> str:
-    key = json.dumps([agent_id, sorted(s.value for s in states)])
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+# Page tokens: base64 of JSON holding where the page ends and a digest of the
+# request's filters, so a token is only valid with the filters that made it.
 
 
-def encode_page_token(cursor: RunPageCursor, agent_id: str, states: frozenset[RunState]) -> str:
+def _digest(*filters: Any) -> str:
+    return hashlib.sha256(json.dumps(filters).encode()).hexdigest()[:16]
+
+
+def _run_filters(agent_id: str, states: frozenset[RunState], thread: str) -> str:
+    # Without a thread the digest is the one tokens had before threads existed.
+    by_state = sorted({s.value for s in states} - {RunState.ENQUEUED.value})
+    return _digest(agent_id, by_state, *([thread] if thread else []))
+
+
+def _encode_token(body: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(body).encode()).decode()
+
+
+def _decode_token(token: str, digest: str) -> dict[str, Any]:
+    try:
+        body = json.loads(base64.urlsafe_b64decode(token.encode()))
+        issued_for = body["f"]
+    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeError):
+        raise InvalidArgument(
+            FieldViolation("page_token", "is not a token this server issued")
+        ) from None
+    if issued_for != digest:
+        raise InvalidArgument(
+            FieldViolation("page_token", "was issued for other filters; send the same filters")
+        )
+    return cast(dict[str, Any], body)
+
+
+def _bad_token() -> InvalidArgument:
+    return InvalidArgument(FieldViolation("page_token", "is not a token this server issued"))
+
+
+def encode_page_token(
+    cursor: RunPageCursor, agent_id: str, states: frozenset[RunState], thread: str = ""
+) -> str:
     """An opaque token for the page after `cursor`, bound to the filters that produced it."""
-    body = json.dumps(
-        {"t": cursor.create_time_ms, "r": cursor.run_id, "f": _filter_digest(agent_id, states)}
-    )
-    return base64.urlsafe_b64encode(body.encode()).decode()
+    digest = _run_filters(agent_id, states, thread)
+    return _encode_token({"t": cursor.create_time_ms, "r": cursor.run_id, "f": digest})
 
 
 def decode_page_token(
-    token: str, agent_id: str, states: frozenset[RunState]
+    token: str, agent_id: str, states: frozenset[RunState], thread: str = ""
 ) -> RunPageCursor | None:
     """The cursor in `token` ("" for the first page), or InvalidArgument."""
     if not token:
         return None
+    body = _decode_token(token, _run_filters(agent_id, states, thread))
     try:
-        body = json.loads(base64.urlsafe_b64decode(token.encode()))
-        cursor = RunPageCursor(create_time_ms=int(body["t"]), run_id=run_id(str(body["r"])))
-        digest = body["f"]
-    except (binascii.Error, ValueError, KeyError, TypeError, InvalidArgument, UnicodeError):
-        raise InvalidArgument(
-            FieldViolation("page_token", "is not a token this server issued")
-        ) from None
-    if digest != _filter_digest(agent_id, states):
-        raise InvalidArgument(
-            FieldViolation("page_token", "was issued for other filters; send the same filters")
-        )
-    return cursor
+        return RunPageCursor(create_time_ms=int(body["t"]), run_id=run_id(str(body["r"])))
+    except (ValueError, KeyError, TypeError, InvalidArgument):
+        raise _bad_token() from None
+
+
+def encode_thread_page_token(cursor: ThreadPageCursor, resource: str) -> str:
+    digest = _digest("threads", resource)
+    return _encode_token({"t": cursor.create_time_ms, "r": cursor.thread_id, "f": digest})
+
+
+def decode_thread_page_token(token: str, resource: str) -> ThreadPageCursor | None:
+    if not token:
+        return None
+    body = _decode_token(token, _digest("threads", resource))
+    try:
+        return ThreadPageCursor(create_time_ms=int(body["t"]), thread_id=thread_id(str(body["r"])))
+    except (ValueError, KeyError, TypeError, InvalidArgument):
+        raise _bad_token() from None
+
+
+def encode_message_page_token(position: int, thread: str, newest_first: bool) -> str:
+    return _encode_token({"i": position, "f": _digest("messages", thread, newest_first)})
+
+
+def decode_message_page_token(token: str, thread: str, newest_first: bool) -> int | None:
+    """The position a page of a thread's messages starts at (None: the first page)."""
+    if not token:
+        return None
+    body = _decode_token(token, _digest("messages", thread, newest_first))
+    position = body.get("i")
+    if not isinstance(position, int) or position < 0:
+        raise _bad_token()
+    return position
 
 
 def decisions(items: Sequence[pb.Decision]) -> list[Decision]:

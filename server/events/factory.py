@@ -14,6 +14,7 @@ async def open_event_log(
     terminal_ttl_s: float = 86_400,
     retain_events: int = 0,
     lease_ttl_s: float = 5.0,
+    thread_idle_ttl_s: float = 0,
 ) -> EventLog:
     """A RedisEventLog on `redis_url` (StoreUnavailable if unreachable), else a MemoryEventLog.
 
@@ -26,7 +27,11 @@ async def open_event_log(
             terminal_ttl_s=terminal_ttl_s,
             retain_events=retain_events,
             lease_ttl_s=lease_ttl_s,
+            thread_idle_ttl_s=thread_idle_ttl_s,
         )
     return MemoryEventLog(
-        terminal_ttl_s=terminal_ttl_s, retain_events=retain_events, lease_ttl_s=lease_ttl_s
+        terminal_ttl_s=terminal_ttl_s,
+        retain_events=retain_events,
+        lease_ttl_s=lease_ttl_s,
+        thread_idle_ttl_s=thread_idle_ttl_s,
     )

@@ -17,11 +17,24 @@ slot and one Lua script can touch them all, on Redis Cluster too:
     {prefix}:runs               ZSET    the run index for list_runs, see run_index_member
     {prefix}:active             SET     ids of runs that may need an owner, for claimable
 
-The run index and the active set are the only keys outside a run's slot, so
-the Lua scripts never write them; a write that needs them updates them in a
-second command after its script. Stale members are removed lazily: by
-list_runs (run hash expired) and by claimable (run ended, suspended or
-expired).
+A thread's keys carry the `{thread_id}` hash tag, and so do the keys of the
+runs made on it: such a run's id is "<thread_id>:<32 hex digits>" and its
+keys are `{prefix}:{thread_id}:<32 hex digits>:events`, and so on. So a
+run's terminal append, which also writes its thread, and a run's start,
+which decides against the thread's state, are each one script on one slot:
+
+    {prefix}:{thread_id}:thread    HASH  the thread's record, fields in ThreadField
+    {prefix}:{thread_id}:messages  LIST  the history: one entry per ModelMessage (threads/)
+    {prefix}:{thread_id}:queue     LIST  ids of the runs waiting for their turn, FIFO
+    {prefix}:{thread_id}:runs      ZSET  the thread's runs, for list_runs(thread_id=...)
+    {prefix}:threads               ZSET  the thread index for list_threads
+    {prefix}:resource:{resource_id}:threads  ZSET  one resource's threads
+
+The run index, the active set and the thread indexes are the only keys
+outside a run's (or thread's) slot, so the Lua scripts never write them; a
+write that needs them updates them in a second command after its script.
+Stale members are removed lazily: by list_runs and list_threads (hash
+expired or deleted) and by claimable (run ended, suspended or expired).
 """
 
 from __future__ import annotations
@@ -47,6 +60,23 @@ class RunField(enum.StrEnum):
     CHECKPOINT = "checkpoint"  # the executor's opaque checkpoint (binary)
     CANCEL_REASON = "cancel_reason"  # non-empty once a cancel was requested
     DECISIONS = "decisions"  # Resume's decisions so far (the executor's JSON)
+    THREAD_ID = "thread_id"  # the run's thread, or absent
+    LIVE_ONLY = "live_only"  # "1": events are published, never stored
+    TTL_MS = "ttl_ms"  # retention once ended, in ms; absent or 0: the log's default
+    INTERRUPTED_BY = "interrupted_by"  # the run whose INTERRUPT/ROLLBACK cancelled this one
+    ROLLBACK = "rollback"  # "1": the run's messages must not join its thread
+
+
+class ThreadField(enum.StrEnum):
+    """The fields of a thread's hash. The Lua scripts spell the same names."""
+
+    RESOURCE_ID = "resource_id"
+    METADATA = "metadata"  # JSON object of strings
+    REQUEST_ID = "request_id"
+    OWNER = "owner"
+    CREATE_TIME_MS = "create_time_ms"
+    UPDATE_TIME_MS = "update_time_ms"
+    ACTIVE_RUN_ID = "active_run_id"  # "" when idle
 
 
 # Zero-padded so that the lexicographic order of run index members is the
@@ -60,36 +90,84 @@ class Keys:
 
     prefix: str = "keel"
 
+    def run_base(self, run_id: str) -> str:
+        """What every key of the run starts with: its slot's hash tag, then its own part."""
+        thread_id, on_thread, own = run_id.partition(":")
+        if on_thread:
+            return f"{self.thread_base(thread_id)}{own}:"
+        return f"{self.prefix}:{{{run_id}}}:"
+
     def events(self, run_id: str) -> str:
-        return f"{self.prefix}:{{{run_id}}}:events"
+        return f"{self.run_base(run_id)}events"
 
     def run(self, run_id: str) -> str:
-        return f"{self.prefix}:{{{run_id}}}:run"
+        return f"{self.run_base(run_id)}run"
 
     def lease(self, run_id: str) -> str:
         """The owner's lease; it expires by itself, and a terminal state deletes it."""
-        return f"{self.prefix}:{{{run_id}}}:lease"
+        return f"{self.run_base(run_id)}lease"
 
     def tools(self, run_id: str) -> str:
-        return f"{self.prefix}:{{{run_id}}}:tools"
+        return f"{self.run_base(run_id)}tools"
 
     def counters(self, run_id: str) -> str:
-        return f"{self.prefix}:{{{run_id}}}:counters"
+        return f"{self.run_base(run_id)}counters"
 
     def once(self, run_id: str) -> str:
-        return f"{self.prefix}:{{{run_id}}}:once"
+        return f"{self.run_base(run_id)}once"
 
     def resumes(self, run_id: str) -> str:
         """HASH of Resume request ids -> what they decided (idempotent retries)."""
-        return f"{self.prefix}:{{{run_id}}}:resumes"
+        return f"{self.run_base(run_id)}resumes"
 
     def live(self, run_id: str) -> str:
         """The pub/sub channel announcing the run's appended events."""
-        return f"{self.prefix}:{{{run_id}}}:live"
+        return f"{self.run_base(run_id)}live"
 
     def control(self, run_id: str) -> str:
         """The pub/sub channel of requests to the run's owner (cancel)."""
-        return f"{self.prefix}:{{{run_id}}}:control"
+        return f"{self.run_base(run_id)}control"
+
+    # Threads, and the runs made on them (see the module docstring).
+
+    def thread_base(self, thread_id: str) -> str:
+        """What every key of the thread, and of each of its runs, starts with.
+
+        The Lua scripts build the keys of a thread's other runs from it:
+        thread_base + (run id after "<thread_id>:") + ":run".
+        """
+        return f"{self.prefix}:{{{thread_id}}}:"
+
+    def thread(self, thread_id: str) -> str:
+        return f"{self.thread_base(thread_id)}thread"
+
+    def thread_messages(self, thread_id: str) -> str:
+        return f"{self.thread_base(thread_id)}messages"
+
+    def thread_queue(self, thread_id: str) -> str:
+        return f"{self.thread_base(thread_id)}queue"
+
+    def thread_runs(self, thread_id: str) -> str:
+        """ZSET of the thread's runs, members as in the run index."""
+        return f"{self.thread_base(thread_id)}runs"
+
+    def thread_keys(self, thread_id: str) -> tuple[str, str, str, str]:
+        """Every key of a thread: what the idle TTL applies to and DeleteThread deletes."""
+        return (
+            self.thread(thread_id),
+            self.thread_messages(thread_id),
+            self.thread_queue(thread_id),
+            self.thread_runs(thread_id),
+        )
+
+    @property
+    def thread_index(self) -> str:
+        """ZSET of all threads, every score 0, members as in the run index."""
+        return f"{self.prefix}:threads"
+
+    def resource_threads(self, resource_id: str) -> str:
+        """ZSET of one resource's threads (resource ids hold no braces: no hash tag)."""
+        return f"{self.prefix}:resource:{resource_id}:threads"
 
     def run_keys(self, run_id: str) -> tuple[str, str, str, str, str, str]:
         """Every key of a run but the lease (and not the channels): what a terminal state
@@ -120,11 +198,11 @@ class Keys:
 
 
 def run_index_member(create_time_ms: int, run_id: str) -> str:
-    """The run index member of a run: lexicographic order is (create_time_ms, run_id)."""
+    """The index member of a run (or thread): lexicographic order is (create_time_ms, id)."""
     return f"{create_time_ms:0{_TIME_DIGITS}d}:{run_id}"
 
 
 def parse_run_index_member(member: bytes) -> tuple[int, str]:
-    """(create_time_ms, run_id) of a run index member."""
+    """(create_time_ms, id) of a run (or thread) index member."""
     time_ms, _, run_id = member.decode().partition(":")
     return int(time_ms), run_id

@@ -9,6 +9,12 @@ The log also holds each run's record (state, epoch, next index, ...): an
 append checks the writer's epoch and the expected next index and may move
 the run to a new state in the same atomic step, so the events and the state
 never disagree.
+
+Threads (conversations) live in the same store, because a run on a thread
+changes it atomically with its own record: the run's terminal append adds
+its messages to the thread and hands the thread to the next queued run, and
+starting a run on a thread decides, in one step, whether it becomes the
+thread's active run, waits in its queue, or is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ class RunState(enum.StrEnum):
     """Where a run is in its life; the terminal states start its retention time."""
 
     QUEUED = "queued"  # accepted, first step not started
+    ENQUEUED = "enqueued"  # waits in its thread's queue for the active run to end (no owner)
     RUNNING = "running"  # executing
     SUSPENDED = "suspended"  # waiting for a human's decision (Resume)
     SUCCEEDED = "succeeded"  # ended with a `finish` event
@@ -64,6 +71,53 @@ class RunRecord:
     checkpoint: bytes = b""  # the executor's last checkpoint (opaque here), committed with events
     cancel_reason: str = ""  # non-empty once CancelRun asked; the owner then aborts the run
     decisions: bytes = b""  # Resume's decisions so far (opaque here: the executor's JSON)
+    thread_id: str = ""  # the thread the run was made on; "" for a run on its own
+    live_only: bool = False  # events go to listeners only and are not kept (read refuses)
+    terminal_ttl_ms: int = 0  # retention once ended; 0: the log's terminal_ttl_s
+    interrupted_by: str = ""  # the run whose INTERRUPT or ROLLBACK asked to cancel this one
+    rollback: bool = False  # its messages must not join its thread (ROLLBACK)
+
+
+class BusyPolicy(enum.StrEnum):
+    """What a run sent to a thread does when the thread already has an active run."""
+
+    REJECT = "reject"  # refuse it (ThreadBusy)
+    ENQUEUE = "enqueue"  # wait in the thread's queue (FIFO)
+    INTERRUPT = "interrupt"  # wait in the queue, and cancel the active run (its messages stay)
+    ROLLBACK = "rollback"  # wait in the queue, and cancel the active run (its messages are dropped)
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadRecord:
+    """A thread as the log stores it; the last three fields are read, never written."""
+
+    thread_id: str
+    resource_id: str
+    metadata: dict[str, str]
+    request_id: str
+    create_time_ms: int
+    update_time_ms: int
+    owner: str = ""  # reserved for the tenant that owns the thread
+    active_run_id: str = ""  # the run the thread belongs to now; "" when idle
+    queued_run_ids: tuple[str, ...] = ()  # runs waiting for their turn, first to start first
+    message_count: int = 0  # messages in the thread's history
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadRunStart:
+    """What start_thread_run did."""
+
+    run: RunRecord  # the new run (or the existing one with its run_id)
+    created: bool  # False: a run with this run_id existed (request_id idempotency)
+    interrupted_run_id: str = ""  # the active run asked to cancel (INTERRUPT, ROLLBACK)
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadPageCursor:
+    """Where a page of list_threads ends: ordered by (create_time_ms, thread_id), newest first."""
+
+    create_time_ms: int
+    thread_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,14 +184,15 @@ class EventLog(Protocol):
         *,
         agent_id: str = "",
         states: frozenset[RunState] = frozenset(),
+        thread_id: str = "",
         limit: int,
         after: RunPageCursor | None = None,
     ) -> list[RunRecord]:
         """Up to `limit` (> 0) runs, newest first, strictly after `after`, filtered.
 
-        An empty `agent_id` or `states` does not filter. Runs whose retention
-        time passed are not listed. The records carry no checkpoint (b""), so
-        a page stays small; get_run has it.
+        An empty `agent_id`, `states` or `thread_id` does not filter. Runs
+        whose retention time passed are not listed. The records carry no
+        checkpoint (b""), so a page stays small; get_run has it.
         """
 
     async def append(
@@ -149,6 +204,7 @@ class EventLog(Protocol):
         state: RunState | None = None,
         error: str = "",
         checkpoint: bytes | None = None,
+        thread_messages: Sequence[bytes] = (),
     ) -> int:
         """Append events atomically and return the run's new next index.
 
@@ -162,8 +218,14 @@ class EventLog(Protocol):
            becomes runnable again (Resume) is claimable at once; a runnable
            one lists the run for `claimable` again.
         4. Trim to the configured retention of events per run, if any,
-           advancing earliest_index.
-        5. Only then notify listeners.
+           advancing earliest_index. A live_only run keeps no events at all.
+        5. A terminal state of a run on a thread: if the run is the thread's
+           active run, add `thread_messages` to the thread's history (unless
+           the run was rolled back) and make the first run of the thread's
+           queue its active run (QUEUED, ownerless: claimable at once), or
+           leave the thread idle; if the run was still queued, take it out
+           of the queue.
+        6. Only then notify listeners.
         `events` may be empty to change only the state; listeners are then
         not notified. An exact replay of an already committed batch (a retry
         after a lost reply) writes nothing and returns the next index.
@@ -174,7 +236,8 @@ class EventLog(Protocol):
         """Up to `limit` events with index >= offset, in order.
 
         Raises OffsetExpired when offset < the run's earliest_index, RunNotFound
-        for an unknown run. An offset at or past the head returns [].
+        for an unknown run, RunNotResumable for a live_only run and an offset
+        below its head. An offset at or past the head returns [].
         """
 
     async def subscribe(self, run_id: str, listener: Listener) -> Subscription:
@@ -189,13 +252,13 @@ class EventLog(Protocol):
     # the run's record and expires by itself (lease_ttl_s of the log); the
     # epoch is the fencing token every write of the owner carries.
 
-    async def claim(self, run_id: str, owner: str, *, suspended: bool = False) -> RunRecord | None:
+    async def claim(self, run_id: str, owner: str) -> RunRecord | None:
         """Take over a QUEUED or RUNNING run whose lease lapsed, atomically.
 
         On success: epoch + 1, owner = `owner`, a fresh lease; returns the new
         record (with its checkpoint and cancel_reason). Returns None when the
-        lease is still held, or the run is not runnable (ended, suspended) or
-        unknown. Two claimers: one wins.
+        lease is still held, or the run is not runnable (ended, suspended,
+        enqueued) or unknown. Two claimers: one wins.
         """
 
     async def renew(self, run_id: str, epoch: int) -> bool:
@@ -263,10 +326,12 @@ class EventLog(Protocol):
         """Store a cancel request with a live run (the first reason wins) and notify its owner.
 
         The request is durable: an owner that subscribes (or takes the run
-        over) later still sees it in `RunRecord.cancel_reason`. No-op on an
-        ended run. Every call on a run not ended notifies again, with the
-        stored (first) reason. Returns the record. Raises RunNotFound;
-        ValueError for an empty reason (an empty cancel_reason means none).
+        over) later still sees it in `RunRecord.cancel_reason`. A run that
+        nobody executes (SUSPENDED, ENQUEUED) becomes QUEUED, so that some
+        instance claims it and writes its abort. No-op on an ended run. Every
+        call on a run not ended notifies again, with the stored (first)
+        reason. Returns the record. Raises RunNotFound; ValueError for an
+        empty reason (an empty cancel_reason means none).
         """
 
     async def subscribe_control(self, run_id: str, listener: ControlListener) -> Subscription:
@@ -276,6 +341,53 @@ class EventLog(Protocol):
         notification lost on the way (a pub/sub reconnect) is not reported:
         the durable `cancel_reason` is the record, so an owner also checks it
         (claim returns it) after subscribing.
+        """
+
+    # Threads: conversations whose runs share a message history (server/threads).
+
+    async def create_thread(self, record: ThreadRecord) -> tuple[ThreadRecord, bool]:
+        """Store a new, idle thread unless one with this thread_id exists.
+
+        Returns the stored record and whether this call created it.
+        """
+
+    async def get_thread(self, thread_id: str) -> ThreadRecord:
+        """The thread, with its active run, queue and message count. Raises ThreadNotFound."""
+
+    async def list_threads(
+        self, *, resource_id: str = "", limit: int, after: ThreadPageCursor | None = None
+    ) -> list[ThreadRecord]:
+        """Up to `limit` (> 0) threads, newest first, strictly after `after`.
+
+        With `resource_id`, only that resource's threads. Deleted and expired
+        threads are not listed. The records carry no queue and no count.
+        """
+
+    async def delete_thread(self, thread_id: str) -> None:
+        """Delete an idle thread and its history.
+
+        Raises ThreadNotFound; ThreadBusy while it has an active or queued run.
+        """
+
+    async def thread_messages(self, thread_id: str, start: int, stop: int) -> list[bytes]:
+        """The thread's history entries with position in [start, stop), oldest first.
+
+        Raises ThreadNotFound. Positions past the end are simply absent.
+        """
+
+    async def start_thread_run(self, record: RunRecord, policy: BusyPolicy) -> ThreadRunStart:
+        """Create `record` (a QUEUED run with a thread_id) on its thread, atomically.
+
+        1. A run with record.run_id exists: return it (created False).
+        2. The thread is idle: the run becomes its active run, QUEUED and
+           owned by record.owner with a fresh lease (as create_run).
+        3. Busy and REJECT: raise ThreadBusy, storing nothing.
+        4. Busy otherwise: the run is stored ENQUEUED (no owner) at the end of
+           the thread's queue; INTERRUPT and ROLLBACK also store a cancel
+           request (interrupted_by = the new run, and for ROLLBACK rollback)
+           with the active run, as request_cancel would, and name it in the
+           result.
+        Raises ThreadNotFound.
         """
 
     # Counters: how the scripted agent's `record` tool proves exactly-once effects.

@@ -6,8 +6,10 @@ Everything runs on the event loop without awaiting, so each method is atomic
 and listeners are called synchronously right after an append commits.
 
 Retention: a run that reached a terminal state disappears terminal_ttl_s
-later. Expiry is lazy (every access checks the deadline) plus a cheap sweep
-on create_run and append, so the memory of ended runs is eventually freed.
+later (or its own terminal_ttl_ms). Expiry is lazy (every access checks the
+deadline) plus a cheap sweep on create_run and append, so the memory of
+ended runs is eventually freed. An idle thread disappears thread_idle_ttl_s
+after it became idle, if that is set; a run starting on it keeps it.
 
 Leases are deadlines on the same injectable clock: a lease is held while
 clock() <= its deadline. When held, it is always at the run's epoch: only
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import heapq
 import logging
 import time
 from collections import deque
@@ -32,16 +35,23 @@ from server.errors import (
     IndexConflict,
     OffsetExpired,
     RunNotFound,
+    RunNotResumable,
     StaleEpoch,
+    ThreadBusy,
+    ThreadNotFound,
 )
 from server.events.codec import Batch, check_consecutive
 from server.events.log import (
+    BusyPolicy,
     ControlListener,
     Listener,
     RunPageCursor,
     RunRecord,
     RunState,
     Subscription,
+    ThreadPageCursor,
+    ThreadRecord,
+    ThreadRunStart,
 )
 
 logger = logging.getLogger(__name__)
@@ -66,6 +76,8 @@ class _Run:
     checkpoint: bytes
     cancel_reason: str
     decisions: bytes
+    interrupted_by: str = ""
+    rollback: bool = False
     events: list[AgentEvent] = field(default_factory=list)
     base: int = 0  # index of events[0]; <= earliest_index
     counters: dict[str, int] = field(default_factory=dict)
@@ -88,6 +100,30 @@ class _Run:
             checkpoint=self.checkpoint if checkpoint else b"",
             cancel_reason=self.cancel_reason,
             decisions=self.decisions,
+            interrupted_by=self.interrupted_by,
+            rollback=self.rollback,
+        )
+
+
+@dataclass(slots=True, eq=False)
+class _Thread:
+    """A thread's mutable state; `record` holds the fields that never change."""
+
+    record: ThreadRecord
+    update_time_ms: int
+    active_run_id: str = ""
+    queue: deque[str] = field(default_factory=deque)  # run ids waiting for their turn
+    messages: list[bytes] = field(default_factory=list)  # the history's entries
+    runs: list[tuple[int, str]] = field(default_factory=list)  # (create_time_ms, run_id) sorted
+    expires_at: float | None = None  # clock() deadline while idle, with an idle TTL
+
+    def snapshot(self) -> ThreadRecord:
+        return dataclasses.replace(
+            self.record,
+            update_time_ms=self.update_time_ms,
+            active_run_id=self.active_run_id,
+            queued_run_ids=tuple(self.queue),
+            message_count=len(self.messages),
         )
 
 
@@ -123,40 +159,51 @@ class MemoryEventLog:
         terminal_ttl_s: float = 86_400,
         retain_events: int = 0,
         lease_ttl_s: float = 5.0,
+        thread_idle_ttl_s: float = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`retain_events` > 0 keeps only that many newest events per run.
 
         `lease_ttl_s` is how long a run's owner holds it without renewing.
-        `clock` (seconds, monotonic) times retention and leases; tests may
-        inject one.
+        `thread_idle_ttl_s` > 0 is how long a thread without an active run
+        lives. `clock` (seconds, monotonic) times retention and leases; tests
+        may inject one.
         """
         if lease_ttl_s <= 0:
             raise ValueError(f"lease_ttl_s must be positive, got {lease_ttl_s}")
         self._terminal_ttl_s = terminal_ttl_s
         self._retain_events = retain_events
         self._lease_ttl_s = lease_ttl_s
+        self._thread_idle_ttl_s = thread_idle_ttl_s
         self._clock = clock
         self._runs: dict[str, _Run] = {}
         # (create_time_ms, run_id) ascending; may hold entries of expired runs,
         # which list_runs drops when it meets them.
         self._order: list[tuple[int, str]] = []
-        # (deadline, run_id) in deadline order: the TTL is constant, so runs
-        # become terminal in the order they expire.
-        self._expiries: deque[tuple[float, str]] = deque()
+        # (deadline, run_id), a heap: runs may have their own retention.
+        self._expiries: list[tuple[float, str]] = []
         # Per run, its subscriptions in registration order (a dict for O(1) removal).
         self._subscriptions: dict[str, dict[_MemorySubscription[Listener], None]] = {}
         self._controls: dict[str, dict[_MemorySubscription[ControlListener], None]] = {}
         # Ids of the runnable runs (claimable's candidates), kept exact: every
         # method is atomic here, so no lazy cleanup is needed.
         self._active: dict[str, None] = {}
+        self._threads: dict[str, _Thread] = {}
+        # (create_time_ms, thread_id) ascending; entries of deleted or expired
+        # threads are dropped by list_threads when it meets them.
+        self._thread_order: list[tuple[int, str]] = []
 
     async def create_run(self, record: RunRecord) -> tuple[RunRecord, bool]:
         self._sweep()
         existing = self._find(record.run_id)
         if existing is not None:
             return existing.snapshot(), False
-        self._runs[record.run_id] = _Run(
+        self._store(record)
+        return record, True
+
+    def _store(self, record: RunRecord) -> _Run:
+        """Keep a new run: owned with a fresh lease if it is runnable."""
+        run = self._runs[record.run_id] = _Run(
             record=record,
             state=record.state,
             epoch=record.epoch,
@@ -171,14 +218,11 @@ class MemoryEventLog:
             base=record.next_index,
         )
         if record.state.runnable:
-            self._runs[record.run_id].lease_until = self._clock() + self._lease_ttl_s
+            run.lease_until = self._clock() + self._lease_ttl_s
             self._active[record.run_id] = None
-        entry = (record.create_time_ms, record.run_id)
-        position = bisect.bisect_left(self._order, entry)
         # The entry may survive from an expired run with this id and create time.
-        if position == len(self._order) or self._order[position] != entry:
-            self._order.insert(position, entry)
-        return record, True
+        _insert_once(self._order, (record.create_time_ms, record.run_id))
+        return run
 
     async def get_run(self, run_id: str) -> RunRecord:
         return self._get(run_id).snapshot()
@@ -191,18 +235,23 @@ class MemoryEventLog:
         *,
         agent_id: str = "",
         states: frozenset[RunState] = frozenset(),
+        thread_id: str = "",
         limit: int,
         after: RunPageCursor | None = None,
     ) -> list[RunRecord]:
         if limit <= 0:
             raise ValueError(f"limit must be positive, got {limit}")
-        end = len(self._order)
+        order = self._order
+        if thread_id:
+            thread = self._find_thread(thread_id)
+            order = [] if thread is None else thread.runs
+        end = len(order)
         if after is not None:
-            end = bisect.bisect_left(self._order, (after.create_time_ms, after.run_id))
+            end = bisect.bisect_left(order, (after.create_time_ms, after.run_id))
         page: list[RunRecord] = []
         stale: list[tuple[int, str]] = []
         for position in range(end - 1, -1, -1):
-            create_time_ms, run_id = entry = self._order[position]
+            create_time_ms, run_id = entry = order[position]
             run = self._find(run_id)
             if run is None or run.record.create_time_ms != create_time_ms:
                 stale.append(entry)  # expired, or an older run that had the same id
@@ -215,7 +264,7 @@ class MemoryEventLog:
             if len(page) == limit:
                 break
         for entry in stale:
-            del self._order[bisect.bisect_left(self._order, entry)]
+            del order[bisect.bisect_left(order, entry)]
         return page
 
     async def append(
@@ -227,6 +276,7 @@ class MemoryEventLog:
         state: RunState | None = None,
         error: str = "",
         checkpoint: bytes | None = None,
+        thread_messages: Sequence[bytes] = (),
     ) -> int:
         self._sweep()
         run = self._get(run_id)
@@ -240,7 +290,10 @@ class MemoryEventLog:
                 if self._is_replay(run, batch):
                     return run.next_index
                 raise IndexConflict(run_id, first, run.next_index)
-            run.events.extend(batch)
+            if run.record.live_only:
+                run.base += len(batch)  # published below, never kept
+            else:
+                run.events.extend(batch)
             run.next_index += len(batch)
         if checkpoint is not None:
             run.checkpoint = checkpoint
@@ -254,8 +307,11 @@ class MemoryEventLog:
                 run.lease_until = None
                 self._active.pop(run_id, None)
             if state.terminal:
-                run.expires_at = self._clock() + self._terminal_ttl_s
-                self._expiries.append((run.expires_at, run_id))
+                ttl_s = run.record.terminal_ttl_ms / 1000 or self._terminal_ttl_s
+                run.expires_at = self._clock() + ttl_s
+                heapq.heappush(self._expiries, (run.expires_at, run_id))
+                if run.record.thread_id:
+                    self._release_thread(run, thread_messages)
         run.update_time_ms = time.time_ns() // 1_000_000
         self._trim(run)
         if batch:
@@ -266,6 +322,8 @@ class MemoryEventLog:
         if limit <= 0:
             raise ValueError(f"limit must be positive, got {limit}")
         run = self._get(run_id)
+        if run.record.live_only and offset < run.next_index:
+            raise RunNotResumable(run_id, offset, run.next_index)
         if offset < run.earliest_index:
             raise OffsetExpired(run_id, offset, run.earliest_index, run.next_index)
         start = offset - run.base
@@ -275,11 +333,9 @@ class MemoryEventLog:
         # No RunNotFound here: an observer may subscribe before it reads the run.
         return _MemorySubscription(self._subscriptions, run_id, listener)
 
-    async def claim(self, run_id: str, owner: str, *, suspended: bool = False) -> RunRecord | None:
+    async def claim(self, run_id: str, owner: str) -> RunRecord | None:
         run = self._find(run_id)
-        if run is None or self._lease_held(run):
-            return None
-        if not (run.state.runnable or (suspended and run.state is RunState.SUSPENDED)):
+        if run is None or self._lease_held(run) or not run.state.runnable:
             return None
         run.epoch += 1
         run.owner = owner
@@ -360,9 +416,20 @@ class MemoryEventLog:
         run = self._get(run_id)
         if run.state.terminal:
             return run.snapshot()
+        self._ask_to_cancel(run, reason)
+        return run.snapshot()
+
+    def _ask_to_cancel(self, run: _Run, reason: str) -> None:
+        """Store a cancel request (the first reason wins), make an ownerless run
+        runnable so that its abort gets written, and tell the owner."""
+        run_id = run.record.run_id
         if not run.cancel_reason:
             run.cancel_reason = reason
             run.update_time_ms = time.time_ns() // 1_000_000
+        if run.state in (RunState.SUSPENDED, RunState.ENQUEUED):
+            run.state = RunState.QUEUED
+            run.lease_until = None
+            self._active[run_id] = None
         # A copy: a listener may close its subscription while being notified.
         for subscription in tuple(self._controls.get(run_id, ())):
             try:
@@ -370,10 +437,136 @@ class MemoryEventLog:
             except Exception:
                 # The request is stored; one broken listener must not fail it or starve others.
                 logger.exception("control listener of run %s failed", run_id)
-        return run.snapshot()
 
     async def subscribe_control(self, run_id: str, listener: ControlListener) -> Subscription:
         return _MemorySubscription(self._controls, run_id, listener)
+
+    # Threads.
+
+    async def create_thread(self, record: ThreadRecord) -> tuple[ThreadRecord, bool]:
+        existing = self._find_thread(record.thread_id)
+        if existing is not None:
+            return existing.snapshot(), False
+        thread = _Thread(record=record, update_time_ms=record.update_time_ms)
+        self._threads[record.thread_id] = thread
+        self._idle(thread)
+        _insert_once(self._thread_order, (record.create_time_ms, record.thread_id))
+        return record, True
+
+    async def get_thread(self, thread_id: str) -> ThreadRecord:
+        return self._get_thread(thread_id).snapshot()
+
+    async def list_threads(
+        self, *, resource_id: str = "", limit: int, after: ThreadPageCursor | None = None
+    ) -> list[ThreadRecord]:
+        if limit <= 0:
+            raise ValueError(f"limit must be positive, got {limit}")
+        order = self._thread_order
+        end = len(order)
+        if after is not None:
+            end = bisect.bisect_left(order, (after.create_time_ms, after.thread_id))
+        page: list[ThreadRecord] = []
+        stale: list[tuple[int, str]] = []
+        for position in range(end - 1, -1, -1):
+            create_time_ms, thread_id = entry = order[position]
+            thread = self._find_thread(thread_id)
+            if thread is None or thread.record.create_time_ms != create_time_ms:
+                stale.append(entry)
+                continue
+            if resource_id and thread.record.resource_id != resource_id:
+                continue
+            page.append(dataclasses.replace(thread.snapshot(), queued_run_ids=(), message_count=0))
+            if len(page) == limit:
+                break
+        for entry in stale:
+            del order[bisect.bisect_left(order, entry)]
+        return page
+
+    async def delete_thread(self, thread_id: str) -> None:
+        thread = self._get_thread(thread_id)
+        waiting = thread.active_run_id or next(iter(thread.queue), "")
+        if waiting:
+            raise ThreadBusy(thread_id, waiting)
+        del self._threads[thread_id]
+
+    async def thread_messages(self, thread_id: str, start: int, stop: int) -> list[bytes]:
+        if start < 0 or stop < start:
+            raise ValueError(f"bad range [{start}, {stop})")
+        return self._get_thread(thread_id).messages[start:stop]
+
+    async def start_thread_run(self, record: RunRecord, policy: BusyPolicy) -> ThreadRunStart:
+        self._sweep()
+        thread = self._get_thread(record.thread_id)
+        existing = self._find(record.run_id)
+        if existing is not None:
+            return ThreadRunStart(existing.snapshot(), created=False)
+        now_ms = time.time_ns() // 1_000_000
+        active = self._find(thread.active_run_id) if thread.active_run_id else None
+        if active is None:
+            self._store(record)
+            thread.active_run_id = record.run_id
+            thread.expires_at = None
+            started = ThreadRunStart(record, created=True)
+        elif policy is BusyPolicy.REJECT:
+            raise ThreadBusy(record.thread_id, thread.active_run_id)
+        else:
+            enqueued = dataclasses.replace(record, state=RunState.ENQUEUED, owner="")
+            self._store(enqueued)
+            thread.queue.append(record.run_id)
+            started = ThreadRunStart(enqueued, created=True)
+            if policy in (BusyPolicy.INTERRUPT, BusyPolicy.ROLLBACK) and not active.state.terminal:
+                verb = "rolled back" if policy is BusyPolicy.ROLLBACK else "interrupted"
+                if not active.cancel_reason:
+                    active.interrupted_by = record.run_id
+                active.rollback |= policy is BusyPolicy.ROLLBACK
+                self._ask_to_cancel(active, f"{verb} by run {record.run_id}")
+                started = dataclasses.replace(started, interrupted_run_id=active.record.run_id)
+        thread.update_time_ms = now_ms
+        _insert_once(thread.runs, (record.create_time_ms, record.run_id))
+        return started
+
+    def _release_thread(self, run: _Run, messages: Sequence[bytes]) -> None:
+        """Step 5 of append: an ended run leaves its thread (see EventLog.append)."""
+        thread = self._find_thread(run.record.thread_id)
+        if thread is None:
+            return
+        run_id = run.record.run_id
+        thread.update_time_ms = time.time_ns() // 1_000_000
+        if thread.active_run_id != run_id:
+            if run_id in thread.queue:
+                thread.queue.remove(run_id)
+            return
+        if not run.rollback:
+            thread.messages.extend(messages)
+        thread.active_run_id = ""
+        while thread.queue:
+            queued = self._find(thread.queue.popleft())
+            if queued is not None and queued.state is RunState.ENQUEUED:
+                queued.state = RunState.QUEUED  # ownerless: claimable at once
+                self._active[queued.record.run_id] = None
+                thread.active_run_id = queued.record.run_id
+                break
+        if not thread.active_run_id:
+            self._idle(thread)
+
+    def _idle(self, thread: _Thread) -> None:
+        if self._thread_idle_ttl_s > 0:
+            thread.expires_at = self._clock() + self._thread_idle_ttl_s
+
+    def _find_thread(self, thread_id: str) -> _Thread | None:
+        """The thread, or None if it never existed, was deleted or expired while idle."""
+        thread = self._threads.get(thread_id)
+        expires_at = None if thread is None else thread.expires_at
+        if expires_at is not None and expires_at <= self._clock():
+            del self._threads[thread_id]
+            return None
+        return thread
+
+    def _get_thread(self, thread_id: str) -> _Thread:
+        thread = self._find_thread(thread_id)
+        if thread is None:
+            raise ThreadNotFound(thread_id)
+        return thread
 
     async def incr_counter(self, run_id: str, key: str, *, once_key: str = "") -> int:
         run = self._get(run_id)
@@ -417,7 +610,7 @@ class MemoryEventLog:
         """Forget runs whose retention time passed (lazy expiry alone would keep unread ones)."""
         now = self._clock()
         while self._expiries and self._expiries[0][0] <= now:
-            deadline, run_id = self._expiries.popleft()
+            deadline, run_id = heapq.heappop(self._expiries)
             run = self._runs.get(run_id)
             if run is not None and run.expires_at == deadline:
                 del self._runs[run_id]
@@ -451,3 +644,10 @@ class MemoryEventLog:
             except Exception:
                 # The append has committed; one broken listener must not fail it or starve others.
                 logger.exception("listener of run %s failed", run_id)
+
+
+def _insert_once(order: list[tuple[int, str]], entry: tuple[int, str]) -> None:
+    """Insert `entry` into the sorted `order` unless it is there."""
+    position = bisect.bisect_left(order, entry)
+    if position == len(order) or order[position] != entry:
+        order.insert(position, entry)

@@ -22,9 +22,8 @@ exact replay of a committed batch is a no-op and creation is idempotent.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, cast
 
 from keel.v1.agent_service_pb2 import AgentEvent
@@ -32,44 +31,51 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.errors import (
     ConcurrentModification,
     IndexConflict,
     OffsetExpired,
     RunNotFound,
+    RunNotResumable,
     StaleEpoch,
-    StoreUnavailable,
 )
 from server.events import scripts
 from server.events.batcher import ScriptBatcher
 from server.events.codec import Batch, check_consecutive, encode_batch, serialize_events
 from server.events.fanout import Fanout
-from server.events.keys import Keys, RunField, parse_run_index_member, run_index_member
+from server.events.keys import Keys, RunField, run_index_member
 from server.events.log import (
+    BusyPolicy,
     ControlListener,
     Listener,
     RunPageCursor,
     RunRecord,
     RunState,
     Subscription,
+    ThreadPageCursor,
+    ThreadRecord,
+    ThreadRunStart,
 )
+from server.events.redis_records import (
+    flatten,
+    pairs,
+    run_fields,
+    run_from_hash,
+    store_errors,
+    walk_index,
+)
+from server.events.redis_threads import RedisThreads
 
-_FIELD_BYTES = {field: field.value.encode() for field in RunField}
 # What list_runs reads of each run: everything but the (large) checkpoint.
 _LISTED_FIELDS = [field.value for field in RunField if field is not RunField.CHECKPOINT]
-_LISTED_FIELD_BYTES = [field.encode() for field in _LISTED_FIELDS]
+_ENQUEUED = RunState.ENQUEUED.value.encode()
 
 
-@contextlib.contextmanager
-def _store_errors() -> Iterator[None]:
-    """Turn Redis connectivity errors into the domain's StoreUnavailable (the one mapping)."""
-    try:
-        yield
-    except (RedisConnectionError, RedisTimeoutError) as exc:
-        raise StoreUnavailable(f"redis: {exc}") from exc
+def _kept_active(state: bytes | None) -> bool:
+    """Whether a member of the active set with this state stays: runnable, or waiting
+    in its thread's queue to become runnable."""
+    return state is not None and (state == _ENQUEUED or RunState(state.decode()).runnable)
 
 
 class RedisEventLog:
@@ -84,6 +90,7 @@ class RedisEventLog:
         terminal_ttl_s: float,
         retain_events: int,
         lease_ttl_s: float,
+        thread_idle_ttl_s: float = 0,
     ) -> None:
         """Use connect(); this takes ownership of `client` and `fanout`."""
         if lease_ttl_s <= 0:
@@ -105,6 +112,13 @@ class RedisEventLog:
         self._journal = client.register_script(scripts.JOURNAL_TOOL)
         self._cancel = client.register_script(scripts.REQUEST_CANCEL)
         self._decide = client.register_script(scripts.DECIDE)
+        self._thread_idle_ttl_ms = round(thread_idle_ttl_s * 1000)
+        self._threads = RedisThreads(
+            client,
+            keys,
+            lease_ttl_ms=self._lease_ttl_ms,
+            thread_idle_ttl_ms=self._thread_idle_ttl_ms,
+        )
         self._closed = False
 
     @classmethod
@@ -116,6 +130,7 @@ class RedisEventLog:
         terminal_ttl_s: float = 86_400,
         retain_events: int = 0,
         lease_ttl_s: float = 5.0,
+        thread_idle_ttl_s: float = 0,
         max_connections: int = 64,
         socket_timeout_s: float = 5.0,
         health_check_interval_s: float = 10.0,
@@ -128,6 +143,8 @@ class RedisEventLog:
         `health_check_interval_s` is how long the pub/sub connection may stay
         quiet before it is PINGed (and given up after another as long).
         `lease_ttl_s` is how long a run's owner holds it without renewing.
+        `thread_idle_ttl_s` is how long a thread without an active run lives
+        (0: until deleted).
         """
         pool = BlockingConnectionPool.from_url(
             url,
@@ -155,6 +172,7 @@ class RedisEventLog:
             terminal_ttl_s=terminal_ttl_s,
             retain_events=retain_events,
             lease_ttl_s=lease_ttl_s,
+            thread_idle_ttl_s=thread_idle_ttl_s,
         )
         try:
             await log.ping()
@@ -166,16 +184,16 @@ class RedisEventLog:
     async def create_run(self, record: RunRecord) -> tuple[RunRecord, bool]:
         run_id = record.run_id
         lease_ttl_ms = self._lease_ttl_ms if record.state.runnable else 0
-        with _store_errors():
+        with store_errors():
             reply = await self._create(
                 keys=[self._keys.run(run_id), self._keys.lease(run_id)],
-                args=[lease_ttl_ms, record.epoch, *_record_fields(record)],
+                args=[lease_ttl_ms, record.epoch, *flatten(run_fields(record))],
             )
             if reply[0] == 1:
                 stored, created = record, True
             else:
                 flat: list[bytes] = reply[1]
-                stored, created = _record_from_hash(run_id, _pairs(flat)), False
+                stored, created = run_from_hash(run_id, pairs(flat)), False
             # Outside the script: the index and the active set are not in the
             # run's hash slot. Also done when the run existed, to heal a crash
             # between the two steps.
@@ -188,15 +206,15 @@ class RedisEventLog:
         return stored, created
 
     async def get_run(self, run_id: str) -> RunRecord:
-        with _store_errors():
+        with store_errors():
             # bytes, not str: the client is built without decode_responses.
             fields = cast(dict[bytes, bytes], await self._client.hgetall(self._keys.run(run_id)))
         if not fields:
             raise RunNotFound(run_id)
-        return _record_from_hash(run_id, fields)
+        return run_from_hash(run_id, fields)
 
     async def head(self, run_id: str) -> int:
-        with _store_errors():
+        with store_errors():
             next_index = await self._client.hget(self._keys.run(run_id), RunField.NEXT_INDEX)
         if next_index is None:
             raise RunNotFound(run_id)
@@ -207,63 +225,33 @@ class RedisEventLog:
         *,
         agent_id: str = "",
         states: frozenset[RunState] = frozenset(),
+        thread_id: str = "",
         limit: int,
         after: RunPageCursor | None = None,
     ) -> list[RunRecord]:
-        """Walk the run index newest first, fetching run hashes a batch at a time.
+        """Walk the run index (or the thread's) newest first, a batch of run hashes at a time.
 
-        Index members whose run hash is gone (expired), or belongs to a newer
-        run with the same id, are removed on the way. Filters are applied to
-        the fetched hashes, so a selective filter costs a walk over the runs
-        it skips.
+        Filters are applied to the fetched hashes, so a selective filter costs
+        a walk over the runs it skips; a thread's runs have their own index.
         """
         if limit <= 0:
             raise ValueError(f"limit must be positive, got {limit}")
-        batch_size = min(max(2 * limit, 64), 1000)
-        upper = "+" if after is None else "(" + run_index_member(after.create_time_ms, after.run_id)
-        page: list[RunRecord] = []
-        stale: list[bytes] = []
-        with _store_errors():
-            while len(page) < limit:
-                members = cast(
-                    list[bytes],
-                    await self._client.zrevrangebylex(
-                        self._keys.run_index, upper, "-", start=0, num=batch_size
-                    ),
-                )
-                if not members:
-                    break
-                parsed = [parse_run_index_member(m) for m in members]
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for _, run_id in parsed:
-                        pipe.hmget(self._keys.run(run_id), _LISTED_FIELDS)
-                    values: list[list[bytes | None]] = await pipe.execute()
-                for member, (create_time_ms, run_id), row in zip(
-                    members, parsed, values, strict=True
-                ):
-                    fields = {
-                        name: value
-                        for name, value in zip(_LISTED_FIELD_BYTES, row, strict=True)
-                        if value is not None
-                    }
-                    if not fields:
-                        stale.append(member)
-                        continue
-                    run = _record_from_hash(run_id, fields)
-                    if run.create_time_ms != create_time_ms:
-                        stale.append(member)
-                    elif (not agent_id or run.agent_id == agent_id) and (
-                        not states or run.state in states
-                    ):
-                        page.append(run)
-                        if len(page) == limit:
-                            break
-                if len(members) < batch_size:
-                    break
-                upper = "(" + members[-1].decode()
-            if stale:
-                await self._client.zrem(self._keys.run_index, *stale)
-        return page
+
+        def accept(run_id: str, _: int, fields: dict[bytes, bytes]) -> RunRecord | None:
+            run = run_from_hash(run_id, fields)
+            if (not agent_id or run.agent_id == agent_id) and (not states or run.state in states):
+                return run
+            return None
+
+        return await walk_index(
+            self._client,
+            self._keys.thread_runs(thread_id) if thread_id else self._keys.run_index,
+            limit=limit,
+            after=None if after is None else (after.create_time_ms, after.run_id),
+            hash_key=self._keys.run,
+            fields=_LISTED_FIELDS,
+            accept=accept,
+        )
 
     async def append(
         self,
@@ -274,6 +262,7 @@ class RedisEventLog:
         state: RunState | None = None,
         error: str = "",
         checkpoint: bytes | None = None,
+        thread_messages: Sequence[bytes] = (),
     ) -> int:
         """One APPEND script; then, for a new state, the active set (outside the run's slot).
 
@@ -282,28 +271,39 @@ class RedisEventLog:
         state removes it (it never comes back: safe to do eagerly). A
         suspended run is left for claimable to remove, which re-checks the
         state: an eager removal here could undo the addition of a Resume
-        that committed in between.
+        that committed in between. A terminal state of a run on a thread
+        writes the thread in the same script (keys.py puts both in one slot);
+        the run it promotes is in the active set already (start_thread_run).
         """
         check_consecutive(events)
         members = serialize_events(events)
-        ttl_ms = self._terminal_ttl_ms if state is not None and state.terminal else 0
+        terminal = state is not None and state.terminal
+        thread_id, on_thread, _ = run_id.partition(":")
         args: list[Any] = [
             epoch,
             "" if state is None else state.value,
             error,
             time.time_ns() // 1_000_000,
-            ttl_ms,
+            self._terminal_ttl_ms if terminal else 0,
             self._retain_events,
             self._keys.live(run_id),
             encode_batch(members),  # b"" without events: nothing is published
             events[0].index if events else 0,
             0 if checkpoint is None else 1,
             b"" if checkpoint is None else checkpoint,
+            len(members),
+            self._keys.thread_base(thread_id) if on_thread else "",
+            thread_id if on_thread else "",
+            run_id,
+            self._thread_idle_ttl_ms,
             *members,
+            *(thread_messages if terminal and on_thread else ()),
         ]
         run_key, events_key, *other_keys = self._keys.run_keys(run_id)
         keys = [run_key, events_key, self._keys.lease(run_id), *other_keys]
-        with _store_errors():
+        if terminal and on_thread:
+            keys.extend(self._keys.thread_keys(thread_id))
+        with store_errors():
             reply = await self._append(keys=keys, args=args)
             code = reply[0]
             if code == scripts.OK and state is not None:
@@ -324,7 +324,7 @@ class RedisEventLog:
     async def read(self, run_id: str, offset: int, limit: int) -> list[AgentEvent]:
         if limit <= 0:
             raise ValueError(f"limit must be positive, got {limit}")
-        with _store_errors():
+        with store_errors():
             reply = await self._read(
                 keys=[self._keys.run(run_id), self._keys.events(run_id)], args=[offset, limit]
             )
@@ -333,24 +333,26 @@ class RedisEventLog:
             raise RunNotFound(run_id)
         if code == scripts.OFFSET_EXPIRED:
             raise OffsetExpired(run_id, offset, int(reply[1]), int(reply[2]))
+        if code == scripts.NOT_RESUMABLE:
+            raise RunNotResumable(run_id, offset, int(reply[1]))
         members = reply[1]
         return Batch([AgentEvent.FromString(member) for member in members], encode_batch(members))
 
     async def subscribe(self, run_id: str, listener: Listener) -> Subscription:
         return await self._fanout.subscribe(self._keys.live(run_id), listener)
 
-    async def claim(self, run_id: str, owner: str, *, suspended: bool = False) -> RunRecord | None:
-        with _store_errors():
+    async def claim(self, run_id: str, owner: str) -> RunRecord | None:
+        with store_errors():
             reply = await self._claim(
                 keys=[self._keys.run(run_id), self._keys.lease(run_id)],
-                args=[owner, self._lease_ttl_ms, 1 if suspended else 0],
+                args=[owner, self._lease_ttl_ms],
             )
         if reply[0] != scripts.OK:
             return None  # NOT_FOUND, NOT_RUNNABLE or LEASE_HELD
-        return _record_from_hash(run_id, _pairs(reply[1]))
+        return run_from_hash(run_id, pairs(reply[1]))
 
     async def renew(self, run_id: str, epoch: int) -> bool:
-        with _store_errors():
+        with store_errors():
             reply = await self._renew(
                 keys=[self._keys.run(run_id), self._keys.lease(run_id)],
                 args=[epoch, self._lease_ttl_ms],
@@ -358,7 +360,7 @@ class RedisEventLog:
         return bool(reply[0] == scripts.OK)
 
     async def release(self, run_id: str, epoch: int) -> None:
-        with _store_errors():
+        with store_errors():
             await self._release(keys=[self._keys.lease(run_id)], args=[epoch])
 
     async def decide(
@@ -384,7 +386,7 @@ class RedisEventLog:
             request_record,
             time.time_ns() // 1_000_000,
         ]
-        with _store_errors():
+        with store_errors():
             reply = await self._decide(keys=keys, args=args)
             if reply[0] == scripts.OK and resume:
                 await self._client.sadd(self._keys.active_runs, run_id)
@@ -392,10 +394,10 @@ class RedisEventLog:
             raise RunNotFound(run_id)
         if reply[0] == scripts.CONFLICT:
             raise ConcurrentModification(run_id)
-        return _record_from_hash(run_id, _pairs(reply[1]))
+        return run_from_hash(run_id, pairs(reply[1]))
 
     async def resume_request(self, run_id: str, request_id: str) -> bytes | None:
-        with _store_errors():
+        with store_errors():
             value = await self._client.hget(self._keys.resumes(run_id), request_id)
         return cast(bytes | None, value)
 
@@ -406,9 +408,10 @@ class RedisEventLog:
         2. Per member, read the run's state and whether its lease exists, in
            one pipeline per batch.
         3. Runnable without a lease: claimable. Runnable with a lease: owned.
-           Suspended, ended or gone: stale.
+           Enqueued: kept (its thread makes it runnable in a script, with
+           nothing after it to add it). Suspended, ended or gone: stale.
         4. Remove the stale members, then read their state again and add back
-           any that became runnable meanwhile. Writers add a run after they
+           any that became runnable (or enqueued) meanwhile. Writers add a run after they
            commit a runnable state, so either that addition comes after our
            removal, or our second read sees the state: no runnable run is
            ever left out.
@@ -420,7 +423,7 @@ class RedisEventLog:
         seen: set[bytes] = set()  # SSCAN may return a member more than once
         stale: list[bytes] = []
         cursor = 0
-        with _store_errors():
+        with store_errors():
             while True:
                 cursor, batch = await self._client.sscan(active, cursor, count=max(limit, 100))
                 members = [m for m in cast(list[bytes], batch) if m not in seen]
@@ -435,9 +438,9 @@ class RedisEventLog:
                     members, replies[::2], replies[1::2], strict=True
                 ):
                     state, agent_id = fields
-                    if state is None or not RunState(state.decode()).runnable:
+                    if not _kept_active(state):
                         stale.append(member)
-                    elif leased or len(found) == limit:
+                    elif state == _ENQUEUED or leased or len(found) == limit:
                         continue
                     elif agent_ids is None or agent_id.decode() in agent_ids:
                         found.append(member.decode())
@@ -455,15 +458,13 @@ class RedisEventLog:
                 pipe.hget(self._keys.run(member.decode()), RunField.STATE.value)
             states: list[bytes | None] = await pipe.execute()
         revived = [
-            member
-            for member, state in zip(members, states, strict=True)
-            if state is not None and RunState(state.decode()).runnable
+            member for member, state in zip(members, states, strict=True) if _kept_active(state)
         ]
         if revived:
             await self._client.sadd(self._keys.active_runs, *revived)
 
     async def journal_tool(self, run_id: str, epoch: int, tool_call_id: str, result: bytes) -> None:
-        with _store_errors():
+        with store_errors():
             reply = await self._journal(
                 keys=[self._keys.run(run_id), self._keys.tools(run_id)],
                 args=[epoch, tool_call_id, result],
@@ -475,27 +476,38 @@ class RedisEventLog:
             raise StaleEpoch(run_id, epoch, int(reply[1]))
 
     async def journaled_tool(self, run_id: str, tool_call_id: str) -> bytes | None:
-        with _store_errors():
+        with store_errors():
             value = await self._client.hget(self._keys.tools(run_id), tool_call_id)
         return cast(bytes | None, value)
 
     async def request_cancel(self, run_id: str, reason: str) -> RunRecord:
+        """The REQUEST_CANCEL script, with the run added to the active set before and after.
+
+        The script may make a suspended or enqueued run runnable; adding it
+        first means a crash right after the script cannot leave it out of the
+        active set, and adding it again afterwards undoes a sweep that dropped
+        it in between (as not yet runnable). A run that turns out ended or
+        unknown is dropped by claimable as usual.
+        """
         if not reason:
             raise ValueError("a cancel request needs a reason")
-        with _store_errors():
+        with store_errors():
+            await self._client.sadd(self._keys.active_runs, run_id)
             reply = await self._cancel(
                 keys=[self._keys.run(run_id)],
                 args=[reason, time.time_ns() // 1_000_000, self._keys.control(run_id)],
             )
+            if reply[0] == scripts.OK:
+                await self._client.sadd(self._keys.active_runs, run_id)
         if reply[0] == scripts.NOT_FOUND:
             raise RunNotFound(run_id)
-        return _record_from_hash(run_id, _pairs(reply[1]))
+        return run_from_hash(run_id, pairs(reply[1]))
 
     async def subscribe_control(self, run_id: str, listener: ControlListener) -> Subscription:
         return await self._fanout.subscribe_control(self._keys.control(run_id), listener)
 
     async def incr_counter(self, run_id: str, key: str, *, once_key: str = "") -> int:
-        with _store_errors():
+        with store_errors():
             reply = await self._incr(
                 keys=[
                     self._keys.counters(run_id),
@@ -510,12 +522,34 @@ class RedisEventLog:
 
     async def get_counter(self, run_id: str, key: str) -> int:
         """0 when never incremented, and for unknown or expired runs."""
-        with _store_errors():
+        with store_errors():
             value = await self._client.hget(self._keys.counters(run_id), key)
         return 0 if value is None else int(value)
 
+    # Threads: see redis_threads.py.
+
+    async def create_thread(self, record: ThreadRecord) -> tuple[ThreadRecord, bool]:
+        return await self._threads.create_thread(record)
+
+    async def get_thread(self, thread_id: str) -> ThreadRecord:
+        return await self._threads.get_thread(thread_id)
+
+    async def list_threads(
+        self, *, resource_id: str = "", limit: int, after: ThreadPageCursor | None = None
+    ) -> list[ThreadRecord]:
+        return await self._threads.list_threads(resource_id=resource_id, limit=limit, after=after)
+
+    async def delete_thread(self, thread_id: str) -> None:
+        await self._threads.delete_thread(thread_id)
+
+    async def thread_messages(self, thread_id: str, start: int, stop: int) -> list[bytes]:
+        return await self._threads.thread_messages(thread_id, start, stop)
+
+    async def start_thread_run(self, record: RunRecord, policy: BusyPolicy) -> ThreadRunStart:
+        return await self._threads.start_thread_run(record, policy)
+
     async def ping(self) -> None:
-        with _store_errors():
+        with store_errors():
             await self._client.ping()
 
     async def close(self) -> None:
@@ -526,56 +560,3 @@ class RedisEventLog:
             await self._fanout.close()
         finally:
             await self._client.aclose()
-
-
-def _record_fields(record: RunRecord) -> list[str | int | bytes]:
-    """The run hash of `record`, as field, value, ... for HSET."""
-    values: dict[RunField, str | int | bytes] = {
-        RunField.STATE: record.state.value,
-        RunField.AGENT_ID: record.agent_id,
-        RunField.INPUT: record.input,
-        RunField.REQUEST_ID: record.request_id,
-        RunField.OWNER: record.owner,
-        RunField.EPOCH: record.epoch,
-        RunField.NEXT_INDEX: record.next_index,
-        RunField.EARLIEST_INDEX: record.earliest_index,
-        RunField.CREATE_TIME_MS: record.create_time_ms,
-        RunField.UPDATE_TIME_MS: record.update_time_ms,
-        RunField.ERROR: record.error,
-        RunField.CHECKPOINT: record.checkpoint,
-        RunField.CANCEL_REASON: record.cancel_reason,
-        RunField.DECISIONS: record.decisions,
-    }
-    return [item for pair in values.items() for item in pair]
-
-
-def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
-    """HGETALL as a script returns it (field, value, ...) as a dict."""
-    return dict(zip(flat[::2], flat[1::2], strict=True))
-
-
-def _record_from_hash(run_id: str, fields: Mapping[bytes, bytes]) -> RunRecord:
-    def text(field: RunField) -> str:
-        return fields.get(_FIELD_BYTES[field], b"").decode()
-
-    def number(field: RunField) -> int:
-        return int(fields.get(_FIELD_BYTES[field], b"0"))
-
-    return RunRecord(
-        run_id=run_id,
-        agent_id=text(RunField.AGENT_ID),
-        input=text(RunField.INPUT),
-        request_id=text(RunField.REQUEST_ID),
-        state=RunState(text(RunField.STATE)),
-        create_time_ms=number(RunField.CREATE_TIME_MS),
-        update_time_ms=number(RunField.UPDATE_TIME_MS),
-        next_index=number(RunField.NEXT_INDEX),
-        earliest_index=number(RunField.EARLIEST_INDEX),
-        epoch=number(RunField.EPOCH),
-        owner=text(RunField.OWNER),
-        error=text(RunField.ERROR),
-        # Bytes as stored: the client does not decode responses.
-        checkpoint=fields.get(_FIELD_BYTES[RunField.CHECKPOINT], b""),
-        cancel_reason=text(RunField.CANCEL_REASON),
-        decisions=fields.get(_FIELD_BYTES[RunField.DECISIONS], b""),
-    )

@@ -1,6 +1,9 @@
 """The Lua scripts of RedisEventLog: each is one atomic step on one run's keys.
 
-Every script touches only the keys of one run (one hash slot, see keys.py).
+Every script touches only the keys of one run, or of one thread and the runs
+made on it (one hash slot either way, see keys.py). A script that must reach
+another run of the thread (its queue holds run ids) builds that run's key
+from the thread's key base: base .. (run id after "<thread_id>:") .. ':run'.
 Hash field names are those of keys.RunField and states the values of
 log.RunState: 'queued' and 'running' are the runnable states (RunState.runnable),
 the only ones that hold a lease. Results are arrays whose first element is a
@@ -18,6 +21,9 @@ OFFSET_EXPIRED = 4
 NOT_RUNNABLE = 5  # the run is suspended or ended: nobody may own it
 LEASE_HELD = 6  # the run's owner still holds its lease
 CONFLICT = 7  # the run is no longer in the state (or at the epoch) the caller read
+NOT_RESUMABLE = 8  # the run is live only: its events below the head are not kept
+BUSY = 9  # the thread has an active (or queued) run
+EXISTS = 10  # the run to create exists already
 
 # Store a new run unless its hash exists, and give its creator the lease.
 # KEYS[1]   the run hash
@@ -38,52 +44,66 @@ return {1}
 """
 
 # Append a batch of events, store the checkpoint, move the run's state,
-# trim, and publish: the whole of EventLog.append in one atomic step, so
-# readers and listeners only ever see committed events, and a checkpoint is
-# never ahead of (or behind) the events it covers.
+# trim, update the run's thread, and publish: the whole of EventLog.append in
+# one atomic step, so readers and listeners only ever see committed events, a
+# checkpoint is never ahead of (or behind) the events it covers, and a thread
+# never holds half a run.
 # KEYS[1]   the run hash
 # KEYS[2]   the events ZSET
 # KEYS[3]   the lease (deleted when the new state is not runnable)
-# KEYS[4..] the run's other keys (tools, counters, once): with the first two,
-#           they get the terminal TTL
+# KEYS[4..7] the run's other keys (tools, counters, once, resumes): with the
+#           first two, they get the terminal TTL
+# KEYS[8..11] with a terminal state of a run on a thread: the thread's hash,
+#           messages, queue and runs (keys.thread_keys)
 # ARGV[1]   the writer's epoch
 # ARGV[2]   new state, or '' to keep the state
 # ARGV[3]   error recorded with the new state
 # ARGV[4]   now, unix ms (update_time_ms)
-# ARGV[5]   TTL in ms when the new state is terminal, else 0
+# ARGV[5]   the log's TTL in ms when the new state is terminal (the run's own
+#           ttl_ms field wins when set), else 0
 # ARGV[6]   events to retain per run, 0 = all
 # ARGV[7]   the live channel
 # ARGV[8]   serialized EventBatch of the events, published after the commit ('' = none)
 # ARGV[9]   index of the first event (Lua cannot parse protobuf); unused without events
 # ARGV[10]  '1' to store ARGV[11] as the checkpoint, '0' to keep the stored one
 # ARGV[11]  the checkpoint (binary)
-# ARGV[12..] the serialized events, in index order
-# Returns {OK, next_index} | {NOT_FOUND} | {STALE_EPOCH, run epoch} | {INDEX_CONFLICT, next_index}
+# ARGV[12]  the number of events, n
+# ARGV[13]  the thread's key base (keys.thread_base), or ''
+# ARGV[14]  the thread id, or ''
+# ARGV[15]  the run id
+# ARGV[16]  the thread's idle TTL in ms, 0 = none
+# ARGV[17..16+n] the serialized events, in index order
+# ARGV[17+n..] entries to add to the thread's history (terminal state only)
+# Returns {OK, next_index, promoted run id or ''} | {NOT_FOUND} | {STALE_EPOCH, run epoch}
+#       | {INDEX_CONFLICT, next_index}
 APPEND = """
 local run, events, lease = KEYS[1], KEYS[2], KEYS[3]
-local first_event = 12  -- ARGV position of the first serialized event
-local n = #ARGV - first_event + 1
-local f = redis.call('HMGET', run, 'epoch', 'next_index', 'earliest_index')
+local first_event = 17  -- ARGV position of the first serialized event
+local n = tonumber(ARGV[12])
+local first_message = first_event + n
+local f = redis.call('HMGET', run, 'epoch', 'next_index', 'earliest_index', 'live_only',
+  'ttl_ms', 'rollback')
 if not f[1] then return {1} end
 if tonumber(f[1]) ~= tonumber(ARGV[1]) then return {2, tonumber(f[1])} end
 local next_index, earliest = tonumber(f[2]), tonumber(f[3]) or 0
+local keep = f[4] ~= '1'
 local first = tonumber(ARGV[9])
 if n > 0 and first ~= next_index then
   -- An exact replay of a committed batch (a retry after a lost reply) is a no-op.
-  if first >= earliest and first + n <= next_index then
+  if keep and first >= earliest and first + n <= next_index then
     local stored = redis.call('ZRANGEBYSCORE', events, first, first + n - 1)
     local same = #stored == n
     for i = 1, n do
       if not same then break end
       same = stored[i] == ARGV[first_event + i - 1]
     end
-    if same then return {0, next_index} end
+    if same then return {0, next_index, ''} end
   end
   return {3, next_index}
 end
 -- ZADD in chunks: unpack() is limited by Lua's C stack.
 local i = 1
-while i <= n do
+while keep and i <= n do
   local last = math.min(i + 999, n)
   local args = {}
   for j = i, last do
@@ -105,19 +125,52 @@ if ARGV[10] == '1' then
   table.insert(update, 'checkpoint'); table.insert(update, ARGV[11])
 end
 local retain = tonumber(ARGV[6])
-if retain > 0 and next_index - retain > earliest then
+if keep and retain > 0 and next_index - retain > earliest then
   earliest = next_index - retain
   redis.call('ZREMRANGEBYSCORE', events, '-inf', '(' .. earliest)
   table.insert(update, 'earliest_index'); table.insert(update, earliest)
 end
 redis.call('HSET', run, unpack(update))
 local ttl_ms = tonumber(ARGV[5])
+local promoted = ''
 if ttl_ms > 0 then
+  if tonumber(f[5] or '0') > 0 then ttl_ms = tonumber(f[5]) end
   -- The lease is gone already (a terminal state is not runnable): PEXPIRE skips it.
-  for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl_ms) end
+  for k = 1, 7 do redis.call('PEXPIRE', KEYS[k], ttl_ms) end
+  if #KEYS >= 11 and redis.call('EXISTS', KEYS[8]) == 1 then
+    local thread, messages, queue = KEYS[8], KEYS[9], KEYS[10]
+    local base, thread_id, run_id = ARGV[13], ARGV[14], ARGV[15]
+    if redis.call('HGET', thread, 'active_run_id') == run_id then
+      local m = #ARGV - first_message + 1
+      local j = 0
+      while f[6] ~= '1' and j < m do
+        local last = math.min(j + 1000, m)
+        redis.call('RPUSH', messages, unpack(ARGV, first_message + j, first_message + last - 1))
+        j = last
+      end
+      -- The thread goes to the first queued run that still waits for it.
+      while true do
+        local queued = redis.call('LPOP', queue)
+        if not queued then break end
+        local queued_run = base .. string.sub(queued, #thread_id + 2) .. ':run'
+        if redis.call('HGET', queued_run, 'state') == 'enqueued' then
+          redis.call('HSET', queued_run, 'state', 'queued', 'update_time_ms', ARGV[4])
+          promoted = queued
+          break
+        end
+      end
+      redis.call('HSET', thread, 'active_run_id', promoted, 'update_time_ms', ARGV[4])
+      local idle_ms = tonumber(ARGV[16])
+      if promoted == '' and idle_ms > 0 then
+        for k = 8, 11 do redis.call('PEXPIRE', KEYS[k], idle_ms) end
+      end
+    else
+      redis.call('LREM', queue, 0, run_id)
+    end
+  end
 end
 if ARGV[8] ~= '' then redis.call('PUBLISH', ARGV[7], ARGV[8]) end
-return {0, next_index}
+return {0, next_index, promoted}
 """
 
 # Read a page of events, checking the run exists and the offset is retained.
@@ -126,11 +179,13 @@ return {0, next_index}
 # ARGV[1]  offset (inclusive)
 # ARGV[2]  the most events to return
 # Returns {OK, {member, ...}} | {NOT_FOUND} | {OFFSET_EXPIRED, earliest_index, next_index}
+#       | {NOT_RESUMABLE, next_index}
 READ = """
-local f = redis.call('HMGET', KEYS[1], 'next_index', 'earliest_index')
+local f = redis.call('HMGET', KEYS[1], 'next_index', 'earliest_index', 'live_only')
 if not f[1] then return {1} end
 local offset = tonumber(ARGV[1])
 local earliest = tonumber(f[2]) or 0
+if f[3] == '1' and offset < tonumber(f[1]) then return {8, tonumber(f[1])} end
 if offset < earliest then return {4, earliest, tonumber(f[1])} end
 if offset >= tonumber(f[1]) then return {0, {}} end
 return {0, redis.call('ZRANGEBYSCORE', KEYS[2], offset, '+inf', 'LIMIT', 0, ARGV[2])}
@@ -166,13 +221,11 @@ return {0, value}
 # KEYS[2]  the lease
 # ARGV[1]  the new owner
 # ARGV[2]  lease TTL in ms
-# ARGV[3]  '1' to claim a suspended run too (it holds no lease), else '0'
 # Returns {OK, {field, value, ...}} | {NOT_FOUND} | {NOT_RUNNABLE} | {LEASE_HELD}
 CLAIM = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {1} end
-local claimable = state == 'queued' or state == 'running'
-if not claimable and not (state == 'suspended' and ARGV[3] == '1') then return {5} end
+if state ~= 'queued' and state ~= 'running' then return {5} end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {6} end
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 redis.call('HSET', KEYS[1], 'owner', ARGV[1])
@@ -227,7 +280,9 @@ return {0, recorded}
 """
 
 # Store a cancel request with a run that has not ended (the first reason
-# wins) and tell its owner, with the stored reason, after the commit.
+# wins) and tell its owner, with the stored reason, after the commit. A run
+# that nobody executes (suspended, enqueued) becomes queued: runnable without
+# a lease, so some instance claims it and writes its abort.
 # KEYS[1]  the run hash
 # ARGV[1]  the reason (not empty)
 # ARGV[2]  now, unix ms (update_time_ms, when the request is new)
@@ -241,6 +296,9 @@ if f[1] ~= 'succeeded' and f[1] ~= 'failed' and f[1] ~= 'cancelled' then
   if not reason or reason == '' then
     reason = ARGV[1]
     redis.call('HSET', KEYS[1], 'cancel_reason', reason, 'update_time_ms', ARGV[2])
+  end
+  if f[1] == 'suspended' or f[1] == 'enqueued' then
+    redis.call('HSET', KEYS[1], 'state', 'queued')
   end
   redis.call('PUBLISH', ARGV[3], reason)
 end
@@ -272,4 +330,109 @@ if ARGV[3] == '1' then
   redis.call('SET', KEYS[2], epoch, 'PX', ARGV[5])
 end
 return {0, redis.call('HGETALL', KEYS[1])}
+"""
+
+# Store a new thread unless its hash exists. A new thread is idle: with an
+# idle TTL it expires unless a run starts on it first.
+# KEYS[1]   the thread hash
+# ARGV[1]   the idle TTL in ms, 0 = none
+# ARGV[2..] field, value, field, value, ... of the new record
+# Returns {1} when created, {0, {field, value, ...}} with the stored record otherwise.
+CREATE_THREAD = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {0, redis.call('HGETALL', KEYS[1])}
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+if tonumber(ARGV[1]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return {1}
+"""
+
+# Read a thread: its record, queue and number of messages, as of one moment.
+# KEYS[1..4] the thread's keys (keys.thread_keys)
+# Returns {OK, {field, value, ...}, {queued run id, ...}, message count} | {NOT_FOUND}
+GET_THREAD = """
+local fields = redis.call('HGETALL', KEYS[1])
+if #fields == 0 then return {1} end
+return {0, fields, redis.call('LRANGE', KEYS[3], 0, -1), redis.call('LLEN', KEYS[2])}
+"""
+
+# Read entries [start, stop) of a thread's history.
+# KEYS[1]  the thread hash
+# KEYS[2]  the messages list
+# ARGV[1]  start
+# ARGV[2]  stop (exclusive), > start
+# Returns {OK, {entry, ...}} | {NOT_FOUND}
+THREAD_MESSAGES = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {1} end
+return {0, redis.call('LRANGE', KEYS[2], ARGV[1], tonumber(ARGV[2]) - 1)}
+"""
+
+# Delete an idle thread: its hash, history, queue and run list.
+# KEYS[1..4] the thread's keys (keys.thread_keys)
+# Returns {OK, create_time_ms, resource_id} | {NOT_FOUND} | {BUSY, run id}
+DELETE_THREAD = """
+local f = redis.call('HMGET', KEYS[1], 'active_run_id', 'create_time_ms', 'resource_id')
+if not f[2] then return {1} end
+if f[1] and f[1] ~= '' then return {9, f[1]} end
+local queued = redis.call('LINDEX', KEYS[3], 0)
+if queued then return {9, queued} end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+return {0, f[2], f[3] or ''}
+"""
+
+# Create a run on a thread and decide, against the thread's state, whether it
+# becomes the thread's active run, waits in its queue, or is refused; with
+# INTERRUPT or ROLLBACK, also ask the active run to stop (as REQUEST_CANCEL
+# does, recording which run interrupted it). One step, so two runs sent to an
+# idle thread at once can never both become active.
+# KEYS[1..4] the thread's keys (keys.thread_keys): hash, messages, queue, runs
+# KEYS[5]   the new run's hash
+# KEYS[6]   the new run's lease
+# ARGV[1]   the policy: 'reject', 'enqueue', 'interrupt' or 'rollback'
+# ARGV[2]   lease TTL in ms
+# ARGV[3]   the creator's epoch (the lease's value)
+# ARGV[4]   the thread's key base (keys.thread_base)
+# ARGV[5]   the thread id
+# ARGV[6]   the new run's member in the thread's runs ZSET
+# ARGV[7]   now, unix ms
+# ARGV[8]   the new run's id
+# ARGV[9]   the cancel reason for the active run (INTERRUPT, ROLLBACK)
+# ARGV[10..] field, value, ... of the new run's record (state 'queued')
+# Returns {NOT_FOUND} | {EXISTS, {field, value, ...}} | {BUSY, active run id}
+#       | {OK, 'active'} | {OK, 'queued'} | {OK, 'queued', interrupted run id}
+START_THREAD_RUN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {1} end
+if redis.call('EXISTS', KEYS[5]) == 1 then return {10, redis.call('HGETALL', KEYS[5])} end
+local active = redis.call('HGET', KEYS[1], 'active_run_id')
+if not active or active == '' then
+  redis.call('HSET', KEYS[5], unpack(ARGV, 10))
+  redis.call('SET', KEYS[6], ARGV[3], 'PX', ARGV[2])
+  redis.call('HSET', KEYS[1], 'active_run_id', ARGV[8], 'update_time_ms', ARGV[7])
+  for k = 1, 4 do redis.call('PERSIST', KEYS[k]) end
+  redis.call('ZADD', KEYS[4], 0, ARGV[6])
+  return {0, 'active'}
+end
+if ARGV[1] == 'reject' then return {9, active} end
+redis.call('HSET', KEYS[5], unpack(ARGV, 10))
+redis.call('HSET', KEYS[5], 'state', 'enqueued', 'owner', '')
+redis.call('RPUSH', KEYS[3], ARGV[8])
+redis.call('ZADD', KEYS[4], 0, ARGV[6])
+redis.call('HSET', KEYS[1], 'update_time_ms', ARGV[7])
+if ARGV[1] ~= 'interrupt' and ARGV[1] ~= 'rollback' then return {0, 'queued'} end
+local base = ARGV[4] .. string.sub(active, #ARGV[5] + 2) .. ':'
+local run = base .. 'run'
+local f = redis.call('HMGET', run, 'state', 'cancel_reason')
+if not f[1] or f[1] == 'succeeded' or f[1] == 'failed' or f[1] == 'cancelled' then
+  return {0, 'queued'}
+end
+local reason = f[2]
+if not reason or reason == '' then
+  reason = ARGV[9]
+  redis.call('HSET', run, 'cancel_reason', reason, 'interrupted_by', ARGV[8],
+    'update_time_ms', ARGV[7])
+end
+if ARGV[1] == 'rollback' then redis.call('HSET', run, 'rollback', '1') end
+if f[1] == 'suspended' then redis.call('HSET', run, 'state', 'queued') end
+redis.call('PUBLISH', base .. 'control', reason)
+return {0, 'queued', active}
 """

@@ -1,7 +1,8 @@
 """Follow a run from an offset: catch up from the log, then live (etcd's watchable store).
 
-1. Validate the offset against the run (expired -> OffsetExpired; past the
-   end of an ended run -> OffsetBeyondEnd), subscribe, and yield a snapshot.
+1. Subscribe, read the run and validate the offset against it (expired ->
+   OffsetExpired; past the end of an ended run -> OffsetBeyondEnd; below
+   the head of a live-only run -> RunNotResumable), and yield a snapshot.
 2. Unsynced: reset the live queue, then read the log in pages from
    next_offset. A short page means the log is exhausted for now.
 3. Synced: take batches from the live queue, accepting only the exact next
@@ -13,18 +14,23 @@
    notification lost without a demotion is caught here.
 5. End right after a terminal event (or, with stop_at_suspend, right after a
    `suspended` event); end with ServerDraining when the server shuts down.
+
+A live-only run keeps no events, so there is no step 2 for it: its observer
+is synced from the start (subscribing before reading the run's head is what
+makes that lossless), and anything that would send it back to 2 (a gap, a
+demotion, a head ahead of it) ends the stream with RunNotResumable instead.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
 from keel.v1.agent_service_pb2 import AgentEvent
 
-from server.errors import OffsetBeyondEnd, OffsetExpired, ServerDraining
+from server.errors import OffsetBeyondEnd, OffsetExpired, RunNotResumable, ServerDraining
 from server.events.codec import Batch
 from server.events.log import EventLog, RunRecord, RunState
 from server.observe.observer import Draining, LiveQueue
@@ -74,15 +80,22 @@ async def follow(
     limits: FollowLimits,
     draining: Draining,
     stop_at_suspend: bool = False,
+    on_subscribed: Callable[[], None] | None = None,
 ) -> AsyncIterator[Item]:
-    """Every event of the run with index >= offset, exactly once, in order; see the module doc."""
-    record = await log.get_run(run_id)
-    check_offset(record, offset)
+    """Every event of the run with index >= offset, exactly once, in order; see the module doc.
+
+    `on_subscribed` is called once the stream listens to the run, before the
+    snapshot is yielded (a Stream starts its new run's execution there).
+    """
     queue = LiveQueue(limits.queue_size)
     draining.watch(queue)
     subscription = await log.subscribe(run_id, queue)
     ends = END_OF_STREAM_PAYLOADS if stop_at_suspend else TERMINAL_PAYLOADS
     try:
+        record = await log.get_run(run_id)
+        check_offset(record, offset)
+        if on_subscribed is not None:
+            on_subscribed()
         yield Snapshot(record)
         at_head = offset == record.next_index
         if at_head and (
@@ -90,19 +103,26 @@ async def follow(
         ):
             return
         next_offset = offset
+        lost_sync = False
         while True:
-            # 2. Unsynced: catch up from the log.
-            queue.resync()
-            while True:
-                page = await log.read(run_id, next_offset, limits.page_size)
-                if page:
-                    delivered, end = _until_end(page, ends)
-                    next_offset = delivered[-1].index + 1
-                    yield Events(delivered)
-                    if end:
-                        return
-                if len(page) < limits.page_size:
-                    break
+            if record.live_only:
+                # No log to read: synced from the start, and losing sync ends the stream.
+                if lost_sync:
+                    raise RunNotResumable(run_id, next_offset, await log.head(run_id))
+                lost_sync = True
+            else:
+                # 2. Unsynced: catch up from the log.
+                queue.resync()
+                while True:
+                    page = await log.read(run_id, next_offset, limits.page_size)
+                    if page:
+                        delivered, end = _until_end(page, ends)
+                        next_offset = delivered[-1].index + 1
+                        yield Events(delivered)
+                        if end:
+                            return
+                    if len(page) < limits.page_size:
+                        break
             # 3. Synced: live batches while nothing is lost.
             while not queue.demoted:
                 batches = queue.pop_all()
@@ -129,6 +149,8 @@ async def follow(
 
 
 def check_offset(record: RunRecord, offset: int) -> None:
+    if record.live_only and offset < record.next_index:
+        raise RunNotResumable(record.run_id, offset, record.next_index)
     if offset < record.earliest_index:
         raise OffsetExpired(record.run_id, offset, record.earliest_index, record.next_index)
     if record.state.terminal and offset > record.next_index:

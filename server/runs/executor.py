@@ -12,9 +12,18 @@ owner's writes carry the old epoch and are refused, so it can never write
 again; when its lease renewal is refused it stops.
 
 Cancellation: CancelRun stores the request with the run and publishes it.
-The owner, wherever it is, aborts the run; a run whose owner is gone is
-claimed by the canceller and aborted. A request that lands before an owner
-subscribes is not lost: an owner checks the record when it starts a run.
+The owner, wherever it is, aborts the run; a run whose owner is gone (or
+that had none: suspended, or waiting in its thread's queue, which the
+request makes runnable) is claimed by the canceller, or any sweeper, and
+aborted. A request that lands before an owner subscribes is not lost: an
+owner checks the record when it starts a run.
+
+Threads: a run on a thread is started through the log's start_thread_run,
+which decides atomically whether it becomes the thread's active run, waits
+in the thread's queue, or is refused (BusyPolicy). When a thread's active run
+ends, its terminal append hands the thread to the next queued run, which is
+then runnable without an owner: the instance that ran the ended run claims
+it at once, and any sweeper would otherwise.
 """
 
 from __future__ import annotations
@@ -25,20 +34,23 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from server.agents.checkpoint import Checkpoint
 from server.agents.types import AgentSpec
 from server.errors import (
     ConcurrentModification,
     RequestIdReused,
+    RunNotFound,
     RunNotSuspended,
     ServerDraining,
     StoreUnavailable,
+    ThreadNotFound,
     UnknownAgent,
 )
-from server.events.log import EventLog, RunRecord, RunState
+from server.events.log import BusyPolicy, EventLog, RunRecord, RunState
 from server.runs import decisions
 from server.runs.leases import LeaseKeeper
 from server.runs.supervisor import Stop, Supervisor, WriterLimits
@@ -61,11 +73,41 @@ class Timing:
     cancel_wait_s: float = 10.0
 
 
-def run_id_for(request_id: str) -> str:
-    """The run id of a new run: derived from request_id if given, random otherwise."""
-    if request_id:
-        return uuid.uuid5(_REQUEST_NAMESPACE, request_id).hex
-    return uuid.uuid4().hex
+def run_id_for(request_id: str, thread_id: str = "") -> str:
+    """The run id of a new run: derived from request_id if given, random otherwise.
+
+    A run on a thread has the id "<thread_id>:<32 hex digits>", which puts its
+    keys in its thread's slot (server/events/keys.py).
+    """
+    own = uuid.uuid5(_REQUEST_NAMESPACE, request_id).hex if request_id else uuid.uuid4().hex
+    return f"{thread_id}:{own}" if thread_id else own
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """What start() did: the run, and how to make this process execute it.
+
+    `launch` spawns the run here if start() created it ready to execute (not
+    waiting in its thread's queue, not existing before); it is idempotent and
+    does nothing while the server drains. A Stream calls it once it listens
+    to the run, so a live-only run's first events reach it; anything else
+    calls it at once.
+    """
+
+    run: RunRecord
+    launch: Callable[[], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """What resume() did: where its stream starts, and `launch` as for Started."""
+
+    offset: int
+    launch: Callable[[], None]
+
+
+def _nothing() -> None:
+    """The launch of a run this call did not make ready to execute."""
 
 
 def _now_ms() -> int:
@@ -93,6 +135,7 @@ class LocalExecutor:
         )
         self._supervisor = Supervisor(log, self._leases, limits or WriterLimits())
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[Any]] = set()  # thread hand-overs, interrupts
         self._sweeper: asyncio.Task[None] | None = None
         self._draining = False
 
@@ -120,36 +163,66 @@ class LocalExecutor:
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="sweeper")
 
-    async def start(self, agent_id: str, input: str, request_id: str = "") -> RunRecord:
-        """Store a new run and start executing it; a repeated request_id returns its run."""
+    async def start(
+        self,
+        agent_id: str,
+        input: str,
+        request_id: str = "",
+        *,
+        thread_id: str = "",
+        policy: BusyPolicy = BusyPolicy.REJECT,
+    ) -> Started:
+        """Store a new run, ready to execute here (see Started), or waiting for its thread.
+
+        A repeated request_id returns its run (RequestIdReused if the agent
+        or input differ). A run on a thread goes by the thread's state and
+        `policy`: ThreadNotFound, ThreadBusy (REJECT), or it becomes the
+        thread's active run, or waits in its queue (ENQUEUE), asking the
+        active run to stop (INTERRUPT, ROLLBACK).
+        """
         if self._draining:
             raise ServerDraining()
         spec = self.agent(agent_id)
         if spec.validate_input is not None:
             spec.validate_input(input)
         now = _now_ms()
-        record, created = await self._log.create_run(
-            RunRecord(
-                run_id=run_id_for(request_id),
-                agent_id=agent_id,
-                input=input,
-                request_id=request_id,
-                state=RunState.QUEUED,
-                create_time_ms=now,
-                update_time_ms=now,
-                owner=self._instance_id,
-            )
+        retention_s = spec.ended_run_retention_s
+        new = RunRecord(
+            run_id=run_id_for(request_id, thread_id),
+            agent_id=agent_id,
+            input=input,
+            request_id=request_id,
+            state=RunState.QUEUED,
+            create_time_ms=now,
+            update_time_ms=now,
+            owner=self._instance_id,
+            thread_id=thread_id,
+            live_only=not spec.resumable,
+            terminal_ttl_ms=0 if retention_s is None else max(1, round(retention_s * 1000)),
         )
+        if thread_id:
+            outcome = await self._log.start_thread_run(new, policy)
+            record, created = outcome.run, outcome.created
+            if outcome.interrupted_run_id:
+                await self._stop_interrupted(outcome.interrupted_run_id)
+        else:
+            record, created = await self._log.create_run(new)
         if not created:
             if (record.agent_id, record.input) != (agent_id, input):
                 raise RequestIdReused(request_id, record.run_id)
-            return record
-        self._spawn(record, spec)
-        return record
+            return Started(record, _nothing)
+        if record.state is not RunState.QUEUED:
+            return Started(record, _nothing)  # waits for its thread
+
+        def launch() -> None:
+            if not self._draining and record.run_id not in self._tasks:
+                self._spawn(record, spec)
+
+        return Started(record, launch)
 
     async def resume(
         self, run_id: str, answers: Sequence[decisions.Decision], request_id: str = ""
-    ) -> int:
+    ) -> Resumed:
         """Apply decisions to a suspended run; return the offset its Resume stream starts at.
 
         1. A request_id seen before: the same decisions return the same offset,
@@ -175,11 +248,11 @@ class LocalExecutor:
                 earlier = json.loads(seen)
                 if earlier["fingerprint"] != fingerprint:
                     raise RequestIdReused(request_id, run_id)
-                return int(earlier["offset"])
+                return Resumed(int(earlier["offset"]), _nothing)
         stored = decisions.load(record)
         repeat = decisions.repeat_offset(run_id, stored, answers)
         if repeat is not None:
-            return repeat
+            return Resumed(repeat, _nothing)
         if record.state is not RunState.SUSPENDED:
             raise RunNotSuspended(run_id, record.state.value)
         checkpoint = Checkpoint.decode(record.checkpoint)
@@ -203,10 +276,15 @@ class LocalExecutor:
             again = decisions.repeat_offset(run_id, now, answers)
             if again is None:
                 raise
-            return again
-        if complete:
-            self._spawn(resumed, self._agents.get(resumed.agent_id))
-        return offset
+            return Resumed(again, _nothing)
+        if not complete:
+            return Resumed(offset, _nothing)
+
+        def launch() -> None:
+            if not self._draining and run_id not in self._tasks:
+                self._spawn(resumed, self._agents.get(resumed.agent_id))
+
+        return Resumed(offset, launch)
 
     async def cancel(self, run_id: str, reason: str) -> RunRecord:
         """Stop a run: it commits `abort` and CANCELLED. An ended run is returned as it is.
@@ -223,8 +301,8 @@ class LocalExecutor:
         while not record.state.terminal and time.monotonic() < deadline:
             task = self._tasks.get(run_id)
             if task is None and not self._draining:
-                # A suspended run has no owner: take it, to write its abort.
-                claimed = await self._log.claim(run_id, self._instance_id, suspended=True)
+                # An owner that died (or a run that had none) leaves it to us.
+                claimed = await self._log.claim(run_id, self._instance_id)
                 if claimed is not None:
                     task = self._spawn(claimed, self._agents.get(claimed.agent_id))
             if task is not None:
@@ -265,6 +343,9 @@ class LocalExecutor:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        for work in list(self._background):
+            work.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         tasks = dict(self._tasks)
         if tasks:
             _, pending = await asyncio.wait(tasks.values(), timeout=grace_s)
@@ -284,9 +365,48 @@ class LocalExecutor:
         def forget(done: asyncio.Task[None]) -> None:
             if self._tasks.get(run_id) is done:
                 del self._tasks[run_id]
+            if record.thread_id and not self._draining:
+                # The run may have handed its thread to the next queued run.
+                self._in_background(self._take_thread_turn(record.thread_id))
 
         task.add_done_callback(forget)
         return task
+
+    async def _stop_interrupted(self, run_id: str) -> None:
+        """Have a run that an INTERRUPT or ROLLBACK asked to cancel write its abort.
+
+        The request is stored and published already (start_thread_run): its
+        owner aborts it. Here: stop it if this process owns it, or claim it if
+        nobody does (it was suspended, or its owner died); otherwise its
+        owner, or a sweeper after its lease lapses, does.
+        """
+        task = self._tasks.get(run_id)
+        if task is not None:
+            self._supervisor.stop(run_id, task, Stop.CANCEL)
+        elif not self._draining:
+            claimed = await self._log.claim(run_id, self._instance_id)
+            if claimed is not None:
+                self._spawn(claimed, self._agents.get(claimed.agent_id))
+
+    async def _take_thread_turn(self, thread_id: str) -> None:
+        """Execute the thread's active run here if it waits for an owner (it was just
+        promoted) and this process serves its agent; else a sweeper elsewhere will."""
+        try:
+            active = (await self._log.get_thread(thread_id)).active_run_id
+            if not active or active in self._tasks or self._draining:
+                return
+            waiting = await self._log.get_run(active)
+            if waiting.state.runnable and waiting.agent_id in self._agents:
+                claimed = await self._log.claim(active, self._instance_id)
+                if claimed is not None:
+                    self._spawn(claimed, self._agents.get(claimed.agent_id))
+        except (ThreadNotFound, RunNotFound, StoreUnavailable) as exc:
+            log.info("thread %s: its next run is left to the sweepers (%s)", thread_id, exc)
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _on_lease_lost(self, run_id: str) -> None:
         task = self._tasks.get(run_id)

@@ -18,6 +18,12 @@
    persisted before anyone hears of it, and the run then holds no lease and
    no task until Resume.
 
+A run on a thread starts from the thread's history (read again on every
+takeover or resume: the thread cannot change while it has an active run),
+and its terminal append carries the run's own messages to the thread: all
+of them when it finished, those of its last checkpoint when it failed or was
+cancelled (server/threads/history.py).
+
 How a supervisor is stopped decides what it writes (Stop): CANCEL writes
 `abort`; FENCED (another instance took the run over) writes nothing;
 SHUTDOWN writes nothing and releases the lease for another instance.
@@ -42,6 +48,7 @@ from server.runs import decisions
 from server.runs.journal import ToolJournal
 from server.runs.leases import LeaseKeeper
 from server.runs.writer import EventWriter
+from server.threads import history
 
 log = logging.getLogger(__name__)
 
@@ -67,21 +74,36 @@ class WriterLimits:
 
 
 class _CheckpointingSink:
-    """The loop's EventSink: events through the writer, checkpoints committed with them."""
+    """The loop's EventSink: events through the writer, checkpoints committed with them.
 
-    def __init__(self, writer: EventWriter) -> None:
+    It remembers the last checkpoint committed (or the one the run was taken
+    over at): a run that fails or is cancelled leaves that checkpoint's
+    messages in its thread.
+    """
+
+    def __init__(self, writer: EventWriter, record: RunRecord) -> None:
         self._writer = writer
+        self.last: Checkpoint | None = (
+            Checkpoint.decode(record.checkpoint) if record.thread_id and record.checkpoint else None
+        )
 
     async def emit(self, event: pb.AgentEvent) -> None:
         await self._writer.emit(event)
 
     async def checkpoint(self, checkpoint: Checkpoint) -> None:
         await self._writer.commit(checkpoint=checkpoint)
+        self.last = checkpoint
+
+    @property
+    def last_messages(self) -> bytes | None:
+        return None if self.last is None else self.last.messages
 
 
-async def _abort(writer: EventWriter, reason: str) -> None:
-    abort = pb.AgentEvent(abort=pb.RunAbort(reason=reason))
-    await writer.commit(RunState.CANCELLED, error=reason, events=[abort])
+def _thread_entries(record: RunRecord, messages: bytes | None) -> list[bytes]:
+    """What the run's terminal append adds to its thread (nothing for a run on its own)."""
+    if not record.thread_id or messages is None:
+        return []
+    return history.entries(record.run_id, messages)
 
 
 def _interrupt_event(checkpoint: Checkpoint, interrupt: dict[str, Any]) -> pb.AgentEvent:
@@ -135,19 +157,22 @@ class Supervisor:
             pending_max=self._limits.pending_max,
             linger_s=self._limits.linger_s,
         )
+        sink = _CheckpointingSink(writer, record)
         try:
             control = await self._log.subscribe_control(run_id, _CancelListener(self, run_id, task))
             try:
                 if record.cancel_reason:  # asked before this process got the run
-                    await _abort(writer, record.cancel_reason)
+                    await self._abort(writer, record, sink)
                     return
                 if spec is None:
                     raise LookupError(f"this server has no agent {record.agent_id!r}")
-                await self._execute(record, spec, writer)
+                await self._execute(record, spec, sink, writer)
             except asyncio.CancelledError:
-                why, reason = self._stops.pop(run_id, (None, ""))
+                why, _ = self._stops.pop(run_id, (None, ""))
                 if why is Stop.CANCEL:
-                    await _abort(writer, reason)
+                    # The stored request is the record: its first reason, and
+                    # whether another run of the thread interrupted this one.
+                    await self._abort(writer, await self._log.get_run(run_id), sink)
                 elif why is Stop.SHUTDOWN:
                     await self._leases.release(run_id)
                 elif why is None:
@@ -163,7 +188,12 @@ class Supervisor:
                 log.info("run %s failed: %r", run_id, exc)
                 message = str(exc) or type(exc).__name__
                 error = pb.AgentEvent(error=pb.RunError(message=message, type=type(exc).__name__))
-                await writer.commit(RunState.FAILED, error=message, events=[error])
+                await writer.commit(
+                    RunState.FAILED,
+                    error=message,
+                    events=[error],
+                    thread_messages=_thread_entries(record, sink.last_messages),
+                )
         except FENCED_ERRORS:
             log.info("run %s was taken over by another writer; stopping", run_id)
         except StoreUnavailable as exc:
@@ -175,21 +205,48 @@ class Supervisor:
             if control is not None:
                 await control.close()
 
-    async def _execute(self, record: RunRecord, spec: AgentSpec, writer: EventWriter) -> None:
+    async def _abort(
+        self, writer: EventWriter, record: RunRecord, sink: _CheckpointingSink
+    ) -> None:
+        reason = record.cancel_reason or "cancelled"
+        abort = pb.AgentEvent(
+            abort=pb.RunAbort(
+                reason=reason,
+                interrupted_by_run_id=record.interrupted_by,
+                rolled_back=record.rollback,
+            )
+        )
+        await writer.commit(
+            RunState.CANCELLED,
+            error=reason,
+            events=[abort],
+            thread_messages=_thread_entries(record, sink.last_messages),
+        )
+
+    async def _execute(
+        self, record: RunRecord, spec: AgentSpec, sink: _CheckpointingSink, writer: EventWriter
+    ) -> None:
         resume, attempt = await self._prepare(record, writer)
         deferred = None
         if resume.phase in (Phase.SUSPENDED, Phase.RESUMED):
             deferred = decisions.deferred_results(resume, record)
         info = RunInfo(run_id=record.run_id, counters=self._log)
+        earlier = []
+        if record.thread_id:
+            earlier = history.history(
+                await self._log.thread_messages(record.thread_id, 0, history.ALL)
+            )
         result = await run_agent_loop(
             spec,
             record.input,
             run_info=info,
-            sink=_CheckpointingSink(writer),
+            sink=sink,
             resume=resume,
             attempt=attempt,
             capabilities=[ToolJournal(self._log, record.run_id, record.epoch)],
             deferred=deferred,
+            history=earlier,
+            conversation_id=record.thread_id or None,
         )
         if result.suspended is not None:
             suspension = result.suspended
@@ -212,7 +269,11 @@ class Supervisor:
                 usage=result.usage,
             )
         )
-        await writer.commit(RunState.SUCCEEDED, events=[finish])
+        await writer.commit(
+            RunState.SUCCEEDED,
+            events=[finish],
+            thread_messages=_thread_entries(record, result.messages),
+        )
 
     async def _prepare(self, record: RunRecord, writer: EventWriter) -> tuple[Checkpoint, int]:
         """Step 3 of the module docstring: the checkpoint to run from and its first attempt."""

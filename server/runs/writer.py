@@ -83,8 +83,12 @@ class EventWriter:
         error: str = "",
         events: Sequence[AgentEvent] = (),
         checkpoint: Checkpoint | None = None,
+        thread_messages: Sequence[bytes] = (),
     ) -> None:
         """Commit what was emitted, then `events`, with `state` and `checkpoint`, atomically.
+
+        `thread_messages` go to the run's thread with a terminal `state`
+        (EventLog.append).
 
         `events` join the same append (the flusher never sees them), so they
         become visible together with the state and the checkpoint: how a
@@ -108,7 +112,13 @@ class EventWriter:
                 else replace(checkpoint, next_index=self._next_index).encode()
             )
             append = asyncio.ensure_future(
-                self._append(batch, state=state, error=error, checkpoint=encoded)
+                self._append(
+                    batch,
+                    state=state,
+                    error=error,
+                    checkpoint=encoded,
+                    thread_messages=thread_messages,
+                )
             )
             try:
                 await asyncio.shield(append)
@@ -164,10 +174,17 @@ class EventWriter:
         state: RunState | None = None,
         error: str = "",
         checkpoint: bytes | None = None,
+        thread_messages: Sequence[bytes] = (),
     ) -> None:
         if batch or state is not None or checkpoint is not None:
             await self._log.append(
-                self._run_id, self._epoch, batch, state=state, error=error, checkpoint=checkpoint
+                self._run_id,
+                self._epoch,
+                batch,
+                state=state,
+                error=error,
+                checkpoint=checkpoint,
+                thread_messages=thread_messages,
             )
 
     def _raise_if_failed(self) -> None:

@@ -1115,11 +1115,18 @@ async def test_decide_with_resume_makes_the_run_queued_and_owned(event_log: Even
     await event_log.append(run_id, resumed.epoch, make_events(run_id, 2, 1))  # it may write
 
 
-async def test_a_suspended_run_is_claimed_only_when_asked_for(event_log: EventLog) -> None:
+async def test_a_suspended_run_is_claimable_only_once_a_cancel_was_requested(
+    event_log: EventLog,
+) -> None:
     suspended = await _suspended_run(event_log)
     assert await event_log.claim(suspended.run_id, "canceller") is None
-    taken = await event_log.claim(suspended.run_id, "canceller", suspended=True)
+    assert suspended.run_id not in await event_log.claimable(100)
+    cancelled = await event_log.request_cancel(suspended.run_id, "no longer wanted")
+    assert cancelled.state is RunState.QUEUED  # nobody executes it: some instance must abort it
+    assert suspended.run_id in await event_log.claimable(100)
+    taken = await event_log.claim(suspended.run_id, "canceller")
     assert taken is not None and taken.epoch == suspended.epoch + 1
+    assert taken.cancel_reason == "no longer wanted"
     with pytest.raises(RunNotFound):
         await event_log.decide("nope", expected_epoch=1, decisions=b"", owner="x", resume=False)
 

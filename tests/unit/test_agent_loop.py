@@ -410,9 +410,9 @@ def test_valid_scripts_pass() -> None:
         ("{}", "steps: Field required"),
         (
             '{"steps": [{"sing": 3}]}',
-            'steps[0]: a step is an object with "text", "tool", "parallel" or "error"',
+            'steps[0]: a step is an object with "text", "echo_history", "tool", "parallel" or "error"',
         ),
-        ('{"steps": [42]}', '"text", "tool", "parallel" or "error"'),
+        ('{"steps": [42]}', '"text", "echo_history", "tool", "parallel" or "error"'),
         ('{"steps": [{"tool": "rm_rf", "args": {}}]}', "steps[0]: Input tag 'rm_rf'"),
         ('{"steps": [{"tool": "record", "args": {}}]}', "steps[0].args.key: Field required"),
         ('{"steps": [{"tool": "record", "args": {"key": 1}}]}', "valid string"),

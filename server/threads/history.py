@@ -1,0 +1,66 @@
+"""A thread's history: one entry per pydantic-ai ModelMessage, each tagged with its run.
+
+An entry is JSON, `{"run_id": "...", "message": <ModelMessage>}`, and the
+store keeps a thread's entries in the order they were added (a list). A run
+adds its own messages when it ends, in the same atomic write as its terminal
+event, so a thread never holds half a run:
+
+- SUCCEEDED: every message of the run, up to its final response;
+- FAILED or CANCELLED: the messages of its last checkpoint, that is up to the
+  last step boundary it reached (nothing if it never finished a model
+  response); a response whose tool calls never ran is kept as it is;
+- rolled back (ROLLBACK): nothing;
+- SUSPENDED: nothing yet; the run keeps the thread until it ends.
+
+A new run starts from the thread's messages, repaired the way pydantic-ai
+repairs a history (a tool call left without a result gets a synthesized one),
+so a history that ends on a cancelled step is still valid for any provider.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pydantic import TypeAdapter
+from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter, repair_messages
+from typing_extensions import TypedDict
+
+
+class _Entry(TypedDict):
+    run_id: str
+    message: ModelMessage
+
+
+_ENTRY: TypeAdapter[_Entry] = TypeAdapter(_Entry)
+
+# Read a thread's whole history in one call (a list's positions are far below this).
+ALL = 1 << 62
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadMessage:
+    """One message of a thread, with its position and the run that produced it."""
+
+    index: int
+    run_id: str
+    message: ModelMessage
+
+
+def entries(run_id: str, messages_json: bytes) -> list[bytes]:
+    """The thread entries of a run's own messages (ModelMessagesTypeAdapter JSON)."""
+    return [
+        _ENTRY.dump_json({"run_id": run_id, "message": message})
+        for message in ModelMessagesTypeAdapter.validate_json(messages_json)
+    ]
+
+
+def decode(index: int, entry: bytes) -> ThreadMessage:
+    body = _ENTRY.validate_json(entry)
+    return ThreadMessage(index, body["run_id"], body["message"])
+
+
+def history(stored: Sequence[bytes]) -> list[ModelMessage]:
+    """The messages a new run of the thread starts from (see the module docstring)."""
+    messages = [decode(index, entry).message for index, entry in enumerate(stored)]
+    return repair_messages(messages, repair_last_response=True) if messages else []
