@@ -136,7 +136,12 @@ class OpenEventLog(Protocol):
     """Opens an EventLog of the test's backend; the fixture closes it at the end."""
 
     async def __call__(
-        self, *, terminal_ttl_s: float = ..., retain_events: int = ..., lease_ttl_s: float = ...
+        self,
+        *,
+        terminal_ttl_s: float = ...,
+        retain_events: int = ...,
+        lease_ttl_s: float = ...,
+        thread_idle_ttl_s: float = ...,
     ) -> EventLog: ...
 
 
@@ -180,7 +185,11 @@ async def open_event_log(
     opened: list[EventLog] = []
 
     async def open_log(
-        *, terminal_ttl_s: float = 86_400, retain_events: int = 0, lease_ttl_s: float = 5.0
+        *,
+        terminal_ttl_s: float = 86_400,
+        retain_events: int = 0,
+        lease_ttl_s: float = 5.0,
+        thread_idle_ttl_s: float = 0,
     ) -> EventLog:
         log: EventLog
         if backend == "redis":
@@ -190,12 +199,14 @@ async def open_event_log(
                 terminal_ttl_s=terminal_ttl_s,
                 retain_events=retain_events,
                 lease_ttl_s=lease_ttl_s,
+                thread_idle_ttl_s=thread_idle_ttl_s,
             )
         else:
             log = MemoryEventLog(
                 terminal_ttl_s=terminal_ttl_s,
                 retain_events=retain_events,
                 lease_ttl_s=lease_ttl_s,
+                thread_idle_ttl_s=thread_idle_ttl_s,
                 clock=log_clock,
             )
         opened.append(log)

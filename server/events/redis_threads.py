@@ -140,7 +140,7 @@ class RedisThreads:
         with store_errors():
             reply = await self._messages(
                 keys=[self._keys.thread(thread_id), self._keys.thread_messages(thread_id)],
-                args=[start, stop],
+                args=[start, stop - 1],
             )
         if reply[0] == scripts.NOT_FOUND:
             raise ThreadNotFound(thread_id)

@@ -360,11 +360,12 @@ return {0, fields, redis.call('LRANGE', KEYS[3], 0, -1), redis.call('LLEN', KEYS
 # KEYS[1]  the thread hash
 # KEYS[2]  the messages list
 # ARGV[1]  start
-# ARGV[2]  stop (exclusive), > start
+# ARGV[2]  the last position (inclusive), >= start; passed through as text (Lua
+#          numbers lose integer precision)
 # Returns {OK, {entry, ...}} | {NOT_FOUND}
 THREAD_MESSAGES = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {1} end
-return {0, redis.call('LRANGE', KEYS[2], ARGV[1], tonumber(ARGV[2]) - 1)}
+return {0, redis.call('LRANGE', KEYS[2], ARGV[1], ARGV[2])}
 """
 
 # Delete an idle thread: its hash, history, queue and run list.
