@@ -228,3 +228,190 @@ async def test_resume_with_a_malformed_run_id_is_invalid_argument(
             ),
             "run_id",
         )
+
+
+# -- threads ------------------------------------------------------------------
+
+BAD_THREAD_IDS = {
+    "oversized": "t" * 65,
+    "colon": "a:b",
+    "hash tag": "{thread}",
+    "space": "my thread",
+    "garbage": "../\n\x00 ☃",
+    "leading dot": ".hidden",
+}
+
+
+@pytest.mark.parametrize("thread_id", BAD_THREAD_IDS.values(), ids=BAD_THREAD_IDS.keys())
+async def test_malformed_thread_ids_are_invalid_argument_on_every_rpc(
+    stub: pb_grpc.AgentServiceStub, thread_id: str
+) -> None:
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    calls: list[Callable[[], Awaitable[Any]]] = [
+        lambda: stub.CreateThread(pb.CreateThreadRequest(thread_id=thread_id)),
+        lambda: stub.GetThread(pb.GetThreadRequest(thread_id=thread_id)),
+        lambda: stub.DeleteThread(pb.DeleteThreadRequest(thread_id=thread_id)),
+        lambda: stub.ListThreadMessages(pb.ListThreadMessagesRequest(thread_id=thread_id)),
+        lambda: stub.ListRuns(pb.ListRunsRequest(thread_id=thread_id)),
+        lambda: stub.StartRun(
+            pb.StartRunRequest(agent_id="scripted", input=script(text(1)), thread_id=thread_id)
+        ),
+        lambda: collect(
+            stub.Stream(
+                pb.StreamRequest(agent_id="scripted", input=script(text(1)), thread_id=thread_id)
+            )
+        ),
+    ]
+    for call in calls:
+        await _expect(invalid, call, "thread_id")
+
+
+async def test_a_thread_id_is_required_where_a_thread_is_named(
+    stub: pb_grpc.AgentServiceStub,
+) -> None:
+    for call in (
+        lambda: stub.GetThread(pb.GetThreadRequest()),
+        lambda: stub.DeleteThread(pb.DeleteThreadRequest()),
+        lambda: stub.ListThreadMessages(pb.ListThreadMessagesRequest()),
+    ):
+        await _expect(grpc.StatusCode.INVALID_ARGUMENT, call, "thread_id")
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field"),
+    [
+        ({"resource_id": "has space"}, "resource_id"),
+        ({"resource_id": "{slot}"}, "resource_id"),
+        ({"resource_id": "r" * 129}, "resource_id"),
+        ({"resource_id": "line\nbreak"}, "resource_id"),
+        ({"metadata": {f"k{n}": "v" for n in range(65)}}, "metadata"),
+        ({"metadata": {"": "empty key"}}, "metadata"),
+        ({"metadata": {"k" * 129: "v"}}, "metadata"),
+        ({"metadata": {"k": "v" * 1025}}, "metadata['k']"),
+        ({"request_id": "{bad}"}, "request_id"),
+    ],
+    ids=[
+        "resource space",
+        "resource braces",
+        "resource oversized",
+        "resource control",
+        "metadata too many",
+        "metadata empty key",
+        "metadata long key",
+        "metadata long value",
+        "request id",
+    ],
+)
+async def test_malformed_create_thread_requests_are_invalid_argument(
+    stub: pb_grpc.AgentServiceStub, request_fields: dict[str, Any], field: str
+) -> None:
+    await _expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: stub.CreateThread(pb.CreateThreadRequest(**request_fields)),
+        field,
+    )
+
+
+async def test_unknown_threads_are_not_found_on_every_rpc(stub: pb_grpc.AgentServiceStub) -> None:
+    missing = "no-such-thread"
+    calls: list[Callable[[], Awaitable[Any]]] = [
+        lambda: stub.GetThread(pb.GetThreadRequest(thread_id=missing)),
+        lambda: stub.DeleteThread(pb.DeleteThreadRequest(thread_id=missing)),
+        lambda: stub.ListThreadMessages(pb.ListThreadMessagesRequest(thread_id=missing)),
+        lambda: stub.ListThreadMessages(
+            pb.ListThreadMessagesRequest(thread_id=missing, newest_first=True)
+        ),
+        lambda: stub.StartRun(
+            pb.StartRunRequest(agent_id="scripted", input=script(text(1)), thread_id=missing)
+        ),
+        lambda: collect(
+            stub.Stream(
+                pb.StreamRequest(agent_id="scripted", input=script(text(1)), thread_id=missing)
+            )
+        ),
+    ]
+    for call in calls:
+        error = await _expect(grpc.StatusCode.NOT_FOUND, call)
+        assert missing in (error.details() or "")
+    # A thread-less filter on an unknown thread just lists nothing.
+    assert (await stub.ListRuns(pb.ListRunsRequest(thread_id=missing))).runs == []
+
+
+async def test_an_unknown_busy_policy_is_invalid_argument(stub: pb_grpc.AgentServiceStub) -> None:
+    thread = (await stub.CreateThread(pb.CreateThreadRequest())).thread
+    for policy in (5, 99, -1):
+        await _expect(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            lambda p=policy: stub.StartRun(  # type: ignore[misc]
+                pb.StartRunRequest(
+                    agent_id="scripted",
+                    input=script(text(1)),
+                    thread_id=thread.thread_id,
+                    busy_policy=p,
+                )
+            ),
+            "busy_policy",
+        )
+
+
+async def test_thread_page_tokens_from_other_filters_are_invalid_argument(
+    stub: pb_grpc.AgentServiceStub,
+) -> None:
+    threads = [(await stub.CreateThread(pb.CreateThreadRequest())).thread for _ in range(2)]
+    for thread in threads:
+        for _ in range(2):
+            await collect(
+                stub.Stream(
+                    pb.StreamRequest(
+                        agent_id="scripted", input=script(text(1)), thread_id=thread.thread_id
+                    )
+                )
+            )
+    first, second = (t.thread_id for t in threads)
+    runs = await stub.ListRuns(pb.ListRunsRequest(thread_id=first, page_size=1))
+    messages = await stub.ListThreadMessages(
+        pb.ListThreadMessagesRequest(thread_id=first, page_size=1)
+    )
+    listed = await stub.ListThreads(pb.ListThreadsRequest(page_size=1))
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    await _expect(
+        invalid,
+        lambda: stub.ListRuns(
+            pb.ListRunsRequest(thread_id=second, page_size=1, page_token=runs.next_page_token)
+        ),
+        "page_token",
+    )
+    await _expect(
+        invalid,
+        lambda: stub.ListRuns(pb.ListRunsRequest(page_size=1, page_token=runs.next_page_token)),
+        "page_token",
+    )
+    await _expect(
+        invalid,
+        lambda: stub.ListThreadMessages(
+            pb.ListThreadMessagesRequest(thread_id=second, page_token=messages.next_page_token)
+        ),
+        "page_token",
+    )
+    await _expect(
+        invalid,
+        lambda: stub.ListThreads(
+            pb.ListThreadsRequest(resource_id="someone", page_token=listed.next_page_token)
+        ),
+        "page_token",
+    )
+    for token in ("garbage!", "e30=", "eyJpIjogLTEsICJmIjogIngifQ=="):
+        await _expect(
+            invalid,
+            lambda t=token: stub.ListThreadMessages(  # type: ignore[misc]
+                pb.ListThreadMessagesRequest(thread_id=first, page_token=t)
+            ),
+            "page_token",
+        )
+    for call in (
+        lambda: stub.ListThreads(pb.ListThreadsRequest(page_size=-1)),
+        lambda: stub.ListThreadMessages(
+            pb.ListThreadMessagesRequest(thread_id=first, page_size=-1)
+        ),
+    ):
+        await _expect(invalid, call, "page_size")

@@ -1,0 +1,124 @@
+"""Threads across Keel processes on one Redis: the busy decision is atomic across
+instances, and a thread's queue and history survive SIGKILL of a run's owner."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from keel.v1 import agent_service_pb2 as pb
+from keel.v1 import agent_service_pb2_grpc as pb_grpc
+
+from server.events.redis import RedisEventLog
+from tests.chaos.conftest import (
+    Cluster,
+    assert_run_invariants,
+    effective_events,
+    kinds,
+    observe_all,
+    script,
+    text_of,
+    wait_for,
+)
+
+ECHO = {"echo_history": True}
+
+
+async def test_reject_raced_from_two_instances_starts_exactly_one_run(cluster: Cluster) -> None:
+    first, second = await cluster.start(), await cluster.start()
+    async with (
+        grpc.aio.insecure_channel(first.target) as one,
+        grpc.aio.insecure_channel(second.target) as two,
+    ):
+        stubs = [pb_grpc.AgentServiceStub(one), pb_grpc.AgentServiceStub(two)]
+        for _ in range(10):
+            thread = (await stubs[0].CreateThread(pb.CreateThreadRequest())).thread
+            slow = script({"text": 20, "delay_ms": 10})
+            outcomes = await asyncio.gather(
+                *(
+                    stub.StartRun(
+                        pb.StartRunRequest(
+                            agent_id="scripted", input=slow, thread_id=thread.thread_id
+                        )
+                    )
+                    for stub in stubs
+                ),
+                return_exceptions=True,
+            )
+            started = [o for o in outcomes if isinstance(o, pb.StartRunResponse)]
+            refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+            assert len(started) == 1, outcomes
+            assert [r.code() for r in refused] == [grpc.StatusCode.FAILED_PRECONDITION]
+            runs = await stubs[1].ListRuns(pb.ListRunsRequest(thread_id=thread.thread_id))
+            assert [r.run_id for r in runs.runs] == [started[0].run.run_id]
+
+
+async def test_a_queued_run_survives_sigkill_of_the_active_runs_owner_and_starts_after_it(
+    cluster: Cluster, store: RedisEventLog
+) -> None:
+    doomed, survivor = await cluster.start(), await cluster.start()
+    async with (
+        grpc.aio.insecure_channel(doomed.target) as to_doomed,
+        grpc.aio.insecure_channel(survivor.target) as to_survivor,
+    ):
+        on_doomed = pb_grpc.AgentServiceStub(to_doomed)
+        on_survivor = pb_grpc.AgentServiceStub(to_survivor)
+        thread_id = (await on_survivor.CreateThread(pb.CreateThreadRequest())).thread.thread_id
+        first_turn = await observe_all(
+            survivor.target,
+            (
+                await on_survivor.StartRun(
+                    pb.StartRunRequest(
+                        agent_id="scripted", input=script({"text": 2}), thread_id=thread_id
+                    )
+                )
+            ).run.run_id,
+        )
+        assert kinds(first_turn)[-1] == "finish"
+
+        active_steps = [ECHO, {"text": 40, "delay_ms": 25}]
+        active = (
+            await on_doomed.StartRun(
+                pb.StartRunRequest(
+                    agent_id="scripted", input=script(*active_steps), thread_id=thread_id
+                )
+            )
+        ).run
+        queued = (
+            await on_survivor.StartRun(
+                pb.StartRunRequest(
+                    agent_id="scripted",
+                    input=script(ECHO, {"text": 1}),
+                    thread_id=thread_id,
+                    busy_policy=pb.THREAD_BUSY_POLICY_ENQUEUE,
+                )
+            )
+        ).run
+        assert queued.state == pb.RUN_STATE_QUEUED
+
+        async def active_is_streaming() -> bool:
+            return (await store.head(active.run_id)) > 5
+
+        await wait_for(active_is_streaming, what="the active run to stream")
+        doomed.kill()
+        await doomed.wait()
+
+        # The survivor takes the active run over, finishes it, and only then starts the queued one.
+        active_events = await observe_all(survivor.target, active.run_id)
+        assert_run_invariants(
+            active_events, "history=1 " + "".join(f"t{i} " for i in range(40)) + "done"
+        )
+        queued_events = await observe_all(survivor.target, queued.run_id)
+        assert kinds(queued_events)[-1] == "finish"
+        assert text_of(effective_events(queued_events)) == "history=2 t0 done"
+        finished_ns = active_events[-1].time.ToNanoseconds()
+        assert queued_events[0].time.ToNanoseconds() >= finished_ns
+
+        thread = (await on_survivor.GetThread(pb.GetThreadRequest(thread_id=thread_id))).thread
+        assert (thread.active_run_id, list(thread.queued_run_ids)) == ("", [])
+        listed = await on_survivor.ListThreadMessages(
+            pb.ListThreadMessagesRequest(thread_id=thread_id)
+        )
+        owners = [m.run_id for m in listed.messages]
+        first_id = first_turn[0].run_id
+        assert owners == [first_id] * 2 + [active.run_id] * 2 + [queued.run_id] * 2

@@ -1,0 +1,23 @@
+"""Agent registries for tests: the scripted agent under the per-agent options of AgentSpec.
+
+Serve them with `--agents tests.registries:options` (the repository root is
+importable when tests run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from server.agents.testing import registry as scripted
+
+BRIEF_RETENTION_S = 1.0
+
+options = {
+    "scripted": scripted["scripted"],
+    # Live only: its events reach the streams open at the time and are not kept.
+    "scripted-live": dataclasses.replace(scripted["scripted"], resumable=False),
+    # Its ended runs are kept BRIEF_RETENTION_S, whatever the server's retention.
+    "scripted-brief": dataclasses.replace(
+        scripted["scripted"], ended_run_retention_s=BRIEF_RETENTION_S
+    ),
+}
