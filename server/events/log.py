@@ -360,7 +360,7 @@ class EventLog(Protocol):
         """Up to `limit` (> 0) threads, newest first, strictly after `after`.
 
         With `resource_id`, only that resource's threads. Deleted and expired
-        threads are not listed. The records carry no queue and no count.
+        threads are not listed.
         """
 
     async def delete_thread(self, thread_id: str) -> None:

@@ -475,7 +475,7 @@ class MemoryEventLog:
                 continue
             if resource_id and thread.record.resource_id != resource_id:
                 continue
-            page.append(dataclasses.replace(thread.snapshot(), queued_run_ids=(), message_count=0))
+            page.append(thread.snapshot())
             if len(page) == limit:
                 break
         for entry in stale:

@@ -106,7 +106,7 @@ class RedisThreads:
         def accept(thread_id: str, _: int, fields: dict[bytes, bytes]) -> ThreadRecord | None:
             return thread_from_hash(thread_id, fields)
 
-        return await walk_index(
+        page = await walk_index(
             self._client,
             index,
             limit=limit,
@@ -115,6 +115,20 @@ class RedisThreads:
             fields=_LISTED_FIELDS,
             accept=accept,
         )
+        with store_errors():
+            async with self._client.pipeline(transaction=False) as pipe:
+                for thread in page:
+                    pipe.lrange(self._keys.thread_queue(thread.thread_id), 0, -1)
+                    pipe.llen(self._keys.thread_messages(thread.thread_id))
+                replies: list[Any] = await pipe.execute()
+        return [
+            dataclasses.replace(
+                thread,
+                queued_run_ids=tuple(run_id.decode() for run_id in queued),
+                message_count=int(count),
+            )
+            for thread, queued, count in zip(page, replies[::2], replies[1::2], strict=True)
+        ]
 
     async def delete_thread(self, thread_id: str) -> None:
         with store_errors():

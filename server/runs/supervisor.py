@@ -100,10 +100,13 @@ class _CheckpointingSink:
 
 
 def _thread_entries(record: RunRecord, messages: bytes | None) -> list[bytes]:
-    """What the run's terminal append adds to its thread (nothing for a run on its own)."""
-    if not record.thread_id or messages is None:
+    """What the run's terminal append adds to its thread (nothing for a run on its own):
+    `messages`, its own messages at the end or at its last checkpoint; a run that
+    ended before any leaves its user prompt."""
+    if not record.thread_id:
         return []
-    return history.entries(record.run_id, messages)
+    entries = history.entries(record.run_id, messages or b"[]")
+    return entries or [history.prompt_entry(record.run_id, record.input)]
 
 
 def _interrupt_event(checkpoint: Checkpoint, interrupt: dict[str, Any]) -> pb.AgentEvent:
@@ -134,16 +137,24 @@ class Supervisor:
         self._leases = leases
         self._limits = limits
         self._stops: dict[str, tuple[Stop, str]] = {}
+        self._started: set[str] = set()  # runs whose run() has begun
 
     def stop(self, run_id: str, task: asyncio.Task[None], why: Stop, reason: str = "") -> None:
-        """Ask the run's task to stop; the first reason given wins."""
+        """Ask the run's task to stop; the first reason given wins.
+
+        A task cancelled before its coroutine begins never runs it, so it
+        could not write the abort (or release the lease): a task that has
+        not begun is left to find the request when it does.
+        """
         if run_id not in self._stops and not task.done():
             self._stops[run_id] = (why, reason)
-            task.cancel()
+            if run_id in self._started:
+                task.cancel()
 
     async def run(self, record: RunRecord, spec: AgentSpec | None) -> None:
         """Execute `record` (owned by this process at record.epoch) until it ends or stops."""
         run_id = record.run_id
+        self._started.add(run_id)
         task = asyncio.current_task()
         assert task is not None
         self._leases.hold(run_id, record.epoch)
@@ -161,6 +172,9 @@ class Supervisor:
         try:
             control = await self._log.subscribe_control(run_id, _CancelListener(self, run_id, task))
             try:
+                if run_id in self._stops:  # told to stop before it began
+                    await self._stopped(run_id, writer, sink)
+                    return
                 if record.cancel_reason:  # asked before this process got the run
                     await self._abort(writer, record, sink)
                     return
@@ -168,16 +182,9 @@ class Supervisor:
                     raise LookupError(f"this server has no agent {record.agent_id!r}")
                 await self._execute(record, spec, sink, writer)
             except asyncio.CancelledError:
-                why, _ = self._stops.pop(run_id, (None, ""))
-                if why is Stop.CANCEL:
-                    # The stored request is the record: its first reason, and
-                    # whether another run of the thread interrupted this one.
-                    await self._abort(writer, await self._log.get_run(run_id), sink)
-                elif why is Stop.SHUTDOWN:
-                    await self._leases.release(run_id)
-                elif why is None:
+                if run_id not in self._stops:
                     raise  # not ours: the event loop is going away
-                # Stop.FENCED: another instance owns the run; write nothing.
+                await self._stopped(run_id, writer, sink)
             except FENCED_ERRORS:
                 log.info("run %s was taken over by another writer; stopping", run_id)
             except StoreUnavailable as exc:
@@ -200,10 +207,22 @@ class Supervisor:
             log.warning("run %s stopped: the store is unreachable (%s)", run_id, exc)
         finally:
             self._stops.pop(run_id, None)
+            self._started.discard(run_id)
             self._leases.drop(run_id)
             await writer.close()
             if control is not None:
                 await control.close()
+
+    async def _stopped(self, run_id: str, writer: EventWriter, sink: _CheckpointingSink) -> None:
+        """Do what the stop request says (see Stop)."""
+        why, _ = self._stops.pop(run_id)
+        if why is Stop.CANCEL:
+            # The stored request is the record: its first reason, and whether
+            # another run of the thread interrupted this one.
+            await self._abort(writer, await self._log.get_run(run_id), sink)
+        elif why is Stop.SHUTDOWN:
+            await self._leases.release(run_id)
+        # Stop.FENCED: another instance owns the run; write nothing.
 
     async def _abort(
         self, writer: EventWriter, record: RunRecord, sink: _CheckpointingSink

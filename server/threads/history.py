@@ -7,8 +7,9 @@ event, so a thread never holds half a run:
 
 - SUCCEEDED: every message of the run, up to its final response;
 - FAILED or CANCELLED: the messages of its last checkpoint, that is up to the
-  last step boundary it reached (nothing if it never finished a model
-  response); a response whose tool calls never ran is kept as it is;
+  last step boundary it reached; a response whose tool calls never ran is
+  kept as it is; a run that ended before its first model response was
+  complete leaves its user prompt alone;
 - rolled back (ROLLBACK): nothing;
 - SUSPENDED: nothing yet; the run keeps the thread until it ends.
 
@@ -23,7 +24,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pydantic import TypeAdapter
-from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter, repair_messages
+from pydantic_ai.messages import (
+    ModelMessage,
+    ModelMessagesTypeAdapter,
+    ModelRequest,
+    UserPromptPart,
+    repair_messages,
+)
 from typing_extensions import TypedDict
 
 
@@ -53,6 +60,12 @@ def entries(run_id: str, messages_json: bytes) -> list[bytes]:
         _ENTRY.dump_json({"run_id": run_id, "message": message})
         for message in ModelMessagesTypeAdapter.validate_json(messages_json)
     ]
+
+
+def prompt_entry(run_id: str, prompt: str) -> bytes:
+    """The entry of a run's user prompt alone (a run that ended before its first response)."""
+    request = ModelRequest(parts=[UserPromptPart(prompt)])
+    return _ENTRY.dump_json({"run_id": run_id, "message": request})
 
 
 def decode(index: int, entry: bytes) -> ThreadMessage:

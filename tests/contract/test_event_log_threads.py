@@ -128,6 +128,21 @@ async def test_list_threads_is_newest_first_paged_and_filtered_by_resource(
     assert [t.thread_id for t in rest] == [mine[1].thread_id, mine[0].thread_id]
     everyone = await event_log.list_threads(limit=1000)
     assert {t.thread_id for t in mine} <= {t.thread_id for t in everyone}
+    busy = mine[0]
+    active, waiting = run_on(busy.thread_id), run_on(busy.thread_id)
+    await event_log.start_thread_run(active, BusyPolicy.REJECT)
+    await event_log.start_thread_run(waiting, BusyPolicy.ENQUEUE)
+    await finish(event_log, active, [b"a", b"b"])
+    [listed] = [
+        t
+        for t in await event_log.list_threads(limit=1000)
+        if t == busy or t.thread_id == busy.thread_id
+    ]
+    assert (listed.active_run_id, listed.queued_run_ids, listed.message_count) == (
+        waiting.run_id,
+        (),
+        2,
+    )
 
 
 async def test_the_first_run_on_an_idle_thread_becomes_its_active_run(

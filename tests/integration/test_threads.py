@@ -286,6 +286,22 @@ async def test_interrupting_a_suspended_run_cancels_it_and_keeps_its_request(
     ]
 
 
+async def test_cancelling_a_queued_run_takes_it_out_of_the_queue(
+    stub: pb_grpc.AgentServiceStub,
+) -> None:
+    thread_id = await new_thread(stub)
+    active = await start(stub, thread_id, script(SLOW))
+    doomed = await start(stub, thread_id, script(text(1)), ENQUEUE)
+    kept = await start(stub, thread_id, script(ECHO), ENQUEUE)
+    cancelled = await stub.CancelRun(pb.CancelRunRequest(run_id=doomed.run_id, reason="typo"))
+    assert cancelled.run.state == pb.RUN_STATE_CANCELLED
+    assert payloads((await observed(stub, doomed.run_id)).events) == ["abort"]
+    thread = (await stub.GetThread(pb.GetThreadRequest(thread_id=thread_id))).thread
+    assert (thread.active_run_id, list(thread.queued_run_ids)) == (active.run_id, [kept.run_id])
+    assert text_of((await observed(stub, kept.run_id)).events) == "history=1 done"
+    assert doomed.run_id not in {m.run_id for m in await messages(stub, thread_id)}
+
+
 # -- what each ending leaves in the thread -------------------------------------
 
 
@@ -302,7 +318,7 @@ async def test_interrupting_a_suspended_run_cancels_it_and_keeps_its_request(
                 (REQUEST, ["tool_result"]),
             ],
         ),
-        ([{"error": "boom"}], pb.RUN_STATE_FAILED, []),
+        ([{"error": "boom"}], pb.RUN_STATE_FAILED, [(REQUEST, ["user_prompt"])]),
         (
             [{"tool": "fail", "args": {"message": "nope"}}, text(1)],
             pb.RUN_STATE_SUCCEEDED,
@@ -331,7 +347,21 @@ async def test_an_ended_run_leaves_its_documented_messages(
     assert {m.run_id for m in listed} <= {out.run_id}
     # Whatever it left, the next turn starts from it.
     nxt = await turn(stub, thread_id, script(ECHO))
-    assert text_of(nxt.events) == f"history={1 if expected else 0} done"
+    assert text_of(nxt.events) == "history=1 done"
+
+
+async def test_a_run_interrupted_in_its_first_response_leaves_its_prompt(
+    stub: pb_grpc.AgentServiceStub,
+) -> None:
+    thread_id = await new_thread(stub)
+    active = await start(stub, thread_id, script(SLOW))
+    await until_event(stub, active.run_id, "text_delta")
+    newer = await start(stub, thread_id, script(ECHO), INTERRUPT)
+    assert text_of((await observed(stub, newer.run_id)).events) == "history=1 done"
+    listed = await messages(stub, thread_id)
+    assert shape(listed)[0] == (active.run_id, REQUEST, ["user_prompt"])
+    assert listed[0].parts[0].user_prompt.text == script(SLOW)
+    assert {m.run_id for m in listed[1:]} == {newer.run_id}
 
 
 async def test_a_run_cancelled_during_a_tool_call_leaves_its_last_checkpoint(

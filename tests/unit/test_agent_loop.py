@@ -410,7 +410,8 @@ def test_valid_scripts_pass() -> None:
         ("{}", "steps: Field required"),
         (
             '{"steps": [{"sing": 3}]}',
-            'steps[0]: a step is an object with "text", "echo_history", "tool", "parallel" or "error"',
+            'steps[0]: a step is an object with "text", "echo_history", "tool", "parallel" or '
+            '"error"',
         ),
         ('{"steps": [42]}', '"text", "echo_history", "tool", "parallel" or "error"'),
         ('{"steps": [{"tool": "rm_rf", "args": {}}]}', "steps[0]: Input tag 'rm_rf'"),
