@@ -1,6 +1,7 @@
 """keel_client: a small asyncio client for Keel whose event streams resume by themselves.
 
-- ``KeelClient``: the connection, unary helpers, and handles on runs.
+- ``KeelClient``: the connection, unary helpers, handles on runs, and threads
+  (conversations: ``create_thread``, ``send`` a turn, ``thread_messages``).
 - ``RunHandle``: one run's events, yielded exactly once and in order across
   dropped connections (reconnect on UNAVAILABLE, resume at ``next_offset``).
 - ``Reconnect``: a record of one reconnect, for logs and demos.

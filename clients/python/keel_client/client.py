@@ -5,6 +5,16 @@
         async for event in handle.events():
             ...
 
+A thread is a conversation whose runs share one message history:
+
+    async with KeelClient("127.0.0.1:50051") as client:
+        thread = await client.create_thread(resource_id="user-1")
+        turn = client.send(thread.thread_id, "scripted", '{"steps": [{"echo_history": true}]}')
+        async for event in turn.events():  # resumes by itself, like stream()'s
+            ...
+        async for message in client.thread_messages(thread.thread_id):
+            ...
+
 The unary helpers return the proto messages of ``keel.v1`` and raise
 ``grpc.aio.AioRpcError`` as gRPC does; only the handles' event streams, and
 the delivery of decisions (Resume, idempotent by request_id), retry.
@@ -14,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
@@ -109,14 +119,23 @@ class KeelClient:
         *,
         request_id: str | None = None,
         on_reconnect: OnReconnect | None = None,
+        thread_id: str = "",
+        busy_policy: pb.ThreadBusyPolicy.ValueType = pb.THREAD_BUSY_POLICY_UNSPECIFIED,
     ) -> RunHandle:
         """A handle that starts a run with Stream on its first iteration.
 
         Without a request_id one is generated (uuid4), so the handle's own
         retries of a Stream that dropped before its snapshot start one run.
+        With a ``thread_id`` the run is made on that thread (see ``send``);
+        ``busy_policy`` says what happens when the thread has an active run
+        (UNSPECIFIED: REJECT).
         """
         start = pb.StreamRequest(
-            agent_id=agent_id, input=input, request_id=request_id or str(uuid.uuid4())
+            agent_id=agent_id,
+            input=input,
+            request_id=request_id or str(uuid.uuid4()),
+            thread_id=thread_id,
+            busy_policy=busy_policy,
         )
         return RunHandle(
             self._stub,
@@ -124,6 +143,37 @@ class KeelClient:
             max_reconnects=self.max_reconnects,
             start=start,
             on_reconnect=on_reconnect,
+        )
+
+    def send(
+        self,
+        thread_id: str,
+        agent_id: str,
+        input: str,
+        *,
+        busy_policy: pb.ThreadBusyPolicy.ValueType = pb.THREAD_BUSY_POLICY_UNSPECIFIED,
+        request_id: str | None = None,
+        on_reconnect: OnReconnect | None = None,
+    ) -> RunHandle:
+        """The next turn of a thread: a handle that starts a run on ``thread_id``
+        with Stream on its first iteration, and streams the reply.
+
+        The run starts with the thread's messages; its own join the thread
+        when it ends. ``stream(agent_id, input, thread_id=..., ...)`` by
+        another name: the request_id is generated unless given, so the
+        handle's retries start one run. When the thread has an active run,
+        ``busy_policy`` decides: REJECT (the default) makes the first
+        iteration raise FAILED_PRECONDITION (ErrorInfo reason THREAD_BUSY,
+        metadata active_run_id); ENQUEUE, INTERRUPT and ROLLBACK stream a
+        QUEUED snapshot, then heartbeats until the run's turn comes.
+        """
+        return self.stream(
+            agent_id,
+            input,
+            request_id=request_id,
+            on_reconnect=on_reconnect,
+            thread_id=thread_id,
+            busy_policy=busy_policy,
         )
 
     def run(
@@ -200,10 +250,25 @@ class KeelClient:
     # Unary calls.
 
     async def start_run(
-        self, agent_id: str, input: str, *, request_id: str | None = None
+        self,
+        agent_id: str,
+        input: str,
+        *,
+        request_id: str | None = None,
+        thread_id: str = "",
+        busy_policy: pb.ThreadBusyPolicy.ValueType = pb.THREAD_BUSY_POLICY_UNSPECIFIED,
     ) -> pb.Run:
-        """Start a run without streaming it; the same request_id returns the same run."""
-        request = pb.StartRunRequest(agent_id=agent_id, input=input, request_id=request_id or "")
+        """Start a run without streaming it; the same request_id returns the same run.
+
+        ``thread_id`` and ``busy_policy`` as for ``stream()``.
+        """
+        request = pb.StartRunRequest(
+            agent_id=agent_id,
+            input=input,
+            request_id=request_id or "",
+            thread_id=thread_id,
+            busy_policy=busy_policy,
+        )
         response = await self._stub().StartRun(request)
         return response.run
 
@@ -218,10 +283,18 @@ class KeelClient:
         states: Sequence[pb.RunState.ValueType] = (),
         page_size: int = 0,
         page_token: str = "",
+        thread_id: str = "",
     ) -> pb.ListRunsResponse:
-        """One page of runs, newest first; pass next_page_token back for the next."""
+        """One page of runs, newest first; pass next_page_token back for the next.
+
+        Filters: ``agent_id``, ``states`` and ``thread_id`` (the runs of a thread).
+        """
         request = pb.ListRunsRequest(
-            agent_id=agent_id, states=states, page_size=page_size, page_token=page_token
+            agent_id=agent_id,
+            states=states,
+            page_size=page_size,
+            page_token=page_token,
+            thread_id=thread_id,
         )
         return await self._stub().ListRuns(request)
 
@@ -234,3 +307,79 @@ class KeelClient:
         """The agents this server can run, sorted by agent_id."""
         response = await self._stub().ListAgents(pb.ListAgentsRequest())
         return list(response.agents)
+
+    # Threads: conversations whose runs share one message history.
+
+    async def create_thread(
+        self,
+        *,
+        thread_id: str = "",
+        resource_id: str = "",
+        metadata: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+    ) -> pb.Thread:
+        """Create a thread. Its id is ``thread_id`` if given, else derived from
+        ``request_id`` if given, else random; the same request_id sent again
+        returns the same thread. ``resource_id`` names its owner (ListThreads
+        filters by it)."""
+        request = pb.CreateThreadRequest(
+            thread_id=thread_id,
+            resource_id=resource_id,
+            metadata=dict(metadata or {}),
+            request_id=request_id or "",
+        )
+        response = await self._stub().CreateThread(request)
+        return response.thread
+
+    async def get_thread(self, thread_id: str) -> pb.Thread:
+        """A thread: its owner, metadata, active and queued runs, number of messages."""
+        response = await self._stub().GetThread(pb.GetThreadRequest(thread_id=thread_id))
+        return response.thread
+
+    async def list_threads(
+        self, resource_id: str = "", page_size: int = 0, page_token: str = ""
+    ) -> pb.ListThreadsResponse:
+        """One page of threads (of ``resource_id`` if given), newest first; pass
+        next_page_token back for the next."""
+        request = pb.ListThreadsRequest(
+            resource_id=resource_id, page_size=page_size, page_token=page_token
+        )
+        return await self._stub().ListThreads(request)
+
+    async def delete_thread(self, thread_id: str) -> None:
+        """Delete a thread and its messages (its runs stay). FAILED_PRECONDITION
+        (THREAD_BUSY) while a run of the thread is active or queued."""
+        await self._stub().DeleteThread(pb.DeleteThreadRequest(thread_id=thread_id))
+
+    async def list_thread_messages(
+        self,
+        thread_id: str,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        newest_first: bool = False,
+    ) -> pb.ListThreadMessagesResponse:
+        """One page of a thread's messages, oldest first (or ``newest_first``),
+        each with the run that produced it; pass next_page_token back for the next."""
+        request = pb.ListThreadMessagesRequest(
+            thread_id=thread_id,
+            page_size=page_size,
+            page_token=page_token,
+            newest_first=newest_first,
+        )
+        return await self._stub().ListThreadMessages(request)
+
+    async def thread_messages(
+        self, thread_id: str, *, page_size: int = 0, newest_first: bool = False
+    ) -> AsyncGenerator[pb.ThreadMessage, None]:
+        """Every message of a thread, oldest first (or ``newest_first``), page by page."""
+        page_token = ""
+        while True:
+            page = await self.list_thread_messages(
+                thread_id, page_size=page_size, page_token=page_token, newest_first=newest_first
+            )
+            for message in page.messages:
+                yield message
+            page_token = page.next_page_token
+            if not page_token:
+                return

@@ -6,6 +6,11 @@
         handle = client.stream("scripted", '{"steps": [{"text": 5}]}')
         for event in handle.events():  # resumes by itself, exactly once, in order
             ...
+        thread = client.create_thread()  # a conversation: its runs share one history
+        for event in client.send(thread.thread_id, "scripted", '{"steps": [{"text": 5}]}').events():
+            ...
+        for message in client.thread_messages(thread.thread_id):
+            ...
 
 The client starts one daemon thread running an asyncio event loop; every
 call (and every step of an event iterator) runs the asyncio client's
@@ -257,10 +262,40 @@ class KeelClient:
         *,
         request_id: str | None = None,
         on_reconnect: OnReconnect | None = None,
+        thread_id: str = "",
+        busy_policy: pb.ThreadBusyPolicy.ValueType = pb.THREAD_BUSY_POLICY_UNSPECIFIED,
     ) -> RunHandle:
-        """A handle that starts a run with Stream on its first iteration (see the async client)."""
+        """A handle that starts a run with Stream on its first iteration (see the async
+        client); with a ``thread_id``, on that thread, ``busy_policy`` deciding when it is busy."""
         handle = self._client.stream(
-            agent_id, input, request_id=request_id, on_reconnect=on_reconnect
+            agent_id,
+            input,
+            request_id=request_id,
+            on_reconnect=on_reconnect,
+            thread_id=thread_id,
+            busy_policy=busy_policy,
+        )
+        return RunHandle(handle, self._loop)
+
+    def send(
+        self,
+        thread_id: str,
+        agent_id: str,
+        input: str,
+        *,
+        busy_policy: pb.ThreadBusyPolicy.ValueType = pb.THREAD_BUSY_POLICY_UNSPECIFIED,
+        request_id: str | None = None,
+        on_reconnect: OnReconnect | None = None,
+    ) -> RunHandle:
+        """The next turn of a thread: a handle that starts a run on ``thread_id`` on its
+        first iteration and streams the reply (see the async client's ``send``)."""
+        handle = self._client.send(
+            thread_id,
+            agent_id,
+            input,
+            busy_policy=busy_policy,
+            request_id=request_id,
+            on_reconnect=on_reconnect,
         )
         return RunHandle(handle, self._loop)
 
@@ -316,9 +351,20 @@ class KeelClient:
 
     # Unary calls.
 
-    def start_run(self, agent_id: str, input: str, *, request_id: str | None = None) -> pb.Run:
+    def start_run(
+        self,
+        agent_id: str,
+        input: str,
+        *,
+        request_id: str | None = None,
+        thread_id: str = "",
+        busy_policy: pb.ThreadBusyPolicy.ValueType = pb.THREAD_BUSY_POLICY_UNSPECIFIED,
+    ) -> pb.Run:
         """Start a run without streaming it; the same request_id returns the same run."""
-        return self._loop.run(self._client.start_run(agent_id, input, request_id=request_id))
+        coroutine = self._client.start_run(
+            agent_id, input, request_id=request_id, thread_id=thread_id, busy_policy=busy_policy
+        )
+        return self._loop.run(coroutine)
 
     def get_run(self, run_id: str) -> pb.Run:
         """A run's current state."""
@@ -330,9 +376,11 @@ class KeelClient:
         states: Sequence[pb.RunState.ValueType] = (),
         page_size: int = 0,
         page_token: str = "",
+        thread_id: str = "",
     ) -> pb.ListRunsResponse:
         """One page of runs, newest first; pass next_page_token back for the next."""
-        return self._loop.run(self._client.list_runs(agent_id, states, page_size, page_token))
+        coroutine = self._client.list_runs(agent_id, states, page_size, page_token, thread_id)
+        return self._loop.run(coroutine)
 
     def cancel_run(self, run_id: str, reason: str = "") -> pb.Run:
         """Cancel a run that has not ended; an ended run is returned unchanged."""
@@ -341,3 +389,65 @@ class KeelClient:
     def list_agents(self) -> list[pb.Agent]:
         """The agents this server can run, sorted by agent_id."""
         return self._loop.run(self._client.list_agents())
+
+    # Threads: conversations whose runs share one message history.
+
+    def create_thread(
+        self,
+        *,
+        thread_id: str = "",
+        resource_id: str = "",
+        metadata: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+    ) -> pb.Thread:
+        """Create a thread; the same request_id sent again returns the same thread."""
+        coroutine = self._client.create_thread(
+            thread_id=thread_id, resource_id=resource_id, metadata=metadata, request_id=request_id
+        )
+        return self._loop.run(coroutine)
+
+    def get_thread(self, thread_id: str) -> pb.Thread:
+        """A thread: its owner, metadata, active and queued runs, number of messages."""
+        return self._loop.run(self._client.get_thread(thread_id))
+
+    def list_threads(
+        self, resource_id: str = "", page_size: int = 0, page_token: str = ""
+    ) -> pb.ListThreadsResponse:
+        """One page of threads (of ``resource_id`` if given), newest first."""
+        return self._loop.run(self._client.list_threads(resource_id, page_size, page_token))
+
+    def delete_thread(self, thread_id: str) -> None:
+        """Delete a thread and its messages; FAILED_PRECONDITION (THREAD_BUSY) while
+        a run of the thread is active or queued."""
+        self._loop.run(self._client.delete_thread(thread_id))
+
+    def list_thread_messages(
+        self,
+        thread_id: str,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        newest_first: bool = False,
+    ) -> pb.ListThreadMessagesResponse:
+        """One page of a thread's messages, oldest first (or ``newest_first``)."""
+        coroutine = self._client.list_thread_messages(
+            thread_id, page_size=page_size, page_token=page_token, newest_first=newest_first
+        )
+        return self._loop.run(coroutine)
+
+    def thread_messages(
+        self, thread_id: str, *, page_size: int = 0, newest_first: bool = False
+    ) -> Iterator[pb.ThreadMessage]:
+        """Every message of a thread, oldest first (or ``newest_first``), page by page.
+
+        Lazy: each page is fetched when the previous one has been iterated.
+        """
+        page_token = ""
+        while True:
+            page = self.list_thread_messages(
+                thread_id, page_size=page_size, page_token=page_token, newest_first=newest_first
+            )
+            yield from page.messages
+            page_token = page.next_page_token
+            if not page_token:
+                return

@@ -10,6 +10,15 @@
  * The unary helpers return the proto messages of keel.v1 and throw
  * ConnectError as Connect does; only the event streams (and the delivery of
  * a Resume's decisions) retry, and only on UNAVAILABLE.
+ *
+ * Threads (conversations) hold the message history their runs share:
+ *
+ *     const thread = await client.createThread({ resourceId: "user-42" });
+ *     for (const input of ["hi", "and then?"]) {
+ *       const handle = client.sendMessage(thread.threadId, "assistant", input);
+ *       for await (const event of handle.events()) { ... }
+ *     }
+ *     const { messages } = await client.listThreadMessages(thread.threadId);
  */
 import { createClient, type CallOptions, type Transport } from "@connectrpc/connect";
 import {
@@ -25,13 +34,17 @@ import {
   AgentService,
   ResumeRequestSchema,
   StreamRequestSchema,
+  ThreadBusyPolicy,
   type Agent,
   type AgentEvent,
   type ListRunsResponse,
+  type ListThreadMessagesResponse,
+  type ListThreadsResponse,
   type ResumeRequest,
   type Run,
   type RunSnapshot,
   type RunState,
+  type Thread,
 } from "./gen/keel/v1/agent_service_pb.js";
 import {
   RunHandle,
@@ -90,14 +103,88 @@ export interface ObserveOptions extends HandleOptions {
   stopAtSuspend?: boolean;
 }
 
-/** Options of stream() and startRun(). */
-export interface StartOptions extends HandleOptions {
+/** How a run sent to a thread treats a busy thread. */
+export interface ThreadRunOptions {
+  /**
+   * What to do when the thread already has an active run (queued, running
+   * or suspended): REJECT (the default: FAILED_PRECONDITION, reason
+   * THREAD_BUSY, with the active run's id in the ErrorInfo metadata
+   * `active_run_id`), ENQUEUE (wait in state QUEUED for the runs before it
+   * to end), INTERRUPT (cancel the active run, whose prompt and completed
+   * steps stay in the thread, then wait like ENQUEUE) or ROLLBACK (like
+   * INTERRUPT, but none of the cancelled run's messages stay in the
+   * thread). Ignored without a thread.
+   */
+  busyPolicy?: ThreadBusyPolicy;
+}
+
+/** Options of startRun(). */
+export interface StartRunOptions extends ThreadRunOptions {
   /**
    * An idempotency key (a UUID is best, at most 128 characters): requests
-   * with the same request_id start one run. Default: a random UUID, so the
-   * client's own retries never start a second run.
+   * with the same request_id start one run (on a thread: one run of that
+   * thread). For stream() the default is a random UUID, so the client's own
+   * retries never start a second run; startRun() sends none unless given.
    */
   requestId?: string;
+  /**
+   * Make the run on this thread (see createThread()): it starts with the
+   * thread's message history, and its own messages join the thread when it
+   * ends. Default: a run on its own.
+   */
+  threadId?: string;
+}
+
+/** Options of stream(). */
+export interface StartOptions extends HandleOptions, StartRunOptions {}
+
+/** Options of sendMessage(). */
+export interface SendMessageOptions extends HandleOptions, ThreadRunOptions {
+  /**
+   * An idempotency key: requests with the same request_id start one run of
+   * the thread. Default: a random UUID, so the handle's own retries never
+   * start a second run.
+   */
+  requestId?: string;
+}
+
+/** Options of createThread(). */
+export interface CreateThreadOptions {
+  /**
+   * The thread's id: 1 to 64 letters, digits, '_', '.' or '-', starting with
+   * a letter or digit. Default: the server picks one (derived from
+   * requestId, if given).
+   */
+  threadId?: string;
+  /** Who the thread belongs to, e.g. a user id (at most 128 characters); listThreads() filters by it. */
+  resourceId?: string;
+  /** The caller's metadata: at most 64 entries, keys of 1 to 128 characters, values of at most 1024. */
+  metadata?: { [key: string]: string };
+  /**
+   * An idempotency key: the same request sent again returns the same
+   * thread. Default: none (createThread() does not retry by itself).
+   */
+  requestId?: string;
+}
+
+/** Filters and paging of listThreads(). */
+export interface ListThreadsFilter {
+  /** Only threads of this resource_id. */
+  resourceId?: string;
+  /** The most threads to return: 0 means 50, larger values are capped at 1000. */
+  pageSize?: number;
+  /** The nextPageToken of the previous page (only valid with the same resourceId). */
+  pageToken?: string;
+}
+
+/** Paging of listThreadMessages(). */
+export interface ListThreadMessagesOptions {
+  /** The most messages to return: 0 means 50, larger values are capped at 1000. */
+  pageSize?: number;
+  /** The nextPageToken of the previous page (only valid with the same newestFirst). */
+  pageToken?: string;
+  /** Newest first instead of oldest first (a chat shows the latest page first). */
+  newestFirst?: boolean;
 }
 
 /** Options of resume() and the decision helpers. */
@@ -112,6 +199,8 @@ export interface ListRunsFilter {
   agentId?: string;
   /** Only runs in one of these states. */
   states?: RunState[];
+  /** Only runs made on this thread. */
+  threadId?: string;
   /** The most runs to return: 0 means 50, larger values are capped at 1000. */
   pageSize?: number;
   /** The nextPageToken of the previous page (only valid with the same filters). */
@@ -190,14 +279,42 @@ export class KeelClient {
    * A handle that starts a run with Stream on the first iteration of its
    * events(). The request_id (generated unless given) makes the handle's own
    * retries of a Stream that dropped before its snapshot start one run.
+   *
+   * With `threadId` the run is made on that thread; a run that waits for
+   * the thread's turn (busyPolicy ENQUEUE, INTERRUPT or ROLLBACK) streams
+   * its snapshot in state QUEUED, then heartbeats until it starts. REJECT
+   * on a busy thread makes events() throw FAILED_PRECONDITION (THREAD_BUSY).
    */
   stream(agentId: string, input: string, options: StartOptions = {}): RunHandle {
     const request = create(StreamRequestSchema, {
       agentId,
       input,
       requestId: options.requestId ?? randomId(),
+      threadId: options.threadId ?? "",
+      busyPolicy: options.busyPolicy ?? ThreadBusyPolicy.UNSPECIFIED,
     });
     return new RunHandle(this.#context, { rpc: "Stream", request }, options.onReconnect);
+  }
+
+  /**
+   * Sends `input` to a thread: a handle that starts a run of `agentId` on
+   * the thread on the first iteration of its events(), like stream() with
+   * `threadId` (the run starts with the thread's history, and its messages
+   * join the thread when it ends). The request_id (generated unless given)
+   * makes the handle's own retries start one run.
+   *
+   * A busy thread (a run of it has not ended) follows `busyPolicy`; with
+   * the default, REJECT, events() throws ConnectError FAILED_PRECONDITION
+   * whose errorInfo() has reason THREAD_BUSY and metadata active_run_id.
+   * NOT_FOUND (THREAD_NOT_FOUND) for an unknown thread.
+   */
+  sendMessage(
+    threadId: string,
+    agentId: string,
+    input: string,
+    options: SendMessageOptions = {},
+  ): RunHandle {
+    return this.stream(agentId, input, { ...options, threadId });
   }
 
   /** A handle on an existing run, observed from offset 0 unless events() is told otherwise. */
@@ -326,24 +443,34 @@ export class KeelClient {
 
   // Unary calls.
 
-  /** Starts a run without streaming it; the same requestId returns the same run. */
+  /**
+   * Starts a run without streaming it; the same requestId returns the same
+   * run. With `threadId` the run is made on that thread (see stream());
+   * on a busy thread it is returned QUEUED unless busyPolicy is REJECT.
+   */
   async startRun(
     agentId: string,
     input: string,
-    options: { requestId?: string } = {},
+    options: StartRunOptions = {},
     call?: CallOptions,
   ): Promise<Run> {
     const response = await this.#live().startRun(
-      { agentId, input, requestId: options.requestId ?? "" },
+      {
+        agentId,
+        input,
+        requestId: options.requestId ?? "",
+        threadId: options.threadId ?? "",
+        busyPolicy: options.busyPolicy ?? ThreadBusyPolicy.UNSPECIFIED,
+      },
       call,
     );
-    return required(response.run, "StartRun");
+    return required(response.run, "StartRun", "run");
   }
 
   /** A run's current state. */
   async getRun(runId: string, call?: CallOptions): Promise<Run> {
     const response = await this.#live().getRun({ runId }, call);
-    return required(response.run, "GetRun");
+    return required(response.run, "GetRun", "run");
   }
 
   /** One page of runs, newest first; pass nextPageToken back as pageToken for the next. */
@@ -352,6 +479,7 @@ export class KeelClient {
       {
         agentId: filter.agentId ?? "",
         states: filter.states ?? [],
+        threadId: filter.threadId ?? "",
         pageSize: filter.pageSize ?? 0,
         pageToken: filter.pageToken ?? "",
       },
@@ -366,13 +494,85 @@ export class KeelClient {
     call?: CallOptions,
   ): Promise<Run> {
     const response = await this.#live().cancelRun({ runId, reason: options.reason ?? "" }, call);
-    return required(response.run, "CancelRun");
+    return required(response.run, "CancelRun", "run");
   }
 
   /** The agents this server can run, sorted by agentId. */
   async listAgents(call?: CallOptions): Promise<Agent[]> {
     const response = await this.#live().listAgents({}, call);
     return response.agents;
+  }
+
+  // Threads.
+
+  /**
+   * Creates a thread: a conversation whose runs share one message history.
+   * The same requestId sent again returns the same thread. ALREADY_EXISTS
+   * (THREAD_ALREADY_EXISTS) for a threadId that is taken.
+   */
+  async createThread(options: CreateThreadOptions = {}, call?: CallOptions): Promise<Thread> {
+    const response = await this.#live().createThread(
+      {
+        threadId: options.threadId ?? "",
+        resourceId: options.resourceId ?? "",
+        metadata: options.metadata ?? {},
+        requestId: options.requestId ?? "",
+      },
+      call,
+    );
+    return required(response.thread, "CreateThread", "thread");
+  }
+
+  /**
+   * A thread: its owner, metadata, active and queued runs, and number of
+   * messages. NOT_FOUND (THREAD_NOT_FOUND) for an unknown or deleted thread.
+   */
+  async getThread(threadId: string, call?: CallOptions): Promise<Thread> {
+    const response = await this.#live().getThread({ threadId }, call);
+    return required(response.thread, "GetThread", "thread");
+  }
+
+  /** One page of threads, newest first; pass nextPageToken back as pageToken for the next. */
+  listThreads(filter: ListThreadsFilter = {}, call?: CallOptions): Promise<ListThreadsResponse> {
+    return this.#live().listThreads(
+      {
+        resourceId: filter.resourceId ?? "",
+        pageSize: filter.pageSize ?? 0,
+        pageToken: filter.pageToken ?? "",
+      },
+      call,
+    );
+  }
+
+  /**
+   * Deletes a thread and its message history; the runs made on it stay.
+   * FAILED_PRECONDITION (THREAD_BUSY) while a run of the thread is active
+   * or queued: cancel it first.
+   */
+  async deleteThread(threadId: string, call?: CallOptions): Promise<void> {
+    await this.#live().deleteThread({ threadId }, call);
+  }
+
+  /**
+   * One page of a thread's messages, oldest first unless `newestFirst`, each
+   * with the run that produced it, its kind (REQUEST to the model, RESPONSE
+   * from it) and its typed parts. A run's messages join the thread when the
+   * run ends.
+   */
+  listThreadMessages(
+    threadId: string,
+    options: ListThreadMessagesOptions = {},
+    call?: CallOptions,
+  ): Promise<ListThreadMessagesResponse> {
+    return this.#live().listThreadMessages(
+      {
+        threadId,
+        pageSize: options.pageSize ?? 0,
+        pageToken: options.pageToken ?? "",
+        newestFirst: options.newestFirst ?? false,
+      },
+      call,
+    );
   }
 }
 
@@ -384,9 +584,9 @@ function resumeRequest(
   return create(ResumeRequestSchema, { runId, decisions, requestId: requestId ?? randomId() });
 }
 
-function required<T>(value: T | undefined, rpc: string): T {
+function required<T>(value: T | undefined, rpc: string, what: string): T {
   if (value === undefined) {
-    throw new StreamContractError(`${rpc} answered without a run`);
+    throw new StreamContractError(`${rpc} answered without a ${what}`);
   }
   return value;
 }

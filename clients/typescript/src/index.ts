@@ -2,24 +2,32 @@
  * @keel/client: a TypeScript client for Keel whose event streams resume by themselves.
  *
  * - `KeelClient`: the connection, unary helpers, decisions for suspended
- *   runs, and handles on runs; `observeRun()` for an existing run.
+ *   runs, and handles on runs; `observeRun()` for an existing run; threads
+ *   (conversations): `createThread()`, `sendMessage()`, `listThreadMessages()`.
  * - `RunHandle`: one run's events, yielded exactly once and in order across
  *   dropped connections (reconnect on UNAVAILABLE, resume at `nextOffset`).
  * - `StreamContractError`, `ClientClosedError`, `isUnavailable()`, `errorInfo()`;
  *   Connect's `ConnectError` and `Code`, which every failed call throws.
  * - `Backoff`: the capped exponential backoff with jitter between reconnects.
- * - Every generated message, enum and the `AgentService` descriptor of keel.v1.
+ * - Every generated message, enum and the `AgentService` descriptor of keel.v1
+ *   (`Thread`, `ThreadMessage`, `ThreadBusyPolicy`, `MessageKind`, ...).
  */
 export { Code, ConnectError } from "@connectrpc/connect";
 export { Backoff, type BackoffOptions } from "./backoff.js";
 export {
   KeelClient,
+  type CreateThreadOptions,
   type HandleOptions,
   type KeelClientOptions,
   type ListRunsFilter,
+  type ListThreadMessagesOptions,
+  type ListThreadsFilter,
   type ObserveOptions,
   type ResumeOptions,
+  type SendMessageOptions,
   type StartOptions,
+  type StartRunOptions,
+  type ThreadRunOptions,
 } from "./client.js";
 export {
   ClientClosedError,

@@ -18,6 +18,7 @@ import {
   RunSchema,
   RunState,
   type Run,
+  type StreamRequest,
 } from "../src/gen/keel/v1/agent_service_pb.js";
 
 export const RUN_ID = "run-1";
@@ -56,6 +57,9 @@ export class FakeAgentService {
   resumeFrom = 10n;
   readonly calls: Call[] = [];
   readonly resumes: ResumeRequest[] = [];
+  readonly streams: StreamRequest[] = [];
+  /** The thread ids DeleteThread was called with. */
+  readonly deletedThreads: string[] = [];
   target = "";
   readonly #sessions = new Set<http2.ServerHttp2Session>();
   #server: http2.Http2Server | undefined;
@@ -150,6 +154,7 @@ export class FakeAgentService {
     return {
       async *stream(request, context) {
         fake.calls.push({ rpc: "Stream", key: request.requestId, offset: 0n });
+        fake.streams.push(request);
         yield* fake.#serve(0n, fake.run(request.requestId), context.signal);
       },
       async *observe(request, context) {
@@ -166,6 +171,7 @@ export class FakeAgentService {
         const run = fake.run(request.requestId);
         run.agentId = request.agentId;
         run.input = request.input;
+        run.threadId = request.threadId;
         return { run };
       },
       getRun(request) {
@@ -175,7 +181,7 @@ export class FakeAgentService {
         return { run: fake.run() };
       },
       listRuns(request) {
-        const token = `${request.agentId}|${request.states.join(",")}|${request.pageSize}|${request.pageToken}`;
+        const token = `${request.agentId}|${request.states.join(",")}|${request.threadId}|${request.pageSize}|${request.pageToken}`;
         return { runs: [fake.run()], nextPageToken: token };
       },
       cancelRun(request) {
@@ -186,6 +192,31 @@ export class FakeAgentService {
       },
       listAgents() {
         return { agents: [{ agentId: "scripted" }] };
+      },
+      // Threads: echo the request back, so a test sees what the client sent.
+      createThread(request) {
+        const { threadId, resourceId, metadata, requestId } = request;
+        return { thread: { threadId: threadId || "thread-1", resourceId, metadata, requestId } };
+      },
+      getThread(request) {
+        if (request.threadId !== "thread-1") {
+          const message = `thread ${JSON.stringify(request.threadId)} not found`;
+          throw new ConnectError(message, Code.NotFound);
+        }
+        return { thread: { threadId: request.threadId, activeRunId: RUN_ID } };
+      },
+      listThreads(request) {
+        const token = `${request.resourceId}|${request.pageSize}|${request.pageToken}`;
+        return { threads: [{ threadId: "thread-1" }], nextPageToken: token };
+      },
+      deleteThread(request) {
+        fake.deletedThreads.push(request.threadId);
+        return {};
+      },
+      listThreadMessages(request) {
+        const { threadId, pageSize, pageToken, newestFirst } = request;
+        const token = `${threadId}|${pageSize}|${pageToken}|${newestFirst}`;
+        return { messages: [{ index: 0n, runId: RUN_ID }], nextPageToken: token };
       },
     };
   }

@@ -11,6 +11,7 @@ import {
   KeelClient,
   RunState,
   StreamContractError,
+  ThreadBusyPolicy,
   type AgentEvent,
   type KeelClientOptions,
   type Reconnect,
@@ -106,6 +107,52 @@ describe("the resume loop", () => {
         ["Stream", 0n, 2],
       ],
     );
+  });
+
+  test("a sendMessage dropped before its snapshot is sent again, same request_id, thread and policy", async () => {
+    service.failures
+      .set(0, { at: -1, code: Code.Unavailable })
+      .set(1, { at: 5, code: Code.Unavailable });
+    const handle = client.sendMessage("thread-1", "scripted", "hello", {
+      busyPolicy: ThreadBusyPolicy.ENQUEUE,
+    });
+
+    assert.deepEqual(await indices(handle.events()), range(0, N_EVENTS));
+    const requestId = service.calls[0]!.key;
+    assert.ok(requestId, "a request_id is generated, so a retried Stream starts one run");
+    assert.deepEqual(service.calls, [
+      call("Stream", requestId, 0),
+      call("Stream", requestId, 0),
+      call("Observe", RUN_ID, 5),
+    ]);
+    assert.deepEqual(
+      service.streams.map((r) => [r.agentId, r.input, r.requestId, r.threadId, r.busyPolicy]),
+      [
+        ["scripted", "hello", requestId, "thread-1", ThreadBusyPolicy.ENQUEUE],
+        ["scripted", "hello", requestId, "thread-1", ThreadBusyPolicy.ENQUEUE],
+      ],
+    );
+  });
+
+  test("stream() sends no thread unless told, and a thread and policy when told", async () => {
+    await indices(client.stream("scripted", "a").events());
+    await indices(
+      client
+        .stream("scripted", "b", {
+          threadId: "thread-1",
+          busyPolicy: ThreadBusyPolicy.INTERRUPT,
+          requestId: "req-4",
+        })
+        .events(),
+    );
+    assert.deepEqual(
+      service.streams.map((r) => [r.input, r.threadId, r.busyPolicy]),
+      [
+        ["a", "", ThreadBusyPolicy.UNSPECIFIED],
+        ["b", "thread-1", ThreadBusyPolicy.INTERRUPT],
+      ],
+    );
+    assert.equal(service.streams[1]!.requestId, "req-4");
   });
 
   test("observeRun starts at fromOffset and resumes at the next offset", async () => {
@@ -431,7 +478,7 @@ describe("unary helpers", () => {
       page.runs.map((r) => r.runId),
       [RUN_ID],
     );
-    assert.equal(page.nextPageToken, `scripted|${RunState.RUNNING}|5|p`);
+    assert.equal(page.nextPageToken, `scripted|${RunState.RUNNING}||5|p`);
     const cancelled = await client.cancelRun(RUN_ID, { reason: "enough" });
     assert.deepEqual([cancelled.state, cancelled.error], [RunState.CANCELLED, "enough"]);
     assert.deepEqual(
@@ -442,6 +489,57 @@ describe("unary helpers", () => {
       client.getRun("nope"),
       (error: unknown) => error instanceof ConnectError && error.code === Code.NotFound,
     );
+  });
+
+  test("thread helpers send what they are given and return the proto messages", async () => {
+    const created = await client.createThread({
+      threadId: "chat-7",
+      resourceId: "user-42",
+      metadata: { title: "hello" },
+      requestId: "req-3",
+    });
+    assert.deepEqual(
+      [created.threadId, created.resourceId, created.metadata, created.requestId],
+      ["chat-7", "user-42", { title: "hello" }, "req-3"],
+    );
+    assert.equal((await client.createThread()).threadId, "thread-1");
+    assert.equal((await client.getThread("thread-1")).activeRunId, RUN_ID);
+    await assert.rejects(
+      client.getThread("nope"),
+      (error: unknown) => error instanceof ConnectError && error.code === Code.NotFound,
+    );
+    const threads = await client.listThreads({
+      resourceId: "user-42",
+      pageSize: 5,
+      pageToken: "p",
+    });
+    assert.deepEqual(
+      threads.threads.map((t) => t.threadId),
+      ["thread-1"],
+    );
+    assert.equal(threads.nextPageToken, "user-42|5|p");
+    assert.equal((await client.listThreads()).nextPageToken, "|0|");
+    assert.equal(await client.deleteThread("thread-1"), undefined);
+    assert.deepEqual(service.deletedThreads, ["thread-1"]);
+    const messages = await client.listThreadMessages("thread-1", {
+      pageSize: 2,
+      pageToken: "q",
+      newestFirst: true,
+    });
+    assert.deepEqual(
+      messages.messages.map((m) => m.runId),
+      [RUN_ID],
+    );
+    assert.equal(messages.nextPageToken, "thread-1|2|q|true");
+    assert.equal((await client.listThreadMessages("thread-1")).nextPageToken, "thread-1|0||false");
+
+    const started = await client.startRun("scripted", "hi", {
+      threadId: "thread-1",
+      busyPolicy: ThreadBusyPolicy.ENQUEUE,
+    });
+    assert.equal(started.threadId, "thread-1");
+    const page = await client.listRuns({ threadId: "thread-1" });
+    assert.equal(page.nextPageToken, "||thread-1|0|");
   });
 
   test("a target without a scheme means cleartext HTTP/2", () => {
