@@ -110,6 +110,18 @@ def _nothing() -> None:
     """The launch of a run this call did not make ready to execute."""
 
 
+class _Once:
+    """A launch that does its work the first time it is called, and never again."""
+
+    def __init__(self, work: Callable[[], None]) -> None:
+        self._work: Callable[[], None] | None = work
+
+    def __call__(self) -> None:
+        work, self._work = self._work, None
+        if work is not None:
+            work()
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -213,12 +225,7 @@ class LocalExecutor:
             return Started(record, _nothing)
         if record.state is not RunState.QUEUED:
             return Started(record, _nothing)  # waits for its thread
-
-        def launch() -> None:
-            if not self._draining and record.run_id not in self._tasks:
-                self._spawn(record, spec)
-
-        return Started(record, launch)
+        return Started(record, _Once(lambda: self._launch(record, spec)))
 
     async def resume(
         self, run_id: str, answers: Sequence[decisions.Decision], request_id: str = ""
@@ -279,12 +286,9 @@ class LocalExecutor:
             return Resumed(again, _nothing)
         if not complete:
             return Resumed(offset, _nothing)
-
-        def launch() -> None:
-            if not self._draining and run_id not in self._tasks:
-                self._spawn(resumed, self._agents.get(resumed.agent_id))
-
-        return Resumed(offset, launch)
+        return Resumed(
+            offset, _Once(lambda: self._launch(resumed, self._agents.get(resumed.agent_id)))
+        )
 
     async def cancel(self, run_id: str, reason: str) -> RunRecord:
         """Stop a run: it commits `abort` and CANCELLED. An ended run is returned as it is.
@@ -356,6 +360,12 @@ class LocalExecutor:
                 log.warning("handing %d unfinished runs back at shutdown", len(pending))
                 await asyncio.wait(pending)
         await self._leases.close()
+
+    def _launch(self, record: RunRecord, spec: AgentSpec | None) -> None:
+        """Execute a run this process owns (it created or resumed it), unless it drains:
+        then the run's lease lapses and another instance takes it."""
+        if not self._draining and record.run_id not in self._tasks:
+            self._spawn(record, spec)
 
     def _spawn(self, record: RunRecord, spec: AgentSpec | None) -> asyncio.Task[None]:
         task = asyncio.create_task(self._supervisor.run(record, spec), name=f"run:{record.run_id}")
