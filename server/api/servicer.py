@@ -18,7 +18,7 @@ from server.events.codec import Batch
 from server.events.log import EventLog, RunPageCursor, ThreadPageCursor
 from server.observe.follow import Events, FollowLimits, Heartbeat, Item, Snapshot, follow
 from server.observe.observer import Draining
-from server.runs.executor import LocalExecutor
+from server.runs.executor import LocalExecutor, Started
 from server.threads.service import Threads
 
 SERVICE = pb.DESCRIPTOR.services_by_name["AgentService"]
@@ -122,20 +122,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     async def Stream(
         self, request: pb.StreamRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.StreamResponse]:
-        policy = validate.start(
-            request.agent_id,
-            request.input,
-            request.request_id,
-            request.thread_id,
-            request.busy_policy,
-        )
-        started = await self._executor.start(
-            request.agent_id,
-            request.input,
-            request.request_id,
-            thread_id=request.thread_id,
-            policy=policy,
-        )
+        started = await self._start(request)
         try:
             # The run starts once the stream listens to it (a live-only run's
             # first events would be lost otherwise), or when the stream fails.
@@ -179,20 +166,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     async def StartRun(
         self, request: pb.StartRunRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.StartRunResponse:
-        policy = validate.start(
-            request.agent_id,
-            request.input,
-            request.request_id,
-            request.thread_id,
-            request.busy_policy,
-        )
-        started = await self._executor.start(
-            request.agent_id,
-            request.input,
-            request.request_id,
-            thread_id=request.thread_id,
-            policy=policy,
-        )
+        started = await self._start(request)
         started.launch()
         return pb.StartRunResponse(run=convert.run(started.run))
 
@@ -325,6 +299,23 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         )
         return pb.ListThreadMessagesResponse(
             messages=[convert.thread_message(m) for m in messages], next_page_token=token
+        )
+
+    async def _start(self, request: pb.StreamRequest | pb.StartRunRequest) -> Started:
+        """Validate and start the run of a Stream or StartRun (they share their fields)."""
+        policy = validate.start(
+            request.agent_id,
+            request.input,
+            request.request_id,
+            request.thread_id,
+            request.busy_policy,
+        )
+        return await self._executor.start(
+            request.agent_id,
+            request.input,
+            request.request_id,
+            thread_id=request.thread_id,
+            policy=policy,
         )
 
     async def _follow(

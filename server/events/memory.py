@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import enum
 import heapq
 import logging
 import time
@@ -239,33 +240,23 @@ class MemoryEventLog:
         limit: int,
         after: RunPageCursor | None = None,
     ) -> list[RunRecord]:
-        if limit <= 0:
-            raise ValueError(f"limit must be positive, got {limit}")
         order = self._order
         if thread_id:
             thread = self._find_thread(thread_id)
             order = [] if thread is None else thread.runs
-        end = len(order)
-        if after is not None:
-            end = bisect.bisect_left(order, (after.create_time_ms, after.run_id))
-        page: list[RunRecord] = []
-        stale: list[tuple[int, str]] = []
-        for position in range(end - 1, -1, -1):
-            create_time_ms, run_id = entry = order[position]
+
+        def accept(run_id: str, create_time_ms: int) -> RunRecord | _Stale | None:
             run = self._find(run_id)
             if run is None or run.record.create_time_ms != create_time_ms:
-                stale.append(entry)  # expired, or an older run that had the same id
-                continue
+                return STALE  # expired, or an older run that had the same id
             if agent_id and run.record.agent_id != agent_id:
-                continue
+                return None
             if states and run.state not in states:
-                continue
-            page.append(run.snapshot(checkpoint=False))
-            if len(page) == limit:
-                break
-        for entry in stale:
-            del order[bisect.bisect_left(order, entry)]
-        return page
+                return None
+            return run.snapshot(checkpoint=False)
+
+        cursor = None if after is None else (after.create_time_ms, after.run_id)
+        return _walk(order, limit=limit, after=cursor, accept=accept)
 
     async def append(
         self,
@@ -459,28 +450,17 @@ class MemoryEventLog:
     async def list_threads(
         self, *, resource_id: str = "", limit: int, after: ThreadPageCursor | None = None
     ) -> list[ThreadRecord]:
-        if limit <= 0:
-            raise ValueError(f"limit must be positive, got {limit}")
-        order = self._thread_order
-        end = len(order)
-        if after is not None:
-            end = bisect.bisect_left(order, (after.create_time_ms, after.thread_id))
-        page: list[ThreadRecord] = []
-        stale: list[tuple[int, str]] = []
-        for position in range(end - 1, -1, -1):
-            create_time_ms, thread_id = entry = order[position]
+
+        def accept(thread_id: str, create_time_ms: int) -> ThreadRecord | _Stale | None:
             thread = self._find_thread(thread_id)
             if thread is None or thread.record.create_time_ms != create_time_ms:
-                stale.append(entry)
-                continue
+                return STALE  # deleted or expired
             if resource_id and thread.record.resource_id != resource_id:
-                continue
-            page.append(thread.snapshot())
-            if len(page) == limit:
-                break
-        for entry in stale:
-            del order[bisect.bisect_left(order, entry)]
-        return page
+                return None
+            return thread.snapshot()
+
+        cursor = None if after is None else (after.create_time_ms, after.thread_id)
+        return _walk(self._thread_order, limit=limit, after=cursor, accept=accept)
 
     async def delete_thread(self, thread_id: str) -> None:
         thread = self._get_thread(thread_id)
@@ -651,3 +631,44 @@ def _insert_once(order: list[tuple[int, str]], entry: tuple[int, str]) -> None:
     position = bisect.bisect_left(order, entry)
     if position == len(order) or order[position] != entry:
         order.insert(position, entry)
+
+
+class _Stale(enum.Enum):
+    """What _walk's `accept` answers for an entry whose item is gone."""
+
+    STALE = "stale"
+
+
+STALE = _Stale.STALE
+_T = TypeVar("_T")
+
+
+def _walk(
+    order: list[tuple[int, str]],
+    *,
+    limit: int,
+    after: tuple[int, str] | None,
+    accept: Callable[[str, int], _T | _Stale | None],
+) -> list[_T]:
+    """Up to `limit` items of a sorted (create_time_ms, id) index, newest first, before `after`.
+
+    `accept(id, create_time_ms)` returns the item to list, None to skip it,
+    or STALE for an entry whose item is gone, which is then removed.
+    """
+    if limit <= 0:
+        raise ValueError(f"limit must be positive, got {limit}")
+    end = len(order) if after is None else bisect.bisect_left(order, after)
+    page: list[_T] = []
+    stale: list[tuple[int, str]] = []
+    for position in range(end - 1, -1, -1):
+        create_time_ms, item_id = entry = order[position]
+        item = accept(item_id, create_time_ms)
+        if item is STALE:
+            stale.append(entry)
+        elif item is not None:
+            page.append(item)
+            if len(page) == limit:
+                break
+    for entry in stale:
+        del order[bisect.bisect_left(order, entry)]
+    return page
