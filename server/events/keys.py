@@ -65,6 +65,8 @@ class RunField(enum.StrEnum):
     TTL_MS = "ttl_ms"  # retention once ended, in ms; absent or 0: the log's default
     INTERRUPTED_BY = "interrupted_by"  # the run whose INTERRUPT/ROLLBACK cancelled this one
     ROLLBACK = "rollback"  # "1": the run's messages must not join its thread
+    LAST_STEP = "last_step"  # a live-only run's last event's step (its events are not kept)
+    LAST_ATTEMPT = "last_attempt"  # ... and attempt
 
 
 class ThreadField(enum.StrEnum):

@@ -76,6 +76,10 @@ class RunRecord:
     terminal_ttl_ms: int = 0  # retention once ended; 0: the log's terminal_ttl_s
     interrupted_by: str = ""  # the run whose INTERRUPT or ROLLBACK asked to cancel this one
     rollback: bool = False  # its messages must not join its thread (ROLLBACK)
+    # A live-only run keeps no events, so its record keeps the step and attempt
+    # of its last one (a takeover names the attempt it supersedes); 0 otherwise.
+    last_step: int = 0
+    last_attempt: int = 0
 
 
 class BusyPolicy(enum.StrEnum):
@@ -218,7 +222,8 @@ class EventLog(Protocol):
            becomes runnable again (Resume) is claimable at once; a runnable
            one lists the run for `claimable` again.
         4. Trim to the configured retention of events per run, if any,
-           advancing earliest_index. A live_only run keeps no events at all.
+           advancing earliest_index. A live_only run keeps no events at all,
+           only the step and attempt of the last one (last_step, last_attempt).
         5. A terminal state of a run on a thread: if the run is the thread's
            active run, add `thread_messages` to the thread's history (unless
            the run was rolled back) and make the first run of the thread's

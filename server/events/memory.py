@@ -79,6 +79,8 @@ class _Run:
     decisions: bytes
     interrupted_by: str = ""
     rollback: bool = False
+    last_step: int = 0  # of the last event of a live-only run (its events are not kept)
+    last_attempt: int = 0
     events: list[AgentEvent] = field(default_factory=list)
     base: int = 0  # index of events[0]; <= earliest_index
     counters: dict[str, int] = field(default_factory=dict)
@@ -103,6 +105,8 @@ class _Run:
             decisions=self.decisions,
             interrupted_by=self.interrupted_by,
             rollback=self.rollback,
+            last_step=self.last_step,
+            last_attempt=self.last_attempt,
         )
 
 
@@ -283,6 +287,7 @@ class MemoryEventLog:
                 raise IndexConflict(run_id, first, run.next_index)
             if run.record.live_only:
                 run.base += len(batch)  # published below, never kept
+                run.last_step, run.last_attempt = batch[-1].step, batch[-1].attempt
             else:
                 run.events.extend(batch)
             run.next_index += len(batch)

@@ -296,6 +296,8 @@ class RedisEventLog:
             thread_id if on_thread else "",
             run_id,
             self._thread_idle_ttl_ms,
+            events[-1].step if events else "",
+            events[-1].attempt if events else "",
             *members,
             *(thread_messages if terminal and on_thread else ()),
         ]

@@ -102,6 +102,8 @@ def run_from_hash(run_id: str, fields: Mapping[bytes, bytes]) -> RunRecord:
         terminal_ttl_ms=number(RunField.TTL_MS),
         interrupted_by=text(RunField.INTERRUPTED_BY),
         rollback=number(RunField.ROLLBACK) == 1,
+        last_step=number(RunField.LAST_STEP),
+        last_attempt=number(RunField.LAST_ATTEMPT),
     )
 
 

@@ -72,13 +72,16 @@ return {1}
 # ARGV[14]  the thread id, or ''
 # ARGV[15]  the run id
 # ARGV[16]  the thread's idle TTL in ms, 0 = none
-# ARGV[17..16+n] the serialized events, in index order
-# ARGV[17+n..] entries to add to the thread's history (terminal state only)
+# ARGV[17]  the step of the last event ('' without events): a live-only run keeps
+#           it (and ARGV[18]) in place of the events it does not keep
+# ARGV[18]  the attempt of the last event
+# ARGV[19..18+n] the serialized events, in index order
+# ARGV[19+n..] entries to add to the thread's history (terminal state only)
 # Returns {OK, next_index, promoted run id or ''} | {NOT_FOUND} | {STALE_EPOCH, run epoch}
 #       | {INDEX_CONFLICT, next_index}
 APPEND = """
 local run, events, lease = KEYS[1], KEYS[2], KEYS[3]
-local first_event = 17  -- ARGV position of the first serialized event
+local first_event = 19  -- ARGV position of the first serialized event
 local n = tonumber(ARGV[12])
 local first_message = first_event + n
 local f = redis.call('HMGET', run, 'epoch', 'next_index', 'earliest_index', 'live_only',
@@ -125,6 +128,10 @@ if ARGV[10] == '1' then
   table.insert(update, 'checkpoint'); table.insert(update, ARGV[11])
 end
 local retain = tonumber(ARGV[6])
+if not keep and n > 0 then
+  table.insert(update, 'last_step'); table.insert(update, ARGV[17])
+  table.insert(update, 'last_attempt'); table.insert(update, ARGV[18])
+end
 if keep and retain > 0 and next_index - retain > earliest then
   earliest = next_index - retain
   redis.call('ZREMRANGEBYSCORE', events, '-inf', '(' .. earliest)

@@ -319,14 +319,18 @@ class Supervisor:
             # Mid-step, the same attempt goes on; after a step, the next starts at 1.
             mid_step = checkpoint.phase in (Phase.RESPONSE, Phase.RESUMED)
             return checkpoint, checkpoint.attempt if mid_step else 1
-        [last] = await self._log.read(record.run_id, record.next_index - 1, 1)
-        attempt = last.attempt + 1
+        if record.live_only:  # its events are not kept: its record knows the last one's
+            last_step, last_attempt = record.last_step, record.last_attempt
+        else:
+            [last] = await self._log.read(record.run_id, record.next_index - 1, 1)
+            last_step, last_attempt = last.step, last.attempt
+        attempt = last_attempt + 1
         superseded = pb.AgentEvent(
-            step=last.step,
+            step=last_step,
             attempt=attempt,
             step_superseded=pb.StepSuperseded(
-                superseded_step=last.step,
-                superseded_attempt=last.attempt,
+                superseded_step=last_step,
+                superseded_attempt=last_attempt,
                 from_index=checkpoint.next_index,
             ),
         )

@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import pytest
 from keel.v1 import agent_service_pb2 as pb
 from keel.v1 import agent_service_pb2_grpc as pb_grpc
 
+from server.errors import RunNotResumable
 from server.events.redis import RedisEventLog
 from tests.chaos.conftest import (
+    CHAOS_ENV,
     Cluster,
     assert_run_invariants,
     effective_events,
@@ -20,6 +23,8 @@ from tests.chaos.conftest import (
     text_of,
     wait_for,
 )
+from tests.integration.conftest import collect
+from tests.processes import start_keel_process
 
 ECHO = {"echo_history": True}
 
@@ -122,3 +127,58 @@ async def test_a_queued_run_survives_sigkill_of_the_active_runs_owner_and_starts
         owners = [m.run_id for m in listed.messages]
         first_id = first_turn[0].run_id
         assert owners == [first_id] * 2 + [active.run_id] * 2 + [queued.run_id] * 2
+
+
+async def test_a_live_only_run_is_taken_over_and_finishes_keeping_no_events(
+    redis_url: str, key_prefix: str, store: RedisEventLog
+) -> None:
+    """A live-only agent's runs keep their record and checkpoints: takeover works as for any."""
+    processes = [
+        await start_keel_process(
+            redis_url=redis_url,
+            key_prefix=key_prefix,
+            env=CHAOS_ENV,
+            agents="tests.registries:options",
+        )
+        for _ in range(2)
+    ]
+    doomed, survivor = processes
+    try:
+        async with grpc.aio.insecure_channel(doomed.target) as channel:
+            started = await pb_grpc.AgentServiceStub(channel).StartRun(
+                pb.StartRunRequest(
+                    agent_id="scripted-live",
+                    input=script(
+                        {"tool": "record", "args": {"key": "k"}}, {"text": 40, "delay_ms": 25}
+                    ),
+                )
+            )
+        run_id = started.run.run_id
+
+        async def streaming() -> bool:
+            return (await store.head(run_id)) > 10
+
+        await wait_for(streaming, what="the live-only run to stream")
+        doomed.kill()
+        await doomed.wait()
+
+        async with grpc.aio.insecure_channel(survivor.target) as channel:
+            stub = pb_grpc.AgentServiceStub(channel)
+
+            async def ended() -> bool:
+                run = (await stub.GetRun(pb.GetRunRequest(run_id=run_id))).run
+                return run.state == pb.RUN_STATE_SUCCEEDED
+
+            await wait_for(ended, what="the survivor to finish the run")
+            run = (await stub.GetRun(pb.GetRunRequest(run_id=run_id))).run
+            assert run.next_offset > 40
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await collect(stub.Observe(pb.ObserveRequest(run_id=run_id)))
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert await store.get_counter(run_id, "k") == 1  # the journaled tool ran once
+        with pytest.raises(RunNotResumable):
+            await store.read(run_id, 0, 10)
+    finally:
+        for process in processes:
+            process.kill()
+            await process.wait()

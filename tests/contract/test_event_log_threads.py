@@ -399,7 +399,12 @@ async def test_a_live_only_run_publishes_its_events_and_keeps_none(event_log: Ev
         await event_log.read(run.run_id, 0, 10)
     assert caught.value.next_offset == 3
     assert await event_log.read(run.run_id, 3, 10) == []  # the head: nothing to read yet
-    assert (await event_log.get_run(run.run_id)).live_only
+    stepped = events(run.run_id, 3, 2)
+    stepped[-1].step, stepped[-1].attempt = 4, 2
+    await event_log.append(run.run_id, 1, stepped)
+    record = await event_log.get_run(run.run_id)
+    # In place of the events: what a takeover needs to name the attempt it supersedes.
+    assert (record.live_only, record.last_step, record.last_attempt) == (True, 4, 2)
     await subscription.close()
 
 
