@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from server.app import serve
 from server.settings import Settings
 
-_FLAGS = ("host", "port", "redis_url", "agents", "key_prefix")
+_FLAGS = ("host", "port", "redis_url", "agents", "key_prefix", "tasks_global_concurrency")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,6 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--redis-url", help="Redis for durable runs, e.g. redis://127.0.0.1:6379/0")
     run.add_argument("--agents", help="agent registry as module:attr")
     run.add_argument("--key-prefix", help="prefix of every Redis key (default keel)")
+    run.add_argument(
+        "--tasks-global-concurrency",
+        type=int,
+        help="background tasks running at once across every server sharing the store "
+        "(default 10; KEEL_TASKS_GLOBAL_CONCURRENCY)",
+    )
     run.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     return parser
 

@@ -21,6 +21,8 @@ from server.observe.observer import Draining
 from server.runs.executor import LocalExecutor, Timing
 from server.runs.supervisor import WriterLimits
 from server.settings import Settings
+from server.tasks.factory import task_store_for
+from server.tasks.runner import TaskLimits
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ class Keel:
         self.draining.set()
         await self.server.stop(grace=1.0)
         await self.executor.drain(grace)
+        await self.executor.task_store.close()
         await self.log.close()
         self._stopped.set()
 
@@ -94,9 +97,21 @@ async def create_server(settings: Settings) -> Keel:
         lease_ttl_s=settings.lease_ttl_s,
         thread_idle_ttl_s=settings.thread_idle_ttl_s,
     )
+    task_limits = TaskLimits(
+        global_concurrency=settings.tasks_global_concurrency,
+        default_timeout_s=settings.tasks_default_timeout_s,
+        retry_backoff_s=settings.tasks_retry_backoff_s,
+        retry_backoff_max_s=settings.tasks_retry_backoff_max_s,
+        poll_interval_s=settings.tasks_poll_interval_s,
+        sweep_interval_s=settings.sweep_interval_s,
+        lease_ttl_s=settings.lease_ttl_s,
+    )
+    task_store = task_store_for(event_log, lease_ttl_s=settings.lease_ttl_s)
     executor = LocalExecutor(
         event_log,
         agents,
+        task_store=task_store,
+        task_limits=task_limits,
         instance_id=settings.instance_id,
         limits=WriterLimits(
             settings.write_batch_max,

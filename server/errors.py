@@ -11,6 +11,8 @@ KeelError
 ├── OffsetExpired             offset below the earliest retained index
 ├── OffsetBeyondEnd           offset past the last event of an ended run
 ├── RunNotResumable           a live-only run's events below its head are not kept
+├── TaskNotFound              no such background task, or its run expired
+├── TaskNotRetryable          RetryTask of a task that is not failed or cancelled
 ├── StaleEpoch                a fenced writer tried to write (never reaches a client as such)
 ├── IndexConflict             an append did not start at the run's next index
 ├── StoreUnavailable          Redis unreachable
@@ -179,6 +181,25 @@ class ConcurrentModification(KeelError):
         super().__init__(
             f"run {run_id!r} was changed by another request (a racing Resume or cancel); "
             "read it again and retry if still relevant"
+        )
+
+
+class TaskNotFound(KeelError):
+    """No background task has this id (or its run's retention time passed)."""
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        super().__init__(f"task {task_id!r} not found")
+
+
+class TaskNotRetryable(KeelError):
+    """Only a failed or cancelled task can be run again."""
+
+    def __init__(self, task_id: str, status: str) -> None:
+        self.task_id = task_id
+        self.status = status
+        super().__init__(
+            f"task {task_id!r} is {status}: only a failed or cancelled task can be retried"
         )
 
 

@@ -66,6 +66,19 @@ class Settings(BaseSettings):
     # CancelRun waits at most this long for the run's owner to abort it.
     cancel_wait_s: float = Field(default=10.0, ge=0)
 
+    # Background tasks: how many run at once across every server sharing the store.
+    tasks_global_concurrency: int = Field(default=10, ge=1, le=100_000)
+    # Background tasks: an attempt running longer than this fails (a tool's own
+    # timeout_s wins).
+    tasks_default_timeout_s: float = Field(default=300.0, gt=0, le=7 * 86_400)
+    # Background tasks: the wait before a failed attempt's first retry; it doubles with
+    # each retry, up to tasks_retry_backoff_max_s.
+    tasks_retry_backoff_s: float = Field(default=1.0, ge=0, le=3600)
+    tasks_retry_backoff_max_s: float = Field(default=60.0, ge=0, le=86_400)
+    # Background tasks: how often each server looks for queued tasks others could not
+    # start (a task queued or a slot freed on this server is started at once).
+    tasks_poll_interval_s: float = Field(default=0.5, gt=0, le=60)
+
     # SIGTERM: time given to runs in progress to finish before the process exits;
     # runs still going then are handed back (their leases released) to other instances.
     shutdown_grace_s: float = Field(default=10.0, ge=0)

@@ -40,6 +40,7 @@ class Phase(enum.StrEnum):
     STEP = "step"  # the step is complete
     SUSPENDED = "suspended"  # the step's tools half waits for decisions on `interrupts`
     RESUMED = "resumed"  # the decisions arrived (stored with the run); the tools half goes on
+    WAITING = "waiting"  # the model is done; the run waits for its background tasks (until_idle)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +56,13 @@ class Checkpoint:
     step_start_usage: RunUsage = field(default_factory=RunUsage)  # usage when `step` began
     next_index: int = -1  # index of the first event after the checkpoint; set when committed
     interrupts: tuple[dict[str, Any], ...] = ()  # pending tool calls of a suspended run
+    # Background tasks: the run's task log entries already turned into events, and
+    # (until_idle) the tasks whose outcome was already given to the model.
+    task_mark: int = 0
+    fed: tuple[str, ...] = ()
+    # WAITING: the output the run finishes with if no task result follows.
+    output_text: str = ""
+    output_json: str = ""
 
     def encode(self) -> bytes:
         header = {
@@ -66,6 +74,10 @@ class Checkpoint:
             "usage": _USAGE.dump_python(self.usage, mode="json"),
             "step_start_usage": _USAGE.dump_python(self.step_start_usage, mode="json"),
             "interrupts": list(self.interrupts),
+            "task_mark": self.task_mark,
+            "fed": list(self.fed),
+            "output_text": self.output_text,
+            "output_json": self.output_json,
         }
         # The history is already JSON: splice it in rather than parse and re-encode it.
         return (
@@ -88,6 +100,10 @@ class Checkpoint:
             step_start_usage=_USAGE.validate_python(body["step_start_usage"]),
             next_index=int(body["next_index"]),
             interrupts=tuple(body["interrupts"]),
+            task_mark=int(body.get("task_mark", 0)),
+            fed=tuple(body.get("fed", ())),
+            output_text=body.get("output_text", ""),
+            output_json=body.get("output_json", ""),
         )
 
     def history(self) -> list[ModelMessage]:

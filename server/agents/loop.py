@@ -114,21 +114,28 @@ async def run_agent_loop(
         output = await loop.drive()
         if isinstance(output, DeferredToolRequests):
             return LoopResult("", "", usage_to_pb(run.usage), suspended=loop.suspension(output))
-        return loop_result(output, run.usage, dump_messages(loop.own_messages()))
+        return loop_result(output, run.usage, dump_messages(loop.own_messages()), loop.step)
 
 
 # Checkpoints taken between a step's model response and the end of its tools half.
 _MID_STEP = frozenset({Phase.RESPONSE, Phase.SUSPENDED, Phase.RESUMED})
 
 
-def loop_result(output: Any, usage: RunUsage, messages: bytes = b"[]") -> LoopResult:
+def loop_result(output: Any, usage: RunUsage, messages: bytes = b"[]", step: int = 0) -> LoopResult:
     """The LoopResult for a run's final output: text as is, anything else as JSON."""
-    if isinstance(output, str):
-        return LoopResult(output, "", usage_to_pb(usage), messages=messages)
     # to_json serialises pydantic models, dataclasses and plain containers
     # the way pydantic-ai validated them.
-    json_output = pydantic_core.to_json(output).decode()
-    return LoopResult("", json_output, usage_to_pb(usage), messages=messages)
+    text, json_output = (output, "") if isinstance(output, str) else ("", "")
+    if not isinstance(output, str):
+        json_output = pydantic_core.to_json(output).decode()
+    return LoopResult(
+        text,
+        json_output,
+        usage_to_pb(usage),
+        messages=messages,
+        step=step,
+        run_usage=copy.copy(usage),
+    )
 
 
 class AgentLoop:

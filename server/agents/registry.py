@@ -23,6 +23,7 @@ from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.toolsets import AbstractToolset, FunctionToolset
 
 from server.agents.types import AgentSpec
+from server.tasks.records import background_options
 
 # Agent ids travel in requests, logs and Redis keys: keep them plain.
 _AGENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -35,6 +36,7 @@ class ToolDescription:
     name: str
     description: str
     requires_approval: bool
+    background: bool = False  # runs as a background task (server/tasks)
 
 
 class AgentDescription(NamedTuple):
@@ -79,7 +81,12 @@ def load_registry(spec: str) -> dict[str, AgentSpec]:
                 f"agents registry {spec!r}: agent id {agent_id!r} must be 1-64 letters, digits, "
                 "'_', '.' or '-', starting with a letter or digit"
             )
-        registry[agent_id] = as_spec(entry, where=f"agents registry {spec!r}, agent {agent_id!r}")
+        agent = as_spec(entry, where=f"agents registry {spec!r}, agent {agent_id!r}")
+        try:
+            function_tools(agent.agent)  # checks the background tools too
+        except ValueError as error:
+            raise ValueError(f"agents registry {spec!r}, agent {agent_id!r}: {error}") from None
+        registry[agent_id] = agent
     return registry
 
 
@@ -134,7 +141,13 @@ def function_tools(agent: Agent[Any, Any]) -> list[ToolDescription]:
                     name=tool.name,
                     description=tool.description or "",
                     requires_approval=tool.requires_approval,
+                    background=background_options(tool.metadata) is not None,
                 )
+                if found[tool.name].background and tool.takes_ctx:
+                    raise ValueError(
+                        f"background tool {tool.name!r} takes a RunContext; a background "
+                        "tool runs outside the agent loop: use server.tasks.task_context()"
+                    )
 
     for toolset in agent.toolsets:
         toolset.apply(visit)

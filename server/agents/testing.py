@@ -26,6 +26,15 @@ The run's input is a JSON script:
 - `{"tool": "fail", "args": {"message": M}}` calls `fail`, which raises
   ModelRetry(M): the model sees the failure (a tool_error event) and the
   script goes on; the run does not fail.
+- `{"tool": "slow", "args": {"key": K, "duration_ms": D, "fail_times": N}}`
+  calls `slow`, a background tool (3 retries): the model gets the task's id
+  at once, and the task, off the agent loop, counts the attempt in the run's
+  counter "attempts:K", reports progress 0.5 halfway, sleeps D ms in all,
+  fails its first N attempts, and then increments the run's counter K once
+  per task (keyed by the task id) and returns K's new count.
+- `{"tool": "slow_reject", "args": {...}}` is `slow` declared with overflow
+  "reject": when every task slot is taken, the model is told the system is
+  busy and no task is made.
 - `{"parallel": [tool step, ...]}` makes one model response call several
   tools at once (ids "call_<n>_<k>"), e.g. two approvals pending together.
 - `{"error": M}` makes the model request fail with M (as a provider outage
@@ -38,6 +47,10 @@ The run's input is a JSON script:
   exactly "done": text deltas streamed in the same (final) model response are
   narration before the answer, as they are in every other response. So the
   output never depends on where step boundaries fall.
+- A user message that tells the model how a background task ended (a run
+  with until_idle, see server/threads/history.py), "[task <id>] <tool>
+  <status>: <result or error>", is answered with one text delta "got " +
+  that message + " ", then "done".
 
 pydantic-ai ends a run on a model response without tool calls, so one model
 response streams the script's text up to the next tool step and then calls
@@ -73,11 +86,14 @@ from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls
 
 from server.agents.types import AgentSpec, RunInfo
 from server.errors import FieldViolation, InvalidArgument
+from server.tasks import background, task_context
+from server.threads.history import TASK_RESULT_PREFIX
 
 MAX_TEXT_DELTAS = 1_000_000  # per text step, and in the whole script
 MAX_DELAY_MS = 60_000
 MAX_STEPS = 10_000
 FINAL_ANSWER = "done"
+SLOW_RETRIES = 3  # failed attempts of a `slow` task that are tried again
 _MAX_REPORTED_ERRORS = 5
 
 
@@ -127,8 +143,19 @@ class FailStep(_Step):
     args: FailArgs
 
 
-ToolStep = Annotated[RecordStep | ApproveStep | FailStep, Field(discriminator="tool")]
-_TOOL_NAMES = ("record", "approve_me", "fail")
+class SlowArgs(_Step):
+    key: str = Field(min_length=1, max_length=256)
+    duration_ms: int = Field(default=0, ge=0, le=MAX_DELAY_MS, description="the task's work")
+    fail_times: int = Field(default=0, ge=0, le=100, description="attempts that fail first")
+
+
+class SlowStep(_Step):
+    tool: Literal["slow", "slow_reject"]
+    args: SlowArgs
+
+
+ToolStep = Annotated[RecordStep | ApproveStep | FailStep | SlowStep, Field(discriminator="tool")]
+_TOOL_NAMES = ("record", "approve_me", "fail", "slow", "slow_reject")
 
 
 class ParallelStep(_Step):
@@ -246,7 +273,7 @@ class Segment:
     first_delta: int  # the number of the first delta ("t<first_delta> ")
     text_steps: tuple[TextStep | EchoHistoryStep, ...]
     # The tool to call (or the model failure) that ends the segment; None: the final answer.
-    tool: RecordStep | ApproveStep | FailStep | ParallelStep | ErrorStep | None
+    tool: RecordStep | ApproveStep | FailStep | SlowStep | ParallelStep | ErrorStep | None
 
 
 def segments(script: Script) -> list[Segment]:
@@ -278,25 +305,32 @@ def _plan(text: str) -> tuple[Segment, ...]:
 class _Turn:
     """Where the current run stands in the history the model is shown."""
 
-    script: str  # the run's input: the last user prompt
+    script: str  # the run's input: the last user prompt that is not a task's outcome
     responses: int  # model responses since that prompt (the run's own)
     earlier_prompts: int  # user prompts before it (earlier turns of its thread)
+    task_outcome: str  # the last message, if it tells how a background task ended
 
 
 def _turn(messages: list[ModelMessage]) -> _Turn:
     prompts: list[str] = []
     responses = 0
+    outcome = ""
     for message in messages:
         if isinstance(message, ModelResponse):
             responses += 1
+            outcome = ""
             continue
         for part in message.parts:
-            if isinstance(part, UserPromptPart) and isinstance(part.content, str):
+            if not (isinstance(part, UserPromptPart) and isinstance(part.content, str)):
+                continue
+            if part.content.startswith(TASK_RESULT_PREFIX):
+                outcome = part.content
+            else:
                 prompts.append(part.content)
                 responses = 0
     if not prompts:
         raise ValueError("the scripted agent needs a user message holding its script")
-    return _Turn(prompts[-1], responses, len(prompts) - 1)
+    return _Turn(prompts[-1], responses, len(prompts) - 1, outcome)
 
 
 async def _play(
@@ -304,6 +338,10 @@ async def _play(
 ) -> AsyncIterator[str | DeltaToolCalls]:
     """FunctionModel stream function: play the segment this response stands for."""
     turn = _turn(messages)
+    if turn.task_outcome:
+        yield f"got {turn.task_outcome} "
+        yield FINAL_ANSWER
+        return
     plan = _plan(turn.script)
     number = turn.responses
     if number >= len(plan):
@@ -360,6 +398,18 @@ async def record(ctx: RunContext[RunInfo], key: str, delay_ms: int = 0) -> int:
     return await info.counters.incr_counter(info.run_id, key, once_key=once_key)
 
 
+async def slow(key: str, duration_ms: int = 0, fail_times: int = 0) -> int:
+    """Work for duration_ms off the agent loop; fail the first fail_times attempts."""
+    task = task_context()
+    await task.counters.incr_counter(task.run_id, f"attempts:{key}")
+    await asyncio.sleep(duration_ms / 2000)
+    await task.progress(0.5, "halfway")
+    await asyncio.sleep(duration_ms / 2000)
+    if task.attempt <= fail_times:
+        raise RuntimeError(f"slow {key!r} failed on purpose (attempt {task.attempt})")
+    return await task.counters.incr_counter(task.run_id, key, once_key=task.idempotency_key)
+
+
 async def fail(message: str) -> str:
     """Fail with `message`; the model is asked to go on."""
     raise ModelRetry(message)
@@ -396,6 +446,13 @@ def build_scripted_agent() -> Agent[RunInfo, str | DeferredToolRequests]:
             # against the tool's retry budget, which would otherwise end the run.
             Tool(fail, takes_ctx=False, max_retries=MAX_STEPS),
             _approve_me_tool(),
+            Tool(slow, takes_ctx=False, metadata=background(max_retries=SLOW_RETRIES)),
+            Tool(
+                slow,
+                name="slow_reject",
+                takes_ctx=False,
+                metadata=background(max_retries=SLOW_RETRIES, overflow="reject"),
+            ),
         ],
     )
 

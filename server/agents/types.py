@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 from keel.v1.agent_service_pb2 import AgentEvent, Usage
 from pydantic_ai import Agent
+from pydantic_ai.usage import RunUsage
 
 from server.agents.checkpoint import Checkpoint
 
@@ -67,11 +68,18 @@ class AgentSpec:
     resumable: bool = True
     # How long the agent's ended runs are kept, overriding the server's terminal_ttl_s.
     ended_run_retention_s: float | None = None
+    # The most background tasks of this agent running at once across every server
+    # sharing the store; 0: only the server's global limit applies.
+    max_concurrent_tasks: int = 0
 
     def __post_init__(self) -> None:
         retention = self.ended_run_retention_s
         if retention is not None and not retention > 0:
             raise ValueError(f"ended_run_retention_s must be positive, got {retention}")
+        if not 0 <= self.max_concurrent_tasks <= 100_000:
+            raise ValueError(
+                f"max_concurrent_tasks must be in [0, 100000], got {self.max_concurrent_tasks}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,3 +95,5 @@ class LoopResult:
     # The run's own messages (not the history it started from), as
     # ModelMessagesTypeAdapter JSON: what joins the run's thread.
     messages: bytes = b"[]"
+    step: int = 0  # the last step the loop ran
+    run_usage: RunUsage = field(default_factory=RunUsage)  # the run's usage, for a checkpoint

@@ -17,6 +17,7 @@ from server.agents.types import AgentSpec
 from server.events.codec import varint
 from server.events.log import RunRecord, RunState, ThreadRecord
 from server.runs.decisions import pending_interrupts
+from server.tasks.records import STATUS_TO_PROTO, TaskRecord
 from server.threads.history import ThreadMessage
 
 STATE_TO_PROTO: dict[RunState, pb.RunState.ValueType] = {
@@ -64,6 +65,7 @@ def run(record: RunRecord) -> pb.Run:
             for i in pending_interrupts(record)
         ],
         thread_id=record.thread_id,
+        until_idle=record.until_idle,
     )
 
 
@@ -84,6 +86,29 @@ def agent(
         tools=tools,
         live_only=not spec.resumable,
         ended_run_retention=retention,
+        max_concurrent_tasks=spec.max_concurrent_tasks,
+    )
+
+
+def task(record: TaskRecord) -> pb.Task:
+    timeout = Duration()
+    timeout.FromNanoseconds(round(record.timeout_s * 1e9))
+    return pb.Task(
+        task_id=record.task_id,
+        run_id=record.run_id,
+        agent_id=record.agent_id,
+        tool_name=record.tool_name,
+        tool_call_id=record.tool_call_id,
+        args_json=record.args_json,
+        status=STATUS_TO_PROTO[record.status],
+        attempt=record.attempt,
+        max_retries=record.max_retries,
+        timeout=timeout,
+        progress=record.progress,
+        result_json=record.result_json,
+        error=record.error,
+        create_time=_timestamp(record.create_time_ms),
+        update_time=_timestamp(record.update_time_ms),
     )
 
 

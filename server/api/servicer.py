@@ -19,6 +19,7 @@ from server.events.log import EventLog, RunPageCursor, ThreadPageCursor
 from server.observe.follow import Events, FollowLimits, Heartbeat, Item, Snapshot, follow
 from server.observe.observer import Draining
 from server.runs.executor import LocalExecutor, Started
+from server.tasks.records import TaskPageCursor
 from server.threads.service import Threads
 
 SERVICE = pb.DESCRIPTOR.services_by_name["AgentService"]
@@ -226,6 +227,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                             name=t.name,
                             description=t.description,
                             requires_approval=t.requires_approval,
+                            background=t.background,
                         )
                         for t in tools
                     ],
@@ -301,6 +303,52 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             messages=[convert.thread_message(m) for m in messages], next_page_token=token
         )
 
+    @unary
+    async def GetTask(
+        self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetTaskResponse:
+        record = await self._executor.task_store.get_task(validate.task_id(request.task_id))
+        return pb.GetTaskResponse(task=convert.task(record))
+
+    @unary
+    async def ListTasks(
+        self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListTasksResponse:
+        page_size = validate.page_size(request.page_size)
+        run_id = validate.run_id(request.run_id) if request.run_id else ""
+        statuses = validate.task_statuses(request.statuses)
+        filters = (run_id, request.agent_id, statuses)
+        cursor = validate.decode_task_page_token(request.page_token, *filters)
+        records = await self._executor.task_store.list_tasks(
+            run_id=run_id,
+            agent_id=request.agent_id,
+            statuses=statuses,
+            limit=page_size + 1,
+            after=cursor,
+        )
+        token = ""
+        if len(records) > page_size:
+            records = records[:page_size]
+            last = TaskPageCursor(records[-1].create_time_ms, records[-1].task_id)
+            token = validate.encode_task_page_token(last, *filters)
+        return pb.ListTasksResponse(tasks=[convert.task(r) for r in records], next_page_token=token)
+
+    @unary
+    async def CancelTask(
+        self, request: pb.CancelTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CancelTaskResponse:
+        record = await self._executor.cancel_task(
+            validate.task_id(request.task_id), request.reason or "cancelled"
+        )
+        return pb.CancelTaskResponse(task=convert.task(record))
+
+    @unary
+    async def RetryTask(
+        self, request: pb.RetryTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RetryTaskResponse:
+        record = await self._executor.retry_task(validate.task_id(request.task_id))
+        return pb.RetryTaskResponse(task=convert.task(record))
+
     async def _start(self, request: pb.StreamRequest | pb.StartRunRequest) -> Started:
         """Validate and start the run of a Stream or StartRun (they share their fields)."""
         policy = validate.start(
@@ -316,6 +364,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             request.request_id,
             thread_id=request.thread_id,
             policy=policy,
+            until_idle=request.until_idle,
         )
 
     async def _follow(

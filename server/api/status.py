@@ -59,6 +59,15 @@ def to_status(exc: BaseException) -> status_pb2.Status:
                 "THREAD_BUSY",
                 {"thread_id": exc.thread_id, "active_run_id": exc.active_run_id},
             )
+        case errors.TaskNotFound():
+            return _status(code_pb2.NOT_FOUND, exc, "TASK_NOT_FOUND", {"task_id": exc.task_id})
+        case errors.TaskNotRetryable():
+            return _status(
+                code_pb2.FAILED_PRECONDITION,
+                exc,
+                "TASK_NOT_RETRYABLE",
+                {"task_id": exc.task_id, "status": exc.status},
+            )
         case errors.RunNotResumable():
             return _status(
                 code_pb2.FAILED_PRECONDITION,

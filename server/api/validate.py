@@ -15,6 +15,7 @@ from keel.v1 import agent_service_pb2 as pb
 from server.errors import FieldViolation, InvalidArgument
 from server.events.log import BusyPolicy, RunPageCursor, RunState, ThreadPageCursor
 from server.runs.decisions import Decision
+from server.tasks.records import TaskPageCursor, TaskStatus, run_id_of
 
 MAX_ID_CHARS = 128
 MAX_THREAD_ID_CHARS = 64
@@ -234,6 +235,61 @@ def _decode_token(token: str, digest: str) -> dict[str, Any]:
 
 def _bad_token() -> InvalidArgument:
     return InvalidArgument(FieldViolation("page_token", "is not a token this server issued"))
+
+
+def task_id(value: str) -> str:
+    """A well-formed task id (its run's id, ".", 16 hex digits), or InvalidArgument."""
+    run_id(value, "task_id")
+    if not run_id_of(value):
+        raise InvalidArgument(FieldViolation("task_id", "is not a task id"))
+    return value
+
+
+# Which statuses ListTasks filters on; RUNNING and STARTED both mean running.
+TASK_STATUS_FROM_PROTO: dict[int, TaskStatus] = {
+    pb.TASK_STATUS_QUEUED: TaskStatus.QUEUED,
+    pb.TASK_STATUS_STARTED: TaskStatus.RUNNING,
+    pb.TASK_STATUS_RUNNING: TaskStatus.RUNNING,
+    pb.TASK_STATUS_RETRYING: TaskStatus.RETRYING,
+    pb.TASK_STATUS_COMPLETED: TaskStatus.COMPLETED,
+    pb.TASK_STATUS_FAILED: TaskStatus.FAILED,
+    pb.TASK_STATUS_CANCELLED: TaskStatus.CANCELLED,
+}
+
+
+def task_statuses(values: Iterable[int]) -> frozenset[TaskStatus]:
+    result: set[TaskStatus] = set()
+    for value in values:
+        status = TASK_STATUS_FROM_PROTO.get(value)
+        if status is None:
+            raise InvalidArgument(
+                FieldViolation("statuses", f"{value} is not a status a task can be in")
+            )
+        result.add(status)
+    return frozenset(result)
+
+
+def _task_filters(run: str, agent: str, statuses: frozenset[TaskStatus]) -> str:
+    return _digest("tasks", run, agent, sorted(s.value for s in statuses))
+
+
+def encode_task_page_token(
+    cursor: TaskPageCursor, run: str, agent: str, statuses: frozenset[TaskStatus]
+) -> str:
+    digest = _task_filters(run, agent, statuses)
+    return _encode_token({"t": cursor.create_time_ms, "r": cursor.task_id, "f": digest})
+
+
+def decode_task_page_token(
+    token: str, run: str, agent: str, statuses: frozenset[TaskStatus]
+) -> TaskPageCursor | None:
+    if not token:
+        return None
+    body = _decode_token(token, _task_filters(run, agent, statuses))
+    try:
+        return TaskPageCursor(create_time_ms=int(body["t"]), task_id=task_id(str(body["r"])))
+    except (ValueError, KeyError, TypeError, InvalidArgument):
+        raise _bad_token() from None
 
 
 def encode_page_token(

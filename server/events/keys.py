@@ -27,11 +27,30 @@ which decides against the thread's state, are each one script on one slot:
     {prefix}:{thread_id}:messages  LIST  the history: one entry per ModelMessage (threads/)
     {prefix}:{thread_id}:queue     LIST  ids of the runs waiting for their turn, FIFO
     {prefix}:{thread_id}:runs      ZSET  the thread's runs, for list_runs(thread_id=...)
+    {prefix}:{thread_id}:pending   LIST  entries that came while a run had the thread
+                                         (late task results), added after its own messages
     {prefix}:threads               ZSET  the thread index for list_threads
     {prefix}:resource:{resource_id}:threads  ZSET  one resource's threads
 
-The run index, the active set and the thread indexes are the only keys
-outside a run's (or thread's) slot, so the Lua scripts never write them; a
+A run's background tasks live beside it, in its slot (server/tasks):
+
+    <run keys>:task:<16 hex>        HASH    a task's record, fields in TaskField
+    <run keys>:task:<16 hex>:lease  STRING  its runner's epoch, PX = lease TTL
+    <run keys>:tasks                SET     the ids of the run's tasks
+    <run keys>:task_log             LIST    the run's task log (JSON entries, records.py)
+    <run keys>:task_events          pub/sub channel: "log" (the log grew) or
+                                            "cancel:<task id>" (for its runner)
+
+and the task runner's shared keys under one hash tag of their own:
+
+    {prefix}:{tasks}:queue          ZSET    ids of the tasks waiting, score = when due (ms)
+    {prefix}:{tasks}:slots          ZSET    holders of the global slots, score = expiry (ms)
+    {prefix}:{tasks}:slots:<agent>  ZSET    holders of an agent's slots, score = expiry (ms)
+    {prefix}:{tasks}:running        SET     ids of running tasks (sweeps look for lapsed leases)
+    {prefix}:{tasks}:index          ZSET    every task, for list_tasks (members as the run index)
+
+The run index, the active set, the thread indexes and the task runner's keys
+are the only keys outside a run's (or thread's) slot, so the Lua scripts never write them; a
 write that needs them updates them in a second command after its script.
 Stale members are removed lazily: by list_runs and list_threads (hash
 expired or deleted) and by claimable (run ended, suspended or expired).
@@ -65,6 +84,7 @@ class RunField(enum.StrEnum):
     TTL_MS = "ttl_ms"  # retention once ended, in ms; absent or 0: the log's default
     INTERRUPTED_BY = "interrupted_by"  # the run whose INTERRUPT/ROLLBACK cancelled this one
     ROLLBACK = "rollback"  # "1": the run's messages must not join its thread
+    UNTIL_IDLE = "until_idle"  # "1": the run waits for its background tasks
     LAST_STEP = "last_step"  # a live-only run's last event's step (its events are not kept)
     LAST_ATTEMPT = "last_attempt"  # ... and attempt
 
@@ -153,14 +173,61 @@ class Keys:
         """ZSET of the thread's runs, members as in the run index."""
         return f"{self.thread_base(thread_id)}runs"
 
-    def thread_keys(self, thread_id: str) -> tuple[str, str, str, str]:
-        """Every key of a thread: what the idle TTL applies to and DeleteThread deletes."""
+    def thread_pending(self, thread_id: str) -> str:
+        """LIST of entries waiting for the active run to end (late task results)."""
+        return f"{self.thread_base(thread_id)}pending"
+
+    def thread_keys(self, thread_id: str) -> tuple[str, str, str, str, str]:
+        """Every key of a thread: what the idle TTL applies to and DeleteThread deletes.
+        The Lua scripts rely on this order."""
         return (
             self.thread(thread_id),
             self.thread_messages(thread_id),
             self.thread_queue(thread_id),
             self.thread_runs(thread_id),
+            self.thread_pending(thread_id),
         )
+
+    # Background tasks (server/tasks): beside their run, and the runner's shared keys.
+
+    def task(self, task_id: str) -> str:
+        """A task's hash; a task id is "<run id>.<16 hex>" (server/tasks/records.py)."""
+        run_id, _, digest = task_id.rpartition(".")
+        return f"{self.run_base(run_id)}task:{digest}"
+
+    def task_lease(self, task_id: str) -> str:
+        return f"{self.task(task_id)}:lease"
+
+    def run_tasks(self, run_id: str) -> str:
+        """SET of the ids of the run's tasks."""
+        return f"{self.run_base(run_id)}tasks"
+
+    def task_log(self, run_id: str) -> str:
+        """LIST: the run's task log."""
+        return f"{self.run_base(run_id)}task_log"
+
+    def task_events(self, run_id: str) -> str:
+        """The pub/sub channel of the run's task doorbells and cancel requests."""
+        return f"{self.run_base(run_id)}task_events"
+
+    @property
+    def task_queue(self) -> str:
+        return f"{self.prefix}:{{tasks}}:queue"
+
+    @property
+    def task_slots(self) -> str:
+        return f"{self.prefix}:{{tasks}}:slots"
+
+    def agent_task_slots(self, agent_id: str) -> str:
+        return f"{self.prefix}:{{tasks}}:slots:{agent_id}"
+
+    @property
+    def running_tasks(self) -> str:
+        return f"{self.prefix}:{{tasks}}:running"
+
+    @property
+    def task_index(self) -> str:
+        return f"{self.prefix}:{{tasks}}:index"
 
     @property
     def thread_index(self) -> str:
@@ -171,9 +238,10 @@ class Keys:
         """ZSET of one resource's threads (resource ids hold no braces: no hash tag)."""
         return f"{self.prefix}:resource:{resource_id}:threads"
 
-    def run_keys(self, run_id: str) -> tuple[str, str, str, str, str, str]:
-        """Every key of a run but the lease (and not the channels): what a terminal state
-        puts a TTL on. The run hash and the events come first (APPEND relies on it)."""
+    def run_keys(self, run_id: str) -> tuple[str, str, str, str, str, str, str, str]:
+        """Every key of a run but the lease and its tasks' own (and not the channels): what
+        a terminal state puts a TTL on. The run hash and the events come first (APPEND
+        relies on it)."""
         return (
             self.run(run_id),
             self.events(run_id),
@@ -181,6 +249,8 @@ class Keys:
             self.counters(run_id),
             self.once(run_id),
             self.resumes(run_id),
+            self.run_tasks(run_id),
+            self.task_log(run_id),
         )
 
     @property

@@ -76,6 +76,7 @@ class RunRecord:
     terminal_ttl_ms: int = 0  # retention once ended; 0: the log's terminal_ttl_s
     interrupted_by: str = ""  # the run whose INTERRUPT or ROLLBACK asked to cancel this one
     rollback: bool = False  # its messages must not join its thread (ROLLBACK)
+    until_idle: bool = False  # the run waits for its background tasks before it finishes
     # A live-only run keeps no events, so its record keeps the step and attempt
     # of its last one (a takeover names the attempt it supersedes); 0 otherwise.
     last_step: int = 0

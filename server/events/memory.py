@@ -119,6 +119,9 @@ class _Thread:
     active_run_id: str = ""
     queue: deque[str] = field(default_factory=deque)  # run ids waiting for their turn
     messages: list[bytes] = field(default_factory=list)  # the history's entries
+    # Entries that came while a run had the thread (late task results): they join
+    # the history after the active run's own messages, when it ends.
+    pending: list[bytes] = field(default_factory=list)
     runs: list[tuple[int, str]] = field(default_factory=list)  # (create_time_ms, run_id) sorted
     expires_at: float | None = None  # clock() deadline while idle, with an idle TTL
 
@@ -523,6 +526,8 @@ class MemoryEventLog:
             return
         if not run.rollback:
             thread.messages.extend(messages)
+        thread.messages.extend(thread.pending)
+        thread.pending.clear()
         thread.active_run_id = ""
         while thread.queue:
             queued = self._find(thread.queue.popleft())
@@ -533,6 +538,25 @@ class MemoryEventLog:
                 break
         if not thread.active_run_id:
             self._idle(thread)
+
+    def add_to_thread(self, thread_id: str, entry: bytes) -> None:
+        """Add an entry from outside any run (a late task result) to a thread: to its
+        history if it is idle, else after the active run's own messages, when that
+        run ends. A thread that is gone takes nothing. (Synchronous: the memory
+        task store calls it inside its own atomic steps.)"""
+        thread = self._find_thread(thread_id)
+        if thread is None:
+            return
+        if thread.active_run_id:
+            thread.pending.append(entry)
+        else:
+            thread.messages.append(entry)
+            thread.update_time_ms = time.time_ns() // 1_000_000
+            self._idle(thread)
+
+    def has_run(self, run_id: str) -> bool:
+        """Whether the run exists (its retention time has not passed)."""
+        return self._find(run_id) is not None
 
     def _idle(self, thread: _Thread) -> None:
         if self._thread_idle_ttl_s > 0:

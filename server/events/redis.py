@@ -121,6 +121,24 @@ class RedisEventLog:
         )
         self._closed = False
 
+    # What the task store beside this log shares (server/tasks/redis.py).
+
+    @property
+    def client(self) -> Redis:
+        return self._client
+
+    @property
+    def fanout(self) -> Fanout:
+        return self._fanout
+
+    @property
+    def keys(self) -> Keys:
+        return self._keys
+
+    @property
+    def thread_idle_ttl_ms(self) -> int:
+        return self._thread_idle_ttl_ms
+
     @classmethod
     async def connect(
         cls,
@@ -298,6 +316,7 @@ class RedisEventLog:
             self._thread_idle_ttl_ms,
             events[-1].step if events else "",
             events[-1].attempt if events else "",
+            self._keys.run_base(run_id),
             *members,
             *(thread_messages if terminal and on_thread else ()),
         ]

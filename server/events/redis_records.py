@@ -70,6 +70,8 @@ def run_fields(record: RunRecord) -> dict[str, str | int | bytes]:
         values[RunField.LIVE_ONLY] = 1
     if record.terminal_ttl_ms:
         values[RunField.TTL_MS] = record.terminal_ttl_ms
+    if record.until_idle:
+        values[RunField.UNTIL_IDLE] = 1
     return values
 
 
@@ -102,6 +104,7 @@ def run_from_hash(run_id: str, fields: Mapping[bytes, bytes]) -> RunRecord:
         terminal_ttl_ms=number(RunField.TTL_MS),
         interrupted_by=text(RunField.INTERRUPTED_BY),
         rollback=number(RunField.ROLLBACK) == 1,
+        until_idle=number(RunField.UNTIL_IDLE) == 1,
         last_step=number(RunField.LAST_STEP),
         last_attempt=number(RunField.LAST_ATTEMPT),
     )

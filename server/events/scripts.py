@@ -51,10 +51,11 @@ return {1}
 # KEYS[1]   the run hash
 # KEYS[2]   the events ZSET
 # KEYS[3]   the lease (deleted when the new state is not runnable)
-# KEYS[4..7] the run's other keys (tools, counters, once, resumes): with the
-#           first two, they get the terminal TTL
-# KEYS[8..11] with a terminal state of a run on a thread: the thread's hash,
-#           messages, queue and runs (keys.thread_keys)
+# KEYS[4..9] the run's other keys (tools, counters, once, resumes, tasks,
+#           task_log: keys.run_keys): with the first two, they get the
+#           terminal TTL, and so do the hashes of the run's tasks
+# KEYS[10..14] with a terminal state of a run on a thread: the thread's hash,
+#           messages, queue, runs and pending entries (keys.thread_keys)
 # ARGV[1]   the writer's epoch
 # ARGV[2]   new state, or '' to keep the state
 # ARGV[3]   error recorded with the new state
@@ -75,13 +76,15 @@ return {1}
 # ARGV[17]  the step of the last event ('' without events): a live-only run keeps
 #           it (and ARGV[18]) in place of the events it does not keep
 # ARGV[18]  the attempt of the last event
-# ARGV[19..18+n] the serialized events, in index order
-# ARGV[19+n..] entries to add to the thread's history (terminal state only)
+# ARGV[19]  the run's key base (keys.run_base): its tasks' keys are base .. 'task:' ..
+#           the task id's last 16 characters
+# ARGV[20..19+n] the serialized events, in index order
+# ARGV[20+n..] entries to add to the thread's history (terminal state only)
 # Returns {OK, next_index, promoted run id or ''} | {NOT_FOUND} | {STALE_EPOCH, run epoch}
 #       | {INDEX_CONFLICT, next_index}
 APPEND = """
 local run, events, lease = KEYS[1], KEYS[2], KEYS[3]
-local first_event = 19  -- ARGV position of the first serialized event
+local first_event = 20  -- ARGV position of the first serialized event
 local n = tonumber(ARGV[12])
 local first_message = first_event + n
 local f = redis.call('HMGET', run, 'epoch', 'next_index', 'earliest_index', 'live_only',
@@ -143,9 +146,12 @@ local promoted = ''
 if ttl_ms > 0 then
   if tonumber(f[5] or '0') > 0 then ttl_ms = tonumber(f[5]) end
   -- The lease is gone already (a terminal state is not runnable): PEXPIRE skips it.
-  for k = 1, 7 do redis.call('PEXPIRE', KEYS[k], ttl_ms) end
-  if #KEYS >= 11 and redis.call('EXISTS', KEYS[8]) == 1 then
-    local thread, messages, queue = KEYS[8], KEYS[9], KEYS[10]
+  for k = 1, 9 do redis.call('PEXPIRE', KEYS[k], ttl_ms) end
+  for _, task_id in ipairs(redis.call('SMEMBERS', KEYS[8])) do
+    redis.call('PEXPIRE', ARGV[19] .. 'task:' .. string.sub(task_id, -16), ttl_ms)
+  end
+  if #KEYS >= 14 and redis.call('EXISTS', KEYS[10]) == 1 then
+    local thread, messages, queue, pending = KEYS[10], KEYS[11], KEYS[12], KEYS[14]
     local base, thread_id, run_id = ARGV[13], ARGV[14], ARGV[15]
     if redis.call('HGET', thread, 'active_run_id') == run_id then
       local m = #ARGV - first_message + 1
@@ -154,6 +160,12 @@ if ttl_ms > 0 then
         local last = math.min(j + 1000, m)
         redis.call('RPUSH', messages, unpack(ARGV, first_message + j, first_message + last - 1))
         j = last
+      end
+      -- What came while the run had the thread (late task results) follows its messages.
+      local late = redis.call('LRANGE', pending, 0, -1)
+      if #late > 0 then
+        redis.call('RPUSH', messages, unpack(late))
+        redis.call('DEL', pending)
       end
       -- The thread goes to the first queued run that still waits for it.
       while true do
@@ -169,7 +181,7 @@ if ttl_ms > 0 then
       redis.call('HSET', thread, 'active_run_id', promoted, 'update_time_ms', ARGV[4])
       local idle_ms = tonumber(ARGV[16])
       if promoted == '' and idle_ms > 0 then
-        for k = 8, 11 do redis.call('PEXPIRE', KEYS[k], idle_ms) end
+        for k = 10, 14 do redis.call('PEXPIRE', KEYS[k], idle_ms) end
       end
     else
       redis.call('LREM', queue, 0, run_id)
@@ -355,7 +367,7 @@ return {1}
 """
 
 # Read a thread: its record, queue and number of messages, as of one moment.
-# KEYS[1..4] the thread's keys (keys.thread_keys)
+# KEYS[1..5] the thread's keys (keys.thread_keys)
 # Returns {OK, {field, value, ...}, {queued run id, ...}, message count} | {NOT_FOUND}
 GET_THREAD = """
 local fields = redis.call('HGETALL', KEYS[1])
@@ -375,8 +387,8 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return {1} end
 return {0, redis.call('LRANGE', KEYS[2], ARGV[1], ARGV[2])}
 """
 
-# Delete an idle thread: its hash, history, queue and run list.
-# KEYS[1..4] the thread's keys (keys.thread_keys)
+# Delete an idle thread: its hash, history, queue, run list and pending entries.
+# KEYS[1..5] the thread's keys (keys.thread_keys)
 # Returns {OK, create_time_ms, resource_id} | {NOT_FOUND} | {BUSY, run id}
 DELETE_THREAD = """
 local f = redis.call('HMGET', KEYS[1], 'active_run_id', 'create_time_ms', 'resource_id')
@@ -384,7 +396,7 @@ if not f[2] then return {1} end
 if f[1] and f[1] ~= '' then return {9, f[1]} end
 local queued = redis.call('LINDEX', KEYS[3], 0)
 if queued then return {9, queued} end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 return {0, f[2], f[3] or ''}
 """
 
@@ -393,9 +405,9 @@ return {0, f[2], f[3] or ''}
 # INTERRUPT or ROLLBACK, also ask the active run to stop (as REQUEST_CANCEL
 # does, recording which run interrupted it). One step, so two runs sent to an
 # idle thread at once can never both become active.
-# KEYS[1..4] the thread's keys (keys.thread_keys): hash, messages, queue, runs
-# KEYS[5]   the new run's hash
-# KEYS[6]   the new run's lease
+# KEYS[1..5] the thread's keys (keys.thread_keys): hash, messages, queue, runs, pending
+# KEYS[6]   the new run's hash
+# KEYS[7]   the new run's lease
 # ARGV[1]   the policy: 'reject', 'enqueue', 'interrupt' or 'rollback'
 # ARGV[2]   lease TTL in ms
 # ARGV[3]   the creator's epoch (the lease's value)
@@ -410,19 +422,19 @@ return {0, f[2], f[3] or ''}
 #       | {OK, 'active'} | {OK, 'queued'} | {OK, 'queued', interrupted run id}
 START_THREAD_RUN = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {1} end
-if redis.call('EXISTS', KEYS[5]) == 1 then return {10, redis.call('HGETALL', KEYS[5])} end
+if redis.call('EXISTS', KEYS[6]) == 1 then return {10, redis.call('HGETALL', KEYS[6])} end
 local active = redis.call('HGET', KEYS[1], 'active_run_id')
 if not active or active == '' then
-  redis.call('HSET', KEYS[5], unpack(ARGV, 10))
-  redis.call('SET', KEYS[6], ARGV[3], 'PX', ARGV[2])
+  redis.call('HSET', KEYS[6], unpack(ARGV, 10))
+  redis.call('SET', KEYS[7], ARGV[3], 'PX', ARGV[2])
   redis.call('HSET', KEYS[1], 'active_run_id', ARGV[8], 'update_time_ms', ARGV[7])
-  for k = 1, 4 do redis.call('PERSIST', KEYS[k]) end
+  for k = 1, 5 do redis.call('PERSIST', KEYS[k]) end
   redis.call('ZADD', KEYS[4], 0, ARGV[6])
   return {0, 'active'}
 end
 if ARGV[1] == 'reject' then return {9, active} end
-redis.call('HSET', KEYS[5], unpack(ARGV, 10))
-redis.call('HSET', KEYS[5], 'state', 'enqueued', 'owner', '')
+redis.call('HSET', KEYS[6], unpack(ARGV, 10))
+redis.call('HSET', KEYS[6], 'state', 'enqueued', 'owner', '')
 redis.call('RPUSH', KEYS[3], ARGV[8])
 redis.call('ZADD', KEYS[4], 0, ARGV[6])
 redis.call('HSET', KEYS[1], 'update_time_ms', ARGV[7])

@@ -54,6 +54,11 @@ from server.events.log import BusyPolicy, EventLog, RunRecord, RunState
 from server.runs import decisions
 from server.runs.leases import LeaseKeeper
 from server.runs.supervisor import Stop, Supervisor, WriterLimits
+from server.runs.tasks import Tasks
+from server.tasks.factory import task_store_for
+from server.tasks.records import TaskRecord
+from server.tasks.runner import TaskLimits, TaskRunner
+from server.tasks.store import TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +142,8 @@ class LocalExecutor:
         instance_id: str,
         limits: WriterLimits | None = None,
         timing: Timing | None = None,
+        task_store: TaskStore | None = None,
+        task_limits: TaskLimits | None = None,
     ) -> None:
         self._log = log
         self._agents = dict(agents)
@@ -145,7 +152,18 @@ class LocalExecutor:
         self._leases = LeaseKeeper(
             log, renew_interval_s=self._timing.lease_renew_interval_s, on_lost=self._on_lease_lost
         )
-        self._supervisor = Supervisor(log, self._leases, limits or WriterLimits())
+        task_limits = task_limits or TaskLimits()
+        task_store = task_store or task_store_for(log, lease_ttl_s=task_limits.lease_ttl_s)
+        self._task_runner = TaskRunner(
+            task_store, log, self._agents, instance_id=instance_id, limits=task_limits
+        )
+        self._task_store = task_store
+        self._supervisor = Supervisor(
+            log,
+            self._leases,
+            limits or WriterLimits(),
+            Tasks(task_store, self._task_runner, task_limits),
+        )
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[Any]] = set()  # thread hand-overs, interrupts
         self._sweeper: asyncio.Task[None] | None = None
@@ -160,6 +178,14 @@ class LocalExecutor:
         return self._instance_id
 
     @property
+    def task_store(self) -> TaskStore:
+        return self._task_store
+
+    @property
+    def task_runner(self) -> TaskRunner:
+        return self._task_runner
+
+    @property
     def running(self) -> frozenset[str]:
         """Ids of the runs this process is executing now."""
         return frozenset(self._tasks)
@@ -171,9 +197,11 @@ class LocalExecutor:
         return spec
 
     def open(self) -> None:
-        """Start sweeping for orphaned runs (at once, then every sweep_interval_s)."""
+        """Start sweeping for orphaned runs (at once, then every sweep_interval_s), and
+        running background tasks."""
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="sweeper")
+        self._task_runner.open()
 
     async def start(
         self,
@@ -183,6 +211,7 @@ class LocalExecutor:
         *,
         thread_id: str = "",
         policy: BusyPolicy = BusyPolicy.REJECT,
+        until_idle: bool = False,
     ) -> Started:
         """Store a new run, ready to execute here (see Started), or waiting for its thread.
 
@@ -211,6 +240,7 @@ class LocalExecutor:
             thread_id=thread_id,
             live_only=not spec.resumable,
             terminal_ttl_ms=0 if retention_s is None else max(1, round(retention_s * 1000)),
+            until_idle=until_idle,
         )
         if thread_id:
             outcome = await self._log.start_thread_run(new, policy)
@@ -319,6 +349,18 @@ class LocalExecutor:
             record = await self._log.get_run(run_id)
         return record
 
+    async def cancel_task(self, task_id: str, reason: str) -> TaskRecord:
+        """Stop a background task (see TaskStore.cancel_task); one running here stops now."""
+        task = await self._task_store.cancel_task(task_id, reason)
+        self._task_runner.stop(task_id, "cancelled")
+        return task
+
+    async def retry_task(self, task_id: str) -> TaskRecord:
+        """Queue a failed or cancelled task again, and look for a slot for it."""
+        task = await self._task_store.retry_task(task_id)
+        self._task_runner.wake()
+        return task
+
     async def sweep_once(self) -> list[str]:
         """Claim every live run whose lease lapsed and whose agent this process has."""
         claimed: list[str] = []
@@ -350,6 +392,7 @@ class LocalExecutor:
         for work in list(self._background):
             work.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        await self._task_runner.drain()
         tasks = dict(self._tasks)
         if tasks:
             _, pending = await asyncio.wait(tasks.values(), timeout=grace_s)

@@ -18,6 +18,12 @@
    persisted before anyone hears of it, and the run then holds no lease and
    no task until Resume.
 
+Background tasks (server/runs/tasks.py): while the run has an owner, its
+task log becomes TaskUpdate events; a background tool call makes a task;
+with until_idle, the model's being done is followed by a wait for the run's
+tasks, each outcome given to the model as a new message, until none is
+left; a cancelled run cancels the tasks it started.
+
 A run on a thread starts from the thread's history (read again on every
 takeover or resume: the thread cannot change while it has an active run),
 and its terminal append carries the run's own messages to the thread: all
@@ -38,16 +44,26 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from keel.v1 import agent_service_pb2 as pb
+from pydantic_ai.messages import ModelMessage
 
 from server.agents.checkpoint import Checkpoint, Phase
 from server.agents.loop import run_agent_loop
-from server.agents.types import AgentSpec, RunInfo
+from server.agents.types import AgentSpec, LoopResult, RunInfo
 from server.errors import IndexConflict, StaleEpoch, StoreUnavailable
 from server.events.log import EventLog, RunRecord, RunState, Subscription
 from server.runs import decisions
 from server.runs.journal import ToolJournal
 from server.runs.leases import LeaseKeeper
+from server.runs.tasks import (
+    TaskEvents,
+    Tasks,
+    next_outcome,
+    outcome_checkpoint,
+    waited,
+    waiting_checkpoint,
+)
 from server.runs.writer import EventWriter
+from server.tasks.capability import BackgroundTools
 from server.threads import history
 
 log = logging.getLogger(__name__)
@@ -132,10 +148,13 @@ class _CancelListener:
 class Supervisor:
     """Executes runs (see the module docstring); one instance serves every run of a process."""
 
-    def __init__(self, event_log: EventLog, leases: LeaseKeeper, limits: WriterLimits) -> None:
+    def __init__(
+        self, event_log: EventLog, leases: LeaseKeeper, limits: WriterLimits, tasks: Tasks
+    ) -> None:
         self._log = event_log
         self._leases = leases
         self._limits = limits
+        self._tasks = tasks
         self._stops: dict[str, tuple[Stop, str]] = {}
         self._started: set[str] = set()  # runs whose run() has begun
 
@@ -167,10 +186,13 @@ class Supervisor:
             batch_max=self._limits.batch_max,
             pending_max=self._limits.pending_max,
             linger_s=self._limits.linger_s,
+            task_mark=Checkpoint.decode(record.checkpoint).task_mark if record.checkpoint else 0,
         )
         sink = _CheckpointingSink(writer, record)
+        task_events = TaskEvents(self._tasks.store, run_id, writer)
         try:
             control = await self._log.subscribe_control(run_id, _CancelListener(self, run_id, task))
+            await task_events.open()
             try:
                 if run_id in self._stops:  # told to stop before it began
                     await self._stopped(run_id, writer, sink)
@@ -180,7 +202,7 @@ class Supervisor:
                     return
                 if spec is None:
                     raise LookupError(f"this server has no agent {record.agent_id!r}")
-                await self._execute(record, spec, sink, writer)
+                await self._execute(record, spec, sink, writer, task_events)
             except asyncio.CancelledError:
                 if run_id not in self._stops:
                     raise  # not ours: the event loop is going away
@@ -209,6 +231,7 @@ class Supervisor:
             self._stops.pop(run_id, None)
             self._started.discard(run_id)
             self._leases.drop(run_id)
+            await task_events.close()
             await writer.close()
             if control is not None:
                 await control.close()
@@ -241,32 +264,47 @@ class Supervisor:
             events=[abort],
             thread_messages=_thread_entries(record, sink.last_messages),
         )
+        # The tasks it started stop with it (a task already running, once its runner hears).
+        for started in await self._tasks.store.run_tasks(record.run_id):
+            if not started.status.ended:
+                await self._tasks.store.cancel_task(started.task_id, f"run cancelled: {reason}")
 
     async def _execute(
-        self, record: RunRecord, spec: AgentSpec, sink: _CheckpointingSink, writer: EventWriter
+        self,
+        record: RunRecord,
+        spec: AgentSpec,
+        sink: _CheckpointingSink,
+        writer: EventWriter,
+        task_events: TaskEvents,
     ) -> None:
         resume, attempt = await self._prepare(record, writer)
-        deferred = None
-        if resume.phase in (Phase.SUSPENDED, Phase.RESUMED):
-            deferred = decisions.deferred_results(resume, record)
-        info = RunInfo(run_id=record.run_id, counters=self._log)
         earlier = []
         if record.thread_id:
             earlier = history.history(
                 await self._log.thread_messages(record.thread_id, 0, history.ALL)
             )
-        result = await run_agent_loop(
-            spec,
-            record.input,
-            run_info=info,
-            sink=sink,
-            resume=resume,
-            attempt=attempt,
-            capabilities=[ToolJournal(self._log, record.run_id, record.epoch)],
-            deferred=deferred,
-            history=earlier,
-            conversation_id=record.thread_id or None,
-        )
+        if resume.phase is Phase.WAITING:  # taken over while it waited for its tasks
+            result = waited(resume)
+        else:
+            result = await self._loop(record, spec, sink, resume, attempt, earlier)
+        fed = resume.fed
+        while record.until_idle and result.suspended is None:
+            # Wait for the run's tasks; give each outcome to the model as a new message.
+            rings = task_events.rings
+            await task_events.emit_new()
+            outcome = next_outcome(await self._tasks.store.run_tasks(record.run_id), fed)
+            if outcome is False:
+                break  # none left: the run finishes with the model's last output
+            if outcome is True:
+                if resume.phase is not Phase.WAITING or resume.fed != fed:
+                    resume = waiting_checkpoint(result, fed)
+                    await sink.checkpoint(resume)
+                await task_events.rung_since(rings)
+                continue
+            told = outcome_checkpoint(result, fed, outcome)
+            await sink.checkpoint(told)
+            fed = told.fed
+            result = await self._loop(record, spec, sink, told, 1, earlier)
         if result.suspended is not None:
             suspension = result.suspended
             announcements = [_interrupt_event(suspension, i) for i in suspension.interrupts]
@@ -292,6 +330,39 @@ class Supervisor:
             RunState.SUCCEEDED,
             events=[finish],
             thread_messages=_thread_entries(record, result.messages),
+        )
+
+    async def _loop(
+        self,
+        record: RunRecord,
+        spec: AgentSpec,
+        sink: _CheckpointingSink,
+        resume: Checkpoint,
+        attempt: int,
+        earlier: list[ModelMessage],
+    ) -> LoopResult:
+        """Drive the agent loop from `resume` until the model is done or the run suspends."""
+        deferred = None
+        if resume.phase in (Phase.SUSPENDED, Phase.RESUMED):
+            deferred = decisions.deferred_results(resume, record)
+        background = BackgroundTools(
+            self._tasks.store,
+            self._tasks.runner,
+            record,
+            limits=self._tasks.limits,
+            agent_limit=spec.max_concurrent_tasks,
+        )
+        return await run_agent_loop(
+            spec,
+            record.input,
+            run_info=RunInfo(run_id=record.run_id, counters=self._log),
+            sink=sink,
+            resume=resume,
+            attempt=attempt,
+            capabilities=[ToolJournal(self._log, record.run_id, record.epoch), background],
+            deferred=deferred,
+            history=earlier,
+            conversation_id=record.thread_id or None,
         )
 
     async def _prepare(self, record: RunRecord, writer: EventWriter) -> tuple[Checkpoint, int]:

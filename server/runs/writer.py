@@ -40,8 +40,12 @@ class EventWriter:
         batch_max: int = 1000,
         pending_max: int = 5000,
         linger_s: float = 0.0,
+        task_mark: int = 0,
     ) -> None:
         self._log = log
+        # How many of the run's task log entries have become events (emit_task);
+        # every checkpoint records it, so a takeover goes on from the right entry.
+        self.task_mark = task_mark
         self._run_id = run_id
         self._epoch = epoch
         self._next_index = next_index  # index the next emitted event gets
@@ -56,6 +60,11 @@ class EventWriter:
         self._flusher: asyncio.Task[None] | None = None
         self._linger_s = linger_s
         self._last_flush = -math.inf  # time.monotonic() when the last flush ended
+        # The step and attempt of the last event emitted in a step: events from
+        # outside the loop (TaskUpdates) are stamped with them, so they belong to
+        # the attempt they were written during (and are superseded with it).
+        self.step = 0
+        self.attempt = 0
 
     @property
     def next_index(self) -> int:
@@ -75,6 +84,11 @@ class EventWriter:
         if len(self._pending) >= self._pending_max:
             await self._drained.wait()  # backpressure: let the log catch up
             self._raise_if_failed()
+
+    async def emit_task(self, event: AgentEvent) -> None:
+        """Emit the event of the run's next task log entry (see task_mark)."""
+        self.task_mark += 1
+        await self.emit(event)
 
     async def commit(
         self,
@@ -109,7 +123,9 @@ class EventWriter:
             encoded = (
                 None
                 if checkpoint is None
-                else replace(checkpoint, next_index=self._next_index).encode()
+                else replace(
+                    checkpoint, next_index=self._next_index, task_mark=self.task_mark
+                ).encode()
             )
             append = asyncio.ensure_future(
                 self._append(
@@ -129,6 +145,8 @@ class EventWriter:
                 self._drained.set()
 
     def _stamp(self, event: AgentEvent) -> None:
+        if event.step:
+            self.step, self.attempt = event.step, event.attempt
         event.run_id = self._run_id
         event.index = self._next_index
         event.time.FromNanoseconds(time.time_ns())

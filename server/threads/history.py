@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from pydantic import TypeAdapter
 from pydantic_ai.messages import (
@@ -45,6 +46,17 @@ _ENTRY: TypeAdapter[_Entry] = TypeAdapter(_Entry)
 ALL = 1 << 62
 
 
+class TaskLike(Protocol):
+    """What a task result needs of a task (server.tasks.records.TaskRecord)."""
+
+    @property
+    def task_id(self) -> str: ...
+    @property
+    def tool_name(self) -> str: ...
+    @property
+    def run_id(self) -> str: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ThreadMessage:
     """One message of a thread, with its position and the run that produced it."""
@@ -66,6 +78,29 @@ def prompt_entry(run_id: str, prompt: str) -> bytes:
     """The entry of a run's user prompt alone (a run that ended before its first response)."""
     request = ModelRequest(parts=[UserPromptPart(prompt)])
     return _ENTRY.dump_json({"run_id": run_id, "message": request})
+
+
+# How a background task's outcome reaches a model: a user message of this form
+# (the scripted agent recognises it; see server/agents/testing.py).
+TASK_RESULT_PREFIX = "[task "
+
+
+def task_result_prompt(
+    task_id: str, tool_name: str, status: str, *, result_json: str = "", error: str = ""
+) -> str:
+    """The message that tells a model how one of its background tasks ended."""
+    outcome = result_json if status == "completed" else error
+    return f"{TASK_RESULT_PREFIX}{task_id}] {tool_name} {status}: {outcome}"
+
+
+def task_result_entry(
+    task: TaskLike, status: str, *, result_json: str = "", error: str = ""
+) -> bytes:
+    """The thread entry of a background task's late outcome (its run did not wait for it)."""
+    prompt = task_result_prompt(
+        task.task_id, task.tool_name, status, result_json=result_json, error=error
+    )
+    return prompt_entry(task.run_id, prompt)
 
 
 def decode(index: int, entry: bytes) -> ThreadMessage:

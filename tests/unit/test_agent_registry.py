@@ -43,10 +43,12 @@ def test_the_scripted_registry_loads() -> None:
     assert list(registry) == ["scripted"]
     described = describe(registry["scripted"])
     assert described.model_name == "function:scripted"
-    assert [(t.name, t.requires_approval) for t in described.tools] == [
-        ("approve_me", True),
-        ("fail", False),
-        ("record", False),
+    assert [(t.name, t.requires_approval, t.background) for t in described.tools] == [
+        ("approve_me", True, False),
+        ("fail", False, False),
+        ("record", False, False),
+        ("slow", False, True),
+        ("slow_reject", False, True),
     ]
     assert all(t.description for t in described.tools)
 

@@ -218,6 +218,21 @@ export class FakeAgentService {
         const token = `${threadId}|${pageSize}|${pageToken}|${newestFirst}`;
         return { messages: [{ index: 0n, runId: RUN_ID }], nextPageToken: token };
       },
+      // Background tasks: echo the request back, so a test sees what the client sent.
+      getTask(request) {
+        return { task: { taskId: request.taskId, runId: RUN_ID } };
+      },
+      listTasks(request) {
+        const { runId, agentId, statuses, pageSize, pageToken } = request;
+        const token = `${runId}|${agentId}|${statuses.join(",")}|${pageSize}|${pageToken}`;
+        return { tasks: [{ taskId: `${RUN_ID}.0000000000000000` }], nextPageToken: token };
+      },
+      cancelTask(request) {
+        return { task: { taskId: request.taskId, error: request.reason } };
+      },
+      retryTask(request) {
+        return { task: { taskId: request.taskId } };
+      },
     };
   }
 }

@@ -134,6 +134,27 @@ type AgentServiceClient interface {
 	// malformed id, a negative page_size or a page_token this server did not
 	// issue for the same thread and order; NOT_FOUND (THREAD_NOT_FOUND).
 	ListThreadMessages(ctx context.Context, in *ListThreadMessagesRequest, opts ...grpc.CallOption) (*ListThreadMessagesResponse, error)
+	// GetTask returns a background task: a call of a background tool that
+	// runs outside its run's agent loop. Errors: INVALID_ARGUMENT for a
+	// malformed id; NOT_FOUND (TASK_NOT_FOUND) for an unknown task or one
+	// whose run's retention time passed.
+	GetTask(ctx context.Context, in *GetTaskRequest, opts ...grpc.CallOption) (*GetTaskResponse, error)
+	// ListTasks lists background tasks, newest first, filtered by run, agent
+	// and status. Errors: INVALID_ARGUMENT for a negative page_size, an unknown
+	// status, a malformed run id or a page_token this server did not issue for
+	// the same filters.
+	ListTasks(ctx context.Context, in *ListTasksRequest, opts ...grpc.CallOption) (*ListTasksResponse, error)
+	// CancelTask stops a task that has not ended: a waiting one ends at once,
+	// a running one as soon as its runner hears of it. It ends CANCELLED and
+	// its run gets a TaskUpdate (CANCELLED) if the run is still open.
+	// Cancelling an ended task changes nothing and returns it as it is.
+	// Errors: those of GetTask.
+	CancelTask(ctx context.Context, in *CancelTaskRequest, opts ...grpc.CallOption) (*CancelTaskResponse, error)
+	// RetryTask runs a FAILED or CANCELLED task again, with the same task id
+	// and arguments and a fresh retry budget: it is QUEUED again. Errors: those
+	// of GetTask; FAILED_PRECONDITION (TASK_NOT_RETRYABLE, metadata status)
+	// for a task that is waiting, running or completed.
+	RetryTask(ctx context.Context, in *RetryTaskRequest, opts ...grpc.CallOption) (*RetryTaskResponse, error)
 }
 
 type agentServiceClient struct {
@@ -330,6 +351,42 @@ func (c *agentServiceClient) ListThreadMessages(ctx context.Context, in *ListThr
 	return out, nil
 }
 
+func (c *agentServiceClient) GetTask(ctx context.Context, in *GetTaskRequest, opts ...grpc.CallOption) (*GetTaskResponse, error) {
+	out := new(GetTaskResponse)
+	err := c.cc.Invoke(ctx, "/keel.v1.AgentService/GetTask", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentServiceClient) ListTasks(ctx context.Context, in *ListTasksRequest, opts ...grpc.CallOption) (*ListTasksResponse, error) {
+	out := new(ListTasksResponse)
+	err := c.cc.Invoke(ctx, "/keel.v1.AgentService/ListTasks", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentServiceClient) CancelTask(ctx context.Context, in *CancelTaskRequest, opts ...grpc.CallOption) (*CancelTaskResponse, error) {
+	out := new(CancelTaskResponse)
+	err := c.cc.Invoke(ctx, "/keel.v1.AgentService/CancelTask", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentServiceClient) RetryTask(ctx context.Context, in *RetryTaskRequest, opts ...grpc.CallOption) (*RetryTaskResponse, error) {
+	out := new(RetryTaskResponse)
+	err := c.cc.Invoke(ctx, "/keel.v1.AgentService/RetryTask", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AgentServiceServer is the server API for AgentService service.
 // All implementations must embed UnimplementedAgentServiceServer
 // for forward compatibility
@@ -451,6 +508,27 @@ type AgentServiceServer interface {
 	// malformed id, a negative page_size or a page_token this server did not
 	// issue for the same thread and order; NOT_FOUND (THREAD_NOT_FOUND).
 	ListThreadMessages(context.Context, *ListThreadMessagesRequest) (*ListThreadMessagesResponse, error)
+	// GetTask returns a background task: a call of a background tool that
+	// runs outside its run's agent loop. Errors: INVALID_ARGUMENT for a
+	// malformed id; NOT_FOUND (TASK_NOT_FOUND) for an unknown task or one
+	// whose run's retention time passed.
+	GetTask(context.Context, *GetTaskRequest) (*GetTaskResponse, error)
+	// ListTasks lists background tasks, newest first, filtered by run, agent
+	// and status. Errors: INVALID_ARGUMENT for a negative page_size, an unknown
+	// status, a malformed run id or a page_token this server did not issue for
+	// the same filters.
+	ListTasks(context.Context, *ListTasksRequest) (*ListTasksResponse, error)
+	// CancelTask stops a task that has not ended: a waiting one ends at once,
+	// a running one as soon as its runner hears of it. It ends CANCELLED and
+	// its run gets a TaskUpdate (CANCELLED) if the run is still open.
+	// Cancelling an ended task changes nothing and returns it as it is.
+	// Errors: those of GetTask.
+	CancelTask(context.Context, *CancelTaskRequest) (*CancelTaskResponse, error)
+	// RetryTask runs a FAILED or CANCELLED task again, with the same task id
+	// and arguments and a fresh retry budget: it is QUEUED again. Errors: those
+	// of GetTask; FAILED_PRECONDITION (TASK_NOT_RETRYABLE, metadata status)
+	// for a task that is waiting, running or completed.
+	RetryTask(context.Context, *RetryTaskRequest) (*RetryTaskResponse, error)
 	mustEmbedUnimplementedAgentServiceServer()
 }
 
@@ -496,6 +574,18 @@ func (UnimplementedAgentServiceServer) DeleteThread(context.Context, *DeleteThre
 }
 func (UnimplementedAgentServiceServer) ListThreadMessages(context.Context, *ListThreadMessagesRequest) (*ListThreadMessagesResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method ListThreadMessages not implemented")
+}
+func (UnimplementedAgentServiceServer) GetTask(context.Context, *GetTaskRequest) (*GetTaskResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method GetTask not implemented")
+}
+func (UnimplementedAgentServiceServer) ListTasks(context.Context, *ListTasksRequest) (*ListTasksResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListTasks not implemented")
+}
+func (UnimplementedAgentServiceServer) CancelTask(context.Context, *CancelTaskRequest) (*CancelTaskResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method CancelTask not implemented")
+}
+func (UnimplementedAgentServiceServer) RetryTask(context.Context, *RetryTaskRequest) (*RetryTaskResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RetryTask not implemented")
 }
 func (UnimplementedAgentServiceServer) mustEmbedUnimplementedAgentServiceServer() {}
 
@@ -753,6 +843,78 @@ func _AgentService_ListThreadMessages_Handler(srv interface{}, ctx context.Conte
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AgentService_GetTask_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetTaskRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServiceServer).GetTask(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/keel.v1.AgentService/GetTask",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServiceServer).GetTask(ctx, req.(*GetTaskRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AgentService_ListTasks_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListTasksRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServiceServer).ListTasks(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/keel.v1.AgentService/ListTasks",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServiceServer).ListTasks(ctx, req.(*ListTasksRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AgentService_CancelTask_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CancelTaskRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServiceServer).CancelTask(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/keel.v1.AgentService/CancelTask",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServiceServer).CancelTask(ctx, req.(*CancelTaskRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AgentService_RetryTask_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RetryTaskRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServiceServer).RetryTask(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/keel.v1.AgentService/RetryTask",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServiceServer).RetryTask(ctx, req.(*RetryTaskRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _AgentService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "keel.v1.AgentService",
 	HandlerType: (*AgentServiceServer)(nil),
@@ -796,6 +958,22 @@ var _AgentService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListThreadMessages",
 			Handler:    _AgentService_ListThreadMessages_Handler,
+		},
+		{
+			MethodName: "GetTask",
+			Handler:    _AgentService_GetTask_Handler,
+		},
+		{
+			MethodName: "ListTasks",
+			Handler:    _AgentService_ListTasks_Handler,
+		},
+		{
+			MethodName: "CancelTask",
+			Handler:    _AgentService_CancelTask_Handler,
+		},
+		{
+			MethodName: "RetryTask",
+			Handler:    _AgentService_RetryTask_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

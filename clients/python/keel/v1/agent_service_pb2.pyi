@@ -132,7 +132,13 @@ class _TaskStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskStatus
     TASK_STATUS_COMPLETED: _TaskStatus.ValueType  # 4
     """The task completed."""
     TASK_STATUS_FAILED: _TaskStatus.ValueType  # 5
-    """The task failed."""
+    """The task failed: its last attempt failed and no retry is left."""
+    TASK_STATUS_QUEUED: _TaskStatus.ValueType  # 6
+    """The task waits for a free slot under the concurrency limits."""
+    TASK_STATUS_CANCELLED: _TaskStatus.ValueType  # 7
+    """The task was cancelled (CancelTask, CancelRun)."""
+    TASK_STATUS_RETRYING: _TaskStatus.ValueType  # 8
+    """An attempt failed or timed out; the task waits to try again."""
 
 class TaskStatus(_TaskStatus, metaclass=_TaskStatusEnumTypeWrapper):
     """TaskStatus is where a background task is in its life."""
@@ -148,7 +154,13 @@ TASK_STATUS_PROGRESS: TaskStatus.ValueType  # 3
 TASK_STATUS_COMPLETED: TaskStatus.ValueType  # 4
 """The task completed."""
 TASK_STATUS_FAILED: TaskStatus.ValueType  # 5
-"""The task failed."""
+"""The task failed: its last attempt failed and no retry is left."""
+TASK_STATUS_QUEUED: TaskStatus.ValueType  # 6
+"""The task waits for a free slot under the concurrency limits."""
+TASK_STATUS_CANCELLED: TaskStatus.ValueType  # 7
+"""The task was cancelled (CancelTask, CancelRun)."""
+TASK_STATUS_RETRYING: TaskStatus.ValueType  # 8
+"""An attempt failed or timed out; the task waits to try again."""
 Global___TaskStatus: _TypeAlias = TaskStatus  # noqa: Y015
 
 class _ThreadBusyPolicy:
@@ -242,6 +254,7 @@ class StreamRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     THREAD_ID_FIELD_NUMBER: _builtins.int
     BUSY_POLICY_FIELD_NUMBER: _builtins.int
+    UNTIL_IDLE_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The id of the agent to run, as listed by ListAgents. Required."""
     input: _builtins.str
@@ -263,6 +276,14 @@ class StreamRequest(_message.Message):
     """What to do when the thread already has an active run (ignored without
     thread_id). UNSPECIFIED means REJECT.
     """
+    until_idle: _builtins.bool
+    """If set, the run does not finish while background tasks it started are
+    pending: when the model is done, the run stays RUNNING and waits (no
+    model call is held open), and each task result is given to the model as
+    a new message, the loop going on in the same run, until the model is
+    done with no task pending. Without it, the run finishes when the model
+    is done and its tasks go on by themselves.
+    """
     def __init__(
         self,
         *,
@@ -271,10 +292,11 @@ class StreamRequest(_message.Message):
         request_id: _builtins.str = ...,
         thread_id: _builtins.str = ...,
         busy_policy: Global___ThreadBusyPolicy.ValueType = ...,
+        until_idle: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "busy_policy", b"busy_policy", "input", b"input", "request_id", b"request_id", "thread_id", b"thread_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "busy_policy", b"busy_policy", "input", b"input", "request_id", b"request_id", "thread_id", b"thread_id", "until_idle", b"until_idle"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -601,6 +623,7 @@ class StartRunRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     THREAD_ID_FIELD_NUMBER: _builtins.int
     BUSY_POLICY_FIELD_NUMBER: _builtins.int
+    UNTIL_IDLE_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The id of the agent to run, as listed by ListAgents. Required."""
     input: _builtins.str
@@ -611,6 +634,8 @@ class StartRunRequest(_message.Message):
     """The thread to make the run on; see StreamRequest.thread_id."""
     busy_policy: Global___ThreadBusyPolicy.ValueType
     """What to do when the thread is busy; see StreamRequest.busy_policy."""
+    until_idle: _builtins.bool
+    """Wait for the run's background tasks; see StreamRequest.until_idle."""
     def __init__(
         self,
         *,
@@ -619,10 +644,11 @@ class StartRunRequest(_message.Message):
         request_id: _builtins.str = ...,
         thread_id: _builtins.str = ...,
         busy_policy: Global___ThreadBusyPolicy.ValueType = ...,
+        until_idle: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "busy_policy", b"busy_policy", "input", b"input", "request_id", b"request_id", "thread_id", b"thread_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "busy_policy", b"busy_policy", "input", b"input", "request_id", b"request_id", "thread_id", b"thread_id", "until_idle", b"until_idle"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -875,6 +901,7 @@ class Agent(_message.Message):
     TOOLS_FIELD_NUMBER: _builtins.int
     LIVE_ONLY_FIELD_NUMBER: _builtins.int
     ENDED_RUN_RETENTION_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENT_TASKS_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The id used in StreamRequest.agent_id."""
     description: _builtins.str
@@ -886,6 +913,10 @@ class Agent(_message.Message):
     open at the time and are not kept, so Observe answers
     FAILED_PRECONDITION (RUN_NOT_RESUMABLE) below the head. The run's
     record, checkpoints and takeover work as for any run.
+    """
+    max_concurrent_tasks: _builtins.int
+    """The most background tasks of this agent that run at once across every
+    server sharing the store; 0: only the global limit applies.
     """
     @_builtins.property
     def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tool]:
@@ -906,10 +937,11 @@ class Agent(_message.Message):
         tools: _abc.Iterable[Global___Tool] | None = ...,
         live_only: _builtins.bool = ...,
         ended_run_retention: _duration_pb2.Duration | None = ...,
+        max_concurrent_tasks: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ended_run_retention", b"ended_run_retention"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "description", b"description", "ended_run_retention", b"ended_run_retention", "live_only", b"live_only", "model_name", b"model_name", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "description", b"description", "ended_run_retention", b"ended_run_retention", "live_only", b"live_only", "max_concurrent_tasks", b"max_concurrent_tasks", "model_name", b"model_name", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -924,22 +956,28 @@ class Tool(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     REQUIRES_APPROVAL_FIELD_NUMBER: _builtins.int
+    BACKGROUND_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The tool's name, as it appears in tool_call events."""
     description: _builtins.str
     """The tool's description, as the model sees it."""
     requires_approval: _builtins.bool
     """Whether a human must approve each call before it runs."""
+    background: _builtins.bool
+    """Whether a call runs as a background task: the model gets an immediate
+    result naming the task, and the tool runs outside the agent loop.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         description: _builtins.str = ...,
         requires_approval: _builtins.bool = ...,
+        background: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "requires_approval", b"requires_approval"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["background", b"background", "description", b"description", "name", b"name", "requires_approval", b"requires_approval"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -963,6 +1001,7 @@ class Run(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     PENDING_INTERRUPTS_FIELD_NUMBER: _builtins.int
     THREAD_ID_FIELD_NUMBER: _builtins.int
+    UNTIL_IDLE_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run's id, assigned by the server."""
     agent_id: _builtins.str
@@ -981,6 +1020,10 @@ class Run(_message.Message):
     """For a FAILED run, the error message; for a CANCELLED run, the reason."""
     thread_id: _builtins.str
     """The thread the run was made on; empty for a run on its own."""
+    until_idle: _builtins.bool
+    """Whether the run waits for its background tasks (see
+    StreamRequest.until_idle).
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the run was created."""
@@ -1008,10 +1051,11 @@ class Run(_message.Message):
         error: _builtins.str = ...,
         pending_interrupts: _abc.Iterable[Global___Interrupt] | None = ...,
         thread_id: _builtins.str = ...,
+        until_idle: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "create_time", b"create_time", "earliest_offset", b"earliest_offset", "error", b"error", "input", b"input", "next_offset", b"next_offset", "pending_interrupts", b"pending_interrupts", "request_id", b"request_id", "run_id", b"run_id", "state", b"state", "thread_id", b"thread_id", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "create_time", b"create_time", "earliest_offset", b"earliest_offset", "error", b"error", "input", b"input", "next_offset", b"next_offset", "pending_interrupts", b"pending_interrupts", "request_id", b"request_id", "run_id", b"run_id", "state", b"state", "thread_id", b"thread_id", "until_idle", b"until_idle", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2117,7 +2161,12 @@ Global___Usage: _TypeAlias = Usage  # noqa: Y015
 
 @_typing.final
 class TaskUpdate(_message.Message):
-    """TaskUpdate reports a background task's progress."""
+    """TaskUpdate reports a change in the life of one of the run's background
+    tasks. Every task's life is on its run's stream while the run is open:
+    QUEUED, STARTED, PROGRESS (as the tool reports it), RETRYING, and one of
+    COMPLETED, FAILED or CANCELLED. A task that ends after its run ended has
+    no event (its result goes to the run's thread, see docs/tasks.md).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -2126,16 +2175,27 @@ class TaskUpdate(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
+    RESULT_JSON_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
-    """The task's id, unique in the run."""
+    """The task's id (GetTask names it)."""
     name: _builtins.str
-    """The task's name."""
+    """The task's name: the background tool's name."""
     status: Global___TaskStatus.ValueType
     """Where the task is."""
     progress: _builtins.float
     """Progress from 0 to 1, if known."""
     message: _builtins.str
-    """A message about the task, for example an error."""
+    """A message about the task: the error of a failed attempt, what a tool
+    said with its progress, why it was cancelled.
+    """
+    attempt: _builtins.int
+    """The attempt this update is about, from 1 (RETRYING: the attempt to come)."""
+    tool_call_id: _builtins.str
+    """The tool call that started the task."""
+    result_json: _builtins.str
+    """For COMPLETED, the tool's result, as JSON."""
     def __init__(
         self,
         *,
@@ -2144,10 +2204,13 @@ class TaskUpdate(_message.Message):
         status: Global___TaskStatus.ValueType = ...,
         progress: _builtins.float = ...,
         message: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        tool_call_id: _builtins.str = ...,
+        result_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "name", b"name", "progress", b"progress", "status", b"status", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "message", b"message", "name", b"name", "progress", b"progress", "result_json", b"result_json", "status", b"status", "task_id", b"task_id", "tool_call_id", b"tool_call_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2780,3 +2843,305 @@ class OtherPart(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___OtherPart: _TypeAlias = OtherPart  # noqa: Y015
+
+@_typing.final
+class Task(_message.Message):
+    """Task is a background task: one call of a background tool, run outside
+    its run's agent loop under the server's concurrency limits.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    TOOL_NAME_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
+    ARGS_JSON_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    MAX_RETRIES_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    RESULT_JSON_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The task's id."""
+    run_id: _builtins.str
+    """The run whose model called the tool."""
+    agent_id: _builtins.str
+    """The run's agent."""
+    tool_name: _builtins.str
+    """The background tool."""
+    tool_call_id: _builtins.str
+    """The tool call that started the task."""
+    args_json: _builtins.str
+    """The call's arguments, as JSON."""
+    status: Global___TaskStatus.ValueType
+    """Where the task is: QUEUED, STARTED (running), RETRYING, COMPLETED,
+    FAILED or CANCELLED.
+    """
+    attempt: _builtins.int
+    """The current (or last) attempt, from 1; 0 before the first starts."""
+    max_retries: _builtins.int
+    """How many failed attempts are retried."""
+    progress: _builtins.float
+    """The last progress the tool reported, from 0 to 1."""
+    result_json: _builtins.str
+    """For a COMPLETED task, the tool's result, as JSON."""
+    error: _builtins.str
+    """For a FAILED task the last error; for a CANCELLED one the reason."""
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """An attempt running longer than this fails with a timeout."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the task was created."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the task last changed."""
+
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
+        tool_name: _builtins.str = ...,
+        tool_call_id: _builtins.str = ...,
+        args_json: _builtins.str = ...,
+        status: Global___TaskStatus.ValueType = ...,
+        attempt: _builtins.int = ...,
+        max_retries: _builtins.int = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        progress: _builtins.float = ...,
+        result_json: _builtins.str = ...,
+        error: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "args_json", b"args_json", "attempt", b"attempt", "create_time", b"create_time", "error", b"error", "max_retries", b"max_retries", "progress", b"progress", "result_json", b"result_json", "run_id", b"run_id", "status", b"status", "task_id", b"task_id", "timeout", b"timeout", "tool_call_id", b"tool_call_id", "tool_name", b"tool_name", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Task: _TypeAlias = Task  # noqa: Y015
+
+@_typing.final
+class GetTaskRequest(_message.Message):
+    """GetTaskRequest names a task."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The task. Required."""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTaskRequest: _TypeAlias = GetTaskRequest  # noqa: Y015
+
+@_typing.final
+class GetTaskResponse(_message.Message):
+    """GetTaskResponse holds a task."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> Global___Task:
+        """The task."""
+
+    def __init__(
+        self,
+        *,
+        task: Global___Task | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTaskResponse: _TypeAlias = GetTaskResponse  # noqa: Y015
+
+@_typing.final
+class ListTasksRequest(_message.Message):
+    """ListTasksRequest selects a page of tasks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    STATUSES_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """If set, only tasks of this run."""
+    agent_id: _builtins.str
+    """If set, only tasks of this agent."""
+    page_size: _builtins.int
+    """The most tasks to return: 0 means 50, larger values are capped at
+    1000, negative values are INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """The next_page_token of the previous page, or empty for the first page.
+    It is only valid with the same filters.
+    """
+    @_builtins.property
+    def statuses(self) -> _containers.RepeatedScalarFieldContainer[Global___TaskStatus.ValueType]:
+        """If not empty, only tasks in one of these statuses."""
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
+        statuses: _abc.Iterable[Global___TaskStatus.ValueType] | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "page_size", b"page_size", "page_token", b"page_token", "run_id", b"run_id", "statuses", b"statuses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTasksRequest: _TypeAlias = ListTasksRequest  # noqa: Y015
+
+@_typing.final
+class ListTasksResponse(_message.Message):
+    """ListTasksResponse is one page of tasks, newest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Send this as page_token for the next page; empty on the last page."""
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Task]:
+        """The tasks."""
+
+    def __init__(
+        self,
+        *,
+        tasks: _abc.Iterable[Global___Task] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTasksResponse: _TypeAlias = ListTasksResponse  # noqa: Y015
+
+@_typing.final
+class CancelTaskRequest(_message.Message):
+    """CancelTaskRequest names the task to cancel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The task. Required."""
+    reason: _builtins.str
+    """Why the task is cancelled; recorded in its last TaskUpdate."""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelTaskRequest: _TypeAlias = CancelTaskRequest  # noqa: Y015
+
+@_typing.final
+class CancelTaskResponse(_message.Message):
+    """CancelTaskResponse holds the task after the cancellation was recorded."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> Global___Task:
+        """The task."""
+
+    def __init__(
+        self,
+        *,
+        task: Global___Task | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelTaskResponse: _TypeAlias = CancelTaskResponse  # noqa: Y015
+
+@_typing.final
+class RetryTaskRequest(_message.Message):
+    """RetryTaskRequest names a failed or cancelled task to run again."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The task. Required."""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryTaskRequest: _TypeAlias = RetryTaskRequest  # noqa: Y015
+
+@_typing.final
+class RetryTaskResponse(_message.Message):
+    """RetryTaskResponse holds the task, queued again."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> Global___Task:
+        """The task."""
+
+    def __init__(
+        self,
+        *,
+        task: Global___Task | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryTaskResponse: _TypeAlias = RetryTaskResponse  # noqa: Y015

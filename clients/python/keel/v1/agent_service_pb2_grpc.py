@@ -105,6 +105,26 @@ class AgentServiceStub:
                 request_serializer=keel_dot_v1_dot_agent__service__pb2.ListThreadMessagesRequest.SerializeToString,
                 response_deserializer=keel_dot_v1_dot_agent__service__pb2.ListThreadMessagesResponse.FromString,
                 _registered_method=True)
+        self.GetTask = channel.unary_unary(
+                '/keel.v1.AgentService/GetTask',
+                request_serializer=keel_dot_v1_dot_agent__service__pb2.GetTaskRequest.SerializeToString,
+                response_deserializer=keel_dot_v1_dot_agent__service__pb2.GetTaskResponse.FromString,
+                _registered_method=True)
+        self.ListTasks = channel.unary_unary(
+                '/keel.v1.AgentService/ListTasks',
+                request_serializer=keel_dot_v1_dot_agent__service__pb2.ListTasksRequest.SerializeToString,
+                response_deserializer=keel_dot_v1_dot_agent__service__pb2.ListTasksResponse.FromString,
+                _registered_method=True)
+        self.CancelTask = channel.unary_unary(
+                '/keel.v1.AgentService/CancelTask',
+                request_serializer=keel_dot_v1_dot_agent__service__pb2.CancelTaskRequest.SerializeToString,
+                response_deserializer=keel_dot_v1_dot_agent__service__pb2.CancelTaskResponse.FromString,
+                _registered_method=True)
+        self.RetryTask = channel.unary_unary(
+                '/keel.v1.AgentService/RetryTask',
+                request_serializer=keel_dot_v1_dot_agent__service__pb2.RetryTaskRequest.SerializeToString,
+                response_deserializer=keel_dot_v1_dot_agent__service__pb2.RetryTaskResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -298,6 +318,47 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTask(self, request, context):
+        """GetTask returns a background task: a call of a background tool that
+        runs outside its run's agent loop. Errors: INVALID_ARGUMENT for a
+        malformed id; NOT_FOUND (TASK_NOT_FOUND) for an unknown task or one
+        whose run's retention time passed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTasks(self, request, context):
+        """ListTasks lists background tasks, newest first, filtered by run, agent
+        and status. Errors: INVALID_ARGUMENT for a negative page_size, an unknown
+        status, a malformed run id or a page_token this server did not issue for
+        the same filters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelTask(self, request, context):
+        """CancelTask stops a task that has not ended: a waiting one ends at once,
+        a running one as soon as its runner hears of it. It ends CANCELLED and
+        its run gets a TaskUpdate (CANCELLED) if the run is still open.
+        Cancelling an ended task changes nothing and returns it as it is.
+        Errors: those of GetTask.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryTask(self, request, context):
+        """RetryTask runs a FAILED or CANCELLED task again, with the same task id
+        and arguments and a fresh retry budget: it is QUEUED again. Errors: those
+        of GetTask; FAILED_PRECONDITION (TASK_NOT_RETRYABLE, metadata status)
+        for a task that is waiting, running or completed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -365,6 +426,26 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.ListThreadMessages,
                     request_deserializer=keel_dot_v1_dot_agent__service__pb2.ListThreadMessagesRequest.FromString,
                     response_serializer=keel_dot_v1_dot_agent__service__pb2.ListThreadMessagesResponse.SerializeToString,
+            ),
+            'GetTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTask,
+                    request_deserializer=keel_dot_v1_dot_agent__service__pb2.GetTaskRequest.FromString,
+                    response_serializer=keel_dot_v1_dot_agent__service__pb2.GetTaskResponse.SerializeToString,
+            ),
+            'ListTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTasks,
+                    request_deserializer=keel_dot_v1_dot_agent__service__pb2.ListTasksRequest.FromString,
+                    response_serializer=keel_dot_v1_dot_agent__service__pb2.ListTasksResponse.SerializeToString,
+            ),
+            'CancelTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTask,
+                    request_deserializer=keel_dot_v1_dot_agent__service__pb2.CancelTaskRequest.FromString,
+                    response_serializer=keel_dot_v1_dot_agent__service__pb2.CancelTaskResponse.SerializeToString,
+            ),
+            'RetryTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryTask,
+                    request_deserializer=keel_dot_v1_dot_agent__service__pb2.RetryTaskRequest.FromString,
+                    response_serializer=keel_dot_v1_dot_agent__service__pb2.RetryTaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -724,6 +805,114 @@ class AgentService:
             '/keel.v1.AgentService/ListThreadMessages',
             keel_dot_v1_dot_agent__service__pb2.ListThreadMessagesRequest.SerializeToString,
             keel_dot_v1_dot_agent__service__pb2.ListThreadMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.v1.AgentService/GetTask',
+            keel_dot_v1_dot_agent__service__pb2.GetTaskRequest.SerializeToString,
+            keel_dot_v1_dot_agent__service__pb2.GetTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.v1.AgentService/ListTasks',
+            keel_dot_v1_dot_agent__service__pb2.ListTasksRequest.SerializeToString,
+            keel_dot_v1_dot_agent__service__pb2.ListTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.v1.AgentService/CancelTask',
+            keel_dot_v1_dot_agent__service__pb2.CancelTaskRequest.SerializeToString,
+            keel_dot_v1_dot_agent__service__pb2.CancelTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.v1.AgentService/RetryTask',
+            keel_dot_v1_dot_agent__service__pb2.RetryTaskRequest.SerializeToString,
+            keel_dot_v1_dot_agent__service__pb2.RetryTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -186,6 +186,31 @@ class AgentServiceStub:
     malformed id, a negative page_size or a page_token this server did not
     issue for the same thread and order; NOT_FOUND (THREAD_NOT_FOUND).
     """
+    GetTask: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.GetTaskRequest, _agent_service_pb2.GetTaskResponse]
+    """GetTask returns a background task: a call of a background tool that
+    runs outside its run's agent loop. Errors: INVALID_ARGUMENT for a
+    malformed id; NOT_FOUND (TASK_NOT_FOUND) for an unknown task or one
+    whose run's retention time passed.
+    """
+    ListTasks: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ListTasksRequest, _agent_service_pb2.ListTasksResponse]
+    """ListTasks lists background tasks, newest first, filtered by run, agent
+    and status. Errors: INVALID_ARGUMENT for a negative page_size, an unknown
+    status, a malformed run id or a page_token this server did not issue for
+    the same filters.
+    """
+    CancelTask: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.CancelTaskRequest, _agent_service_pb2.CancelTaskResponse]
+    """CancelTask stops a task that has not ended: a waiting one ends at once,
+    a running one as soon as its runner hears of it. It ends CANCELLED and
+    its run gets a TaskUpdate (CANCELLED) if the run is still open.
+    Cancelling an ended task changes nothing and returns it as it is.
+    Errors: those of GetTask.
+    """
+    RetryTask: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.RetryTaskRequest, _agent_service_pb2.RetryTaskResponse]
+    """RetryTask runs a FAILED or CANCELLED task again, with the same task id
+    and arguments and a fresh retry budget: it is QUEUED again. Errors: those
+    of GetTask; FAILED_PRECONDITION (TASK_NOT_RETRYABLE, metadata status)
+    for a task that is waiting, running or completed.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -326,6 +351,31 @@ class AgentServiceAsyncStub(AgentServiceStub):
     join its thread when the run ends. Errors: INVALID_ARGUMENT for a
     malformed id, a negative page_size or a page_token this server did not
     issue for the same thread and order; NOT_FOUND (THREAD_NOT_FOUND).
+    """
+    GetTask: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.GetTaskRequest, _agent_service_pb2.GetTaskResponse]  # type: ignore[assignment]
+    """GetTask returns a background task: a call of a background tool that
+    runs outside its run's agent loop. Errors: INVALID_ARGUMENT for a
+    malformed id; NOT_FOUND (TASK_NOT_FOUND) for an unknown task or one
+    whose run's retention time passed.
+    """
+    ListTasks: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ListTasksRequest, _agent_service_pb2.ListTasksResponse]  # type: ignore[assignment]
+    """ListTasks lists background tasks, newest first, filtered by run, agent
+    and status. Errors: INVALID_ARGUMENT for a negative page_size, an unknown
+    status, a malformed run id or a page_token this server did not issue for
+    the same filters.
+    """
+    CancelTask: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.CancelTaskRequest, _agent_service_pb2.CancelTaskResponse]  # type: ignore[assignment]
+    """CancelTask stops a task that has not ended: a waiting one ends at once,
+    a running one as soon as its runner hears of it. It ends CANCELLED and
+    its run gets a TaskUpdate (CANCELLED) if the run is still open.
+    Cancelling an ended task changes nothing and returns it as it is.
+    Errors: those of GetTask.
+    """
+    RetryTask: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.RetryTaskRequest, _agent_service_pb2.RetryTaskResponse]  # type: ignore[assignment]
+    """RetryTask runs a FAILED or CANCELLED task again, with the same task id
+    and arguments and a fresh retry budget: it is QUEUED again. Errors: those
+    of GetTask; FAILED_PRECONDITION (TASK_NOT_RETRYABLE, metadata status)
+    for a task that is waiting, running or completed.
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -542,6 +592,55 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         join its thread when the run ends. Errors: INVALID_ARGUMENT for a
         malformed id, a negative page_size or a page_token this server did not
         issue for the same thread and order; NOT_FOUND (THREAD_NOT_FOUND).
+        """
+
+    @_abc_1.abstractmethod
+    def GetTask(
+        self,
+        request: _agent_service_pb2.GetTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.GetTaskResponse, _abc.Awaitable[_agent_service_pb2.GetTaskResponse]]:
+        """GetTask returns a background task: a call of a background tool that
+        runs outside its run's agent loop. Errors: INVALID_ARGUMENT for a
+        malformed id; NOT_FOUND (TASK_NOT_FOUND) for an unknown task or one
+        whose run's retention time passed.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTasks(
+        self,
+        request: _agent_service_pb2.ListTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.ListTasksResponse, _abc.Awaitable[_agent_service_pb2.ListTasksResponse]]:
+        """ListTasks lists background tasks, newest first, filtered by run, agent
+        and status. Errors: INVALID_ARGUMENT for a negative page_size, an unknown
+        status, a malformed run id or a page_token this server did not issue for
+        the same filters.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelTask(
+        self,
+        request: _agent_service_pb2.CancelTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.CancelTaskResponse, _abc.Awaitable[_agent_service_pb2.CancelTaskResponse]]:
+        """CancelTask stops a task that has not ended: a waiting one ends at once,
+        a running one as soon as its runner hears of it. It ends CANCELLED and
+        its run gets a TaskUpdate (CANCELLED) if the run is still open.
+        Cancelling an ended task changes nothing and returns it as it is.
+        Errors: those of GetTask.
+        """
+
+    @_abc_1.abstractmethod
+    def RetryTask(
+        self,
+        request: _agent_service_pb2.RetryTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.RetryTaskResponse, _abc.Awaitable[_agent_service_pb2.RetryTaskResponse]]:
+        """RetryTask runs a FAILED or CANCELLED task again, with the same task id
+        and arguments and a fresh retry budget: it is QUEUED again. Errors: those
+        of GetTask; FAILED_PRECONDITION (TASK_NOT_RETRYABLE, metadata status)
+        for a task that is waiting, running or completed.
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -31,7 +31,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file keel/v1/agent_service.proto.
  */
 export const file_keel_v1_agent_service: GenFile = /*@__PURE__*/
-  fileDesc("ChtrZWVsL3YxL2FnZW50X3NlcnZpY2UucHJvdG8SB2tlZWwudjEihwEKDVN0cmVhbVJlcXVlc3QSEAoIYWdlbnRfaWQYASABKAkSDQoFaW5wdXQYAiABKAkSEgoKcmVxdWVzdF9pZBgDIAEoCRIRCgl0aHJlYWRfaWQYBCABKAkSLgoLYnVzeV9wb2xpY3kYBSABKA4yGS5rZWVsLnYxLlRocmVhZEJ1c3lQb2xpY3kikgEKDlN0cmVhbVJlc3BvbnNlEigKCHNuYXBzaG90GAEgASgLMhQua2VlbC52MS5SdW5TbmFwc2hvdEgAEiUKBmV2ZW50cxgCIAEoCzITLmtlZWwudjEuRXZlbnRCYXRjaEgAEicKCWhlYXJ0YmVhdBgDIAEoCzISLmtlZWwudjEuSGVhcnRiZWF0SABCBgoEa2luZCJJCg5PYnNlcnZlUmVxdWVzdBIOCgZydW5faWQYASABKAkSDgoGb2Zmc2V0GAIgASgDEhcKD3N0b3BfYXRfc3VzcGVuZBgDIAEoCCKTAQoPT2JzZXJ2ZVJlc3BvbnNlEigKCHNuYXBzaG90GAEgASgLMhQua2VlbC52MS5SdW5TbmFwc2hvdEgAEiUKBmV2ZW50cxgCIAEoCzITLmtlZWwudjEuRXZlbnRCYXRjaEgAEicKCWhlYXJ0YmVhdBgDIAEoCzISLmtlZWwudjEuSGVhcnRiZWF0SABCBgoEa2luZCJZCg1SZXN1bWVSZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRIkCglkZWNpc2lvbnMYAiADKAsyES5rZWVsLnYxLkRlY2lzaW9uEhIKCnJlcXVlc3RfaWQYAyABKAkihwEKCERlY2lzaW9uEhQKDHRvb2xfY2FsbF9pZBgBIAEoCRIjCgdhcHByb3ZlGAIgASgLMhAua2VlbC52MS5BcHByb3ZlSAASHQoEZGVueRgDIAEoCzINLmtlZWwudjEuRGVueUgAEhUKC3Jlc3VsdF9qc29uGAQgASgJSABCCgoIZGVjaXNpb24ibQoJSW50ZXJydXB0EhQKDHRvb2xfY2FsbF9pZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSEQoJYXJnc19qc29uGAMgASgJEiQKBGtpbmQYBCABKA4yFi5rZWVsLnYxLkludGVycnVwdEtpbmQiJQoHQXBwcm92ZRIaChJvdmVycmlkZV9hcmdzX2pzb24YASABKAkiFwoERGVueRIPCgdtZXNzYWdlGAEgASgJIpIBCg5SZXN1bWVSZXNwb25zZRIoCghzbmFwc2hvdBgBIAEoCzIULmtlZWwudjEuUnVuU25hcHNob3RIABIlCgZldmVudHMYAiABKAsyEy5rZWVsLnYxLkV2ZW50QmF0Y2hIABInCgloZWFydGJlYXQYAyABKAsyEi5rZWVsLnYxLkhlYXJ0YmVhdEgAQgYKBGtpbmQiiQEKD1N0YXJ0UnVuUmVxdWVzdBIQCghhZ2VudF9pZBgBIAEoCRINCgVpbnB1dBgCIAEoCRISCgpyZXF1ZXN0X2lkGAMgASgJEhEKCXRocmVhZF9pZBgEIAEoCRIuCgtidXN5X3BvbGljeRgFIAEoDjIZLmtlZWwudjEuVGhyZWFkQnVzeVBvbGljeSItChBTdGFydFJ1blJlc3BvbnNlEhkKA3J1bhgBIAEoCzIMLmtlZWwudjEuUnVuIh8KDUdldFJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJIisKDkdldFJ1blJlc3BvbnNlEhkKA3J1bhgBIAEoCzIMLmtlZWwudjEuUnVuIoABCg9MaXN0UnVuc1JlcXVlc3QSEAoIYWdlbnRfaWQYASABKAkSIQoGc3RhdGVzGAIgAygOMhEua2VlbC52MS5SdW5TdGF0ZRIRCglwYWdlX3NpemUYAyABKAUSEgoKcGFnZV90b2tlbhgEIAEoCRIRCgl0aHJlYWRfaWQYBSABKAkiRwoQTGlzdFJ1bnNSZXNwb25zZRIaCgRydW5zGAEgAygLMgwua2VlbC52MS5SdW4SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjIKEENhbmNlbFJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEg4KBnJlYXNvbhgCIAEoCSIuChFDYW5jZWxSdW5SZXNwb25zZRIZCgNydW4YASABKAsyDC5rZWVsLnYxLlJ1biITChFMaXN0QWdlbnRzUmVxdWVzdCI0ChJMaXN0QWdlbnRzUmVzcG9uc2USHgoGYWdlbnRzGAEgAygLMg4ua2VlbC52MS5BZ2VudCKrAQoFQWdlbnQSEAoIYWdlbnRfaWQYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSEgoKbW9kZWxfbmFtZRgDIAEoCRIcCgV0b29scxgEIAMoCzINLmtlZWwudjEuVG9vbBIRCglsaXZlX29ubHkYBSABKAgSNgoTZW5kZWRfcnVuX3JldGVudGlvbhgGIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiJECgRUb29sEgwKBG5hbWUYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSGQoRcmVxdWlyZXNfYXBwcm92YWwYAyABKAgizgIKA1J1bhIOCgZydW5faWQYASABKAkSEAoIYWdlbnRfaWQYAiABKAkSIAoFc3RhdGUYAyABKA4yES5rZWVsLnYxLlJ1blN0YXRlEg0KBWlucHV0GAQgASgJEhIKCnJlcXVlc3RfaWQYBSABKAkSEwoLbmV4dF9vZmZzZXQYBiABKAMSFwoPZWFybGllc3Rfb2Zmc2V0GAcgASgDEi8KC2NyZWF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFZXJyb3IYCiABKAkSLgoScGVuZGluZ19pbnRlcnJ1cHRzGAsgAygLMhIua2VlbC52MS5JbnRlcnJ1cHQSEQoJdGhyZWFkX2lkGAwgASgJIigKC1J1blNuYXBzaG90EhkKA3J1bhgBIAEoCzIMLmtlZWwudjEuUnVuIjEKCkV2ZW50QmF0Y2gSIwoGZXZlbnRzGAEgAygLMhMua2VlbC52MS5BZ2VudEV2ZW50IkoKCUhlYXJ0YmVhdBITCgtuZXh0X29mZnNldBgBIAEoAxIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKjCwoKQWdlbnRFdmVudBIOCgZydW5faWQYASABKAkSDQoFaW5kZXgYAiABKAMSKAoEdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEc3RlcBgEIAEoBRIPCgdhdHRlbXB0GAUgASgFEiIKBXN0YXJ0GAogASgLMhEua2VlbC52MS5SdW5TdGFydEgAEigKCnN0ZXBfc3RhcnQYCyABKAsyEi5rZWVsLnYxLlN0ZXBTdGFydEgAEioKC3N0ZXBfZmluaXNoGAwgASgLMhMua2VlbC52MS5TdGVwRmluaXNoSAASJAoGZmluaXNoGA0gASgLMhIua2VlbC52MS5SdW5GaW5pc2hIABIiCgVhYm9ydBgOIAEoCzIRLmtlZWwudjEuUnVuQWJvcnRIABIiCgVlcnJvchgPIAEoCzIRLmtlZWwudjEuUnVuRXJyb3JIABIqCglzdXNwZW5kZWQYECABKAsyFS5rZWVsLnYxLlJ1blN1c3BlbmRlZEgAEiYKB3Jlc3VtZWQYESABKAsyEy5rZWVsLnYxLlJ1blJlc3VtZWRIABIyCg9zdGVwX3N1cGVyc2VkZWQYEiABKAsyFy5rZWVsLnYxLlN0ZXBTdXBlcnNlZGVkSAASKAoKdGV4dF9zdGFydBgUIAEoCzISLmtlZWwudjEuVGV4dFN0YXJ0SAASKAoKdGV4dF9kZWx0YRgVIAEoCzISLmtlZWwudjEuVGV4dERlbHRhSAASJAoIdGV4dF9lbmQYFiABKAsyEC5rZWVsLnYxLlRleHRFbmRIABIyCg9yZWFzb25pbmdfc3RhcnQYHiABKAsyFy5rZWVsLnYxLlJlYXNvbmluZ1N0YXJ0SAASMgoPcmVhc29uaW5nX2RlbHRhGB8gASgLMhcua2VlbC52MS5SZWFzb25pbmdEZWx0YUgAEi4KDXJlYXNvbmluZ19lbmQYICABKAsyFS5rZWVsLnYxLlJlYXNvbmluZ0VuZEgAEjMKEHRvb2xfaW5wdXRfc3RhcnQYKCABKAsyFy5rZWVsLnYxLlRvb2xJbnB1dFN0YXJ0SAASMwoQdG9vbF9pbnB1dF9kZWx0YRgpIAEoCzIXLmtlZWwudjEuVG9vbElucHV0RGVsdGFIABIvCg50b29sX2lucHV0X2VuZBgqIAEoCzIVLmtlZWwudjEuVG9vbElucHV0RW5kSAASJgoJdG9vbF9jYWxsGCsgASgLMhEua2VlbC52MS5Ub29sQ2FsbEgAEioKC3Rvb2xfcmVzdWx0GCwgASgLMhMua2VlbC52MS5Ub29sUmVzdWx0SAASKAoKdG9vbF9lcnJvchgtIAEoCzISLmtlZWwudjEuVG9vbEVycm9ySAASNwoSdG9vbF9jYWxsX2FwcHJvdmFsGC4gASgLMhkua2VlbC52MS5Ub29sQ2FsbEFwcHJvdmFsSAASOQoTdG9vbF9jYWxsX3N1c3BlbmRlZBgvIAEoCzIaLmtlZWwudjEuVG9vbENhbGxTdXNwZW5kZWRIABIqCgt0b29sX291dHB1dBgwIAEoCzITLmtlZWwudjEuVG9vbE91dHB1dEgAEjYKEXJlc3BvbnNlX21ldGFkYXRhGDIgASgLMhkua2VlbC52MS5SZXNwb25zZU1ldGFkYXRhSAASIQoGc291cmNlGDMgASgLMg8ua2VlbC52MS5Tb3VyY2VIABIdCgRmaWxlGDQgASgLMg0ua2VlbC52MS5GaWxlSAASJwoGb2JqZWN0GDUgASgLMhUua2VlbC52MS5PYmplY3RPdXRwdXRIABIfCgV1c2FnZRg2IAEoCzIOLmtlZWwudjEuVXNhZ2VIABIjCgR0YXNrGDwgASgLMhMua2VlbC52MS5UYXNrVXBkYXRlSABCCQoHcGF5bG9hZCIrCghSdW5TdGFydBIQCghhZ2VudF9pZBgBIAEoCRINCgVpbnB1dBgCIAEoCSILCglTdGVwU3RhcnQiQgoKU3RlcEZpbmlzaBIdCgV1c2FnZRgBIAEoCzIOLmtlZWwudjEuVXNhZ2USFQoNZmluaXNoX3JlYXNvbhgCIAEoCSJUCglSdW5GaW5pc2gSEwoLb3V0cHV0X3RleHQYASABKAkSEwoLb3V0cHV0X2pzb24YAiABKAkSHQoFdXNhZ2UYAyABKAsyDi5rZWVsLnYxLlVzYWdlIk4KCFJ1bkFib3J0Eg4KBnJlYXNvbhgBIAEoCRIdChVpbnRlcnJ1cHRlZF9ieV9ydW5faWQYAiABKAkSEwoLcm9sbGVkX2JhY2sYAyABKAgiKQoIUnVuRXJyb3ISDwoHbWVzc2FnZRgBIAEoCRIMCgR0eXBlGAIgASgJIiUKDFJ1blN1c3BlbmRlZBIVCg10b29sX2NhbGxfaWRzGAEgAygJIiMKClJ1blJlc3VtZWQSFQoNdG9vbF9jYWxsX2lkcxgBIAMoCSJZCg5TdGVwU3VwZXJzZWRlZBIXCg9zdXBlcnNlZGVkX3N0ZXAYASABKAUSGgoSc3VwZXJzZWRlZF9hdHRlbXB0GAIgASgFEhIKCmZyb21faW5kZXgYAyABKAMiHwoJVGV4dFN0YXJ0EhIKCnBhcnRfaW5kZXgYASABKAUiLgoJVGV4dERlbHRhEhIKCnBhcnRfaW5kZXgYASABKAUSDQoFZGVsdGEYAiABKAkiHQoHVGV4dEVuZBISCgpwYXJ0X2luZGV4GAEgASgFIiQKDlJlYXNvbmluZ1N0YXJ0EhIKCnBhcnRfaW5kZXgYASABKAUiMwoOUmVhc29uaW5nRGVsdGESEgoKcGFydF9pbmRleBgBIAEoBRINCgVkZWx0YRgCIAEoCSIiCgxSZWFzb25pbmdFbmQSEgoKcGFydF9pbmRleBgBIAEoBSJNCg5Ub29sSW5wdXRTdGFydBISCgpwYXJ0X2luZGV4GAEgASgFEhQKDHRvb2xfY2FsbF9pZBgCIAEoCRIRCgl0b29sX25hbWUYAyABKAkiMwoOVG9vbElucHV0RGVsdGESEgoKcGFydF9pbmRleBgBIAEoBRINCgVkZWx0YRgCIAEoCSI4CgxUb29sSW5wdXRFbmQSEgoKcGFydF9pbmRleBgBIAEoBRIUCgx0b29sX2NhbGxfaWQYAiABKAkiRgoIVG9vbENhbGwSFAoMdG9vbF9jYWxsX2lkGAEgASgJEhEKCXRvb2xfbmFtZRgCIAEoCRIRCglhcmdzX2pzb24YAyABKAkiWgoKVG9vbFJlc3VsdBIUCgx0b29sX2NhbGxfaWQYASABKAkSEQoJdG9vbF9uYW1lGAIgASgJEhMKC3Jlc3VsdF9qc29uGAMgASgJEg4KBmRlbmllZBgEIAEoCCJFCglUb29sRXJyb3ISFAoMdG9vbF9jYWxsX2lkGAEgASgJEhEKCXRvb2xfbmFtZRgCIAEoCRIPCgdtZXNzYWdlGAMgASgJIk4KEFRvb2xDYWxsQXBwcm92YWwSFAoMdG9vbF9jYWxsX2lkGAEgASgJEhEKCXRvb2xfbmFtZRgCIAEoCRIRCglhcmdzX2pzb24YAyABKAkiTwoRVG9vbENhbGxTdXNwZW5kZWQSFAoMdG9vbF9jYWxsX2lkGAEgASgJEhEKCXRvb2xfbmFtZRgCIAEoCRIRCglhcmdzX2pzb24YAyABKAkiNwoKVG9vbE91dHB1dBIUCgx0b29sX2NhbGxfaWQYASABKAkSEwoLb3V0cHV0X2pzb24YAiABKAkiWwoQUmVzcG9uc2VNZXRhZGF0YRISCgptb2RlbF9uYW1lGAEgASgJEhwKFHByb3ZpZGVyX3Jlc3BvbnNlX2lkGAIgASgJEhUKDXByb3ZpZGVyX25hbWUYAyABKAkiJAoGU291cmNlEgsKA3VybBgBIAEoCRINCgV0aXRsZRgCIAEoCSIoCgRGaWxlEhIKCm1lZGlhX3R5cGUYASABKAkSDAoEZGF0YRgCIAEoDCIjCgxPYmplY3RPdXRwdXQSEwoLb2JqZWN0X2pzb24YASABKAkiWgoFVXNhZ2USFAoMaW5wdXRfdG9rZW5zGAEgASgDEhUKDW91dHB1dF90b2tlbnMYAiABKAMSEAoIcmVxdWVzdHMYAyABKAMSEgoKdG9vbF9jYWxscxgEIAEoAyJzCgpUYXNrVXBkYXRlEg8KB3Rhc2tfaWQYASABKAkSDAoEbmFtZRgCIAEoCRIjCgZzdGF0dXMYAyABKA4yEy5rZWVsLnYxLlRhc2tTdGF0dXMSEAoIcHJvZ3Jlc3MYBCABKAESDwoHbWVzc2FnZRgFIAEoCSLOAgoGVGhyZWFkEhEKCXRocmVhZF9pZBgBIAEoCRITCgtyZXNvdXJjZV9pZBgCIAEoCRIvCghtZXRhZGF0YRgDIAMoCzIdLmtlZWwudjEuVGhyZWFkLk1ldGFkYXRhRW50cnkSLwoLY3JlYXRlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1hY3RpdmVfcnVuX2lkGAYgASgJEhYKDnF1ZXVlZF9ydW5faWRzGAcgAygJEhUKDW1lc3NhZ2VfY291bnQYCCABKAMSEgoKcmVxdWVzdF9pZBgJIAEoCRovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiwAEKE0NyZWF0ZVRocmVhZFJlcXVlc3QSEQoJdGhyZWFkX2lkGAEgASgJEhMKC3Jlc291cmNlX2lkGAIgASgJEjwKCG1ldGFkYXRhGAMgAygLMioua2VlbC52MS5DcmVhdGVUaHJlYWRSZXF1ZXN0Lk1ldGFkYXRhRW50cnkSEgoKcmVxdWVzdF9pZBgEIAEoCRovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiNwoUQ3JlYXRlVGhyZWFkUmVzcG9uc2USHwoGdGhyZWFkGAEgASgLMg8ua2VlbC52MS5UaHJlYWQiJQoQR2V0VGhyZWFkUmVxdWVzdBIRCgl0aHJlYWRfaWQYASABKAkiNAoRR2V0VGhyZWFkUmVzcG9uc2USHwoGdGhyZWFkGAEgASgLMg8ua2VlbC52MS5UaHJlYWQiUAoSTGlzdFRocmVhZHNSZXF1ZXN0EhMKC3Jlc291cmNlX2lkGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlAKE0xpc3RUaHJlYWRzUmVzcG9uc2USIAoHdGhyZWFkcxgBIAMoCzIPLmtlZWwudjEuVGhyZWFkEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIoChNEZWxldGVUaHJlYWRSZXF1ZXN0EhEKCXRocmVhZF9pZBgBIAEoCSIWChREZWxldGVUaHJlYWRSZXNwb25zZSJrChlMaXN0VGhyZWFkTWVzc2FnZXNSZXF1ZXN0EhEKCXRocmVhZF9pZBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCRIUCgxuZXdlc3RfZmlyc3QYBCABKAgiXwoaTGlzdFRocmVhZE1lc3NhZ2VzUmVzcG9uc2USKAoIbWVzc2FnZXMYASADKAsyFi5rZWVsLnYxLlRocmVhZE1lc3NhZ2USFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIqgBCg1UaHJlYWRNZXNzYWdlEg0KBWluZGV4GAEgASgDEg4KBnJ1bl9pZBgCIAEoCRIiCgRraW5kGAMgASgOMhQua2VlbC52MS5NZXNzYWdlS2luZBIjCgVwYXJ0cxgEIAMoCzIULmtlZWwudjEuTWVzc2FnZVBhcnQSLwoLY3JlYXRlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIoYDCgtNZXNzYWdlUGFydBIuCgt1c2VyX3Byb21wdBgBIAEoCzIXLmtlZWwudjEuVXNlclByb21wdFBhcnRIABIhCgR0ZXh0GAIgASgLMhEua2VlbC52MS5UZXh0UGFydEgAEiYKCXRvb2xfY2FsbBgDIAEoCzIRLmtlZWwudjEuVG9vbENhbGxIABIqCgt0b29sX3Jlc3VsdBgEIAEoCzITLmtlZWwudjEuVG9vbFJlc3VsdEgAEiMKBXJldHJ5GAUgASgLMhIua2VlbC52MS5Ub29sRXJyb3JIABIrCglyZWFzb25pbmcYBiABKAsyFi5rZWVsLnYxLlJlYXNvbmluZ1BhcnRIABIyCg1zeXN0ZW1fcHJvbXB0GAcgASgLMhkua2VlbC52MS5TeXN0ZW1Qcm9tcHRQYXJ0SAASHQoEZmlsZRgIIAEoCzINLmtlZWwudjEuRmlsZUgAEiMKBW90aGVyGAkgASgLMhIua2VlbC52MS5PdGhlclBhcnRIAEIGCgRwYXJ0Ih4KDlVzZXJQcm9tcHRQYXJ0EgwKBHRleHQYASABKAkiGAoIVGV4dFBhcnQSDAoEdGV4dBgBIAEoCSIdCg1SZWFzb25pbmdQYXJ0EgwKBHRleHQYASABKAkiIAoQU3lzdGVtUHJvbXB0UGFydBIMCgR0ZXh0GAEgASgJIjEKCU90aGVyUGFydBIRCglwYXJ0X2tpbmQYASABKAkSEQoJcGFydF9qc29uGAIgASgJKrMBCghSdW5TdGF0ZRIZChVSVU5fU1RBVEVfVU5TUEVDSUZJRUQQABIUChBSVU5fU1RBVEVfUVVFVUVEEAESFQoRUlVOX1NUQVRFX1JVTk5JTkcQAhIXChNSVU5fU1RBVEVfU1VTUEVOREVEEAMSFwoTUlVOX1NUQVRFX1NVQ0NFRURFRBAEEhQKEFJVTl9TVEFURV9GQUlMRUQQBRIXChNSVU5fU1RBVEVfQ0FOQ0VMTEVEEAYqZQoNSW50ZXJydXB0S2luZBIeChpJTlRFUlJVUFRfS0lORF9VTlNQRUNJRklFRBAAEhsKF0lOVEVSUlVQVF9LSU5EX0FQUFJPVkFMEAESFwoTSU5URVJSVVBUX0tJTkRfQ0FMTBACKqgBCgpUYXNrU3RhdHVzEhsKF1RBU0tfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFwoTVEFTS19TVEFUVVNfU1RBUlRFRBABEhcKE1RBU0tfU1RBVFVTX1JVTk5JTkcQAhIYChRUQVNLX1NUQVRVU19QUk9HUkVTUxADEhkKFVRBU0tfU1RBVFVTX0NPTVBMRVRFRBAEEhYKElRBU0tfU1RBVFVTX0ZBSUxFRBAFKrgBChBUaHJlYWRCdXN5UG9saWN5EiIKHlRIUkVBRF9CVVNZX1BPTElDWV9VTlNQRUNJRklFRBAAEh0KGVRIUkVBRF9CVVNZX1BPTElDWV9SRUpFQ1QQARIeChpUSFJFQURfQlVTWV9QT0xJQ1lfRU5RVUVVRRACEiAKHFRIUkVBRF9CVVNZX1BPTElDWV9JTlRFUlJVUFQQAxIfChtUSFJFQURfQlVTWV9QT0xJQ1lfUk9MTEJBQ0sQBCpgCgtNZXNzYWdlS2luZBIcChhNRVNTQUdFX0tJTkRfVU5TUEVDSUZJRUQQABIYChRNRVNTQUdFX0tJTkRfUkVRVUVTVBABEhkKFU1FU1NBR0VfS0lORF9SRVNQT05TRRACMpcHCgxBZ2VudFNlcnZpY2USOwoGU3RyZWFtEhYua2VlbC52MS5TdHJlYW1SZXF1ZXN0Ghcua2VlbC52MS5TdHJlYW1SZXNwb25zZTABEj4KB09ic2VydmUSFy5rZWVsLnYxLk9ic2VydmVSZXF1ZXN0Ghgua2VlbC52MS5PYnNlcnZlUmVzcG9uc2UwARI7CgZSZXN1bWUSFi5rZWVsLnYxLlJlc3VtZVJlcXVlc3QaFy5rZWVsLnYxLlJlc3VtZVJlc3BvbnNlMAESPwoIU3RhcnRSdW4SGC5rZWVsLnYxLlN0YXJ0UnVuUmVxdWVzdBoZLmtlZWwudjEuU3RhcnRSdW5SZXNwb25zZRI5CgZHZXRSdW4SFi5rZWVsLnYxLkdldFJ1blJlcXVlc3QaFy5rZWVsLnYxLkdldFJ1blJlc3BvbnNlEj8KCExpc3RSdW5zEhgua2VlbC52MS5MaXN0UnVuc1JlcXVlc3QaGS5rZWVsLnYxLkxpc3RSdW5zUmVzcG9uc2USQgoJQ2FuY2VsUnVuEhkua2VlbC52MS5DYW5jZWxSdW5SZXF1ZXN0Ghoua2VlbC52MS5DYW5jZWxSdW5SZXNwb25zZRJFCgpMaXN0QWdlbnRzEhoua2VlbC52MS5MaXN0QWdlbnRzUmVxdWVzdBobLmtlZWwudjEuTGlzdEFnZW50c1Jlc3BvbnNlEksKDENyZWF0ZVRocmVhZBIcLmtlZWwudjEuQ3JlYXRlVGhyZWFkUmVxdWVzdBodLmtlZWwudjEuQ3JlYXRlVGhyZWFkUmVzcG9uc2USQgoJR2V0VGhyZWFkEhkua2VlbC52MS5HZXRUaHJlYWRSZXF1ZXN0Ghoua2VlbC52MS5HZXRUaHJlYWRSZXNwb25zZRJICgtMaXN0VGhyZWFkcxIbLmtlZWwudjEuTGlzdFRocmVhZHNSZXF1ZXN0Ghwua2VlbC52MS5MaXN0VGhyZWFkc1Jlc3BvbnNlEksKDERlbGV0ZVRocmVhZBIcLmtlZWwudjEuRGVsZXRlVGhyZWFkUmVxdWVzdBodLmtlZWwudjEuRGVsZXRlVGhyZWFkUmVzcG9uc2USXQoSTGlzdFRocmVhZE1lc3NhZ2VzEiIua2VlbC52MS5MaXN0VGhyZWFkTWVzc2FnZXNSZXF1ZXN0GiMua2VlbC52MS5MaXN0VGhyZWFkTWVzc2FnZXNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("ChtrZWVsL3YxL2FnZW50X3NlcnZpY2UucHJvdG8SB2tlZWwudjEimwEKDVN0cmVhbVJlcXVlc3QSEAoIYWdlbnRfaWQYASABKAkSDQoFaW5wdXQYAiABKAkSEgoKcmVxdWVzdF9pZBgDIAEoCRIRCgl0aHJlYWRfaWQYBCABKAkSLgoLYnVzeV9wb2xpY3kYBSABKA4yGS5rZWVsLnYxLlRocmVhZEJ1c3lQb2xpY3kSEgoKdW50aWxfaWRsZRgGIAEoCCKSAQoOU3RyZWFtUmVzcG9uc2USKAoIc25hcHNob3QYASABKAsyFC5rZWVsLnYxLlJ1blNuYXBzaG90SAASJQoGZXZlbnRzGAIgASgLMhMua2VlbC52MS5FdmVudEJhdGNoSAASJwoJaGVhcnRiZWF0GAMgASgLMhIua2VlbC52MS5IZWFydGJlYXRIAEIGCgRraW5kIkkKDk9ic2VydmVSZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRIOCgZvZmZzZXQYAiABKAMSFwoPc3RvcF9hdF9zdXNwZW5kGAMgASgIIpMBCg9PYnNlcnZlUmVzcG9uc2USKAoIc25hcHNob3QYASABKAsyFC5rZWVsLnYxLlJ1blNuYXBzaG90SAASJQoGZXZlbnRzGAIgASgLMhMua2VlbC52MS5FdmVudEJhdGNoSAASJwoJaGVhcnRiZWF0GAMgASgLMhIua2VlbC52MS5IZWFydGJlYXRIAEIGCgRraW5kIlkKDVJlc3VtZVJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEiQKCWRlY2lzaW9ucxgCIAMoCzIRLmtlZWwudjEuRGVjaXNpb24SEgoKcmVxdWVzdF9pZBgDIAEoCSKHAQoIRGVjaXNpb24SFAoMdG9vbF9jYWxsX2lkGAEgASgJEiMKB2FwcHJvdmUYAiABKAsyEC5rZWVsLnYxLkFwcHJvdmVIABIdCgRkZW55GAMgASgLMg0ua2VlbC52MS5EZW55SAASFQoLcmVzdWx0X2pzb24YBCABKAlIAEIKCghkZWNpc2lvbiJtCglJbnRlcnJ1cHQSFAoMdG9vbF9jYWxsX2lkGAEgASgJEhEKCXRvb2xfbmFtZRgCIAEoCRIRCglhcmdzX2pzb24YAyABKAkSJAoEa2luZBgEIAEoDjIWLmtlZWwudjEuSW50ZXJydXB0S2luZCIlCgdBcHByb3ZlEhoKEm92ZXJyaWRlX2FyZ3NfanNvbhgBIAEoCSIXCgREZW55Eg8KB21lc3NhZ2UYASABKAkikgEKDlJlc3VtZVJlc3BvbnNlEigKCHNuYXBzaG90GAEgASgLMhQua2VlbC52MS5SdW5TbmFwc2hvdEgAEiUKBmV2ZW50cxgCIAEoCzITLmtlZWwudjEuRXZlbnRCYXRjaEgAEicKCWhlYXJ0YmVhdBgDIAEoCzISLmtlZWwudjEuSGVhcnRiZWF0SABCBgoEa2luZCKdAQoPU3RhcnRSdW5SZXF1ZXN0EhAKCGFnZW50X2lkGAEgASgJEg0KBWlucHV0GAIgASgJEhIKCnJlcXVlc3RfaWQYAyABKAkSEQoJdGhyZWFkX2lkGAQgASgJEi4KC2J1c3lfcG9saWN5GAUgASgOMhkua2VlbC52MS5UaHJlYWRCdXN5UG9saWN5EhIKCnVudGlsX2lkbGUYBiABKAgiLQoQU3RhcnRSdW5SZXNwb25zZRIZCgNydW4YASABKAsyDC5rZWVsLnYxLlJ1biIfCg1HZXRSdW5SZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCSIrCg5HZXRSdW5SZXNwb25zZRIZCgNydW4YASABKAsyDC5rZWVsLnYxLlJ1biKAAQoPTGlzdFJ1bnNSZXF1ZXN0EhAKCGFnZW50X2lkGAEgASgJEiEKBnN0YXRlcxgCIAMoDjIRLmtlZWwudjEuUnVuU3RhdGUSEQoJcGFnZV9zaXplGAMgASgFEhIKCnBhZ2VfdG9rZW4YBCABKAkSEQoJdGhyZWFkX2lkGAUgASgJIkcKEExpc3RSdW5zUmVzcG9uc2USGgoEcnVucxgBIAMoCzIMLmtlZWwudjEuUnVuEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIyChBDYW5jZWxSdW5SZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiLgoRQ2FuY2VsUnVuUmVzcG9uc2USGQoDcnVuGAEgASgLMgwua2VlbC52MS5SdW4iEwoRTGlzdEFnZW50c1JlcXVlc3QiNAoSTGlzdEFnZW50c1Jlc3BvbnNlEh4KBmFnZW50cxgBIAMoCzIOLmtlZWwudjEuQWdlbnQiyQEKBUFnZW50EhAKCGFnZW50X2lkGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEhIKCm1vZGVsX25hbWUYAyABKAkSHAoFdG9vbHMYBCADKAsyDS5rZWVsLnYxLlRvb2wSEQoJbGl2ZV9vbmx5GAUgASgIEjYKE2VuZGVkX3J1bl9yZXRlbnRpb24YBiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SHAoUbWF4X2NvbmN1cnJlbnRfdGFza3MYByABKAUiWAoEVG9vbBIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEhkKEXJlcXVpcmVzX2FwcHJvdmFsGAMgASgIEhIKCmJhY2tncm91bmQYBCABKAgi4gIKA1J1bhIOCgZydW5faWQYASABKAkSEAoIYWdlbnRfaWQYAiABKAkSIAoFc3RhdGUYAyABKA4yES5rZWVsLnYxLlJ1blN0YXRlEg0KBWlucHV0GAQgASgJEhIKCnJlcXVlc3RfaWQYBSABKAkSEwoLbmV4dF9vZmZzZXQYBiABKAMSFwoPZWFybGllc3Rfb2Zmc2V0GAcgASgDEi8KC2NyZWF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFZXJyb3IYCiABKAkSLgoScGVuZGluZ19pbnRlcnJ1cHRzGAsgAygLMhIua2VlbC52MS5JbnRlcnJ1cHQSEQoJdGhyZWFkX2lkGAwgASgJEhIKCnVudGlsX2lkbGUYDSABKAgiKAoLUnVuU25hcHNob3QSGQoDcnVuGAEgASgLMgwua2VlbC52MS5SdW4iMQoKRXZlbnRCYXRjaBIjCgZldmVudHMYASADKAsyEy5rZWVsLnYxLkFnZW50RXZlbnQiSgoJSGVhcnRiZWF0EhMKC25leHRfb2Zmc2V0GAEgASgDEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIqMLCgpBZ2VudEV2ZW50Eg4KBnJ1bl9pZBgBIAEoCRINCgVpbmRleBgCIAEoAxIoCgR0aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgRzdGVwGAQgASgFEg8KB2F0dGVtcHQYBSABKAUSIgoFc3RhcnQYCiABKAsyES5rZWVsLnYxLlJ1blN0YXJ0SAASKAoKc3RlcF9zdGFydBgLIAEoCzISLmtlZWwudjEuU3RlcFN0YXJ0SAASKgoLc3RlcF9maW5pc2gYDCABKAsyEy5rZWVsLnYxLlN0ZXBGaW5pc2hIABIkCgZmaW5pc2gYDSABKAsyEi5rZWVsLnYxLlJ1bkZpbmlzaEgAEiIKBWFib3J0GA4gASgLMhEua2VlbC52MS5SdW5BYm9ydEgAEiIKBWVycm9yGA8gASgLMhEua2VlbC52MS5SdW5FcnJvckgAEioKCXN1c3BlbmRlZBgQIAEoCzIVLmtlZWwudjEuUnVuU3VzcGVuZGVkSAASJgoHcmVzdW1lZBgRIAEoCzITLmtlZWwudjEuUnVuUmVzdW1lZEgAEjIKD3N0ZXBfc3VwZXJzZWRlZBgSIAEoCzIXLmtlZWwudjEuU3RlcFN1cGVyc2VkZWRIABIoCgp0ZXh0X3N0YXJ0GBQgASgLMhIua2VlbC52MS5UZXh0U3RhcnRIABIoCgp0ZXh0X2RlbHRhGBUgASgLMhIua2VlbC52MS5UZXh0RGVsdGFIABIkCgh0ZXh0X2VuZBgWIAEoCzIQLmtlZWwudjEuVGV4dEVuZEgAEjIKD3JlYXNvbmluZ19zdGFydBgeIAEoCzIXLmtlZWwudjEuUmVhc29uaW5nU3RhcnRIABIyCg9yZWFzb25pbmdfZGVsdGEYHyABKAsyFy5rZWVsLnYxLlJlYXNvbmluZ0RlbHRhSAASLgoNcmVhc29uaW5nX2VuZBggIAEoCzIVLmtlZWwudjEuUmVhc29uaW5nRW5kSAASMwoQdG9vbF9pbnB1dF9zdGFydBgoIAEoCzIXLmtlZWwudjEuVG9vbElucHV0U3RhcnRIABIzChB0b29sX2lucHV0X2RlbHRhGCkgASgLMhcua2VlbC52MS5Ub29sSW5wdXREZWx0YUgAEi8KDnRvb2xfaW5wdXRfZW5kGCogASgLMhUua2VlbC52MS5Ub29sSW5wdXRFbmRIABImCgl0b29sX2NhbGwYKyABKAsyES5rZWVsLnYxLlRvb2xDYWxsSAASKgoLdG9vbF9yZXN1bHQYLCABKAsyEy5rZWVsLnYxLlRvb2xSZXN1bHRIABIoCgp0b29sX2Vycm9yGC0gASgLMhIua2VlbC52MS5Ub29sRXJyb3JIABI3ChJ0b29sX2NhbGxfYXBwcm92YWwYLiABKAsyGS5rZWVsLnYxLlRvb2xDYWxsQXBwcm92YWxIABI5ChN0b29sX2NhbGxfc3VzcGVuZGVkGC8gASgLMhoua2VlbC52MS5Ub29sQ2FsbFN1c3BlbmRlZEgAEioKC3Rvb2xfb3V0cHV0GDAgASgLMhMua2VlbC52MS5Ub29sT3V0cHV0SAASNgoRcmVzcG9uc2VfbWV0YWRhdGEYMiABKAsyGS5rZWVsLnYxLlJlc3BvbnNlTWV0YWRhdGFIABIhCgZzb3VyY2UYMyABKAsyDy5rZWVsLnYxLlNvdXJjZUgAEh0KBGZpbGUYNCABKAsyDS5rZWVsLnYxLkZpbGVIABInCgZvYmplY3QYNSABKAsyFS5rZWVsLnYxLk9iamVjdE91dHB1dEgAEh8KBXVzYWdlGDYgASgLMg4ua2VlbC52MS5Vc2FnZUgAEiMKBHRhc2sYPCABKAsyEy5rZWVsLnYxLlRhc2tVcGRhdGVIAEIJCgdwYXlsb2FkIisKCFJ1blN0YXJ0EhAKCGFnZW50X2lkGAEgASgJEg0KBWlucHV0GAIgASgJIgsKCVN0ZXBTdGFydCJCCgpTdGVwRmluaXNoEh0KBXVzYWdlGAEgASgLMg4ua2VlbC52MS5Vc2FnZRIVCg1maW5pc2hfcmVhc29uGAIgASgJIlQKCVJ1bkZpbmlzaBITCgtvdXRwdXRfdGV4dBgBIAEoCRITCgtvdXRwdXRfanNvbhgCIAEoCRIdCgV1c2FnZRgDIAEoCzIOLmtlZWwudjEuVXNhZ2UiTgoIUnVuQWJvcnQSDgoGcmVhc29uGAEgASgJEh0KFWludGVycnVwdGVkX2J5X3J1bl9pZBgCIAEoCRITCgtyb2xsZWRfYmFjaxgDIAEoCCIpCghSdW5FcnJvchIPCgdtZXNzYWdlGAEgASgJEgwKBHR5cGUYAiABKAkiJQoMUnVuU3VzcGVuZGVkEhUKDXRvb2xfY2FsbF9pZHMYASADKAkiIwoKUnVuUmVzdW1lZBIVCg10b29sX2NhbGxfaWRzGAEgAygJIlkKDlN0ZXBTdXBlcnNlZGVkEhcKD3N1cGVyc2VkZWRfc3RlcBgBIAEoBRIaChJzdXBlcnNlZGVkX2F0dGVtcHQYAiABKAUSEgoKZnJvbV9pbmRleBgDIAEoAyIfCglUZXh0U3RhcnQSEgoKcGFydF9pbmRleBgBIAEoBSIuCglUZXh0RGVsdGESEgoKcGFydF9pbmRleBgBIAEoBRINCgVkZWx0YRgCIAEoCSIdCgdUZXh0RW5kEhIKCnBhcnRfaW5kZXgYASABKAUiJAoOUmVhc29uaW5nU3RhcnQSEgoKcGFydF9pbmRleBgBIAEoBSIzCg5SZWFzb25pbmdEZWx0YRISCgpwYXJ0X2luZGV4GAEgASgFEg0KBWRlbHRhGAIgASgJIiIKDFJlYXNvbmluZ0VuZBISCgpwYXJ0X2luZGV4GAEgASgFIk0KDlRvb2xJbnB1dFN0YXJ0EhIKCnBhcnRfaW5kZXgYASABKAUSFAoMdG9vbF9jYWxsX2lkGAIgASgJEhEKCXRvb2xfbmFtZRgDIAEoCSIzCg5Ub29sSW5wdXREZWx0YRISCgpwYXJ0X2luZGV4GAEgASgFEg0KBWRlbHRhGAIgASgJIjgKDFRvb2xJbnB1dEVuZBISCgpwYXJ0X2luZGV4GAEgASgFEhQKDHRvb2xfY2FsbF9pZBgCIAEoCSJGCghUb29sQ2FsbBIUCgx0b29sX2NhbGxfaWQYASABKAkSEQoJdG9vbF9uYW1lGAIgASgJEhEKCWFyZ3NfanNvbhgDIAEoCSJaCgpUb29sUmVzdWx0EhQKDHRvb2xfY2FsbF9pZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSEwoLcmVzdWx0X2pzb24YAyABKAkSDgoGZGVuaWVkGAQgASgIIkUKCVRvb2xFcnJvchIUCgx0b29sX2NhbGxfaWQYASABKAkSEQoJdG9vbF9uYW1lGAIgASgJEg8KB21lc3NhZ2UYAyABKAkiTgoQVG9vbENhbGxBcHByb3ZhbBIUCgx0b29sX2NhbGxfaWQYASABKAkSEQoJdG9vbF9uYW1lGAIgASgJEhEKCWFyZ3NfanNvbhgDIAEoCSJPChFUb29sQ2FsbFN1c3BlbmRlZBIUCgx0b29sX2NhbGxfaWQYASABKAkSEQoJdG9vbF9uYW1lGAIgASgJEhEKCWFyZ3NfanNvbhgDIAEoCSI3CgpUb29sT3V0cHV0EhQKDHRvb2xfY2FsbF9pZBgBIAEoCRITCgtvdXRwdXRfanNvbhgCIAEoCSJbChBSZXNwb25zZU1ldGFkYXRhEhIKCm1vZGVsX25hbWUYASABKAkSHAoUcHJvdmlkZXJfcmVzcG9uc2VfaWQYAiABKAkSFQoNcHJvdmlkZXJfbmFtZRgDIAEoCSIkCgZTb3VyY2USCwoDdXJsGAEgASgJEg0KBXRpdGxlGAIgASgJIigKBEZpbGUSEgoKbWVkaWFfdHlwZRgBIAEoCRIMCgRkYXRhGAIgASgMIiMKDE9iamVjdE91dHB1dBITCgtvYmplY3RfanNvbhgBIAEoCSJaCgVVc2FnZRIUCgxpbnB1dF90b2tlbnMYASABKAMSFQoNb3V0cHV0X3Rva2VucxgCIAEoAxIQCghyZXF1ZXN0cxgDIAEoAxISCgp0b29sX2NhbGxzGAQgASgDIq8BCgpUYXNrVXBkYXRlEg8KB3Rhc2tfaWQYASABKAkSDAoEbmFtZRgCIAEoCRIjCgZzdGF0dXMYAyABKA4yEy5rZWVsLnYxLlRhc2tTdGF0dXMSEAoIcHJvZ3Jlc3MYBCABKAESDwoHbWVzc2FnZRgFIAEoCRIPCgdhdHRlbXB0GAYgASgFEhQKDHRvb2xfY2FsbF9pZBgHIAEoCRITCgtyZXN1bHRfanNvbhgIIAEoCSLOAgoGVGhyZWFkEhEKCXRocmVhZF9pZBgBIAEoCRITCgtyZXNvdXJjZV9pZBgCIAEoCRIvCghtZXRhZGF0YRgDIAMoCzIdLmtlZWwudjEuVGhyZWFkLk1ldGFkYXRhRW50cnkSLwoLY3JlYXRlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1hY3RpdmVfcnVuX2lkGAYgASgJEhYKDnF1ZXVlZF9ydW5faWRzGAcgAygJEhUKDW1lc3NhZ2VfY291bnQYCCABKAMSEgoKcmVxdWVzdF9pZBgJIAEoCRovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiwAEKE0NyZWF0ZVRocmVhZFJlcXVlc3QSEQoJdGhyZWFkX2lkGAEgASgJEhMKC3Jlc291cmNlX2lkGAIgASgJEjwKCG1ldGFkYXRhGAMgAygLMioua2VlbC52MS5DcmVhdGVUaHJlYWRSZXF1ZXN0Lk1ldGFkYXRhRW50cnkSEgoKcmVxdWVzdF9pZBgEIAEoCRovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiNwoUQ3JlYXRlVGhyZWFkUmVzcG9uc2USHwoGdGhyZWFkGAEgASgLMg8ua2VlbC52MS5UaHJlYWQiJQoQR2V0VGhyZWFkUmVxdWVzdBIRCgl0aHJlYWRfaWQYASABKAkiNAoRR2V0VGhyZWFkUmVzcG9uc2USHwoGdGhyZWFkGAEgASgLMg8ua2VlbC52MS5UaHJlYWQiUAoSTGlzdFRocmVhZHNSZXF1ZXN0EhMKC3Jlc291cmNlX2lkGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlAKE0xpc3RUaHJlYWRzUmVzcG9uc2USIAoHdGhyZWFkcxgBIAMoCzIPLmtlZWwudjEuVGhyZWFkEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIoChNEZWxldGVUaHJlYWRSZXF1ZXN0EhEKCXRocmVhZF9pZBgBIAEoCSIWChREZWxldGVUaHJlYWRSZXNwb25zZSJrChlMaXN0VGhyZWFkTWVzc2FnZXNSZXF1ZXN0EhEKCXRocmVhZF9pZBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCRIUCgxuZXdlc3RfZmlyc3QYBCABKAgiXwoaTGlzdFRocmVhZE1lc3NhZ2VzUmVzcG9uc2USKAoIbWVzc2FnZXMYASADKAsyFi5rZWVsLnYxLlRocmVhZE1lc3NhZ2USFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIqgBCg1UaHJlYWRNZXNzYWdlEg0KBWluZGV4GAEgASgDEg4KBnJ1bl9pZBgCIAEoCRIiCgRraW5kGAMgASgOMhQua2VlbC52MS5NZXNzYWdlS2luZBIjCgVwYXJ0cxgEIAMoCzIULmtlZWwudjEuTWVzc2FnZVBhcnQSLwoLY3JlYXRlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIoYDCgtNZXNzYWdlUGFydBIuCgt1c2VyX3Byb21wdBgBIAEoCzIXLmtlZWwudjEuVXNlclByb21wdFBhcnRIABIhCgR0ZXh0GAIgASgLMhEua2VlbC52MS5UZXh0UGFydEgAEiYKCXRvb2xfY2FsbBgDIAEoCzIRLmtlZWwudjEuVG9vbENhbGxIABIqCgt0b29sX3Jlc3VsdBgEIAEoCzITLmtlZWwudjEuVG9vbFJlc3VsdEgAEiMKBXJldHJ5GAUgASgLMhIua2VlbC52MS5Ub29sRXJyb3JIABIrCglyZWFzb25pbmcYBiABKAsyFi5rZWVsLnYxLlJlYXNvbmluZ1BhcnRIABIyCg1zeXN0ZW1fcHJvbXB0GAcgASgLMhkua2VlbC52MS5TeXN0ZW1Qcm9tcHRQYXJ0SAASHQoEZmlsZRgIIAEoCzINLmtlZWwudjEuRmlsZUgAEiMKBW90aGVyGAkgASgLMhIua2VlbC52MS5PdGhlclBhcnRIAEIGCgRwYXJ0Ih4KDlVzZXJQcm9tcHRQYXJ0EgwKBHRleHQYASABKAkiGAoIVGV4dFBhcnQSDAoEdGV4dBgBIAEoCSIdCg1SZWFzb25pbmdQYXJ0EgwKBHRleHQYASABKAkiIAoQU3lzdGVtUHJvbXB0UGFydBIMCgR0ZXh0GAEgASgJIjEKCU90aGVyUGFydBIRCglwYXJ0X2tpbmQYASABKAkSEQoJcGFydF9qc29uGAIgASgJIoQDCgRUYXNrEg8KB3Rhc2tfaWQYASABKAkSDgoGcnVuX2lkGAIgASgJEhAKCGFnZW50X2lkGAMgASgJEhEKCXRvb2xfbmFtZRgEIAEoCRIUCgx0b29sX2NhbGxfaWQYBSABKAkSEQoJYXJnc19qc29uGAYgASgJEiMKBnN0YXR1cxgHIAEoDjITLmtlZWwudjEuVGFza1N0YXR1cxIPCgdhdHRlbXB0GAggASgFEhMKC21heF9yZXRyaWVzGAkgASgFEioKB3RpbWVvdXQYCiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SEAoIcHJvZ3Jlc3MYCyABKAESEwoLcmVzdWx0X2pzb24YDCABKAkSDQoFZXJyb3IYDSABKAkSLwoLY3JlYXRlX3RpbWUYDiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGA8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIhCg5HZXRUYXNrUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJIi4KD0dldFRhc2tSZXNwb25zZRIbCgR0YXNrGAEgASgLMg0ua2VlbC52MS5UYXNrIoIBChBMaXN0VGFza3NSZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRIQCghhZ2VudF9pZBgCIAEoCRIlCghzdGF0dXNlcxgDIAMoDjITLmtlZWwudjEuVGFza1N0YXR1cxIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCSJKChFMaXN0VGFza3NSZXNwb25zZRIcCgV0YXNrcxgBIAMoCzINLmtlZWwudjEuVGFzaxIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiNAoRQ2FuY2VsVGFza1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiMQoSQ2FuY2VsVGFza1Jlc3BvbnNlEhsKBHRhc2sYASABKAsyDS5rZWVsLnYxLlRhc2siIwoQUmV0cnlUYXNrUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJIjAKEVJldHJ5VGFza1Jlc3BvbnNlEhsKBHRhc2sYASABKAsyDS5rZWVsLnYxLlRhc2sqswEKCFJ1blN0YXRlEhkKFVJVTl9TVEFURV9VTlNQRUNJRklFRBAAEhQKEFJVTl9TVEFURV9RVUVVRUQQARIVChFSVU5fU1RBVEVfUlVOTklORxACEhcKE1JVTl9TVEFURV9TVVNQRU5ERUQQAxIXChNSVU5fU1RBVEVfU1VDQ0VFREVEEAQSFAoQUlVOX1NUQVRFX0ZBSUxFRBAFEhcKE1JVTl9TVEFURV9DQU5DRUxMRUQQBiplCg1JbnRlcnJ1cHRLaW5kEh4KGklOVEVSUlVQVF9LSU5EX1VOU1BFQ0lGSUVEEAASGwoXSU5URVJSVVBUX0tJTkRfQVBQUk9WQUwQARIXChNJTlRFUlJVUFRfS0lORF9DQUxMEAIq9QEKClRhc2tTdGF0dXMSGwoXVEFTS19TVEFUVVNfVU5TUEVDSUZJRUQQABIXChNUQVNLX1NUQVRVU19TVEFSVEVEEAESFwoTVEFTS19TVEFUVVNfUlVOTklORxACEhgKFFRBU0tfU1RBVFVTX1BST0dSRVNTEAMSGQoVVEFTS19TVEFUVVNfQ09NUExFVEVEEAQSFgoSVEFTS19TVEFUVVNfRkFJTEVEEAUSFgoSVEFTS19TVEFUVVNfUVVFVUVEEAYSGQoVVEFTS19TVEFUVVNfQ0FOQ0VMTEVEEAcSGAoUVEFTS19TVEFUVVNfUkVUUllJTkcQCCq4AQoQVGhyZWFkQnVzeVBvbGljeRIiCh5USFJFQURfQlVTWV9QT0xJQ1lfVU5TUEVDSUZJRUQQABIdChlUSFJFQURfQlVTWV9QT0xJQ1lfUkVKRUNUEAESHgoaVEhSRUFEX0JVU1lfUE9MSUNZX0VOUVVFVUUQAhIgChxUSFJFQURfQlVTWV9QT0xJQ1lfSU5URVJSVVBUEAMSHwobVEhSRUFEX0JVU1lfUE9MSUNZX1JPTExCQUNLEAQqYAoLTWVzc2FnZUtpbmQSHAoYTUVTU0FHRV9LSU5EX1VOU1BFQ0lGSUVEEAASGAoUTUVTU0FHRV9LSU5EX1JFUVVFU1QQARIZChVNRVNTQUdFX0tJTkRfUkVTUE9OU0UQAjKkCQoMQWdlbnRTZXJ2aWNlEjsKBlN0cmVhbRIWLmtlZWwudjEuU3RyZWFtUmVxdWVzdBoXLmtlZWwudjEuU3RyZWFtUmVzcG9uc2UwARI+CgdPYnNlcnZlEhcua2VlbC52MS5PYnNlcnZlUmVxdWVzdBoYLmtlZWwudjEuT2JzZXJ2ZVJlc3BvbnNlMAESOwoGUmVzdW1lEhYua2VlbC52MS5SZXN1bWVSZXF1ZXN0Ghcua2VlbC52MS5SZXN1bWVSZXNwb25zZTABEj8KCFN0YXJ0UnVuEhgua2VlbC52MS5TdGFydFJ1blJlcXVlc3QaGS5rZWVsLnYxLlN0YXJ0UnVuUmVzcG9uc2USOQoGR2V0UnVuEhYua2VlbC52MS5HZXRSdW5SZXF1ZXN0Ghcua2VlbC52MS5HZXRSdW5SZXNwb25zZRI/CghMaXN0UnVucxIYLmtlZWwudjEuTGlzdFJ1bnNSZXF1ZXN0Ghkua2VlbC52MS5MaXN0UnVuc1Jlc3BvbnNlEkIKCUNhbmNlbFJ1bhIZLmtlZWwudjEuQ2FuY2VsUnVuUmVxdWVzdBoaLmtlZWwudjEuQ2FuY2VsUnVuUmVzcG9uc2USRQoKTGlzdEFnZW50cxIaLmtlZWwudjEuTGlzdEFnZW50c1JlcXVlc3QaGy5rZWVsLnYxLkxpc3RBZ2VudHNSZXNwb25zZRJLCgxDcmVhdGVUaHJlYWQSHC5rZWVsLnYxLkNyZWF0ZVRocmVhZFJlcXVlc3QaHS5rZWVsLnYxLkNyZWF0ZVRocmVhZFJlc3BvbnNlEkIKCUdldFRocmVhZBIZLmtlZWwudjEuR2V0VGhyZWFkUmVxdWVzdBoaLmtlZWwudjEuR2V0VGhyZWFkUmVzcG9uc2USSAoLTGlzdFRocmVhZHMSGy5rZWVsLnYxLkxpc3RUaHJlYWRzUmVxdWVzdBocLmtlZWwudjEuTGlzdFRocmVhZHNSZXNwb25zZRJLCgxEZWxldGVUaHJlYWQSHC5rZWVsLnYxLkRlbGV0ZVRocmVhZFJlcXVlc3QaHS5rZWVsLnYxLkRlbGV0ZVRocmVhZFJlc3BvbnNlEl0KEkxpc3RUaHJlYWRNZXNzYWdlcxIiLmtlZWwudjEuTGlzdFRocmVhZE1lc3NhZ2VzUmVxdWVzdBojLmtlZWwudjEuTGlzdFRocmVhZE1lc3NhZ2VzUmVzcG9uc2USPAoHR2V0VGFzaxIXLmtlZWwudjEuR2V0VGFza1JlcXVlc3QaGC5rZWVsLnYxLkdldFRhc2tSZXNwb25zZRJCCglMaXN0VGFza3MSGS5rZWVsLnYxLkxpc3RUYXNrc1JlcXVlc3QaGi5rZWVsLnYxLkxpc3RUYXNrc1Jlc3BvbnNlEkUKCkNhbmNlbFRhc2sSGi5rZWVsLnYxLkNhbmNlbFRhc2tSZXF1ZXN0Ghsua2VlbC52MS5DYW5jZWxUYXNrUmVzcG9uc2USQgoJUmV0cnlUYXNrEhkua2VlbC52MS5SZXRyeVRhc2tSZXF1ZXN0Ghoua2VlbC52MS5SZXRyeVRhc2tSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * StreamRequest starts a run and streams it.
@@ -81,6 +81,18 @@ export type StreamRequest = Message<"keel.v1.StreamRequest"> & {
    * @generated from field: keel.v1.ThreadBusyPolicy busy_policy = 5;
    */
   busyPolicy: ThreadBusyPolicy;
+
+  /**
+   * If set, the run does not finish while background tasks it started are
+   * pending: when the model is done, the run stays RUNNING and waits (no
+   * model call is held open), and each task result is given to the model as
+   * a new message, the loop going on in the same run, until the model is
+   * done with no task pending. Without it, the run finishes when the model
+   * is done and its tasks go on by themselves.
+   *
+   * @generated from field: bool until_idle = 6;
+   */
+  untilIdle: boolean;
 };
 
 /**
@@ -482,6 +494,13 @@ export type StartRunRequest = Message<"keel.v1.StartRunRequest"> & {
    * @generated from field: keel.v1.ThreadBusyPolicy busy_policy = 5;
    */
   busyPolicy: ThreadBusyPolicy;
+
+  /**
+   * Wait for the run's background tasks; see StreamRequest.until_idle.
+   *
+   * @generated from field: bool until_idle = 6;
+   */
+  untilIdle: boolean;
 };
 
 /**
@@ -770,6 +789,14 @@ export type Agent = Message<"keel.v1.Agent"> & {
    * @generated from field: google.protobuf.Duration ended_run_retention = 6;
    */
   endedRunRetention?: Duration | undefined;
+
+  /**
+   * The most background tasks of this agent that run at once across every
+   * server sharing the store; 0: only the global limit applies.
+   *
+   * @generated from field: int32 max_concurrent_tasks = 7;
+   */
+  maxConcurrentTasks: number;
 };
 
 /**
@@ -805,6 +832,14 @@ export type Tool = Message<"keel.v1.Tool"> & {
    * @generated from field: bool requires_approval = 3;
    */
   requiresApproval: boolean;
+
+  /**
+   * Whether a call runs as a background task: the model gets an immediate
+   * result naming the task, and the tool runs outside the agent loop.
+   *
+   * @generated from field: bool background = 4;
+   */
+  background: boolean;
 };
 
 /**
@@ -903,6 +938,14 @@ export type Run = Message<"keel.v1.Run"> & {
    * @generated from field: string thread_id = 12;
    */
   threadId: string;
+
+  /**
+   * Whether the run waits for its background tasks (see
+   * StreamRequest.until_idle).
+   *
+   * @generated from field: bool until_idle = 13;
+   */
+  untilIdle: boolean;
 };
 
 /**
@@ -2135,20 +2178,24 @@ export const UsageSchema: GenMessage<Usage> = /*@__PURE__*/
   messageDesc(file_keel_v1_agent_service, 55);
 
 /**
- * TaskUpdate reports a background task's progress.
+ * TaskUpdate reports a change in the life of one of the run's background
+ * tasks. Every task's life is on its run's stream while the run is open:
+ * QUEUED, STARTED, PROGRESS (as the tool reports it), RETRYING, and one of
+ * COMPLETED, FAILED or CANCELLED. A task that ends after its run ended has
+ * no event (its result goes to the run's thread, see docs/tasks.md).
  *
  * @generated from message keel.v1.TaskUpdate
  */
 export type TaskUpdate = Message<"keel.v1.TaskUpdate"> & {
   /**
-   * The task's id, unique in the run.
+   * The task's id (GetTask names it).
    *
    * @generated from field: string task_id = 1;
    */
   taskId: string;
 
   /**
-   * The task's name.
+   * The task's name: the background tool's name.
    *
    * @generated from field: string name = 2;
    */
@@ -2169,11 +2216,33 @@ export type TaskUpdate = Message<"keel.v1.TaskUpdate"> & {
   progress: number;
 
   /**
-   * A message about the task, for example an error.
+   * A message about the task: the error of a failed attempt, what a tool
+   * said with its progress, why it was cancelled.
    *
    * @generated from field: string message = 5;
    */
   message: string;
+
+  /**
+   * The attempt this update is about, from 1 (RETRYING: the attempt to come).
+   *
+   * @generated from field: int32 attempt = 6;
+   */
+  attempt: number;
+
+  /**
+   * The tool call that started the task.
+   *
+   * @generated from field: string tool_call_id = 7;
+   */
+  toolCallId: string;
+
+  /**
+   * For COMPLETED, the tool's result, as JSON.
+   *
+   * @generated from field: string result_json = 8;
+   */
+  resultJson: string;
 };
 
 /**
@@ -2805,6 +2874,339 @@ export const OtherPartSchema: GenMessage<OtherPart> = /*@__PURE__*/
   messageDesc(file_keel_v1_agent_service, 74);
 
 /**
+ * Task is a background task: one call of a background tool, run outside
+ * its run's agent loop under the server's concurrency limits.
+ *
+ * @generated from message keel.v1.Task
+ */
+export type Task = Message<"keel.v1.Task"> & {
+  /**
+   * The task's id.
+   *
+   * @generated from field: string task_id = 1;
+   */
+  taskId: string;
+
+  /**
+   * The run whose model called the tool.
+   *
+   * @generated from field: string run_id = 2;
+   */
+  runId: string;
+
+  /**
+   * The run's agent.
+   *
+   * @generated from field: string agent_id = 3;
+   */
+  agentId: string;
+
+  /**
+   * The background tool.
+   *
+   * @generated from field: string tool_name = 4;
+   */
+  toolName: string;
+
+  /**
+   * The tool call that started the task.
+   *
+   * @generated from field: string tool_call_id = 5;
+   */
+  toolCallId: string;
+
+  /**
+   * The call's arguments, as JSON.
+   *
+   * @generated from field: string args_json = 6;
+   */
+  argsJson: string;
+
+  /**
+   * Where the task is: QUEUED, STARTED (running), RETRYING, COMPLETED,
+   * FAILED or CANCELLED.
+   *
+   * @generated from field: keel.v1.TaskStatus status = 7;
+   */
+  status: TaskStatus;
+
+  /**
+   * The current (or last) attempt, from 1; 0 before the first starts.
+   *
+   * @generated from field: int32 attempt = 8;
+   */
+  attempt: number;
+
+  /**
+   * How many failed attempts are retried.
+   *
+   * @generated from field: int32 max_retries = 9;
+   */
+  maxRetries: number;
+
+  /**
+   * An attempt running longer than this fails with a timeout.
+   *
+   * @generated from field: google.protobuf.Duration timeout = 10;
+   */
+  timeout?: Duration | undefined;
+
+  /**
+   * The last progress the tool reported, from 0 to 1.
+   *
+   * @generated from field: double progress = 11;
+   */
+  progress: number;
+
+  /**
+   * For a COMPLETED task, the tool's result, as JSON.
+   *
+   * @generated from field: string result_json = 12;
+   */
+  resultJson: string;
+
+  /**
+   * For a FAILED task the last error; for a CANCELLED one the reason.
+   *
+   * @generated from field: string error = 13;
+   */
+  error: string;
+
+  /**
+   * When the task was created.
+   *
+   * @generated from field: google.protobuf.Timestamp create_time = 14;
+   */
+  createTime?: Timestamp | undefined;
+
+  /**
+   * When the task last changed.
+   *
+   * @generated from field: google.protobuf.Timestamp update_time = 15;
+   */
+  updateTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message keel.v1.Task.
+ * Use `create(TaskSchema)` to create a new message.
+ */
+export const TaskSchema: GenMessage<Task> = /*@__PURE__*/
+  messageDesc(file_keel_v1_agent_service, 75);
+
+/**
+ * GetTaskRequest names a task.
+ *
+ * @generated from message keel.v1.GetTaskRequest
+ */
+export type GetTaskRequest = Message<"keel.v1.GetTaskRequest"> & {
+  /**
+   * The task. Required.
+   *
+   * @generated from field: string task_id = 1;
+   */
+  taskId: string;
+};
+
+/**
+ * Describes the message keel.v1.GetTaskRequest.
+ * Use `create(GetTaskRequestSchema)` to create a new message.
+ */
+export const GetTaskRequestSchema: GenMessage<GetTaskRequest> = /*@__PURE__*/
+  messageDesc(file_keel_v1_agent_service, 76);
+
+/**
+ * GetTaskResponse holds a task.
+ *
+ * @generated from message keel.v1.GetTaskResponse
+ */
+export type GetTaskResponse = Message<"keel.v1.GetTaskResponse"> & {
+  /**
+   * The task.
+   *
+   * @generated from field: keel.v1.Task task = 1;
+   */
+  task?: Task | undefined;
+};
+
+/**
+ * Describes the message keel.v1.GetTaskResponse.
+ * Use `create(GetTaskResponseSchema)` to create a new message.
+ */
+export const GetTaskResponseSchema: GenMessage<GetTaskResponse> = /*@__PURE__*/
+  messageDesc(file_keel_v1_agent_service, 77);
+
+/**
+ * ListTasksRequest selects a page of tasks.
+ *
+ * @generated from message keel.v1.ListTasksRequest
+ */
+export type ListTasksRequest = Message<"keel.v1.ListTasksRequest"> & {
+  /**
+   * If set, only tasks of this run.
+   *
+   * @generated from field: string run_id = 1;
+   */
+  runId: string;
+
+  /**
+   * If set, only tasks of this agent.
+   *
+   * @generated from field: string agent_id = 2;
+   */
+  agentId: string;
+
+  /**
+   * If not empty, only tasks in one of these statuses.
+   *
+   * @generated from field: repeated keel.v1.TaskStatus statuses = 3;
+   */
+  statuses: TaskStatus[];
+
+  /**
+   * The most tasks to return: 0 means 50, larger values are capped at
+   * 1000, negative values are INVALID_ARGUMENT.
+   *
+   * @generated from field: int32 page_size = 4;
+   */
+  pageSize: number;
+
+  /**
+   * The next_page_token of the previous page, or empty for the first page.
+   * It is only valid with the same filters.
+   *
+   * @generated from field: string page_token = 5;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message keel.v1.ListTasksRequest.
+ * Use `create(ListTasksRequestSchema)` to create a new message.
+ */
+export const ListTasksRequestSchema: GenMessage<ListTasksRequest> = /*@__PURE__*/
+  messageDesc(file_keel_v1_agent_service, 78);
+
+/**
+ * ListTasksResponse is one page of tasks, newest first.
+ *
+ * @generated from message keel.v1.ListTasksResponse
+ */
+export type ListTasksResponse = Message<"keel.v1.ListTasksResponse"> & {
+  /**
+   * The tasks.
+   *
+   * @generated from field: repeated keel.v1.Task tasks = 1;
+   */
+  tasks: Task[];
+
+  /**
+   * Send this as page_token for the next page; empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message keel.v1.ListTasksResponse.
+ * Use `create(ListTasksResponseSchema)` to create a new message.
+ */
+export const ListTasksResponseSchema: GenMessage<ListTasksResponse> = /*@__PURE__*/
+  messageDesc(file_keel_v1_agent_service, 79);
+
+/**
+ * CancelTaskRequest names the task to cancel.
+ *
+ * @generated from message keel.v1.CancelTaskRequest
+ */
+export type CancelTaskRequest = Message<"keel.v1.CancelTaskRequest"> & {
+  /**
+   * The task. Required.
+   *
+   * @generated from field: string task_id = 1;
+   */
+  taskId: string;
+
+  /**
+   * Why the task is cancelled; recorded in its last TaskUpdate.
+   *
+   * @generated from field: string reason = 2;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message keel.v1.CancelTaskRequest.
+ * Use `create(CancelTaskRequestSchema)` to create a new message.
+ */
+export const CancelTaskRequestSchema: GenMessage<CancelTaskRequest> = /*@__PURE__*/
+  messageDesc(file_keel_v1_agent_service, 80);
+
+/**
+ * CancelTaskResponse holds the task after the cancellation was recorded.
+ *
+ * @generated from message keel.v1.CancelTaskResponse
+ */
+export type CancelTaskResponse = Message<"keel.v1.CancelTaskResponse"> & {
+  /**
+   * The task.
+   *
+   * @generated from field: keel.v1.Task task = 1;
+   */
+  task?: Task | undefined;
+};
+
+/**
+ * Describes the message keel.v1.CancelTaskResponse.
+ * Use `create(CancelTaskResponseSchema)` to create a new message.
+ */
+export const CancelTaskResponseSchema: GenMessage<CancelTaskResponse> = /*@__PURE__*/
+  messageDesc(file_keel_v1_agent_service, 81);
+
+/**
+ * RetryTaskRequest names a failed or cancelled task to run again.
+ *
+ * @generated from message keel.v1.RetryTaskRequest
+ */
+export type RetryTaskRequest = Message<"keel.v1.RetryTaskRequest"> & {
+  /**
+   * The task. Required.
+   *
+   * @generated from field: string task_id = 1;
+   */
+  taskId: string;
+};
+
+/**
+ * Describes the message keel.v1.RetryTaskRequest.
+ * Use `create(RetryTaskRequestSchema)` to create a new message.
+ */
+export const RetryTaskRequestSchema: GenMessage<RetryTaskRequest> = /*@__PURE__*/
+  messageDesc(file_keel_v1_agent_service, 82);
+
+/**
+ * RetryTaskResponse holds the task, queued again.
+ *
+ * @generated from message keel.v1.RetryTaskResponse
+ */
+export type RetryTaskResponse = Message<"keel.v1.RetryTaskResponse"> & {
+  /**
+   * The task.
+   *
+   * @generated from field: keel.v1.Task task = 1;
+   */
+  task?: Task | undefined;
+};
+
+/**
+ * Describes the message keel.v1.RetryTaskResponse.
+ * Use `create(RetryTaskResponseSchema)` to create a new message.
+ */
+export const RetryTaskResponseSchema: GenMessage<RetryTaskResponse> = /*@__PURE__*/
+  messageDesc(file_keel_v1_agent_service, 83);
+
+/**
  * RunState is where a run is in its life. QUEUED, RUNNING and SUSPENDED
  * runs are live and never expire; SUCCEEDED, FAILED and CANCELLED are
  * terminal, and a terminal run's events are kept for the server's retention
@@ -2947,11 +3349,32 @@ export enum TaskStatus {
   COMPLETED = 4,
 
   /**
-   * The task failed.
+   * The task failed: its last attempt failed and no retry is left.
    *
    * @generated from enum value: TASK_STATUS_FAILED = 5;
    */
   FAILED = 5,
+
+  /**
+   * The task waits for a free slot under the concurrency limits.
+   *
+   * @generated from enum value: TASK_STATUS_QUEUED = 6;
+   */
+  QUEUED = 6,
+
+  /**
+   * The task was cancelled (CancelTask, CancelRun).
+   *
+   * @generated from enum value: TASK_STATUS_CANCELLED = 7;
+   */
+  CANCELLED = 7,
+
+  /**
+   * An attempt failed or timed out; the task waits to try again.
+   *
+   * @generated from enum value: TASK_STATUS_RETRYING = 8;
+   */
+  RETRYING = 8,
 }
 
 /**
@@ -3283,6 +3706,59 @@ export const AgentService: GenService<{
     methodKind: "unary";
     input: typeof ListThreadMessagesRequestSchema;
     output: typeof ListThreadMessagesResponseSchema;
+  },
+  /**
+   * GetTask returns a background task: a call of a background tool that
+   * runs outside its run's agent loop. Errors: INVALID_ARGUMENT for a
+   * malformed id; NOT_FOUND (TASK_NOT_FOUND) for an unknown task or one
+   * whose run's retention time passed.
+   *
+   * @generated from rpc keel.v1.AgentService.GetTask
+   */
+  getTask: {
+    methodKind: "unary";
+    input: typeof GetTaskRequestSchema;
+    output: typeof GetTaskResponseSchema;
+  },
+  /**
+   * ListTasks lists background tasks, newest first, filtered by run, agent
+   * and status. Errors: INVALID_ARGUMENT for a negative page_size, an unknown
+   * status, a malformed run id or a page_token this server did not issue for
+   * the same filters.
+   *
+   * @generated from rpc keel.v1.AgentService.ListTasks
+   */
+  listTasks: {
+    methodKind: "unary";
+    input: typeof ListTasksRequestSchema;
+    output: typeof ListTasksResponseSchema;
+  },
+  /**
+   * CancelTask stops a task that has not ended: a waiting one ends at once,
+   * a running one as soon as its runner hears of it. It ends CANCELLED and
+   * its run gets a TaskUpdate (CANCELLED) if the run is still open.
+   * Cancelling an ended task changes nothing and returns it as it is.
+   * Errors: those of GetTask.
+   *
+   * @generated from rpc keel.v1.AgentService.CancelTask
+   */
+  cancelTask: {
+    methodKind: "unary";
+    input: typeof CancelTaskRequestSchema;
+    output: typeof CancelTaskResponseSchema;
+  },
+  /**
+   * RetryTask runs a FAILED or CANCELLED task again, with the same task id
+   * and arguments and a fresh retry budget: it is QUEUED again. Errors: those
+   * of GetTask; FAILED_PRECONDITION (TASK_NOT_RETRYABLE, metadata status)
+   * for a task that is waiting, running or completed.
+   *
+   * @generated from rpc keel.v1.AgentService.RetryTask
+   */
+  retryTask: {
+    methodKind: "unary";
+    input: typeof RetryTaskRequestSchema;
+    output: typeof RetryTaskResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_keel_v1_agent_service, 0);

@@ -1,0 +1,20 @@
+"""The TaskStore beside an EventLog: in memory beside the memory log, on Redis beside Redis."""
+
+from __future__ import annotations
+
+from server.events.log import EventLog
+from server.events.memory import MemoryEventLog
+from server.events.redis import RedisEventLog
+from server.tasks.memory import MemoryTaskStore
+from server.tasks.store import TaskStore
+
+
+def task_store_for(log: EventLog, *, lease_ttl_s: float) -> TaskStore:
+    """The TaskStore that shares `log`'s store (and its connections, on Redis)."""
+    if isinstance(log, MemoryEventLog):
+        return MemoryTaskStore(log, lease_ttl_s=lease_ttl_s)
+    if isinstance(log, RedisEventLog):
+        from server.tasks.redis import RedisTaskStore
+
+        return RedisTaskStore.beside(log, lease_ttl_s=lease_ttl_s)
+    raise TypeError(f"no task store for a {type(log).__name__}")

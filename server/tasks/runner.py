@@ -1,0 +1,344 @@
+"""The task runner: each server runs background tasks whenever a slot is free.
+
+1. Dispatch (woken when a task is queued or a slot frees here, and every
+   poll_interval_s for what other servers did): for each due task, oldest
+   first, whose agent this server has, take a global slot and one of the
+   agent's (TaskStore.acquire_slot), then start the task's next attempt
+   (TaskStore.start_task); a task another server started, or that was
+   cancelled, gives its slots back.
+2. An attempt runs the tool's function with the task's arguments, under
+   the task's timeout, with task_context() set; its lease and slots are
+   renewed every third of the lease TTL. A lease that is lost (another
+   server took the task over) or a cancel request stops the attempt.
+3. The outcome ends the attempt: COMPLETED with the result; a failure or a
+   timeout RETRYING (after a capped exponential backoff) while retries are
+   left, else FAILED; CANCELLED. The slots are given back and dispatch
+   runs again.
+4. A sweep (every sweep_interval_s) queues again the RUNNING tasks whose
+   lease lapsed: their server died, and the task runs again, with the same
+   task id, on whichever server starts it (at least once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import pydantic_core
+from pydantic_ai import Tool
+from pydantic_ai.toolsets import AbstractToolset, FunctionToolset
+
+from server.agents.types import AgentSpec, Counters
+from server.errors import StaleEpoch, StoreUnavailable, TaskNotFound
+from server.tasks import context
+from server.tasks.records import TaskRecord, TaskStatus, background_options
+from server.tasks.store import TaskStore
+from server.threads.history import task_result_entry
+
+log = logging.getLogger(__name__)
+
+_DISPATCH_BATCH = 100
+
+
+@dataclass(frozen=True, slots=True)
+class TaskLimits:
+    """The task runner's settings (see server/settings.py)."""
+
+    global_concurrency: int = 10
+    default_timeout_s: float = 300.0
+    retry_backoff_s: float = 1.0  # the wait before the first retry; doubles each time
+    retry_backoff_max_s: float = 60.0
+    poll_interval_s: float = 0.5
+    sweep_interval_s: float = 1.0
+    lease_ttl_s: float = 5.0
+
+
+def background_tool(spec: AgentSpec, name: str) -> Tool[Any] | None:
+    """The agent's background tool called `name`, or None."""
+    found: list[Tool[Any]] = []
+
+    def visit(toolset: AbstractToolset[Any]) -> None:
+        if isinstance(toolset, FunctionToolset) and name in toolset.tools:
+            tool = toolset.tools[name]
+            if background_options(tool.metadata) is not None:
+                found.append(tool)
+
+    for toolset in spec.agent.toolsets:
+        toolset.apply(visit)
+    return found[0] if found else None
+
+
+@dataclass(slots=True)
+class _Attempt:
+    task: TaskRecord
+    runner: asyncio.Task[None]
+    stop_reason: str = ""  # set when a cancel request or a lost lease stops it
+    begun: bool = False  # a task cancelled before it began would never run its cleanup
+
+
+class _CancelListener:
+    """Hears cancel requests for the tasks of one run that run here."""
+
+    def __init__(self, runner: TaskRunner) -> None:
+        self._runner = runner
+
+    def on_task_log(self) -> None:
+        pass
+
+    def on_task_cancel(self, task_id: str) -> None:
+        self._runner.stop(task_id, "cancelled")
+
+
+class TaskRunner:
+    """Runs background tasks of this server's agents; see the module docstring."""
+
+    def __init__(
+        self,
+        store: TaskStore,
+        counters: Counters,
+        agents: Mapping[str, AgentSpec],
+        *,
+        instance_id: str,
+        limits: TaskLimits,
+    ) -> None:
+        self._store = store
+        self._counters = counters
+        self._agents = agents
+        self._instance_id = instance_id
+        self._limits = limits
+        self._wakeup = asyncio.Event()
+        self._attempts: dict[str, _Attempt] = {}
+        self._loops: list[asyncio.Task[None]] = []
+        self._draining = False
+
+    @property
+    def running(self) -> frozenset[str]:
+        """Ids of the tasks with an attempt running here now."""
+        return frozenset(self._attempts)
+
+    def open(self) -> None:
+        """Start dispatching, renewing and sweeping."""
+        if not self._loops:
+            self._loops = [
+                asyncio.create_task(self._dispatch_forever(), name="task-dispatch"),
+                asyncio.create_task(self._renew_forever(), name="task-leases"),
+                asyncio.create_task(self._sweep_forever(), name="task-sweep"),
+            ]
+
+    def wake(self) -> None:
+        """Dispatch now: a task was queued, or a slot freed."""
+        self._wakeup.set()
+
+    def stop(self, task_id: str, reason: str) -> None:
+        """Stop the task's attempt running here, if any (its outcome: CANCELLED)."""
+        attempt = self._attempts.get(task_id)
+        if attempt is not None and not attempt.stop_reason:
+            attempt.stop_reason = reason
+            if attempt.begun:
+                attempt.runner.cancel()  # else it finds the reason when it begins
+
+    async def drain(self) -> None:
+        """Stop dispatching; stop the attempts running here (their leases lapse and
+        another server runs them again)."""
+        self._draining = True
+        for loop in self._loops:
+            loop.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        attempts = list(self._attempts.values())
+        for attempt in attempts:
+            attempt.stop_reason = "shutdown"
+            attempt.runner.cancel()
+        await asyncio.gather(*(a.runner for a in attempts), return_exceptions=True)
+
+    async def dispatch_once(self) -> int:
+        """Step 1 of the module docstring; returns how many attempts it started."""
+        started = 0
+        for task_id in await self._store.due(_DISPATCH_BATCH):
+            if self._draining:
+                break
+            if task_id in self._attempts:
+                continue
+            try:
+                task = await self._store.get_task(task_id)
+            except TaskNotFound:
+                continue
+            spec = self._agents.get(task.agent_id)
+            if spec is None:
+                continue  # a server that has the agent runs it
+            agent_limit = spec.max_concurrent_tasks
+            if not await self._store.acquire_slot(
+                task_id,
+                task.agent_id,
+                global_limit=self._limits.global_concurrency,
+                agent_limit=agent_limit,
+            ):
+                continue  # its agent is full, or every slot is taken; others may fit
+            running = await self._store.start_task(task_id, self._instance_id)
+            if running is None:
+                await self._store.release_slot(task_id, task.agent_id)
+                continue
+            self._spawn(running, spec)
+            started += 1
+        return started
+
+    def _spawn(self, task: TaskRecord, spec: AgentSpec) -> None:
+        runner = asyncio.create_task(self._attempt(task, spec), name=f"task:{task.task_id}")
+        self._attempts[task.task_id] = _Attempt(task, runner)
+
+    async def _attempt(self, task: TaskRecord, spec: AgentSpec) -> None:
+        """Steps 2 and 3 of the module docstring."""
+        attempt = self._attempts[task.task_id]
+        attempt.begun = True
+        subscription = None
+        try:
+            if attempt.stop_reason:
+                raise asyncio.CancelledError  # stopped before it began: handled below
+            subscription = await self._store.subscribe_tasks(task.run_id, _CancelListener(self))
+            current = await self._store.get_task(task.task_id)
+            if current.cancel_reason:  # asked before this attempt began
+                await self._finish(task, TaskStatus.CANCELLED, error=current.cancel_reason)
+                return
+            tool = background_tool(spec, task.tool_name)
+            if tool is None:
+                await self._finish(
+                    task,
+                    TaskStatus.FAILED,
+                    error=f"agent {task.agent_id!r} has no background tool {task.tool_name!r}",
+                )
+                return
+            outcome = await self._call(task, tool)
+            await self._end(task, outcome)
+        except asyncio.CancelledError:
+            reason = self._attempts[task.task_id].stop_reason
+            if reason == "cancelled":
+                asked = await self._store.get_task(task.task_id)
+                await self._finish(task, TaskStatus.CANCELLED, error=asked.cancel_reason)
+            elif not reason:
+                raise  # not ours: the event loop is going away
+            # "shutdown", "lost": another server runs the task again; write nothing.
+        except (StaleEpoch, TaskNotFound):
+            log.info("task %s was taken over or is gone; stopping", task.task_id)
+        except StoreUnavailable as exc:
+            log.warning("task %s stopped: the store is unreachable (%s)", task.task_id, exc)
+        finally:
+            self._attempts.pop(task.task_id, None)
+            if subscription is not None:
+                await subscription.close()
+            with contextlib.suppress(StoreUnavailable):
+                await self._store.release_slot(task.task_id, task.agent_id)
+            self.wake()
+
+    async def _call(self, task: TaskRecord, tool: Tool[Any]) -> tuple[str, Any]:
+        """One attempt of the tool: ("ok", result) or ("error", message)."""
+
+        async def report(progress: float, message: str) -> None:
+            await self._store.report_progress(task.task_id, task.epoch, progress, message)
+
+        token = context.enter(
+            context.TaskContext(
+                task_id=task.task_id,
+                run_id=task.run_id,
+                attempt=task.attempt,
+                counters=self._counters,
+                report=report,
+            )
+        )
+        try:
+            schema = tool.function_schema
+            args = schema.validator.validate_json(task.args_json or "{}")
+            async with asyncio.timeout(task.timeout_s):
+                # A background tool takes no RunContext (checked when it is declared).
+                result = await schema.call(args, cast(Any, None))
+            return "ok", result
+        except TimeoutError:
+            return "error", f"timed out after {task.timeout_s:g} s"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the tool's failure is the task's outcome
+            return "error", str(exc) or type(exc).__name__
+        finally:
+            context.leave(token)
+
+    async def _end(self, task: TaskRecord, outcome: tuple[str, Any]) -> None:
+        kind, value = outcome
+        if kind == "ok":
+            try:
+                result_json = pydantic_core.to_json(value).decode()
+            except pydantic_core.PydanticSerializationError:
+                result_json = pydantic_core.to_json(str(value)).decode()
+            await self._finish(task, TaskStatus.COMPLETED, result_json=result_json)
+            return
+        if task.failures < task.max_retries:
+            backoff_s = min(
+                self._limits.retry_backoff_max_s,
+                self._limits.retry_backoff_s * 2**task.failures,
+            )
+            retry_at_ms = time.time_ns() // 1_000_000 + round(backoff_s * 1000)
+            await self._finish(task, TaskStatus.RETRYING, error=value, retry_at_ms=retry_at_ms)
+            # Look again when it is due (another server may start it first: fine).
+            asyncio.get_running_loop().call_later(backoff_s, self.wake)
+            return
+        await self._finish(task, TaskStatus.FAILED, error=value)
+
+    async def _finish(
+        self,
+        task: TaskRecord,
+        status: TaskStatus,
+        *,
+        result_json: str = "",
+        error: str = "",
+        retry_at_ms: int = 0,
+    ) -> None:
+        entry = b""
+        if task.thread_id and not task.until_idle:
+            entry = task_result_entry(task, status, result_json=result_json, error=error)
+        await self._store.finish_task(
+            task.task_id,
+            task.epoch,
+            status,
+            result_json=result_json,
+            error=error,
+            retry_at_ms=retry_at_ms,
+            thread_entry=entry,
+        )
+
+    async def _dispatch_forever(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._limits.poll_interval_s):
+                    await self._wakeup.wait()
+            self._wakeup.clear()
+            try:
+                while await self.dispatch_once():
+                    pass  # started some: there may be more room
+            except StoreUnavailable as exc:
+                log.warning("task dispatch failed: %s", exc)
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._limits.lease_ttl_s / 3)
+            for task_id, attempt in list(self._attempts.items()):
+                task = attempt.task
+                try:
+                    renewed = await self._store.renew_task(task_id, task.epoch)
+                    await self._store.renew_slot(task_id, task.agent_id)
+                except StoreUnavailable as exc:
+                    log.warning("renewing task %s failed: %s", task_id, exc)
+                    continue
+                if not renewed:
+                    log.warning("task %s was taken over by another server", task_id)
+                    self.stop(task_id, "lost")
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                if await self._store.lapsed(_DISPATCH_BATCH):
+                    self.wake()
+            except StoreUnavailable as exc:
+                log.warning("task sweep failed: %s", exc)
+            await asyncio.sleep(self._limits.sweep_interval_s)
