@@ -20,4 +20,6 @@ options = {
     "scripted-brief": dataclasses.replace(
         scripted["scripted"], ended_run_retention_s=BRIEF_RETENTION_S
     ),
+    # At most one of its background tasks runs at a time, across every server.
+    "scripted-one-task": dataclasses.replace(scripted["scripted"], max_concurrent_tasks=1),
 }

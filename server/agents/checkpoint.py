@@ -57,7 +57,7 @@ class Checkpoint:
     next_index: int = -1  # index of the first event after the checkpoint; set when committed
     interrupts: tuple[dict[str, Any], ...] = ()  # pending tool calls of a suspended run
     # Background tasks: the run's task log entries already turned into events, and
-    # (until_idle) the tasks whose outcome was already given to the model.
+    # (until_idle) the outcomes already given to the model ("<task id>@<attempt>").
     task_mark: int = 0
     fed: tuple[str, ...] = ()
     # WAITING: the output the run finishes with if no task result follows.

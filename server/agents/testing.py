@@ -328,6 +328,7 @@ def _turn(messages: list[ModelMessage]) -> _Turn:
             else:
                 prompts.append(part.content)
                 responses = 0
+                outcome = ""
     if not prompts:
         raise ValueError("the scripted agent needs a user message holding its script")
     return _Turn(prompts[-1], responses, len(prompts) - 1, outcome)

@@ -350,9 +350,14 @@ class LocalExecutor:
         return record
 
     async def cancel_task(self, task_id: str, reason: str) -> TaskRecord:
-        """Stop a background task (see TaskStore.cancel_task); one running here stops now."""
+        """Stop a background task (TaskStore.cancel_task) and return it once it ended, or
+        as it is after cancel_wait_s (its runner, on another server, is slow to hear)."""
         task = await self._task_store.cancel_task(task_id, reason)
         self._task_runner.stop(task_id, "cancelled")
+        deadline = time.monotonic() + self._timing.cancel_wait_s
+        while not task.status.ended and time.monotonic() < deadline:
+            await asyncio.sleep(_CANCEL_POLL_S)
+            task = await self._task_store.get_task(task_id)
         return task
 
     async def retry_task(self, task_id: str) -> TaskRecord:

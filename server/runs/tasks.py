@@ -116,14 +116,22 @@ class TaskEvents:
             await self.rung_since(rings)
 
 
+def outcome_key(task: TaskRecord) -> str:
+    """What a checkpoint records of an outcome given to the model: a task retried
+    (RetryTask) after its outcome was given ends again, with another attempt."""
+    return f"{task.task_id}@{task.attempt}"
+
+
 def next_outcome(tasks: list[TaskRecord], fed: tuple[str, ...]) -> TaskRecord | bool:
-    """The first ended task not yet given to the model (in the order they ended);
-    else True while tasks not given are still going, False when none is left."""
-    left = [task for task in tasks if task.task_id not in fed]
-    ended = sorted((t for t in left if t.status.ended), key=lambda t: t.update_time_ms)
+    """The first outcome not yet given to the model (in the order the tasks ended);
+    else True while a task is still going, False when none is left."""
+    ended = sorted(
+        (t for t in tasks if t.status.ended and outcome_key(t) not in fed),
+        key=lambda t: t.update_time_ms,
+    )
     if ended:
         return ended[0]
-    return bool(left)
+    return any(not task.status.ended for task in tasks)
 
 
 def waiting_checkpoint(result: LoopResult, fed: tuple[str, ...]) -> Checkpoint:
@@ -170,5 +178,5 @@ def outcome_checkpoint(result: LoopResult, fed: tuple[str, ...], task: TaskRecor
         messages=dump_messages(told),
         usage=result.run_usage,
         step_start_usage=result.run_usage,
-        fed=(*fed, task.task_id),
+        fed=(*fed, outcome_key(task)),
     )

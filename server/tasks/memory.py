@@ -264,6 +264,7 @@ class MemoryTaskStore:
             result_json="",
             cancel_reason="",
             not_before_ms=0,
+            progress=0.0,
             update_time_ms=_now_ms(),
         )
         self._queue[task_id] = queued.update_time_ms

@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -178,6 +179,7 @@ def log_entry(
     """One entry of a run's task log (JSON, so the Lua scripts can write them too)."""
     return json.dumps(
         {
+            "time_ms": time.time_ns() // 1_000_000,
             "task_id": task.task_id,
             "name": task.tool_name,
             "tool_call_id": task.tool_call_id,
@@ -194,7 +196,7 @@ def log_entry(
 def task_update(entry: bytes) -> pb.TaskUpdate:
     """The TaskUpdate event payload of a task log entry."""
     body = json.loads(entry)
-    return pb.TaskUpdate(
+    update = pb.TaskUpdate(
         task_id=body["task_id"],
         name=body["name"],
         status=STATUS_TO_PROTO[body["status"]],
@@ -204,6 +206,8 @@ def task_update(entry: bytes) -> pb.TaskUpdate:
         tool_call_id=body["tool_call_id"],
         result_json=body["result_json"],
     )
+    update.time.FromMilliseconds(int(body["time_ms"]))
+    return update
 
 
 def entry_status(entry: bytes) -> tuple[str, str]:

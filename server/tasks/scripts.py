@@ -23,7 +23,9 @@ NOT_RETRYABLE = 6  # only a failed or cancelled task can be retried
 _LOG = """
 local function log(task, log_key, channel, status, attempt, progress, message, result)
   local f = redis.call('HMGET', task, 'task_id', 'tool_name', 'tool_call_id')
+  local now = redis.call('TIME')
   redis.call('RPUSH', log_key, cjson.encode({
+    time_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000),
     task_id = f[1], name = f[2], tool_call_id = f[3], status = status,
     attempt = tonumber(attempt), progress = tonumber(progress) or 0,
     message = message or '', result_json = result or ''}))
@@ -222,7 +224,7 @@ local f = redis.call('HMGET', KEYS[1], 'status', 'attempt')
 if not f[1] then return {1} end
 if f[1] ~= 'failed' and f[1] ~= 'cancelled' then return {6, f[1]} end
 redis.call('HSET', KEYS[1], 'status', 'queued', 'failures', 0, 'error', '', 'result_json', '',
-  'cancel_reason', '', 'not_before_ms', 0, 'update_time_ms', ARGV[2])
+  'cancel_reason', '', 'not_before_ms', 0, 'progress', 0, 'update_time_ms', ARGV[2])
 log(KEYS[1], KEYS[2], ARGV[1], 'queued', f[2], 0, '', '')
 return {0, redis.call('HGETALL', KEYS[1])}
 """

@@ -1,7 +1,9 @@
 """keel_client: a small asyncio client for Keel whose event streams resume by themselves.
 
-- ``KeelClient``: the connection, unary helpers, handles on runs, and threads
-  (conversations: ``create_thread``, ``send`` a turn, ``thread_messages``).
+- ``KeelClient``: the connection, unary helpers, handles on runs, threads
+  (conversations: ``create_thread``, ``send`` a turn, ``thread_messages``),
+  and background tasks (``get_task``, ``list_tasks``, ``cancel_task``,
+  ``retry_task``; ``until_idle=True`` makes a run wait for its tasks).
 - ``RunHandle``: one run's events, yielded exactly once and in order across
   dropped connections (reconnect on UNAVAILABLE, resume at ``next_offset``).
 - ``Reconnect``: a record of one reconnect, for logs and demos.

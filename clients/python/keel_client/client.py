@@ -15,6 +15,17 @@ A thread is a conversation whose runs share one message history:
         async for message in client.thread_messages(thread.thread_id):
             ...
 
+A background tool call makes a task that runs off the agent loop; its life
+(TaskUpdate events) is on the run's stream, and ``until_idle`` keeps the run
+open until its tasks ended, giving each result to the model:
+
+    async with KeelClient("127.0.0.1:50051") as client:
+        slow = {"tool": "slow", "args": {"key": "k", "duration_ms": 300}}
+        handle = client.stream("scripted", json.dumps({"steps": [slow]}), until_idle=True)
+        async for event in handle.events():
+            if event.WhichOneof("payload") == "task":  # a TaskUpdate: QUEUED, ..., COMPLETED
+                task = await client.get_task(event.task.task_id)
+
 The unary helpers return the proto messages of ``keel.v1`` and raise
 ``grpc.aio.AioRpcError`` as gRPC does; only the handles' event streams, and
 the delivery of decisions (Resume, idempotent by request_id), retry.
@@ -121,6 +132,7 @@ class KeelClient:
         on_reconnect: OnReconnect | None = None,
         thread_id: str = "",
         busy_policy: pb.ThreadBusyPolicy.ValueType = pb.THREAD_BUSY_POLICY_UNSPECIFIED,
+        until_idle: bool = False,
     ) -> RunHandle:
         """A handle that starts a run with Stream on its first iteration.
 
@@ -128,7 +140,11 @@ class KeelClient:
         retries of a Stream that dropped before its snapshot start one run.
         With a ``thread_id`` the run is made on that thread (see ``send``);
         ``busy_policy`` says what happens when the thread has an active run
-        (UNSPECIFIED: REJECT).
+        (UNSPECIFIED: REJECT). With ``until_idle`` the run does not finish
+        while background tasks it started are pending: it waits for them and
+        gives each result to the model, so the stream carries every task's
+        TaskUpdates up to its end; without it the run finishes when the model
+        is done and its tasks go on by themselves (see ``get_task``).
         """
         start = pb.StreamRequest(
             agent_id=agent_id,
@@ -136,6 +152,7 @@ class KeelClient:
             request_id=request_id or str(uuid.uuid4()),
             thread_id=thread_id,
             busy_policy=busy_policy,
+            until_idle=until_idle,
         )
         return RunHandle(
             self._stub,
@@ -154,6 +171,7 @@ class KeelClient:
         busy_policy: pb.ThreadBusyPolicy.ValueType = pb.THREAD_BUSY_POLICY_UNSPECIFIED,
         request_id: str | None = None,
         on_reconnect: OnReconnect | None = None,
+        until_idle: bool = False,
     ) -> RunHandle:
         """The next turn of a thread: a handle that starts a run on ``thread_id``
         with Stream on its first iteration, and streams the reply.
@@ -166,6 +184,8 @@ class KeelClient:
         iteration raise FAILED_PRECONDITION (ErrorInfo reason THREAD_BUSY,
         metadata active_run_id); ENQUEUE, INTERRUPT and ROLLBACK stream a
         QUEUED snapshot, then heartbeats until the run's turn comes.
+        ``until_idle`` as for ``stream()``: the turn waits for its background
+        tasks.
         """
         return self.stream(
             agent_id,
@@ -174,6 +194,7 @@ class KeelClient:
             on_reconnect=on_reconnect,
             thread_id=thread_id,
             busy_policy=busy_policy,
+            until_idle=until_idle,
         )
 
     def run(
@@ -257,10 +278,11 @@ class KeelClient:
         request_id: str | None = None,
         thread_id: str = "",
         busy_policy: pb.ThreadBusyPolicy.ValueType = pb.THREAD_BUSY_POLICY_UNSPECIFIED,
+        until_idle: bool = False,
     ) -> pb.Run:
         """Start a run without streaming it; the same request_id returns the same run.
 
-        ``thread_id`` and ``busy_policy`` as for ``stream()``.
+        ``thread_id``, ``busy_policy`` and ``until_idle`` as for ``stream()``.
         """
         request = pb.StartRunRequest(
             agent_id=agent_id,
@@ -268,6 +290,7 @@ class KeelClient:
             request_id=request_id or "",
             thread_id=thread_id,
             busy_policy=busy_policy,
+            until_idle=until_idle,
         )
         response = await self._stub().StartRun(request)
         return response.run
@@ -307,6 +330,57 @@ class KeelClient:
         """The agents this server can run, sorted by agent_id."""
         response = await self._stub().ListAgents(pb.ListAgentsRequest())
         return list(response.agents)
+
+    # Background tasks: calls of background tools, run off their run's agent loop.
+
+    async def get_task(self, task_id: str) -> pb.Task:
+        """A background task: its run, tool, arguments, status, attempt, progress,
+        result or error. NOT_FOUND (TASK_NOT_FOUND) for an unknown task or one whose
+        run's retention time passed; INVALID_ARGUMENT for a malformed id."""
+        response = await self._stub().GetTask(pb.GetTaskRequest(task_id=task_id))
+        return response.task
+
+    async def list_tasks(
+        self,
+        run_id: str = "",
+        agent_id: str = "",
+        statuses: Sequence[pb.TaskStatus.ValueType] = (),
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> pb.ListTasksResponse:
+        """One page of background tasks, newest first; pass next_page_token back
+        for the next (with the same filters).
+
+        Filters: ``run_id`` (a run's tasks), ``agent_id`` and ``statuses``
+        (STARTED and RUNNING both select running tasks).
+        """
+        request = pb.ListTasksRequest(
+            run_id=run_id,
+            agent_id=agent_id,
+            statuses=statuses,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return await self._stub().ListTasks(request)
+
+    async def cancel_task(self, task_id: str, reason: str = "") -> pb.Task:
+        """Cancel a task that has not ended; the task as the server recorded it.
+
+        A waiting task ends CANCELLED at once, a running one as soon as its
+        runner hears of it (the returned task may still show it running);
+        its run, if still open, gets a TaskUpdate CANCELLED with ``reason``.
+        An ended task is returned unchanged.
+        """
+        request = pb.CancelTaskRequest(task_id=task_id, reason=reason)
+        response = await self._stub().CancelTask(request)
+        return response.task
+
+    async def retry_task(self, task_id: str) -> pb.Task:
+        """Run a FAILED or CANCELLED task again (same id and arguments, a fresh
+        retry budget); the task, QUEUED again. FAILED_PRECONDITION
+        (TASK_NOT_RETRYABLE) for a task that is waiting, running or completed."""
+        response = await self._stub().RetryTask(pb.RetryTaskRequest(task_id=task_id))
+        return response.task
 
     # Threads: conversations whose runs share one message history.
 

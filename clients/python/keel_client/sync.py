@@ -11,6 +11,11 @@
             ...
         for message in client.thread_messages(thread.thread_id):
             ...
+        # A run that waits for its background tasks; their TaskUpdates are among its events.
+        slow = '{"steps": [{"tool": "slow", "args": {"key": "k"}}]}'
+        for event in client.stream("scripted", slow, until_idle=True).events():
+            if event.WhichOneof("payload") == "task":
+                task = client.get_task(event.task.task_id)
 
 The client starts one daemon thread running an asyncio event loop; every
 call (and every step of an event iterator) runs the asyncio client's
@@ -264,9 +269,11 @@ class KeelClient:
         on_reconnect: OnReconnect | None = None,
         thread_id: str = "",
         busy_policy: pb.ThreadBusyPolicy.ValueType = pb.THREAD_BUSY_POLICY_UNSPECIFIED,
+        until_idle: bool = False,
     ) -> RunHandle:
         """A handle that starts a run with Stream on its first iteration (see the async
-        client); with a ``thread_id``, on that thread, ``busy_policy`` deciding when it is busy."""
+        client); with a ``thread_id``, on that thread, ``busy_policy`` deciding when it is busy;
+        with ``until_idle``, the run waits for its background tasks before it finishes."""
         handle = self._client.stream(
             agent_id,
             input,
@@ -274,6 +281,7 @@ class KeelClient:
             on_reconnect=on_reconnect,
             thread_id=thread_id,
             busy_policy=busy_policy,
+            until_idle=until_idle,
         )
         return RunHandle(handle, self._loop)
 
@@ -286,6 +294,7 @@ class KeelClient:
         busy_policy: pb.ThreadBusyPolicy.ValueType = pb.THREAD_BUSY_POLICY_UNSPECIFIED,
         request_id: str | None = None,
         on_reconnect: OnReconnect | None = None,
+        until_idle: bool = False,
     ) -> RunHandle:
         """The next turn of a thread: a handle that starts a run on ``thread_id`` on its
         first iteration and streams the reply (see the async client's ``send``)."""
@@ -296,6 +305,7 @@ class KeelClient:
             busy_policy=busy_policy,
             request_id=request_id,
             on_reconnect=on_reconnect,
+            until_idle=until_idle,
         )
         return RunHandle(handle, self._loop)
 
@@ -359,10 +369,16 @@ class KeelClient:
         request_id: str | None = None,
         thread_id: str = "",
         busy_policy: pb.ThreadBusyPolicy.ValueType = pb.THREAD_BUSY_POLICY_UNSPECIFIED,
+        until_idle: bool = False,
     ) -> pb.Run:
         """Start a run without streaming it; the same request_id returns the same run."""
         coroutine = self._client.start_run(
-            agent_id, input, request_id=request_id, thread_id=thread_id, busy_policy=busy_policy
+            agent_id,
+            input,
+            request_id=request_id,
+            thread_id=thread_id,
+            busy_policy=busy_policy,
+            until_idle=until_idle,
         )
         return self._loop.run(coroutine)
 
@@ -389,6 +405,34 @@ class KeelClient:
     def list_agents(self) -> list[pb.Agent]:
         """The agents this server can run, sorted by agent_id."""
         return self._loop.run(self._client.list_agents())
+
+    # Background tasks: calls of background tools, run off their run's agent loop.
+
+    def get_task(self, task_id: str) -> pb.Task:
+        """A background task; NOT_FOUND (TASK_NOT_FOUND) for an unknown one."""
+        return self._loop.run(self._client.get_task(task_id))
+
+    def list_tasks(
+        self,
+        run_id: str = "",
+        agent_id: str = "",
+        statuses: Sequence[pb.TaskStatus.ValueType] = (),
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> pb.ListTasksResponse:
+        """One page of background tasks, newest first; pass next_page_token back for the next."""
+        coroutine = self._client.list_tasks(run_id, agent_id, statuses, page_size, page_token)
+        return self._loop.run(coroutine)
+
+    def cancel_task(self, task_id: str, reason: str = "") -> pb.Task:
+        """Cancel a task that has not ended (a running one stops as soon as its runner
+        hears of it); an ended task is returned unchanged."""
+        return self._loop.run(self._client.cancel_task(task_id, reason))
+
+    def retry_task(self, task_id: str) -> pb.Task:
+        """Run a FAILED or CANCELLED task again; the task, QUEUED again.
+        FAILED_PRECONDITION (TASK_NOT_RETRYABLE) for any other task."""
+        return self._loop.run(self._client.retry_task(task_id))
 
     # Threads: conversations whose runs share one message history.
 

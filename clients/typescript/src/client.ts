@@ -19,6 +19,16 @@
  *       for await (const event of handle.events()) { ... }
  *     }
  *     const { messages } = await client.listThreadMessages(thread.threadId);
+ *
+ * A background tool call makes a task that runs off the agent loop; the
+ * run's stream carries its TaskUpdates, and `untilIdle` keeps the run open
+ * until its tasks ended, giving each result to the model:
+ *
+ *     const handle = client.stream("scripted", input, { untilIdle: true });
+ *     for await (const event of handle.events()) {
+ *       if (event.payload.case === "task") { ... } // QUEUED, STARTED, ..., COMPLETED
+ *     }
+ *     const task = await client.getTask(taskId);
  */
 import { createClient, type CallOptions, type Transport } from "@connectrpc/connect";
 import {
@@ -38,12 +48,15 @@ import {
   type Agent,
   type AgentEvent,
   type ListRunsResponse,
+  type ListTasksResponse,
   type ListThreadMessagesResponse,
   type ListThreadsResponse,
   type ResumeRequest,
   type Run,
   type RunSnapshot,
   type RunState,
+  type Task,
+  type TaskStatus,
   type Thread,
 } from "./gen/keel/v1/agent_service_pb.js";
 import {
@@ -118,8 +131,21 @@ export interface ThreadRunOptions {
   busyPolicy?: ThreadBusyPolicy;
 }
 
+/** Whether a run waits for its background tasks. */
+export interface UntilIdleOptions {
+  /**
+   * Do not finish the run while background tasks it started are pending:
+   * when the model is done the run stays RUNNING and waits, and each task's
+   * result is given to the model as a new message, until the model is done
+   * with no task pending; the stream carries every task's TaskUpdates up to
+   * its end. Default false: the run finishes when the model is done and its
+   * tasks go on by themselves (getTask() shows them).
+   */
+  untilIdle?: boolean;
+}
+
 /** Options of startRun(). */
-export interface StartRunOptions extends ThreadRunOptions {
+export interface StartRunOptions extends ThreadRunOptions, UntilIdleOptions {
   /**
    * An idempotency key (a UUID is best, at most 128 characters): requests
    * with the same request_id start one run (on a thread: one run of that
@@ -139,7 +165,7 @@ export interface StartRunOptions extends ThreadRunOptions {
 export interface StartOptions extends HandleOptions, StartRunOptions {}
 
 /** Options of sendMessage(). */
-export interface SendMessageOptions extends HandleOptions, ThreadRunOptions {
+export interface SendMessageOptions extends HandleOptions, ThreadRunOptions, UntilIdleOptions {
   /**
    * An idempotency key: requests with the same request_id start one run of
    * the thread. Default: a random UUID, so the handle's own retries never
@@ -202,6 +228,20 @@ export interface ListRunsFilter {
   /** Only runs made on this thread. */
   threadId?: string;
   /** The most runs to return: 0 means 50, larger values are capped at 1000. */
+  pageSize?: number;
+  /** The nextPageToken of the previous page (only valid with the same filters). */
+  pageToken?: string;
+}
+
+/** Filters and paging of listTasks(). */
+export interface ListTasksFilter {
+  /** Only tasks of this run. */
+  runId?: string;
+  /** Only tasks of this agent. */
+  agentId?: string;
+  /** Only tasks in one of these statuses (STARTED and RUNNING both mean running). */
+  statuses?: TaskStatus[];
+  /** The most tasks to return: 0 means 50, larger values are capped at 1000. */
   pageSize?: number;
   /** The nextPageToken of the previous page (only valid with the same filters). */
   pageToken?: string;
@@ -284,6 +324,10 @@ export class KeelClient {
    * the thread's turn (busyPolicy ENQUEUE, INTERRUPT or ROLLBACK) streams
    * its snapshot in state QUEUED, then heartbeats until it starts. REJECT
    * on a busy thread makes events() throw FAILED_PRECONDITION (THREAD_BUSY).
+   *
+   * With `untilIdle` the run waits for the background tasks it started
+   * (their TaskUpdates are among its events) and the model sees each
+   * result before the run finishes.
    */
   stream(agentId: string, input: string, options: StartOptions = {}): RunHandle {
     const request = create(StreamRequestSchema, {
@@ -292,6 +336,7 @@ export class KeelClient {
       requestId: options.requestId ?? randomId(),
       threadId: options.threadId ?? "",
       busyPolicy: options.busyPolicy ?? ThreadBusyPolicy.UNSPECIFIED,
+      untilIdle: options.untilIdle ?? false,
     });
     return new RunHandle(this.#context, { rpc: "Stream", request }, options.onReconnect);
   }
@@ -306,7 +351,8 @@ export class KeelClient {
    * A busy thread (a run of it has not ended) follows `busyPolicy`; with
    * the default, REJECT, events() throws ConnectError FAILED_PRECONDITION
    * whose errorInfo() has reason THREAD_BUSY and metadata active_run_id.
-   * NOT_FOUND (THREAD_NOT_FOUND) for an unknown thread.
+   * NOT_FOUND (THREAD_NOT_FOUND) for an unknown thread. `untilIdle` as for
+   * stream(): the turn waits for its background tasks.
    */
   sendMessage(
     threadId: string,
@@ -447,6 +493,7 @@ export class KeelClient {
    * Starts a run without streaming it; the same requestId returns the same
    * run. With `threadId` the run is made on that thread (see stream());
    * on a busy thread it is returned QUEUED unless busyPolicy is REJECT.
+   * `untilIdle` as for stream().
    */
   async startRun(
     agentId: string,
@@ -461,6 +508,7 @@ export class KeelClient {
         requestId: options.requestId ?? "",
         threadId: options.threadId ?? "",
         busyPolicy: options.busyPolicy ?? ThreadBusyPolicy.UNSPECIFIED,
+        untilIdle: options.untilIdle ?? false,
       },
       call,
     );
@@ -501,6 +549,60 @@ export class KeelClient {
   async listAgents(call?: CallOptions): Promise<Agent[]> {
     const response = await this.#live().listAgents({}, call);
     return response.agents;
+  }
+
+  // Background tasks: calls of background tools, run off their run's agent loop.
+
+  /**
+   * A background task: its run, tool, arguments, status, attempt, progress,
+   * and result or error. NOT_FOUND (TASK_NOT_FOUND) for an unknown task or
+   * one whose run's retention time passed; INVALID_ARGUMENT for a malformed
+   * id (a task's id is its run's id, a dot and 16 hex digits).
+   */
+  async getTask(taskId: string, call?: CallOptions): Promise<Task> {
+    const response = await this.#live().getTask({ taskId }, call);
+    return required(response.task, "GetTask", "task");
+  }
+
+  /** One page of background tasks, newest first; pass nextPageToken back as pageToken for the next. */
+  listTasks(filter: ListTasksFilter = {}, call?: CallOptions): Promise<ListTasksResponse> {
+    return this.#live().listTasks(
+      {
+        runId: filter.runId ?? "",
+        agentId: filter.agentId ?? "",
+        statuses: filter.statuses ?? [],
+        pageSize: filter.pageSize ?? 0,
+        pageToken: filter.pageToken ?? "",
+      },
+      call,
+    );
+  }
+
+  /**
+   * Cancels a task that has not ended and returns it as the server recorded
+   * the cancellation: a waiting task ends CANCELLED at once, a running one as
+   * soon as its runner hears of it (the task returned may still be STARTED).
+   * Its run, if still open, gets a TaskUpdate CANCELLED with `reason`. An
+   * ended task is returned unchanged.
+   */
+  async cancelTask(
+    taskId: string,
+    options: { reason?: string } = {},
+    call?: CallOptions,
+  ): Promise<Task> {
+    const response = await this.#live().cancelTask({ taskId, reason: options.reason ?? "" }, call);
+    return required(response.task, "CancelTask", "task");
+  }
+
+  /**
+   * Runs a FAILED or CANCELLED task again, with the same id and arguments
+   * and a fresh retry budget; resolves with the task, QUEUED again.
+   * FAILED_PRECONDITION (TASK_NOT_RETRYABLE, metadata status) for a task
+   * that is waiting, running or completed.
+   */
+  async retryTask(taskId: string, call?: CallOptions): Promise<Task> {
+    const response = await this.#live().retryTask({ taskId }, call);
+    return required(response.task, "RetryTask", "task");
   }
 
   // Threads.

@@ -3,14 +3,17 @@
  *
  * - `KeelClient`: the connection, unary helpers, decisions for suspended
  *   runs, and handles on runs; `observeRun()` for an existing run; threads
- *   (conversations): `createThread()`, `sendMessage()`, `listThreadMessages()`.
+ *   (conversations): `createThread()`, `sendMessage()`, `listThreadMessages()`;
+ *   background tasks: `getTask()`, `listTasks()`, `cancelTask()`,
+ *   `retryTask()` (`untilIdle` makes a run wait for its tasks).
  * - `RunHandle`: one run's events, yielded exactly once and in order across
  *   dropped connections (reconnect on UNAVAILABLE, resume at `nextOffset`).
  * - `StreamContractError`, `ClientClosedError`, `isUnavailable()`, `errorInfo()`;
  *   Connect's `ConnectError` and `Code`, which every failed call throws.
  * - `Backoff`: the capped exponential backoff with jitter between reconnects.
  * - Every generated message, enum and the `AgentService` descriptor of keel.v1
- *   (`Thread`, `ThreadMessage`, `ThreadBusyPolicy`, `MessageKind`, ...).
+ *   (`Thread`, `ThreadMessage`, `ThreadBusyPolicy`, `MessageKind`, `Task`,
+ *   `TaskUpdate`, `TaskStatus`, ...).
  */
 export { Code, ConnectError } from "@connectrpc/connect";
 export { Backoff, type BackoffOptions } from "./backoff.js";
@@ -20,6 +23,7 @@ export {
   type HandleOptions,
   type KeelClientOptions,
   type ListRunsFilter,
+  type ListTasksFilter,
   type ListThreadMessagesOptions,
   type ListThreadsFilter,
   type ObserveOptions,
@@ -28,6 +32,7 @@ export {
   type StartOptions,
   type StartRunOptions,
   type ThreadRunOptions,
+  type UntilIdleOptions,
 } from "./client.js";
 export {
   ClientClosedError,

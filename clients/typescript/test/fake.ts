@@ -172,6 +172,7 @@ export class FakeAgentService {
         run.agentId = request.agentId;
         run.input = request.input;
         run.threadId = request.threadId;
+        run.untilIdle = request.untilIdle;
         return { run };
       },
       getRun(request) {

@@ -11,6 +11,7 @@ import {
   KeelClient,
   RunState,
   StreamContractError,
+  TaskStatus,
   ThreadBusyPolicy,
   type AgentEvent,
   type KeelClientOptions,
@@ -153,6 +154,25 @@ describe("the resume loop", () => {
       ],
     );
     assert.equal(service.streams[1]!.requestId, "req-4");
+  });
+
+  test("stream() and sendMessage() send untilIdle only when told, and again on a retry", async () => {
+    service.failures.set(1, { at: -1, code: Code.Unavailable });
+    await indices(client.stream("scripted", "a").events());
+    await indices(client.stream("scripted", "b", { untilIdle: true }).events());
+    await indices(client.sendMessage("thread-1", "scripted", "c", { untilIdle: true }).events());
+    await indices(client.sendMessage("thread-1", "scripted", "d").events());
+    assert.deepEqual(
+      service.streams.map((r) => [r.input, r.threadId, r.untilIdle]),
+      [
+        ["a", "", false],
+        ["b", "", true], // dropped before its snapshot: sent again, untilIdle and all
+        ["b", "", true],
+        ["c", "thread-1", true],
+        ["d", "thread-1", false],
+      ],
+    );
+    assert.equal(service.streams[1]!.requestId, service.streams[2]!.requestId);
   });
 
   test("observeRun starts at fromOffset and resumes at the next offset", async () => {
@@ -540,6 +560,36 @@ describe("unary helpers", () => {
     assert.equal(started.threadId, "thread-1");
     const page = await client.listRuns({ threadId: "thread-1" });
     assert.equal(page.nextPageToken, "||thread-1|0|");
+  });
+
+  test("task helpers send what they are given and return the proto messages", async () => {
+    const taskId = `${RUN_ID}.0123456789abcdef`;
+    const task = await client.getTask(taskId);
+    assert.deepEqual([task.taskId, task.runId], [taskId, RUN_ID]);
+    const page = await client.listTasks({
+      runId: RUN_ID,
+      agentId: "scripted",
+      statuses: [TaskStatus.FAILED, TaskStatus.CANCELLED],
+      pageSize: 5,
+      pageToken: "p",
+    });
+    assert.deepEqual(
+      page.tasks.map((t) => t.taskId),
+      [`${RUN_ID}.0000000000000000`],
+    );
+    assert.equal(
+      page.nextPageToken,
+      `${RUN_ID}|scripted|${TaskStatus.FAILED},${TaskStatus.CANCELLED}|5|p`,
+    );
+    assert.equal((await client.listTasks()).nextPageToken, "|||0|");
+    const cancelled = await client.cancelTask(taskId, { reason: "enough" });
+    assert.deepEqual([cancelled.taskId, cancelled.error], [taskId, "enough"]);
+    assert.equal((await client.cancelTask(taskId)).error, "");
+    assert.equal((await client.retryTask(taskId)).taskId, taskId);
+
+    const started = await client.startRun("scripted", "hi", { untilIdle: true });
+    assert.equal(started.untilIdle, true);
+    assert.equal((await client.startRun("scripted", "hi")).untilIdle, false);
   });
 
   test("a target without a scheme means cleartext HTTP/2", () => {

@@ -4593,12 +4593,17 @@ type TaskUpdate struct {
 	// A message about the task: the error of a failed attempt, what a tool
 	// said with its progress, why it was cancelled.
 	Message string `protobuf:"bytes,5,opt,name=message,proto3" json:"message,omitempty"`
-	// The attempt this update is about, from 1 (RETRYING: the attempt to come).
+	// The attempt this update is about, from 1 (RETRYING: the attempt to come;
+	// QUEUED: the last attempt, 0 before the first). Every attempt counts,
+	// a takeover's and those after RetryTask too.
 	Attempt int32 `protobuf:"varint,6,opt,name=attempt,proto3" json:"attempt,omitempty"`
 	// The tool call that started the task.
 	ToolCallId string `protobuf:"bytes,7,opt,name=tool_call_id,json=toolCallId,proto3" json:"tool_call_id,omitempty"`
 	// For COMPLETED, the tool's result, as JSON.
 	ResultJson string `protobuf:"bytes,8,opt,name=result_json,json=resultJson,proto3" json:"result_json,omitempty"`
+	// When the change happened (the event's own time is when its run wrote
+	// it, which can be later).
+	Time *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=time,proto3" json:"time,omitempty"`
 }
 
 func (x *TaskUpdate) Reset() {
@@ -4687,6 +4692,13 @@ func (x *TaskUpdate) GetResultJson() string {
 		return x.ResultJson
 	}
 	return ""
+}
+
+func (x *TaskUpdate) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
 }
 
 // Thread is a conversation: the message history that its runs share.
@@ -5948,7 +5960,9 @@ type Task struct {
 	// Where the task is: QUEUED, STARTED (running), RETRYING, COMPLETED,
 	// FAILED or CANCELLED.
 	Status TaskStatus `protobuf:"varint,7,opt,name=status,proto3,enum=keel.v1.TaskStatus" json:"status,omitempty"`
-	// The current (or last) attempt, from 1; 0 before the first starts.
+	// The current (or last) attempt, from 1; 0 before the first starts. Every
+	// attempt counts: retries, a takeover after its server died, and those
+	// after RetryTask.
 	Attempt int32 `protobuf:"varint,8,opt,name=attempt,proto3" json:"attempt,omitempty"`
 	// How many failed attempts are retried.
 	MaxRetries int32 `protobuf:"varint,9,opt,name=max_retries,json=maxRetries,proto3" json:"max_retries,omitempty"`
@@ -7032,7 +7046,7 @@ var file_keel_v1_agent_service_proto_rawDesc = []byte{
 	0x73, 0x12, 0x1a, 0x0a, 0x08, 0x72, 0x65, 0x71, 0x75, 0x65, 0x73, 0x74, 0x73, 0x18, 0x03, 0x20,
 	0x01, 0x28, 0x03, 0x52, 0x08, 0x72, 0x65, 0x71, 0x75, 0x65, 0x73, 0x74, 0x73, 0x12, 0x1d, 0x0a,
 	0x0a, 0x74, 0x6f, 0x6f, 0x6c, 0x5f, 0x63, 0x61, 0x6c, 0x6c, 0x73, 0x18, 0x04, 0x20, 0x01, 0x28,
-	0x03, 0x52, 0x09, 0x74, 0x6f, 0x6f, 0x6c, 0x43, 0x61, 0x6c, 0x6c, 0x73, 0x22, 0xf9, 0x01, 0x0a,
+	0x03, 0x52, 0x09, 0x74, 0x6f, 0x6f, 0x6c, 0x43, 0x61, 0x6c, 0x6c, 0x73, 0x22, 0xa9, 0x02, 0x0a,
 	0x0a, 0x54, 0x61, 0x73, 0x6b, 0x55, 0x70, 0x64, 0x61, 0x74, 0x65, 0x12, 0x17, 0x0a, 0x07, 0x74,
 	0x61, 0x73, 0x6b, 0x5f, 0x69, 0x64, 0x18, 0x01, 0x20, 0x01, 0x28, 0x09, 0x52, 0x06, 0x74, 0x61,
 	0x73, 0x6b, 0x49, 0x64, 0x12, 0x12, 0x0a, 0x04, 0x6e, 0x61, 0x6d, 0x65, 0x18, 0x02, 0x20, 0x01,
@@ -7048,7 +7062,10 @@ var file_keel_v1_agent_service_proto_rawDesc = []byte{
 	0x6c, 0x6c, 0x5f, 0x69, 0x64, 0x18, 0x07, 0x20, 0x01, 0x28, 0x09, 0x52, 0x0a, 0x74, 0x6f, 0x6f,
 	0x6c, 0x43, 0x61, 0x6c, 0x6c, 0x49, 0x64, 0x12, 0x1f, 0x0a, 0x0b, 0x72, 0x65, 0x73, 0x75, 0x6c,
 	0x74, 0x5f, 0x6a, 0x73, 0x6f, 0x6e, 0x18, 0x08, 0x20, 0x01, 0x28, 0x09, 0x52, 0x0a, 0x72, 0x65,
-	0x73, 0x75, 0x6c, 0x74, 0x4a, 0x73, 0x6f, 0x6e, 0x22, 0xc6, 0x03, 0x0a, 0x06, 0x54, 0x68, 0x72,
+	0x73, 0x75, 0x6c, 0x74, 0x4a, 0x73, 0x6f, 0x6e, 0x12, 0x2e, 0x0a, 0x04, 0x74, 0x69, 0x6d, 0x65,
+	0x18, 0x09, 0x20, 0x01, 0x28, 0x0b, 0x32, 0x1a, 0x2e, 0x67, 0x6f, 0x6f, 0x67, 0x6c, 0x65, 0x2e,
+	0x70, 0x72, 0x6f, 0x74, 0x6f, 0x62, 0x75, 0x66, 0x2e, 0x54, 0x69, 0x6d, 0x65, 0x73, 0x74, 0x61,
+	0x6d, 0x70, 0x52, 0x04, 0x74, 0x69, 0x6d, 0x65, 0x22, 0xc6, 0x03, 0x0a, 0x06, 0x54, 0x68, 0x72,
 	0x65, 0x61, 0x64, 0x12, 0x1b, 0x0a, 0x09, 0x74, 0x68, 0x72, 0x65, 0x61, 0x64, 0x5f, 0x69, 0x64,
 	0x18, 0x01, 0x20, 0x01, 0x28, 0x09, 0x52, 0x08, 0x74, 0x68, 0x72, 0x65, 0x61, 0x64, 0x49, 0x64,
 	0x12, 0x1f, 0x0a, 0x0b, 0x72, 0x65, 0x73, 0x6f, 0x75, 0x72, 0x63, 0x65, 0x5f, 0x69, 0x64, 0x18,
@@ -7570,74 +7587,75 @@ var file_keel_v1_agent_service_proto_depIdxs = []int32{
 	60,  // 61: keel.v1.StepFinish.usage:type_name -> keel.v1.Usage
 	60,  // 62: keel.v1.RunFinish.usage:type_name -> keel.v1.Usage
 	2,   // 63: keel.v1.TaskUpdate.status:type_name -> keel.v1.TaskStatus
-	89,  // 64: keel.v1.Thread.metadata:type_name -> keel.v1.Thread.MetadataEntry
-	92,  // 65: keel.v1.Thread.create_time:type_name -> google.protobuf.Timestamp
-	92,  // 66: keel.v1.Thread.update_time:type_name -> google.protobuf.Timestamp
-	90,  // 67: keel.v1.CreateThreadRequest.metadata:type_name -> keel.v1.CreateThreadRequest.MetadataEntry
-	62,  // 68: keel.v1.CreateThreadResponse.thread:type_name -> keel.v1.Thread
-	62,  // 69: keel.v1.GetThreadResponse.thread:type_name -> keel.v1.Thread
-	62,  // 70: keel.v1.ListThreadsResponse.threads:type_name -> keel.v1.Thread
-	73,  // 71: keel.v1.ListThreadMessagesResponse.messages:type_name -> keel.v1.ThreadMessage
-	4,   // 72: keel.v1.ThreadMessage.kind:type_name -> keel.v1.MessageKind
-	74,  // 73: keel.v1.ThreadMessage.parts:type_name -> keel.v1.MessagePart
-	92,  // 74: keel.v1.ThreadMessage.create_time:type_name -> google.protobuf.Timestamp
-	75,  // 75: keel.v1.MessagePart.user_prompt:type_name -> keel.v1.UserPromptPart
-	76,  // 76: keel.v1.MessagePart.text:type_name -> keel.v1.TextPart
-	50,  // 77: keel.v1.MessagePart.tool_call:type_name -> keel.v1.ToolCall
-	51,  // 78: keel.v1.MessagePart.tool_result:type_name -> keel.v1.ToolResult
-	52,  // 79: keel.v1.MessagePart.retry:type_name -> keel.v1.ToolError
-	77,  // 80: keel.v1.MessagePart.reasoning:type_name -> keel.v1.ReasoningPart
-	78,  // 81: keel.v1.MessagePart.system_prompt:type_name -> keel.v1.SystemPromptPart
-	58,  // 82: keel.v1.MessagePart.file:type_name -> keel.v1.File
-	79,  // 83: keel.v1.MessagePart.other:type_name -> keel.v1.OtherPart
-	2,   // 84: keel.v1.Task.status:type_name -> keel.v1.TaskStatus
-	91,  // 85: keel.v1.Task.timeout:type_name -> google.protobuf.Duration
-	92,  // 86: keel.v1.Task.create_time:type_name -> google.protobuf.Timestamp
-	92,  // 87: keel.v1.Task.update_time:type_name -> google.protobuf.Timestamp
-	80,  // 88: keel.v1.GetTaskResponse.task:type_name -> keel.v1.Task
-	2,   // 89: keel.v1.ListTasksRequest.statuses:type_name -> keel.v1.TaskStatus
-	80,  // 90: keel.v1.ListTasksResponse.tasks:type_name -> keel.v1.Task
-	80,  // 91: keel.v1.CancelTaskResponse.task:type_name -> keel.v1.Task
-	80,  // 92: keel.v1.RetryTaskResponse.task:type_name -> keel.v1.Task
-	5,   // 93: keel.v1.AgentService.Stream:input_type -> keel.v1.StreamRequest
-	7,   // 94: keel.v1.AgentService.Observe:input_type -> keel.v1.ObserveRequest
-	9,   // 95: keel.v1.AgentService.Resume:input_type -> keel.v1.ResumeRequest
-	15,  // 96: keel.v1.AgentService.StartRun:input_type -> keel.v1.StartRunRequest
-	17,  // 97: keel.v1.AgentService.GetRun:input_type -> keel.v1.GetRunRequest
-	19,  // 98: keel.v1.AgentService.ListRuns:input_type -> keel.v1.ListRunsRequest
-	21,  // 99: keel.v1.AgentService.CancelRun:input_type -> keel.v1.CancelRunRequest
-	23,  // 100: keel.v1.AgentService.ListAgents:input_type -> keel.v1.ListAgentsRequest
-	63,  // 101: keel.v1.AgentService.CreateThread:input_type -> keel.v1.CreateThreadRequest
-	65,  // 102: keel.v1.AgentService.GetThread:input_type -> keel.v1.GetThreadRequest
-	67,  // 103: keel.v1.AgentService.ListThreads:input_type -> keel.v1.ListThreadsRequest
-	69,  // 104: keel.v1.AgentService.DeleteThread:input_type -> keel.v1.DeleteThreadRequest
-	71,  // 105: keel.v1.AgentService.ListThreadMessages:input_type -> keel.v1.ListThreadMessagesRequest
-	81,  // 106: keel.v1.AgentService.GetTask:input_type -> keel.v1.GetTaskRequest
-	83,  // 107: keel.v1.AgentService.ListTasks:input_type -> keel.v1.ListTasksRequest
-	85,  // 108: keel.v1.AgentService.CancelTask:input_type -> keel.v1.CancelTaskRequest
-	87,  // 109: keel.v1.AgentService.RetryTask:input_type -> keel.v1.RetryTaskRequest
-	6,   // 110: keel.v1.AgentService.Stream:output_type -> keel.v1.StreamResponse
-	8,   // 111: keel.v1.AgentService.Observe:output_type -> keel.v1.ObserveResponse
-	14,  // 112: keel.v1.AgentService.Resume:output_type -> keel.v1.ResumeResponse
-	16,  // 113: keel.v1.AgentService.StartRun:output_type -> keel.v1.StartRunResponse
-	18,  // 114: keel.v1.AgentService.GetRun:output_type -> keel.v1.GetRunResponse
-	20,  // 115: keel.v1.AgentService.ListRuns:output_type -> keel.v1.ListRunsResponse
-	22,  // 116: keel.v1.AgentService.CancelRun:output_type -> keel.v1.CancelRunResponse
-	24,  // 117: keel.v1.AgentService.ListAgents:output_type -> keel.v1.ListAgentsResponse
-	64,  // 118: keel.v1.AgentService.CreateThread:output_type -> keel.v1.CreateThreadResponse
-	66,  // 119: keel.v1.AgentService.GetThread:output_type -> keel.v1.GetThreadResponse
-	68,  // 120: keel.v1.AgentService.ListThreads:output_type -> keel.v1.ListThreadsResponse
-	70,  // 121: keel.v1.AgentService.DeleteThread:output_type -> keel.v1.DeleteThreadResponse
-	72,  // 122: keel.v1.AgentService.ListThreadMessages:output_type -> keel.v1.ListThreadMessagesResponse
-	82,  // 123: keel.v1.AgentService.GetTask:output_type -> keel.v1.GetTaskResponse
-	84,  // 124: keel.v1.AgentService.ListTasks:output_type -> keel.v1.ListTasksResponse
-	86,  // 125: keel.v1.AgentService.CancelTask:output_type -> keel.v1.CancelTaskResponse
-	88,  // 126: keel.v1.AgentService.RetryTask:output_type -> keel.v1.RetryTaskResponse
-	110, // [110:127] is the sub-list for method output_type
-	93,  // [93:110] is the sub-list for method input_type
-	93,  // [93:93] is the sub-list for extension type_name
-	93,  // [93:93] is the sub-list for extension extendee
-	0,   // [0:93] is the sub-list for field type_name
+	92,  // 64: keel.v1.TaskUpdate.time:type_name -> google.protobuf.Timestamp
+	89,  // 65: keel.v1.Thread.metadata:type_name -> keel.v1.Thread.MetadataEntry
+	92,  // 66: keel.v1.Thread.create_time:type_name -> google.protobuf.Timestamp
+	92,  // 67: keel.v1.Thread.update_time:type_name -> google.protobuf.Timestamp
+	90,  // 68: keel.v1.CreateThreadRequest.metadata:type_name -> keel.v1.CreateThreadRequest.MetadataEntry
+	62,  // 69: keel.v1.CreateThreadResponse.thread:type_name -> keel.v1.Thread
+	62,  // 70: keel.v1.GetThreadResponse.thread:type_name -> keel.v1.Thread
+	62,  // 71: keel.v1.ListThreadsResponse.threads:type_name -> keel.v1.Thread
+	73,  // 72: keel.v1.ListThreadMessagesResponse.messages:type_name -> keel.v1.ThreadMessage
+	4,   // 73: keel.v1.ThreadMessage.kind:type_name -> keel.v1.MessageKind
+	74,  // 74: keel.v1.ThreadMessage.parts:type_name -> keel.v1.MessagePart
+	92,  // 75: keel.v1.ThreadMessage.create_time:type_name -> google.protobuf.Timestamp
+	75,  // 76: keel.v1.MessagePart.user_prompt:type_name -> keel.v1.UserPromptPart
+	76,  // 77: keel.v1.MessagePart.text:type_name -> keel.v1.TextPart
+	50,  // 78: keel.v1.MessagePart.tool_call:type_name -> keel.v1.ToolCall
+	51,  // 79: keel.v1.MessagePart.tool_result:type_name -> keel.v1.ToolResult
+	52,  // 80: keel.v1.MessagePart.retry:type_name -> keel.v1.ToolError
+	77,  // 81: keel.v1.MessagePart.reasoning:type_name -> keel.v1.ReasoningPart
+	78,  // 82: keel.v1.MessagePart.system_prompt:type_name -> keel.v1.SystemPromptPart
+	58,  // 83: keel.v1.MessagePart.file:type_name -> keel.v1.File
+	79,  // 84: keel.v1.MessagePart.other:type_name -> keel.v1.OtherPart
+	2,   // 85: keel.v1.Task.status:type_name -> keel.v1.TaskStatus
+	91,  // 86: keel.v1.Task.timeout:type_name -> google.protobuf.Duration
+	92,  // 87: keel.v1.Task.create_time:type_name -> google.protobuf.Timestamp
+	92,  // 88: keel.v1.Task.update_time:type_name -> google.protobuf.Timestamp
+	80,  // 89: keel.v1.GetTaskResponse.task:type_name -> keel.v1.Task
+	2,   // 90: keel.v1.ListTasksRequest.statuses:type_name -> keel.v1.TaskStatus
+	80,  // 91: keel.v1.ListTasksResponse.tasks:type_name -> keel.v1.Task
+	80,  // 92: keel.v1.CancelTaskResponse.task:type_name -> keel.v1.Task
+	80,  // 93: keel.v1.RetryTaskResponse.task:type_name -> keel.v1.Task
+	5,   // 94: keel.v1.AgentService.Stream:input_type -> keel.v1.StreamRequest
+	7,   // 95: keel.v1.AgentService.Observe:input_type -> keel.v1.ObserveRequest
+	9,   // 96: keel.v1.AgentService.Resume:input_type -> keel.v1.ResumeRequest
+	15,  // 97: keel.v1.AgentService.StartRun:input_type -> keel.v1.StartRunRequest
+	17,  // 98: keel.v1.AgentService.GetRun:input_type -> keel.v1.GetRunRequest
+	19,  // 99: keel.v1.AgentService.ListRuns:input_type -> keel.v1.ListRunsRequest
+	21,  // 100: keel.v1.AgentService.CancelRun:input_type -> keel.v1.CancelRunRequest
+	23,  // 101: keel.v1.AgentService.ListAgents:input_type -> keel.v1.ListAgentsRequest
+	63,  // 102: keel.v1.AgentService.CreateThread:input_type -> keel.v1.CreateThreadRequest
+	65,  // 103: keel.v1.AgentService.GetThread:input_type -> keel.v1.GetThreadRequest
+	67,  // 104: keel.v1.AgentService.ListThreads:input_type -> keel.v1.ListThreadsRequest
+	69,  // 105: keel.v1.AgentService.DeleteThread:input_type -> keel.v1.DeleteThreadRequest
+	71,  // 106: keel.v1.AgentService.ListThreadMessages:input_type -> keel.v1.ListThreadMessagesRequest
+	81,  // 107: keel.v1.AgentService.GetTask:input_type -> keel.v1.GetTaskRequest
+	83,  // 108: keel.v1.AgentService.ListTasks:input_type -> keel.v1.ListTasksRequest
+	85,  // 109: keel.v1.AgentService.CancelTask:input_type -> keel.v1.CancelTaskRequest
+	87,  // 110: keel.v1.AgentService.RetryTask:input_type -> keel.v1.RetryTaskRequest
+	6,   // 111: keel.v1.AgentService.Stream:output_type -> keel.v1.StreamResponse
+	8,   // 112: keel.v1.AgentService.Observe:output_type -> keel.v1.ObserveResponse
+	14,  // 113: keel.v1.AgentService.Resume:output_type -> keel.v1.ResumeResponse
+	16,  // 114: keel.v1.AgentService.StartRun:output_type -> keel.v1.StartRunResponse
+	18,  // 115: keel.v1.AgentService.GetRun:output_type -> keel.v1.GetRunResponse
+	20,  // 116: keel.v1.AgentService.ListRuns:output_type -> keel.v1.ListRunsResponse
+	22,  // 117: keel.v1.AgentService.CancelRun:output_type -> keel.v1.CancelRunResponse
+	24,  // 118: keel.v1.AgentService.ListAgents:output_type -> keel.v1.ListAgentsResponse
+	64,  // 119: keel.v1.AgentService.CreateThread:output_type -> keel.v1.CreateThreadResponse
+	66,  // 120: keel.v1.AgentService.GetThread:output_type -> keel.v1.GetThreadResponse
+	68,  // 121: keel.v1.AgentService.ListThreads:output_type -> keel.v1.ListThreadsResponse
+	70,  // 122: keel.v1.AgentService.DeleteThread:output_type -> keel.v1.DeleteThreadResponse
+	72,  // 123: keel.v1.AgentService.ListThreadMessages:output_type -> keel.v1.ListThreadMessagesResponse
+	82,  // 124: keel.v1.AgentService.GetTask:output_type -> keel.v1.GetTaskResponse
+	84,  // 125: keel.v1.AgentService.ListTasks:output_type -> keel.v1.ListTasksResponse
+	86,  // 126: keel.v1.AgentService.CancelTask:output_type -> keel.v1.CancelTaskResponse
+	88,  // 127: keel.v1.AgentService.RetryTask:output_type -> keel.v1.RetryTaskResponse
+	111, // [111:128] is the sub-list for method output_type
+	94,  // [94:111] is the sub-list for method input_type
+	94,  // [94:94] is the sub-list for extension type_name
+	94,  // [94:94] is the sub-list for extension extendee
+	0,   // [0:94] is the sub-list for field type_name
 }
 
 func init() { file_keel_v1_agent_service_proto_init() }

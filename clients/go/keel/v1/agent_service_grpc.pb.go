@@ -146,7 +146,9 @@ type AgentServiceClient interface {
 	ListTasks(ctx context.Context, in *ListTasksRequest, opts ...grpc.CallOption) (*ListTasksResponse, error)
 	// CancelTask stops a task that has not ended: a waiting one ends at once,
 	// a running one as soon as its runner hears of it. It ends CANCELLED and
-	// its run gets a TaskUpdate (CANCELLED) if the run is still open.
+	// its run gets a TaskUpdate (CANCELLED) if the run is still open. The
+	// answer comes once the task has ended (or, if its runner is slow to stop
+	// it, after the server's cancel wait, still running but bound to end).
 	// Cancelling an ended task changes nothing and returns it as it is.
 	// Errors: those of GetTask.
 	CancelTask(ctx context.Context, in *CancelTaskRequest, opts ...grpc.CallOption) (*CancelTaskResponse, error)
@@ -520,7 +522,9 @@ type AgentServiceServer interface {
 	ListTasks(context.Context, *ListTasksRequest) (*ListTasksResponse, error)
 	// CancelTask stops a task that has not ended: a waiting one ends at once,
 	// a running one as soon as its runner hears of it. It ends CANCELLED and
-	// its run gets a TaskUpdate (CANCELLED) if the run is still open.
+	// its run gets a TaskUpdate (CANCELLED) if the run is still open. The
+	// answer comes once the task has ended (or, if its runner is slow to stop
+	// it, after the server's cancel wait, still running but bound to end).
 	// Cancelling an ended task changes nothing and returns it as it is.
 	// Errors: those of GetTask.
 	CancelTask(context.Context, *CancelTaskRequest) (*CancelTaskResponse, error)

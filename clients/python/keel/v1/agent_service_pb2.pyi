@@ -2178,6 +2178,7 @@ class TaskUpdate(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
     RESULT_JSON_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task's id (GetTask names it)."""
     name: _builtins.str
@@ -2191,11 +2192,20 @@ class TaskUpdate(_message.Message):
     said with its progress, why it was cancelled.
     """
     attempt: _builtins.int
-    """The attempt this update is about, from 1 (RETRYING: the attempt to come)."""
+    """The attempt this update is about, from 1 (RETRYING: the attempt to come;
+    QUEUED: the last attempt, 0 before the first). Every attempt counts,
+    a takeover's and those after RetryTask too.
+    """
     tool_call_id: _builtins.str
     """The tool call that started the task."""
     result_json: _builtins.str
     """For COMPLETED, the tool's result, as JSON."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the change happened (the event's own time is when its run wrote
+        it, which can be later).
+        """
+
     def __init__(
         self,
         *,
@@ -2207,10 +2217,11 @@ class TaskUpdate(_message.Message):
         attempt: _builtins.int = ...,
         tool_call_id: _builtins.str = ...,
         result_json: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "message", b"message", "name", b"name", "progress", b"progress", "result_json", b"result_json", "status", b"status", "task_id", b"task_id", "tool_call_id", b"tool_call_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "message", b"message", "name", b"name", "progress", b"progress", "result_json", b"result_json", "status", b"status", "task_id", b"task_id", "time", b"time", "tool_call_id", b"tool_call_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2884,7 +2895,10 @@ class Task(_message.Message):
     FAILED or CANCELLED.
     """
     attempt: _builtins.int
-    """The current (or last) attempt, from 1; 0 before the first starts."""
+    """The current (or last) attempt, from 1; 0 before the first starts. Every
+    attempt counts: retries, a takeover after its server died, and those
+    after RetryTask.
+    """
     max_retries: _builtins.int
     """How many failed attempts are retried."""
     progress: _builtins.float

@@ -341,7 +341,9 @@ class AgentServiceServicer:
     def CancelTask(self, request, context):
         """CancelTask stops a task that has not ended: a waiting one ends at once,
         a running one as soon as its runner hears of it. It ends CANCELLED and
-        its run gets a TaskUpdate (CANCELLED) if the run is still open.
+        its run gets a TaskUpdate (CANCELLED) if the run is still open. The
+        answer comes once the task has ended (or, if its runner is slow to stop
+        it, after the server's cancel wait, still running but bound to end).
         Cancelling an ended task changes nothing and returns it as it is.
         Errors: those of GetTask.
         """

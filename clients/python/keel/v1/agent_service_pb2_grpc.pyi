@@ -201,7 +201,9 @@ class AgentServiceStub:
     CancelTask: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.CancelTaskRequest, _agent_service_pb2.CancelTaskResponse]
     """CancelTask stops a task that has not ended: a waiting one ends at once,
     a running one as soon as its runner hears of it. It ends CANCELLED and
-    its run gets a TaskUpdate (CANCELLED) if the run is still open.
+    its run gets a TaskUpdate (CANCELLED) if the run is still open. The
+    answer comes once the task has ended (or, if its runner is slow to stop
+    it, after the server's cancel wait, still running but bound to end).
     Cancelling an ended task changes nothing and returns it as it is.
     Errors: those of GetTask.
     """
@@ -367,7 +369,9 @@ class AgentServiceAsyncStub(AgentServiceStub):
     CancelTask: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.CancelTaskRequest, _agent_service_pb2.CancelTaskResponse]  # type: ignore[assignment]
     """CancelTask stops a task that has not ended: a waiting one ends at once,
     a running one as soon as its runner hears of it. It ends CANCELLED and
-    its run gets a TaskUpdate (CANCELLED) if the run is still open.
+    its run gets a TaskUpdate (CANCELLED) if the run is still open. The
+    answer comes once the task has ended (or, if its runner is slow to stop
+    it, after the server's cancel wait, still running but bound to end).
     Cancelling an ended task changes nothing and returns it as it is.
     Errors: those of GetTask.
     """
@@ -626,7 +630,9 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_agent_service_pb2.CancelTaskResponse, _abc.Awaitable[_agent_service_pb2.CancelTaskResponse]]:
         """CancelTask stops a task that has not ended: a waiting one ends at once,
         a running one as soon as its runner hears of it. It ends CANCELLED and
-        its run gets a TaskUpdate (CANCELLED) if the run is still open.
+        its run gets a TaskUpdate (CANCELLED) if the run is still open. The
+        answer comes once the task has ended (or, if its runner is slow to stop
+        it, after the server's cancel wait, still running but bound to end).
         Cancelling an ended task changes nothing and returns it as it is.
         Errors: those of GetTask.
         """
