@@ -79,6 +79,7 @@ class _Attempt:
     runner: asyncio.Task[None]
     stop_reason: str = ""  # set when a cancel request or a lost lease stops it
     begun: bool = False  # a task cancelled before it began would never run its cleanup
+    ending: bool = False  # the tool returned: its outcome is being written
 
 
 class _CancelListener:
@@ -180,7 +181,11 @@ class TaskRunner:
                 continue  # its agent is full, or every slot is taken; others may fit
             running = await self._store.start_task(task_id, self._instance_id)
             if running is None:
-                await self._store.release_slot(task_id, task.agent_id)
+                # A slot is held under the task's id. Another server that started
+                # the task holds it now: only a task nobody runs gives it back.
+                now = await self._store.get_task(task_id)
+                if now.status is not TaskStatus.RUNNING:
+                    await self._store.release_slot(task_id, task.agent_id)
                 continue
             self._spawn(running, spec)
             started += 1
@@ -212,6 +217,7 @@ class TaskRunner:
                 )
                 return
             outcome = await self._call(task, tool)
+            attempt.ending = True  # a renewal refused from now on is its own ending
             await self._end(task, outcome)
         except asyncio.CancelledError:
             reason = self._attempts[task.task_id].stop_reason
@@ -330,7 +336,7 @@ class TaskRunner:
                 except StoreUnavailable as exc:
                     log.warning("renewing task %s failed: %s", task_id, exc)
                     continue
-                if not renewed:
+                if not renewed and not attempt.ending:
                     log.warning("task %s was taken over by another server", task_id)
                     self.stop(task_id, "lost")
 

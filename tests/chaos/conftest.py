@@ -41,9 +41,13 @@ class Cluster:
         self.key_prefix = key_prefix
         self.processes: list[KeelProcess] = []
 
-    async def start(self, port: int = 0) -> KeelProcess:
+    async def start(self, port: int = 0, **env: str) -> KeelProcess:
+        """A server of the cluster; `env` adds KEEL_* settings to CHAOS_ENV."""
         process = await start_keel_process(
-            redis_url=self.redis_url, key_prefix=self.key_prefix, port=port, env=CHAOS_ENV
+            redis_url=self.redis_url,
+            key_prefix=self.key_prefix,
+            port=port,
+            env={**CHAOS_ENV, **env},
         )
         self.processes.append(process)
         return process
