@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--only",
         default="",
-        help="workload letters to run, e.g. 'ad' (default all: abcdef)",
+        help="workload letters to run, e.g. 'ad' (default all: abcdefg)",
     )
     parser.add_argument(
         "--keel-root",

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from bench import ceilings, keel_load
+from bench import ceilings, keel_load, tasks_load
 
 Client = Callable[[dict[str, Any]], Coroutine[Any, Any, dict[str, Any]]]
 
@@ -24,6 +24,7 @@ CLIENTS: dict[str, Client] = {
     "replay": keel_load.replay,
     "rejoin": keel_load.rejoin,
     "overhead": keel_load.overhead,
+    "tasks": tasks_load.tasks,
     "grpc_stream": ceilings.grpc_stream,
     "grpc_fanout": ceilings.grpc_fanout,
     "redis": ceilings.redis,

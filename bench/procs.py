@@ -226,16 +226,19 @@ class Launcher:
         finally:
             watchdog.cancel()
 
-    def start_keel(self, redis_url: str = "", *, log_level: str = "WARNING") -> ServerProcess:
-        """A Keel server serving the scripted agent, on the memory log or on `redis_url`."""
+    def start_keel(
+        self, redis_url: str = "", *, log_level: str = "WARNING", env: dict[str, str] | None = None
+    ) -> ServerProcess:
+        """A Keel server serving the scripted agent, on the memory log or on `redis_url`,
+        with the KEEL_* settings of `env` added."""
         argv = ["-m", "server", "serve", "--port", "0", "--agents", SCRIPTED_AGENTS]
         argv += ["--log-level", log_level]
         if redis_url:
             argv += ["--redis-url", redis_url, "--key-prefix", f"bench-{uuid.uuid4().hex[:8]}"]
         # Stop fast: the benchmark waits for nothing at shutdown.
-        env = {"KEEL_SHUTDOWN_GRACE_S": "0"}
+        settings = {"KEEL_SHUTDOWN_GRACE_S": "0", **(env or {})}
         name = "keel-redis" if redis_url else "keel-memory"
-        return self.start_server(name, argv, "keel listening on ", env=env)
+        return self.start_server(name, argv, "keel listening on ", env=settings)
 
     def start_raw_grpc(self) -> ServerProcess:
         return self.start_server("raw-grpc", ["-m", "bench.raw_grpc"], "raw grpc listening on ")

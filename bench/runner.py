@@ -2,7 +2,7 @@
 
 1. Start a redis-server of our own (memory-only) and, on first need, the raw
    gRPC server.
-2. For each workload a-f: measure the ceilings it is compared with (once per
+2. For each workload a-g: measure the ceilings it is compared with (once per
    benchmark run, just before the first workload that needs them), then run
    its client against a Keel server on each backend. A full run starts a
    fresh server per workload and backend, so its peak RSS (VmHWM) belongs to
@@ -39,6 +39,8 @@ class Workload:
     client: str  # the client function (child.py)
     params: Callable[[Sizes], Params]
     ceilings: tuple[str, ...]  # keys of CEILINGS it is compared with
+    # KEEL_* settings of its own: the workload gets a server of its own, quick or not.
+    server_env: Callable[[Sizes], dict[str, str]] | None = None
 
 
 WORKLOADS = (
@@ -94,6 +96,19 @@ WORKLOADS = (
         lambda s: {"deltas": s.overhead_deltas, "reps": s.overhead_reps},
         (),
     ),
+    Workload(
+        "g_tasks",
+        "g. background tasks under a global concurrency limit",
+        "tasks",
+        lambda s: {
+            "tasks": s.tasks_count,
+            "duration_ms": s.tasks_ms,
+            "limit": s.tasks_limit,
+            "runs": s.tasks_runs,
+        },
+        (),
+        lambda s: {"KEEL_TASKS_GLOBAL_CONCURRENCY": str(s.tasks_limit)},
+    ),
 )
 
 
@@ -129,17 +144,18 @@ class Run:
         return self.raw_grpc.target
 
     @contextlib.contextmanager
-    def keel(self, backend: str) -> Iterator[ServerProcess]:
-        """A Keel server on `backend`: fresh (full runs) or shared by every workload (quick)."""
+    def keel(self, backend: str, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+        """A Keel server on `backend`: fresh (full runs, or settings of its own `env`) or
+        shared by every workload (quick)."""
         url = self.redis_url() if backend == "redis" else ""
-        if not self.sizes.fresh_server_per_workload:
+        if not self.sizes.fresh_server_per_workload and not env:
             if backend not in self.shared:
                 self.shared[backend] = self.launcher.start_keel(url)
             yield self.shared[backend]
             return
-        if self.redis is not None:
+        if self.redis is not None and self.sizes.fresh_server_per_workload:
             self.redis.flush()
-        server = self.launcher.start_keel(url)
+        server = self.launcher.start_keel(url, env=env)
         try:
             yield server
         finally:
@@ -176,7 +192,8 @@ class Run:
         self.log(f"workload {workload.key} on {backend}")
         start = time.monotonic()
         try:
-            with self.keel(backend) as server:
+            env = workload.server_env(self.sizes) if workload.server_env else None
+            with self.keel(backend, env) as server:
                 baseline_kib = server.rss_kib()
                 params = {"target": server.target, **workload.params(self.sizes)}
                 with self._profiling(server, f"{workload.key}-{backend}"):

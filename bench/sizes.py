@@ -35,6 +35,11 @@ class Sizes:
     # f. durability overhead: the same agent in-process and through Keel, alternated
     overhead_deltas: int
     overhead_reps: int
+    # g. background tasks of tasks_ms each, under a global limit, made by tasks_runs runs
+    tasks_count: int
+    tasks_ms: int
+    tasks_limit: int
+    tasks_runs: int
     # ceilings
     grpc_messages: int  # on one stream
     grpc_streams: int  # concurrent streams of grpc_stream_messages each
@@ -62,6 +67,10 @@ FULL = Sizes(
     rejoin_before_s=2.0,
     overhead_deltas=10_000,
     overhead_reps=3,
+    tasks_count=200,
+    tasks_ms=100,
+    tasks_limit=20,
+    tasks_runs=10,
     grpc_messages=10_000,
     grpc_streams=100,
     grpc_stream_messages=1_000,
@@ -87,6 +96,10 @@ QUICK = Sizes(
     rejoin_before_s=0.2,
     overhead_deltas=300,
     overhead_reps=1,
+    tasks_count=20,
+    tasks_ms=50,
+    tasks_limit=4,
+    tasks_runs=2,
     grpc_messages=500,
     grpc_streams=5,
     grpc_stream_messages=100,

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from pydantic_ai import Agent, RunContext, Tool
+
 from server.agents.testing import registry as scripted
+from server.tasks import background
 
 BRIEF_RETENTION_S = 1.0
 
@@ -22,4 +25,17 @@ options = {
     ),
     # At most one of its background tasks runs at a time, across every server.
     "scripted-one-task": dataclasses.replace(scripted["scripted"], max_concurrent_tasks=1),
+}
+
+
+def _fetch_with_context(ctx: RunContext[None], url: str) -> str:
+    return url
+
+
+# Not servable: a background tool runs off the agent loop and gets no RunContext.
+background_with_context = {
+    "bad": Agent(
+        "test",
+        tools=[Tool(_fetch_with_context, takes_ctx=True, metadata=background())],
+    )
 }

@@ -26,7 +26,7 @@ from pydantic_ai.tools import ToolDefinition
 from server.events.log import RunRecord
 from server.tasks.records import TaskRecord, TaskStatus, background_options, task_id_for
 from server.tasks.runner import TaskLimits, TaskRunner
-from server.tasks.store import TaskStore
+from server.tasks.store import Slot, TaskStore
 
 QUEUED_MESSAGE = "The task runs in the background; its result comes later."
 BUSY_MESSAGE = "The system is busy: every slot for background tasks is taken. Try again later."
@@ -64,7 +64,7 @@ class BackgroundTools(AbstractCapability[Any]):
             return await handler(args)
         run = self._run
         task_id = task_id_for(run.run_id, call.tool_call_id)
-        if options.overflow == "reject" and not await self._store.acquire_slot(
+        if options.overflow == "reject" and Slot.HELD is not await self._store.acquire_slot(
             task_id,
             run.agent_id,
             global_limit=self._limits.global_concurrency,

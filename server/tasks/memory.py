@@ -19,7 +19,7 @@ from server.errors import StaleEpoch, TaskNotFound, TaskNotRetryable
 from server.events.log import Subscription
 from server.events.memory import MemoryEventLog
 from server.tasks.records import TaskPageCursor, TaskRecord, TaskStatus, log_entry
-from server.tasks.store import TaskListener
+from server.tasks.store import Slot, TaskListener
 
 logger = logging.getLogger(__name__)
 
@@ -129,20 +129,20 @@ class MemoryTaskStore:
 
     async def acquire_slot(
         self, task_id: str, agent_id: str, *, global_limit: int, agent_limit: int
-    ) -> bool:
+    ) -> Slot:
         now = self._clock()
         for held_id, held in list(self._held.items()):
             if held.until < now:
                 del self._held[held_id]  # its runner died: the slot comes back
         if task_id not in self._held:
             if len(self._held) >= global_limit:
-                return False
+                return Slot.FULL
             if agent_limit and sum(h.agent_id == agent_id for h in self._held.values()) >= (
                 agent_limit
             ):
-                return False
+                return Slot.AGENT_FULL
         self._held[task_id] = _Held(agent_id, now + self._lease_ttl_s)
-        return True
+        return Slot.HELD
 
     async def renew_slot(self, task_id: str, agent_id: str) -> None:
         held = self._held.get(task_id)

@@ -25,7 +25,7 @@ from server.events.redis import RedisEventLog
 from server.events.redis_records import flatten, pairs, store_errors, walk_index
 from server.tasks import scripts
 from server.tasks.records import TaskPageCursor, TaskRecord, TaskStatus, run_id_of
-from server.tasks.store import TaskListener
+from server.tasks.store import Slot, TaskListener
 
 # The fields of a task's hash: the names of TaskRecord's fields.
 _FIELDS = list(TaskRecord.__dataclass_fields__)
@@ -218,14 +218,14 @@ class RedisTaskStore:
 
     async def acquire_slot(
         self, task_id: str, agent_id: str, *, global_limit: int, agent_limit: int
-    ) -> bool:
+    ) -> Slot:
         now = _now_ms()
         with store_errors():
             held = await self._acquire(
                 keys=[self._keys.task_slots, self._keys.agent_task_slots(agent_id)],
                 args=[task_id, now, now + self._lease_ttl_ms, global_limit, agent_limit],
             )
-        return bool(held)
+        return {1: Slot.HELD, 0: Slot.FULL}.get(int(held), Slot.AGENT_FULL)
 
     async def renew_slot(self, task_id: str, agent_id: str) -> None:
         until = _now_ms() + self._lease_ttl_ms

@@ -3,9 +3,10 @@
 1. Dispatch (woken when a task is queued or a slot frees here, and every
    poll_interval_s for what other servers did): for each due task, oldest
    first, whose agent this server has, take a global slot and one of the
-   agent's (TaskStore.acquire_slot), then start the task's next attempt
-   (TaskStore.start_task); a task another server started, or that was
-   cancelled, gives its slots back.
+   agent's (TaskStore.acquire_slot; every global slot taken ends the round),
+   then, off the dispatch loop, start the task's next attempt
+   (TaskStore.start_task); a task another server started first, or that
+   was cancelled, gives its slots back.
 2. An attempt runs the tool's function with the task's arguments, under
    the task's timeout, with task_context() set; its lease and slots are
    renewed every third of the lease TTL. A lease that is lost (another
@@ -35,9 +36,10 @@ from pydantic_ai.toolsets import AbstractToolset, FunctionToolset
 
 from server.agents.types import AgentSpec, Counters
 from server.errors import StaleEpoch, StoreUnavailable, TaskNotFound
+from server.events.log import Subscription
 from server.tasks import context
 from server.tasks.records import TaskRecord, TaskStatus, background_options
-from server.tasks.store import TaskStore
+from server.tasks.store import Slot, TaskStore
 from server.threads.history import task_result_entry
 
 log = logging.getLogger(__name__)
@@ -75,11 +77,20 @@ def background_tool(spec: AgentSpec, name: str) -> Tool[Any] | None:
 
 @dataclass(slots=True)
 class _Attempt:
-    task: TaskRecord
+    task: TaskRecord  # as queued until the attempt starts, then as started
     runner: asyncio.Task[None]
     stop_reason: str = ""  # set when a cancel request or a lost lease stops it
     begun: bool = False  # a task cancelled before it began would never run its cleanup
     ending: bool = False  # the tool returned: its outcome is being written
+    started: bool = False  # TaskStore.start_task made it this server's attempt
+
+
+@dataclass(slots=True)
+class _Listening:
+    """The one subscription to a run's task channel that its attempts here share."""
+
+    subscribing: asyncio.Future[Subscription]
+    attempts: int = 0
 
 
 class _CancelListener:
@@ -114,6 +125,7 @@ class TaskRunner:
         self._limits = limits
         self._wakeup = asyncio.Event()
         self._attempts: dict[str, _Attempt] = {}
+        self._listening: dict[str, _Listening] = {}  # run id -> its shared subscription
         self._loops: list[asyncio.Task[None]] = []
         self._draining = False
 
@@ -157,56 +169,58 @@ class TaskRunner:
         await asyncio.gather(*(a.runner for a in attempts), return_exceptions=True)
 
     async def dispatch_once(self) -> int:
-        """Step 1 of the module docstring; returns how many attempts it started."""
-        started = 0
-        for task_id in await self._store.due(_DISPATCH_BATCH):
+        """Step 1 of the module docstring; returns how many slots it took."""
+        taken = 0
+        due = [i for i in await self._store.due(_DISPATCH_BATCH) if i not in self._attempts]
+        found = await asyncio.gather(
+            *(self._store.get_task(i) for i in due), return_exceptions=True
+        )
+        for task in found:
             if self._draining:
                 break
-            if task_id in self._attempts:
+            if isinstance(task, TaskNotFound):
                 continue
-            try:
-                task = await self._store.get_task(task_id)
-            except TaskNotFound:
-                continue
+            if isinstance(task, BaseException):
+                raise task
             spec = self._agents.get(task.agent_id)
-            if spec is None:
+            if spec is None or task.task_id in self._attempts:
                 continue  # a server that has the agent runs it
-            agent_limit = spec.max_concurrent_tasks
-            if not await self._store.acquire_slot(
-                task_id,
+            slot = await self._store.acquire_slot(
+                task.task_id,
                 task.agent_id,
                 global_limit=self._limits.global_concurrency,
-                agent_limit=agent_limit,
-            ):
-                continue  # its agent is full, or every slot is taken; others may fit
-            running = await self._store.start_task(task_id, self._instance_id)
-            if running is None:
-                # A slot is held under the task's id. Another server that started
-                # the task holds it now: only a task nobody runs gives it back.
-                now = await self._store.get_task(task_id)
-                if now.status is not TaskStatus.RUNNING:
-                    await self._store.release_slot(task_id, task.agent_id)
-                continue
-            self._spawn(running, spec)
-            started += 1
-        return started
+                agent_limit=spec.max_concurrent_tasks,
+            )
+            if slot is Slot.FULL:
+                break  # no task can start until a slot frees (and wakes dispatch)
+            if slot is Slot.AGENT_FULL:
+                continue  # another agent's task may still fit
+            self._spawn(task, spec)
+            taken += 1
+        return taken
 
     def _spawn(self, task: TaskRecord, spec: AgentSpec) -> None:
         runner = asyncio.create_task(self._attempt(task, spec), name=f"task:{task.task_id}")
         self._attempts[task.task_id] = _Attempt(task, runner)
 
-    async def _attempt(self, task: TaskRecord, spec: AgentSpec) -> None:
-        """Steps 2 and 3 of the module docstring."""
-        attempt = self._attempts[task.task_id]
+    async def _attempt(self, queued: TaskRecord, spec: AgentSpec) -> None:
+        """Steps 2 and 3 of the module docstring, once its slots are held."""
+        attempt = self._attempts[queued.task_id]
         attempt.begun = True
-        subscription = None
+        task = queued
+        listening = False
         try:
             if attempt.stop_reason:
                 raise asyncio.CancelledError  # stopped before it began: handled below
-            subscription = await self._store.subscribe_tasks(task.run_id, _CancelListener(self))
-            current = await self._store.get_task(task.task_id)
-            if current.cancel_reason:  # asked before this attempt began
-                await self._finish(task, TaskStatus.CANCELLED, error=current.cancel_reason)
+            running = await self._store.start_task(queued.task_id, self._instance_id)
+            if running is None:
+                return  # another server started it first, or it ended
+            task = attempt.task = running
+            attempt.started = True
+            await self._listen(task.run_id)
+            listening = True
+            if task.cancel_reason:  # asked before this attempt began
+                await self._finish(task, TaskStatus.CANCELLED, error=task.cancel_reason)
                 return
             tool = background_tool(spec, task.tool_name)
             if tool is None:
@@ -220,8 +234,8 @@ class TaskRunner:
             attempt.ending = True  # a renewal refused from now on is its own ending
             await self._end(task, outcome)
         except asyncio.CancelledError:
-            reason = self._attempts[task.task_id].stop_reason
-            if reason == "cancelled":
+            reason = attempt.stop_reason
+            if reason == "cancelled" and attempt.started:
                 asked = await self._store.get_task(task.task_id)
                 await self._finish(task, TaskStatus.CANCELLED, error=asked.cancel_reason)
             elif not reason:
@@ -233,11 +247,45 @@ class TaskRunner:
             log.warning("task %s stopped: the store is unreachable (%s)", task.task_id, exc)
         finally:
             self._attempts.pop(task.task_id, None)
-            if subscription is not None:
-                await subscription.close()
-            with contextlib.suppress(StoreUnavailable):
-                await self._store.release_slot(task.task_id, task.agent_id)
-            self.wake()
+            with contextlib.suppress(StoreUnavailable, TaskNotFound):
+                await self._give_slot_back(task, attempt.started)
+            if listening:
+                await self._unlisten(task.run_id)
+
+    async def _give_slot_back(self, task: TaskRecord, started: bool) -> None:
+        """Release the task's slots, held under its id, and dispatch again. An attempt
+        that never started leaves them to a server that started the task meanwhile."""
+        if not started and (await self._store.get_task(task.task_id)).status is (
+            TaskStatus.RUNNING
+        ):
+            return
+        await self._store.release_slot(task.task_id, task.agent_id)
+        self.wake()
+
+    async def _listen(self, run_id: str) -> None:
+        """Hear cancel requests for the run's tasks (one subscription per run here)."""
+        listening = self._listening.get(run_id)
+        if listening is None:
+            subscribing = asyncio.ensure_future(
+                self._store.subscribe_tasks(run_id, _CancelListener(self))
+            )
+            listening = self._listening[run_id] = _Listening(subscribing)
+        listening.attempts += 1
+        try:
+            await asyncio.shield(listening.subscribing)
+        except BaseException:
+            await self._unlisten(run_id)
+            raise
+
+    async def _unlisten(self, run_id: str) -> None:
+        listening = self._listening[run_id]
+        listening.attempts -= 1
+        if listening.attempts:
+            return
+        del self._listening[run_id]
+        with contextlib.suppress(Exception):
+            subscription = await listening.subscribing
+            await subscription.close()
 
     async def _call(self, task: TaskRecord, tool: Tool[Any]) -> tuple[str, Any]:
         """One attempt of the tool: ("ok", result) or ("error", message)."""
@@ -329,6 +377,8 @@ class TaskRunner:
         while True:
             await asyncio.sleep(self._limits.lease_ttl_s / 3)
             for task_id, attempt in list(self._attempts.items()):
+                if not attempt.started:
+                    continue
                 task = attempt.task
                 try:
                     renewed = await self._store.renew_task(task_id, task.epoch)

@@ -238,14 +238,14 @@ return {0, redis.call('HGETALL', KEYS[1])}
 # ARGV[3]  the hold's expiry, unix ms
 # ARGV[4]  the global limit
 # ARGV[5]  the agent's limit, 0 = none
-# Returns 1 when held, 0 when full.
+# Returns 1 when held, 0 when every global slot is taken, -1 when the agent's are.
 ACQUIRE_SLOT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[2])
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
   if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
   local agent_limit = tonumber(ARGV[5])
-  if agent_limit > 0 and redis.call('ZCARD', KEYS[2]) >= agent_limit then return 0 end
+  if agent_limit > 0 and redis.call('ZCARD', KEYS[2]) >= agent_limit then return -1 end
 end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])

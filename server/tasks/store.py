@@ -20,11 +20,20 @@ store (one process) and the Redis store (every server sharing the store).
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from typing import Protocol
 
 from server.events.log import Subscription
 from server.tasks.records import TaskPageCursor, TaskRecord, TaskStatus
+
+
+class Slot(enum.Enum):
+    """What acquire_slot got."""
+
+    HELD = "held"  # a global slot and one of the agent's
+    FULL = "full"  # every global slot is taken: no task can start now
+    AGENT_FULL = "agent_full"  # the agent's are taken: another agent's task may start
 
 
 class TaskListener(Protocol):
@@ -73,7 +82,7 @@ class TaskStore(Protocol):
 
     async def acquire_slot(
         self, task_id: str, agent_id: str, *, global_limit: int, agent_limit: int
-    ) -> bool:
+    ) -> Slot:
         """Take one global slot and one of the agent's (agent_limit 0: no agent limit).
 
         Both or neither; a task that holds its slots already keeps them

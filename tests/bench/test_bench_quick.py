@@ -20,7 +20,15 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-WORKLOADS = ("a_stream", "b_concurrent", "c_fanout", "d_replay", "e_rejoin", "f_overhead")
+WORKLOADS = (
+    "a_stream",
+    "b_concurrent",
+    "c_fanout",
+    "d_replay",
+    "e_rejoin",
+    "f_overhead",
+    "g_tasks",
+)
 CEILINGS = ("grpc_one_stream", "grpc_many_streams", "grpc_fanout", "grpc_batched", "redis")
 BACKENDS = ("memory", "redis")
 QUICK_TIMEOUT_S = 100  # under pytest's 120 s; a quick run takes about 20 s

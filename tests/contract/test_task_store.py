@@ -24,7 +24,7 @@ from server.tasks.records import (
     task_update,
 )
 from server.tasks.redis import RedisTaskStore
-from server.tasks.store import TaskStore
+from server.tasks.store import Slot, TaskStore
 from tests.contract.test_event_log import LogClock, OpenEventLog, make_events, new_run
 from tests.contract.test_event_log_threads import new_thread, run_on
 
@@ -142,19 +142,19 @@ async def test_slots_hold_a_global_and_an_agent_limit_and_come_back_when_a_holde
     agent = f"agent-{uuid.uuid4().hex[:6]}"
     other = f"other-{uuid.uuid4().hex[:6]}"
     limits = {"global_limit": 3, "agent_limit": 2}
-    assert await store.acquire_slot("t1", agent, **limits)
-    assert await store.acquire_slot("t2", agent, **limits)
-    assert not await store.acquire_slot("t3", agent, **limits)  # the agent is full
-    assert await store.acquire_slot("t1", agent, **limits)  # re-entrant
-    assert await store.acquire_slot("o1", other, **limits)
-    assert not await store.acquire_slot("o2", other, **limits)  # the global limit is full
+    assert await store.acquire_slot("t1", agent, **limits) is Slot.HELD
+    assert await store.acquire_slot("t2", agent, **limits) is Slot.HELD
+    assert await store.acquire_slot("t3", agent, **limits) is Slot.AGENT_FULL
+    assert await store.acquire_slot("t1", agent, **limits) is Slot.HELD  # re-entrant
+    assert await store.acquire_slot("o1", other, **limits) is Slot.HELD
+    assert await store.acquire_slot("o2", other, **limits) is Slot.FULL  # the global limit
     await store.release_slot("t1", agent)
-    assert await store.acquire_slot("o2", other, **limits)
+    assert await store.acquire_slot("o2", other, **limits) is Slot.HELD
     # Holders that stop renewing lose their slots after the lease TTL.
     await store.renew_slot("o2", other)
     await log_clock.advance(LEASE_TTL_S * 2)
-    assert await store.acquire_slot("t4", agent, **limits)
-    assert await store.acquire_slot("t5", agent, **limits)
+    assert await store.acquire_slot("t4", agent, **limits) is Slot.HELD
+    assert await store.acquire_slot("t5", agent, **limits) is Slot.HELD
 
 
 async def test_a_running_task_whose_runner_died_is_queued_again_and_taken_over(

@@ -118,3 +118,10 @@ def test_import_errors_name_the_module(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("importlib.import_module", broken)
     with pytest.raises(ValueError, match=r"cannot import module 'x'.*missing OPENAI_API_KEY"):
         load_registry("x:registry")
+
+
+def test_a_background_tool_that_takes_a_run_context_is_refused_at_load() -> None:
+    with pytest.raises(
+        ValueError, match="background tool '_fetch_with_context' takes a RunContext"
+    ):
+        load_registry("tests.registries:background_with_context")
