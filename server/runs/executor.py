@@ -57,7 +57,7 @@ from server.runs.supervisor import Stop, Supervisor, WriterLimits
 from server.runs.tasks import Tasks
 from server.tasks.factory import task_store_for
 from server.tasks.records import TaskRecord
-from server.tasks.runner import TaskLimits, TaskRunner
+from server.tasks.runner import TaskLimits, TaskRunner, stop_if_cancelled
 from server.tasks.store import TaskStore
 
 log = logging.getLogger(__name__)
@@ -472,9 +472,10 @@ class LocalExecutor:
             self._supervisor.stop(run_id, task, Stop.FENCED)
 
     async def _sweep_forever(self) -> None:
-        while True:
+        while not self._draining:
             try:
                 await self.sweep_once()
             except StoreUnavailable as exc:
+                stop_if_cancelled()
                 log.warning("sweep failed: %s", exc)
             await asyncio.sleep(self._timing.sweep_interval_s)

@@ -80,7 +80,6 @@ class _Attempt:
     task: TaskRecord  # as queued until the attempt starts, then as started
     runner: asyncio.Task[None]
     stop_reason: str = ""  # set when a cancel request or a lost lease stops it
-    begun: bool = False  # a task cancelled before it began would never run its cleanup
     ending: bool = False  # the tool returned: its outcome is being written
     started: bool = False  # TaskStore.start_task made it this server's attempt
 
@@ -152,8 +151,11 @@ class TaskRunner:
         attempt = self._attempts.get(task_id)
         if attempt is not None and not attempt.stop_reason:
             attempt.stop_reason = reason
-            if attempt.begun:
-                attempt.runner.cancel()  # else it finds the reason when it begins
+            # Cancelled before it began, an attempt would run none of its cleanup;
+            # cancelled while starting, it would leave a started task nobody runs.
+            # Until it has started, it finds the reason itself.
+            if attempt.started:
+                attempt.runner.cancel()
 
     async def drain(self) -> None:
         """Stop dispatching; stop the attempts running here (their leases lapse and
@@ -164,8 +166,7 @@ class TaskRunner:
         await asyncio.gather(*self._loops, return_exceptions=True)
         attempts = list(self._attempts.values())
         for attempt in attempts:
-            attempt.stop_reason = "shutdown"
-            attempt.runner.cancel()
+            self.stop(attempt.task.task_id, "shutdown")
         await asyncio.gather(*(a.runner for a in attempts), return_exceptions=True)
 
     async def dispatch_once(self) -> int:
@@ -206,17 +207,19 @@ class TaskRunner:
     async def _attempt(self, queued: TaskRecord, spec: AgentSpec) -> None:
         """Steps 2 and 3 of the module docstring, once its slots are held."""
         attempt = self._attempts[queued.task_id]
-        attempt.begun = True
         task = queued
         listening = False
         try:
             if attempt.stop_reason:
-                raise asyncio.CancelledError  # stopped before it began: handled below
+                return  # stopped before it started: nothing of it to undo
             running = await self._store.start_task(queued.task_id, self._instance_id)
             if running is None:
                 return  # another server started it first, or it ended
             task = attempt.task = running
             attempt.started = True
+            if attempt.stop_reason:  # told while it was starting
+                await self._stopped(attempt, task)
+                return
             await self._listen(task.run_id)
             listening = True
             if task.cancel_reason:  # asked before this attempt began
@@ -234,13 +237,9 @@ class TaskRunner:
             attempt.ending = True  # a renewal refused from now on is its own ending
             await self._end(task, outcome)
         except asyncio.CancelledError:
-            reason = attempt.stop_reason
-            if reason == "cancelled" and attempt.started:
-                asked = await self._store.get_task(task.task_id)
-                await self._finish(task, TaskStatus.CANCELLED, error=asked.cancel_reason)
-            elif not reason:
+            if not attempt.stop_reason:
                 raise  # not ours: the event loop is going away
-            # "shutdown", "lost": another server runs the task again; write nothing.
+            await self._stopped(attempt, task)
         except (StaleEpoch, TaskNotFound):
             log.info("task %s was taken over or is gone; stopping", task.task_id)
         except StoreUnavailable as exc:
@@ -251,6 +250,13 @@ class TaskRunner:
                 await self._give_slot_back(task, attempt.started)
             if listening:
                 await self._unlisten(task.run_id)
+
+    async def _stopped(self, attempt: _Attempt, task: TaskRecord) -> None:
+        """A started attempt told to stop: "cancelled" ends the task CANCELLED; "shutdown"
+        and "lost" write nothing (another server runs the task again)."""
+        if attempt.stop_reason == "cancelled":
+            asked = await self._store.get_task(task.task_id)
+            await self._finish(task, TaskStatus.CANCELLED, error=asked.cancel_reason)
 
     async def _give_slot_back(self, task: TaskRecord, started: bool) -> None:
         """Release the task's slots, held under its id, and dispatch again. An attempt
@@ -361,8 +367,12 @@ class TaskRunner:
             thread_entry=entry,
         )
 
+    # The loops stop when cancelled, and also when draining: a Redis client may turn
+    # a cancellation that lands mid-command into a connection error (swallowed here
+    # as an outage), and drain must not wait for a loop that went on.
+
     async def _dispatch_forever(self) -> None:
-        while True:
+        while not self._draining:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._limits.poll_interval_s):
                     await self._wakeup.wait()
@@ -371,10 +381,11 @@ class TaskRunner:
                 while await self.dispatch_once():
                     pass  # started some: there may be more room
             except StoreUnavailable as exc:
+                stop_if_cancelled()
                 log.warning("task dispatch failed: %s", exc)
 
     async def _renew_forever(self) -> None:
-        while True:
+        while not self._draining:
             await asyncio.sleep(self._limits.lease_ttl_s / 3)
             for task_id, attempt in list(self._attempts.items()):
                 if not attempt.started:
@@ -384,6 +395,7 @@ class TaskRunner:
                     renewed = await self._store.renew_task(task_id, task.epoch)
                     await self._store.renew_slot(task_id, task.agent_id)
                 except StoreUnavailable as exc:
+                    stop_if_cancelled()
                     log.warning("renewing task %s failed: %s", task_id, exc)
                     continue
                 if not renewed and not attempt.ending:
@@ -391,10 +403,18 @@ class TaskRunner:
                     self.stop(task_id, "lost")
 
     async def _sweep_forever(self) -> None:
-        while True:
+        while not self._draining:
             try:
                 if await self._store.lapsed(_DISPATCH_BATCH):
                     self.wake()
             except StoreUnavailable as exc:
+                stop_if_cancelled()
                 log.warning("task sweep failed: %s", exc)
             await asyncio.sleep(self._limits.sweep_interval_s)
+
+
+def stop_if_cancelled() -> None:
+    """Raise CancelledError if the current task was asked to stop (see the loops above)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from server.app import Keel, create_server
 from server.settings import Settings
 
 SCRIPTED = "server.agents.testing:registry"
+STOP_TIMEOUT_S = 30.0  # a server's graceful stop takes well under a second
 
 
 def script(*steps: dict[str, Any]) -> str:
@@ -120,7 +123,14 @@ async def start_keel(make_settings: Callable[..., Settings]) -> AsyncIterator[Ca
 
     yield start
     for keel in started:
-        await keel.stop(grace_s=0)
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT_S):
+                await keel.stop(grace_s=0)
+        except TimeoutError:
+            # Say what the server was still waiting for, rather than hang the suite.
+            for task in asyncio.all_tasks():
+                task.print_stack(file=sys.stderr)
+            raise
 
 
 @pytest.fixture
