@@ -190,6 +190,15 @@ FIGURES = (
         "e_rejoin", "time until every observer caught up", "s", "lower", _field("all_caught_up_s")
     ),
     FigureSpec(
+        "f_overhead",
+        "time to the last event",
+        "s",
+        "lower",
+        _field("keel_s"),
+        "the same agent in-process (run_stream_events)",
+        _own("in_process_s"),
+    ),
+    FigureSpec(
         "g_tasks",
         "most tasks running at once",
         "tasks",
@@ -229,15 +238,6 @@ FIGURES = (
         _field("actual_s"),
         "the ideal: tasks x duration / limit",
         _own("ideal_s"),
-    ),
-    FigureSpec(
-        "f_overhead",
-        "time to the last event",
-        "s",
-        "lower",
-        _field("keel_s"),
-        "the same agent in-process (run_stream_events)",
-        _own("in_process_s"),
     ),
 )
 
