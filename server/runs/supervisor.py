@@ -59,6 +59,7 @@ from server.runs.tasks import (
     Tasks,
     next_outcome,
     outcome_checkpoint,
+    outcome_key,
     waited,
     waiting_checkpoint,
 )
@@ -94,19 +95,27 @@ class _CheckpointingSink:
 
     It remembers the last checkpoint committed (or the one the run was taken
     over at): a run that fails or is cancelled leaves that checkpoint's
-    messages in its thread.
+    messages in its thread. And it stamps every checkpoint with what the
+    run, beyond its agent loop, has done so far (`fed`: the task outcomes
+    given to the model), so a checkpoint the loop takes mid-step does not
+    forget it.
     """
 
     def __init__(self, writer: EventWriter, record: RunRecord) -> None:
         self._writer = writer
-        self.last: Checkpoint | None = (
-            Checkpoint.decode(record.checkpoint) if record.thread_id and record.checkpoint else None
-        )
+        taken_over = Checkpoint.decode(record.checkpoint) if record.checkpoint else None
+        self.last: Checkpoint | None = taken_over if record.thread_id else None
+        self.fed: tuple[str, ...] = taken_over.fed if taken_over else ()
 
     async def emit(self, event: pb.AgentEvent) -> None:
         await self._writer.emit(event)
 
+    def stamped(self, checkpoint: Checkpoint) -> Checkpoint:
+        """`checkpoint` with what the run did beyond its agent loop."""
+        return replace(checkpoint, fed=self.fed)
+
     async def checkpoint(self, checkpoint: Checkpoint) -> None:
+        checkpoint = self.stamped(checkpoint)
         await self._writer.commit(checkpoint=checkpoint)
         self.last = checkpoint
 
@@ -287,23 +296,24 @@ class Supervisor:
             result = waited(resume)
         else:
             result = await self._loop(record, spec, sink, resume, attempt, earlier)
-        fed = resume.fed
+        waiting = resume if resume.phase is Phase.WAITING else None
         while record.until_idle and result.suspended is None:
             # Wait for the run's tasks; give each outcome to the model as a new message.
             rings = task_events.rings
             await task_events.emit_new()
-            outcome = next_outcome(await self._tasks.store.run_tasks(record.run_id), fed)
+            outcome = next_outcome(await self._tasks.store.run_tasks(record.run_id), sink.fed)
             if outcome is False:
                 break  # none left: the run finishes with the model's last output
             if outcome is True:
-                if resume.phase is not Phase.WAITING or resume.fed != fed:
-                    resume = waiting_checkpoint(result, fed)
-                    await sink.checkpoint(resume)
+                if waiting is None:
+                    waiting = waiting_checkpoint(result)
+                    await sink.checkpoint(waiting)
                 await task_events.rung_since(rings)
                 continue
-            told = outcome_checkpoint(result, fed, outcome)
+            told = outcome_checkpoint(result, outcome)
+            sink.fed = (*sink.fed, outcome_key(outcome))
             await sink.checkpoint(told)
-            fed = told.fed
+            waiting = None
             result = await self._loop(record, spec, sink, told, 1, earlier)
         if result.suspended is not None:
             suspension = result.suspended
@@ -316,7 +326,9 @@ class Supervisor:
                 ),
             )
             await writer.commit(
-                RunState.SUSPENDED, events=[*announcements, suspended], checkpoint=suspension
+                RunState.SUSPENDED,
+                events=[*announcements, suspended],
+                checkpoint=sink.stamped(suspension),
             )
             return
         finish = pb.AgentEvent(

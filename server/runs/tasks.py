@@ -134,7 +134,7 @@ def next_outcome(tasks: list[TaskRecord], fed: tuple[str, ...]) -> TaskRecord | 
     return any(not task.status.ended for task in tasks)
 
 
-def waiting_checkpoint(result: LoopResult, fed: tuple[str, ...]) -> Checkpoint:
+def waiting_checkpoint(result: LoopResult) -> Checkpoint:
     """WAITING: the model is done with `result`; the run waits for its tasks."""
     return Checkpoint(
         phase=Phase.WAITING,
@@ -142,7 +142,6 @@ def waiting_checkpoint(result: LoopResult, fed: tuple[str, ...]) -> Checkpoint:
         messages=result.messages,
         usage=result.run_usage,
         step_start_usage=result.run_usage,
-        fed=fed,
         output_text=result.output_text,
         output_json=result.output_json,
     )
@@ -160,7 +159,7 @@ def waited(waiting: Checkpoint) -> LoopResult:
     )
 
 
-def outcome_checkpoint(result: LoopResult, fed: tuple[str, ...], task: TaskRecord) -> Checkpoint:
+def outcome_checkpoint(result: LoopResult, task: TaskRecord) -> Checkpoint:
     """A STEP checkpoint whose history ends with the task's outcome as a user message:
     resuming from it makes the model's next request (server/agents/loop.py)."""
     prompt = task_result_prompt(
@@ -178,5 +177,4 @@ def outcome_checkpoint(result: LoopResult, fed: tuple[str, ...], task: TaskRecor
         messages=dump_messages(told),
         usage=result.run_usage,
         step_start_usage=result.run_usage,
-        fed=(*fed, outcome_key(task)),
     )

@@ -15,6 +15,7 @@ import pytest
 from keel.v1 import agent_service_pb2 as pb
 from keel.v1 import agent_service_pb2_grpc as pb_grpc
 
+from server.agents.checkpoint import Checkpoint, Phase
 from server.app import Keel
 from tests.integration.conftest import (
     Collected,
@@ -409,3 +410,20 @@ def test_the_server_refuses_to_start_with_absurd_task_limits(flag: str, value: s
         )
         assert refused.returncode != 0
         assert env.removeprefix("KEEL_").lower() in refused.stderr
+
+
+async def test_checkpoints_taken_after_an_outcome_remember_it_was_given(
+    start_keel: Callable[..., Any],
+) -> None:
+    # A run taken over from any checkpoint after the model got a task's outcome
+    # must not give it again: every checkpoint carries the outcomes given so far.
+    keel: Keel = await start_keel(**QUICK)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{keel.port}") as channel:
+        stub = pb_grpc.AgentServiceStub(channel)
+        out = await stream(stub, slow("a", 50), text(1), until_idle=True)
+    [task_id] = task_ids(out.events)
+    record = await keel.log.get_run(out.run_id)
+    last = Checkpoint.decode(record.checkpoint)
+    # The last checkpoint is the one taken in the model's answer to the outcome.
+    assert last.phase is Phase.RESPONSE
+    assert last.fed == (f"{task_id}@1",)
