@@ -16,10 +16,14 @@ from server.agents.types import AgentSpec
 from server.api.servicer import SERVICE, AgentServicer, add_to_server
 from server.events.factory import open_event_log
 from server.events.log import EventLog
+from server.goals.judge import check_default_goals
 from server.observe.follow import FollowLimits
 from server.observe.observer import Draining
 from server.runs.executor import LocalExecutor, Timing
 from server.runs.supervisor import WriterLimits
+from server.schedules.factory import schedule_store_for
+from server.schedules.service import Schedules
+from server.schedules.ticker import Ticker
 from server.settings import Settings
 from server.tasks.factory import task_store_for
 from server.tasks.runner import TaskLimits
@@ -39,6 +43,7 @@ class Keel:
     settings: Settings
     log: EventLog
     executor: LocalExecutor
+    ticker: Ticker
     health: health.aio.HealthServicer
     draining: Draining
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
@@ -62,6 +67,7 @@ class Keel:
         await self.health.enter_graceful_shutdown()
         self.draining.set()
         await self.server.stop(grace=1.0)
+        await self.ticker.drain()
         await self.executor.drain(grace)
         await self.executor.task_store.close()
         await self.log.close()
@@ -83,6 +89,7 @@ def load_agents(settings: Settings) -> dict[str, AgentSpec]:
             api_key=settings.model_api_key,
             model_name=settings.model_name,
         )
+    check_default_goals(agents)
     return agents
 
 
@@ -125,6 +132,13 @@ async def create_server(settings: Settings) -> Keel:
             cancel_wait_s=settings.cancel_wait_s,
         ),
     )
+    schedule_store = schedule_store_for(event_log)
+    ticker = Ticker(
+        schedule_store,
+        event_log,
+        executor,
+        poll_interval_s=settings.schedules_poll_interval_s,
+    )
     draining = Draining()
     servicer = AgentServicer(
         event_log,
@@ -137,6 +151,7 @@ async def create_server(settings: Settings) -> Keel:
         max_batch_bytes=settings.max_batch_bytes,
         draining=draining,
         default_retention_s=settings.terminal_ttl_s,
+        schedules=Schedules(schedule_store, event_log, executor, ticker),
     )
     # No SO_REUSEPORT: a second server on a port still held by a draining one
     # must fail to bind, not silently split that port's connections with it.
@@ -150,6 +165,7 @@ async def create_server(settings: Settings) -> Keel:
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     await server.start()
     executor.open()  # take over runs whose owner died, from now on
+    ticker.open()  # fire due schedules, from now on
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
@@ -158,7 +174,7 @@ async def create_server(settings: Settings) -> Keel:
         port,
         "redis" if settings.redis_url else "memory",
     )
-    return Keel(server, port, settings, event_log, executor, health_servicer, draining)
+    return Keel(server, port, settings, event_log, executor, ticker, health_servicer, draining)
 
 
 async def serve(settings: Settings) -> None:

@@ -69,11 +69,19 @@ class RunNotFound(KeelError):
 class RequestIdReused(KeelError):
     """A request_id that already made a run (or thread) was sent with other content."""
 
-    def __init__(self, request_id: str, run_id: str = "", *, thread_id: str = "") -> None:
+    def __init__(
+        self, request_id: str, run_id: str = "", *, thread_id: str = "", schedule_id: str = ""
+    ) -> None:
         self.request_id = request_id
         self.run_id = run_id
         self.thread_id = thread_id
-        if thread_id:
+        self.schedule_id = schedule_id
+        if schedule_id:
+            message = (
+                f"request_id {request_id!r} already created schedule {schedule_id!r} "
+                "with other fields"
+            )
+        elif thread_id:
             message = (
                 f"request_id {request_id!r} already created thread {thread_id!r} "
                 "with another resource_id or metadata"
@@ -200,6 +208,32 @@ class TaskNotRetryable(KeelError):
         self.status = status
         super().__init__(
             f"task {task_id!r} is {status}: only a failed or cancelled task can be retried"
+        )
+
+
+class ScheduleNotFound(KeelError):
+    """No schedule has this id (it never existed, or was deleted)."""
+
+    def __init__(self, schedule_id: str) -> None:
+        self.schedule_id = schedule_id
+        super().__init__(f"schedule {schedule_id!r} not found")
+
+
+class ScheduleAlreadyExists(KeelError):
+    """CreateSchedule named a schedule_id that is taken."""
+
+    def __init__(self, schedule_id: str) -> None:
+        self.schedule_id = schedule_id
+        super().__init__(f"schedule {schedule_id!r} already exists")
+
+
+class ScheduleChanged(KeelError):
+    """A schedule changed between a read and a compare-and-set write of it."""
+
+    def __init__(self, schedule_id: str) -> None:
+        self.schedule_id = schedule_id
+        super().__init__(
+            f"schedule {schedule_id!r} was changed by another request; read it again and retry"
         )
 
 

@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     # start (a task queued or a slot freed on this server is started at once).
     tasks_poll_interval_s: float = Field(default=0.5, gt=0, le=60)
 
+    # Schedules: how often each server looks for due schedules at the latest (it also
+    # wakes when the earliest one is due, and when one is created or changed here).
+    schedules_poll_interval_s: float = Field(default=1.0, gt=0, le=60)
+
     # SIGTERM: time given to runs in progress to finish before the process exits;
     # runs still going then are handed back (their leases released) to other instances.
     shutdown_grace_s: float = Field(default=10.0, ge=0)

@@ -11,6 +11,7 @@ import dataclasses
 from pydantic_ai import Agent, RunContext, Tool
 
 from server.agents.testing import registry as scripted
+from server.goals import Goal
 from server.tasks import background
 
 BRIEF_RETENTION_S = 1.0
@@ -25,6 +26,19 @@ options = {
     ),
     # At most one of its background tasks runs at a time, across every server.
     "scripted-one-task": dataclasses.replace(scripted["scripted"], max_concurrent_tasks=1),
+    # Its runs pursue a goal unless their request sets another.
+    "scripted-goal": dataclasses.replace(
+        scripted["scripted"],
+        default_goal=Goal("say DONE", judge_agent_id="scripted-judge", max_attempts=4),
+    ),
+    "scripted-judge": scripted["scripted-judge"],
+}
+
+# Not servable: the default goal's judge is not in the registry.
+default_goal_without_judge = {
+    "bad": dataclasses.replace(
+        scripted["scripted"], default_goal=Goal("say DONE", judge_agent_id="nobody")
+    )
 }
 
 

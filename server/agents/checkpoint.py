@@ -60,6 +60,8 @@ class Checkpoint:
     # (until_idle) the outcomes already given to the model ("<task id>@<attempt>").
     task_mark: int = 0
     fed: tuple[str, ...] = ()
+    # Goals: how many attempts the judge has evaluated (each committed with its event).
+    judged: int = 0
     # WAITING: the output the run finishes with if no task result follows.
     output_text: str = ""
     output_json: str = ""
@@ -76,6 +78,7 @@ class Checkpoint:
             "interrupts": list(self.interrupts),
             "task_mark": self.task_mark,
             "fed": list(self.fed),
+            "judged": self.judged,
             "output_text": self.output_text,
             "output_json": self.output_json,
         }
@@ -102,6 +105,7 @@ class Checkpoint:
             interrupts=tuple(body["interrupts"]),
             task_mark=int(body.get("task_mark", 0)),
             fed=tuple(body.get("fed", ())),
+            judged=int(body.get("judged", 0)),
             output_text=body.get("output_text", ""),
             output_json=body.get("output_json", ""),
         )

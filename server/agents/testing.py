@@ -51,6 +51,17 @@ The run's input is a JSON script:
   with until_idle, see server/threads/history.py), "[task <id>] <tool>
   <status>: <result or error>", is answered with one text delta "got " +
   that message + " ", then "done".
+- Goals (server/goals): a user message with the judge's reason ("[goal]
+  ...") starts the run's next attempt, which plays the script again from its
+  first step (delta numbers and tool call ids run on: attempt 2 of a script
+  streaming N deltas starts at "tN "). With the top-level key
+  `"satisfy_on": K` (`{"steps": [...], "satisfy_on": 3}`), the final answer
+  of attempts 1 to K - 1 is "done not yet", and from attempt K on "done
+  DONE".
+
+The judge `scripted-judge` (an agent whose output is a Verdict) is satisfied,
+with score 1, exactly when the judged attempt's output contains "DONE"; else
+its score is 0 and its reason "the output does not say DONE".
 
 pydantic-ai ends a run on a model response without tool calls, so one model
 response streams the script's text up to the next tool step and then calls
@@ -81,11 +92,13 @@ from pydantic import (
     model_validator,
 )
 from pydantic_ai import Agent, DeferredToolRequests, ModelRetry, RunContext, TextOutput, Tool
-from pydantic_ai.messages import ModelMessage, ModelResponse, UserPromptPart
+from pydantic_ai.messages import ModelMessage, ModelResponse, ToolCallPart, UserPromptPart
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
 
 from server.agents.types import AgentSpec, RunInfo
 from server.errors import FieldViolation, InvalidArgument
+from server.goals.judge import FEEDBACK_PREFIX, attempt_output
+from server.goals.records import MAX_ATTEMPTS, Verdict
 from server.tasks import background, task_context
 from server.threads.history import TASK_RESULT_PREFIX
 
@@ -93,6 +106,8 @@ MAX_TEXT_DELTAS = 1_000_000  # per text step, and in the whole script
 MAX_DELAY_MS = 60_000
 MAX_STEPS = 10_000
 FINAL_ANSWER = "done"
+SATISFIED = "DONE"  # in an attempt's output, what the scripted judge is satisfied with
+NOT_YET = "not yet"
 SLOW_RETRIES = 3  # failed attempts of a `slow` task that are tried again
 _MAX_REPORTED_ERRORS = 5
 
@@ -207,6 +222,9 @@ class Script(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     steps: list[Step] = Field(max_length=MAX_STEPS)
+    # For runs with a goal: from this attempt on, the final answer ends with "DONE"
+    # (what the scripted judge is satisfied with), before it with "not yet".
+    satisfy_on: int | None = Field(default=None, ge=1, le=MAX_ATTEMPTS)
 
     @model_validator(mode="after")
     def _bounded_text(self) -> Script:
@@ -294,11 +312,26 @@ def segments(script: Script) -> list[Segment]:
     return result
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    segments: tuple[Segment, ...]
+    satisfy_on: int | None
+    deltas: int  # text deltas the script streams in all (one attempt)
+
+    def answer(self, attempt: int) -> str:
+        """The final answer of a goal's attempt (just FINAL_ANSWER without satisfy_on)."""
+        if self.satisfy_on is None:
+            return FINAL_ANSWER
+        return f"{FINAL_ANSWER} {SATISFIED if attempt >= self.satisfy_on else NOT_YET}"
+
+
 @functools.lru_cache(maxsize=16)
-def _plan(text: str) -> tuple[Segment, ...]:
+def _plan(text: str) -> _Plan:
     # Cached: the model needs the plan once per model request, and a long
     # script would otherwise be split again for every one of its responses.
-    return tuple(segments(parse_script(text)))
+    script = parse_script(text)
+    deltas = sum(step.text for step in script.steps if isinstance(step, TextStep))
+    return _Plan(tuple(segments(script)), script.satisfy_on, deltas)
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,15 +342,19 @@ class _Turn:
     responses: int  # model responses since that prompt (the run's own)
     earlier_prompts: int  # user prompts before it (earlier turns of its thread)
     task_outcome: str  # the last message, if it tells how a background task ended
+    attempt: int  # the goal's attempt: 1 + the judge's reasons given since the script
+    attempt_responses: int  # model responses since the attempt began
 
 
 def _turn(messages: list[ModelMessage]) -> _Turn:
     prompts: list[str] = []
-    responses = 0
+    responses = attempt_responses = 0
     outcome = ""
+    attempt = 1
     for message in messages:
         if isinstance(message, ModelResponse):
             responses += 1
+            attempt_responses += 1
             outcome = ""
             continue
         for part in message.parts:
@@ -325,13 +362,15 @@ def _turn(messages: list[ModelMessage]) -> _Turn:
                 continue
             if part.content.startswith(TASK_RESULT_PREFIX):
                 outcome = part.content
+            elif part.content.startswith(FEEDBACK_PREFIX):
+                attempt, attempt_responses = attempt + 1, 0
             else:
                 prompts.append(part.content)
-                responses = 0
-                outcome = ""
+                responses = attempt_responses = 0
+                outcome, attempt = "", 1
     if not prompts:
         raise ValueError("the scripted agent needs a user message holding its script")
-    return _Turn(prompts[-1], responses, len(prompts) - 1, outcome)
+    return _Turn(prompts[-1], responses, len(prompts) - 1, outcome, attempt, attempt_responses)
 
 
 async def _play(
@@ -339,17 +378,22 @@ async def _play(
 ) -> AsyncIterator[str | DeltaToolCalls]:
     """FunctionModel stream function: play the segment this response stands for."""
     turn = _turn(messages)
+    plan = _plan(turn.script)
     if turn.task_outcome:
         yield f"got {turn.task_outcome} "
-        yield FINAL_ANSWER
+        yield plan.answer(turn.attempt)
         return
-    plan = _plan(turn.script)
+    # Each attempt of a goal plays the script again; tool call ids and delta
+    # numbers run on across attempts.
     number = turn.responses
-    if number >= len(plan):
-        raise ValueError(f"the script has {len(plan)} model responses; response {number} asked for")
-    segment = plan[number]
+    if turn.attempt_responses >= len(plan.segments):
+        raise ValueError(
+            f"the script has {len(plan.segments)} model responses; "
+            f"response {turn.attempt_responses} asked for"
+        )
+    segment = plan.segments[turn.attempt_responses]
 
-    delta = segment.first_delta
+    delta = segment.first_delta + (turn.attempt - 1) * plan.deltas
     for step in segment.text_steps:
         if isinstance(step, EchoHistoryStep):
             yield f"history={turn.earlier_prompts} "
@@ -360,7 +404,7 @@ async def _play(
             yield f"t{delta} "
             delta += 1
     if segment.tool is None:
-        yield FINAL_ANSWER
+        yield plan.answer(turn.attempt)
         return
     if isinstance(segment.tool, ErrorStep):
         raise ScriptedModelError(segment.tool.error)
@@ -380,9 +424,11 @@ async def _play(
 
 
 def _final_answer(text: str) -> str:
-    # The last response's text is its trailing "tK " deltas followed by the
-    # answer; the deltas were already delivered as text_delta events.
-    return FINAL_ANSWER if text.endswith(FINAL_ANSWER) else text
+    # The last response's text is its trailing "tK " deltas (or "got ...", or
+    # "attempt N ") followed by the answer; they were already delivered as
+    # text_delta events.
+    start = text.rfind(FINAL_ANSWER)
+    return text[start:] if start >= 0 else text
 
 
 # -- the tools ----------------------------------------------------------------
@@ -458,6 +504,38 @@ def build_scripted_agent() -> Agent[RunInfo, str | DeferredToolRequests]:
     )
 
 
+# -- the judge ----------------------------------------------------------------
+
+
+def _judge(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    """FunctionModel function: satisfied when the judged attempt's output says DONE."""
+    prompt = next(
+        part.content
+        for message in reversed(messages)
+        for part in message.parts
+        if isinstance(part, UserPromptPart) and isinstance(part.content, str)
+    )
+    satisfied = SATISFIED in attempt_output(prompt)
+    verdict = Verdict(
+        satisfied=satisfied,
+        score=1.0 if satisfied else 0.0,
+        reason=f"the output says {SATISFIED}"
+        if satisfied
+        else f"the output does not say {SATISFIED}",
+    )
+    [output_tool] = info.output_tools
+    return ModelResponse(parts=[ToolCallPart(output_tool.name, verdict.model_dump())])
+
+
+def build_scripted_judge() -> Agent[None, Verdict]:
+    """A judge for goals that is satisfied exactly when the attempt's output holds "DONE"."""
+    return Agent(
+        FunctionModel(function=_judge, model_name="scripted-judge"),
+        output_type=Verdict,
+        name="scripted-judge",
+    )
+
+
 registry: dict[str, AgentSpec] = {
     "scripted": AgentSpec(
         agent=build_scripted_agent(),
@@ -465,5 +543,9 @@ registry: dict[str, AgentSpec] = {
         deps=lambda info: info,
         validate_input=validate_input,
         approval_tools=frozenset({"approve_me"}),
-    )
+    ),
+    "scripted-judge": AgentSpec(
+        agent=build_scripted_judge(),
+        description=f"Judges a goal's attempt: satisfied when its output holds {SATISFIED!r}.",
+    ),
 }

@@ -11,6 +11,7 @@ from pydantic_ai import Agent
 from pydantic_ai.usage import RunUsage
 
 from server.agents.checkpoint import Checkpoint
+from server.goals.records import Goal
 
 
 class EventSink(Protocol):
@@ -71,6 +72,8 @@ class AgentSpec:
     # The most background tasks of this agent running at once across every server
     # sharing the store; 0: only the server's global limit applies.
     max_concurrent_tasks: int = 0
+    # The goal the agent's runs pursue when their request sets none (docs/goals.md).
+    default_goal: Goal | None = None
 
     def __post_init__(self) -> None:
         retention = self.ended_run_retention_s

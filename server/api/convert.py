@@ -16,6 +16,7 @@ from server.agents.events import tool_result_json
 from server.agents.types import AgentSpec
 from server.events.codec import varint
 from server.events.log import RunRecord, RunState, ThreadRecord
+from server.goals.records import Goal, GoalProgress
 from server.runs.decisions import pending_interrupts
 from server.tasks.records import STATUS_TO_PROTO, TaskRecord
 from server.threads.history import ThreadMessage
@@ -44,7 +45,7 @@ INTERRUPT_KINDS: dict[str, pb.InterruptKind.ValueType] = {
 
 
 def run(record: RunRecord) -> pb.Run:
-    return pb.Run(
+    message = pb.Run(
         run_id=record.run_id,
         agent_id=record.agent_id,
         state=STATE_TO_PROTO[record.state],
@@ -66,6 +67,23 @@ def run(record: RunRecord) -> pb.Run:
         ],
         thread_id=record.thread_id,
         until_idle=record.until_idle,
+        schedule_id=record.schedule_id,
+    )
+    goal = Goal.decode(record.goal)
+    if goal is not None:
+        message.goal.CopyFrom(goal_message(goal))
+        progress = GoalProgress.decode(record.goal_progress)
+        message.goal_attempts = progress.attempts
+        if progress.met is not None:
+            message.goal_met = progress.met
+    return message
+
+
+def goal_message(goal: Goal) -> pb.Goal:
+    return pb.Goal(
+        objective=goal.objective,
+        judge_agent_id=goal.judge_agent_id,
+        max_attempts=goal.max_attempts,
     )
 
 
@@ -87,6 +105,7 @@ def agent(
         live_only=not spec.resumable,
         ended_run_retention=retention,
         max_concurrent_tasks=spec.max_concurrent_tasks,
+        default_goal=None if spec.default_goal is None else goal_message(spec.default_goal),
     )
 
 

@@ -13,12 +13,14 @@ from keel.v1 import agent_service_pb2 as pb
 from keel.v1 import agent_service_pb2_grpc as pb_grpc
 
 from server.agents.registry import describe
-from server.api import convert, status, validate
+from server.api import convert, schedules, status, validate
 from server.events.codec import Batch
 from server.events.log import EventLog, RunPageCursor, ThreadPageCursor
 from server.observe.follow import Events, FollowLimits, Heartbeat, Item, Snapshot, follow
 from server.observe.observer import Draining
 from server.runs.executor import LocalExecutor, Started
+from server.schedules.records import SchedulePageCursor
+from server.schedules.service import Schedules
 from server.tasks.records import TaskPageCursor
 from server.threads.service import Threads
 
@@ -110,9 +112,11 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         max_batch_bytes: int,
         draining: Draining,
         default_retention_s: float,
+        schedules: Schedules,
     ) -> None:
         self._log = log
         self._executor = executor
+        self._schedules = schedules
         self._threads = Threads(log)
         self._limits = limits
         self._max_batch_bytes = max_batch_bytes
@@ -185,12 +189,14 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         page_size = validate.page_size(request.page_size)
         states = validate.states(request.states)
         thread_id = validate.thread_id(request.thread_id) if request.thread_id else ""
-        filters = (request.agent_id, states, thread_id)
+        schedule_id = schedules.schedule_id(request.schedule_id) if request.schedule_id else ""
+        filters = (request.agent_id, states, thread_id, schedule_id)
         cursor = validate.decode_page_token(request.page_token, *filters)
         records = await self._log.list_runs(
             agent_id=request.agent_id,
             states=states,
             thread_id=thread_id,
+            schedule_id=schedule_id,
             limit=page_size + 1,
             after=cursor,
         )
@@ -349,6 +355,83 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         record = await self._executor.retry_task(validate.task_id(request.task_id))
         return pb.RetryTaskResponse(task=convert.task(record))
 
+    @unary
+    async def CreateSchedule(
+        self, request: pb.CreateScheduleRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CreateScheduleResponse:
+        spec, schedule_id, request_id = schedules.create_request(request)
+        record = await self._schedules.create(spec, schedule_id=schedule_id, request_id=request_id)
+        view = await self._schedules.get(record.schedule_id)
+        return pb.CreateScheduleResponse(schedule=schedules.schedule(view))
+
+    @unary
+    async def GetSchedule(
+        self, request: pb.GetScheduleRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetScheduleResponse:
+        view = await self._schedules.get(schedules.schedule_id(request.schedule_id))
+        return pb.GetScheduleResponse(schedule=schedules.schedule(view))
+
+    @unary
+    async def ListSchedules(
+        self, request: pb.ListSchedulesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListSchedulesResponse:
+        page_size = validate.page_size(request.page_size)
+        cursor = schedules.decode_page_token(request.page_token, request.agent_id)
+        views = await self._schedules.page(
+            agent_id=request.agent_id, limit=page_size + 1, after=cursor
+        )
+        token = ""
+        if len(views) > page_size:
+            views = views[:page_size]
+            last = views[-1].record
+            token = schedules.encode_page_token(
+                SchedulePageCursor(last.create_time_ms, last.schedule_id), request.agent_id
+            )
+        return pb.ListSchedulesResponse(
+            schedules=[schedules.schedule(v) for v in views], next_page_token=token
+        )
+
+    @unary
+    async def UpdateSchedule(
+        self, request: pb.UpdateScheduleRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.UpdateScheduleResponse:
+        schedule_id, changes = schedules.update_request(request)
+        view = await self._schedules.update(schedule_id, changes)
+        return pb.UpdateScheduleResponse(schedule=schedules.schedule(view))
+
+    @unary
+    async def DeleteSchedule(
+        self, request: pb.DeleteScheduleRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.DeleteScheduleResponse:
+        await self._schedules.delete(schedules.schedule_id(request.schedule_id))
+        return pb.DeleteScheduleResponse()
+
+    @unary
+    async def TriggerSchedule(
+        self, request: pb.TriggerScheduleRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.TriggerScheduleResponse:
+        schedule_id = schedules.schedule_id(request.schedule_id)
+        if request.request_id:
+            validate.run_id(request.request_id, "request_id")
+        run, firing = await self._schedules.trigger(schedule_id, request.request_id)
+        return pb.TriggerScheduleResponse(run=convert.run(run), firing=schedules.firing(firing))
+
+    @unary
+    async def ListScheduleRuns(
+        self, request: pb.ListScheduleRunsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListScheduleRunsResponse:
+        schedule_id = schedules.schedule_id(request.schedule_id)
+        page_size = validate.page_size(request.page_size)
+        before = schedules.decode_firing_token(request.page_token, schedule_id)
+        firings = await self._schedules.firings(schedule_id, limit=page_size + 1, before_seq=before)
+        token = ""
+        if len(firings) > page_size:
+            firings = firings[:page_size]
+            token = schedules.encode_firing_token(firings[-1].seq, schedule_id)
+        return pb.ListScheduleRunsResponse(
+            firings=[schedules.firing(f) for f in firings], next_page_token=token
+        )
+
     async def _start(self, request: pb.StreamRequest | pb.StartRunRequest) -> Started:
         """Validate and start the run of a Stream or StartRun (they share their fields)."""
         policy = validate.start(
@@ -358,6 +441,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             request.thread_id,
             request.busy_policy,
         )
+        goal = validate.goal(request.goal) if request.HasField("goal") else None
         return await self._executor.start(
             request.agent_id,
             request.input,
@@ -365,6 +449,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             thread_id=request.thread_id,
             policy=policy,
             until_idle=request.until_idle,
+            goal=goal,
         )
 
     async def _follow(

@@ -37,7 +37,13 @@ def to_status(exc: BaseException) -> status_pb2.Status:
         case errors.RunNotFound():
             return _status(code_pb2.NOT_FOUND, exc, "RUN_NOT_FOUND", {"run_id": exc.run_id})
         case errors.RequestIdReused():
-            made = {"thread_id": exc.thread_id} if exc.thread_id else {"run_id": exc.run_id}
+            made = (
+                {"schedule_id": exc.schedule_id}
+                if exc.schedule_id
+                else {"thread_id": exc.thread_id}
+                if exc.thread_id
+                else {"run_id": exc.run_id}
+            )
             return _status(
                 code_pb2.ALREADY_EXISTS,
                 exc,
@@ -58,6 +64,21 @@ def to_status(exc: BaseException) -> status_pb2.Status:
                 exc,
                 "THREAD_BUSY",
                 {"thread_id": exc.thread_id, "active_run_id": exc.active_run_id},
+            )
+        case errors.ScheduleNotFound():
+            return _status(
+                code_pb2.NOT_FOUND, exc, "SCHEDULE_NOT_FOUND", {"schedule_id": exc.schedule_id}
+            )
+        case errors.ScheduleAlreadyExists():
+            return _status(
+                code_pb2.ALREADY_EXISTS,
+                exc,
+                "SCHEDULE_ALREADY_EXISTS",
+                {"schedule_id": exc.schedule_id},
+            )
+        case errors.ScheduleChanged():
+            return _status(
+                code_pb2.ABORTED, exc, "CONCURRENT_MODIFICATION", {"schedule_id": exc.schedule_id}
             )
         case errors.TaskNotFound():
             return _status(code_pb2.NOT_FOUND, exc, "TASK_NOT_FOUND", {"task_id": exc.task_id})

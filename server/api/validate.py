@@ -14,6 +14,7 @@ from keel.v1 import agent_service_pb2 as pb
 
 from server.errors import FieldViolation, InvalidArgument
 from server.events.log import BusyPolicy, RunPageCursor, RunState, ThreadPageCursor
+from server.goals.records import DEFAULT_MAX_ATTEMPTS, MAX_ATTEMPTS, MAX_OBJECTIVE_BYTES, Goal
 from server.runs.decisions import Decision
 from server.tasks.records import TaskPageCursor, TaskStatus, run_id_of
 
@@ -173,6 +174,37 @@ def start(
     return policy(busy_policy)
 
 
+def goal(message: pb.Goal, field: str = "goal") -> Goal:
+    """A goal within its limits, or InvalidArgument naming each bad field.
+
+    Whether its judge is an agent that judges is the executor's to check.
+    """
+    violations: list[FieldViolation] = []
+    size = len(message.objective.encode())
+    if not message.objective.strip():
+        violations.append(FieldViolation(f"{field}.objective", "is required"))
+    elif size > MAX_OBJECTIVE_BYTES:
+        violations.append(
+            FieldViolation(
+                f"{field}.objective", f"is {size} bytes long; the limit is {MAX_OBJECTIVE_BYTES}"
+            )
+        )
+    if not message.judge_agent_id:
+        violations.append(FieldViolation(f"{field}.judge_agent_id", "is required"))
+    max_attempts = message.max_attempts or DEFAULT_MAX_ATTEMPTS
+    if not 1 <= max_attempts <= MAX_ATTEMPTS:
+        violations.append(
+            FieldViolation(
+                f"{field}.max_attempts",
+                f"must be from 1 to {MAX_ATTEMPTS} (0 means {DEFAULT_MAX_ATTEMPTS}), "
+                f"got {message.max_attempts}",
+            )
+        )
+    if violations:
+        raise InvalidArgument(*violations)
+    return Goal(message.objective, message.judge_agent_id, max_attempts)
+
+
 def _violations(check: Callable[..., object], *args: Any) -> Sequence[FieldViolation]:
     """What `check(*args)` finds wrong (it raises InvalidArgument), or nothing."""
     try:
@@ -208,10 +240,13 @@ def _digest(*filters: Any) -> str:
     return hashlib.sha256(json.dumps(filters).encode()).hexdigest()[:16]
 
 
-def _run_filters(agent_id: str, states: frozenset[RunState], thread: str) -> str:
-    # Without a thread the digest is the one tokens had before threads existed.
+def _run_filters(
+    agent_id: str, states: frozenset[RunState], thread: str, schedule: str = ""
+) -> str:
+    # Without a thread (or schedule) the digest is the one tokens had before they existed.
     by_state = sorted({s.value for s in states} - {RunState.ENQUEUED.value})
-    return _digest(agent_id, by_state, *([thread] if thread else []))
+    optional = [*([thread] if thread else []), *([f"schedule:{schedule}"] if schedule else [])]
+    return _digest(agent_id, by_state, *optional)
 
 
 def _encode_token(body: dict[str, Any]) -> str:
@@ -235,6 +270,19 @@ def _decode_token(token: str, digest: str) -> dict[str, Any]:
 
 def _bad_token() -> InvalidArgument:
     return InvalidArgument(FieldViolation("page_token", "is not a token this server issued"))
+
+
+def encode_token(body: dict[str, Any], *filters: Any) -> str:
+    """An opaque page token holding `body`, bound to the request's `filters`."""
+    return _encode_token({**body, "f": _digest(*filters)})
+
+
+def decode_token(token: str, *filters: Any) -> dict[str, Any]:
+    """The body of a token encode_token made for the same `filters`, or InvalidArgument."""
+    return _decode_token(token, _digest(*filters))
+
+
+bad_token = _bad_token
 
 
 def task_id(value: str) -> str:
@@ -293,20 +341,28 @@ def decode_task_page_token(
 
 
 def encode_page_token(
-    cursor: RunPageCursor, agent_id: str, states: frozenset[RunState], thread: str = ""
+    cursor: RunPageCursor,
+    agent_id: str,
+    states: frozenset[RunState],
+    thread: str = "",
+    schedule: str = "",
 ) -> str:
     """An opaque token for the page after `cursor`, bound to the filters that produced it."""
-    digest = _run_filters(agent_id, states, thread)
+    digest = _run_filters(agent_id, states, thread, schedule)
     return _encode_token({"t": cursor.create_time_ms, "r": cursor.run_id, "f": digest})
 
 
 def decode_page_token(
-    token: str, agent_id: str, states: frozenset[RunState], thread: str = ""
+    token: str,
+    agent_id: str,
+    states: frozenset[RunState],
+    thread: str = "",
+    schedule: str = "",
 ) -> RunPageCursor | None:
     """The cursor in `token` ("" for the first page), or InvalidArgument."""
     if not token:
         return None
-    body = _decode_token(token, _run_filters(agent_id, states, thread))
+    body = _decode_token(token, _run_filters(agent_id, states, thread, schedule))
     try:
         return RunPageCursor(create_time_ms=int(body["t"]), run_id=run_id(str(body["r"])))
     except (ValueError, KeyError, TypeError, InvalidArgument):

@@ -49,6 +49,14 @@ and the task runner's shared keys under one hash tag of their own:
     {prefix}:{tasks}:running        SET     ids of running tasks (sweeps look for lapsed leases)
     {prefix}:{tasks}:index          ZSET    every task, for list_tasks (members as the run index)
 
+Schedules (server/schedules) all live under one hash tag, so each change of a
+schedule, with its place in the due index and its history, is one script:
+
+    {prefix}:{schedules}:records        HASH  schedule id -> the record (JSON, records.py)
+    {prefix}:{schedules}:due            ZSET  schedule ids, score = when due (ms); paused: absent
+    {prefix}:{schedules}:index          ZSET  every schedule, for list (members as the run index)
+    {prefix}:{schedules}:firings:<id>   ZSET  a schedule's kept firings, score = seq
+
 The run index, the active set, the thread indexes and the task runner's keys
 are the only keys outside a run's (or thread's) slot, so the Lua scripts never write them; a
 write that needs them updates them in a second command after its script.
@@ -87,6 +95,9 @@ class RunField(enum.StrEnum):
     UNTIL_IDLE = "until_idle"  # "1": the run waits for its background tasks
     LAST_STEP = "last_step"  # a live-only run's last event's step (its events are not kept)
     LAST_ATTEMPT = "last_attempt"  # ... and attempt
+    SCHEDULE_ID = "schedule_id"  # the schedule that started the run, or absent
+    GOAL = "goal"  # the run's goal (JSON), or absent
+    GOAL_PROGRESS = "goal_progress"  # how far its judge got, or absent
 
 
 class ThreadField(enum.StrEnum):
@@ -228,6 +239,23 @@ class Keys:
     @property
     def task_index(self) -> str:
         return f"{self.prefix}:{{tasks}}:index"
+
+    # Schedules (server/schedules): one hash tag for all of them.
+
+    @property
+    def schedule_records(self) -> str:
+        return f"{self.prefix}:{{schedules}}:records"
+
+    @property
+    def schedules_due(self) -> str:
+        return f"{self.prefix}:{{schedules}}:due"
+
+    @property
+    def schedule_index(self) -> str:
+        return f"{self.prefix}:{{schedules}}:index"
+
+    def schedule_firings(self, schedule_id: str) -> str:
+        return f"{self.prefix}:{{schedules}}:firings:{schedule_id}"
 
     @property
     def thread_index(self) -> str:

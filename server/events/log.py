@@ -81,6 +81,9 @@ class RunRecord:
     # of its last one (a takeover names the attempt it supersedes); 0 otherwise.
     last_step: int = 0
     last_attempt: int = 0
+    schedule_id: str = ""  # the schedule whose firing started the run; "" otherwise
+    goal: str = ""  # the goal the run pursues (server/goals, JSON; opaque here); "" for none
+    goal_progress: str = ""  # how far its judge got (server/goals; opaque here, set by append)
 
 
 class BusyPolicy(enum.StrEnum):
@@ -190,12 +193,13 @@ class EventLog(Protocol):
         agent_id: str = "",
         states: frozenset[RunState] = frozenset(),
         thread_id: str = "",
+        schedule_id: str = "",
         limit: int,
         after: RunPageCursor | None = None,
     ) -> list[RunRecord]:
         """Up to `limit` (> 0) runs, newest first, strictly after `after`, filtered.
 
-        An empty `agent_id`, `states` or `thread_id` does not filter. Runs
+        An empty `agent_id`, `states`, `thread_id` or `schedule_id` does not filter. Runs
         whose retention time passed are not listed. The records carry no
         checkpoint (b""), so a page stays small; get_run has it.
         """
@@ -210,13 +214,15 @@ class EventLog(Protocol):
         error: str = "",
         checkpoint: bytes | None = None,
         thread_messages: Sequence[bytes] = (),
+        goal_progress: str | None = None,
     ) -> int:
         """Append events atomically and return the run's new next index.
 
         1. Check `epoch` equals the run's epoch, else raise StaleEpoch.
         2. Check events[0].index equals the run's next index, else raise
            IndexConflict (indices within `events` must be consecutive).
-        3. Store the events, advance next_index, store `checkpoint` if given,
+        3. Store the events, advance next_index, store `checkpoint` and
+           `goal_progress` if given,
            and if `state` is given move the run to it (recording `error`); a
            terminal state starts the run's retention TTL. A state that is not
            runnable (suspended, terminal) drops the lease, so a run that

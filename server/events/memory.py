@@ -81,6 +81,7 @@ class _Run:
     rollback: bool = False
     last_step: int = 0  # of the last event of a live-only run (its events are not kept)
     last_attempt: int = 0
+    goal_progress: str = ""
     events: list[AgentEvent] = field(default_factory=list)
     base: int = 0  # index of events[0]; <= earliest_index
     counters: dict[str, int] = field(default_factory=dict)
@@ -107,6 +108,7 @@ class _Run:
             rollback=self.rollback,
             last_step=self.last_step,
             last_attempt=self.last_attempt,
+            goal_progress=self.goal_progress,
         )
 
 
@@ -244,6 +246,7 @@ class MemoryEventLog:
         agent_id: str = "",
         states: frozenset[RunState] = frozenset(),
         thread_id: str = "",
+        schedule_id: str = "",
         limit: int,
         after: RunPageCursor | None = None,
     ) -> list[RunRecord]:
@@ -257,6 +260,8 @@ class MemoryEventLog:
             if run is None or run.record.create_time_ms != create_time_ms:
                 return STALE  # expired, or an older run that had the same id
             if agent_id and run.record.agent_id != agent_id:
+                return None
+            if schedule_id and run.record.schedule_id != schedule_id:
                 return None
             if states and run.state not in states:
                 return None
@@ -275,6 +280,7 @@ class MemoryEventLog:
         error: str = "",
         checkpoint: bytes | None = None,
         thread_messages: Sequence[bytes] = (),
+        goal_progress: str | None = None,
     ) -> int:
         self._sweep()
         run = self._get(run_id)
@@ -296,6 +302,8 @@ class MemoryEventLog:
             run.next_index += len(batch)
         if checkpoint is not None:
             run.checkpoint = checkpoint
+        if goal_progress is not None:
+            run.goal_progress = goal_progress
         if state is not None:
             run.state = state
             run.error = error

@@ -244,6 +244,7 @@ class RedisEventLog:
         agent_id: str = "",
         states: frozenset[RunState] = frozenset(),
         thread_id: str = "",
+        schedule_id: str = "",
         limit: int,
         after: RunPageCursor | None = None,
     ) -> list[RunRecord]:
@@ -257,7 +258,11 @@ class RedisEventLog:
 
         def accept(run_id: str, _: int, fields: dict[bytes, bytes]) -> RunRecord | None:
             run = run_from_hash(run_id, fields)
-            if (not agent_id or run.agent_id == agent_id) and (not states or run.state in states):
+            if (
+                (not agent_id or run.agent_id == agent_id)
+                and (not states or run.state in states)
+                and (not schedule_id or run.schedule_id == schedule_id)
+            ):
                 return run
             return None
 
@@ -281,6 +286,7 @@ class RedisEventLog:
         error: str = "",
         checkpoint: bytes | None = None,
         thread_messages: Sequence[bytes] = (),
+        goal_progress: str | None = None,
     ) -> int:
         """One APPEND script; then, for a new state, the active set (outside the run's slot).
 
@@ -317,6 +323,7 @@ class RedisEventLog:
             events[-1].step if events else "",
             events[-1].attempt if events else "",
             self._keys.run_base(run_id),
+            "" if goal_progress is None else goal_progress,
             *members,
             *(thread_messages if terminal and on_thread else ()),
         ]

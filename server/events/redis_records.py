@@ -72,6 +72,10 @@ def run_fields(record: RunRecord) -> dict[str, str | int | bytes]:
         values[RunField.TTL_MS] = record.terminal_ttl_ms
     if record.until_idle:
         values[RunField.UNTIL_IDLE] = 1
+    if record.schedule_id:
+        values[RunField.SCHEDULE_ID] = record.schedule_id
+    if record.goal:
+        values[RunField.GOAL] = record.goal
     return values
 
 
@@ -107,6 +111,9 @@ def run_from_hash(run_id: str, fields: Mapping[bytes, bytes]) -> RunRecord:
         until_idle=number(RunField.UNTIL_IDLE) == 1,
         last_step=number(RunField.LAST_STEP),
         last_attempt=number(RunField.LAST_ATTEMPT),
+        schedule_id=text(RunField.SCHEDULE_ID),
+        goal=text(RunField.GOAL),
+        goal_progress=text(RunField.GOAL_PROGRESS),
     )
 
 

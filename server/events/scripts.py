@@ -78,13 +78,14 @@ return {1}
 # ARGV[18]  the attempt of the last event
 # ARGV[19]  the run's key base (keys.run_base): its tasks' keys are base .. 'task:' ..
 #           the task id's last 16 characters
-# ARGV[20..19+n] the serialized events, in index order
-# ARGV[20+n..] entries to add to the thread's history (terminal state only)
+# ARGV[20]  the run's goal progress to store, or '' to keep the stored one
+# ARGV[21..20+n] the serialized events, in index order
+# ARGV[21+n..] entries to add to the thread's history (terminal state only)
 # Returns {OK, next_index, promoted run id or ''} | {NOT_FOUND} | {STALE_EPOCH, run epoch}
 #       | {INDEX_CONFLICT, next_index}
 APPEND = """
 local run, events, lease = KEYS[1], KEYS[2], KEYS[3]
-local first_event = 20  -- ARGV position of the first serialized event
+local first_event = 21  -- ARGV position of the first serialized event
 local n = tonumber(ARGV[12])
 local first_message = first_event + n
 local f = redis.call('HMGET', run, 'epoch', 'next_index', 'earliest_index', 'live_only',
@@ -129,6 +130,9 @@ if ARGV[2] ~= '' then
 end
 if ARGV[10] == '1' then
   table.insert(update, 'checkpoint'); table.insert(update, ARGV[11])
+end
+if ARGV[20] ~= '' then
+  table.insert(update, 'goal_progress'); table.insert(update, ARGV[20])
 end
 local retain = tonumber(ARGV[6])
 if not keep and n > 0 then

@@ -51,6 +51,8 @@ from server.errors import (
     UnknownAgent,
 )
 from server.events.log import BusyPolicy, EventLog, RunRecord, RunState
+from server.goals.judge import judge_of
+from server.goals.records import Goal
 from server.runs import decisions
 from server.runs.leases import LeaseKeeper
 from server.runs.supervisor import Stop, Supervisor, WriterLimits
@@ -101,6 +103,7 @@ class Started:
 
     run: RunRecord
     launch: Callable[[], None]
+    created: bool = True  # False: a run with this request_id existed
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +166,7 @@ class LocalExecutor:
             self._leases,
             limits or WriterLimits(),
             Tasks(task_store, self._task_runner, task_limits),
+            self._agents,
         )
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[Any]] = set()  # thread hand-overs, interrupts
@@ -212,6 +216,8 @@ class LocalExecutor:
         thread_id: str = "",
         policy: BusyPolicy = BusyPolicy.REJECT,
         until_idle: bool = False,
+        goal: Goal | None = None,
+        schedule_id: str = "",
     ) -> Started:
         """Store a new run, ready to execute here (see Started), or waiting for its thread.
 
@@ -219,13 +225,18 @@ class LocalExecutor:
         or input differ). A run on a thread goes by the thread's state and
         `policy`: ThreadNotFound, ThreadBusy (REJECT), or it becomes the
         thread's active run, or waits in its queue (ENQUEUE), asking the
-        active run to stop (INTERRUPT, ROLLBACK).
+        active run to stop (INTERRUPT, ROLLBACK). The run pursues `goal`, or
+        else its agent's default goal, if any (InvalidArgument when the goal's
+        judge is not an agent of this server that judges).
         """
         if self._draining:
             raise ServerDraining()
         spec = self.agent(agent_id)
         if spec.validate_input is not None:
             spec.validate_input(input)
+        goal = goal or spec.default_goal
+        if goal is not None:
+            judge_of(self._agents, goal)
         now = _now_ms()
         retention_s = spec.ended_run_retention_s
         new = RunRecord(
@@ -241,6 +252,8 @@ class LocalExecutor:
             live_only=not spec.resumable,
             terminal_ttl_ms=0 if retention_s is None else max(1, round(retention_s * 1000)),
             until_idle=until_idle,
+            schedule_id=schedule_id,
+            goal="" if goal is None else goal.encode(),
         )
         if thread_id:
             outcome = await self._log.start_thread_run(new, policy)
@@ -252,7 +265,7 @@ class LocalExecutor:
         if not created:
             if (record.agent_id, record.input) != (agent_id, input):
                 raise RequestIdReused(request_id, record.run_id)
-            return Started(record, _nothing)
+            return Started(record, _nothing, created=False)
         if record.state is not RunState.QUEUED:
             return Started(record, _nothing)  # waits for its thread
         return Started(record, _Once(lambda: self._launch(record, spec)))

@@ -24,6 +24,12 @@ with until_idle, the model's being done is followed by a wait for the run's
 tasks, each outcome given to the model as a new message, until none is
 left; a cancelled run cancels the tasks it started.
 
+Goals (server/runs/goals.py): a run with a goal has each attempt judged
+when it is over (after its tasks, with until_idle); an attempt that falls
+short, with attempts left, is followed by the judge's reason as a new
+message and the loop goes on, in the same run; the last judgment is
+committed with `finish`, which says whether the goal was met.
+
 A run on a thread starts from the thread's history (read again on every
 takeover or resume: the thread cannot change while it has an active run),
 and its terminal append carries the run's own messages to the thread: all
@@ -40,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -51,7 +58,9 @@ from server.agents.loop import run_agent_loop
 from server.agents.types import AgentSpec, LoopResult, RunInfo
 from server.errors import IndexConflict, StaleEpoch, StoreUnavailable
 from server.events.log import EventLog, RunRecord, RunState, Subscription
+from server.goals.records import Goal
 from server.runs import decisions
+from server.runs.goals import Judgment, judge_attempt, retry_checkpoint
 from server.runs.journal import ToolJournal
 from server.runs.leases import LeaseKeeper
 from server.runs.tasks import (
@@ -97,8 +106,8 @@ class _CheckpointingSink:
     over at): a run that fails or is cancelled leaves that checkpoint's
     messages in its thread. And it stamps every checkpoint with what the
     run, beyond its agent loop, has done so far (`fed`: the task outcomes
-    given to the model), so a checkpoint the loop takes mid-step does not
-    forget it.
+    given to the model; `judged`: the attempts its goal's judge evaluated),
+    so a checkpoint the loop takes mid-step does not forget it.
     """
 
     def __init__(self, writer: EventWriter, record: RunRecord) -> None:
@@ -106,17 +115,24 @@ class _CheckpointingSink:
         taken_over = Checkpoint.decode(record.checkpoint) if record.checkpoint else None
         self.last: Checkpoint | None = taken_over if record.thread_id else None
         self.fed: tuple[str, ...] = taken_over.fed if taken_over else ()
+        self.judged = taken_over.judged if taken_over else 0
 
     async def emit(self, event: pb.AgentEvent) -> None:
         await self._writer.emit(event)
 
     def stamped(self, checkpoint: Checkpoint) -> Checkpoint:
         """`checkpoint` with what the run did beyond its agent loop."""
-        return replace(checkpoint, fed=self.fed)
+        return replace(checkpoint, fed=self.fed, judged=self.judged)
 
-    async def checkpoint(self, checkpoint: Checkpoint) -> None:
+    async def checkpoint(
+        self,
+        checkpoint: Checkpoint,
+        *,
+        events: Sequence[pb.AgentEvent] = (),
+        goal_progress: str | None = None,
+    ) -> None:
         checkpoint = self.stamped(checkpoint)
-        await self._writer.commit(checkpoint=checkpoint)
+        await self._writer.commit(checkpoint=checkpoint, events=events, goal_progress=goal_progress)
         self.last = checkpoint
 
     @property
@@ -158,9 +174,15 @@ class Supervisor:
     """Executes runs (see the module docstring); one instance serves every run of a process."""
 
     def __init__(
-        self, event_log: EventLog, leases: LeaseKeeper, limits: WriterLimits, tasks: Tasks
+        self,
+        event_log: EventLog,
+        leases: LeaseKeeper,
+        limits: WriterLimits,
+        tasks: Tasks,
+        agents: Mapping[str, AgentSpec],
     ) -> None:
         self._log = event_log
+        self._agents = agents  # the judges of goals among them
         self._leases = leases
         self._limits = limits
         self._tasks = tasks
@@ -297,24 +319,26 @@ class Supervisor:
         else:
             result = await self._loop(record, spec, sink, resume, attempt, earlier)
         waiting = resume if resume.phase is Phase.WAITING else None
-        while record.until_idle and result.suspended is None:
-            # Wait for the run's tasks; give each outcome to the model as a new message.
-            rings = task_events.rings
-            await task_events.emit_new()
-            outcome = next_outcome(await self._tasks.store.run_tasks(record.run_id), sink.fed)
-            if outcome is False:
-                break  # none left: the run finishes with the model's last output
-            if outcome is True:
-                if waiting is None:
-                    waiting = waiting_checkpoint(result)
-                    await sink.checkpoint(waiting)
-                await task_events.rung_since(rings)
-                continue
-            told = outcome_checkpoint(result, outcome)
-            sink.fed = (*sink.fed, outcome_key(outcome))
-            await sink.checkpoint(told)
+        goal = Goal.decode(record.goal)
+        judged: Judgment | None = None
+        while True:
+            result = await self._until_idle(
+                record, spec, sink, task_events, result, waiting, earlier
+            )
+            if goal is None or result.suspended is not None:
+                break
+            # The attempt is over: the judge decides whether the run goes on.
+            run_info = RunInfo(run_id=record.run_id, counters=self._log)
+            judged = await judge_attempt(self._agents, goal, result, sink.judged + 1, run_info)
+            sink.judged = judged.attempt
+            if judged.final:
+                break
+            retry = retry_checkpoint(result, judged)
+            await sink.checkpoint(
+                retry, events=[judged.event], goal_progress=judged.progress.encode()
+            )
             waiting = None
-            result = await self._loop(record, spec, sink, told, 1, earlier)
+            result = await self._loop(record, spec, sink, retry, 1, earlier)
         if result.suspended is not None:
             suspension = result.suspended
             announcements = [_interrupt_event(suspension, i) for i in suspension.interrupts]
@@ -338,11 +362,46 @@ class Supervisor:
                 usage=result.usage,
             )
         )
+        if judged is not None:
+            finish.finish.goal_met = judged.verdict.satisfied
         await writer.commit(
             RunState.SUCCEEDED,
-            events=[finish],
+            events=[finish] if judged is None else [judged.event, finish],
             thread_messages=_thread_entries(record, result.messages),
+            goal_progress=None if judged is None else judged.progress.encode(),
         )
+
+    async def _until_idle(
+        self,
+        record: RunRecord,
+        spec: AgentSpec,
+        sink: _CheckpointingSink,
+        task_events: TaskEvents,
+        result: LoopResult,
+        waiting: Checkpoint | None,
+        earlier: list[ModelMessage],
+    ) -> LoopResult:
+        """With until_idle, wait for the run's tasks after the model is done with `result`,
+        giving each outcome to the model as a new message, until none is left; return the
+        model's last result. `waiting`: the WAITING checkpoint already committed, if any."""
+        while record.until_idle and result.suspended is None:
+            rings = task_events.rings
+            await task_events.emit_new()
+            outcome = next_outcome(await self._tasks.store.run_tasks(record.run_id), sink.fed)
+            if outcome is False:
+                break  # none left: the run finishes with the model's last output
+            if outcome is True:
+                if waiting is None:
+                    waiting = waiting_checkpoint(result)
+                    await sink.checkpoint(waiting)
+                await task_events.rung_since(rings)
+                continue
+            told = outcome_checkpoint(result, outcome)
+            sink.fed = (*sink.fed, outcome_key(outcome))
+            await sink.checkpoint(told)
+            waiting = None
+            result = await self._loop(record, spec, sink, told, 1, earlier)
+        return result
 
     async def _loop(
         self,

@@ -98,11 +98,12 @@ class EventWriter:
         events: Sequence[AgentEvent] = (),
         checkpoint: Checkpoint | None = None,
         thread_messages: Sequence[bytes] = (),
+        goal_progress: str | None = None,
     ) -> None:
         """Commit what was emitted, then `events`, with `state` and `checkpoint`, atomically.
 
-        `thread_messages` go to the run's thread with a terminal `state`
-        (EventLog.append).
+        `thread_messages` go to the run's thread with a terminal `state`, and
+        `goal_progress` to the run's record (EventLog.append).
 
         `events` join the same append (the flusher never sees them), so they
         become visible together with the state and the checkpoint: how a
@@ -134,6 +135,7 @@ class EventWriter:
                     error=error,
                     checkpoint=encoded,
                     thread_messages=thread_messages,
+                    goal_progress=goal_progress,
                 )
             )
             try:
@@ -193,8 +195,9 @@ class EventWriter:
         error: str = "",
         checkpoint: bytes | None = None,
         thread_messages: Sequence[bytes] = (),
+        goal_progress: str | None = None,
     ) -> None:
-        if batch or state is not None or checkpoint is not None:
+        if batch or state is not None or checkpoint is not None or goal_progress is not None:
             await self._log.append(
                 self._run_id,
                 self._epoch,
@@ -203,6 +206,7 @@ class EventWriter:
                 error=error,
                 checkpoint=checkpoint,
                 thread_messages=thread_messages,
+                goal_progress=goal_progress,
             )
 
     def _raise_if_failed(self) -> None:

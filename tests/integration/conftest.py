@@ -12,6 +12,8 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from keel.v1 import agent_service_pb2 as pb
 from keel.v1 import agent_service_pb2_grpc as pb_grpc
 
@@ -83,6 +85,19 @@ def text_of(events: Sequence[pb.AgentEvent]) -> str:
 
 def payloads(events: Sequence[pb.AgentEvent]) -> list[str]:
     return [e.WhichOneof("payload") or "" for e in events]
+
+
+def field_violations(exc: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
+    """The (field, description) pairs of the BadRequest in an error's details."""
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    assert status is not None
+    found = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            found += [(v.field, v.description) for v in bad.field_violations]
+    return found
 
 
 @pytest.fixture(params=["memory", "redis"])

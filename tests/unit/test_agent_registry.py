@@ -40,7 +40,7 @@ def build_agent() -> Agent[None, str]:
 
 def test_the_scripted_registry_loads() -> None:
     registry = load_registry("server.agents.testing:registry")
-    assert list(registry) == ["scripted"]
+    assert list(registry) == ["scripted", "scripted-judge"]
     described = describe(registry["scripted"])
     assert described.model_name == "function:scripted"
     assert [(t.name, t.requires_approval, t.background) for t in described.tools] == [

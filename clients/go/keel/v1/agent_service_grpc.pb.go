@@ -157,6 +157,50 @@ type AgentServiceClient interface {
 	// of GetTask; FAILED_PRECONDITION (TASK_NOT_RETRYABLE, metadata status)
 	// for a task that is waiting, running or completed.
 	RetryTask(ctx context.Context, in *RetryTaskRequest, opts ...grpc.CallOption) (*RetryTaskResponse, error)
+	// CreateSchedule makes a schedule: an agent run on a cron cadence, in a
+	// time zone. Each tick of the cron starts one ordinary run (its id derives
+	// from the schedule and the tick, so servers that race on a tick start one
+	// run), with the schedule's input, on a fresh thread (THREADLESS) or on
+	// the schedule's one thread (THREADED). Errors: INVALID_ARGUMENT (with
+	// BadRequest field violations) for an unknown agent, a malformed cron
+	// expression, an unknown time zone, a catch_up_window out of range or a
+	// policy the thread mode does not allow; ALREADY_EXISTS
+	// (SCHEDULE_ALREADY_EXISTS) for a schedule_id that is taken, or
+	// (REQUEST_ID_REUSED) for a request_id sent before with other fields;
+	// NOT_FOUND (THREAD_NOT_FOUND) for an unknown thread_id.
+	CreateSchedule(ctx context.Context, in *CreateScheduleRequest, opts ...grpc.CallOption) (*CreateScheduleResponse, error)
+	// GetSchedule returns a schedule with its next fire times and its recent
+	// firings. Errors: INVALID_ARGUMENT for a malformed id; NOT_FOUND
+	// (SCHEDULE_NOT_FOUND).
+	GetSchedule(ctx context.Context, in *GetScheduleRequest, opts ...grpc.CallOption) (*GetScheduleResponse, error)
+	// ListSchedules lists schedules, newest first. Errors: INVALID_ARGUMENT
+	// for a negative page_size or a page_token this server did not issue for
+	// the same filters.
+	ListSchedules(ctx context.Context, in *ListSchedulesRequest, opts ...grpc.CallOption) (*ListSchedulesResponse, error)
+	// UpdateSchedule changes the fields of a schedule that update_mask names
+	// (pause and unpause with "paused"). A new cron, time zone or an unpause
+	// starts the cadence again from now: ticks before it are neither fired
+	// nor recorded as missed. Errors: those of GetSchedule; INVALID_ARGUMENT
+	// for an empty update_mask, a path that cannot be updated or a bad value.
+	UpdateSchedule(ctx context.Context, in *UpdateScheduleRequest, opts ...grpc.CallOption) (*UpdateScheduleResponse, error)
+	// DeleteSchedule deletes a schedule and its firing history; no tick fires
+	// after it. Runs it started, and its thread, stay. Errors: those of
+	// GetSchedule.
+	DeleteSchedule(ctx context.Context, in *DeleteScheduleRequest, opts ...grpc.CallOption) (*DeleteScheduleResponse, error)
+	// TriggerSchedule fires a schedule now, paused or not, whatever its
+	// overlap policy (a THREADED schedule's run waits in its thread's queue
+	// if the thread is busy). The firing is recorded as TRIGGERED; the cadence
+	// does not change. A request sent again with the same request_id returns
+	// the run the first one started. Errors: those of GetSchedule;
+	// INVALID_ARGUMENT for a malformed request_id or when the schedule's agent
+	// is not served here.
+	TriggerSchedule(ctx context.Context, in *TriggerScheduleRequest, opts ...grpc.CallOption) (*TriggerScheduleResponse, error)
+	// ListScheduleRuns lists a schedule's recorded firings, newest first: a
+	// run started, a tick skipped (overlap) or missed (downtime beyond the
+	// catch-up window), a trigger, or a failure to start. A schedule keeps its
+	// most recent 100 firings. Errors: those of GetSchedule; INVALID_ARGUMENT
+	// for a negative page_size or a page_token this server did not issue.
+	ListScheduleRuns(ctx context.Context, in *ListScheduleRunsRequest, opts ...grpc.CallOption) (*ListScheduleRunsResponse, error)
 }
 
 type agentServiceClient struct {
@@ -389,6 +433,69 @@ func (c *agentServiceClient) RetryTask(ctx context.Context, in *RetryTaskRequest
 	return out, nil
 }
 
+func (c *agentServiceClient) CreateSchedule(ctx context.Context, in *CreateScheduleRequest, opts ...grpc.CallOption) (*CreateScheduleResponse, error) {
+	out := new(CreateScheduleResponse)
+	err := c.cc.Invoke(ctx, "/keel.v1.AgentService/CreateSchedule", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentServiceClient) GetSchedule(ctx context.Context, in *GetScheduleRequest, opts ...grpc.CallOption) (*GetScheduleResponse, error) {
+	out := new(GetScheduleResponse)
+	err := c.cc.Invoke(ctx, "/keel.v1.AgentService/GetSchedule", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentServiceClient) ListSchedules(ctx context.Context, in *ListSchedulesRequest, opts ...grpc.CallOption) (*ListSchedulesResponse, error) {
+	out := new(ListSchedulesResponse)
+	err := c.cc.Invoke(ctx, "/keel.v1.AgentService/ListSchedules", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentServiceClient) UpdateSchedule(ctx context.Context, in *UpdateScheduleRequest, opts ...grpc.CallOption) (*UpdateScheduleResponse, error) {
+	out := new(UpdateScheduleResponse)
+	err := c.cc.Invoke(ctx, "/keel.v1.AgentService/UpdateSchedule", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentServiceClient) DeleteSchedule(ctx context.Context, in *DeleteScheduleRequest, opts ...grpc.CallOption) (*DeleteScheduleResponse, error) {
+	out := new(DeleteScheduleResponse)
+	err := c.cc.Invoke(ctx, "/keel.v1.AgentService/DeleteSchedule", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentServiceClient) TriggerSchedule(ctx context.Context, in *TriggerScheduleRequest, opts ...grpc.CallOption) (*TriggerScheduleResponse, error) {
+	out := new(TriggerScheduleResponse)
+	err := c.cc.Invoke(ctx, "/keel.v1.AgentService/TriggerSchedule", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentServiceClient) ListScheduleRuns(ctx context.Context, in *ListScheduleRunsRequest, opts ...grpc.CallOption) (*ListScheduleRunsResponse, error) {
+	out := new(ListScheduleRunsResponse)
+	err := c.cc.Invoke(ctx, "/keel.v1.AgentService/ListScheduleRuns", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AgentServiceServer is the server API for AgentService service.
 // All implementations must embed UnimplementedAgentServiceServer
 // for forward compatibility
@@ -533,6 +640,50 @@ type AgentServiceServer interface {
 	// of GetTask; FAILED_PRECONDITION (TASK_NOT_RETRYABLE, metadata status)
 	// for a task that is waiting, running or completed.
 	RetryTask(context.Context, *RetryTaskRequest) (*RetryTaskResponse, error)
+	// CreateSchedule makes a schedule: an agent run on a cron cadence, in a
+	// time zone. Each tick of the cron starts one ordinary run (its id derives
+	// from the schedule and the tick, so servers that race on a tick start one
+	// run), with the schedule's input, on a fresh thread (THREADLESS) or on
+	// the schedule's one thread (THREADED). Errors: INVALID_ARGUMENT (with
+	// BadRequest field violations) for an unknown agent, a malformed cron
+	// expression, an unknown time zone, a catch_up_window out of range or a
+	// policy the thread mode does not allow; ALREADY_EXISTS
+	// (SCHEDULE_ALREADY_EXISTS) for a schedule_id that is taken, or
+	// (REQUEST_ID_REUSED) for a request_id sent before with other fields;
+	// NOT_FOUND (THREAD_NOT_FOUND) for an unknown thread_id.
+	CreateSchedule(context.Context, *CreateScheduleRequest) (*CreateScheduleResponse, error)
+	// GetSchedule returns a schedule with its next fire times and its recent
+	// firings. Errors: INVALID_ARGUMENT for a malformed id; NOT_FOUND
+	// (SCHEDULE_NOT_FOUND).
+	GetSchedule(context.Context, *GetScheduleRequest) (*GetScheduleResponse, error)
+	// ListSchedules lists schedules, newest first. Errors: INVALID_ARGUMENT
+	// for a negative page_size or a page_token this server did not issue for
+	// the same filters.
+	ListSchedules(context.Context, *ListSchedulesRequest) (*ListSchedulesResponse, error)
+	// UpdateSchedule changes the fields of a schedule that update_mask names
+	// (pause and unpause with "paused"). A new cron, time zone or an unpause
+	// starts the cadence again from now: ticks before it are neither fired
+	// nor recorded as missed. Errors: those of GetSchedule; INVALID_ARGUMENT
+	// for an empty update_mask, a path that cannot be updated or a bad value.
+	UpdateSchedule(context.Context, *UpdateScheduleRequest) (*UpdateScheduleResponse, error)
+	// DeleteSchedule deletes a schedule and its firing history; no tick fires
+	// after it. Runs it started, and its thread, stay. Errors: those of
+	// GetSchedule.
+	DeleteSchedule(context.Context, *DeleteScheduleRequest) (*DeleteScheduleResponse, error)
+	// TriggerSchedule fires a schedule now, paused or not, whatever its
+	// overlap policy (a THREADED schedule's run waits in its thread's queue
+	// if the thread is busy). The firing is recorded as TRIGGERED; the cadence
+	// does not change. A request sent again with the same request_id returns
+	// the run the first one started. Errors: those of GetSchedule;
+	// INVALID_ARGUMENT for a malformed request_id or when the schedule's agent
+	// is not served here.
+	TriggerSchedule(context.Context, *TriggerScheduleRequest) (*TriggerScheduleResponse, error)
+	// ListScheduleRuns lists a schedule's recorded firings, newest first: a
+	// run started, a tick skipped (overlap) or missed (downtime beyond the
+	// catch-up window), a trigger, or a failure to start. A schedule keeps its
+	// most recent 100 firings. Errors: those of GetSchedule; INVALID_ARGUMENT
+	// for a negative page_size or a page_token this server did not issue.
+	ListScheduleRuns(context.Context, *ListScheduleRunsRequest) (*ListScheduleRunsResponse, error)
 	mustEmbedUnimplementedAgentServiceServer()
 }
 
@@ -590,6 +741,27 @@ func (UnimplementedAgentServiceServer) CancelTask(context.Context, *CancelTaskRe
 }
 func (UnimplementedAgentServiceServer) RetryTask(context.Context, *RetryTaskRequest) (*RetryTaskResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method RetryTask not implemented")
+}
+func (UnimplementedAgentServiceServer) CreateSchedule(context.Context, *CreateScheduleRequest) (*CreateScheduleResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method CreateSchedule not implemented")
+}
+func (UnimplementedAgentServiceServer) GetSchedule(context.Context, *GetScheduleRequest) (*GetScheduleResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method GetSchedule not implemented")
+}
+func (UnimplementedAgentServiceServer) ListSchedules(context.Context, *ListSchedulesRequest) (*ListSchedulesResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListSchedules not implemented")
+}
+func (UnimplementedAgentServiceServer) UpdateSchedule(context.Context, *UpdateScheduleRequest) (*UpdateScheduleResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method UpdateSchedule not implemented")
+}
+func (UnimplementedAgentServiceServer) DeleteSchedule(context.Context, *DeleteScheduleRequest) (*DeleteScheduleResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method DeleteSchedule not implemented")
+}
+func (UnimplementedAgentServiceServer) TriggerSchedule(context.Context, *TriggerScheduleRequest) (*TriggerScheduleResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method TriggerSchedule not implemented")
+}
+func (UnimplementedAgentServiceServer) ListScheduleRuns(context.Context, *ListScheduleRunsRequest) (*ListScheduleRunsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListScheduleRuns not implemented")
 }
 func (UnimplementedAgentServiceServer) mustEmbedUnimplementedAgentServiceServer() {}
 
@@ -919,6 +1091,132 @@ func _AgentService_RetryTask_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AgentService_CreateSchedule_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateScheduleRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServiceServer).CreateSchedule(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/keel.v1.AgentService/CreateSchedule",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServiceServer).CreateSchedule(ctx, req.(*CreateScheduleRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AgentService_GetSchedule_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetScheduleRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServiceServer).GetSchedule(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/keel.v1.AgentService/GetSchedule",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServiceServer).GetSchedule(ctx, req.(*GetScheduleRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AgentService_ListSchedules_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListSchedulesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServiceServer).ListSchedules(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/keel.v1.AgentService/ListSchedules",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServiceServer).ListSchedules(ctx, req.(*ListSchedulesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AgentService_UpdateSchedule_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UpdateScheduleRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServiceServer).UpdateSchedule(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/keel.v1.AgentService/UpdateSchedule",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServiceServer).UpdateSchedule(ctx, req.(*UpdateScheduleRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AgentService_DeleteSchedule_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteScheduleRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServiceServer).DeleteSchedule(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/keel.v1.AgentService/DeleteSchedule",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServiceServer).DeleteSchedule(ctx, req.(*DeleteScheduleRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AgentService_TriggerSchedule_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(TriggerScheduleRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServiceServer).TriggerSchedule(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/keel.v1.AgentService/TriggerSchedule",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServiceServer).TriggerSchedule(ctx, req.(*TriggerScheduleRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AgentService_ListScheduleRuns_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListScheduleRunsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServiceServer).ListScheduleRuns(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/keel.v1.AgentService/ListScheduleRuns",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServiceServer).ListScheduleRuns(ctx, req.(*ListScheduleRunsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _AgentService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "keel.v1.AgentService",
 	HandlerType: (*AgentServiceServer)(nil),
@@ -978,6 +1276,34 @@ var _AgentService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RetryTask",
 			Handler:    _AgentService_RetryTask_Handler,
+		},
+		{
+			MethodName: "CreateSchedule",
+			Handler:    _AgentService_CreateSchedule_Handler,
+		},
+		{
+			MethodName: "GetSchedule",
+			Handler:    _AgentService_GetSchedule_Handler,
+		},
+		{
+			MethodName: "ListSchedules",
+			Handler:    _AgentService_ListSchedules_Handler,
+		},
+		{
+			MethodName: "UpdateSchedule",
+			Handler:    _AgentService_UpdateSchedule_Handler,
+		},
+		{
+			MethodName: "DeleteSchedule",
+			Handler:    _AgentService_DeleteSchedule_Handler,
+		},
+		{
+			MethodName: "TriggerSchedule",
+			Handler:    _AgentService_TriggerSchedule_Handler,
+		},
+		{
+			MethodName: "ListScheduleRuns",
+			Handler:    _AgentService_ListScheduleRuns_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

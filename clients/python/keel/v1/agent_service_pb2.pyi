@@ -24,6 +24,7 @@ and then ends with status OK.
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -243,6 +244,124 @@ MESSAGE_KIND_RESPONSE: MessageKind.ValueType  # 2
 """The model's response: text, reasoning, tool calls."""
 Global___MessageKind: _TypeAlias = MessageKind  # noqa: Y015
 
+class _ScheduleThreadMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ScheduleThreadModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ScheduleThreadMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCHEDULE_THREAD_MODE_UNSPECIFIED: _ScheduleThreadMode.ValueType  # 0
+    """Not set: THREADLESS."""
+    SCHEDULE_THREAD_MODE_THREADLESS: _ScheduleThreadMode.ValueType  # 1
+    """Each firing runs on a fresh thread of its own (no memory of earlier
+    firings; a client may go on with the conversation on that thread).
+    """
+    SCHEDULE_THREAD_MODE_THREADED: _ScheduleThreadMode.ValueType  # 2
+    """Every firing runs on the schedule's one thread, so the agent sees its
+    earlier firings' messages.
+    """
+
+class ScheduleThreadMode(_ScheduleThreadMode, metaclass=_ScheduleThreadModeEnumTypeWrapper):
+    """ScheduleThreadMode says where a schedule's runs are made."""
+
+SCHEDULE_THREAD_MODE_UNSPECIFIED: ScheduleThreadMode.ValueType  # 0
+"""Not set: THREADLESS."""
+SCHEDULE_THREAD_MODE_THREADLESS: ScheduleThreadMode.ValueType  # 1
+"""Each firing runs on a fresh thread of its own (no memory of earlier
+firings; a client may go on with the conversation on that thread).
+"""
+SCHEDULE_THREAD_MODE_THREADED: ScheduleThreadMode.ValueType  # 2
+"""Every firing runs on the schedule's one thread, so the agent sees its
+earlier firings' messages.
+"""
+Global___ScheduleThreadMode: _TypeAlias = ScheduleThreadMode  # noqa: Y015
+
+class _ScheduleOverlapPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ScheduleOverlapPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ScheduleOverlapPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCHEDULE_OVERLAP_POLICY_UNSPECIFIED: _ScheduleOverlapPolicy.ValueType  # 0
+    """Not set: SKIP."""
+    SCHEDULE_OVERLAP_POLICY_SKIP: _ScheduleOverlapPolicy.ValueType  # 1
+    """Record the tick as SKIPPED and start nothing. THREADED: the tick skips
+    while the schedule's thread has any active run.
+    """
+    SCHEDULE_OVERLAP_POLICY_ENQUEUE: _ScheduleOverlapPolicy.ValueType  # 2
+    """Start the run in the thread's queue: it runs when the runs before it
+    ended. THREADED only (a THREADLESS firing's fresh thread has no queue).
+    """
+    SCHEDULE_OVERLAP_POLICY_ALLOW: _ScheduleOverlapPolicy.ValueType  # 3
+    """Start the run at once, beside the active one. THREADLESS only (a
+    thread runs one run at a time).
+    """
+
+class ScheduleOverlapPolicy(_ScheduleOverlapPolicy, metaclass=_ScheduleOverlapPolicyEnumTypeWrapper):
+    """ScheduleOverlapPolicy says what a tick does while the run of the
+    schedule's previous firing is still active.
+    """
+
+SCHEDULE_OVERLAP_POLICY_UNSPECIFIED: ScheduleOverlapPolicy.ValueType  # 0
+"""Not set: SKIP."""
+SCHEDULE_OVERLAP_POLICY_SKIP: ScheduleOverlapPolicy.ValueType  # 1
+"""Record the tick as SKIPPED and start nothing. THREADED: the tick skips
+while the schedule's thread has any active run.
+"""
+SCHEDULE_OVERLAP_POLICY_ENQUEUE: ScheduleOverlapPolicy.ValueType  # 2
+"""Start the run in the thread's queue: it runs when the runs before it
+ended. THREADED only (a THREADLESS firing's fresh thread has no queue).
+"""
+SCHEDULE_OVERLAP_POLICY_ALLOW: ScheduleOverlapPolicy.ValueType  # 3
+"""Start the run at once, beside the active one. THREADLESS only (a
+thread runs one run at a time).
+"""
+Global___ScheduleOverlapPolicy: _TypeAlias = ScheduleOverlapPolicy  # noqa: Y015
+
+class _ScheduleFiringOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ScheduleFiringOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ScheduleFiringOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCHEDULE_FIRING_OUTCOME_UNSPECIFIED: _ScheduleFiringOutcome.ValueType  # 0
+    """Not set. Never returned by the server."""
+    SCHEDULE_FIRING_OUTCOME_STARTED: _ScheduleFiringOutcome.ValueType  # 1
+    """The tick started a run (run_id)."""
+    SCHEDULE_FIRING_OUTCOME_SKIPPED: _ScheduleFiringOutcome.ValueType  # 2
+    """The previous firing's run was still active and the policy is SKIP."""
+    SCHEDULE_FIRING_OUTCOME_MISSED: _ScheduleFiringOutcome.ValueType  # 3
+    """No server fired the tick in time (downtime): it was older than the
+    catch-up window, or a later missed tick fired instead.
+    """
+    SCHEDULE_FIRING_OUTCOME_TRIGGERED: _ScheduleFiringOutcome.ValueType  # 4
+    """TriggerSchedule started a run (run_id)."""
+    SCHEDULE_FIRING_OUTCOME_FAILED: _ScheduleFiringOutcome.ValueType  # 5
+    """The run could not be started (error), for example because the
+    schedule's thread was deleted.
+    """
+
+class ScheduleFiringOutcome(_ScheduleFiringOutcome, metaclass=_ScheduleFiringOutcomeEnumTypeWrapper):
+    """ScheduleFiringOutcome says what became of one tick of a schedule."""
+
+SCHEDULE_FIRING_OUTCOME_UNSPECIFIED: ScheduleFiringOutcome.ValueType  # 0
+"""Not set. Never returned by the server."""
+SCHEDULE_FIRING_OUTCOME_STARTED: ScheduleFiringOutcome.ValueType  # 1
+"""The tick started a run (run_id)."""
+SCHEDULE_FIRING_OUTCOME_SKIPPED: ScheduleFiringOutcome.ValueType  # 2
+"""The previous firing's run was still active and the policy is SKIP."""
+SCHEDULE_FIRING_OUTCOME_MISSED: ScheduleFiringOutcome.ValueType  # 3
+"""No server fired the tick in time (downtime): it was older than the
+catch-up window, or a later missed tick fired instead.
+"""
+SCHEDULE_FIRING_OUTCOME_TRIGGERED: ScheduleFiringOutcome.ValueType  # 4
+"""TriggerSchedule started a run (run_id)."""
+SCHEDULE_FIRING_OUTCOME_FAILED: ScheduleFiringOutcome.ValueType  # 5
+"""The run could not be started (error), for example because the
+schedule's thread was deleted.
+"""
+Global___ScheduleFiringOutcome: _TypeAlias = ScheduleFiringOutcome  # noqa: Y015
+
 @_typing.final
 class StreamRequest(_message.Message):
     """StreamRequest starts a run and streams it."""
@@ -255,6 +374,7 @@ class StreamRequest(_message.Message):
     THREAD_ID_FIELD_NUMBER: _builtins.int
     BUSY_POLICY_FIELD_NUMBER: _builtins.int
     UNTIL_IDLE_FIELD_NUMBER: _builtins.int
+    GOAL_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The id of the agent to run, as listed by ListAgents. Required."""
     input: _builtins.str
@@ -284,6 +404,18 @@ class StreamRequest(_message.Message):
     done with no task pending. Without it, the run finishes when the model
     is done and its tasks go on by themselves.
     """
+    @_builtins.property
+    def goal(self) -> Global___Goal:
+        """If set, the run pursues this goal: after each attempt of the agent (the
+        model is done, and with until_idle its tasks too), the goal's judge
+        decides whether the objective is met (a goal_evaluated event); if not,
+        and attempts remain, the run goes on with the judge's reason as a new
+        message, in the same run. Unset: the agent's default goal, if it has
+        one (ListAgents). Errors: INVALID_ARGUMENT for a missing objective or
+        judge, a judge that is not an agent of this server whose output is a
+        verdict, or max_attempts out of range. See docs/goals.md.
+        """
+
     def __init__(
         self,
         *,
@@ -293,10 +425,11 @@ class StreamRequest(_message.Message):
         thread_id: _builtins.str = ...,
         busy_policy: Global___ThreadBusyPolicy.ValueType = ...,
         until_idle: _builtins.bool = ...,
+        goal: Global___Goal | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["goal", b"goal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "busy_policy", b"busy_policy", "input", b"input", "request_id", b"request_id", "thread_id", b"thread_id", "until_idle", b"until_idle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "busy_policy", b"busy_policy", "goal", b"goal", "input", b"input", "request_id", b"request_id", "thread_id", b"thread_id", "until_idle", b"until_idle"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -624,6 +757,7 @@ class StartRunRequest(_message.Message):
     THREAD_ID_FIELD_NUMBER: _builtins.int
     BUSY_POLICY_FIELD_NUMBER: _builtins.int
     UNTIL_IDLE_FIELD_NUMBER: _builtins.int
+    GOAL_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The id of the agent to run, as listed by ListAgents. Required."""
     input: _builtins.str
@@ -636,6 +770,10 @@ class StartRunRequest(_message.Message):
     """What to do when the thread is busy; see StreamRequest.busy_policy."""
     until_idle: _builtins.bool
     """Wait for the run's background tasks; see StreamRequest.until_idle."""
+    @_builtins.property
+    def goal(self) -> Global___Goal:
+        """The goal the run pursues; see StreamRequest.goal."""
+
     def __init__(
         self,
         *,
@@ -645,10 +783,11 @@ class StartRunRequest(_message.Message):
         thread_id: _builtins.str = ...,
         busy_policy: Global___ThreadBusyPolicy.ValueType = ...,
         until_idle: _builtins.bool = ...,
+        goal: Global___Goal | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["goal", b"goal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "busy_policy", b"busy_policy", "input", b"input", "request_id", b"request_id", "thread_id", b"thread_id", "until_idle", b"until_idle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "busy_policy", b"busy_policy", "goal", b"goal", "input", b"input", "request_id", b"request_id", "thread_id", b"thread_id", "until_idle", b"until_idle"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -737,6 +876,7 @@ class ListRunsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     THREAD_ID_FIELD_NUMBER: _builtins.int
+    SCHEDULE_ID_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """If set, only runs of this agent."""
     page_size: _builtins.int
@@ -749,6 +889,8 @@ class ListRunsRequest(_message.Message):
     """
     thread_id: _builtins.str
     """If set, only runs made on this thread."""
+    schedule_id: _builtins.str
+    """If set, only runs a schedule started (see CreateSchedule)."""
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[Global___RunState.ValueType]:
         """If not empty, only runs in one of these states."""
@@ -761,10 +903,11 @@ class ListRunsRequest(_message.Message):
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         thread_id: _builtins.str = ...,
+        schedule_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "page_size", b"page_size", "page_token", b"page_token", "states", b"states", "thread_id", b"thread_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "page_size", b"page_size", "page_token", b"page_token", "schedule_id", b"schedule_id", "states", b"states", "thread_id", b"thread_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -902,6 +1045,7 @@ class Agent(_message.Message):
     LIVE_ONLY_FIELD_NUMBER: _builtins.int
     ENDED_RUN_RETENTION_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENT_TASKS_FIELD_NUMBER: _builtins.int
+    DEFAULT_GOAL_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The id used in StreamRequest.agent_id."""
     description: _builtins.str
@@ -928,6 +1072,12 @@ class Agent(_message.Message):
         or the server's (KEEL_TERMINAL_TTL_S).
         """
 
+    @_builtins.property
+    def default_goal(self) -> Global___Goal:
+        """The goal this agent's runs pursue when their request sets none; unset
+        when it has no default.
+        """
+
     def __init__(
         self,
         *,
@@ -938,10 +1088,11 @@ class Agent(_message.Message):
         live_only: _builtins.bool = ...,
         ended_run_retention: _duration_pb2.Duration | None = ...,
         max_concurrent_tasks: _builtins.int = ...,
+        default_goal: Global___Goal | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ended_run_retention", b"ended_run_retention"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["default_goal", b"default_goal", "ended_run_retention", b"ended_run_retention"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "description", b"description", "ended_run_retention", b"ended_run_retention", "live_only", b"live_only", "max_concurrent_tasks", b"max_concurrent_tasks", "model_name", b"model_name", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "default_goal", b"default_goal", "description", b"description", "ended_run_retention", b"ended_run_retention", "live_only", b"live_only", "max_concurrent_tasks", b"max_concurrent_tasks", "model_name", b"model_name", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1002,6 +1153,10 @@ class Run(_message.Message):
     PENDING_INTERRUPTS_FIELD_NUMBER: _builtins.int
     THREAD_ID_FIELD_NUMBER: _builtins.int
     UNTIL_IDLE_FIELD_NUMBER: _builtins.int
+    SCHEDULE_ID_FIELD_NUMBER: _builtins.int
+    GOAL_FIELD_NUMBER: _builtins.int
+    GOAL_MET_FIELD_NUMBER: _builtins.int
+    GOAL_ATTEMPTS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run's id, assigned by the server."""
     agent_id: _builtins.str
@@ -1024,6 +1179,14 @@ class Run(_message.Message):
     """Whether the run waits for its background tasks (see
     StreamRequest.until_idle).
     """
+    schedule_id: _builtins.str
+    """The schedule that started the run; empty for a run started otherwise."""
+    goal_met: _builtins.bool
+    """Whether the goal was met: set once the judge's last verdict is in (the
+    run finished), unset for a run without a goal or not judged to the end.
+    """
+    goal_attempts: _builtins.int
+    """How many attempts the judge has evaluated so far."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the run was created."""
@@ -1035,6 +1198,10 @@ class Run(_message.Message):
     @_builtins.property
     def pending_interrupts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Interrupt]:
         """For a SUSPENDED run, the interrupts that still wait for a decision."""
+
+    @_builtins.property
+    def goal(self) -> Global___Goal:
+        """The goal the run pursues, if any (its request's, or its agent's default)."""
 
     def __init__(
         self,
@@ -1052,12 +1219,18 @@ class Run(_message.Message):
         pending_interrupts: _abc.Iterable[Global___Interrupt] | None = ...,
         thread_id: _builtins.str = ...,
         until_idle: _builtins.bool = ...,
+        schedule_id: _builtins.str = ...,
+        goal: Global___Goal | None = ...,
+        goal_met: _builtins.bool | None = ...,
+        goal_attempts: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_goal_met", b"_goal_met", "create_time", b"create_time", "goal", b"goal", "goal_met", b"goal_met", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "create_time", b"create_time", "earliest_offset", b"earliest_offset", "error", b"error", "input", b"input", "next_offset", b"next_offset", "pending_interrupts", b"pending_interrupts", "request_id", b"request_id", "run_id", b"run_id", "state", b"state", "thread_id", b"thread_id", "until_idle", b"until_idle", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_goal_met", b"_goal_met", "agent_id", b"agent_id", "create_time", b"create_time", "earliest_offset", b"earliest_offset", "error", b"error", "goal", b"goal", "goal_attempts", b"goal_attempts", "goal_met", b"goal_met", "input", b"input", "next_offset", b"next_offset", "pending_interrupts", b"pending_interrupts", "request_id", b"request_id", "run_id", b"run_id", "schedule_id", b"schedule_id", "state", b"state", "thread_id", b"thread_id", "until_idle", b"until_idle", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__goal_met: _TypeAlias = _typing.Literal["goal_met"]  # noqa: Y015
+    _WhichOneofArgType__goal_met: _TypeAlias = _typing.Literal["_goal_met", b"_goal_met"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__goal_met) -> _WhichOneofReturnType__goal_met | None: ...
 
 Global___Run: _TypeAlias = Run  # noqa: Y015
 
@@ -1186,6 +1359,7 @@ class AgentEvent(_message.Message):
     OBJECT_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     TASK_FIELD_NUMBER: _builtins.int
+    GOAL_EVALUATED_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run the event belongs to."""
     index: _builtins.int
@@ -1323,6 +1497,10 @@ class AgentEvent(_message.Message):
     def task(self) -> Global___TaskUpdate:
         """A background task changed state."""
 
+    @_builtins.property
+    def goal_evaluated(self) -> Global___GoalEvaluated:
+        """The goal's judge evaluated an attempt."""
+
     def __init__(
         self,
         *,
@@ -1361,12 +1539,13 @@ class AgentEvent(_message.Message):
         object: Global___ObjectOutput | None = ...,
         usage: Global___Usage | None = ...,
         task: Global___TaskUpdate | None = ...,
+        goal_evaluated: Global___GoalEvaluated | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "error", b"error", "file", b"file", "finish", b"finish", "object", b"object", "payload", b"payload", "reasoning_delta", b"reasoning_delta", "reasoning_end", b"reasoning_end", "reasoning_start", b"reasoning_start", "response_metadata", b"response_metadata", "resumed", b"resumed", "source", b"source", "start", b"start", "step_finish", b"step_finish", "step_start", b"step_start", "step_superseded", b"step_superseded", "suspended", b"suspended", "task", b"task", "text_delta", b"text_delta", "text_end", b"text_end", "text_start", b"text_start", "time", b"time", "tool_call", b"tool_call", "tool_call_approval", b"tool_call_approval", "tool_call_suspended", b"tool_call_suspended", "tool_error", b"tool_error", "tool_input_delta", b"tool_input_delta", "tool_input_end", b"tool_input_end", "tool_input_start", b"tool_input_start", "tool_output", b"tool_output", "tool_result", b"tool_result", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "error", b"error", "file", b"file", "finish", b"finish", "goal_evaluated", b"goal_evaluated", "object", b"object", "payload", b"payload", "reasoning_delta", b"reasoning_delta", "reasoning_end", b"reasoning_end", "reasoning_start", b"reasoning_start", "response_metadata", b"response_metadata", "resumed", b"resumed", "source", b"source", "start", b"start", "step_finish", b"step_finish", "step_start", b"step_start", "step_superseded", b"step_superseded", "suspended", b"suspended", "task", b"task", "text_delta", b"text_delta", "text_end", b"text_end", "text_start", b"text_start", "time", b"time", "tool_call", b"tool_call", "tool_call_approval", b"tool_call_approval", "tool_call_suspended", b"tool_call_suspended", "tool_error", b"tool_error", "tool_input_delta", b"tool_input_delta", "tool_input_end", b"tool_input_end", "tool_input_start", b"tool_input_start", "tool_output", b"tool_output", "tool_result", b"tool_result", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "attempt", b"attempt", "error", b"error", "file", b"file", "finish", b"finish", "index", b"index", "object", b"object", "payload", b"payload", "reasoning_delta", b"reasoning_delta", "reasoning_end", b"reasoning_end", "reasoning_start", b"reasoning_start", "response_metadata", b"response_metadata", "resumed", b"resumed", "run_id", b"run_id", "source", b"source", "start", b"start", "step", b"step", "step_finish", b"step_finish", "step_start", b"step_start", "step_superseded", b"step_superseded", "suspended", b"suspended", "task", b"task", "text_delta", b"text_delta", "text_end", b"text_end", "text_start", b"text_start", "time", b"time", "tool_call", b"tool_call", "tool_call_approval", b"tool_call_approval", "tool_call_suspended", b"tool_call_suspended", "tool_error", b"tool_error", "tool_input_delta", b"tool_input_delta", "tool_input_end", b"tool_input_end", "tool_input_start", b"tool_input_start", "tool_output", b"tool_output", "tool_result", b"tool_result", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "attempt", b"attempt", "error", b"error", "file", b"file", "finish", b"finish", "goal_evaluated", b"goal_evaluated", "index", b"index", "object", b"object", "payload", b"payload", "reasoning_delta", b"reasoning_delta", "reasoning_end", b"reasoning_end", "reasoning_start", b"reasoning_start", "response_metadata", b"response_metadata", "resumed", b"resumed", "run_id", b"run_id", "source", b"source", "start", b"start", "step", b"step", "step_finish", b"step_finish", "step_start", b"step_start", "step_superseded", b"step_superseded", "suspended", b"suspended", "task", b"task", "text_delta", b"text_delta", "text_end", b"text_end", "text_start", b"text_start", "time", b"time", "tool_call", b"tool_call", "tool_call_approval", b"tool_call_approval", "tool_call_suspended", b"tool_call_suspended", "tool_error", b"tool_error", "tool_input_delta", b"tool_input_delta", "tool_input_end", b"tool_input_end", "tool_input_start", b"tool_input_start", "tool_output", b"tool_output", "tool_result", b"tool_result", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["start", "step_start", "step_finish", "finish", "abort", "error", "suspended", "resumed", "step_superseded", "text_start", "text_delta", "text_end", "reasoning_start", "reasoning_delta", "reasoning_end", "tool_input_start", "tool_input_delta", "tool_input_end", "tool_call", "tool_result", "tool_error", "tool_call_approval", "tool_call_suspended", "tool_output", "response_metadata", "source", "file", "object", "usage", "task"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["start", "step_start", "step_finish", "finish", "abort", "error", "suspended", "resumed", "step_superseded", "text_start", "text_delta", "text_end", "reasoning_start", "reasoning_delta", "reasoning_end", "tool_input_start", "tool_input_delta", "tool_input_end", "tool_call", "tool_result", "tool_error", "tool_call_approval", "tool_call_suspended", "tool_output", "response_metadata", "source", "file", "object", "usage", "task", "goal_evaluated"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -1452,13 +1631,18 @@ class RunFinish(_message.Message):
     OUTPUT_TEXT_FIELD_NUMBER: _builtins.int
     OUTPUT_JSON_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    GOAL_MET_FIELD_NUMBER: _builtins.int
     output_text: _builtins.str
     """The run's final output as text (for text output)."""
     output_json: _builtins.str
     """The run's final output as JSON (for structured output); empty for text."""
+    goal_met: _builtins.bool
+    """For a run with a goal: whether the judge's last verdict was satisfied."""
     @_builtins.property
     def usage(self) -> Global___Usage:
-        """Usage of the whole run."""
+        """Usage of the whole run (the agent's model calls; a goal's judge is not
+        counted).
+        """
 
     def __init__(
         self,
@@ -1466,12 +1650,15 @@ class RunFinish(_message.Message):
         output_text: _builtins.str = ...,
         output_json: _builtins.str = ...,
         usage: Global___Usage | None = ...,
+        goal_met: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_goal_met", b"_goal_met", "goal_met", b"goal_met", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["output_json", b"output_json", "output_text", b"output_text", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_goal_met", b"_goal_met", "goal_met", b"goal_met", "output_json", b"output_json", "output_text", b"output_text", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__goal_met: _TypeAlias = _typing.Literal["goal_met"]  # noqa: Y015
+    _WhichOneofArgType__goal_met: _TypeAlias = _typing.Literal["_goal_met", b"_goal_met"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__goal_met) -> _WhichOneofReturnType__goal_met | None: ...
 
 Global___RunFinish: _TypeAlias = RunFinish  # noqa: Y015
 
@@ -3159,3 +3346,671 @@ class RetryTaskResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RetryTaskResponse: _TypeAlias = RetryTaskResponse  # noqa: Y015
+
+@_typing.final
+class Goal(_message.Message):
+    """Goal is an objective a run pursues over several attempts, each judged by
+    another agent. See docs/goals.md.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECTIVE_FIELD_NUMBER: _builtins.int
+    JUDGE_AGENT_ID_FIELD_NUMBER: _builtins.int
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    objective: _builtins.str
+    """What the run must achieve, as the judge reads it. Required; at most 64
+    KiB of UTF-8.
+    """
+    judge_agent_id: _builtins.str
+    """The judge: a registered agent whose output is a verdict (satisfied,
+    score, reason), as ListAgents lists it. Required.
+    """
+    max_attempts: _builtins.int
+    """The most attempts the run makes, from 1 to 100; 0 means 3. The run
+    finishes after the attempt the judge is satisfied with, or after the
+    last one with goal_met false.
+    """
+    def __init__(
+        self,
+        *,
+        objective: _builtins.str = ...,
+        judge_agent_id: _builtins.str = ...,
+        max_attempts: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["judge_agent_id", b"judge_agent_id", "max_attempts", b"max_attempts", "objective", b"objective"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Goal: _TypeAlias = Goal  # noqa: Y015
+
+@_typing.final
+class GoalEvaluated(_message.Message):
+    """GoalEvaluated is the judge's verdict on one attempt of a run with a goal.
+    It is committed with the run's checkpoint: a run taken over after it
+    neither loses nor repeats it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    SATISFIED_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    attempt: _builtins.int
+    """The attempt judged, from 1."""
+    satisfied: _builtins.bool
+    """Whether the attempt meets the objective."""
+    score: _builtins.float
+    """The judge's score, from 0 to 1."""
+    reason: _builtins.str
+    """Why, in the judge's words; an unsatisfied attempt's reason is given to
+    the agent for its next attempt.
+    """
+    max_attempts: _builtins.int
+    """The run's most attempts (Goal.max_attempts as applied)."""
+    def __init__(
+        self,
+        *,
+        attempt: _builtins.int = ...,
+        satisfied: _builtins.bool = ...,
+        score: _builtins.float = ...,
+        reason: _builtins.str = ...,
+        max_attempts: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "max_attempts", b"max_attempts", "reason", b"reason", "satisfied", b"satisfied", "score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GoalEvaluated: _TypeAlias = GoalEvaluated  # noqa: Y015
+
+@_typing.final
+class Schedule(_message.Message):
+    """Schedule runs an agent on a cron cadence. See docs/schedules.md."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    CRON_FIELD_NUMBER: _builtins.int
+    TIMEZONE_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    THREAD_MODE_FIELD_NUMBER: _builtins.int
+    OVERLAP_POLICY_FIELD_NUMBER: _builtins.int
+    CATCH_UP_WINDOW_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    THREAD_ID_FIELD_NUMBER: _builtins.int
+    GOAL_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    NEXT_FIRE_TIMES_FIELD_NUMBER: _builtins.int
+    RECENT_FIRINGS_FIELD_NUMBER: _builtins.int
+    LAST_RUN_ID_FIELD_NUMBER: _builtins.int
+    schedule_id: _builtins.str
+    """The schedule's id."""
+    agent_id: _builtins.str
+    """The agent each firing runs."""
+    cron: _builtins.str
+    """The cron expression: five fields (minute hour day-of-month month
+    day-of-week), six with a leading seconds field, or one of @hourly,
+    @daily, @weekly, @monthly, @yearly.
+    """
+    timezone: _builtins.str
+    """The IANA time zone the cron expression is read in, for example
+    "America/New_York".
+    """
+    input: _builtins.str
+    """The user message each firing's run starts with."""
+    thread_mode: Global___ScheduleThreadMode.ValueType
+    """Where the firings' runs are made."""
+    overlap_policy: Global___ScheduleOverlapPolicy.ValueType
+    """What a tick does while the previous firing's run is active."""
+    paused: _builtins.bool
+    """A paused schedule fires no tick (TriggerSchedule still fires it)."""
+    request_id: _builtins.str
+    """The idempotency key the schedule was created with, if any."""
+    thread_id: _builtins.str
+    """THREADED: the thread every firing runs on."""
+    last_run_id: _builtins.str
+    """The run of the latest firing that started one."""
+    @_builtins.property
+    def catch_up_window(self) -> _duration_pb2.Duration:
+        """How late a tick may still fire after the service could not fire it on
+        time (every server down): of the ticks missed, the latest fires if it
+        is at most this old, and the others are recorded as MISSED.
+        """
+
+    @_builtins.property
+    def goal(self) -> Global___Goal:
+        """If set, every firing's run pursues this goal."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the schedule was created."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the schedule was last changed by a request."""
+
+    @_builtins.property
+    def next_fire_times(self) -> _containers.RepeatedCompositeFieldContainer[_timestamp_pb2.Timestamp]:
+        """The next ticks the schedule fires at (up to 5); empty while paused."""
+
+    @_builtins.property
+    def recent_firings(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScheduleFiring]:
+        """The most recent firings, newest first (up to 10; ListScheduleRuns has
+        more).
+        """
+
+    def __init__(
+        self,
+        *,
+        schedule_id: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
+        cron: _builtins.str = ...,
+        timezone: _builtins.str = ...,
+        input: _builtins.str = ...,
+        thread_mode: Global___ScheduleThreadMode.ValueType = ...,
+        overlap_policy: Global___ScheduleOverlapPolicy.ValueType = ...,
+        catch_up_window: _duration_pb2.Duration | None = ...,
+        paused: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+        thread_id: _builtins.str = ...,
+        goal: Global___Goal | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        next_fire_times: _abc.Iterable[_timestamp_pb2.Timestamp] | None = ...,
+        recent_firings: _abc.Iterable[Global___ScheduleFiring] | None = ...,
+        last_run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["catch_up_window", b"catch_up_window", "create_time", b"create_time", "goal", b"goal", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "catch_up_window", b"catch_up_window", "create_time", b"create_time", "cron", b"cron", "goal", b"goal", "input", b"input", "last_run_id", b"last_run_id", "next_fire_times", b"next_fire_times", "overlap_policy", b"overlap_policy", "paused", b"paused", "recent_firings", b"recent_firings", "request_id", b"request_id", "schedule_id", b"schedule_id", "thread_id", b"thread_id", "thread_mode", b"thread_mode", "timezone", b"timezone", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Schedule: _TypeAlias = Schedule  # noqa: Y015
+
+@_typing.final
+class ScheduleFiring(_message.Message):
+    """ScheduleFiring is what one tick (or trigger) of a schedule did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TICK_TIME_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    FIRE_TIME_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    outcome: Global___ScheduleFiringOutcome.ValueType
+    """What became of it."""
+    run_id: _builtins.str
+    """The run it started (STARTED, TRIGGERED)."""
+    detail: _builtins.str
+    """Why it failed (FAILED), or what the SKIPPED tick found active."""
+    @_builtins.property
+    def tick_time(self) -> _timestamp_pb2.Timestamp:
+        """The tick: the time the cron expression named (for a trigger, when it
+        was asked).
+        """
+
+    @_builtins.property
+    def fire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the outcome was decided."""
+
+    def __init__(
+        self,
+        *,
+        tick_time: _timestamp_pb2.Timestamp | None = ...,
+        outcome: Global___ScheduleFiringOutcome.ValueType = ...,
+        run_id: _builtins.str = ...,
+        fire_time: _timestamp_pb2.Timestamp | None = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fire_time", b"fire_time", "tick_time", b"tick_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "fire_time", b"fire_time", "outcome", b"outcome", "run_id", b"run_id", "tick_time", b"tick_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScheduleFiring: _TypeAlias = ScheduleFiring  # noqa: Y015
+
+@_typing.final
+class CreateScheduleRequest(_message.Message):
+    """CreateScheduleRequest makes a schedule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    CRON_FIELD_NUMBER: _builtins.int
+    TIMEZONE_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    SCHEDULE_ID_FIELD_NUMBER: _builtins.int
+    THREAD_MODE_FIELD_NUMBER: _builtins.int
+    OVERLAP_POLICY_FIELD_NUMBER: _builtins.int
+    CATCH_UP_WINDOW_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    THREAD_ID_FIELD_NUMBER: _builtins.int
+    GOAL_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """The agent each firing runs, as listed by ListAgents. Required."""
+    cron: _builtins.str
+    """The cron expression (see Schedule.cron). Required."""
+    timezone: _builtins.str
+    """The IANA time zone of the cron expression; empty means UTC."""
+    input: _builtins.str
+    """The user message each firing's run starts with. At most 1 MiB of UTF-8."""
+    schedule_id: _builtins.str
+    """The schedule's id, chosen by the caller: 1 to 64 letters, digits, '_',
+    '.' or '-', starting with a letter or digit. Empty: the server picks one
+    (derived from request_id, if given).
+    """
+    thread_mode: Global___ScheduleThreadMode.ValueType
+    """Where the firings' runs are made; UNSPECIFIED means THREADLESS."""
+    overlap_policy: Global___ScheduleOverlapPolicy.ValueType
+    """What a tick does while the previous firing's run is active;
+    UNSPECIFIED means SKIP.
+    """
+    paused: _builtins.bool
+    """Create the schedule paused."""
+    request_id: _builtins.str
+    """An optional idempotency key (a UUID is best, at most 128 characters):
+    the same request sent again returns the same schedule.
+    """
+    thread_id: _builtins.str
+    """THREADED only: an existing thread for the firings (see CreateThread).
+    Empty: the schedule's own thread, made on its first firing.
+    """
+    @_builtins.property
+    def catch_up_window(self) -> _duration_pb2.Duration:
+        """See Schedule.catch_up_window: from 1 second to 366 days; unset means
+        365 days (after any downtime, the latest missed tick fires).
+        """
+
+    @_builtins.property
+    def goal(self) -> Global___Goal:
+        """If set, every firing's run pursues this goal (see StreamRequest.goal)."""
+
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        cron: _builtins.str = ...,
+        timezone: _builtins.str = ...,
+        input: _builtins.str = ...,
+        schedule_id: _builtins.str = ...,
+        thread_mode: Global___ScheduleThreadMode.ValueType = ...,
+        overlap_policy: Global___ScheduleOverlapPolicy.ValueType = ...,
+        catch_up_window: _duration_pb2.Duration | None = ...,
+        paused: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+        thread_id: _builtins.str = ...,
+        goal: Global___Goal | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["catch_up_window", b"catch_up_window", "goal", b"goal"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "catch_up_window", b"catch_up_window", "cron", b"cron", "goal", b"goal", "input", b"input", "overlap_policy", b"overlap_policy", "paused", b"paused", "request_id", b"request_id", "schedule_id", b"schedule_id", "thread_id", b"thread_id", "thread_mode", b"thread_mode", "timezone", b"timezone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateScheduleRequest: _TypeAlias = CreateScheduleRequest  # noqa: Y015
+
+@_typing.final
+class CreateScheduleResponse(_message.Message):
+    """CreateScheduleResponse holds the new schedule (or the one an earlier
+    request with the same request_id created).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def schedule(self) -> Global___Schedule:
+        """The schedule."""
+
+    def __init__(
+        self,
+        *,
+        schedule: Global___Schedule | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateScheduleResponse: _TypeAlias = CreateScheduleResponse  # noqa: Y015
+
+@_typing.final
+class GetScheduleRequest(_message.Message):
+    """GetScheduleRequest names a schedule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_ID_FIELD_NUMBER: _builtins.int
+    schedule_id: _builtins.str
+    """The schedule. Required."""
+    def __init__(
+        self,
+        *,
+        schedule_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule_id", b"schedule_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetScheduleRequest: _TypeAlias = GetScheduleRequest  # noqa: Y015
+
+@_typing.final
+class GetScheduleResponse(_message.Message):
+    """GetScheduleResponse holds a schedule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def schedule(self) -> Global___Schedule:
+        """The schedule."""
+
+    def __init__(
+        self,
+        *,
+        schedule: Global___Schedule | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetScheduleResponse: _TypeAlias = GetScheduleResponse  # noqa: Y015
+
+@_typing.final
+class ListSchedulesRequest(_message.Message):
+    """ListSchedulesRequest selects a page of schedules."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """If set, only schedules of this agent."""
+    page_size: _builtins.int
+    """The most schedules to return: 0 means 50, larger values are capped at
+    1000, negative values are INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """The next_page_token of the previous page, or empty for the first page.
+    It is only valid with the same agent_id.
+    """
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSchedulesRequest: _TypeAlias = ListSchedulesRequest  # noqa: Y015
+
+@_typing.final
+class ListSchedulesResponse(_message.Message):
+    """ListSchedulesResponse is one page of schedules, newest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Send this as page_token for the next page; empty on the last page."""
+    @_builtins.property
+    def schedules(self) -> _containers.RepeatedCompositeFieldContainer[Global___Schedule]:
+        """The schedules (without recent_firings: GetSchedule has them)."""
+
+    def __init__(
+        self,
+        *,
+        schedules: _abc.Iterable[Global___Schedule] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "schedules", b"schedules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSchedulesResponse: _TypeAlias = ListSchedulesResponse  # noqa: Y015
+
+@_typing.final
+class UpdateScheduleRequest(_message.Message):
+    """UpdateScheduleRequest changes a schedule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def schedule(self) -> Global___Schedule:
+        """The schedule (schedule_id names it) with the new values of the fields
+        update_mask names.
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """The fields to change: any of agent_id, cron, timezone, input,
+        overlap_policy, catch_up_window, paused and goal. Required.
+        """
+
+    def __init__(
+        self,
+        *,
+        schedule: Global___Schedule | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateScheduleRequest: _TypeAlias = UpdateScheduleRequest  # noqa: Y015
+
+@_typing.final
+class UpdateScheduleResponse(_message.Message):
+    """UpdateScheduleResponse holds the schedule as changed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def schedule(self) -> Global___Schedule:
+        """The schedule."""
+
+    def __init__(
+        self,
+        *,
+        schedule: Global___Schedule | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateScheduleResponse: _TypeAlias = UpdateScheduleResponse  # noqa: Y015
+
+@_typing.final
+class DeleteScheduleRequest(_message.Message):
+    """DeleteScheduleRequest names the schedule to delete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_ID_FIELD_NUMBER: _builtins.int
+    schedule_id: _builtins.str
+    """The schedule. Required."""
+    def __init__(
+        self,
+        *,
+        schedule_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule_id", b"schedule_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteScheduleRequest: _TypeAlias = DeleteScheduleRequest  # noqa: Y015
+
+@_typing.final
+class DeleteScheduleResponse(_message.Message):
+    """DeleteScheduleResponse confirms a deletion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteScheduleResponse: _TypeAlias = DeleteScheduleResponse  # noqa: Y015
+
+@_typing.final
+class TriggerScheduleRequest(_message.Message):
+    """TriggerScheduleRequest fires a schedule now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    schedule_id: _builtins.str
+    """The schedule. Required."""
+    request_id: _builtins.str
+    """An optional idempotency key: the same request sent again returns the
+    run the first one started.
+    """
+    def __init__(
+        self,
+        *,
+        schedule_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "schedule_id", b"schedule_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TriggerScheduleRequest: _TypeAlias = TriggerScheduleRequest  # noqa: Y015
+
+@_typing.final
+class TriggerScheduleResponse(_message.Message):
+    """TriggerScheduleResponse holds the run the trigger started."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    FIRING_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def run(self) -> Global___Run:
+        """The run."""
+
+    @_builtins.property
+    def firing(self) -> Global___ScheduleFiring:
+        """The firing as recorded (outcome TRIGGERED)."""
+
+    def __init__(
+        self,
+        *,
+        run: Global___Run | None = ...,
+        firing: Global___ScheduleFiring | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["firing", b"firing", "run", b"run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["firing", b"firing", "run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TriggerScheduleResponse: _TypeAlias = TriggerScheduleResponse  # noqa: Y015
+
+@_typing.final
+class ListScheduleRunsRequest(_message.Message):
+    """ListScheduleRunsRequest selects a page of a schedule's firings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    schedule_id: _builtins.str
+    """The schedule. Required."""
+    page_size: _builtins.int
+    """The most firings to return: 0 means 50, larger values are capped at
+    1000, negative values are INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """The next_page_token of the previous page, or empty for the first page.
+    It is only valid with the same schedule_id.
+    """
+    def __init__(
+        self,
+        *,
+        schedule_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "schedule_id", b"schedule_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListScheduleRunsRequest: _TypeAlias = ListScheduleRunsRequest  # noqa: Y015
+
+@_typing.final
+class ListScheduleRunsResponse(_message.Message):
+    """ListScheduleRunsResponse is one page of a schedule's firings, newest
+    first.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRINGS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Send this as page_token for the next page; empty on the last page."""
+    @_builtins.property
+    def firings(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScheduleFiring]:
+        """The firings."""
+
+    def __init__(
+        self,
+        *,
+        firings: _abc.Iterable[Global___ScheduleFiring] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["firings", b"firings", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListScheduleRunsResponse: _TypeAlias = ListScheduleRunsResponse  # noqa: Y015

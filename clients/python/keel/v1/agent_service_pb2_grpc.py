@@ -125,6 +125,41 @@ class AgentServiceStub:
                 request_serializer=keel_dot_v1_dot_agent__service__pb2.RetryTaskRequest.SerializeToString,
                 response_deserializer=keel_dot_v1_dot_agent__service__pb2.RetryTaskResponse.FromString,
                 _registered_method=True)
+        self.CreateSchedule = channel.unary_unary(
+                '/keel.v1.AgentService/CreateSchedule',
+                request_serializer=keel_dot_v1_dot_agent__service__pb2.CreateScheduleRequest.SerializeToString,
+                response_deserializer=keel_dot_v1_dot_agent__service__pb2.CreateScheduleResponse.FromString,
+                _registered_method=True)
+        self.GetSchedule = channel.unary_unary(
+                '/keel.v1.AgentService/GetSchedule',
+                request_serializer=keel_dot_v1_dot_agent__service__pb2.GetScheduleRequest.SerializeToString,
+                response_deserializer=keel_dot_v1_dot_agent__service__pb2.GetScheduleResponse.FromString,
+                _registered_method=True)
+        self.ListSchedules = channel.unary_unary(
+                '/keel.v1.AgentService/ListSchedules',
+                request_serializer=keel_dot_v1_dot_agent__service__pb2.ListSchedulesRequest.SerializeToString,
+                response_deserializer=keel_dot_v1_dot_agent__service__pb2.ListSchedulesResponse.FromString,
+                _registered_method=True)
+        self.UpdateSchedule = channel.unary_unary(
+                '/keel.v1.AgentService/UpdateSchedule',
+                request_serializer=keel_dot_v1_dot_agent__service__pb2.UpdateScheduleRequest.SerializeToString,
+                response_deserializer=keel_dot_v1_dot_agent__service__pb2.UpdateScheduleResponse.FromString,
+                _registered_method=True)
+        self.DeleteSchedule = channel.unary_unary(
+                '/keel.v1.AgentService/DeleteSchedule',
+                request_serializer=keel_dot_v1_dot_agent__service__pb2.DeleteScheduleRequest.SerializeToString,
+                response_deserializer=keel_dot_v1_dot_agent__service__pb2.DeleteScheduleResponse.FromString,
+                _registered_method=True)
+        self.TriggerSchedule = channel.unary_unary(
+                '/keel.v1.AgentService/TriggerSchedule',
+                request_serializer=keel_dot_v1_dot_agent__service__pb2.TriggerScheduleRequest.SerializeToString,
+                response_deserializer=keel_dot_v1_dot_agent__service__pb2.TriggerScheduleResponse.FromString,
+                _registered_method=True)
+        self.ListScheduleRuns = channel.unary_unary(
+                '/keel.v1.AgentService/ListScheduleRuns',
+                request_serializer=keel_dot_v1_dot_agent__service__pb2.ListScheduleRunsRequest.SerializeToString,
+                response_deserializer=keel_dot_v1_dot_agent__service__pb2.ListScheduleRunsResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -361,6 +396,85 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSchedule(self, request, context):
+        """CreateSchedule makes a schedule: an agent run on a cron cadence, in a
+        time zone. Each tick of the cron starts one ordinary run (its id derives
+        from the schedule and the tick, so servers that race on a tick start one
+        run), with the schedule's input, on a fresh thread (THREADLESS) or on
+        the schedule's one thread (THREADED). Errors: INVALID_ARGUMENT (with
+        BadRequest field violations) for an unknown agent, a malformed cron
+        expression, an unknown time zone, a catch_up_window out of range or a
+        policy the thread mode does not allow; ALREADY_EXISTS
+        (SCHEDULE_ALREADY_EXISTS) for a schedule_id that is taken, or
+        (REQUEST_ID_REUSED) for a request_id sent before with other fields;
+        NOT_FOUND (THREAD_NOT_FOUND) for an unknown thread_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSchedule(self, request, context):
+        """GetSchedule returns a schedule with its next fire times and its recent
+        firings. Errors: INVALID_ARGUMENT for a malformed id; NOT_FOUND
+        (SCHEDULE_NOT_FOUND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSchedules(self, request, context):
+        """ListSchedules lists schedules, newest first. Errors: INVALID_ARGUMENT
+        for a negative page_size or a page_token this server did not issue for
+        the same filters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateSchedule(self, request, context):
+        """UpdateSchedule changes the fields of a schedule that update_mask names
+        (pause and unpause with "paused"). A new cron, time zone or an unpause
+        starts the cadence again from now: ticks before it are neither fired
+        nor recorded as missed. Errors: those of GetSchedule; INVALID_ARGUMENT
+        for an empty update_mask, a path that cannot be updated or a bad value.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSchedule(self, request, context):
+        """DeleteSchedule deletes a schedule and its firing history; no tick fires
+        after it. Runs it started, and its thread, stay. Errors: those of
+        GetSchedule.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TriggerSchedule(self, request, context):
+        """TriggerSchedule fires a schedule now, paused or not, whatever its
+        overlap policy (a THREADED schedule's run waits in its thread's queue
+        if the thread is busy). The firing is recorded as TRIGGERED; the cadence
+        does not change. A request sent again with the same request_id returns
+        the run the first one started. Errors: those of GetSchedule;
+        INVALID_ARGUMENT for a malformed request_id or when the schedule's agent
+        is not served here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListScheduleRuns(self, request, context):
+        """ListScheduleRuns lists a schedule's recorded firings, newest first: a
+        run started, a tick skipped (overlap) or missed (downtime beyond the
+        catch-up window), a trigger, or a failure to start. A schedule keeps its
+        most recent 100 firings. Errors: those of GetSchedule; INVALID_ARGUMENT
+        for a negative page_size or a page_token this server did not issue.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -448,6 +562,41 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.RetryTask,
                     request_deserializer=keel_dot_v1_dot_agent__service__pb2.RetryTaskRequest.FromString,
                     response_serializer=keel_dot_v1_dot_agent__service__pb2.RetryTaskResponse.SerializeToString,
+            ),
+            'CreateSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSchedule,
+                    request_deserializer=keel_dot_v1_dot_agent__service__pb2.CreateScheduleRequest.FromString,
+                    response_serializer=keel_dot_v1_dot_agent__service__pb2.CreateScheduleResponse.SerializeToString,
+            ),
+            'GetSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSchedule,
+                    request_deserializer=keel_dot_v1_dot_agent__service__pb2.GetScheduleRequest.FromString,
+                    response_serializer=keel_dot_v1_dot_agent__service__pb2.GetScheduleResponse.SerializeToString,
+            ),
+            'ListSchedules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSchedules,
+                    request_deserializer=keel_dot_v1_dot_agent__service__pb2.ListSchedulesRequest.FromString,
+                    response_serializer=keel_dot_v1_dot_agent__service__pb2.ListSchedulesResponse.SerializeToString,
+            ),
+            'UpdateSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateSchedule,
+                    request_deserializer=keel_dot_v1_dot_agent__service__pb2.UpdateScheduleRequest.FromString,
+                    response_serializer=keel_dot_v1_dot_agent__service__pb2.UpdateScheduleResponse.SerializeToString,
+            ),
+            'DeleteSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSchedule,
+                    request_deserializer=keel_dot_v1_dot_agent__service__pb2.DeleteScheduleRequest.FromString,
+                    response_serializer=keel_dot_v1_dot_agent__service__pb2.DeleteScheduleResponse.SerializeToString,
+            ),
+            'TriggerSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.TriggerSchedule,
+                    request_deserializer=keel_dot_v1_dot_agent__service__pb2.TriggerScheduleRequest.FromString,
+                    response_serializer=keel_dot_v1_dot_agent__service__pb2.TriggerScheduleResponse.SerializeToString,
+            ),
+            'ListScheduleRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListScheduleRuns,
+                    request_deserializer=keel_dot_v1_dot_agent__service__pb2.ListScheduleRunsRequest.FromString,
+                    response_serializer=keel_dot_v1_dot_agent__service__pb2.ListScheduleRunsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -915,6 +1064,195 @@ class AgentService:
             '/keel.v1.AgentService/RetryTask',
             keel_dot_v1_dot_agent__service__pb2.RetryTaskRequest.SerializeToString,
             keel_dot_v1_dot_agent__service__pb2.RetryTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.v1.AgentService/CreateSchedule',
+            keel_dot_v1_dot_agent__service__pb2.CreateScheduleRequest.SerializeToString,
+            keel_dot_v1_dot_agent__service__pb2.CreateScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.v1.AgentService/GetSchedule',
+            keel_dot_v1_dot_agent__service__pb2.GetScheduleRequest.SerializeToString,
+            keel_dot_v1_dot_agent__service__pb2.GetScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSchedules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.v1.AgentService/ListSchedules',
+            keel_dot_v1_dot_agent__service__pb2.ListSchedulesRequest.SerializeToString,
+            keel_dot_v1_dot_agent__service__pb2.ListSchedulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.v1.AgentService/UpdateSchedule',
+            keel_dot_v1_dot_agent__service__pb2.UpdateScheduleRequest.SerializeToString,
+            keel_dot_v1_dot_agent__service__pb2.UpdateScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.v1.AgentService/DeleteSchedule',
+            keel_dot_v1_dot_agent__service__pb2.DeleteScheduleRequest.SerializeToString,
+            keel_dot_v1_dot_agent__service__pb2.DeleteScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TriggerSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.v1.AgentService/TriggerSchedule',
+            keel_dot_v1_dot_agent__service__pb2.TriggerScheduleRequest.SerializeToString,
+            keel_dot_v1_dot_agent__service__pb2.TriggerScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListScheduleRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keel.v1.AgentService/ListScheduleRuns',
+            keel_dot_v1_dot_agent__service__pb2.ListScheduleRunsRequest.SerializeToString,
+            keel_dot_v1_dot_agent__service__pb2.ListScheduleRunsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -213,6 +213,57 @@ class AgentServiceStub:
     of GetTask; FAILED_PRECONDITION (TASK_NOT_RETRYABLE, metadata status)
     for a task that is waiting, running or completed.
     """
+    CreateSchedule: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.CreateScheduleRequest, _agent_service_pb2.CreateScheduleResponse]
+    """CreateSchedule makes a schedule: an agent run on a cron cadence, in a
+    time zone. Each tick of the cron starts one ordinary run (its id derives
+    from the schedule and the tick, so servers that race on a tick start one
+    run), with the schedule's input, on a fresh thread (THREADLESS) or on
+    the schedule's one thread (THREADED). Errors: INVALID_ARGUMENT (with
+    BadRequest field violations) for an unknown agent, a malformed cron
+    expression, an unknown time zone, a catch_up_window out of range or a
+    policy the thread mode does not allow; ALREADY_EXISTS
+    (SCHEDULE_ALREADY_EXISTS) for a schedule_id that is taken, or
+    (REQUEST_ID_REUSED) for a request_id sent before with other fields;
+    NOT_FOUND (THREAD_NOT_FOUND) for an unknown thread_id.
+    """
+    GetSchedule: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.GetScheduleRequest, _agent_service_pb2.GetScheduleResponse]
+    """GetSchedule returns a schedule with its next fire times and its recent
+    firings. Errors: INVALID_ARGUMENT for a malformed id; NOT_FOUND
+    (SCHEDULE_NOT_FOUND).
+    """
+    ListSchedules: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ListSchedulesRequest, _agent_service_pb2.ListSchedulesResponse]
+    """ListSchedules lists schedules, newest first. Errors: INVALID_ARGUMENT
+    for a negative page_size or a page_token this server did not issue for
+    the same filters.
+    """
+    UpdateSchedule: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.UpdateScheduleRequest, _agent_service_pb2.UpdateScheduleResponse]
+    """UpdateSchedule changes the fields of a schedule that update_mask names
+    (pause and unpause with "paused"). A new cron, time zone or an unpause
+    starts the cadence again from now: ticks before it are neither fired
+    nor recorded as missed. Errors: those of GetSchedule; INVALID_ARGUMENT
+    for an empty update_mask, a path that cannot be updated or a bad value.
+    """
+    DeleteSchedule: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.DeleteScheduleRequest, _agent_service_pb2.DeleteScheduleResponse]
+    """DeleteSchedule deletes a schedule and its firing history; no tick fires
+    after it. Runs it started, and its thread, stay. Errors: those of
+    GetSchedule.
+    """
+    TriggerSchedule: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.TriggerScheduleRequest, _agent_service_pb2.TriggerScheduleResponse]
+    """TriggerSchedule fires a schedule now, paused or not, whatever its
+    overlap policy (a THREADED schedule's run waits in its thread's queue
+    if the thread is busy). The firing is recorded as TRIGGERED; the cadence
+    does not change. A request sent again with the same request_id returns
+    the run the first one started. Errors: those of GetSchedule;
+    INVALID_ARGUMENT for a malformed request_id or when the schedule's agent
+    is not served here.
+    """
+    ListScheduleRuns: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ListScheduleRunsRequest, _agent_service_pb2.ListScheduleRunsResponse]
+    """ListScheduleRuns lists a schedule's recorded firings, newest first: a
+    run started, a tick skipped (overlap) or missed (downtime beyond the
+    catch-up window), a trigger, or a failure to start. A schedule keeps its
+    most recent 100 firings. Errors: those of GetSchedule; INVALID_ARGUMENT
+    for a negative page_size or a page_token this server did not issue.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -380,6 +431,57 @@ class AgentServiceAsyncStub(AgentServiceStub):
     and arguments and a fresh retry budget: it is QUEUED again. Errors: those
     of GetTask; FAILED_PRECONDITION (TASK_NOT_RETRYABLE, metadata status)
     for a task that is waiting, running or completed.
+    """
+    CreateSchedule: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.CreateScheduleRequest, _agent_service_pb2.CreateScheduleResponse]  # type: ignore[assignment]
+    """CreateSchedule makes a schedule: an agent run on a cron cadence, in a
+    time zone. Each tick of the cron starts one ordinary run (its id derives
+    from the schedule and the tick, so servers that race on a tick start one
+    run), with the schedule's input, on a fresh thread (THREADLESS) or on
+    the schedule's one thread (THREADED). Errors: INVALID_ARGUMENT (with
+    BadRequest field violations) for an unknown agent, a malformed cron
+    expression, an unknown time zone, a catch_up_window out of range or a
+    policy the thread mode does not allow; ALREADY_EXISTS
+    (SCHEDULE_ALREADY_EXISTS) for a schedule_id that is taken, or
+    (REQUEST_ID_REUSED) for a request_id sent before with other fields;
+    NOT_FOUND (THREAD_NOT_FOUND) for an unknown thread_id.
+    """
+    GetSchedule: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.GetScheduleRequest, _agent_service_pb2.GetScheduleResponse]  # type: ignore[assignment]
+    """GetSchedule returns a schedule with its next fire times and its recent
+    firings. Errors: INVALID_ARGUMENT for a malformed id; NOT_FOUND
+    (SCHEDULE_NOT_FOUND).
+    """
+    ListSchedules: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ListSchedulesRequest, _agent_service_pb2.ListSchedulesResponse]  # type: ignore[assignment]
+    """ListSchedules lists schedules, newest first. Errors: INVALID_ARGUMENT
+    for a negative page_size or a page_token this server did not issue for
+    the same filters.
+    """
+    UpdateSchedule: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.UpdateScheduleRequest, _agent_service_pb2.UpdateScheduleResponse]  # type: ignore[assignment]
+    """UpdateSchedule changes the fields of a schedule that update_mask names
+    (pause and unpause with "paused"). A new cron, time zone or an unpause
+    starts the cadence again from now: ticks before it are neither fired
+    nor recorded as missed. Errors: those of GetSchedule; INVALID_ARGUMENT
+    for an empty update_mask, a path that cannot be updated or a bad value.
+    """
+    DeleteSchedule: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.DeleteScheduleRequest, _agent_service_pb2.DeleteScheduleResponse]  # type: ignore[assignment]
+    """DeleteSchedule deletes a schedule and its firing history; no tick fires
+    after it. Runs it started, and its thread, stay. Errors: those of
+    GetSchedule.
+    """
+    TriggerSchedule: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.TriggerScheduleRequest, _agent_service_pb2.TriggerScheduleResponse]  # type: ignore[assignment]
+    """TriggerSchedule fires a schedule now, paused or not, whatever its
+    overlap policy (a THREADED schedule's run waits in its thread's queue
+    if the thread is busy). The firing is recorded as TRIGGERED; the cadence
+    does not change. A request sent again with the same request_id returns
+    the run the first one started. Errors: those of GetSchedule;
+    INVALID_ARGUMENT for a malformed request_id or when the schedule's agent
+    is not served here.
+    """
+    ListScheduleRuns: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ListScheduleRunsRequest, _agent_service_pb2.ListScheduleRunsResponse]  # type: ignore[assignment]
+    """ListScheduleRuns lists a schedule's recorded firings, newest first: a
+    run started, a tick skipped (overlap) or missed (downtime beyond the
+    catch-up window), a trigger, or a failure to start. A schedule keeps its
+    most recent 100 firings. Errors: those of GetSchedule; INVALID_ARGUMENT
+    for a negative page_size or a page_token this server did not issue.
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -647,6 +749,99 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         and arguments and a fresh retry budget: it is QUEUED again. Errors: those
         of GetTask; FAILED_PRECONDITION (TASK_NOT_RETRYABLE, metadata status)
         for a task that is waiting, running or completed.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateSchedule(
+        self,
+        request: _agent_service_pb2.CreateScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.CreateScheduleResponse, _abc.Awaitable[_agent_service_pb2.CreateScheduleResponse]]:
+        """CreateSchedule makes a schedule: an agent run on a cron cadence, in a
+        time zone. Each tick of the cron starts one ordinary run (its id derives
+        from the schedule and the tick, so servers that race on a tick start one
+        run), with the schedule's input, on a fresh thread (THREADLESS) or on
+        the schedule's one thread (THREADED). Errors: INVALID_ARGUMENT (with
+        BadRequest field violations) for an unknown agent, a malformed cron
+        expression, an unknown time zone, a catch_up_window out of range or a
+        policy the thread mode does not allow; ALREADY_EXISTS
+        (SCHEDULE_ALREADY_EXISTS) for a schedule_id that is taken, or
+        (REQUEST_ID_REUSED) for a request_id sent before with other fields;
+        NOT_FOUND (THREAD_NOT_FOUND) for an unknown thread_id.
+        """
+
+    @_abc_1.abstractmethod
+    def GetSchedule(
+        self,
+        request: _agent_service_pb2.GetScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.GetScheduleResponse, _abc.Awaitable[_agent_service_pb2.GetScheduleResponse]]:
+        """GetSchedule returns a schedule with its next fire times and its recent
+        firings. Errors: INVALID_ARGUMENT for a malformed id; NOT_FOUND
+        (SCHEDULE_NOT_FOUND).
+        """
+
+    @_abc_1.abstractmethod
+    def ListSchedules(
+        self,
+        request: _agent_service_pb2.ListSchedulesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.ListSchedulesResponse, _abc.Awaitable[_agent_service_pb2.ListSchedulesResponse]]:
+        """ListSchedules lists schedules, newest first. Errors: INVALID_ARGUMENT
+        for a negative page_size or a page_token this server did not issue for
+        the same filters.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateSchedule(
+        self,
+        request: _agent_service_pb2.UpdateScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.UpdateScheduleResponse, _abc.Awaitable[_agent_service_pb2.UpdateScheduleResponse]]:
+        """UpdateSchedule changes the fields of a schedule that update_mask names
+        (pause and unpause with "paused"). A new cron, time zone or an unpause
+        starts the cadence again from now: ticks before it are neither fired
+        nor recorded as missed. Errors: those of GetSchedule; INVALID_ARGUMENT
+        for an empty update_mask, a path that cannot be updated or a bad value.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteSchedule(
+        self,
+        request: _agent_service_pb2.DeleteScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.DeleteScheduleResponse, _abc.Awaitable[_agent_service_pb2.DeleteScheduleResponse]]:
+        """DeleteSchedule deletes a schedule and its firing history; no tick fires
+        after it. Runs it started, and its thread, stay. Errors: those of
+        GetSchedule.
+        """
+
+    @_abc_1.abstractmethod
+    def TriggerSchedule(
+        self,
+        request: _agent_service_pb2.TriggerScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.TriggerScheduleResponse, _abc.Awaitable[_agent_service_pb2.TriggerScheduleResponse]]:
+        """TriggerSchedule fires a schedule now, paused or not, whatever its
+        overlap policy (a THREADED schedule's run waits in its thread's queue
+        if the thread is busy). The firing is recorded as TRIGGERED; the cadence
+        does not change. A request sent again with the same request_id returns
+        the run the first one started. Errors: those of GetSchedule;
+        INVALID_ARGUMENT for a malformed request_id or when the schedule's agent
+        is not served here.
+        """
+
+    @_abc_1.abstractmethod
+    def ListScheduleRuns(
+        self,
+        request: _agent_service_pb2.ListScheduleRunsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.ListScheduleRunsResponse, _abc.Awaitable[_agent_service_pb2.ListScheduleRunsResponse]]:
+        """ListScheduleRuns lists a schedule's recorded firings, newest first: a
+        run started, a tick skipped (overlap) or missed (downtime beyond the
+        catch-up window), a trigger, or a failure to start. A schedule keeps its
+        most recent 100 firings. Errors: those of GetSchedule; INVALID_ARGUMENT
+        for a negative page_size or a page_token this server did not issue.
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

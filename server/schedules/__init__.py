@@ -1,0 +1,1 @@
+"""Schedules (heartbeats): agents that run on a cron cadence (docs/schedules.md)."""
