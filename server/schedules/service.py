@@ -49,7 +49,7 @@ from server.schedules.records import (
     schedule_id_for,
 )
 from server.schedules.store import ScheduleStore
-from server.schedules.ticker import Ticker, now_ms, start_firing
+from server.schedules.ticker import Ticker, ensure_own_thread, now_ms, start_firing
 
 NEXT_FIRE_TIMES = 5
 RECENT_FIRINGS = 10
@@ -123,6 +123,10 @@ class Schedules:
             next_tick_ms=0 if spec.paused else cron.next_after(now),
             extra={"request_digest": _digest(spec, schedule_id)} if request_id else {},
         )
+        if threaded and not spec.thread_id:
+            # The schedule's own thread, made now so that it can be read at once (its id
+            # derives from the schedule's: whichever request makes the schedule owns it).
+            await ensure_own_thread(self._log, schedule_id)
         stored, created = await self._store.create(record)
         if created:
             self._ticker.wake()

@@ -94,6 +94,10 @@ class Ticker:
         self._loop: asyncio.Task[None] | None = None
         self._draining = False
 
+    @property
+    def store(self) -> ScheduleStore:
+        return self._store
+
     def open(self) -> None:
         if self._loop is None:
             self._loop = asyncio.create_task(self._tick_forever(), name="schedule-ticker")
@@ -276,17 +280,8 @@ async def start_firing(
     """
     threaded = record.thread_mode is ThreadMode.THREADED
     if not threaded or thread_id == own_thread_id(record.schedule_id):
-        now = now_ms()
-        await event_log.create_thread(
-            ThreadRecord(
-                thread_id=thread_id,
-                resource_id="",
-                metadata={"schedule_id": record.schedule_id},
-                request_id="",
-                create_time_ms=now,
-                update_time_ms=now,
-            )
-        )
+        # Made for the firing, or the schedule's own thread (made again if deleted).
+        await _ensure_thread(event_log, thread_id, record.schedule_id)
     try:
         started = await executor.start(
             record.agent_id,
@@ -301,3 +296,24 @@ async def start_firing(
         return exc.run_id  # started before, and the schedule's input has changed since
     started.launch()
     return started.run.run_id
+
+
+async def ensure_own_thread(event_log: EventLog, schedule_id: str) -> str:
+    """Make a THREADED schedule's own thread, unless it exists; its id."""
+    thread_id = own_thread_id(schedule_id)
+    await _ensure_thread(event_log, thread_id, schedule_id)
+    return thread_id
+
+
+async def _ensure_thread(event_log: EventLog, thread_id: str, schedule_id: str) -> None:
+    now = now_ms()
+    await event_log.create_thread(
+        ThreadRecord(
+            thread_id=thread_id,
+            resource_id="",
+            metadata={"schedule_id": schedule_id},
+            request_id="",
+            create_time_ms=now,
+            update_time_ms=now,
+        )
+    )
