@@ -38,6 +38,7 @@ from server.goals.records import Goal
 from server.runs.executor import LocalExecutor
 from server.schedules.cron import Cron, CronError
 from server.schedules.records import (
+    FIRINGS_KEPT,
     Firing,
     Outcome,
     Overlap,
@@ -199,15 +200,24 @@ class Schedules:
             run_request_id, thread_id = f"schedule:{schedule_id}:{key}", record.thread_id
         else:
             run_request_id, thread_id = firing_ids(schedule_id, key)
-        run_id = await start_firing(self._log, self._executor, record, run_request_id, thread_id)
+        run_id, created = await start_firing(
+            self._log, self._executor, record, run_request_id, thread_id
+        )
         run = await self._log.get_run(run_id)
+        if not created:  # a repeated request: its firing is recorded already, unless the
+            # first one died between starting the run and recording it
+            kept = await self._store.firings(schedule_id, limit=FIRINGS_KEPT)
+            for firing in kept:
+                if firing.run_id == run_id:
+                    return run, firing
+            if kept and len(kept) == FIRINGS_KEPT and kept[-1].fire_time_ms > run.create_time_ms:
+                # Recorded so long ago that it is no longer kept.
+                return run, Firing(0, run.create_time_ms, Outcome.TRIGGERED, 0, run_id)
         for _ in range(_WRITE_TRIES):
             record = await self._store.get(schedule_id)
             firing = Firing(
                 record.firing_seq + 1, run.create_time_ms, Outcome.TRIGGERED, now_ms(), run_id
             )
-            if any(f.run_id == run_id for f in await self._store.firings(schedule_id, limit=10)):
-                return run, firing  # a repeated request: recorded the first time
             triggered = dataclasses.replace(record, last_run_id=run_id, firing_seq=firing.seq)
             try:
                 await self._store.put(triggered, expected_version=record.version, firings=[firing])

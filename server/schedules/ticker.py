@@ -131,9 +131,12 @@ class Ticker:
     async def fire(self, schedule_id: str) -> bool:
         """Steps 1 to 3 of the module docstring for one schedule, if it is due."""
         try:
-            record = await self._store.get(schedule_id)
+            return await self._fire(schedule_id)
         except ScheduleNotFound:
-            return False  # deleted since the due index was read
+            return False  # deleted since the due index was read (a run it started stays)
+
+    async def _fire(self, schedule_id: str) -> bool:
+        record = await self._store.get(schedule_id)
         if record.agent_id not in self._executor.agents:
             return False  # a server that runs the agent fires it
         if record.pending is None:
@@ -200,7 +203,7 @@ class Ticker:
             firings.append((pending.tick_ms, Outcome.SKIPPED, "", pending.detail))
         elif pending.outcome is Outcome.STARTED:
             try:
-                last_run_id = await start_firing(
+                last_run_id, _ = await start_firing(
                     self._log, self._executor, record, pending.request_id, pending.thread_id
                 )
                 firings.append((pending.tick_ms, Outcome.STARTED, last_run_id, ""))
@@ -271,8 +274,9 @@ async def start_firing(
     record: ScheduleRecord,
     request_id: str,
     thread_id: str,
-) -> str:
-    """Start the run of one firing (idempotent: its ids derive from the firing); its id.
+) -> tuple[str, bool]:
+    """Start the run of one firing (idempotent: its ids derive from the firing); its id,
+    and whether this call made it (False: an earlier call did).
 
     A THREADLESS firing runs on a fresh thread made for it; a THREADED one on
     the schedule's thread (made on its first firing, unless the schedule
@@ -293,9 +297,9 @@ async def start_firing(
             schedule_id=record.schedule_id,
         )
     except RequestIdReused as exc:
-        return exc.run_id  # started before, and the schedule's input has changed since
+        return exc.run_id, False  # started before, and the schedule's input changed since
     started.launch()
-    return started.run.run_id
+    return started.run.run_id, started.created
 
 
 async def ensure_own_thread(event_log: EventLog, schedule_id: str) -> str:

@@ -349,6 +349,7 @@ async def test_trigger_fires_now_even_when_paused_and_once_per_request_id(
     first = await stub.TriggerSchedule(request)
     again = await stub.TriggerSchedule(request)
     assert first.run.run_id == again.run.run_id
+    assert again.firing == first.firing  # the firing recorded the first time
     assert first.firing.outcome == TRIGGERED and first.firing.run_id == first.run.run_id
     assert first.run.schedule_id == schedule.schedule_id and first.run.goal == goal
     other = await stub.TriggerSchedule(pb.TriggerScheduleRequest(schedule_id=schedule.schedule_id))

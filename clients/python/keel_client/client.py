@@ -26,6 +26,23 @@ open until its tasks ended, giving each result to the model:
             if event.WhichOneof("payload") == "task":  # a TaskUpdate: QUEUED, ..., COMPLETED
                 task = await client.get_task(event.task.task_id)
 
+A goal makes a run go on, attempt after attempt, until a judge agent is
+satisfied (``goal_evaluated`` events; ``finish.goal_met``); a schedule starts
+runs of an agent on a cron cadence:
+
+    async with KeelClient("127.0.0.1:50051") as client:
+        goal = pb.Goal(objective="say DONE", judge_agent_id="judge", max_attempts=3)
+        async for event in client.stream("assistant", "...", goal=goal).events():
+            ...
+        weekdays = "0 9 * * 1-5"  # 09:00 Monday to Friday, in the schedule's time zone
+        schedule = await client.create_schedule(
+            "assistant", weekdays, "write the daily report", timezone="Europe/Paris"
+        )
+        await client.update_schedule(schedule.schedule_id, cron="0 8 * * 1-5")
+        await client.pause_schedule(schedule.schedule_id)
+        fired = await client.trigger_schedule(schedule.schedule_id)  # a run now, paused or not
+        runs = await client.list_runs(schedule_id=schedule.schedule_id)
+
 The unary helpers return the proto messages of ``keel.v1`` and raise
 ``grpc.aio.AioRpcError`` as gRPC does; only the handles' event streams, and
 the delivery of decisions (Resume, idempotent by request_id), retry.
@@ -37,9 +54,11 @@ import asyncio
 import uuid
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypedDict, Unpack
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.field_mask_pb2 import FieldMask
 from keel.v1 import agent_service_pb2 as pb
 from keel.v1 import agent_service_pb2_grpc as pb_grpc
 
@@ -52,6 +71,24 @@ if TYPE_CHECKING:
     from keel.v1.agent_service_pb2_grpc import AgentServiceAsyncStub
 
 ChannelOptions = Sequence[tuple[str, Any]]
+
+
+class ScheduleChanges(TypedDict, total=False):
+    """The keyword arguments of ``update_schedule``: each one given is a change
+    (an UpdateSchedule update_mask path of the same name), the others stay."""
+
+    agent_id: str
+    cron: str
+    timezone: str  # "" is UTC
+    input: str
+    overlap_policy: pb.ScheduleOverlapPolicy.ValueType
+    catch_up_window: float | None  # seconds; None: the default (365 days)
+    paused: bool
+    goal: pb.Goal | None  # None: no goal
+
+
+# The fields UpdateSchedule can change, as ScheduleChanges (and the update_mask) name them.
+SCHEDULE_UPDATABLE = frozenset(ScheduleChanges.__annotations__)
 
 
 class KeelClient:
@@ -133,6 +170,7 @@ class KeelClient:
         thread_id: str = "",
         busy_policy: pb.ThreadBusyPolicy.ValueType = pb.THREAD_BUSY_POLICY_UNSPECIFIED,
         until_idle: bool = False,
+        goal: pb.Goal | None = None,
     ) -> RunHandle:
         """A handle that starts a run with Stream on its first iteration.
 
@@ -145,6 +183,17 @@ class KeelClient:
         gives each result to the model, so the stream carries every task's
         TaskUpdates up to its end; without it the run finishes when the model
         is done and its tasks go on by themselves (see ``get_task``).
+
+        With a ``goal`` the run pursues it: after each attempt of the agent the
+        goal's judge (an agent of the server) gives a verdict, a
+        ``goal_evaluated`` event; an unsatisfied attempt is followed by
+        another, with the judge's reason as a new message, in the same run, up
+        to ``goal.max_attempts``. The ``finish`` event's ``goal_met`` (and the
+        Run's) says whether the last verdict was satisfied. None: the agent's
+        default goal, if it has one (``list_agents``). A missing objective or
+        judge, a judge that is not a verdict agent of the server, or
+        max_attempts out of range make the first iteration raise
+        INVALID_ARGUMENT.
         """
         start = pb.StreamRequest(
             agent_id=agent_id,
@@ -153,6 +202,7 @@ class KeelClient:
             thread_id=thread_id,
             busy_policy=busy_policy,
             until_idle=until_idle,
+            goal=goal,
         )
         return RunHandle(
             self._stub,
@@ -172,6 +222,7 @@ class KeelClient:
         request_id: str | None = None,
         on_reconnect: OnReconnect | None = None,
         until_idle: bool = False,
+        goal: pb.Goal | None = None,
     ) -> RunHandle:
         """The next turn of a thread: a handle that starts a run on ``thread_id``
         with Stream on its first iteration, and streams the reply.
@@ -185,7 +236,7 @@ class KeelClient:
         metadata active_run_id); ENQUEUE, INTERRUPT and ROLLBACK stream a
         QUEUED snapshot, then heartbeats until the run's turn comes.
         ``until_idle`` as for ``stream()``: the turn waits for its background
-        tasks.
+        tasks; ``goal`` as for ``stream()``: the turn pursues it.
         """
         return self.stream(
             agent_id,
@@ -195,6 +246,7 @@ class KeelClient:
             thread_id=thread_id,
             busy_policy=busy_policy,
             until_idle=until_idle,
+            goal=goal,
         )
 
     def run(
@@ -279,10 +331,12 @@ class KeelClient:
         thread_id: str = "",
         busy_policy: pb.ThreadBusyPolicy.ValueType = pb.THREAD_BUSY_POLICY_UNSPECIFIED,
         until_idle: bool = False,
+        goal: pb.Goal | None = None,
     ) -> pb.Run:
         """Start a run without streaming it; the same request_id returns the same run.
 
-        ``thread_id``, ``busy_policy`` and ``until_idle`` as for ``stream()``.
+        ``thread_id``, ``busy_policy``, ``until_idle`` and ``goal`` as for
+        ``stream()`` (a bad goal is INVALID_ARGUMENT).
         """
         request = pb.StartRunRequest(
             agent_id=agent_id,
@@ -291,6 +345,7 @@ class KeelClient:
             thread_id=thread_id,
             busy_policy=busy_policy,
             until_idle=until_idle,
+            goal=goal,
         )
         response = await self._stub().StartRun(request)
         return response.run
@@ -307,10 +362,13 @@ class KeelClient:
         page_size: int = 0,
         page_token: str = "",
         thread_id: str = "",
+        schedule_id: str = "",
     ) -> pb.ListRunsResponse:
-        """One page of runs, newest first; pass next_page_token back for the next.
+        """One page of runs, newest first; pass next_page_token back for the next
+        (with the same filters).
 
-        Filters: ``agent_id``, ``states`` and ``thread_id`` (the runs of a thread).
+        Filters: ``agent_id``, ``states``, ``thread_id`` (the runs of a thread)
+        and ``schedule_id`` (the runs a schedule started).
         """
         request = pb.ListRunsRequest(
             agent_id=agent_id,
@@ -318,6 +376,7 @@ class KeelClient:
             page_size=page_size,
             page_token=page_token,
             thread_id=thread_id,
+            schedule_id=schedule_id,
         )
         return await self._stub().ListRuns(request)
 
@@ -457,3 +516,177 @@ class KeelClient:
             page_token = page.next_page_token
             if not page_token:
                 return
+
+    # Schedules: an agent run on a cron cadence.
+
+    async def create_schedule(
+        self,
+        agent_id: str,
+        cron: str,
+        input: str,
+        *,
+        timezone: str = "",
+        schedule_id: str = "",
+        thread_mode: pb.ScheduleThreadMode.ValueType = pb.SCHEDULE_THREAD_MODE_UNSPECIFIED,
+        overlap_policy: pb.ScheduleOverlapPolicy.ValueType = (
+            pb.SCHEDULE_OVERLAP_POLICY_UNSPECIFIED
+        ),
+        catch_up_window: float | None = None,
+        paused: bool = False,
+        request_id: str = "",
+        thread_id: str = "",
+        goal: pb.Goal | None = None,
+    ) -> pb.Schedule:
+        """Create a schedule: each tick of ``cron`` starts a run of ``agent_id``
+        with ``input``; the schedule as stored, with its next fire times.
+
+        ``cron`` has five fields (minute hour day-of-month month day-of-week),
+        six with a leading seconds field, or is @hourly, @daily, @weekly,
+        @monthly or @yearly; it is read in the IANA ``timezone`` ("" is UTC).
+        ``thread_mode``: THREADLESS (the default; each firing on a fresh thread
+        of its own) or THREADED (every firing on the schedule's one thread, or
+        on ``thread_id``, an existing thread). ``overlap_policy``, for a tick
+        while the previous firing's run is active: SKIP (the default), ENQUEUE
+        (THREADED only) or ALLOW (THREADLESS only). ``catch_up_window``
+        (seconds, 1 s to 366 days; None: 365 days): how late a tick missed
+        while every server was down may still fire. ``paused`` creates it
+        paused; ``goal`` is pursued by every firing's run. The id is
+        ``schedule_id`` if given, else derived from ``request_id`` if given
+        (the same request sent again returns the same schedule), else random.
+
+        INVALID_ARGUMENT (BadRequest field violations) for an unknown agent, a
+        malformed cron expression, an unknown time zone, a catch_up_window out
+        of range, a bad goal or a policy the thread mode does not allow;
+        ALREADY_EXISTS (SCHEDULE_ALREADY_EXISTS) for a schedule_id that is
+        taken, (REQUEST_ID_REUSED) for a request_id sent before with other
+        fields; NOT_FOUND (THREAD_NOT_FOUND) for an unknown thread_id.
+        """
+        request = pb.CreateScheduleRequest(
+            agent_id=agent_id,
+            cron=cron,
+            timezone=timezone,
+            input=input,
+            schedule_id=schedule_id,
+            thread_mode=thread_mode,
+            overlap_policy=overlap_policy,
+            catch_up_window=None if catch_up_window is None else _duration(catch_up_window),
+            paused=paused,
+            request_id=request_id,
+            thread_id=thread_id,
+            goal=goal,
+        )
+        response = await self._stub().CreateSchedule(request)
+        return response.schedule
+
+    async def get_schedule(self, schedule_id: str) -> pb.Schedule:
+        """A schedule with its next fire times (none while paused) and its 10 most
+        recent firings, newest first. NOT_FOUND (SCHEDULE_NOT_FOUND) for an unknown
+        schedule; INVALID_ARGUMENT for a malformed id."""
+        response = await self._stub().GetSchedule(pb.GetScheduleRequest(schedule_id=schedule_id))
+        return response.schedule
+
+    async def list_schedules(
+        self, agent_id: str = "", page_size: int = 0, page_token: str = ""
+    ) -> pb.ListSchedulesResponse:
+        """One page of schedules (of ``agent_id`` if given), newest first, without
+        their recent firings; pass next_page_token back for the next."""
+        request = pb.ListSchedulesRequest(
+            agent_id=agent_id, page_size=page_size, page_token=page_token
+        )
+        return await self._stub().ListSchedules(request)
+
+    async def update_schedule(
+        self, schedule_id: str, **changes: Unpack[ScheduleChanges]
+    ) -> pb.Schedule:
+        """Change the fields of a schedule given as keyword arguments, and only
+        those; the schedule as changed.
+
+            await client.update_schedule(schedule_id, paused=True)
+            await client.update_schedule(schedule_id, cron="*/5 * * * *", input="...")
+            await client.update_schedule(schedule_id, goal=None)  # no goal any more
+
+        Any of ``agent_id``, ``cron``, ``timezone``, ``input``,
+        ``overlap_policy``, ``catch_up_window`` (seconds; None: the default),
+        ``paused`` and ``goal`` (None: none); their names make the request's
+        update_mask. A new cron or time zone, and an unpause, start the cadence
+        again from now (the ticks before are neither fired nor missed).
+
+        NOT_FOUND (SCHEDULE_NOT_FOUND) for an unknown schedule; INVALID_ARGUMENT
+        for no change at all or a bad value. TypeError for a keyword that names
+        no updatable field.
+        """
+        unknown = changes.keys() - SCHEDULE_UPDATABLE
+        if unknown:
+            raise TypeError(
+                f"update_schedule() cannot change {', '.join(sorted(unknown))}; "
+                f"it changes {', '.join(sorted(SCHEDULE_UPDATABLE))}"
+            )
+        schedule = pb.Schedule(schedule_id=schedule_id)
+        if "agent_id" in changes:
+            schedule.agent_id = changes["agent_id"]
+        if "cron" in changes:
+            schedule.cron = changes["cron"]
+        if "timezone" in changes:
+            schedule.timezone = changes["timezone"]
+        if "input" in changes:
+            schedule.input = changes["input"]
+        if "overlap_policy" in changes:
+            schedule.overlap_policy = changes["overlap_policy"]
+        if (window := changes.get("catch_up_window")) is not None:
+            schedule.catch_up_window.CopyFrom(_duration(window))
+        if "paused" in changes:
+            schedule.paused = changes["paused"]
+        if (goal := changes.get("goal")) is not None:
+            schedule.goal.CopyFrom(goal)
+        request = pb.UpdateScheduleRequest(
+            schedule=schedule, update_mask=FieldMask(paths=list(changes))
+        )
+        response = await self._stub().UpdateSchedule(request)
+        return response.schedule
+
+    async def pause_schedule(self, schedule_id: str) -> pb.Schedule:
+        """Pause a schedule: it fires no tick until resumed (``trigger_schedule``
+        still fires it). ``update_schedule(schedule_id, paused=True)``."""
+        return await self.update_schedule(schedule_id, paused=True)
+
+    async def resume_schedule(self, schedule_id: str) -> pb.Schedule:
+        """Unpause a schedule; its cadence starts again from now (the ticks it
+        slept through are not fired). ``update_schedule(schedule_id, paused=False)``."""
+        return await self.update_schedule(schedule_id, paused=False)
+
+    async def delete_schedule(self, schedule_id: str) -> None:
+        """Delete a schedule and its firing history; no tick fires after it. The
+        runs it started, and its thread, stay. NOT_FOUND (SCHEDULE_NOT_FOUND) for
+        an unknown schedule."""
+        await self._stub().DeleteSchedule(pb.DeleteScheduleRequest(schedule_id=schedule_id))
+
+    async def trigger_schedule(
+        self, schedule_id: str, request_id: str = ""
+    ) -> pb.TriggerScheduleResponse:
+        """Fire a schedule now, paused or not, whatever its overlap policy; the run
+        it started (``run``) and the firing recorded (``firing``, outcome
+        TRIGGERED). The cadence does not change. The same ``request_id`` sent
+        again returns the run the first request started. NOT_FOUND
+        (SCHEDULE_NOT_FOUND) for an unknown schedule; INVALID_ARGUMENT for a
+        malformed request_id or a schedule whose agent this server does not run."""
+        request = pb.TriggerScheduleRequest(schedule_id=schedule_id, request_id=request_id)
+        return await self._stub().TriggerSchedule(request)
+
+    async def list_schedule_runs(
+        self, schedule_id: str, page_size: int = 0, page_token: str = ""
+    ) -> pb.ListScheduleRunsResponse:
+        """One page of a schedule's firings, newest first (a schedule keeps its 100
+        most recent): a run STARTED or TRIGGERED (``run_id``), a tick SKIPPED or
+        MISSED, or a FAILED start (``detail``); pass next_page_token back for the
+        next. NOT_FOUND (SCHEDULE_NOT_FOUND) for an unknown schedule."""
+        request = pb.ListScheduleRunsRequest(
+            schedule_id=schedule_id, page_size=page_size, page_token=page_token
+        )
+        return await self._stub().ListScheduleRuns(request)
+
+
+def _duration(seconds: float) -> Duration:
+    """``seconds`` as a protobuf Duration (to the nanosecond)."""
+    duration = Duration()
+    duration.FromNanoseconds(round(seconds * 1_000_000_000))
+    return duration

@@ -16,6 +16,16 @@
         for event in client.stream("scripted", slow, until_idle=True).events():
             if event.WhichOneof("payload") == "task":
                 task = client.get_task(event.task.task_id)
+        # A run that goes on until the judge is satisfied (goal_evaluated events).
+        goal = pb.Goal(objective="say DONE", judge_agent_id="scripted-judge")
+        for event in client.stream("scripted", '{"steps": [{"text": 1}]}', goal=goal).events():
+            ...
+        # A schedule: a run every hour; a run now; the firings; its runs.
+        schedule = client.create_schedule("scripted", "@hourly", '{"steps": [{"text": 1}]}')
+        fired = client.trigger_schedule(schedule.schedule_id)
+        client.pause_schedule(schedule.schedule_id)
+        firings = client.list_schedule_runs(schedule.schedule_id).firings
+        runs = client.list_runs(schedule_id=schedule.schedule_id).runs
 
 The client starts one daemon thread running an asyncio event loop; every
 call (and every step of an event iterator) runs the asyncio client's
@@ -37,7 +47,7 @@ import asyncio
 import threading
 from collections.abc import AsyncGenerator, Coroutine, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, Unpack
 
 from keel.v1 import agent_service_pb2 as pb
 
@@ -270,10 +280,12 @@ class KeelClient:
         thread_id: str = "",
         busy_policy: pb.ThreadBusyPolicy.ValueType = pb.THREAD_BUSY_POLICY_UNSPECIFIED,
         until_idle: bool = False,
+        goal: pb.Goal | None = None,
     ) -> RunHandle:
         """A handle that starts a run with Stream on its first iteration (see the async
         client); with a ``thread_id``, on that thread, ``busy_policy`` deciding when it is busy;
-        with ``until_idle``, the run waits for its background tasks before it finishes."""
+        with ``until_idle``, the run waits for its background tasks before it finishes;
+        with a ``goal``, the run goes on attempt after attempt until its judge is satisfied."""
         handle = self._client.stream(
             agent_id,
             input,
@@ -282,6 +294,7 @@ class KeelClient:
             thread_id=thread_id,
             busy_policy=busy_policy,
             until_idle=until_idle,
+            goal=goal,
         )
         return RunHandle(handle, self._loop)
 
@@ -295,6 +308,7 @@ class KeelClient:
         request_id: str | None = None,
         on_reconnect: OnReconnect | None = None,
         until_idle: bool = False,
+        goal: pb.Goal | None = None,
     ) -> RunHandle:
         """The next turn of a thread: a handle that starts a run on ``thread_id`` on its
         first iteration and streams the reply (see the async client's ``send``)."""
@@ -306,6 +320,7 @@ class KeelClient:
             request_id=request_id,
             on_reconnect=on_reconnect,
             until_idle=until_idle,
+            goal=goal,
         )
         return RunHandle(handle, self._loop)
 
@@ -370,6 +385,7 @@ class KeelClient:
         thread_id: str = "",
         busy_policy: pb.ThreadBusyPolicy.ValueType = pb.THREAD_BUSY_POLICY_UNSPECIFIED,
         until_idle: bool = False,
+        goal: pb.Goal | None = None,
     ) -> pb.Run:
         """Start a run without streaming it; the same request_id returns the same run."""
         coroutine = self._client.start_run(
@@ -379,6 +395,7 @@ class KeelClient:
             thread_id=thread_id,
             busy_policy=busy_policy,
             until_idle=until_idle,
+            goal=goal,
         )
         return self._loop.run(coroutine)
 
@@ -393,9 +410,13 @@ class KeelClient:
         page_size: int = 0,
         page_token: str = "",
         thread_id: str = "",
+        schedule_id: str = "",
     ) -> pb.ListRunsResponse:
-        """One page of runs, newest first; pass next_page_token back for the next."""
-        coroutine = self._client.list_runs(agent_id, states, page_size, page_token, thread_id)
+        """One page of runs, newest first; pass next_page_token back for the next.
+        Filters: ``agent_id``, ``states``, ``thread_id``, ``schedule_id``."""
+        coroutine = self._client.list_runs(
+            agent_id, states, page_size, page_token, thread_id, schedule_id
+        )
         return self._loop.run(coroutine)
 
     def cancel_run(self, run_id: str, reason: str = "") -> pb.Run:
@@ -495,3 +516,87 @@ class KeelClient:
             page_token = page.next_page_token
             if not page_token:
                 return
+
+    # Schedules: an agent run on a cron cadence.
+
+    def create_schedule(
+        self,
+        agent_id: str,
+        cron: str,
+        input: str,
+        *,
+        timezone: str = "",
+        schedule_id: str = "",
+        thread_mode: pb.ScheduleThreadMode.ValueType = pb.SCHEDULE_THREAD_MODE_UNSPECIFIED,
+        overlap_policy: pb.ScheduleOverlapPolicy.ValueType = (
+            pb.SCHEDULE_OVERLAP_POLICY_UNSPECIFIED
+        ),
+        catch_up_window: float | None = None,
+        paused: bool = False,
+        request_id: str = "",
+        thread_id: str = "",
+        goal: pb.Goal | None = None,
+    ) -> pb.Schedule:
+        """Create a schedule: each tick of ``cron`` (in ``timezone``, "" is UTC) starts
+        a run of ``agent_id`` with ``input`` (see the async client for the options and
+        errors: INVALID_ARGUMENT, ALREADY_EXISTS SCHEDULE_ALREADY_EXISTS, ...)."""
+        coroutine = self._client.create_schedule(
+            agent_id,
+            cron,
+            input,
+            timezone=timezone,
+            schedule_id=schedule_id,
+            thread_mode=thread_mode,
+            overlap_policy=overlap_policy,
+            catch_up_window=catch_up_window,
+            paused=paused,
+            request_id=request_id,
+            thread_id=thread_id,
+            goal=goal,
+        )
+        return self._loop.run(coroutine)
+
+    def get_schedule(self, schedule_id: str) -> pb.Schedule:
+        """A schedule with its next fire times and recent firings; NOT_FOUND
+        (SCHEDULE_NOT_FOUND) for an unknown one."""
+        return self._loop.run(self._client.get_schedule(schedule_id))
+
+    def list_schedules(
+        self, agent_id: str = "", page_size: int = 0, page_token: str = ""
+    ) -> pb.ListSchedulesResponse:
+        """One page of schedules (of ``agent_id`` if given), newest first."""
+        return self._loop.run(self._client.list_schedules(agent_id, page_size, page_token))
+
+    def update_schedule(
+        self, schedule_id: str, **changes: Unpack[aio.ScheduleChanges]
+    ) -> pb.Schedule:
+        """Change the fields of a schedule given as keyword arguments, and only those
+        (``update_schedule(schedule_id, cron="@daily")``; see the async client)."""
+        return self._loop.run(self._client.update_schedule(schedule_id, **changes))
+
+    def pause_schedule(self, schedule_id: str) -> pb.Schedule:
+        """Pause a schedule: it fires no tick until resumed (a trigger still fires it)."""
+        return self._loop.run(self._client.pause_schedule(schedule_id))
+
+    def resume_schedule(self, schedule_id: str) -> pb.Schedule:
+        """Unpause a schedule; its cadence starts again from now."""
+        return self._loop.run(self._client.resume_schedule(schedule_id))
+
+    def delete_schedule(self, schedule_id: str) -> None:
+        """Delete a schedule and its firing history (its runs stay); NOT_FOUND
+        (SCHEDULE_NOT_FOUND) for an unknown one."""
+        self._loop.run(self._client.delete_schedule(schedule_id))
+
+    def trigger_schedule(
+        self, schedule_id: str, request_id: str = ""
+    ) -> pb.TriggerScheduleResponse:
+        """Fire a schedule now, paused or not; the run it started and the firing
+        (TRIGGERED). The same request_id sent again returns the same run."""
+        return self._loop.run(self._client.trigger_schedule(schedule_id, request_id))
+
+    def list_schedule_runs(
+        self, schedule_id: str, page_size: int = 0, page_token: str = ""
+    ) -> pb.ListScheduleRunsResponse:
+        """One page of a schedule's firings, newest first."""
+        coroutine = self._client.list_schedule_runs(schedule_id, page_size, page_token)
+        return self._loop.run(coroutine)

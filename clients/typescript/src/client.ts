@@ -29,6 +29,19 @@
  *       if (event.payload.case === "task") { ... } // QUEUED, STARTED, ..., COMPLETED
  *     }
  *     const task = await client.getTask(taskId);
+ *
+ * A goal makes a run go on, attempt after attempt, until a judge agent is
+ * satisfied (`goalEvaluated` events, then `finish` with goalMet); a schedule
+ * starts runs of an agent on a cron cadence:
+ *
+ *     const goal = { objective: "say DONE", judgeAgentId: "judge", maxAttempts: 3 };
+ *     for await (const event of client.stream("assistant", input, { goal }).events()) { ... }
+ *     const schedule = await client.createSchedule("assistant", "0 9 * * 1-5", input, {
+ *       timezone: "Europe/Paris",
+ *     });
+ *     await client.updateSchedule(schedule.scheduleId, { cron: "0 8 * * 1-5" });
+ *     const { run } = await client.triggerSchedule(schedule.scheduleId); // a run now
+ *     const { runs } = await client.listRuns({ scheduleId: schedule.scheduleId });
  */
 import { createClient, type CallOptions, type Transport } from "@connectrpc/connect";
 import {
@@ -36,18 +49,25 @@ import {
   createGrpcTransport,
   type Http2SessionOptions,
 } from "@connectrpc/connect-node";
-import { create } from "@bufbuild/protobuf";
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import { Backoff } from "./backoff.js";
 import { CallControl, sleep } from "./calls.js";
 import { ClientClosedError, StreamContractError, isUnavailable } from "./errors.js";
 import {
   AgentService,
+  type GoalSchema,
   ResumeRequestSchema,
+  ScheduleOverlapPolicy,
+  ScheduleSchema,
+  ScheduleThreadMode,
   StreamRequestSchema,
   ThreadBusyPolicy,
   type Agent,
   type AgentEvent,
   type ListRunsResponse,
+  type ListScheduleRunsResponse,
+  type ListSchedulesResponse,
   type ListTasksResponse,
   type ListThreadMessagesResponse,
   type ListThreadsResponse,
@@ -55,9 +75,11 @@ import {
   type Run,
   type RunSnapshot,
   type RunState,
+  type Schedule,
   type Task,
   type TaskStatus,
   type Thread,
+  type TriggerScheduleResponse,
 } from "./gen/keel/v1/agent_service_pb.js";
 import {
   RunHandle,
@@ -144,8 +166,28 @@ export interface UntilIdleOptions {
   untilIdle?: boolean;
 }
 
+/** A goal: `{ objective, judgeAgentId, maxAttempts }`, or a Goal message. */
+export type GoalInit = MessageInitShape<typeof GoalSchema>;
+
+/** The goal a run pursues. */
+export interface GoalOptions {
+  /**
+   * Pursue this goal: after each attempt of the agent (the model is done,
+   * and with untilIdle its tasks too), the goal's judge (`judgeAgentId`, an
+   * agent of the server whose output is a verdict) decides whether
+   * `objective` is met, a `goalEvaluated` event; if not, and attempts remain
+   * (`maxAttempts`, 0 means 3), the run goes on with the judge's reason as a
+   * new message, in the same run. The `finish` event's goalMet (and the
+   * Run's) says whether the last verdict was satisfied. Default: the agent's
+   * default goal, if it has one (listAgents()). A missing objective or
+   * judge, a judge that is no verdict agent of the server, or maxAttempts
+   * out of range is INVALID_ARGUMENT.
+   */
+  goal?: GoalInit;
+}
+
 /** Options of startRun(). */
-export interface StartRunOptions extends ThreadRunOptions, UntilIdleOptions {
+export interface StartRunOptions extends ThreadRunOptions, UntilIdleOptions, GoalOptions {
   /**
    * An idempotency key (a UUID is best, at most 128 characters): requests
    * with the same request_id start one run (on a thread: one run of that
@@ -165,7 +207,8 @@ export interface StartRunOptions extends ThreadRunOptions, UntilIdleOptions {
 export interface StartOptions extends HandleOptions, StartRunOptions {}
 
 /** Options of sendMessage(). */
-export interface SendMessageOptions extends HandleOptions, ThreadRunOptions, UntilIdleOptions {
+export interface SendMessageOptions
+  extends HandleOptions, ThreadRunOptions, UntilIdleOptions, GoalOptions {
   /**
    * An idempotency key: requests with the same request_id start one run of
    * the thread. Default: a random UUID, so the handle's own retries never
@@ -227,6 +270,8 @@ export interface ListRunsFilter {
   states?: RunState[];
   /** Only runs made on this thread. */
   threadId?: string;
+  /** Only runs this schedule started. */
+  scheduleId?: string;
   /** The most runs to return: 0 means 50, larger values are capped at 1000. */
   pageSize?: number;
   /** The nextPageToken of the previous page (only valid with the same filters). */
@@ -244,6 +289,91 @@ export interface ListTasksFilter {
   /** The most tasks to return: 0 means 50, larger values are capped at 1000. */
   pageSize?: number;
   /** The nextPageToken of the previous page (only valid with the same filters). */
+  pageToken?: string;
+}
+
+/** Options of createSchedule(). */
+export interface CreateScheduleOptions {
+  /** The IANA time zone the cron expression is read in, e.g. "America/New_York". Default UTC. */
+  timezone?: string;
+  /**
+   * The schedule's id: 1 to 64 letters, digits, '_', '.' or '-', starting
+   * with a letter or digit. Default: the server picks one (derived from
+   * requestId, if given).
+   */
+  scheduleId?: string;
+  /**
+   * Where the firings' runs are made: THREADLESS (the default: each on a
+   * fresh thread of its own) or THREADED (all on the schedule's one thread,
+   * or on `threadId`, so the agent sees the earlier firings).
+   */
+  threadMode?: ScheduleThreadMode;
+  /**
+   * What a tick does while the previous firing's run is active: SKIP (the
+   * default: record it SKIPPED), ENQUEUE (THREADED only: wait in the
+   * thread's queue) or ALLOW (THREADLESS only: start beside it).
+   */
+  overlapPolicy?: ScheduleOverlapPolicy;
+  /**
+   * How late a tick missed while every server was down may still fire: 1 s
+   * to 366 days. Default 365 days.
+   */
+  catchUpWindowMs?: number;
+  /** Create the schedule paused: it fires no tick until resumed (triggerSchedule() still fires it). */
+  paused?: boolean;
+  /** An idempotency key: the same request sent again returns the same schedule. */
+  requestId?: string;
+  /** THREADED only: an existing thread for the firings. Default: the schedule's own thread. */
+  threadId?: string;
+  /** The goal every firing's run pursues (see GoalOptions). */
+  goal?: GoalInit;
+}
+
+/**
+ * The changes of updateSchedule(): each field given (not undefined) is
+ * changed, the others stay; their names make the request's update_mask.
+ */
+export interface ScheduleChanges {
+  agentId?: string;
+  cron?: string;
+  /** "" is UTC. */
+  timezone?: string;
+  input?: string;
+  overlapPolicy?: ScheduleOverlapPolicy;
+  /** null: the default (365 days). */
+  catchUpWindowMs?: number | null;
+  paused?: boolean;
+  /** null: no goal any more. */
+  goal?: GoalInit | null;
+}
+
+/** The update_mask path of each field of ScheduleChanges (the proto's names). */
+const SCHEDULE_PATHS: { readonly [K in keyof Required<ScheduleChanges>]: string } = {
+  agentId: "agent_id",
+  cron: "cron",
+  timezone: "timezone",
+  input: "input",
+  overlapPolicy: "overlap_policy",
+  catchUpWindowMs: "catch_up_window",
+  paused: "paused",
+  goal: "goal",
+};
+
+/** Filters and paging of listSchedules(). */
+export interface ListSchedulesFilter {
+  /** Only schedules of this agent. */
+  agentId?: string;
+  /** The most schedules to return: 0 means 50, larger values are capped at 1000. */
+  pageSize?: number;
+  /** The nextPageToken of the previous page (only valid with the same agentId). */
+  pageToken?: string;
+}
+
+/** Paging of listScheduleRuns(). */
+export interface ListScheduleRunsOptions {
+  /** The most firings to return: 0 means 50, larger values are capped at 1000. */
+  pageSize?: number;
+  /** The nextPageToken of the previous page (only valid with the same schedule). */
   pageToken?: string;
 }
 
@@ -328,6 +458,11 @@ export class KeelClient {
    * With `untilIdle` the run waits for the background tasks it started
    * (their TaskUpdates are among its events) and the model sees each
    * result before the run finishes.
+   *
+   * With a `goal` the run goes on, attempt after attempt, until the goal's
+   * judge is satisfied or no attempt is left: a `goalEvaluated` event after
+   * each attempt, and `finish` says goalMet. A bad goal makes events()
+   * throw INVALID_ARGUMENT.
    */
   stream(agentId: string, input: string, options: StartOptions = {}): RunHandle {
     const request = create(StreamRequestSchema, {
@@ -337,6 +472,7 @@ export class KeelClient {
       threadId: options.threadId ?? "",
       busyPolicy: options.busyPolicy ?? ThreadBusyPolicy.UNSPECIFIED,
       untilIdle: options.untilIdle ?? false,
+      goal: options.goal,
     });
     return new RunHandle(this.#context, { rpc: "Stream", request }, options.onReconnect);
   }
@@ -351,8 +487,9 @@ export class KeelClient {
    * A busy thread (a run of it has not ended) follows `busyPolicy`; with
    * the default, REJECT, events() throws ConnectError FAILED_PRECONDITION
    * whose errorInfo() has reason THREAD_BUSY and metadata active_run_id.
-   * NOT_FOUND (THREAD_NOT_FOUND) for an unknown thread. `untilIdle` as for
-   * stream(): the turn waits for its background tasks.
+   * NOT_FOUND (THREAD_NOT_FOUND) for an unknown thread. `untilIdle` and
+   * `goal` as for stream(): the turn waits for its background tasks, and
+   * pursues the goal.
    */
   sendMessage(
     threadId: string,
@@ -493,7 +630,7 @@ export class KeelClient {
    * Starts a run without streaming it; the same requestId returns the same
    * run. With `threadId` the run is made on that thread (see stream());
    * on a busy thread it is returned QUEUED unless busyPolicy is REJECT.
-   * `untilIdle` as for stream().
+   * `untilIdle` and `goal` as for stream() (a bad goal is INVALID_ARGUMENT).
    */
   async startRun(
     agentId: string,
@@ -509,6 +646,7 @@ export class KeelClient {
         threadId: options.threadId ?? "",
         busyPolicy: options.busyPolicy ?? ThreadBusyPolicy.UNSPECIFIED,
         untilIdle: options.untilIdle ?? false,
+        goal: options.goal,
       },
       call,
     );
@@ -521,13 +659,18 @@ export class KeelClient {
     return required(response.run, "GetRun", "run");
   }
 
-  /** One page of runs, newest first; pass nextPageToken back as pageToken for the next. */
+  /**
+   * One page of runs, newest first; pass nextPageToken back as pageToken for
+   * the next. Filters: agentId, states, threadId (a thread's runs) and
+   * scheduleId (the runs a schedule started).
+   */
   listRuns(filter: ListRunsFilter = {}, call?: CallOptions): Promise<ListRunsResponse> {
     return this.#live().listRuns(
       {
         agentId: filter.agentId ?? "",
         states: filter.states ?? [],
         threadId: filter.threadId ?? "",
+        scheduleId: filter.scheduleId ?? "",
         pageSize: filter.pageSize ?? 0,
         pageToken: filter.pageToken ?? "",
       },
@@ -673,6 +816,183 @@ export class KeelClient {
         pageToken: options.pageToken ?? "",
         newestFirst: options.newestFirst ?? false,
       },
+      call,
+    );
+  }
+
+  // Schedules: an agent run on a cron cadence.
+
+  /**
+   * Creates a schedule: each tick of `cron` starts a run of `agentId` with
+   * `input`; resolves with the schedule as stored, with its next fire times.
+   * `cron` has five fields (minute hour day-of-month month day-of-week), six
+   * with a leading seconds field, or is @hourly, @daily, @weekly, @monthly
+   * or @yearly, read in `options.timezone` (default UTC).
+   *
+   * INVALID_ARGUMENT (BadRequest field violations) for an unknown agent, a
+   * malformed cron expression, an unknown time zone, a catch-up window out
+   * of range, a bad goal or an overlap policy the thread mode does not
+   * allow; ALREADY_EXISTS (SCHEDULE_ALREADY_EXISTS) for a scheduleId that is
+   * taken, (REQUEST_ID_REUSED) for a requestId sent before with other
+   * fields; NOT_FOUND (THREAD_NOT_FOUND) for an unknown threadId.
+   */
+  async createSchedule(
+    agentId: string,
+    cron: string,
+    input: string,
+    options: CreateScheduleOptions = {},
+    call?: CallOptions,
+  ): Promise<Schedule> {
+    const window = options.catchUpWindowMs;
+    const response = await this.#live().createSchedule(
+      {
+        agentId,
+        cron,
+        input,
+        timezone: options.timezone ?? "",
+        scheduleId: options.scheduleId ?? "",
+        threadMode: options.threadMode ?? ScheduleThreadMode.UNSPECIFIED,
+        overlapPolicy: options.overlapPolicy ?? ScheduleOverlapPolicy.UNSPECIFIED,
+        catchUpWindow: window === undefined ? undefined : durationFromMs(window),
+        paused: options.paused ?? false,
+        requestId: options.requestId ?? "",
+        threadId: options.threadId ?? "",
+        goal: options.goal,
+      },
+      call,
+    );
+    return required(response.schedule, "CreateSchedule", "schedule");
+  }
+
+  /**
+   * A schedule with its next fire times (none while paused) and its 10 most
+   * recent firings, newest first. NOT_FOUND (SCHEDULE_NOT_FOUND) for an
+   * unknown schedule; INVALID_ARGUMENT for a malformed id.
+   */
+  async getSchedule(scheduleId: string, call?: CallOptions): Promise<Schedule> {
+    const response = await this.#live().getSchedule({ scheduleId }, call);
+    return required(response.schedule, "GetSchedule", "schedule");
+  }
+
+  /**
+   * One page of schedules, newest first, without their recent firings; pass
+   * nextPageToken back as pageToken for the next.
+   */
+  listSchedules(
+    filter: ListSchedulesFilter = {},
+    call?: CallOptions,
+  ): Promise<ListSchedulesResponse> {
+    return this.#live().listSchedules(
+      {
+        agentId: filter.agentId ?? "",
+        pageSize: filter.pageSize ?? 0,
+        pageToken: filter.pageToken ?? "",
+      },
+      call,
+    );
+  }
+
+  /**
+   * Changes the fields of a schedule that `changes` gives, and only those;
+   * resolves with the schedule as changed:
+   *
+   *     await client.updateSchedule(id, { paused: true });
+   *     await client.updateSchedule(id, { cron: "@hourly", input: "..." });
+   *     await client.updateSchedule(id, { goal: null }); // no goal any more
+   *
+   * A new cron or time zone, and an unpause, start the cadence again from
+   * now (the ticks before are neither fired nor missed). NOT_FOUND
+   * (SCHEDULE_NOT_FOUND) for an unknown schedule; INVALID_ARGUMENT for no
+   * change at all or a bad value. A field ScheduleChanges does not name
+   * throws TypeError before anything is sent.
+   */
+  async updateSchedule(
+    scheduleId: string,
+    changes: ScheduleChanges,
+    call?: CallOptions,
+  ): Promise<Schedule> {
+    const paths: string[] = [];
+    for (const [key, value] of Object.entries(changes)) {
+      if (!Object.hasOwn(SCHEDULE_PATHS, key)) {
+        const known = Object.keys(SCHEDULE_PATHS).join(", ");
+        throw new TypeError(`updateSchedule() cannot change ${key}; it changes ${known}`);
+      }
+      if (value !== undefined) {
+        paths.push(SCHEDULE_PATHS[key as keyof ScheduleChanges]);
+      }
+    }
+    // Fields left undefined (or null: cleared) stay unset in the message.
+    const window = changes.catchUpWindowMs;
+    const schedule = create(ScheduleSchema, {
+      scheduleId,
+      agentId: changes.agentId,
+      cron: changes.cron,
+      timezone: changes.timezone,
+      input: changes.input,
+      overlapPolicy: changes.overlapPolicy,
+      catchUpWindow: window == null ? undefined : durationFromMs(window),
+      paused: changes.paused,
+      goal: changes.goal ?? undefined,
+    });
+    const response = await this.#live().updateSchedule({ schedule, updateMask: { paths } }, call);
+    return required(response.schedule, "UpdateSchedule", "schedule");
+  }
+
+  /**
+   * Pauses a schedule: it fires no tick until resumed (triggerSchedule()
+   * still fires it). `updateSchedule(scheduleId, { paused: true })`.
+   */
+  pauseSchedule(scheduleId: string, call?: CallOptions): Promise<Schedule> {
+    return this.updateSchedule(scheduleId, { paused: true }, call);
+  }
+
+  /**
+   * Unpauses a schedule; its cadence starts again from now (the ticks it
+   * slept through are not fired). `updateSchedule(scheduleId, { paused: false })`.
+   */
+  resumeSchedule(scheduleId: string, call?: CallOptions): Promise<Schedule> {
+    return this.updateSchedule(scheduleId, { paused: false }, call);
+  }
+
+  /**
+   * Deletes a schedule and its firing history; no tick fires after it. The
+   * runs it started, and its thread, stay. NOT_FOUND (SCHEDULE_NOT_FOUND)
+   * for an unknown schedule.
+   */
+  async deleteSchedule(scheduleId: string, call?: CallOptions): Promise<void> {
+    await this.#live().deleteSchedule({ scheduleId }, call);
+  }
+
+  /**
+   * Fires a schedule now, paused or not, whatever its overlap policy;
+   * resolves with the run it started (`run`) and the firing recorded
+   * (`firing`, outcome TRIGGERED). The cadence does not change. The same
+   * requestId sent again returns the run the first request started.
+   * NOT_FOUND (SCHEDULE_NOT_FOUND) for an unknown schedule; INVALID_ARGUMENT
+   * for a malformed requestId or a schedule whose agent this server does
+   * not run.
+   */
+  triggerSchedule(
+    scheduleId: string,
+    options: { requestId?: string } = {},
+    call?: CallOptions,
+  ): Promise<TriggerScheduleResponse> {
+    return this.#live().triggerSchedule({ scheduleId, requestId: options.requestId ?? "" }, call);
+  }
+
+  /**
+   * One page of a schedule's firings, newest first (a schedule keeps its
+   * 100 most recent): a run STARTED or TRIGGERED (runId), a tick SKIPPED or
+   * MISSED, or a FAILED start (detail); pass nextPageToken back as pageToken
+   * for the next. NOT_FOUND (SCHEDULE_NOT_FOUND) for an unknown schedule.
+   */
+  listScheduleRuns(
+    scheduleId: string,
+    options: ListScheduleRunsOptions = {},
+    call?: CallOptions,
+  ): Promise<ListScheduleRunsResponse> {
+    return this.#live().listScheduleRuns(
+      { scheduleId, pageSize: options.pageSize ?? 0, pageToken: options.pageToken ?? "" },
       call,
     );
   }

@@ -5,7 +5,10 @@
  *   runs, and handles on runs; `observeRun()` for an existing run; threads
  *   (conversations): `createThread()`, `sendMessage()`, `listThreadMessages()`;
  *   background tasks: `getTask()`, `listTasks()`, `cancelTask()`,
- *   `retryTask()` (`untilIdle` makes a run wait for its tasks).
+ *   `retryTask()` (`untilIdle` makes a run wait for its tasks); goals (`goal`
+ *   on `stream()`, `startRun()`, `sendMessage()`); schedules:
+ *   `createSchedule()`, `updateSchedule()`, `pauseSchedule()`,
+ *   `triggerSchedule()`, `listScheduleRuns()`, ... (`listRuns({ scheduleId })`).
  * - `RunHandle`: one run's events, yielded exactly once and in order across
  *   dropped connections (reconnect on UNAVAILABLE, resume at `nextOffset`).
  * - `StreamContractError`, `ClientClosedError`, `isUnavailable()`, `errorInfo()`;
@@ -13,21 +16,28 @@
  * - `Backoff`: the capped exponential backoff with jitter between reconnects.
  * - Every generated message, enum and the `AgentService` descriptor of keel.v1
  *   (`Thread`, `ThreadMessage`, `ThreadBusyPolicy`, `MessageKind`, `Task`,
- *   `TaskUpdate`, `TaskStatus`, ...).
+ *   `TaskUpdate`, `TaskStatus`, `Goal`, `GoalEvaluated`, `Schedule`,
+ *   `ScheduleFiring`, `ScheduleThreadMode`, `ScheduleOverlapPolicy`, ...).
  */
 export { Code, ConnectError } from "@connectrpc/connect";
 export { Backoff, type BackoffOptions } from "./backoff.js";
 export {
   KeelClient,
+  type CreateScheduleOptions,
   type CreateThreadOptions,
+  type GoalInit,
+  type GoalOptions,
   type HandleOptions,
   type KeelClientOptions,
   type ListRunsFilter,
+  type ListScheduleRunsOptions,
+  type ListSchedulesFilter,
   type ListTasksFilter,
   type ListThreadMessagesOptions,
   type ListThreadsFilter,
   type ObserveOptions,
   type ResumeOptions,
+  type ScheduleChanges,
   type SendMessageOptions,
   type StartOptions,
   type StartRunOptions,

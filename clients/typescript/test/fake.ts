@@ -234,6 +234,33 @@ export class FakeAgentService {
       retryTask(request) {
         return { task: { taskId: request.taskId } };
       },
+      // Schedules (the real ones are tested against Keel): echo the request back.
+      createSchedule(request) {
+        const { agentId, cron, timezone, input, scheduleId } = request;
+        return {
+          schedule: { scheduleId: scheduleId || "schedule-1", agentId, cron, timezone, input },
+        };
+      },
+      getSchedule(request) {
+        return { schedule: { scheduleId: request.scheduleId } };
+      },
+      listSchedules(request) {
+        const token = `${request.agentId}|${request.pageSize}|${request.pageToken}`;
+        return { schedules: [{ scheduleId: "schedule-1" }], nextPageToken: token };
+      },
+      updateSchedule(request) {
+        return { schedule: request.schedule };
+      },
+      deleteSchedule() {
+        return {};
+      },
+      triggerSchedule(request) {
+        return { run: fake.run(request.requestId), firing: { runId: RUN_ID } };
+      },
+      listScheduleRuns(request) {
+        const token = `${request.scheduleId}|${request.pageSize}|${request.pageToken}`;
+        return { firings: [{ runId: RUN_ID }], nextPageToken: token };
+      },
     };
   }
 }
