@@ -1,6 +1,14 @@
-"""`python -m server serve [--port P] [--host H] [--redis-url URL] [--agents module:attr]`.
+"""Keel's command line.
 
-Flags override KEEL_* environment variables (see server/settings.py).
+    python -m server serve [--port P] [--host H] [--redis-url URL] [--agents module:attr]
+                           [--executor local|temporal] [--temporal-address H:P]
+                           [--temporal-namespace N] [--task-queue Q]
+    python -m server worker --temporal-address H:P --redis-url URL --agents module:attr
+                            [--temporal-namespace N] [--task-queue Q]
+
+`serve` runs the gRPC server; `worker` runs a Temporal worker that executes
+the runs of servers started with `--executor temporal`. Flags override KEEL_*
+environment variables (see server/settings.py).
 """
 
 from __future__ import annotations
@@ -8,33 +16,65 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from typing import Any
 
 from pydantic import ValidationError
 
-from server.app import serve
+from server.app import ConfigurationError, check_settings, load_agents, serve
 from server.settings import Settings
 
-_FLAGS = ("host", "port", "redis_url", "agents", "key_prefix", "tasks_global_concurrency")
+_FLAGS = (
+    "host",
+    "port",
+    "redis_url",
+    "agents",
+    "key_prefix",
+    "tasks_global_concurrency",
+    "executor",
+    "temporal_address",
+    "temporal_namespace",
+    "task_queue",
+)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m server", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("serve", help="run the Keel gRPC server")
-    run.add_argument("--host", help="address to bind (default 127.0.0.1; KEEL_HOST)")
-    run.add_argument("--port", type=int, help="port to bind, 0 for any (default 50051; KEEL_PORT)")
-    run.add_argument("--redis-url", help="Redis for durable runs, e.g. redis://127.0.0.1:6379/0")
-    run.add_argument("--agents", help="agent registry as module:attr")
-    run.add_argument("--key-prefix", help="prefix of every Redis key (default keel)")
-    run.add_argument(
+def _add_common(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--redis-url", help="Redis for durable runs, e.g. redis://127.0.0.1:6379/0"
+    )
+    command.add_argument("--agents", help="agent registry as module:attr")
+    command.add_argument("--key-prefix", help="prefix of every Redis key (default keel)")
+    command.add_argument(
         "--tasks-global-concurrency",
         type=int,
         help="background tasks running at once across every server sharing the store "
         "(default 10; KEEL_TASKS_GLOBAL_CONCURRENCY)",
     )
-    run.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    command.add_argument(
+        "--temporal-address", help="Temporal frontend host:port (default 127.0.0.1:7233)"
+    )
+    command.add_argument("--temporal-namespace", help="Temporal namespace (default default)")
+    command.add_argument("--task-queue", help="Temporal task queue of runs (default keel-runs)")
+    command.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m server", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("serve", help="run the Keel gRPC server")
+    run.add_argument("--host", help="address to bind (default 127.0.0.1; KEEL_HOST)")
+    run.add_argument("--port", type=int, help="port to bind, 0 for any (default 50051; KEEL_PORT)")
+    run.add_argument(
+        "--executor",
+        choices=("local", "temporal"),
+        help="who executes runs: this process (local, the default) or Temporal workers",
+    )
+    _add_common(run)
+    worker = commands.add_parser("worker", help="run a Temporal worker that executes runs")
+    _add_common(worker)
     return parser
 
 
@@ -44,13 +84,28 @@ def main(argv: list[str] | None = None) -> None:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     overrides: dict[str, Any] = {
-        name: getattr(args, name) for name in _FLAGS if getattr(args, name) is not None
+        name: getattr(args, name) for name in _FLAGS if getattr(args, name, None) is not None
     }
+    if args.command == "worker":
+        overrides["executor"] = "temporal"
     try:
         settings = Settings(**overrides)
+        check_settings(settings)
     except ValidationError as exc:
         sys.exit(f"invalid settings:\n{exc}")
-    asyncio.run(serve(settings))
+    except ConfigurationError as exc:
+        sys.exit(f"invalid settings: {exc}")
+    if args.command == "serve":
+        asyncio.run(serve(settings))
+        return
+    from server.temporal.worker import work
+
+    asyncio.run(work(settings, load_agents(settings)))
+    # The temporalio runtime may abort at interpreter exit (temporalio/sdk-python#300):
+    # the worker shut down cleanly, so leave without running the interpreter's teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

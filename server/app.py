@@ -20,6 +20,7 @@ from server.goals.judge import check_default_goals
 from server.observe.follow import FollowLimits
 from server.observe.observer import Draining
 from server.runs.executor import LocalExecutor, Timing
+from server.runs.executors import Executor
 from server.runs.supervisor import WriterLimits
 from server.schedules.factory import schedule_store_for
 from server.schedules.service import Schedules
@@ -42,7 +43,7 @@ class Keel:
     port: int
     settings: Settings
     log: EventLog
-    executor: LocalExecutor
+    executor: Executor
     ticker: Ticker
     health: health.aio.HealthServicer
     draining: Draining
@@ -93,8 +94,21 @@ def load_agents(settings: Settings) -> dict[str, AgentSpec]:
     return agents
 
 
+class ConfigurationError(Exception):
+    """Settings that cannot work together."""
+
+
+def check_settings(settings: Settings) -> None:
+    if settings.executor == "temporal" and not settings.redis_url:
+        raise ConfigurationError(
+            "the temporal executor needs Redis for the event log: give --redis-url "
+            "(KEEL_REDIS_URL); workers and API servers must share it"
+        )
+
+
 async def create_server(settings: Settings) -> Keel:
     """A started Keel server on settings.host:settings.port (port 0 picks a free port)."""
+    check_settings(settings)
     agents = load_agents(settings)
     event_log = await open_event_log(
         settings.redis_url or None,
@@ -114,24 +128,40 @@ async def create_server(settings: Settings) -> Keel:
         lease_ttl_s=settings.lease_ttl_s,
     )
     task_store = task_store_for(event_log, lease_ttl_s=settings.lease_ttl_s)
-    executor = LocalExecutor(
-        event_log,
-        agents,
-        task_store=task_store,
-        task_limits=task_limits,
-        instance_id=settings.instance_id,
-        limits=WriterLimits(
-            settings.write_batch_max,
-            settings.write_pending_max,
-            linger_s=settings.write_linger_ms / 1000,
-        ),
-        timing=Timing(
-            # A third of the TTL: a renewal may fail twice before the lease lapses.
-            lease_renew_interval_s=settings.lease_ttl_s / 3,
-            sweep_interval_s=settings.sweep_interval_s,
-            cancel_wait_s=settings.cancel_wait_s,
-        ),
+    timing = Timing(
+        # A third of the TTL: a renewal may fail twice before the lease lapses.
+        lease_renew_interval_s=settings.lease_ttl_s / 3,
+        sweep_interval_s=settings.sweep_interval_s,
+        cancel_wait_s=settings.cancel_wait_s,
     )
+    executor: Executor
+    if settings.executor == "temporal":
+        from server.temporal.engine import Engine
+        from server.temporal.executor import TemporalExecutor
+        from server.temporal.worker import engine_config
+
+        executor = TemporalExecutor(
+            event_log,
+            agents,
+            Engine(engine_config(settings)),
+            instance_id=settings.instance_id,
+            task_store=task_store,
+            timing=timing,
+        )
+    else:
+        executor = LocalExecutor(
+            event_log,
+            agents,
+            task_store=task_store,
+            task_limits=task_limits,
+            instance_id=settings.instance_id,
+            limits=WriterLimits(
+                settings.write_batch_max,
+                settings.write_pending_max,
+                linger_s=settings.write_linger_ms / 1000,
+            ),
+            timing=timing,
+        )
     schedule_store = schedule_store_for(event_log)
     ticker = Ticker(
         schedule_store,
@@ -169,10 +199,11 @@ async def create_server(settings: Settings) -> Keel:
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
-        "keel serving on %s:%d (%s)",
+        "keel serving on %s:%d (%s, %s executor)",
         settings.host,
         port,
         "redis" if settings.redis_url else "memory",
+        settings.executor,
     )
     return Keel(server, port, settings, event_log, executor, ticker, health_servicer, draining)
 

@@ -263,6 +263,10 @@ class StoreUnavailable(KeelError):
     """The store (Redis) could not be reached."""
 
 
+class EngineUnavailable(KeelError):
+    """The workflow engine (Temporal) could not be reached."""
+
+
 class ServerDraining(KeelError):
     """The server is shutting down; the client should resume on another replica."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -82,6 +83,18 @@ class Settings(BaseSettings):
     # Schedules: how often each server looks for due schedules at the latest (it also
     # wakes when the earliest one is due, and when one is created or changed here).
     schedules_poll_interval_s: float = Field(default=1.0, gt=0, le=60)
+
+    # Who executes runs: "local" (this process; Redis leases hand runs between replicas)
+    # or "temporal" (a Temporal workflow per run, executed by `python -m server worker`
+    # processes; needs redis_url).
+    executor: Literal["local", "temporal"] = "local"
+    # Temporal: the frontend's host:port, the namespace, and the task queue workers poll.
+    temporal_address: str = "127.0.0.1:7233"
+    temporal_namespace: str = "default"
+    task_queue: str = "keel-runs"
+    # Temporal: a worker that stops heartbeating a run for this long is presumed dead,
+    # and the run's activity is retried on another worker (which takes the run over).
+    temporal_heartbeat_timeout_s: float = Field(default=10.0, gt=0, le=3600)
 
     # SIGTERM: time given to runs in progress to finish before the process exits;
     # runs still going then are handed back (their leases released) to other instances.

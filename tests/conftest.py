@@ -106,6 +106,18 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         _stop_redis(process)
 
 
+@pytest.fixture(scope="session")
+def temporal_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The address of a Temporal dev server for this test session (tests/temporal.py)."""
+    from tests.temporal import start_temporal
+
+    server = start_temporal(tmp_path_factory.mktemp("temporal"))
+    try:
+        yield server.address
+    finally:
+        server.stop()
+
+
 @dataclass
 class DisposableRedis:
     """A Redis of one test's own, which the test may stop (to play an outage)."""

@@ -18,7 +18,8 @@ from server.events.codec import Batch
 from server.events.log import EventLog, RunPageCursor, ThreadPageCursor
 from server.observe.follow import Events, FollowLimits, Heartbeat, Item, Snapshot, follow
 from server.observe.observer import Draining
-from server.runs.executor import LocalExecutor, Started
+from server.runs.executor import Started
+from server.runs.executors import Executor
 from server.schedules.records import SchedulePageCursor
 from server.schedules.service import Schedules
 from server.tasks.records import TaskPageCursor
@@ -106,7 +107,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     def __init__(
         self,
         log: EventLog,
-        executor: LocalExecutor,
+        executor: Executor,
         *,
         limits: FollowLimits,
         max_batch_bytes: int,

@@ -141,6 +141,8 @@ def to_status(exc: BaseException) -> status_pb2.Status:
             return _status(code_pb2.ABORTED, exc, "CONCURRENT_MODIFICATION", {"run_id": exc.run_id})
         case errors.StoreUnavailable():
             return _status(code_pb2.UNAVAILABLE, exc, "STORE_UNAVAILABLE", {}, _retry_info())
+        case errors.EngineUnavailable():
+            return _status(code_pb2.UNAVAILABLE, exc, "ENGINE_UNAVAILABLE", {}, _retry_info())
         case errors.ServerDraining():
             return _status(code_pb2.UNAVAILABLE, exc, "SERVER_DRAINING", {}, _retry_info())
         case _:

@@ -264,13 +264,15 @@ class EventLog(Protocol):
     # the run's record and expires by itself (lease_ttl_s of the log); the
     # epoch is the fencing token every write of the owner carries.
 
-    async def claim(self, run_id: str, owner: str) -> RunRecord | None:
+    async def claim(self, run_id: str, owner: str, *, force: bool = False) -> RunRecord | None:
         """Take over a QUEUED or RUNNING run whose lease lapsed, atomically.
 
         On success: epoch + 1, owner = `owner`, a fresh lease; returns the new
         record (with its checkpoint and cancel_reason). Returns None when the
         lease is still held, or the run is not runnable (ended, suspended,
-        enqueued) or unknown. Two claimers: one wins.
+        enqueued) or unknown. Two claimers: one wins. With `force`, a held
+        lease does not stop the claim: the holder is fenced out (a workflow
+        engine, not the lease, decides who executes the run).
         """
 
     async def renew(self, run_id: str, epoch: int) -> bool:

@@ -340,9 +340,9 @@ class MemoryEventLog:
         # No RunNotFound here: an observer may subscribe before it reads the run.
         return _MemorySubscription(self._subscriptions, run_id, listener)
 
-    async def claim(self, run_id: str, owner: str) -> RunRecord | None:
+    async def claim(self, run_id: str, owner: str, *, force: bool = False) -> RunRecord | None:
         run = self._find(run_id)
-        if run is None or self._lease_held(run) or not run.state.runnable:
+        if run is None or (self._lease_held(run) and not force) or not run.state.runnable:
             return None
         run.epoch += 1
         run.owner = owner

@@ -369,11 +369,11 @@ class RedisEventLog:
     async def subscribe(self, run_id: str, listener: Listener) -> Subscription:
         return await self._fanout.subscribe(self._keys.live(run_id), listener)
 
-    async def claim(self, run_id: str, owner: str) -> RunRecord | None:
+    async def claim(self, run_id: str, owner: str, *, force: bool = False) -> RunRecord | None:
         with store_errors():
             reply = await self._claim(
                 keys=[self._keys.run(run_id), self._keys.lease(run_id)],
-                args=[owner, self._lease_ttl_ms],
+                args=[owner, self._lease_ttl_ms, int(force)],
             )
         if reply[0] != scripts.OK:
             return None  # NOT_FOUND, NOT_RUNNABLE or LEASE_HELD

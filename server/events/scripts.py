@@ -244,12 +244,13 @@ return {0, value}
 # KEYS[2]  the lease
 # ARGV[1]  the new owner
 # ARGV[2]  lease TTL in ms
+# ARGV[3]  '1': take it even while its lease is held (force)
 # Returns {OK, {field, value, ...}} | {NOT_FOUND} | {NOT_RUNNABLE} | {LEASE_HELD}
 CLAIM = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {1} end
 if state ~= 'queued' and state ~= 'running' then return {5} end
-if redis.call('EXISTS', KEYS[2]) == 1 then return {6} end
+if ARGV[3] ~= '1' and redis.call('EXISTS', KEYS[2]) == 1 then return {6} end
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 redis.call('HSET', KEYS[1], 'owner', ARGV[1])
 redis.call('SET', KEYS[2], epoch, 'PX', ARGV[2])

@@ -30,30 +30,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
-import uuid
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from server.agents.checkpoint import Checkpoint
 from server.agents.types import AgentSpec
 from server.errors import (
-    ConcurrentModification,
-    RequestIdReused,
     RunNotFound,
-    RunNotSuspended,
     ServerDraining,
     StoreUnavailable,
     ThreadNotFound,
-    UnknownAgent,
 )
 from server.events.log import BusyPolicy, EventLog, RunRecord, RunState
-from server.goals.judge import judge_of
 from server.goals.records import Goal
-from server.runs import decisions
+from server.runs import admission, decisions
 from server.runs.leases import LeaseKeeper
 from server.runs.supervisor import Stop, Supervisor, WriterLimits
 from server.runs.tasks import Tasks
@@ -64,9 +56,6 @@ from server.tasks.store import TaskStore
 
 log = logging.getLogger(__name__)
 
-# Run ids of runs started with a request_id derive from it, so a retried
-# request finds the run it started without any extra lookup key.
-_REQUEST_NAMESPACE = uuid.UUID("6f2a0d3c-5b1e-4c8e-9d7a-3e4f5a6b7c8d")
 _CLAIM_BATCH = 100
 _CANCEL_POLL_S = 0.05
 
@@ -78,16 +67,6 @@ class Timing:
     lease_renew_interval_s: float = 1.0
     sweep_interval_s: float = 1.0
     cancel_wait_s: float = 10.0
-
-
-def run_id_for(request_id: str, thread_id: str = "") -> str:
-    """The run id of a new run: derived from request_id if given, random otherwise.
-
-    A run on a thread has the id "<thread_id>:<32 hex digits>", which puts its
-    keys in its thread's slot (server/events/keys.py).
-    """
-    own = uuid.uuid5(_REQUEST_NAMESPACE, request_id).hex if request_id else uuid.uuid4().hex
-    return f"{thread_id}:{own}" if thread_id else own
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,8 +126,13 @@ class LocalExecutor:
         timing: Timing | None = None,
         task_store: TaskStore | None = None,
         task_limits: TaskLimits | None = None,
+        next_turn: Callable[[str], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
+        """`next_turn(thread_id)` is called when a run of a thread ends here (it may
+        have handed the thread to its next run); by default this process claims
+        that run (a Temporal worker instead has the run's workflow take it)."""
         self._log = log
+        self._next_turn = next_turn or self._take_thread_turn
         self._agents = dict(agents)
         self._instance_id = instance_id
         self._timing = timing or Timing()
@@ -195,15 +179,13 @@ class LocalExecutor:
         return frozenset(self._tasks)
 
     def agent(self, agent_id: str) -> AgentSpec:
-        spec = self._agents.get(agent_id)
-        if spec is None:
-            raise UnknownAgent(agent_id, sorted(self._agents))
-        return spec
+        return admission.agent_of(self._agents, agent_id)
 
-    def open(self) -> None:
+    def open(self, *, sweep: bool = True) -> None:
         """Start sweeping for orphaned runs (at once, then every sweep_interval_s), and
-        running background tasks."""
-        if self._sweeper is None:
+        running background tasks. Without `sweep`, runs execute only when told to
+        (start, resume, execute): a Temporal worker's runs are given by Temporal."""
+        if self._sweeper is None and sweep:
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="sweeper")
         self._task_runner.open()
 
@@ -219,118 +201,53 @@ class LocalExecutor:
         goal: Goal | None = None,
         schedule_id: str = "",
     ) -> Started:
-        """Store a new run, ready to execute here (see Started), or waiting for its thread.
-
-        A repeated request_id returns its run (RequestIdReused if the agent
-        or input differ). A run on a thread goes by the thread's state and
-        `policy`: ThreadNotFound, ThreadBusy (REJECT), or it becomes the
-        thread's active run, or waits in its queue (ENQUEUE), asking the
-        active run to stop (INTERRUPT, ROLLBACK). The run pursues `goal`, or
-        else its agent's default goal, if any (InvalidArgument when the goal's
-        judge is not an agent of this server that judges).
-        """
+        """Store a new run (server/runs/admission.py), ready to execute here (see
+        Started), or waiting for its thread."""
         if self._draining:
             raise ServerDraining()
-        spec = self.agent(agent_id)
-        if spec.validate_input is not None:
-            spec.validate_input(input)
-        goal = goal or spec.default_goal
-        if goal is not None:
-            judge_of(self._agents, goal)
-        now = _now_ms()
-        retention_s = spec.ended_run_retention_s
-        new = RunRecord(
-            run_id=run_id_for(request_id, thread_id),
+        admitted = await admission.admit(
+            self._log,
+            self._agents,
+            owner=self._instance_id,
             agent_id=agent_id,
             input=input,
             request_id=request_id,
-            state=RunState.QUEUED,
-            create_time_ms=now,
-            update_time_ms=now,
-            owner=self._instance_id,
             thread_id=thread_id,
-            live_only=not spec.resumable,
-            terminal_ttl_ms=0 if retention_s is None else max(1, round(retention_s * 1000)),
+            policy=policy,
             until_idle=until_idle,
+            goal=goal,
             schedule_id=schedule_id,
-            goal="" if goal is None else goal.encode(),
         )
-        if thread_id:
-            outcome = await self._log.start_thread_run(new, policy)
-            record, created = outcome.run, outcome.created
-            if outcome.interrupted_run_id:
-                await self._stop_interrupted(outcome.interrupted_run_id)
-        else:
-            record, created = await self._log.create_run(new)
-        if not created:
-            if (record.agent_id, record.input) != (agent_id, input):
-                raise RequestIdReused(request_id, record.run_id)
+        if admitted.interrupted_run_id:
+            await self._stop_interrupted(admitted.interrupted_run_id)
+        record = admitted.run
+        if not admitted.created:
             return Started(record, _nothing, created=False)
         if record.state is not RunState.QUEUED:
             return Started(record, _nothing)  # waits for its thread
+        spec = self._agents.get(agent_id)
         return Started(record, _Once(lambda: self._launch(record, spec)))
 
     async def resume(
         self, run_id: str, answers: Sequence[decisions.Decision], request_id: str = ""
     ) -> Resumed:
-        """Apply decisions to a suspended run; return the offset its Resume stream starts at.
-
-        1. A request_id seen before: the same decisions return the same offset,
-           others are RequestIdReused.
-        2. Decisions already stored: equal ones are a repeat (same offset), a
-           different one is InterruptResolved.
-        3. Otherwise the run must be SUSPENDED (RunNotSuspended) and every
-           decision must answer one of its pending interrupts, with a fitting
-           kind (InvalidArgument).
-        4. Store the decisions with a compare-and-set on the run's epoch
-           (ConcurrentModification if another request changed it first). When
-           every interrupt is answered, this process owns the run again and
-           goes on with it.
-        The offset is the index of the first event after the suspension.
-        """
+        """Apply decisions to a suspended run (server/runs/admission.py); when every
+        interrupt is answered, this process owns the run again and goes on with it."""
         if self._draining:
             raise ServerDraining()
-        fingerprint = decisions.fingerprint(answers)
-        record = await self._log.get_run(run_id)
-        if request_id:
-            seen = await self._log.resume_request(run_id, request_id)
-            if seen is not None:
-                earlier = json.loads(seen)
-                if earlier["fingerprint"] != fingerprint:
-                    raise RequestIdReused(request_id, run_id)
-                return Resumed(int(earlier["offset"]), _nothing)
-        stored = decisions.load(record)
-        repeat = decisions.repeat_offset(run_id, stored, answers)
-        if repeat is not None:
-            return Resumed(repeat, _nothing)
-        if record.state is not RunState.SUSPENDED:
-            raise RunNotSuspended(run_id, record.state.value)
-        checkpoint = Checkpoint.decode(record.checkpoint)
-        decisions.check_answers(checkpoint, answers)
-        offset = checkpoint.next_index
-        stored.update({d.tool_call_id: decisions.Stored(d, offset) for d in answers})
-        complete = all(i["tool_call_id"] in stored for i in checkpoint.interrupts)
-        try:
-            resumed = await self._log.decide(
-                run_id,
-                expected_epoch=record.epoch,
-                decisions=decisions.dump(stored),
-                owner=self._instance_id,
-                resume=complete,
-                request_id=request_id,
-                request_record=json.dumps({"fingerprint": fingerprint, "offset": offset}).encode(),
-            )
-        except ConcurrentModification:
-            # The same decisions, sent twice at once, are still a repeat.
-            now = decisions.load(await self._log.get_run(run_id))
-            again = decisions.repeat_offset(run_id, now, answers)
-            if again is None:
-                raise
-            return Resumed(again, _nothing)
-        if not complete:
-            return Resumed(offset, _nothing)
+        decided = await admission.decide(
+            self._log,
+            owner=self._instance_id,
+            run_id=run_id,
+            answers=answers,
+            request_id=request_id,
+        )
+        resumed = decided.resumed
+        if resumed is None:
+            return Resumed(decided.offset, _nothing)
         return Resumed(
-            offset, _Once(lambda: self._launch(resumed, self._agents.get(resumed.agent_id)))
+            decided.offset,
+            _Once(lambda: self._launch(resumed, self._agents.get(resumed.agent_id))),
         )
 
     async def cancel(self, run_id: str, reason: str) -> RunRecord:
@@ -395,6 +312,34 @@ class LocalExecutor:
                 claimed.append(run_id)
         return claimed
 
+    async def execute(self, run_id: str) -> asyncio.Task[None] | None:
+        """Take the run over now, whoever holds its lease, and execute it here.
+
+        For an engine that decides on its own which process executes a run
+        (Temporal): the epoch moves on, so an earlier writer, alive or not, is
+        fenced out, and the run resumes from its checkpoint (step_superseded
+        first if that writer left a partial step). Returns the run's task, or
+        None when the run is not runnable (ended, suspended, enqueued, unknown).
+        """
+        earlier = self._tasks.get(run_id)
+        if earlier is not None:
+            # An attempt the engine gave up on, still going here: it must stop first.
+            self._supervisor.stop(run_id, earlier, Stop.FENCED)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(earlier)
+        if self._draining:
+            raise ServerDraining()
+        taken = await self._log.claim(run_id, self._instance_id, force=True)
+        if taken is None:
+            return None
+        return self._spawn(taken, self._agents.get(taken.agent_id))
+
+    def stop_run(self, run_id: str, why: Stop) -> None:
+        """Ask the run this process executes to stop (see Stop); no-op if it does not."""
+        task = self._tasks.get(run_id)
+        if task is not None:
+            self._supervisor.stop(run_id, task, why)
+
     async def drain(self, grace_s: float) -> None:
         """Refuse new runs, give running ones `grace_s` to finish, then hand the rest back.
 
@@ -438,7 +383,7 @@ class LocalExecutor:
                 del self._tasks[run_id]
             if record.thread_id and not self._draining:
                 # The run may have handed its thread to the next queued run.
-                self._in_background(self._take_thread_turn(record.thread_id))
+                self._in_background(self._next_turn(record.thread_id))
 
         task.add_done_callback(forget)
         return task

@@ -35,7 +35,7 @@ from server.errors import (
 from server.events.log import EventLog, RunRecord
 from server.goals.judge import judge_of
 from server.goals.records import Goal
-from server.runs.executor import LocalExecutor
+from server.runs.executors import Executor
 from server.schedules.cron import Cron, CronError
 from server.schedules.records import (
     FIRINGS_KEPT,
@@ -91,7 +91,7 @@ class Schedules:
     """The schedule resource over a ScheduleStore; see the module docstring."""
 
     def __init__(
-        self, store: ScheduleStore, log: EventLog, executor: LocalExecutor, ticker: Ticker
+        self, store: ScheduleStore, log: EventLog, executor: Executor, ticker: Ticker
     ) -> None:
         self._store = store
         self._log = log

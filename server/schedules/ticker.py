@@ -47,7 +47,8 @@ from server.errors import (
 )
 from server.events.log import BusyPolicy, EventLog, ThreadRecord
 from server.goals.records import Goal
-from server.runs.executor import LocalExecutor, run_id_for
+from server.runs.admission import run_id_for
+from server.runs.executors import Executor
 from server.schedules.cron import Cron
 from server.schedules.records import (
     MISSED_RECORDED,
@@ -80,7 +81,7 @@ class Ticker:
         self,
         store: ScheduleStore,
         log_: EventLog,
-        executor: LocalExecutor,
+        executor: Executor,
         *,
         poll_interval_s: float = 1.0,
         clock: Callable[[], int] = now_ms,
@@ -270,7 +271,7 @@ class Ticker:
 
 async def start_firing(
     event_log: EventLog,
-    executor: LocalExecutor,
+    executor: Executor,
     record: ScheduleRecord,
     request_id: str,
     thread_id: str,

@@ -19,6 +19,7 @@ from keel.v1 import agent_service_pb2_grpc as pb_grpc
 
 from server.app import Keel, create_server
 from server.settings import Settings
+from tests.temporal import WorkerProcess, settings_env, start_worker
 
 SCRIPTED = "server.agents.testing:registry"
 STOP_TIMEOUT_S = 30.0  # a server's graceful stop takes well under a second
@@ -100,16 +101,33 @@ def field_violations(exc: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
     return found
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture
 def backend(request: pytest.FixtureRequest) -> str:
+    """memory or redis; tests marked `executors` also run on "temporal": Redis, and the
+    Temporal executor with a worker subprocess of the test's own."""
     return str(request.param)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" not in metafunc.fixturenames or hasattr(metafunc.module, "backend"):
+        return  # a module with a backend of its own
+    backends = ["memory", "redis"]
+    if metafunc.definition.get_closest_marker("executors"):
+        backends.append("temporal")
+    metafunc.parametrize("backend", backends, indirect=True)
 
 
 @pytest.fixture
 def make_settings(backend: str, request: pytest.FixtureRequest) -> Callable[..., Settings]:
-    """Settings for a test server on port 0, isolated by a fresh Redis key prefix."""
-    redis_url = request.getfixturevalue("redis_url") if backend == "redis" else ""
+    """Settings for a test server on port 0, isolated by a fresh Redis key prefix.
+
+    On "temporal", the first call also starts a worker with the same settings
+    (its own task queue), killed when the test ends.
+    """
+    redis_url = request.getfixturevalue("redis_url") if backend != "memory" else ""
     prefix = f"test-{uuid.uuid4().hex[:12]}"
+    workers: list[WorkerProcess] = []
+    request.addfinalizer(lambda: [worker.kill() for worker in workers])
 
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
@@ -120,7 +138,26 @@ def make_settings(backend: str, request: pytest.FixtureRequest) -> Callable[...,
             "heartbeat_interval_s": 0.2,
             "shutdown_grace_s": 5.0,
         }
+        if backend == "temporal":
+            values.update(
+                executor="temporal",
+                temporal_address=request.getfixturevalue("temporal_address"),
+                task_queue=f"queue-{prefix}",
+                temporal_heartbeat_timeout_s=2.0,
+            )
         values.update(overrides)
+        if backend == "temporal" and not workers:
+            worker_values = {k: v for k, v in values.items() if k not in ("port", "host")}
+            workers.append(
+                start_worker(
+                    temporal_address=values["temporal_address"],
+                    redis_url=redis_url,
+                    key_prefix=prefix,
+                    task_queue=values["task_queue"],
+                    agents=values["agents"],
+                    env=settings_env(worker_values),
+                )
+            )
         return Settings(**values)
 
     return make

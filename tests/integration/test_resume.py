@@ -54,6 +54,7 @@ async def resume(
     )
 
 
+@pytest.mark.executors
 async def test_approval_suspends_the_run_and_resume_finishes_it_exactly_once(
     stub: pb_grpc.AgentServiceStub,
 ) -> None:
@@ -109,6 +110,7 @@ async def suspend_seen(stub: pb_grpc.AgentServiceStub, run_id: str) -> pb.AgentE
     return out.events[-2]
 
 
+@pytest.mark.executors
 async def test_deny_with_a_message_reaches_the_model_and_the_run_still_finishes(
     stub: pb_grpc.AgentServiceStub,
 ) -> None:
@@ -133,6 +135,7 @@ async def test_approval_with_overridden_arguments_runs_the_tool_with_them(
     assert json.loads(result.result_json)["args"] == {"action": "rollback"}
 
 
+@pytest.mark.executors
 async def test_the_same_resume_sent_twice_has_one_effect_and_streams_from_the_same_point(
     stub: pb_grpc.AgentServiceStub,
 ) -> None:
@@ -164,6 +167,7 @@ async def test_conflicting_resume_is_interrupt_resolved_and_reused_request_id_is
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
 
 
+@pytest.mark.executors
 async def test_resume_of_a_running_finished_or_unknown_run_fails(
     stub: pb_grpc.AgentServiceStub,
 ) -> None:
@@ -252,6 +256,7 @@ async def test_two_different_resumes_racing_one_wins(stub: pb_grpc.AgentServiceS
     assert payloads(winners[0].events)[-1] == "finish"
 
 
+@pytest.mark.executors
 async def test_cancel_of_a_suspended_run_aborts_it(stub: pb_grpc.AgentServiceStub) -> None:
     suspended = await suspend(stub)
     cancelled = await stub.CancelRun(pb.CancelRunRequest(run_id=suspended.run_id, reason="stale"))

@@ -49,6 +49,7 @@ def error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
     raise AssertionError("no ErrorInfo in status details")
 
 
+@pytest.mark.executors
 async def test_stream_delivers_every_event_of_a_run_in_order(
     stub: pb_grpc.AgentServiceStub,
 ) -> None:
@@ -63,6 +64,7 @@ async def test_stream_delivers_every_event_of_a_run_in_order(
     assert out.events[-1].finish.output_text == "done"
 
 
+@pytest.mark.executors
 async def test_dropped_stream_resumes_at_next_offset_with_nothing_lost_or_repeated(
     stub: pb_grpc.AgentServiceStub,
 ) -> None:
@@ -90,6 +92,7 @@ async def test_observe_from_zero_of_a_finished_run_replays_it_whole(
     ]
 
 
+@pytest.mark.executors
 async def test_observe_from_the_middle_delivers_exactly_the_rest(
     stub: pb_grpc.AgentServiceStub,
 ) -> None:
@@ -113,6 +116,7 @@ async def test_observe_at_the_end_of_a_finished_run_ends_after_the_snapshot(
     assert error_info(err.value).reason == "OFFSET_BEYOND_END"
 
 
+@pytest.mark.executors
 async def test_twenty_concurrent_observers_receive_identical_sequences(
     stub: pb_grpc.AgentServiceStub,
 ) -> None:
@@ -252,6 +256,7 @@ async def test_client_disconnect_never_stops_the_run(stub: pb_grpc.AgentServiceS
     assert_contiguous(rest.events)
 
 
+@pytest.mark.executors
 async def test_cancel_run_ends_it_with_abort_and_cancelled_state(
     stub: pb_grpc.AgentServiceStub,
 ) -> None:
@@ -272,6 +277,7 @@ async def test_cancel_run_ends_it_with_abort_and_cancelled_state(
     assert again.run.state == pb.RUN_STATE_CANCELLED
 
 
+@pytest.mark.executors
 async def test_start_run_returns_at_once_and_request_id_makes_it_idempotent(
     stub: pb_grpc.AgentServiceStub,
 ) -> None:
@@ -337,6 +343,7 @@ async def test_list_agents_describes_the_scripted_agent(stub: pb_grpc.AgentServi
     assert not tools["record"].requires_approval
 
 
+@pytest.mark.executors
 async def test_failed_run_is_not_an_rpc_error(stub: pb_grpc.AgentServiceStub) -> None:
     # The model fails (as a provider outage would): the run fails, and its
     # stream still ends OK after an `error` event.

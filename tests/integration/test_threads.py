@@ -88,6 +88,7 @@ async def observed(stub: pb_grpc.AgentServiceStub, run_id: str) -> Collected:
 # -- memory across runs ---------------------------------------------------------
 
 
+@pytest.mark.executors
 async def test_the_third_turn_of_a_conversation_sees_the_first_two(
     stub: pb_grpc.AgentServiceStub,
 ) -> None:
@@ -187,6 +188,7 @@ async def test_reject_refuses_a_second_run_naming_the_active_one(
     await turn(stub, thread_id, script(text(1)))  # idle again: accepted
 
 
+@pytest.mark.executors
 async def test_enqueued_runs_start_one_after_another_in_order_and_see_each_other(
     stub: pb_grpc.AgentServiceStub,
 ) -> None:
@@ -269,6 +271,7 @@ async def test_rollback_leaves_the_thread_exactly_as_before_the_rolled_back_run(
     assert {m.run_id for m in after[len(before) :]} == {newer.run_id}
 
 
+@pytest.mark.executors
 async def test_interrupting_a_suspended_run_cancels_it_and_keeps_its_request(
     stub: pb_grpc.AgentServiceStub,
 ) -> None:
