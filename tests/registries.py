@@ -53,3 +53,7 @@ background_with_context = {
         tools=[Tool(_fetch_with_context, takes_ctx=True, metadata=background())],
     )
 }
+
+
+# A worker with only the judge: runs of "scripted" given to it fail, naming the agent.
+judge_only = {"scripted-judge": scripted["scripted-judge"]}

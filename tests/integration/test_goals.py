@@ -59,6 +59,7 @@ async def stream(stub: pb_grpc.AgentServiceStub, input: str, **kw: Any) -> Colle
     return out
 
 
+@pytest.mark.executors
 async def test_a_goal_met_on_the_third_attempt(stub: pb_grpc.AgentServiceStub) -> None:
     out = await stream(stub, goal_script(text(2), satisfy_on=3), goal=goal(max_attempts=5))
     judged = evaluations(out.events)
@@ -86,6 +87,7 @@ async def test_a_goal_met_on_the_third_attempt(stub: pb_grpc.AgentServiceStub) -
     assert kinds[first + 1] == "step_start" and kinds[second + 1] == "step_start"
 
 
+@pytest.mark.executors
 async def test_a_goal_never_met_stops_at_max_attempts(stub: pb_grpc.AgentServiceStub) -> None:
     out = await stream(stub, goal_script(text(1)), goal=goal(max_attempts=2))
     assert [(j.attempt, j.satisfied) for j in evaluations(out.events)] == [(1, False), (2, False)]

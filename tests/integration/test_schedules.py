@@ -110,6 +110,7 @@ def tick_seconds(found: Sequence[pb.ScheduleFiring]) -> list[int]:
     return [f.tick_time.ToMilliseconds() // 1000 for f in found]
 
 
+@pytest.mark.executors
 async def test_a_seconds_cron_fires_on_every_tick(stub: pb_grpc.AgentServiceStub) -> None:
     schedule = await create(stub)
     assert schedule.thread_mode == pb.SCHEDULE_THREAD_MODE_THREADLESS
@@ -204,6 +205,7 @@ async def test_allow_starts_runs_beside_each_other(stub: pb_grpc.AgentServiceStu
         await stub.CancelRun(pb.CancelRunRequest(run_id=f.run_id))
 
 
+@pytest.mark.executors
 async def test_threaded_firings_share_one_thread_whose_history_grows(
     stub: pb_grpc.AgentServiceStub,
 ) -> None:
@@ -225,6 +227,7 @@ async def test_threaded_firings_share_one_thread_whose_history_grows(
     assert thread.message_count >= 2 * len(runs)
 
 
+@pytest.mark.executors
 async def test_enqueue_queues_firings_on_the_schedules_thread(
     stub: pb_grpc.AgentServiceStub,
 ) -> None:

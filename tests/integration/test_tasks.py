@@ -91,6 +91,7 @@ async def wait_for_task(
             await asyncio.sleep(0.02)
 
 
+@pytest.mark.executors
 async def test_until_idle_gives_the_model_every_result_in_the_order_tasks_end(
     tasks_stub: pb_grpc.AgentServiceStub,
 ) -> None:
@@ -247,6 +248,7 @@ async def test_queued_tasks_wait_for_a_slot_and_never_exceed_the_limits(
         assert statuses_of(many.events, task_id)[:2] == ["QUEUED", "STARTED"]
 
 
+@pytest.mark.executors
 async def test_cancel_run_cancels_its_pending_tasks(
     tasks_stub: pb_grpc.AgentServiceStub,
 ) -> None:
@@ -275,6 +277,7 @@ async def test_cancel_run_cancels_its_pending_tasks(
         assert "enough" in ended.error
 
 
+@pytest.mark.executors
 async def test_cancel_task_and_retry_task(tasks_stub: pb_grpc.AgentServiceStub) -> None:
     started = await tasks_stub.StartRun(
         pb.StartRunRequest(
