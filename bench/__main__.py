@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--backends",
         default=",".join(BACKENDS),
-        help="comma-separated: memory, redis (default both)",
+        help="comma-separated: memory, redis, temporal (the Temporal executor on Redis; "
+        "workloads a, b and f); default all three",
     )
     parser.add_argument(
         "--only",
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     results["figures"] = analysis.figures(run.ceilings, run.workloads)
     results["targets"] = analysis.targets(run.ceilings, run.workloads)
+    results["executors"] = analysis.executors(run.workloads)
     for path in report.write(results, out):
         print(path)
     print(f"server logs{' and profiles' if args.py_spy else ''}: {scratch}")

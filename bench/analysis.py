@@ -29,6 +29,9 @@ class FigureSpec:
     backends: tuple[str, ...] = ("memory", "redis")
 
 
+WITH_TEMPORAL = ("memory", "redis", "temporal")
+
+
 def _get(result: Params, *path: str) -> float | None:
     value: Any = result
     for key in path:
@@ -65,6 +68,7 @@ FIGURES = (
         _field("events_per_s"),
         "raw gRPC, 1 stream, 1 event per message: messages/s",
         _ceiling("grpc_one_stream", "messages_per_s"),
+        WITH_TEMPORAL,
     ),
     FigureSpec(
         "a_stream",
@@ -74,6 +78,7 @@ FIGURES = (
         _field("time_to_first_event_ms"),
         "raw gRPC, 1 stream: time to first message",
         _ceiling("grpc_one_stream", "time_to_first_ms"),
+        WITH_TEMPORAL,
     ),
     FigureSpec(
         "a_stream",
@@ -93,6 +98,7 @@ FIGURES = (
         _field("events_per_s"),
         "raw gRPC, as many streams, 1 event per message: messages/s",
         _ceiling("grpc_many_streams", "messages_per_s"),
+        WITH_TEMPORAL,
     ),
     FigureSpec("b_concurrent", "server peak RSS", "MiB", "lower", _mib),
     FigureSpec(
@@ -197,6 +203,7 @@ FIGURES = (
         _field("keel_s"),
         "the same agent in-process (run_stream_events)",
         _own("in_process_s"),
+        WITH_TEMPORAL,
     ),
     FigureSpec(
         "g_tasks",
@@ -361,4 +368,37 @@ def targets(ceilings: Params, workloads: dict[str, dict[str, Params]]) -> list[P
                 cost = shifted / bound if spec.at_most else bound / shifted
             row["backends"][backend] = {"value": value, "met": met, "ok": ok, "cost": cost}
         rows.append(row)
+    return rows
+
+
+# The Temporal executor against the local one on the same store (Redis), same run:
+# (workload, what, path of the value, which is better).
+EXECUTOR_COMPARISONS = (
+    ("a_stream", "one run: events/s at the client", ("events_per_s",), "higher"),
+    ("a_stream", "one run: time to first event (ms)", ("time_to_first_event_ms",), "lower"),
+    ("b_concurrent", "concurrent runs: aggregate events/s", ("events_per_s",), "higher"),
+    ("f_overhead", "time to the last event (s)", ("keel_s",), "lower"),
+)
+
+
+def executors(workloads: dict[str, dict[str, Params]]) -> list[Params]:
+    """Temporal vs local (both on Redis): each value, and temporal / local."""
+    rows = []
+    for workload, name, path, better in EXECUTOR_COMPARISONS:
+        per_backend = workloads.get(workload, {})
+        local = _get(per_backend.get("redis", {}), *path)
+        temporal = _get(per_backend.get("temporal", {}), *path)
+        if local is None and temporal is None:
+            continue
+        ratio = temporal / local if local and temporal is not None else None
+        rows.append(
+            {
+                "workload": workload,
+                "name": name,
+                "better": better,
+                "local": local,
+                "temporal": temporal,
+                "ratio": ratio,
+            }
+        )
     return rows

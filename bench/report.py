@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 Params = dict[str, Any]
-BACKENDS = ("memory", "redis")
+BACKENDS = ("memory", "redis", "temporal")
 NONE = "\N{EN DASH}"  # a missing value in a table
 TIMES = "\N{MULTIPLICATION SIGN}"
 
@@ -98,6 +98,7 @@ def markdown(results: Params, chart: str | None) -> str:
         lines += [f"![Keel against its ceilings and targets]({chart})", ""]
     lines += _targets_table(results["targets"])
     lines += _figures_table(results["figures"])
+    lines += _executors_table(results.get("executors", []))
     lines += _ceilings_table(results["ceilings"])
     lines += _checks(results["workloads"])
     return "\n".join(lines) + "\n"
@@ -163,6 +164,24 @@ def _figures_table(figures: list[Params]) -> list[str]:
         lines.append(
             f"| {row['workload'][0]} | {row['figure']} | {values[0]} | {values[1]} | "
             f"{ceiling} | {ratios[0]} | {ratios[1]} |"
+        )
+    return [*lines, ""]
+
+
+def _executors_table(rows: list[Params]) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "## The Temporal executor against the local one (both on Redis, same run)",
+        "",
+        "| workload | figure | local | temporal | temporal / local |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        ratio = NONE if row["ratio"] is None else f"{row['ratio']:.2f}"
+        lines.append(
+            f"| {row['workload']} | {row['name']} | {fmt(row['local'], '')} | "
+            f"{fmt(row['temporal'], '')} | {ratio} |"
         )
     return [*lines, ""]
 
@@ -240,7 +259,7 @@ def write_chart(results: Params, path: Path) -> bool:
         if any(cell["efficiency"] for cell in row["backends"].values())
     ]
     targets = results["targets"]
-    colors = {"memory": "#4C72B0", "redis": "#DD8452"}
+    colors = {"memory": "#4C72B0", "redis": "#DD8452", "temporal": "#55A868"}
     fig, (left, right) = plt.subplots(
         1,
         2,

@@ -20,16 +20,18 @@ import signal
 import subprocess
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.procs import BenchError, Launcher, RedisServer, ServerProcess
+from bench.procs import BenchError, Launcher, RedisServer, ServerProcess, TemporalServer
 from bench.sizes import CLIENT_TIMEOUT_S, Sizes
 
 Params = dict[str, Any]
-BACKENDS = ("memory", "redis")
+BACKENDS = ("memory", "redis", "temporal")  # temporal: the Temporal executor, on Redis
+LOCAL = ("memory", "redis")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +43,7 @@ class Workload:
     ceilings: tuple[str, ...]  # keys of CEILINGS it is compared with
     # KEEL_* settings of its own: the workload gets a server of its own, quick or not.
     server_env: Callable[[Sizes], dict[str, str]] | None = None
+    backends: tuple[str, ...] = LOCAL  # where it runs
 
 
 WORKLOADS = (
@@ -50,6 +53,7 @@ WORKLOADS = (
         "stream_one",
         lambda s: {"deltas": s.stream_deltas, "reps": s.stream_reps},
         ("grpc_one_stream", "redis"),
+        backends=BACKENDS,
     ),
     Workload(
         "b_concurrent",
@@ -57,6 +61,7 @@ WORKLOADS = (
         "stream_many",
         lambda s: {"runs": s.many_runs, "deltas": s.many_deltas},
         ("grpc_many_streams",),
+        backends=BACKENDS,
     ),
     Workload(
         "c_fanout",
@@ -95,6 +100,7 @@ WORKLOADS = (
         "overhead",
         lambda s: {"deltas": s.overhead_deltas, "reps": s.overhead_reps},
         (),
+        backends=BACKENDS,
     ),
     Workload(
         "g_tasks",
@@ -124,6 +130,7 @@ class Run:
     ceilings: dict[str, Params] = field(default_factory=dict)
     workloads: dict[str, dict[str, Params]] = field(default_factory=dict)
     redis: RedisServer | None = None
+    temporal: TemporalServer | None = None
     raw_grpc: ServerProcess | None = None
     shared: dict[str, ServerProcess] = field(default_factory=dict)  # backend -> server
     log: Callable[[str], None] = print
@@ -143,10 +150,20 @@ class Run:
             self.raw_grpc = self.launcher.start_raw_grpc()
         return self.raw_grpc.target
 
+    def temporal_address(self) -> str:
+        if self.temporal is None:
+            self.temporal = TemporalServer.start()
+        return self.temporal.address
+
     @contextlib.contextmanager
     def keel(self, backend: str, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
         """A Keel server on `backend`: fresh (full runs, or settings of its own `env`) or
-        shared by every workload (quick)."""
+        shared by every workload (quick). On temporal: always fresh, with a worker of its
+        own on a task queue of its own."""
+        if backend == "temporal":
+            with self._temporal_keel(env) as server:
+                yield server
+            return
         url = self.redis_url() if backend == "redis" else ""
         if not self.sizes.fresh_server_per_workload and not env:
             if backend not in self.shared:
@@ -161,6 +178,28 @@ class Run:
         finally:
             server.stop()
 
+    @contextlib.contextmanager
+    def _temporal_keel(self, env: dict[str, str] | None) -> Iterator[ServerProcess]:
+        url, address = self.redis_url(), self.temporal_address()
+        if self.sizes.fresh_server_per_workload and self.redis is not None:
+            self.redis.flush()
+        prefix = f"bench-{uuid.uuid4().hex[:8]}"
+        settings = {
+            **(env or {}),
+            "KEEL_EXECUTOR": "temporal",
+            "KEEL_TEMPORAL_ADDRESS": address,
+            "KEEL_TASK_QUEUE": f"bench-{prefix}",
+        }
+        worker = self.launcher.start_worker(url, prefix, settings)
+        try:
+            server = self.launcher.start_keel(url, env=settings, key_prefix=prefix)
+            try:
+                yield server
+            finally:
+                server.stop()
+        finally:
+            worker.stop()
+
     def close(self) -> None:
         for server in [*self.shared.values(), self.raw_grpc]:
             if server is not None:
@@ -170,6 +209,9 @@ class Run:
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
+        if self.temporal is not None:
+            self.temporal.stop()
+            self.temporal = None
 
     # -- measuring ----------------------------------------------------------------
 
@@ -242,7 +284,9 @@ class Run:
                 for key in workload.ceilings:
                     self.measure_ceiling(key)
                 self.workloads[workload.key] = {
-                    backend: self.measure_workload(workload, backend) for backend in self.backends
+                    backend: self.measure_workload(workload, backend)
+                    for backend in self.backends
+                    if backend in workload.backends
                 }
         finally:
             self.close()

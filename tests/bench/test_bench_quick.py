@@ -31,6 +31,7 @@ WORKLOADS = (
 )
 CEILINGS = ("grpc_one_stream", "grpc_many_streams", "grpc_fanout", "grpc_batched", "redis")
 BACKENDS = ("memory", "redis")
+ON_TEMPORAL = ("a_stream", "b_concurrent", "f_overhead")  # also measured on the Temporal executor
 QUICK_TIMEOUT_S = 100  # under pytest's 120 s; a quick run takes about 20 s
 
 
@@ -65,7 +66,9 @@ def test_quick_run_measures_every_workload_on_both_backends_and_every_ceiling(
     assert results["mode"] == "quick"
     assert set(results["workloads"]) == set(WORKLOADS)
     for key in WORKLOADS:
-        for backend in BACKENDS:
+        backends = (*BACKENDS, "temporal") if key in ON_TEMPORAL else BACKENDS
+        assert set(results["workloads"][key]) == set(backends)
+        for backend in backends:
             result = results["workloads"][key][backend]
             assert result["ok"] is True, (key, backend, result.get("errors"))
             assert _number(result["server_peak_rss_kib"]) and result["server_peak_rss_kib"] > 0
@@ -90,10 +93,19 @@ def test_the_four_targets_are_judged_on_both_backends(quick_run: Path) -> None:
     targets = _results(quick_run)["targets"]
     assert len(targets) == 4
     for row in targets:
-        assert set(row["backends"]) == set(BACKENDS)
+        temporal = {"temporal"} if row["workload"] in ON_TEMPORAL else set()
+        assert set(row["backends"]) == set(BACKENDS) | temporal
         for cell in row["backends"].values():
             assert _number(cell["value"])
             assert isinstance(cell["met"], bool)
+
+
+def test_the_temporal_executor_is_compared_with_the_local_one(quick_run: Path) -> None:
+    rows = _results(quick_run)["executors"]
+    assert {row["workload"] for row in rows} == set(ON_TEMPORAL)
+    for row in rows:
+        assert _number(row["local"]) and _number(row["temporal"]) and _number(row["ratio"])
+    assert "Temporal executor against the local one" in (quick_run / "latest.md").read_text()
 
 
 def test_each_run_is_kept_as_json_and_the_latest_as_markdown_and_png(quick_run: Path) -> None:

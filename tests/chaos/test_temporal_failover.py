@@ -3,6 +3,8 @@ Redis and one Temporal dev server, killed with SIGKILL mid-run."""
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,6 +29,8 @@ from tests.chaos.conftest import (
 from tests.chaos.test_takeover import TEXT_AND_RECORDS, counters, start_run, watch_until
 from tests.processes import KeelProcess, start_keel_process
 from tests.temporal import WorkerProcess, free_port, start_worker
+
+log = logging.getLogger(__name__)
 
 APPROVE = {"tool": "approve_me", "args": {"action": "deploy"}}
 
@@ -96,8 +100,14 @@ async def test_a_run_survives_sigkill_of_its_worker_mid_text(
     # Mid-text of the second text step: one record done, the other to come.
     await watch_until(api, run_id, lambda seen: kinds(seen).count("text_delta") >= 40)
     first.kill()
+    killed_at = time.time()
     temporal_cluster.worker()  # the run's activity is retried here
     events = await observe_all(api.target, run_id)
+    resumed = [e for e in events if e.time.ToNanoseconds() / 1e9 > killed_at]
+    log.info(
+        "worker failover: first new event %.0f ms after SIGKILL",
+        (resumed[0].time.ToNanoseconds() / 1e9 - killed_at) * 1000,
+    )
     assert_run_invariants(events, expected_text(*TEXT_AND_RECORDS))
     assert "step_superseded" in kinds(events)
     assert await counters(store, run_id, "k1", "k2", "calls:k1", "calls:k2") == {

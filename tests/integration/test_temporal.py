@@ -142,6 +142,21 @@ async def test_runs_execute_on_a_worker_as_workflows_keyed_by_request_id(
     assert described.task_queue == settings.task_queue
 
 
+async def test_a_live_only_run_streams_every_event_from_its_first(
+    launch: Launch, redis_url: str, temporal_address: str, key_prefix: str
+) -> None:
+    """A live-only run keeps no events: its workflow starts once the Stream listens."""
+    settings = temporal_settings(
+        redis_url, temporal_address, key_prefix, agents="tests.registries:options"
+    )
+    _, stub = await launch.server(settings)
+    launch.worker(settings)
+    request = pb.StreamRequest(agent_id="scripted-live", input=script(text(20), record("k")))
+    out = await collect(stub.Stream(request))
+    assert [e.index for e in out.events] == list(range(len(out.events)))
+    assert payloads(out.events)[0] == "start" and payloads(out.events)[-1] == "finish"
+
+
 async def test_a_cancelled_run_ends_its_workflow_cancelled(
     launch: Launch, redis_url: str, temporal_address: str, key_prefix: str
 ) -> None:
