@@ -97,15 +97,17 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"invalid settings: {exc}")
     if args.command == "serve":
         asyncio.run(serve(settings))
-        return
-    from server.temporal.worker import work
+    else:
+        from server.temporal.worker import work
 
-    asyncio.run(work(settings, load_agents(settings)))
-    # The temporalio runtime may abort at interpreter exit (temporalio/sdk-python#300):
-    # the worker shut down cleanly, so leave without running the interpreter's teardown.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+        asyncio.run(work(settings, load_agents(settings)))
+    if settings.executor == "temporal":
+        # The temporalio runtime may abort at interpreter exit (temporalio/sdk-python#300):
+        # the process shut down cleanly, so leave without the interpreter's teardown.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

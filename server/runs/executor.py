@@ -109,10 +109,6 @@ class _Once:
             work()
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class LocalExecutor:
     """Runs agent runs in supervisor tasks of this process."""
 

@@ -115,14 +115,18 @@ class Engine:
         await self.wake(run_id)
 
     async def cancel(self, run_id: str) -> None:
-        """Cancel the run's workflow; one that ended or never started needs nothing."""
+        """Cancel the run's workflow. A run without a running workflow (waiting in its
+        thread's queue, or stored while Temporal was down) is woken instead: its
+        new workflow's first attempt finds the cancel request and writes the abort."""
         handle = await self._handle(run_id)
         with engine_errors("cancel"):
             try:
                 await handle.cancel(rpc_timeout=_RPC_TIMEOUT)
+                return
             except RPCError as exc:
                 if exc.status is not RPCStatusCode.NOT_FOUND:
                     raise
+        await self.wake(run_id)
 
     async def _handle(self, run_id: str) -> WorkflowHandle[object, object]:
         client = await self.client()

@@ -209,3 +209,20 @@ async def test_the_client_wrapper_resumes_on_another_server_when_its_server_is_k
         assert handle.reconnects, "the stream never reconnected"
     assert [e.index for e in events] == list(range(len(events)))
     assert_run_invariants(events, expected_text(*steps))
+
+
+async def test_sigterm_of_a_worker_hands_its_run_to_another_and_both_processes_exit_0(
+    temporal_cluster: TemporalCluster, store: RedisEventLog
+) -> None:
+    steps = ({"text": 150, "delay_ms": 10}, {"tool": "record", "args": {"key": "k"}})
+    api = await temporal_cluster.server()
+    first = temporal_cluster.worker()
+    run_id = await start_run(api, script(*steps))
+    await watch_until(api, run_id, lambda seen: kinds(seen).count("text_delta") >= 20)
+    assert first.terminate() == 0  # KEEL_SHUTDOWN_GRACE_S=0: the run is handed back at once
+    temporal_cluster.worker()
+    events = await observe_all(api.target, run_id)
+    assert_run_invariants(events, expected_text(*steps))
+    assert await store.get_counter(run_id, "k") == 1
+    api.terminate()
+    assert await api.wait() == 0

@@ -289,6 +289,7 @@ async def test_interrupting_a_suspended_run_cancels_it_and_keeps_its_request(
     ]
 
 
+@pytest.mark.executors
 async def test_cancelling_a_queued_run_takes_it_out_of_the_queue(
     stub: pb_grpc.AgentServiceStub,
 ) -> None:
