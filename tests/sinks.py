@@ -14,12 +14,16 @@ class ListSink:
     def __init__(self) -> None:
         self.events: list[Any] = []
         self.checkpoints: list[Checkpoint] = []
+        self.boundaries = 0
 
     async def emit(self, event: Any) -> None:
         self.events.append(event)
 
     async def checkpoint(self, checkpoint: Checkpoint) -> None:
         self.checkpoints.append(replace(checkpoint, next_index=len(self.events)))
+
+    async def at_boundary(self) -> None:
+        self.boundaries += 1
 
     def kinds(self) -> list[str]:
         return [event.WhichOneof("payload") for event in self.events]

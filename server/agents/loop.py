@@ -219,6 +219,8 @@ class AgentLoop:
         await self._emit(self._events.response_metadata(response))
         if Agent.is_call_tools_node(next_node):
             await self._checkpoint(Phase.RESPONSE)
+            if next_node.model_response.tool_calls:
+                await self._sink.at_boundary()  # its tool calls may run elsewhere
         else:
             # No tools half follows (e.g. a capability asked for a retry), so
             # the step ends here.
@@ -260,6 +262,7 @@ class AgentLoop:
         if not Agent.is_end_node(next_node):
             # The last step needs none: the executor commits `finish` with it.
             await self._checkpoint(Phase.STEP, next_node)
+            await self._sink.at_boundary()
 
     async def _checkpoint(self, phase: Phase, next_node: _Node | None = None) -> None:
         messages = self.own_messages()

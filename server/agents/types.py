@@ -27,6 +27,11 @@ class EventSink(Protocol):
     async def checkpoint(self, checkpoint: Checkpoint) -> None:
         """Commit every event emitted so far together with `checkpoint`, atomically."""
 
+    async def at_boundary(self) -> None:
+        """The checkpoint just committed ends a half-step (a response whose tool calls
+        are still to run, or a complete step): execution may stop here and go on
+        elsewhere from it at no cost. A sink may stop the loop by raising."""
+
 
 class Counters(Protocol):
     """A per-run counter store (Redis when configured): how tests prove a tool ran once."""

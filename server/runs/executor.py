@@ -47,7 +47,7 @@ from server.events.log import BusyPolicy, EventLog, RunRecord, RunState
 from server.goals.records import Goal
 from server.runs import admission, decisions
 from server.runs.leases import LeaseKeeper
-from server.runs.supervisor import Stop, Supervisor, WriterLimits
+from server.runs.supervisor import RunTask, Stop, Supervisor, WriterLimits
 from server.runs.tasks import Tasks
 from server.tasks.factory import task_store_for
 from server.tasks.records import TaskRecord
@@ -148,7 +148,7 @@ class LocalExecutor:
             Tasks(task_store, self._task_runner, task_limits),
             self._agents,
         )
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks: dict[str, RunTask] = {}
         self._background: set[asyncio.Task[Any]] = set()  # thread hand-overs, interrupts
         self._sweeper: asyncio.Task[None] | None = None
         self._draining = False
@@ -308,14 +308,16 @@ class LocalExecutor:
                 claimed.append(run_id)
         return claimed
 
-    async def execute(self, run_id: str) -> asyncio.Task[None] | None:
+    async def execute(self, run_id: str, *, half_step: bool = False) -> RunTask | None:
         """Take the run over now, whoever holds its lease, and execute it here.
 
         For an engine that decides on its own which process executes a run
         (Temporal): the epoch moves on, so an earlier writer, alive or not, is
         fenced out, and the run resumes from its checkpoint (step_superseded
-        first if that writer left a partial step). Returns the run's task, or
-        None when the run is not runnable (ended, suspended, enqueued, unknown).
+        first if that writer left a partial step). With `half_step` it stops at
+        the next half-step boundary too (Supervisor.run). Returns the run's
+        task, or None when the run is not runnable (ended, suspended, enqueued,
+        unknown).
         """
         earlier = self._tasks.get(run_id)
         if earlier is not None:
@@ -328,7 +330,7 @@ class LocalExecutor:
         taken = await self._log.claim(run_id, self._instance_id, force=True)
         if taken is None:
             return None
-        return self._spawn(taken, self._agents.get(taken.agent_id))
+        return self._spawn(taken, self._agents.get(taken.agent_id), half_step=half_step)
 
     def stop_run(self, run_id: str, why: Stop) -> None:
         """Ask the run this process executes to stop (see Stop); no-op if it does not."""
@@ -369,15 +371,20 @@ class LocalExecutor:
         if not self._draining and record.run_id not in self._tasks:
             self._spawn(record, spec)
 
-    def _spawn(self, record: RunRecord, spec: AgentSpec | None) -> asyncio.Task[None]:
-        task = asyncio.create_task(self._supervisor.run(record, spec), name=f"run:{record.run_id}")
+    def _spawn(
+        self, record: RunRecord, spec: AgentSpec | None, *, half_step: bool = False
+    ) -> RunTask:
+        task = asyncio.create_task(
+            self._supervisor.run(record, spec, half_step=half_step), name=f"run:{record.run_id}"
+        )
         run_id = record.run_id
         self._tasks[run_id] = task
 
-        def forget(done: asyncio.Task[None]) -> None:
+        def forget(done: RunTask) -> None:
             if self._tasks.get(run_id) is done:
                 del self._tasks[run_id]
-            if record.thread_id and not self._draining:
+            paused = not done.cancelled() and done.exception() is None and done.result()
+            if record.thread_id and not self._draining and not paused:
                 # The run may have handed its thread to the next queued run.
                 self._in_background(self._next_turn(record.thread_id))
 

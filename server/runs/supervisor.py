@@ -99,6 +99,18 @@ class WriterLimits:
     linger_s: float = 0.0
 
 
+class _Boundary(Exception):
+    """Raised by the sink at a half-step boundary of a run executed one half-step at a
+    time: the checkpoint is committed, the supervisor stops there."""
+
+    def __init__(self, phase: Phase) -> None:
+        super().__init__(phase.value)
+        self.phase = phase
+
+
+RunTask = asyncio.Task["Phase | None"]
+
+
 class _CheckpointingSink:
     """The loop's EventSink: events through the writer, checkpoints committed with them.
 
@@ -110,8 +122,9 @@ class _CheckpointingSink:
     so a checkpoint the loop takes mid-step does not forget it.
     """
 
-    def __init__(self, writer: EventWriter, record: RunRecord) -> None:
+    def __init__(self, writer: EventWriter, record: RunRecord, *, half_step: bool) -> None:
         self._writer = writer
+        self._half_step = half_step
         taken_over = Checkpoint.decode(record.checkpoint) if record.checkpoint else None
         self.last: Checkpoint | None = taken_over if record.thread_id else None
         self.fed: tuple[str, ...] = taken_over.fed if taken_over else ()
@@ -134,6 +147,10 @@ class _CheckpointingSink:
         checkpoint = self.stamped(checkpoint)
         await self._writer.commit(checkpoint=checkpoint, events=events, goal_progress=goal_progress)
         self.last = checkpoint
+
+    async def at_boundary(self) -> None:
+        if self._half_step and self.last is not None:
+            raise _Boundary(self.last.phase)
 
     @property
     def last_messages(self) -> bytes | None:
@@ -161,7 +178,7 @@ def _interrupt_event(checkpoint: Checkpoint, interrupt: dict[str, Any]) -> pb.Ag
 
 
 class _CancelListener:
-    def __init__(self, supervisor: Supervisor, run_id: str, task: asyncio.Task[None]) -> None:
+    def __init__(self, supervisor: Supervisor, run_id: str, task: RunTask) -> None:
         self._supervisor = supervisor
         self._run_id = run_id
         self._task = task
@@ -189,7 +206,7 @@ class Supervisor:
         self._stops: dict[str, tuple[Stop, str]] = {}
         self._started: set[str] = set()  # runs whose run() has begun
 
-    def stop(self, run_id: str, task: asyncio.Task[None], why: Stop, reason: str = "") -> None:
+    def stop(self, run_id: str, task: RunTask, why: Stop, reason: str = "") -> None:
         """Ask the run's task to stop; the first reason given wins.
 
         A task cancelled before its coroutine begins never runs it, so it
@@ -201,9 +218,18 @@ class Supervisor:
             if run_id in self._started:
                 task.cancel()
 
-    async def run(self, record: RunRecord, spec: AgentSpec | None) -> None:
-        """Execute `record` (owned by this process at record.epoch) until it ends or stops."""
+    async def run(
+        self, record: RunRecord, spec: AgentSpec | None, *, half_step: bool = False
+    ) -> Phase | None:
+        """Execute `record` (owned by this process at record.epoch) until it ends or stops.
+
+        With `half_step`, stop at the first half-step boundary too (a response
+        whose tool calls are still to run, or a complete step) and return that
+        checkpoint's phase: the next half-step may run anywhere, taking the run
+        over from it. Returns None otherwise.
+        """
         run_id = record.run_id
+        boundary: Phase | None = None
         self._started.add(run_id)
         task = asyncio.current_task()
         assert task is not None
@@ -219,7 +245,7 @@ class Supervisor:
             linger_s=self._limits.linger_s,
             task_mark=Checkpoint.decode(record.checkpoint).task_mark if record.checkpoint else 0,
         )
-        sink = _CheckpointingSink(writer, record)
+        sink = _CheckpointingSink(writer, record, half_step=half_step)
         task_events = TaskEvents(self._tasks.store, run_id, writer)
         try:
             control = await self._log.subscribe_control(run_id, _CancelListener(self, run_id, task))
@@ -227,13 +253,23 @@ class Supervisor:
             try:
                 if run_id in self._stops:  # told to stop before it began
                     await self._stopped(run_id, writer, sink)
-                    return
+                    return None
                 if record.cancel_reason:  # asked before this process got the run
                     await self._abort(writer, record, sink)
-                    return
+                    return None
                 if spec is None:
                     raise LookupError(f"this server has no agent {record.agent_id!r}")
                 await self._execute(record, spec, sink, writer, task_events)
+            except _Boundary as reached:
+                # Task updates may have followed the boundary's checkpoint: commit
+                # the checkpoint again after them, so the next owner starts right
+                # where this one stopped (no step_superseded for a clean stop). The
+                # lease stays until it lapses: the next half-step's owner takes the
+                # run over at once, and if none comes the run is a lapsed orphan.
+                await task_events.close()
+                assert sink.last is not None
+                await writer.commit(checkpoint=sink.last)
+                boundary = reached.phase
             except asyncio.CancelledError:
                 if run_id not in self._stops:
                     raise  # not ours: the event loop is going away
@@ -266,6 +302,7 @@ class Supervisor:
             await writer.close()
             if control is not None:
                 await control.close()
+        return boundary
 
     async def _stopped(self, run_id: str, writer: EventWriter, sink: _CheckpointingSink) -> None:
         """Do what the stop request says (see Stop)."""

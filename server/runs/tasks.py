@@ -58,6 +58,7 @@ class TaskEvents:
         self._waiters: list[asyncio.Future[None]] = []
         self._subscription: Subscription | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._closed = False
 
     # TaskListener
 
@@ -77,12 +78,19 @@ class TaskEvents:
         self._watcher = asyncio.create_task(self._watch(), name=f"task-events:{self._run_id}")
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
+        """Stop listening; safe to call more than once."""
+        # The flag, not only the cancellation, ends the watcher: a cancellation
+        # swallowed below it (observed: a watcher cancelled right after it emitted
+        # went on polling, and this await never returned) must not hang the run.
+        self._closed = True
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
-        if self._subscription is not None:
-            await self._subscription.close()
+                await watcher
+        subscription, self._subscription = self._subscription, None
+        if subscription is not None:
+            await subscription.close()
 
     @property
     def rings(self) -> int:
@@ -110,7 +118,7 @@ class TaskEvents:
                 await waiter
 
     async def _watch(self) -> None:
-        while True:
+        while not self._closed:
             rings = self._rings
             await self.emit_new()
             await self.rung_since(rings)

@@ -15,7 +15,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.client import (
+    Client,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -100,8 +105,10 @@ class Engine:
 
     async def resume(self, run_id: str, tool_call_ids: Sequence[str]) -> None:
         """Send the `resume` Update: its validator checks the workflow waits for these
-        interrupts; an Update it refuses falls back to a wake-up (the decisions are
-        stored with the run, which is what the next attempt reads)."""
+        interrupts. The decisions are stored with the run already, which is what the
+        next activity reads, so an Update that is refused, or that no worker takes
+        within the RPC timeout (every worker is down), falls back to the `wake`
+        signal, which Temporal keeps for the next worker."""
         handle = await self._handle(run_id)
         with engine_errors("resume"):
             try:
@@ -109,6 +116,8 @@ class Engine:
                 return
             except WorkflowUpdateFailedError as exc:
                 log.warning("run %s: resume update refused (%s); waking it", run_id, exc.cause)
+            except WorkflowUpdateRPCTimeoutOrCancelledError:
+                log.warning("run %s: no worker took the resume update; waking it", run_id)
             except RPCError as exc:
                 if exc.status is not RPCStatusCode.NOT_FOUND:
                     raise

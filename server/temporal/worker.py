@@ -132,7 +132,7 @@ async def work(settings: Settings, agents: dict[str, AgentSpec]) -> None:
             client,
             task_queue=config.task_queue,
             workflows=[RunWorkflow],
-            activities=[activities.execute_run],
+            activities=[activities.model_request, activities.tool_calls],
             # A dead worker's workflows move to another worker after this, not 10 s.
             sticky_queue_schedule_to_start_timeout=timedelta(seconds=1),
             graceful_shutdown_timeout=timedelta(seconds=settings.shutdown_grace_s),

@@ -1,45 +1,49 @@
 """The workflow of one Keel run (deterministic code: Temporal replays it).
 
-The run's work happens in one activity, `keel.execute_run` (server/temporal/
-activities.py): it takes the run over at a new epoch and executes it, from
-its last checkpoint, until it ends or suspends, writing every event to
-Keel's event log as it goes. The workflow only sequences those attempts:
+The run's work happens in activities (server/temporal/activities.py), one
+per half-step: `keel.model_request` (the next model request, streamed into
+Keel's event log) and `keel.tool_calls` (the tool calls of its response).
+Each takes the run over at a new epoch and goes on from its last
+checkpoint, so the workflow only sequences them:
 
-1. Execute the activity. If it fails (its worker died and stopped
-   heartbeating, or the store was unreachable), Temporal retries it, on any
-   worker; the retry fences the earlier attempt out and resumes from the
-   checkpoint, with step_superseded for a step the earlier one left half
-   done.
-2. The run ended: the workflow returns its state.
-3. The run suspended (a tool call waits for a human) or waits for its
+1. Execute the half-step the run is at. If the activity fails (its worker
+   died and stopped heartbeating, or the store was unreachable), Temporal
+   retries it, on any worker; the retry fences the earlier attempt out and
+   goes on from the checkpoint, with step_superseded for a half-step the
+   earlier one left unfinished.
+2. At a boundary: execute the next half-step.
+3. The run ended: the workflow returns its state.
+4. The run suspended (a tool call waits for a human) or waits for its
    thread: the workflow waits, durably and without a worker busy, for a
    wake-up: the `resume` Update (Resume, once every interrupt is answered)
    or the `wake` signal (the thread's previous run ended, a cancel request,
    or a server's sweep); then back to 1. A spurious wake-up costs one short
    activity that finds the run still waiting.
-4. Cancelled (CancelRun): the run's record holds the cancel request, so one
-   more attempt writes `abort` and CANCELLED; then the workflow ends
+5. Cancelled (CancelRun): the run's record holds the cancel request, so one
+   more activity writes `abort` and CANCELLED; then the workflow ends
    cancelled.
 
-History stays small whatever the run's length: events live in the event
-log, not in the workflow's history, which holds a few entries per attempt;
-a run suspended and resumed many times continues as new when Temporal
-suggests it.
+History stays small for the length of a run: events live in the event log,
+not in the workflow's history, which holds a few entries per half-step; the
+workflow continues as new when Temporal suggests it, between half-steps or
+while waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 WORKFLOW = "KeelRun"
-EXECUTE_RUN = "keel.execute_run"
+MODEL_REQUEST = "keel.model_request"
+TOOL_CALLS = "keel.tool_calls"
 WAKE = "wake"
 RESUME = "resume"
+RUNNING = "running"  # an activity stopped at a half-step boundary
 _ENDED = frozenset({"succeeded", "failed", "cancelled"})
 
 
@@ -53,42 +57,51 @@ def workflow_id(run_id: str) -> str:
 class RunInput:
     run_id: str
     heartbeat_timeout_s: float = 10.0
+    activity: str = MODEL_REQUEST  # the half-step the run is at
 
 
 @dataclass
 class Outcome:
-    """Where an attempt left the run: its state, and its pending interrupts' tool call ids."""
+    """Where an activity left the run: its state; at a boundary (RUNNING), the
+    activity of the next half-step; when suspended, its pending tool call ids."""
 
     state: str
     interrupts: list[str] = field(default_factory=list)
+    next: str = ""
 
 
 @workflow.defn(name=WORKFLOW)
 class RunWorkflow:
     def __init__(self) -> None:
         self._wakes = 0
-        self._seen = 0  # wake-ups sent before the latest attempt began
+        self._seen = 0  # wake-ups sent before the latest activity began
         self._pending: list[str] | None = None  # the interrupts, while suspended
         self._ended = False
 
     @workflow.run
     async def run(self, given: RunInput) -> str:
+        activity = given.activity
         try:
             while True:
                 self._seen = self._wakes
-                outcome = await self._attempt(given)
+                outcome = await self._half_step(given, activity)
                 if outcome.state in _ENDED:
                     self._ended = True
                     return outcome.state
-                # Suspended or enqueued: wait for a wake-up sent since the attempt began.
-                self._pending = outcome.interrupts if outcome.state == "suspended" else None
-                await workflow.wait_condition(lambda: self._wakes > self._seen)
-                self._pending = None
+                if outcome.state == RUNNING:
+                    activity = outcome.next
+                else:
+                    # Suspended or enqueued: wait for a wake-up sent since the activity began.
+                    suspended = outcome.state == "suspended"
+                    self._pending = outcome.interrupts if suspended else None
+                    await workflow.wait_condition(lambda: self._wakes > self._seen)
+                    self._pending = None
+                    activity = TOOL_CALLS if suspended else MODEL_REQUEST
                 if workflow.info().is_continue_as_new_suggested():
-                    workflow.continue_as_new(given)
+                    workflow.continue_as_new(replace(given, activity=activity))
         except asyncio.CancelledError:
-            # CancelRun stored its request with the run: this attempt writes the abort.
-            await self._attempt(given)
+            # CancelRun stored its request with the run: this activity writes the abort.
+            await self._half_step(given, activity)
             self._ended = True
             raise
 
@@ -111,13 +124,13 @@ class RunWorkflow:
             if unknown:
                 raise ValueError(f"no pending interrupt with tool_call_id {', '.join(unknown)}")
 
-    async def _attempt(self, given: RunInput) -> Outcome:
+    async def _half_step(self, given: RunInput, activity: str) -> Outcome:
         outcome: Outcome = await workflow.execute_activity(
-            EXECUTE_RUN,
+            activity,
             given.run_id,
             result_type=Outcome,
-            # A run may take as long as it takes; a dead worker is found by its heartbeats.
-            start_to_close_timeout=timedelta(days=365),
+            # A model request or a tool may take long; a dead worker is found by heartbeats.
+            start_to_close_timeout=timedelta(days=1),
             heartbeat_timeout=timedelta(seconds=given.heartbeat_timeout_s),
             retry_policy=RetryPolicy(
                 initial_interval=timedelta(milliseconds=200),
