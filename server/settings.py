@@ -95,6 +95,10 @@ class Settings(BaseSettings):
     # Temporal: a worker that stops heartbeating a run for this long is presumed dead,
     # and the run's activity is retried on another worker (which takes the run over).
     temporal_heartbeat_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    # Temporal workers: one activity per model request and one per step's tool calls
+    # (true), or one activity that runs the run until it ends or waits (false: no
+    # activity round trip per step, at the price of Temporal seeing less of the run).
+    temporal_half_steps: bool = True
 
     # SIGTERM: time given to runs in progress to finish before the process exits;
     # runs still going then are handed back (their leases released) to other instances.

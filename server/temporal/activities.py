@@ -48,10 +48,20 @@ class RunActivities:
     """The activities of a worker: they execute runs with this worker's LocalExecutor
     (opened without its sweeper: runs come from Temporal)."""
 
-    def __init__(self, executor: LocalExecutor, event_log: EventLog, heartbeat_interval_s: float):
+    def __init__(
+        self,
+        executor: LocalExecutor,
+        event_log: EventLog,
+        *,
+        heartbeat_interval_s: float,
+        half_steps: bool = True,
+    ) -> None:
+        """Without `half_steps`, an activity runs the run on until it ends or waits
+        (suspended, or in its thread's queue) instead of stopping at each boundary."""
         self._executor = executor
         self._log = event_log
         self._heartbeat_interval_s = heartbeat_interval_s
+        self._half_steps = half_steps
 
     @activity.defn(name=MODEL_REQUEST)
     async def model_request(self, run_id: str) -> Outcome:
@@ -78,7 +88,7 @@ class RunActivities:
                 return Outcome(record.state.value, [i["tool_call_id"] for i in interrupts])
             if record.state is RunState.ENQUEUED:
                 return Outcome(record.state.value)
-            task = await self._executor.execute(run_id, half_step=True)
+            task = await self._executor.execute(run_id, half_step=self._half_steps)
             if task is None:
                 continue  # it stopped being runnable meanwhile: look again
             await self._follow(run_id, task)

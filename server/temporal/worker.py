@@ -126,7 +126,10 @@ async def work(settings: Settings, agents: dict[str, AgentSpec]) -> None:
             return
         executor.open(sweep=False)  # background tasks; runs come from Temporal
         activities = RunActivities(
-            executor, event_log, heartbeat_interval_s=settings.temporal_heartbeat_timeout_s / 4
+            executor,
+            event_log,
+            heartbeat_interval_s=settings.temporal_heartbeat_timeout_s / 4,
+            half_steps=settings.temporal_half_steps,
         )
         worker = Worker(
             client,

@@ -55,7 +55,10 @@ def worker_for(settings: Settings, agents: str = "") -> WorkerProcess:
         key_prefix=settings.key_prefix,
         task_queue=settings.task_queue,
         agents=agents or settings.agents,
-        env={"KEEL_LEASE_TTL_S": str(settings.lease_ttl_s)},
+        env={
+            "KEEL_LEASE_TTL_S": str(settings.lease_ttl_s),
+            "KEEL_TEMPORAL_HALF_STEPS": str(settings.temporal_half_steps).lower(),
+        },
     )
 
 
@@ -140,6 +143,43 @@ async def test_runs_execute_on_a_worker_as_workflows_keyed_by_request_id(
     described = await handle.describe()
     assert described.status is WorkflowExecutionStatus.COMPLETED
     assert described.task_queue == settings.task_queue
+
+
+@pytest.mark.parametrize(
+    ("half_steps", "activities"),
+    [
+        # response 1, its tools, response 2, its tools, the final response and finish
+        (True, ["keel.model_request", "keel.tool_calls"] * 2 + ["keel.model_request"]),
+        (False, ["keel.model_request"]),  # one activity runs the run to its end
+    ],
+)
+async def test_model_requests_and_tool_calls_are_activities_unless_configured_otherwise(
+    launch: Launch,
+    redis_url: str,
+    temporal_address: str,
+    key_prefix: str,
+    half_steps: bool,
+    activities: list[str],
+) -> None:
+    settings = temporal_settings(
+        redis_url, temporal_address, key_prefix, temporal_half_steps=half_steps
+    )
+    _, stub = await launch.server(settings)
+    launch.worker(settings)
+    steps = script(text(2), record("a"), record("b"), text(1))
+    out = await collect(stub.Stream(pb.StreamRequest(agent_id="scripted", input=steps)))
+    assert [e.index for e in out.events] == list(range(len(out.events)))
+    assert payloads(out.events)[-1] == "finish" and "step_superseded" not in payloads(out.events)
+    client = await Client.connect(temporal_address)
+    handle = client.get_workflow_handle(workflow_id(out.run_id))
+    await handle.result()
+    history = await handle.fetch_history()
+    scheduled = [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.HasField("activity_task_scheduled_event_attributes")
+    ]
+    assert scheduled == activities
 
 
 async def test_a_live_only_run_streams_every_event_from_its_first(
