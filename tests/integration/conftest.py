@@ -143,7 +143,7 @@ def make_settings(backend: str, request: pytest.FixtureRequest) -> Callable[...,
                 executor="temporal",
                 temporal_address=request.getfixturevalue("temporal_address"),
                 task_queue=f"queue-{prefix}",
-                temporal_heartbeat_timeout_s=2.0,
+                temporal_heartbeat_timeout_s=10.0,  # no test here kills a worker
             )
         values.update(overrides)
         if backend == "temporal" and not workers:

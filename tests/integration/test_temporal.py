@@ -40,7 +40,7 @@ def temporal_settings(
         "executor": "temporal",
         "temporal_address": temporal_address,
         "task_queue": f"queue-{key_prefix}",
-        "temporal_heartbeat_timeout_s": 2.0,
+        "temporal_heartbeat_timeout_s": 10.0,  # no test here kills a worker
         "sweep_interval_s": 0.2,
         "lease_ttl_s": 1.0,
     }
