@@ -8,7 +8,7 @@ import signal
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server.agents.registry import load_registry
@@ -17,6 +17,7 @@ from server.api.servicer import SERVICE, AgentServicer, add_to_server
 from server.events.factory import open_event_log
 from server.events.log import EventLog
 from server.goals.judge import check_default_goals
+from server.health import StoreHealth
 from server.observe.follow import FollowLimits
 from server.observe.observer import Draining
 from server.runs.executor import LocalExecutor, Timing
@@ -47,6 +48,7 @@ class Keel:
     ticker: Ticker
     health: health.aio.HealthServicer
     draining: Draining
+    store_health: StoreHealth
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: bool = False
 
@@ -65,6 +67,7 @@ class Keel:
             return
         self._stopping = True
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        await self.store_health.close()
         await self.health.enter_graceful_shutdown()
         self.draining.set()
         await self.server.stop(grace=1.0)
@@ -92,6 +95,35 @@ def load_agents(settings: Settings) -> dict[str, AgentSpec]:
         )
     check_default_goals(agents)
     return agents
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """The gRPC server's options: connection management from the settings."""
+
+    def ms(seconds: float) -> int:
+        return max(1, round(seconds * 1000))
+
+    options = [
+        # No SO_REUSEPORT: a second server on a port still held by a draining one
+        # must fail to bind, not silently split that port's connections with it.
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", ms(settings.grpc_keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", ms(settings.grpc_keepalive_timeout_s)),
+        # Clients may keep idle connections alive with pings, every 10 s at most
+        # (more often counts as abuse, and gRPC closes the connection).
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.max_receive_message_length", settings.grpc_max_receive_message_bytes),
+        ("grpc.max_send_message_length", settings.grpc_max_send_message_bytes),
+    ]
+    if settings.grpc_max_connection_age_s:
+        options += [
+            ("grpc.max_connection_age_ms", ms(settings.grpc_max_connection_age_s)),
+            ("grpc.max_connection_age_grace_ms", ms(settings.grpc_max_connection_age_grace_s)),
+        ]
+    if settings.grpc_max_concurrent_streams:
+        options.append(("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams))
+    return options
 
 
 class ConfigurationError(Exception):
@@ -183,9 +215,7 @@ async def create_server(settings: Settings) -> Keel:
         default_retention_s=settings.terminal_ttl_s,
         schedules=Schedules(schedule_store, event_log, executor, ticker),
     )
-    # No SO_REUSEPORT: a second server on a port still held by a draining one
-    # must fail to bind, not silently split that port's connections with it.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=server_options(settings))
     add_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -196,8 +226,14 @@ async def create_server(settings: Settings) -> Keel:
     await server.start()
     executor.open()  # take over runs whose owner died, from now on
     ticker.open()  # fire due schedules, from now on
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    store_health = StoreHealth(
+        health_servicer,
+        event_log,
+        ("", SERVICE_NAME),
+        interval_s=settings.health_check_interval_s,
+    )
+    await store_health.check()  # SERVING, unless the store is unreachable already
+    store_health.open()
     log.info(
         "keel serving on %s:%d (%s, %s executor)",
         settings.host,
@@ -205,7 +241,17 @@ async def create_server(settings: Settings) -> Keel:
         "redis" if settings.redis_url else "memory",
         settings.executor,
     )
-    return Keel(server, port, settings, event_log, executor, ticker, health_servicer, draining)
+    return Keel(
+        server,
+        port,
+        settings,
+        event_log,
+        executor,
+        ticker,
+        health_servicer,
+        draining,
+        store_health,
+    )
 
 
 async def serve(settings: Settings) -> None:

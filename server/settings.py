@@ -100,6 +100,23 @@ class Settings(BaseSettings):
     # activity round trip per step, at the price of Temporal seeing less of the run).
     temporal_half_steps: bool = True
 
+    # Health: how often the server pings its store; NOT_SERVING while it cannot reach it.
+    health_check_interval_s: float = Field(default=1.0, gt=0, le=60)
+
+    # Connections (gRPC server options). Keepalive: ping an idle connection every
+    # grpc_keepalive_time_s and drop it if no answer comes within grpc_keepalive_timeout_s.
+    grpc_keepalive_time_s: float = Field(default=60.0, gt=0)
+    grpc_keepalive_timeout_s: float = Field(default=20.0, gt=0)
+    # Close connections older than this (GOAWAY), so clients spread over new replicas;
+    # streams in flight get grpc_max_connection_age_grace_s to end, then end with
+    # UNAVAILABLE and clients resume them. 0: connections live as long as they like.
+    grpc_max_connection_age_s: float = Field(default=0.0, ge=0)
+    grpc_max_connection_age_grace_s: float = Field(default=30.0, ge=0)
+    # Concurrent streams per connection (0: gRPC's default) and message size limits.
+    grpc_max_concurrent_streams: int = Field(default=0, ge=0)
+    grpc_max_receive_message_bytes: int = Field(default=4 << 20, ge=1024)
+    grpc_max_send_message_bytes: int = Field(default=4 << 20, ge=1024)
+
     # SIGTERM: time given to runs in progress to finish before the process exits;
     # runs still going then are handed back (their leases released) to other instances.
     shutdown_grace_s: float = Field(default=10.0, ge=0)

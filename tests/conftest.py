@@ -59,10 +59,10 @@ def _wait_for_ping(url: str, process: subprocess.Popen[bytes]) -> bool:
         client.close()
 
 
-def _start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """A redis-server without persistence on a free port, answering PING."""
+def _start_redis(workdir: Path, port: int = 0) -> tuple[subprocess.Popen[bytes], str]:
+    """A redis-server without persistence on `port` (or a free one), answering PING."""
     for _attempt in range(3):  # the free port may be taken before redis binds it
-        port = _free_port()
+        port = port or _free_port()
         # fmt: off
         process = subprocess.Popen(
             [
@@ -144,18 +144,25 @@ class DisposableRedis:
 
     url: str
     process: subprocess.Popen[bytes]
+    workdir: Path
 
     def stop(self) -> None:
         _stop_redis(self.process)
+
+    def restart(self) -> None:
+        """Start it again on the same port (empty: it keeps nothing)."""
+        port = int(self.url.rsplit(":", 1)[1].split("/")[0])
+        self.process, _ = _start_redis(self.workdir, port)
 
 
 @pytest.fixture
 def disposable_redis(tmp_path: Path) -> Iterator[DisposableRedis]:
     process, url = _start_redis(tmp_path)
+    redis_server = DisposableRedis(url, process, tmp_path)
     try:
-        yield DisposableRedis(url, process)
+        yield redis_server
     finally:
-        _stop_redis(process)
+        _stop_redis(redis_server.process)
 
 
 @pytest.fixture

@@ -7,12 +7,15 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 from keel.v1 import agent_service_pb2 as pb
 from keel.v1 import agent_service_pb2_grpc as pb_grpc
+from keel_client import KeelClient
 
-from server.app import Keel
+from server.app import SERVICE_NAME as SERVICE
+from server.app import Keel, server_options
 from server.settings import Settings
 from tests.integration.conftest import assert_contiguous, collect, payloads, script, text
 from tests.integration.test_streams import error_info
@@ -111,3 +114,73 @@ async def test_an_unreachable_store_is_unavailable_with_retry_info_and_runs_stop
         async with asyncio.timeout(30):
             while keel.executor.running:
                 await asyncio.sleep(0.05)
+
+
+async def test_health_is_not_serving_while_the_store_is_unreachable(
+    start_keel: Any, disposable_redis: Any
+) -> None:
+    keel: Keel = await start_keel(redis_url=disposable_redis.url, health_check_interval_s=0.05)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{keel.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+
+        async def status(service: str = "") -> int:
+            request = health_pb2.HealthCheckRequest(service=service)
+            return int((await health.Check(request)).status)
+
+        async def until(wanted: int) -> None:
+            async with asyncio.timeout(30):
+                while await status() != wanted or await status(SERVICE) != wanted:
+                    await asyncio.sleep(0.02)
+
+        serving, not_serving = (
+            health_pb2.HealthCheckResponse.SERVING,
+            health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+        assert await status() == serving
+        disposable_redis.stop()
+        await until(not_serving)
+        disposable_redis.restart()
+        await until(serving)
+        # And the service works again on the restarted (empty) store.
+        stub = pb_grpc.AgentServiceStub(channel)
+        out = await collect(
+            stub.Stream(pb.StreamRequest(agent_id="scripted", input=script(text(3))))
+        )
+        assert payloads(out.events)[-1] == "finish"
+
+
+def test_connection_settings_become_grpc_server_options() -> None:
+    settings = Settings(
+        grpc_keepalive_time_s=30,
+        grpc_keepalive_timeout_s=5,
+        grpc_max_connection_age_s=600,
+        grpc_max_connection_age_grace_s=60,
+        grpc_max_concurrent_streams=500,
+        grpc_max_receive_message_bytes=8 << 20,
+    )
+    options = dict(server_options(settings))
+    assert options["grpc.keepalive_time_ms"] == 30_000
+    assert options["grpc.keepalive_timeout_ms"] == 5_000
+    assert options["grpc.max_connection_age_ms"] == 600_000
+    assert options["grpc.max_connection_age_grace_ms"] == 60_000
+    assert options["grpc.max_concurrent_streams"] == 500
+    assert options["grpc.max_receive_message_length"] == 8 << 20
+    assert "grpc.max_connection_age_ms" not in dict(server_options(Settings()))
+
+
+async def test_a_stream_outlives_max_connection_age_by_resuming_on_a_new_connection(
+    start_keel: Any,
+) -> None:
+    """With a short max connection age the server closes the connection under a long
+    stream (GOAWAY, then the grace): the client wrapper resumes it at the next offset."""
+    keel: Keel = await start_keel(
+        grpc_max_connection_age_s=0.5, grpc_max_connection_age_grace_s=0.2
+    )
+    async with KeelClient(
+        f"127.0.0.1:{keel.port}", initial_backoff_s=0.02, max_backoff_s=0.2, max_reconnects=100
+    ) as client:
+        handle = client.stream("scripted", script(text(150, delay_ms=10)))
+        events = [event async for event in handle.events()]
+    assert handle.reconnects, "the connection was never recycled"
+    assert_contiguous(events)
+    assert payloads(events)[-1] == "finish"
