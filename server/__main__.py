@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from server import logs
 from server.app import ConfigurationError, check_settings, load_agents, serve
 from server.settings import Settings
 
@@ -36,6 +37,9 @@ _FLAGS = (
     "temporal_address",
     "temporal_namespace",
     "task_queue",
+    "log_level",
+    "log_format",
+    "metrics_port",
 )
 
 
@@ -56,7 +60,17 @@ def _add_common(command: argparse.ArgumentParser) -> None:
     )
     command.add_argument("--temporal-namespace", help="Temporal namespace (default default)")
     command.add_argument("--task-queue", help="Temporal task queue of runs (default keel-runs)")
-    command.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    command.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (KEEL_METRICS_PORT)",
+    )
+    command.add_argument("--log-level", help="lowest level logged (default INFO; KEEL_LOG_LEVEL)")
+    command.add_argument(
+        "--log-format",
+        choices=("json", "text"),
+        help="JSON lines (default) or text (KEEL_LOG_FORMAT)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,9 +94,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     overrides: dict[str, Any] = {
         name: getattr(args, name) for name in _FLAGS if getattr(args, name, None) is not None
     }
@@ -95,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"invalid settings:\n{exc}")
     except ConfigurationError as exc:
         sys.exit(f"invalid settings: {exc}")
+    logs.configure(settings.log_level, settings.log_format)
     if args.command == "serve":
         asyncio.run(serve(settings))
     else:

@@ -18,6 +18,7 @@ from server.events.factory import open_event_log
 from server.events.log import EventLog
 from server.goals.judge import check_default_goals
 from server.health import StoreHealth
+from server.metrics import MetricsServer, serve_metrics
 from server.observe.follow import FollowLimits
 from server.observe.observer import Draining
 from server.runs.executor import LocalExecutor, Timing
@@ -49,6 +50,7 @@ class Keel:
     health: health.aio.HealthServicer
     draining: Draining
     store_health: StoreHealth
+    metrics_server: MetricsServer | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: bool = False
 
@@ -75,6 +77,8 @@ class Keel:
         await self.executor.drain(grace)
         await self.executor.task_store.close()
         await self.log.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
@@ -223,6 +227,10 @@ async def create_server(settings: Settings) -> Keel:
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    metrics_server = None
+    if settings.metrics_port is not None:
+        metrics_server = serve_metrics(settings.host, settings.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", settings.host, metrics_server.port)
     await server.start()
     executor.open()  # take over runs whose owner died, from now on
     ticker.open()  # fire due schedules, from now on
@@ -251,6 +259,7 @@ async def create_server(settings: Settings) -> Keel:
         health_servicer,
         draining,
         store_health,
+        metrics_server,
     )
 
 

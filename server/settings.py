@@ -100,6 +100,14 @@ class Settings(BaseSettings):
     # activity round trip per step, at the price of Temporal seeing less of the run).
     temporal_half_steps: bool = True
 
+    # Prometheus metrics at http://host:metrics_port/metrics (server/metrics.py); unset: off,
+    # 0: any free port.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+
+    # Logs: the lowest level written, and JSON lines (one object per record) or text.
+    log_level: str = Field(default="INFO", pattern=r"(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
+    log_format: Literal["json", "text"] = "json"
+
     # Health: how often the server pings its store; NOT_SERVING while it cannot reach it.
     health_check_interval_s: float = Field(default=1.0, gt=0, le=60)
 

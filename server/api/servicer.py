@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf.message import Message
+from google.rpc import code_pb2
 from grpc_status import rpc_status
 from keel.v1 import agent_service_pb2 as pb
 from keel.v1 import agent_service_pb2_grpc as pb_grpc
 
+from server import metrics
 from server.agents.registry import describe
 from server.api import convert, schedules, status, validate
 from server.events.codec import Batch
@@ -35,22 +39,38 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException
     await context.abort_with_status(rpc_status.to_status(status.to_status(exc)))
 
 
+def _code_of(exc: BaseException) -> str:
+    """The gRPC code name an exception of a handler ends its call with."""
+    return str(code_pb2.Code.Name(status.to_status(exc).code))
+
+
 def unary(
     method: Callable[[Any, Request, grpc.aio.ServicerContext[Any, Any]], Awaitable[Response]],
 ) -> Callable[[Any, Request, grpc.aio.ServicerContext[Any, Any]], Awaitable[Response]]:
     """Map domain errors (and bugs) of a unary handler to rich gRPC status."""
 
+    name = method.__name__
+
     @functools.wraps(method)
     async def handler(
         self: Any, request: Request, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Response:
+        started = time.perf_counter()
+        code = "OK"
         try:
             return await method(self, request, context)
         except grpc.aio.AbortError:
+            code = "ABORTED_BY_HANDLER"
             raise
-        except Exception as exc:  # CancelledError is a BaseException: it passes untouched
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception as exc:
+            code = _code_of(exc)
             await _abort(context, exc)
             raise AssertionError("unreachable: abort raises") from exc
+        finally:
+            metrics.RPC_DURATION.labels(name, code).observe(time.perf_counter() - started)
 
     return handler
 
@@ -60,17 +80,30 @@ def streaming(
 ) -> Callable[[Any, Request, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Response]]:
     """Map domain errors (and bugs) of a streaming handler to rich gRPC status."""
 
+    name = method.__name__
+
     @functools.wraps(method)
     async def handler(
         self: Any, request: Request, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Response]:
+        started = time.perf_counter()
+        code = "OK"
+        metrics.STREAMS_OPEN.labels(name).inc()
         try:
             async for response in method(self, request, context):
                 yield response
         except grpc.aio.AbortError:
+            code = "ABORTED_BY_HANDLER"
             raise
-        except Exception as exc:  # CancelledError is a BaseException: it passes untouched
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"  # the client went away
+            raise
+        except Exception as exc:
+            code = _code_of(exc)
             await _abort(context, exc)
+        finally:
+            metrics.STREAMS_OPEN.labels(name).dec()
+            metrics.RPC_DURATION.labels(name, code).observe(time.perf_counter() - started)
 
     return handler
 
@@ -158,7 +191,12 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         answers = validate.decisions(request.decisions)
         if request.request_id:
             validate.run_id(request.request_id, "request_id")
-        resumed = await self._executor.resume(run_id, answers, request.request_id)
+        try:
+            resumed = await self._executor.resume(run_id, answers, request.request_id)
+        except Exception as exc:
+            metrics.RESUMES.labels(_code_of(exc)).inc()
+            raise
+        metrics.RESUMES.labels("OK").inc()
         try:
             follows = self._follow(
                 run_id, resumed.offset, pb.ResumeResponse, on_subscribed=resumed.launch

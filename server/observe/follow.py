@@ -30,6 +30,7 @@ from typing import cast
 
 from keel.v1.agent_service_pb2 import AgentEvent
 
+from server import metrics
 from server.errors import OffsetBeyondEnd, OffsetExpired, RunNotResumable, ServerDraining
 from server.events.codec import Batch
 from server.events.log import EventLog, RunRecord, RunState
@@ -115,8 +116,10 @@ async def follow(
                 queue.resync()
                 while True:
                     page = await log.read(run_id, next_offset, limits.page_size)
+                    metrics.CATCH_UP_PAGES.inc()
                     if page:
                         delivered, end = _until_end(page, ends)
+                        metrics.EVENTS_SERVED.labels("log").inc(len(delivered))
                         next_offset = delivered[-1].index + 1
                         yield Events(delivered)
                         if end:
@@ -140,6 +143,7 @@ async def follow(
                 if fresh[0].index != next_offset or not _consecutive(fresh):
                     break  # a gap: read the log
                 fresh, end = _until_end(fresh, ends)
+                metrics.EVENTS_SERVED.labels("live").inc(len(fresh))
                 next_offset = fresh[-1].index + 1
                 yield Events(fresh)
                 if end:

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 from keel.v1.agent_service_pb2 import AgentEvent
 
+from server import metrics
+
 
 class LiveQueue:
     """A Listener (server.events.log) holding up to `max_batches` committed batches."""
@@ -64,6 +66,8 @@ class LiveQueue:
         self._wakeup.set()
 
     def _demote(self) -> None:
+        if not self.demoted:
+            metrics.OBSERVERS_DEMOTED.inc()
         self.demoted = True
         self._batches.clear()
         self._wakeup.set()

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from server import metrics
 from server.agents.checkpoint import Checkpoint
 from server.agents.types import AgentSpec
 from server.errors import ConcurrentModification, RequestIdReused, RunNotSuspended, UnknownAgent
@@ -124,6 +125,8 @@ async def admit(
         record, created = await log.create_run(new)
     if not created and (record.agent_id, record.input) != (agent_id, input):
         raise RequestIdReused(request_id, record.run_id)
+    if created:
+        metrics.RUNS_STARTED.labels(agent_id).inc()
     return Admitted(record, created, interrupted)
 
 

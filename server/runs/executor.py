@@ -36,6 +36,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from server import logs, metrics
 from server.agents.types import AgentSpec
 from server.errors import (
     RunNotFound,
@@ -303,6 +304,7 @@ class LocalExecutor:
                 continue
             taken = await self._log.claim(run_id, self._instance_id)
             if taken is not None:
+                metrics.TAKEOVERS.inc()
                 log.info("took over run %s at epoch %d", run_id, taken.epoch)
                 self._spawn(taken, self._agents.get(taken.agent_id))
                 claimed.append(run_id)
@@ -375,12 +377,16 @@ class LocalExecutor:
         self, record: RunRecord, spec: AgentSpec | None, *, half_step: bool = False
     ) -> RunTask:
         task = asyncio.create_task(
-            self._supervisor.run(record, spec, half_step=half_step), name=f"run:{record.run_id}"
+            self._supervisor.run(record, spec, half_step=half_step),
+            name=f"run:{record.run_id}",
+            context=logs.run_task_context(record.run_id, record.thread_id),
         )
         run_id = record.run_id
         self._tasks[run_id] = task
+        metrics.RUNS_ACTIVE.inc()
 
         def forget(done: RunTask) -> None:
+            metrics.RUNS_ACTIVE.dec()
             if self._tasks.get(run_id) is done:
                 del self._tasks[run_id]
             paused = not done.cancelled() and done.exception() is None and done.result()

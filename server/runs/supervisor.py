@@ -53,6 +53,7 @@ from typing import Any
 from keel.v1 import agent_service_pb2 as pb
 from pydantic_ai.messages import ModelMessage
 
+from server import metrics
 from server.agents.checkpoint import Checkpoint, Phase
 from server.agents.loop import run_agent_loop
 from server.agents.types import AgentSpec, LoopResult, RunInfo
@@ -244,6 +245,7 @@ class Supervisor:
             pending_max=self._limits.pending_max,
             linger_s=self._limits.linger_s,
             task_mark=Checkpoint.decode(record.checkpoint).task_mark if record.checkpoint else 0,
+            agent_id=record.agent_id,
         )
         sink = _CheckpointingSink(writer, record, half_step=half_step)
         task_events = TaskEvents(self._tasks.store, run_id, writer)
@@ -275,6 +277,7 @@ class Supervisor:
                     raise  # not ours: the event loop is going away
                 await self._stopped(run_id, writer, sink)
             except FENCED_ERRORS:
+                metrics.FENCED_WRITES.inc()
                 log.info("run %s was taken over by another writer; stopping", run_id)
             except StoreUnavailable as exc:
                 # Not the run's failure: stop here. The lease lapses, and this or
@@ -291,6 +294,7 @@ class Supervisor:
                     thread_messages=_thread_entries(record, sink.last_messages),
                 )
         except FENCED_ERRORS:
+            metrics.FENCED_WRITES.inc()
             log.info("run %s was taken over by another writer; stopping", run_id)
         except StoreUnavailable as exc:
             log.warning("run %s stopped: the store is unreachable (%s)", run_id, exc)

@@ -23,6 +23,7 @@ from dataclasses import replace
 
 from keel.v1.agent_service_pb2 import AgentEvent
 
+from server import metrics
 from server.agents.checkpoint import Checkpoint
 from server.events.log import EventLog, RunState
 
@@ -41,8 +42,10 @@ class EventWriter:
         pending_max: int = 5000,
         linger_s: float = 0.0,
         task_mark: int = 0,
+        agent_id: str = "",
     ) -> None:
         self._log = log
+        self._agent_id = agent_id  # the run's, for metrics
         # How many of the run's task log entries have become events (emit_task);
         # every checkpoint records it, so a takeover goes on from the right entry.
         self.task_mark = task_mark
@@ -208,6 +211,11 @@ class EventWriter:
                 thread_messages=thread_messages,
                 goal_progress=goal_progress,
             )
+            if batch:
+                metrics.EVENTS_APPENDED.inc(len(batch))
+                metrics.APPEND_BATCH.observe(len(batch))
+            if state is not None and state.terminal:
+                metrics.RUNS_ENDED.labels(self._agent_id, state.value).inc()
 
     def _raise_if_failed(self) -> None:
         if self._failure is not None:

@@ -34,6 +34,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from server import metrics
 from server.errors import (
     InvalidArgument,
     RequestIdReused,
@@ -212,6 +213,8 @@ class Ticker:
                 log.warning("schedule %s: tick not started: %s", record.schedule_id, exc)
                 firings.append((pending.tick_ms, Outcome.FAILED, "", str(exc)))
         await self._commit(record, pending, firings, last_run_id, at)
+        for _, outcome, _, _ in firings:
+            metrics.SCHEDULE_FIRINGS.labels(outcome.value).inc()
 
     async def _commit(
         self,

@@ -34,6 +34,7 @@ import pydantic_core
 from pydantic_ai import Tool
 from pydantic_ai.toolsets import AbstractToolset, FunctionToolset
 
+from server import metrics
 from server.agents.types import AgentSpec, Counters
 from server.errors import StaleEpoch, StoreUnavailable, TaskNotFound
 from server.events.log import Subscription
@@ -217,6 +218,8 @@ class TaskRunner:
                 return  # another server started it first, or it ended
             task = attempt.task = running
             attempt.started = True
+            metrics.TASKS_STARTED.inc()
+            metrics.TASKS_RUNNING.inc()
             if attempt.stop_reason:  # told while it was starting
                 await self._stopped(attempt, task)
                 return
@@ -245,6 +248,8 @@ class TaskRunner:
         except StoreUnavailable as exc:
             log.warning("task %s stopped: the store is unreachable (%s)", task.task_id, exc)
         finally:
+            if attempt.started:
+                metrics.TASKS_RUNNING.dec()
             self._attempts.pop(task.task_id, None)
             with contextlib.suppress(StoreUnavailable, TaskNotFound):
                 await self._give_slot_back(task, attempt.started)
@@ -357,6 +362,7 @@ class TaskRunner:
         entry = b""
         if task.thread_id and not task.until_idle:
             entry = task_result_entry(task, status, result_json=result_json, error=error)
+        metrics.TASKS_ENDED.labels(status.value).inc()
         await self._store.finish_task(
             task.task_id,
             task.epoch,

@@ -34,6 +34,7 @@ import logging
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from server import metrics
 from server.agents.checkpoint import Checkpoint, Phase
 from server.errors import RunNotFound, StoreUnavailable
 from server.events.log import EventLog, RunState
@@ -88,6 +89,8 @@ class RunActivities:
                 return Outcome(record.state.value, [i["tool_call_id"] for i in interrupts])
             if record.state is RunState.ENQUEUED:
                 return Outcome(record.state.value)
+            if activity.info().attempt > 1:
+                metrics.TAKEOVERS.inc()  # Temporal retried it: the run is taken over
             task = await self._executor.execute(run_id, half_step=self._half_steps)
             if task is None:
                 continue  # it stopped being runnable meanwhile: look again

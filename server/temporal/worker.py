@@ -28,6 +28,7 @@ from server.agents.types import AgentSpec
 from server.errors import EngineUnavailable, RunNotFound, StoreUnavailable, ThreadNotFound
 from server.events.factory import open_event_log
 from server.events.log import EventLog
+from server.metrics import serve_metrics
 from server.runs.executor import LocalExecutor, Timing
 from server.runs.supervisor import WriterLimits
 from server.settings import Settings
@@ -120,6 +121,9 @@ async def work(settings: Settings, agents: dict[str, AgentSpec]) -> None:
         ),
         next_turn=_next_turn(event_log, engine),
     )
+    metrics_server = None
+    if settings.metrics_port is not None:
+        metrics_server = serve_metrics(settings.host, settings.metrics_port)
     try:
         client = await _connect(config, stopping)
         if client is None:
@@ -148,3 +152,5 @@ async def work(settings: Settings, agents: dict[str, AgentSpec]) -> None:
         await executor.drain(0)
         await task_store.close()
         await event_log.close()
+        if metrics_server is not None:
+            metrics_server.close()

@@ -13,6 +13,7 @@ from grpc_status import rpc_status
 from keel.v1 import agent_service_pb2 as pb
 from keel.v1 import agent_service_pb2_grpc as pb_grpc
 from keel_client import KeelClient
+from prometheus_client import REGISTRY
 
 from server.app import SERVICE_NAME as SERVICE
 from server.app import Keel, server_options
@@ -184,3 +185,32 @@ async def test_a_stream_outlives_max_connection_age_by_resuming_on_a_new_connect
     assert handle.reconnects, "the connection was never recycled"
     assert_contiguous(events)
     assert payloads(events)[-1] == "finish"
+
+
+async def test_resume_outcomes_and_rpc_codes_are_counted(channel: grpc.aio.Channel) -> None:
+    """In-process counters (this test's deltas): Resume by outcome, RPCs by code."""
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before_ok = sample("keel_resumes_total", outcome="OK")
+    before_bad = sample("keel_resumes_total", outcome="NOT_FOUND")
+    before_get = sample("keel_rpc_duration_seconds_count", method="GetRun", code="NOT_FOUND")
+    stub = pb_grpc.AgentServiceStub(channel)
+    approve = {"tool": "approve_me", "args": {}}
+    started = await stub.StartRun(pb.StartRunRequest(agent_id="scripted", input=script(approve)))
+    run_id = started.run.run_id
+    out = await collect(stub.Observe(pb.ObserveRequest(run_id=run_id, stop_at_suspend=True)))
+    call_id = out.events[-2].tool_call_approval.tool_call_id
+    decision = pb.Decision(tool_call_id=call_id, approve=pb.Approve())
+    await collect(stub.Resume(pb.ResumeRequest(run_id=run_id, decisions=[decision])))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await collect(stub.Resume(pb.ResumeRequest(run_id="f" * 32, decisions=[decision])))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.GetRun(pb.GetRunRequest(run_id="f" * 32))
+    assert sample("keel_resumes_total", outcome="OK") == before_ok + 1
+    assert sample("keel_resumes_total", outcome="NOT_FOUND") == before_bad + 1
+    assert (
+        sample("keel_rpc_duration_seconds_count", method="GetRun", code="NOT_FOUND")
+        == before_get + 1
+    )
