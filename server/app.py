@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from server import tracing
 from server.agents.registry import load_registry
 from server.agents.types import AgentSpec
 from server.api.servicer import SERVICE, AgentServicer, add_to_server
@@ -219,7 +220,13 @@ async def create_server(settings: Settings) -> Keel:
         default_retention_s=settings.terminal_ttl_s,
         schedules=Schedules(schedule_store, event_log, executor, ticker),
     )
-    server = grpc.aio.server(options=server_options(settings))
+    if tracing.provider() is None:
+        traced = tracing.from_environment()
+        if traced is not None:
+            tracing.enable(traced)
+    server = grpc.aio.server(
+        interceptors=tracing.server_interceptors(), options=server_options(settings)
+    )
     add_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -50,6 +50,7 @@ from pydantic_ai.result import FinalResult
 from pydantic_ai.usage import RunUsage
 from pydantic_graph import End
 
+from server import tracing
 from server.agents.checkpoint import Checkpoint, Phase, dump_messages
 from server.agents.events import StepEvents, usage_between, usage_to_pb
 from server.agents.types import AgentSpec, EventSink, LoopResult, RunInfo
@@ -188,11 +189,17 @@ class AgentLoop:
         node: _Node = self._run.next_node
         while not Agent.is_end_node(node):
             if Agent.is_model_request_node(node):
-                node = await self.model_half(node)
-                # Boundary 1: the response is complete, no tool has run yet.
+                with tracing.step_span(self.step + 1) as span:
+                    node = await self.model_half(node)
+                    # Boundary 1: the response is complete, no tool has run yet.
+                    if span is not None:
+                        span.set_attribute("keel.attempt", self._events.attempt)
+                    if Agent.is_call_tools_node(node):
+                        node = await self.tools_half(node)
+                        # Boundary 2: the step's tool results are in the history.
             elif Agent.is_call_tools_node(node):
-                node = await self.tools_half(node)
-                # Boundary 2: the step's tool results are in the history.
+                with tracing.step_span(self.step):  # a step resumed after its response
+                    node = await self.tools_half(node)
             else:
                 # UserPromptNode, SetFinalResult: bookkeeping without events.
                 node = await self._run.next(node)

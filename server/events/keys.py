@@ -98,6 +98,7 @@ class RunField(enum.StrEnum):
     SCHEDULE_ID = "schedule_id"  # the schedule that started the run, or absent
     GOAL = "goal"  # the run's goal (JSON), or absent
     GOAL_PROGRESS = "goal_progress"  # how far its judge got, or absent
+    TRACE_CONTEXT = "trace_context"  # the W3C trace context of the request that made it
 
 
 class ThreadField(enum.StrEnum):

@@ -84,6 +84,9 @@ class RunRecord:
     schedule_id: str = ""  # the schedule whose firing started the run; "" otherwise
     goal: str = ""  # the goal the run pursues (server/goals, JSON; opaque here); "" for none
     goal_progress: str = ""  # how far its judge got (server/goals; opaque here, set by append)
+    # The trace context (W3C traceparent, JSON; opaque here) of the request that made the
+    # run: every instance that executes it continues that trace (server/tracing.py).
+    trace_context: str = ""
 
 
 class BusyPolicy(enum.StrEnum):

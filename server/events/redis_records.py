@@ -76,6 +76,8 @@ def run_fields(record: RunRecord) -> dict[str, str | int | bytes]:
         values[RunField.SCHEDULE_ID] = record.schedule_id
     if record.goal:
         values[RunField.GOAL] = record.goal
+    if record.trace_context:
+        values[RunField.TRACE_CONTEXT] = record.trace_context
     return values
 
 
@@ -114,6 +116,7 @@ def run_from_hash(run_id: str, fields: Mapping[bytes, bytes]) -> RunRecord:
         schedule_id=text(RunField.SCHEDULE_ID),
         goal=text(RunField.GOAL),
         goal_progress=text(RunField.GOAL_PROGRESS),
+        trace_context=text(RunField.TRACE_CONTEXT),
     )
 
 

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from server import metrics
+from server import metrics, tracing
 from server.agents.checkpoint import Checkpoint
 from server.agents.types import AgentSpec
 from server.errors import ConcurrentModification, RequestIdReused, RunNotSuspended, UnknownAgent
@@ -115,6 +115,7 @@ async def admit(
         until_idle=until_idle,
         schedule_id=schedule_id,
         goal="" if goal is None else goal.encode(),
+        trace_context=tracing.current_context(),
     )
     interrupted = ""
     if thread_id:

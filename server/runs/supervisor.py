@@ -53,7 +53,7 @@ from typing import Any
 from keel.v1 import agent_service_pb2 as pb
 from pydantic_ai.messages import ModelMessage
 
-from server import metrics
+from server import metrics, tracing
 from server.agents.checkpoint import Checkpoint, Phase
 from server.agents.loop import run_agent_loop
 from server.agents.types import AgentSpec, LoopResult, RunInfo
@@ -261,7 +261,8 @@ class Supervisor:
                     return None
                 if spec is None:
                     raise LookupError(f"this server has no agent {record.agent_id!r}")
-                await self._execute(record, spec, sink, writer, task_events)
+                with tracing.run_span(run_id, record.agent_id, record.epoch, record.trace_context):
+                    await self._execute(record, spec, sink, writer, task_events)
             except _Boundary as reached:
                 # Task updates may have followed the boundary's checkpoint: commit
                 # the checkpoint again after them, so the next owner starts right

@@ -24,6 +24,7 @@ from typing import Any
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from server import tracing
 from server.agents.types import AgentSpec
 from server.errors import EngineUnavailable, RunNotFound, StoreUnavailable, ThreadNotFound
 from server.events.factory import open_event_log
@@ -121,6 +122,9 @@ async def work(settings: Settings, agents: dict[str, AgentSpec]) -> None:
         ),
         next_turn=_next_turn(event_log, engine),
     )
+    traced = tracing.from_environment()
+    if traced is not None:
+        tracing.enable(traced)
     metrics_server = None
     if settings.metrics_port is not None:
         metrics_server = serve_metrics(settings.host, settings.metrics_port)
