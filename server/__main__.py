@@ -5,9 +5,11 @@
                            [--temporal-namespace N] [--task-queue Q]
     python -m server worker --temporal-address H:P --redis-url URL --agents module:attr
                             [--temporal-namespace N] [--task-queue Q]
+    python -m server keys add --file F --tenant T --role reader|runner|admin
 
 `serve` runs the gRPC server; `worker` runs a Temporal worker that executes
-the runs of servers started with `--executor temporal`. Flags override KEEL_*
+the runs of servers started with `--executor temporal`; `keys add` prints a
+new API key and stores only its hash in the keys file F. Flags override KEEL_*
 environment variables (see server/settings.py).
 """
 
@@ -18,12 +20,14 @@ import asyncio
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from server import logs
 from server.app import ConfigurationError, check_settings, load_agents, serve
+from server.auth.keys import KeysFileError, Role, add_key
 from server.settings import Settings
 
 _FLAGS = (
@@ -40,6 +44,10 @@ _FLAGS = (
     "log_level",
     "log_format",
     "metrics_port",
+    "api_keys_file",
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_client_ca_file",
 )
 
 
@@ -86,14 +94,39 @@ def _parser() -> argparse.ArgumentParser:
         choices=("local", "temporal"),
         help="who executes runs: this process (local, the default) or Temporal workers",
     )
+    run.add_argument("--api-keys-file", help="require API keys from this file (KEEL_API_KEYS_FILE)")
+    run.add_argument("--tls-cert-file", help="the server's TLS certificate (PEM)")
+    run.add_argument("--tls-key-file", help="the server's TLS key (PEM)")
+    run.add_argument(
+        "--tls-client-ca-file", help="require client certificates signed by this CA (mTLS)"
+    )
     _add_common(run)
     worker = commands.add_parser("worker", help="run a Temporal worker that executes runs")
     _add_common(worker)
+    keys = commands.add_parser("keys", help="manage API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    add = key_commands.add_parser(
+        "add", help="make a key: print it, and store only its hash in the keys file"
+    )
+    add.add_argument("--file", required=True, type=Path, help="the keys file (made if missing)")
+    add.add_argument("--tenant", required=True, help="the tenant the key acts for")
+    add.add_argument("--role", required=True, choices=[r.value for r in Role])
     return parser
+
+
+def _add_key(file: Path, tenant: str, role: str) -> None:
+    try:
+        key = add_key(file, tenant, Role(role))
+    except (ValueError, KeysFileError) as exc:
+        sys.exit(f"keys add: {exc}")
+    print(key)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if args.command == "keys":
+        _add_key(args.file, args.tenant, args.role)
+        return
     overrides: dict[str, Any] = {
         name: getattr(args, name) for name in _FLAGS if getattr(args, name, None) is not None
     }

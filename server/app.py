@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
@@ -15,6 +16,8 @@ from server import tracing
 from server.agents.registry import load_registry
 from server.agents.types import AgentSpec
 from server.api.servicer import SERVICE, AgentServicer, add_to_server
+from server.auth.gate import AuthInterceptor
+from server.auth.keys import KeyRing, KeysFileError
 from server.events.factory import open_event_log
 from server.events.log import EventLog
 from server.goals.judge import check_default_goals
@@ -35,6 +38,7 @@ from server.tasks.runner import TaskLimits
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = SERVICE.full_name
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 ASSISTANT_AGENT_ID = "assistant"
 
 
@@ -141,6 +145,42 @@ def check_settings(settings: Settings) -> None:
             "the temporal executor needs Redis for the event log: give --redis-url "
             "(KEEL_REDIS_URL); workers and API servers must share it"
         )
+    if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
+        raise ConfigurationError("TLS needs both a certificate and a key file")
+    if settings.tls_client_ca_file and not settings.tls_cert_file:
+        raise ConfigurationError("mutual TLS (a client CA) needs the server's TLS certificate")
+    load_keys(settings)
+
+
+def load_keys(settings: Settings) -> KeyRing | None:
+    """The API keys of the keys file, or None without one (ConfigurationError if unusable)."""
+    if not settings.api_keys_file:
+        return None
+    try:
+        return KeyRing.load(Path(settings.api_keys_file))
+    except KeysFileError as exc:
+        raise ConfigurationError(str(exc)) from exc
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _bind(server: grpc.aio.Server, settings: Settings) -> int:
+    """Listen on host:port, with TLS (and client certificates) when configured."""
+    address = f"{settings.host}:{settings.port}"
+    if not settings.tls_cert_file:
+        return server.add_insecure_port(address)
+    ca = _read(settings.tls_client_ca_file) if settings.tls_client_ca_file else None
+    credentials = grpc.ssl_server_credentials(
+        [(_read(settings.tls_key_file), _read(settings.tls_cert_file))],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+    return server.add_secure_port(address, credentials)
 
 
 async def create_server(settings: Settings) -> Keel:
@@ -224,8 +264,20 @@ async def create_server(settings: Settings) -> Keel:
         traced = tracing.from_environment()
         if traced is not None:
             tracing.enable(traced)
+    keys = load_keys(settings)
+    client_certificates = bool(settings.tls_client_ca_file)
+    if keys is None and not client_certificates and settings.host not in _LOOPBACK:
+        log.warning(
+            "no API keys and no client certificates: anyone who reaches %s may read and "
+            "start every run (set KEEL_API_KEYS_FILE)",
+            settings.host,
+        )
     server = grpc.aio.server(
-        interceptors=tracing.server_interceptors(), options=server_options(settings)
+        interceptors=[
+            *tracing.server_interceptors(),
+            AuthInterceptor(keys, client_certificates=client_certificates),
+        ],
+        options=server_options(settings),
     )
     add_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -233,7 +285,7 @@ async def create_server(settings: Settings) -> Keel:
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    port = _bind(server, settings)
     metrics_server = None
     if settings.metrics_port is not None:
         metrics_server = serve_metrics(settings.host, settings.metrics_port)

@@ -263,6 +263,18 @@ class StoreUnavailable(KeelError):
     """The store (Redis) could not be reached."""
 
 
+class Unauthenticated(KeelError):
+    """The call carries no valid credentials (API key or client certificate)."""
+
+
+class PermissionDenied(KeelError):
+    """The caller's role may not make this call."""
+
+    def __init__(self, method: str, role: str, needed: str) -> None:
+        self.method, self.role, self.needed = method, role, needed
+        super().__init__(f"role {role!r} may not call {method}: it needs {needed!r} or above")
+
+
 class EngineUnavailable(KeelError):
     """The workflow engine (Temporal) could not be reached."""
 

@@ -100,6 +100,17 @@ class Settings(BaseSettings):
     # activity round trip per step, at the price of Temporal seeing less of the run).
     temporal_half_steps: bool = True
 
+    # Authentication: a keys file made by `python -m server keys add` (only hashes); with
+    # it every AgentService call needs `authorization: Bearer <key>`. Empty, and no client
+    # CA: the server is open (local development).
+    api_keys_file: str = ""
+    # TLS: the server's certificate chain and key (PEM files); with a client CA as well,
+    # clients must present a certificate it signed (mutual TLS; the certificate's common
+    # name is the caller's tenant and its organizational unit the role).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+
     # Prometheus metrics at http://host:metrics_port/metrics (server/metrics.py); unset: off,
     # 0: any free port.
     metrics_port: int | None = Field(default=None, ge=0, le=65535)

@@ -141,6 +141,15 @@ def to_status(exc: BaseException) -> status_pb2.Status:
             return _status(code_pb2.ABORTED, exc, "CONCURRENT_MODIFICATION", {"run_id": exc.run_id})
         case errors.StoreUnavailable():
             return _status(code_pb2.UNAVAILABLE, exc, "STORE_UNAVAILABLE", {}, _retry_info())
+        case errors.Unauthenticated():
+            return _status(code_pb2.UNAUTHENTICATED, exc, "UNAUTHENTICATED", {})
+        case errors.PermissionDenied():
+            return _status(
+                code_pb2.PERMISSION_DENIED,
+                exc,
+                "PERMISSION_DENIED",
+                {"method": exc.method, "role": exc.role, "needed_role": exc.needed},
+            )
         case errors.EngineUnavailable():
             return _status(code_pb2.UNAVAILABLE, exc, "ENGINE_UNAVAILABLE", {}, _retry_info())
         case errors.ServerDraining():

@@ -91,6 +91,23 @@ class ScheduleChanges(TypedDict, total=False):
 SCHEDULE_UPDATABLE = frozenset(ScheduleChanges.__annotations__)
 
 
+class _Bearer(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+    """Adds ``authorization: Bearer <key>`` to every call."""
+
+    def __init__(self, key: str) -> None:
+        self._metadata = ("authorization", f"Bearer {key}")
+
+    def _with_key(self, details: Any) -> Any:
+        metadata = [*(details.metadata or ()), self._metadata]
+        return details._replace(metadata=metadata)
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_key(details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_key(details), request)
+
+
 class KeelClient:
     """A connection to one Keel server (or a load balancer in front of many).
 
@@ -102,8 +119,14 @@ class KeelClient:
     ``initial_backoff_s``/``max_backoff_s`` bound the waits between the
     reconnects of a stream; ``max_reconnects`` is how many reconnects in a
     row without a new event a stream makes before raising UNAVAILABLE
-    (None: no limit). ``channel_options`` go to grpc.aio.insecure_channel,
-    after defaults that make the channel's own reconnect backoff match.
+    (None: no limit). ``channel_options`` go to the grpc.aio channel, after
+    defaults that make the channel's own reconnect backoff match.
+
+    ``api_key`` is sent with every call as ``authorization: Bearer <key>``
+    (a server started with KEEL_API_KEYS_FILE requires one). ``tls`` makes
+    the channel use TLS, trusting ``root_certificates`` (PEM; default: the
+    system's); ``client_certificate`` (certificate chain, private key; PEM)
+    is presented for mutual TLS.
     """
 
     def __init__(
@@ -114,6 +137,10 @@ class KeelClient:
         max_backoff_s: float = 2.0,
         max_reconnects: int | None = None,
         channel_options: ChannelOptions = (),
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        client_certificate: tuple[bytes, bytes] | None = None,
     ) -> None:
         if max_reconnects is not None and max_reconnects < 0:
             raise ValueError(f"max_reconnects must not be negative, got {max_reconnects}")
@@ -126,6 +153,13 @@ class KeelClient:
             ("grpc.max_reconnect_backoff_ms", max(1, round(max_backoff_s * 1000))),
             *channel_options,
         ]
+        self._api_key = api_key
+        self._credentials: grpc.ChannelCredentials | None = None
+        if tls or root_certificates is not None or client_certificate is not None:
+            chain, key = client_certificate or (None, None)
+            self._credentials = grpc.ssl_channel_credentials(
+                root_certificates=root_certificates, private_key=key, certificate_chain=chain
+            )
         self._channel: grpc.aio.Channel | None = None
         self._async_stub: AgentServiceAsyncStub | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -153,7 +187,18 @@ class KeelClient:
         if self._async_stub is None or self._loop is not loop:
             if self._loop is not None:
                 raise RuntimeError("a KeelClient is bound to the event loop that first used it")
-            self._channel = grpc.aio.insecure_channel(self.target, options=self._channel_options)
+            interceptors = [_Bearer(self._api_key)] if self._api_key else None
+            if self._credentials is None:
+                self._channel = grpc.aio.insecure_channel(
+                    self.target, options=self._channel_options, interceptors=interceptors
+                )
+            else:
+                self._channel = grpc.aio.secure_channel(
+                    self.target,
+                    self._credentials,
+                    options=self._channel_options,
+                    interceptors=interceptors,
+                )
             self._async_stub = pb_grpc.AgentServiceStub(self._channel)
             self._loop = loop
         return self._async_stub

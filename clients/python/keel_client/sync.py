@@ -231,6 +231,10 @@ class KeelClient:
         max_backoff_s: float = 2.0,
         max_reconnects: int | None = None,
         channel_options: aio.ChannelOptions = (),
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        client_certificate: tuple[bytes, bytes] | None = None,
     ) -> None:
         self._client = aio.KeelClient(
             target,
@@ -238,6 +242,10 @@ class KeelClient:
             max_backoff_s=max_backoff_s,
             max_reconnects=max_reconnects,
             channel_options=channel_options,
+            api_key=api_key,
+            tls=tls,
+            root_certificates=root_certificates,
+            client_certificate=client_certificate,
         )
         self._loop = _LoopThread(name=f"keel-client {target}")
 
