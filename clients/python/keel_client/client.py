@@ -91,21 +91,25 @@ class ScheduleChanges(TypedDict, total=False):
 SCHEDULE_UPDATABLE = frozenset(ScheduleChanges.__annotations__)
 
 
-class _Bearer(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
-    """Adds ``authorization: Bearer <key>`` to every call."""
+class _Bearer:
+    """Adds ``authorization: Bearer <key>`` to a call's metadata."""
 
     def __init__(self, key: str) -> None:
         self._metadata = ("authorization", f"Bearer {key}")
 
-    def _with_key(self, details: Any) -> Any:
-        metadata = [*(details.metadata or ()), self._metadata]
-        return details._replace(metadata=metadata)
+    def with_key(self, details: Any) -> Any:
+        return details._replace(metadata=[*(details.metadata or ()), self._metadata])
 
+
+# grpc.aio files an interceptor under the first kind it is, so one class per kind.
+class _BearerUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._with_key(details), request)
+        return await continuation(self.with_key(details), request)
 
+
+class _BearerStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._with_key(details), request)
+        return await continuation(self.with_key(details), request)
 
 
 class KeelClient:
@@ -187,7 +191,9 @@ class KeelClient:
         if self._async_stub is None or self._loop is not loop:
             if self._loop is not None:
                 raise RuntimeError("a KeelClient is bound to the event loop that first used it")
-            interceptors = [_Bearer(self._api_key)] if self._api_key else None
+            interceptors: list[grpc.aio.ClientInterceptor] | None = None
+            if self._api_key:
+                interceptors = [_BearerUnary(self._api_key), _BearerStream(self._api_key)]
             if self._credentials is None:
                 self._channel = grpc.aio.insecure_channel(
                     self.target, options=self._channel_options, interceptors=interceptors
