@@ -18,15 +18,17 @@ from keel.v1 import agent_service_pb2_grpc as pb_grpc
 from server import metrics
 from server.agents.registry import describe
 from server.api import convert, schedules, status, validate
+from server.auth.gate import current_caller
+from server.errors import RunNotFound, ScheduleNotFound, TaskNotFound, ThreadNotFound
 from server.events.codec import Batch
-from server.events.log import EventLog, RunPageCursor, ThreadPageCursor
+from server.events.log import EventLog, RunPageCursor, RunRecord, ThreadPageCursor, ThreadRecord
 from server.observe.follow import Events, FollowLimits, Heartbeat, Item, Snapshot, follow
 from server.observe.observer import Draining
 from server.runs.executor import Started
 from server.runs.executors import Executor
-from server.schedules.records import SchedulePageCursor
+from server.schedules.records import SchedulePageCursor, ThreadMode
 from server.schedules.service import Schedules
-from server.tasks.records import TaskPageCursor
+from server.tasks.records import TaskPageCursor, TaskRecord
 from server.threads.service import Threads
 
 SERVICE = pb.DESCRIPTOR.services_by_name["AgentService"]
@@ -134,6 +136,15 @@ def _serialize(message: Message | bytes) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
+def _visible(owner: str) -> bool:
+    """May the caller of this call see a resource of tenant `owner`? Only its own."""
+    return owner == current_caller().tenant
+
+
+def _tenant() -> str:
+    return current_caller().tenant
+
+
 class AgentServicer(pb_grpc.AgentServiceServicer):
     """gRPC face of Keel (keel.v1.AgentService)."""
 
@@ -157,6 +168,33 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self._draining = draining
         self._default_retention_s = default_retention_s
 
+    # Tenants: every resource belongs to the tenant of the caller that made it. Another
+    # tenant's resource is missing, with the same error and message as one that never
+    # existed, whatever the caller's role. Lists hold the caller's tenant's only.
+
+    async def _run_of(self, run_id: str) -> RunRecord:
+        record = await self._log.get_run(run_id)
+        if not _visible(record.tenant):
+            raise RunNotFound(run_id)
+        return record
+
+    async def _thread_of(self, thread_id: str) -> ThreadRecord:
+        record = await self._threads.get(thread_id)
+        if not _visible(record.owner):
+            raise ThreadNotFound(thread_id)
+        return record
+
+    async def _task_of(self, task_id: str) -> TaskRecord:
+        record = await self._executor.task_store.get_task(task_id)
+        if not _visible(record.tenant):
+            raise TaskNotFound(task_id)
+        return record
+
+    async def _schedule_of(self, schedule_id: str) -> None:
+        view = await self._schedules.get(schedule_id)
+        if not _visible(view.record.owner):
+            raise ScheduleNotFound(schedule_id)
+
     @streaming
     async def Stream(
         self, request: pb.StreamRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -179,6 +217,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     ) -> AsyncIterator[pb.ObserveResponse]:
         run_id = validate.run_id(request.run_id)
         offset = validate.offset(request.offset)
+        await self._run_of(run_id)
         follows = self._follow(run_id, offset, pb.ObserveResponse, request.stop_at_suspend)
         async for response in follows:
             yield response
@@ -192,6 +231,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         if request.request_id:
             validate.run_id(request.request_id, "request_id")
         try:
+            await self._run_of(run_id)
             resumed = await self._executor.resume(run_id, answers, request.request_id)
         except Exception as exc:
             metrics.RESUMES.labels(_code_of(exc)).inc()
@@ -218,7 +258,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     async def GetRun(
         self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetRunResponse:
-        record = await self._log.get_run(validate.run_id(request.run_id))
+        record = await self._run_of(validate.run_id(request.run_id))
         return pb.GetRunResponse(run=convert.run(record))
 
     @unary
@@ -236,6 +276,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             states=states,
             thread_id=thread_id,
             schedule_id=schedule_id,
+            tenant=_tenant(),
             limit=page_size + 1,
             after=cursor,
         )
@@ -252,7 +293,9 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     async def CancelRun(
         self, request: pb.CancelRunRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CancelRunResponse:
-        record = await self._executor.cancel(validate.run_id(request.run_id), request.reason)
+        run_id = validate.run_id(request.run_id)
+        await self._run_of(run_id)
+        record = await self._executor.cancel(run_id, request.reason)
         return pb.CancelRunResponse(run=convert.run(record))
 
     @unary
@@ -292,6 +335,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             request_id=validate.run_id(request.request_id, "request_id")
             if request.request_id
             else "",
+            tenant=_tenant(),
         )
         return pb.CreateThreadResponse(thread=convert.thread(record))
 
@@ -299,7 +343,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     async def GetThread(
         self, request: pb.GetThreadRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetThreadResponse:
-        record = await self._threads.get(validate.thread_id(request.thread_id))
+        record = await self._thread_of(validate.thread_id(request.thread_id))
         return pb.GetThreadResponse(thread=convert.thread(record))
 
     @unary
@@ -310,7 +354,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         resource_id = validate.resource_id(request.resource_id)
         cursor = validate.decode_thread_page_token(request.page_token, resource_id)
         records = await self._threads.page(
-            resource_id=resource_id, limit=page_size + 1, after=cursor
+            resource_id=resource_id, tenant=_tenant(), limit=page_size + 1, after=cursor
         )
         token = ""
         if len(records) > page_size:
@@ -325,7 +369,9 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     async def DeleteThread(
         self, request: pb.DeleteThreadRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.DeleteThreadResponse:
-        await self._threads.delete(validate.thread_id(request.thread_id))
+        thread_id = validate.thread_id(request.thread_id)
+        await self._thread_of(thread_id)
+        await self._threads.delete(thread_id)
         return pb.DeleteThreadResponse()
 
     @unary
@@ -336,6 +382,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         page_size = validate.page_size(request.page_size)
         newest_first = request.newest_first
         start = validate.decode_message_page_token(request.page_token, thread_id, newest_first)
+        await self._thread_of(thread_id)
         messages, next_start = await self._threads.messages(
             thread_id, limit=page_size, start=start, newest_first=newest_first
         )
@@ -352,7 +399,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     async def GetTask(
         self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetTaskResponse:
-        record = await self._executor.task_store.get_task(validate.task_id(request.task_id))
+        record = await self._task_of(validate.task_id(request.task_id))
         return pb.GetTaskResponse(task=convert.task(record))
 
     @unary
@@ -368,6 +415,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             run_id=run_id,
             agent_id=request.agent_id,
             statuses=statuses,
+            tenant=_tenant(),
             limit=page_size + 1,
             after=cursor,
         )
@@ -382,16 +430,18 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     async def CancelTask(
         self, request: pb.CancelTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CancelTaskResponse:
-        record = await self._executor.cancel_task(
-            validate.task_id(request.task_id), request.reason or "cancelled"
-        )
+        task_id = validate.task_id(request.task_id)
+        await self._task_of(task_id)
+        record = await self._executor.cancel_task(task_id, request.reason or "cancelled")
         return pb.CancelTaskResponse(task=convert.task(record))
 
     @unary
     async def RetryTask(
         self, request: pb.RetryTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RetryTaskResponse:
-        record = await self._executor.retry_task(validate.task_id(request.task_id))
+        task_id = validate.task_id(request.task_id)
+        await self._task_of(task_id)
+        record = await self._executor.retry_task(task_id)
         return pb.RetryTaskResponse(task=convert.task(record))
 
     @unary
@@ -399,7 +449,11 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self, request: pb.CreateScheduleRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CreateScheduleResponse:
         spec, schedule_id, request_id = schedules.create_request(request)
-        record = await self._schedules.create(spec, schedule_id=schedule_id, request_id=request_id)
+        if spec.thread_id and spec.thread_mode is ThreadMode.THREADED:
+            await self._thread_of(spec.thread_id)  # only the caller's tenant's threads
+        record = await self._schedules.create(
+            spec, schedule_id=schedule_id, request_id=request_id, tenant=_tenant()
+        )
         view = await self._schedules.get(record.schedule_id)
         return pb.CreateScheduleResponse(schedule=schedules.schedule(view))
 
@@ -407,7 +461,9 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     async def GetSchedule(
         self, request: pb.GetScheduleRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetScheduleResponse:
-        view = await self._schedules.get(schedules.schedule_id(request.schedule_id))
+        schedule_id = schedules.schedule_id(request.schedule_id)
+        await self._schedule_of(schedule_id)
+        view = await self._schedules.get(schedule_id)
         return pb.GetScheduleResponse(schedule=schedules.schedule(view))
 
     @unary
@@ -417,7 +473,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         page_size = validate.page_size(request.page_size)
         cursor = schedules.decode_page_token(request.page_token, request.agent_id)
         views = await self._schedules.page(
-            agent_id=request.agent_id, limit=page_size + 1, after=cursor
+            agent_id=request.agent_id, tenant=_tenant(), limit=page_size + 1, after=cursor
         )
         token = ""
         if len(views) > page_size:
@@ -435,6 +491,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self, request: pb.UpdateScheduleRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.UpdateScheduleResponse:
         schedule_id, changes = schedules.update_request(request)
+        await self._schedule_of(schedule_id)
         view = await self._schedules.update(schedule_id, changes)
         return pb.UpdateScheduleResponse(schedule=schedules.schedule(view))
 
@@ -442,7 +499,9 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     async def DeleteSchedule(
         self, request: pb.DeleteScheduleRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.DeleteScheduleResponse:
-        await self._schedules.delete(schedules.schedule_id(request.schedule_id))
+        schedule_id = schedules.schedule_id(request.schedule_id)
+        await self._schedule_of(schedule_id)
+        await self._schedules.delete(schedule_id)
         return pb.DeleteScheduleResponse()
 
     @unary
@@ -452,6 +511,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         schedule_id = schedules.schedule_id(request.schedule_id)
         if request.request_id:
             validate.run_id(request.request_id, "request_id")
+        await self._schedule_of(schedule_id)
         run, firing = await self._schedules.trigger(schedule_id, request.request_id)
         return pb.TriggerScheduleResponse(run=convert.run(run), firing=schedules.firing(firing))
 
@@ -462,6 +522,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         schedule_id = schedules.schedule_id(request.schedule_id)
         page_size = validate.page_size(request.page_size)
         before = schedules.decode_firing_token(request.page_token, schedule_id)
+        await self._schedule_of(schedule_id)
         firings = await self._schedules.firings(schedule_id, limit=page_size + 1, before_seq=before)
         token = ""
         if len(firings) > page_size:
@@ -481,6 +542,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             request.busy_policy,
         )
         goal = validate.goal(request.goal) if request.HasField("goal") else None
+        if request.thread_id:
+            await self._thread_of(request.thread_id)  # only the caller's tenant's threads
         return await self._executor.start(
             request.agent_id,
             request.input,
@@ -489,6 +552,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             policy=policy,
             until_idle=request.until_idle,
             goal=goal,
+            tenant=_tenant(),
         )
 
     async def _follow(

@@ -99,6 +99,7 @@ class RunField(enum.StrEnum):
     GOAL = "goal"  # the run's goal (JSON), or absent
     GOAL_PROGRESS = "goal_progress"  # how far its judge got, or absent
     TRACE_CONTEXT = "trace_context"  # the W3C trace context of the request that made it
+    TENANT = "tenant"  # the tenant that owns the run, or absent for the default one
 
 
 class ThreadField(enum.StrEnum):

@@ -87,6 +87,7 @@ class RunRecord:
     # The trace context (W3C traceparent, JSON; opaque here) of the request that made the
     # run: every instance that executes it continues that trace (server/tracing.py).
     trace_context: str = ""
+    tenant: str = ""  # the tenant of the caller that made it ("" without authentication)
 
 
 class BusyPolicy(enum.StrEnum):
@@ -108,7 +109,7 @@ class ThreadRecord:
     request_id: str
     create_time_ms: int
     update_time_ms: int
-    owner: str = ""  # reserved for the tenant that owns the thread
+    owner: str = ""  # the tenant that owns the thread ("" without authentication)
     active_run_id: str = ""  # the run the thread belongs to now; "" when idle
     queued_run_ids: tuple[str, ...] = ()  # runs waiting for their turn, first to start first
     message_count: int = 0  # messages in the thread's history
@@ -197,12 +198,14 @@ class EventLog(Protocol):
         states: frozenset[RunState] = frozenset(),
         thread_id: str = "",
         schedule_id: str = "",
+        tenant: str | None = None,
         limit: int,
         after: RunPageCursor | None = None,
     ) -> list[RunRecord]:
         """Up to `limit` (> 0) runs, newest first, strictly after `after`, filtered.
 
-        An empty `agent_id`, `states`, `thread_id` or `schedule_id` does not filter. Runs
+        An empty `agent_id`, `states`, `thread_id` or `schedule_id`, and a None
+        `tenant`, do not filter. Runs
         whose retention time passed are not listed. The records carry no
         checkpoint (b""), so a page stays small; get_run has it.
         """
@@ -372,11 +375,17 @@ class EventLog(Protocol):
         """The thread, with its active run, queue and message count. Raises ThreadNotFound."""
 
     async def list_threads(
-        self, *, resource_id: str = "", limit: int, after: ThreadPageCursor | None = None
+        self,
+        *,
+        resource_id: str = "",
+        tenant: str | None = None,
+        limit: int,
+        after: ThreadPageCursor | None = None,
     ) -> list[ThreadRecord]:
         """Up to `limit` (> 0) threads, newest first, strictly after `after`.
 
-        With `resource_id`, only that resource's threads. Deleted and expired
+        With `resource_id`, only that resource's threads; with `tenant`, only
+        threads that tenant owns. Deleted and expired
         threads are not listed.
         """
 

@@ -247,6 +247,7 @@ class MemoryEventLog:
         states: frozenset[RunState] = frozenset(),
         thread_id: str = "",
         schedule_id: str = "",
+        tenant: str | None = None,
         limit: int,
         after: RunPageCursor | None = None,
     ) -> list[RunRecord]:
@@ -262,6 +263,8 @@ class MemoryEventLog:
             if agent_id and run.record.agent_id != agent_id:
                 return None
             if schedule_id and run.record.schedule_id != schedule_id:
+                return None
+            if tenant is not None and run.record.tenant != tenant:
                 return None
             if states and run.state not in states:
                 return None
@@ -464,7 +467,12 @@ class MemoryEventLog:
         return self._get_thread(thread_id).snapshot()
 
     async def list_threads(
-        self, *, resource_id: str = "", limit: int, after: ThreadPageCursor | None = None
+        self,
+        *,
+        resource_id: str = "",
+        tenant: str | None = None,
+        limit: int,
+        after: ThreadPageCursor | None = None,
     ) -> list[ThreadRecord]:
 
         def accept(thread_id: str, create_time_ms: int) -> ThreadRecord | _Stale | None:
@@ -472,6 +480,8 @@ class MemoryEventLog:
             if thread is None or thread.record.create_time_ms != create_time_ms:
                 return STALE  # deleted or expired
             if resource_id and thread.record.resource_id != resource_id:
+                return None
+            if tenant is not None and thread.record.owner != tenant:
                 return None
             return thread.snapshot()
 

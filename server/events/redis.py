@@ -245,6 +245,7 @@ class RedisEventLog:
         states: frozenset[RunState] = frozenset(),
         thread_id: str = "",
         schedule_id: str = "",
+        tenant: str | None = None,
         limit: int,
         after: RunPageCursor | None = None,
     ) -> list[RunRecord]:
@@ -262,6 +263,7 @@ class RedisEventLog:
                 (not agent_id or run.agent_id == agent_id)
                 and (not states or run.state in states)
                 and (not schedule_id or run.schedule_id == schedule_id)
+                and (tenant is None or run.tenant == tenant)
             ):
                 return run
             return None
@@ -563,9 +565,16 @@ class RedisEventLog:
         return await self._threads.get_thread(thread_id)
 
     async def list_threads(
-        self, *, resource_id: str = "", limit: int, after: ThreadPageCursor | None = None
+        self,
+        *,
+        resource_id: str = "",
+        tenant: str | None = None,
+        limit: int,
+        after: ThreadPageCursor | None = None,
     ) -> list[ThreadRecord]:
-        return await self._threads.list_threads(resource_id=resource_id, limit=limit, after=after)
+        return await self._threads.list_threads(
+            resource_id=resource_id, tenant=tenant, limit=limit, after=after
+        )
 
     async def delete_thread(self, thread_id: str) -> None:
         await self._threads.delete_thread(thread_id)

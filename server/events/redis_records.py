@@ -78,6 +78,8 @@ def run_fields(record: RunRecord) -> dict[str, str | int | bytes]:
         values[RunField.GOAL] = record.goal
     if record.trace_context:
         values[RunField.TRACE_CONTEXT] = record.trace_context
+    if record.tenant:
+        values[RunField.TENANT] = record.tenant
     return values
 
 
@@ -117,6 +119,7 @@ def run_from_hash(run_id: str, fields: Mapping[bytes, bytes]) -> RunRecord:
         goal=text(RunField.GOAL),
         goal_progress=text(RunField.GOAL_PROGRESS),
         trace_context=text(RunField.TRACE_CONTEXT),
+        tenant=text(RunField.TENANT),
     )
 
 

@@ -97,14 +97,20 @@ class RedisThreads:
         return thread_from_hash(thread_id, pairs(reply[1]), queued, int(reply[3]))
 
     async def list_threads(
-        self, *, resource_id: str = "", limit: int, after: ThreadPageCursor | None = None
+        self,
+        *,
+        resource_id: str = "",
+        tenant: str | None = None,
+        limit: int,
+        after: ThreadPageCursor | None = None,
     ) -> list[ThreadRecord]:
         if limit <= 0:
             raise ValueError(f"limit must be positive, got {limit}")
         index = self._keys.resource_threads(resource_id) if resource_id else self._keys.thread_index
 
         def accept(thread_id: str, _: int, fields: dict[bytes, bytes]) -> ThreadRecord | None:
-            return thread_from_hash(thread_id, fields)
+            thread = thread_from_hash(thread_id, fields)
+            return thread if tenant is None or thread.owner == tenant else None
 
         page = await walk_index(
             self._client,

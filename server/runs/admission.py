@@ -21,6 +21,7 @@ from server.errors import ConcurrentModification, RequestIdReused, RunNotSuspend
 from server.events.log import BusyPolicy, EventLog, RunRecord, RunState
 from server.goals.judge import judge_of
 from server.goals.records import Goal
+from server.ids import derived_id
 from server.runs import decisions
 
 # Run ids of runs started with a request_id derive from it, so a retried
@@ -28,13 +29,14 @@ from server.runs import decisions
 _REQUEST_NAMESPACE = uuid.UUID("6f2a0d3c-5b1e-4c8e-9d7a-3e4f5a6b7c8d")
 
 
-def run_id_for(request_id: str, thread_id: str = "") -> str:
-    """The run id of a new run: derived from request_id if given, random otherwise.
+def run_id_for(request_id: str, thread_id: str = "", tenant: str = "") -> str:
+    """The run id of a new run: derived from request_id (and its tenant) if given,
+    random otherwise.
 
     A run on a thread has the id "<thread_id>:<32 hex digits>", which puts its
     keys in its thread's slot (server/events/keys.py).
     """
-    own = uuid.uuid5(_REQUEST_NAMESPACE, request_id).hex if request_id else uuid.uuid4().hex
+    own = derived_id(_REQUEST_NAMESPACE, request_id, tenant) if request_id else uuid.uuid4().hex
     return f"{thread_id}:{own}" if thread_id else own
 
 
@@ -81,6 +83,7 @@ async def admit(
     until_idle: bool = False,
     goal: Goal | None = None,
     schedule_id: str = "",
+    tenant: str = "",
 ) -> Admitted:
     """Store a new run, owned by `owner` at epoch 1, or find the one of its request_id.
 
@@ -101,7 +104,7 @@ async def admit(
     now = time.time_ns() // 1_000_000
     retention_s = spec.ended_run_retention_s
     new = RunRecord(
-        run_id=run_id_for(request_id, thread_id),
+        run_id=run_id_for(request_id, thread_id, tenant),
         agent_id=agent_id,
         input=input,
         request_id=request_id,
@@ -116,6 +119,7 @@ async def admit(
         schedule_id=schedule_id,
         goal="" if goal is None else goal.encode(),
         trace_context=tracing.current_context(),
+        tenant=tenant,
     )
     interrupted = ""
     if thread_id:

@@ -197,6 +197,7 @@ class LocalExecutor:
         until_idle: bool = False,
         goal: Goal | None = None,
         schedule_id: str = "",
+        tenant: str = "",
     ) -> Started:
         """Store a new run (server/runs/admission.py), ready to execute here (see
         Started), or waiting for its thread."""
@@ -214,6 +215,7 @@ class LocalExecutor:
             until_idle=until_idle,
             goal=goal,
             schedule_id=schedule_id,
+            tenant=tenant,
         )
         if admitted.interrupted_run_id:
             await self._stop_interrupted(admitted.interrupted_run_id)

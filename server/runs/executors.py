@@ -50,6 +50,7 @@ class Executor(Protocol):
         until_idle: bool = False,
         goal: Goal | None = None,
         schedule_id: str = "",
+        tenant: str = "",
     ) -> Started: ...
 
     async def resume(

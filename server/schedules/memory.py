@@ -32,7 +32,12 @@ class MemoryScheduleStore:
         return record
 
     async def page(
-        self, *, agent_id: str = "", limit: int, after: SchedulePageCursor | None = None
+        self,
+        *,
+        agent_id: str = "",
+        tenant: str | None = None,
+        limit: int,
+        after: SchedulePageCursor | None = None,
     ) -> list[ScheduleRecord]:
         if limit <= 0:
             raise ValueError(f"limit must be positive, got {limit}")
@@ -49,6 +54,8 @@ class MemoryScheduleStore:
             ):
                 continue
             if agent_id and record.agent_id != agent_id:
+                continue
+            if tenant is not None and record.owner != tenant:
                 continue
             page.append(record)
             if len(page) == limit:

@@ -22,6 +22,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.ids import derived_id
+
 # Firings kept per schedule (ListScheduleRuns), and missed ticks recorded per catch-up.
 FIRINGS_KEPT = 100
 MISSED_RECORDED = 20
@@ -162,7 +164,7 @@ class ScheduleRecord:
     pending: Pending | None = None
     last_run_id: str = ""  # the run of the latest firing that started one
     firing_seq: int = 0  # the seq of the latest firing recorded
-    owner: str = ""  # reserved for the tenant that owns the schedule
+    owner: str = ""  # the tenant that owns the schedule ("" without authentication)
     extra: dict[str, Any] = field(default_factory=dict)  # fields of a newer Keel, kept as is
 
     @property
@@ -237,10 +239,11 @@ class SchedulePageCursor:
     schedule_id: str
 
 
-def schedule_id_for(request_id: str) -> str:
-    """The id of a schedule the caller did not name: from request_id if given, else random."""
+def schedule_id_for(request_id: str, tenant: str = "") -> str:
+    """The id of a schedule the caller did not name: from request_id (and its tenant) if
+    given, else random."""
     if request_id:
-        return uuid.uuid5(_NAMESPACE, f"request:{request_id}").hex
+        return derived_id(_NAMESPACE, f"request:{request_id}", tenant)
     return uuid.uuid4().hex
 
 

@@ -60,7 +60,12 @@ class RedisScheduleStore:
         return ScheduleRecord.decode(stored)
 
     async def page(
-        self, *, agent_id: str = "", limit: int, after: SchedulePageCursor | None = None
+        self,
+        *,
+        agent_id: str = "",
+        tenant: str | None = None,
+        limit: int,
+        after: SchedulePageCursor | None = None,
     ) -> list[ScheduleRecord]:
         """Walk the index newest first, a batch of records at a time, filtering by agent."""
         if limit <= 0:
@@ -87,7 +92,9 @@ class RedisScheduleStore:
                     if found is None:
                         continue  # deleted after the index was read
                     record = ScheduleRecord.decode(found)
-                    if not agent_id or record.agent_id == agent_id:
+                    if (not agent_id or record.agent_id == agent_id) and (
+                        tenant is None or record.owner == tenant
+                    ):
                         page.append(record)
                         if len(page) == limit:
                             break

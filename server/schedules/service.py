@@ -99,12 +99,17 @@ class Schedules:
         self._ticker = ticker
 
     async def create(
-        self, spec: ScheduleSpec, *, schedule_id: str = "", request_id: str = ""
+        self,
+        spec: ScheduleSpec,
+        *,
+        schedule_id: str = "",
+        request_id: str = "",
+        tenant: str = "",
     ) -> ScheduleRecord:
-        """A new schedule, or the one this request_id created before."""
+        """A new schedule of `tenant`, or the one this request_id created before."""
         cron = await self._check(spec)
         now = now_ms()
-        schedule_id = schedule_id or schedule_id_for(request_id)
+        schedule_id = schedule_id or schedule_id_for(request_id, tenant)
         threaded = spec.thread_mode is ThreadMode.THREADED
         record = ScheduleRecord(
             schedule_id=schedule_id,
@@ -123,11 +128,12 @@ class Schedules:
             update_time_ms=now,
             next_tick_ms=0 if spec.paused else cron.next_after(now),
             extra={"request_digest": _digest(spec, schedule_id)} if request_id else {},
+            owner=tenant,
         )
         if threaded and not spec.thread_id:
             # The schedule's own thread, made now so that it can be read at once (its id
             # derives from the schedule's: whichever request makes the schedule owns it).
-            await ensure_own_thread(self._log, schedule_id)
+            await ensure_own_thread(self._log, schedule_id, tenant)
         stored, created = await self._store.create(record)
         if created:
             self._ticker.wake()
@@ -144,9 +150,14 @@ class Schedules:
         return ScheduleView(record, next_fire_times(record), tuple(firings))
 
     async def page(
-        self, *, agent_id: str, limit: int, after: SchedulePageCursor | None
+        self,
+        *,
+        agent_id: str,
+        tenant: str | None = None,
+        limit: int,
+        after: SchedulePageCursor | None,
     ) -> list[ScheduleView]:
-        records = await self._store.page(agent_id=agent_id, limit=limit, after=after)
+        records = await self._store.page(agent_id=agent_id, tenant=tenant, limit=limit, after=after)
         return [ScheduleView(r, next_fire_times(r), ()) for r in records]
 
     async def update(self, schedule_id: str, changes: Mapping[str, Any]) -> ScheduleView:

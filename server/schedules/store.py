@@ -24,7 +24,12 @@ class ScheduleStore(Protocol):
         """The schedule. Raises ScheduleNotFound."""
 
     async def page(
-        self, *, agent_id: str = "", limit: int, after: SchedulePageCursor | None = None
+        self,
+        *,
+        agent_id: str = "",
+        tenant: str | None = None,
+        limit: int,
+        after: SchedulePageCursor | None = None,
     ) -> list[ScheduleRecord]:
         """Up to `limit` (> 0) schedules, newest first, strictly after `after`; with
         `agent_id`, only that agent's."""

@@ -175,7 +175,7 @@ class Ticker:
             outcome=Outcome.STARTED,
             request_id=request_id,
             thread_id=thread_id,
-            run_id=run_id_for(request_id, thread_id),
+            run_id=run_id_for(request_id, thread_id, record.owner),
         )
 
     async def _active_run(self, record: ScheduleRecord) -> str:
@@ -289,7 +289,7 @@ async def start_firing(
     threaded = record.thread_mode is ThreadMode.THREADED
     if not threaded or thread_id == own_thread_id(record.schedule_id):
         # Made for the firing, or the schedule's own thread (made again if deleted).
-        await _ensure_thread(event_log, thread_id, record.schedule_id)
+        await _ensure_thread(event_log, thread_id, record.schedule_id, record.owner)
     try:
         started = await executor.start(
             record.agent_id,
@@ -299,6 +299,7 @@ async def start_firing(
             policy=BusyPolicy.ENQUEUE if threaded else BusyPolicy.REJECT,
             goal=Goal.decode(record.goal),
             schedule_id=record.schedule_id,
+            tenant=record.owner,
         )
     except RequestIdReused as exc:
         return exc.run_id, False  # started before, and the schedule's input changed since
@@ -306,14 +307,16 @@ async def start_firing(
     return started.run.run_id, started.created
 
 
-async def ensure_own_thread(event_log: EventLog, schedule_id: str) -> str:
-    """Make a THREADED schedule's own thread, unless it exists; its id."""
+async def ensure_own_thread(event_log: EventLog, schedule_id: str, tenant: str = "") -> str:
+    """Make a THREADED schedule's own thread (its tenant's), unless it exists; its id."""
     thread_id = own_thread_id(schedule_id)
-    await _ensure_thread(event_log, thread_id, schedule_id)
+    await _ensure_thread(event_log, thread_id, schedule_id, tenant)
     return thread_id
 
 
-async def _ensure_thread(event_log: EventLog, thread_id: str, schedule_id: str) -> None:
+async def _ensure_thread(
+    event_log: EventLog, thread_id: str, schedule_id: str, tenant: str
+) -> None:
     now = now_ms()
     await event_log.create_thread(
         ThreadRecord(
@@ -323,5 +326,6 @@ async def _ensure_thread(event_log: EventLog, thread_id: str, schedule_id: str) 
             request_id="",
             create_time_ms=now,
             update_time_ms=now,
+            owner=tenant,
         )
     )

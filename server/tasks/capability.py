@@ -87,6 +87,7 @@ class BackgroundTools(AbstractCapability[Any]):
                 max_retries=options.max_retries,
                 thread_id=run.thread_id,
                 until_idle=run.until_idle,
+                tenant=run.tenant,
             )
         )
         self._runner.wake()

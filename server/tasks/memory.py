@@ -91,6 +91,7 @@ class MemoryTaskStore:
         run_id: str = "",
         agent_id: str = "",
         statuses: frozenset[TaskStatus] = frozenset(),
+        tenant: str | None = None,
         limit: int,
         after: TaskPageCursor | None = None,
     ) -> list[TaskRecord]:
@@ -107,6 +108,8 @@ class MemoryTaskStore:
             if run_id and task.run_id != run_id:
                 continue
             if agent_id and task.agent_id != agent_id:
+                continue
+            if tenant is not None and task.tenant != tenant:
                 continue
             if statuses and task.status not in statuses:
                 continue

@@ -144,6 +144,7 @@ class TaskRecord:
     cancel_reason: str = ""  # asked to stop (its runner stops it)
     thread_id: str = ""  # its run's thread: where a late result goes
     until_idle: bool = False  # its run feeds its result to the model (not to the thread)
+    tenant: str = ""  # its run's tenant
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,6 +76,7 @@ def _task(fields: Mapping[bytes, bytes]) -> TaskRecord:
         cancel_reason=text["cancel_reason"],
         thread_id=text["thread_id"],
         until_idle=text["until_idle"] == "1",
+        tenant=text["tenant"],
     )
 
 
@@ -164,6 +165,7 @@ class RedisTaskStore:
         run_id: str = "",
         agent_id: str = "",
         statuses: frozenset[TaskStatus] = frozenset(),
+        tenant: str | None = None,
         limit: int,
         after: TaskPageCursor | None = None,
     ) -> list[TaskRecord]:
@@ -171,8 +173,10 @@ class RedisTaskStore:
             raise ValueError(f"limit must be positive, got {limit}")
 
         def matches(task: TaskRecord) -> bool:
-            return (not agent_id or task.agent_id == agent_id) and (
-                not statuses or task.status in statuses
+            return (
+                (not agent_id or task.agent_id == agent_id)
+                and (not statuses or task.status in statuses)
+                and (tenant is None or task.tenant == tenant)
             )
 
         cursor = None if after is None else (after.create_time_ms, after.task_id)

@@ -64,6 +64,7 @@ class TaskStore(Protocol):
         run_id: str = "",
         agent_id: str = "",
         statuses: frozenset[TaskStatus] = frozenset(),
+        tenant: str | None = None,
         limit: int,
         after: TaskPageCursor | None = None,
     ) -> list[TaskRecord]:

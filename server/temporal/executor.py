@@ -100,6 +100,7 @@ class TemporalExecutor:
         until_idle: bool = False,
         goal: Goal | None = None,
         schedule_id: str = "",
+        tenant: str = "",
     ) -> Started:
         if self._draining:
             raise ServerDraining()
@@ -115,6 +116,7 @@ class TemporalExecutor:
             until_idle=until_idle,
             goal=goal,
             schedule_id=schedule_id,
+            tenant=tenant,
         )
         if admitted.interrupted_run_id:
             # Its worker hears the stored request; a suspended one needs its workflow woken.

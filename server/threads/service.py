@@ -21,15 +21,17 @@ from collections.abc import Mapping
 
 from server.errors import RequestIdReused, ThreadAlreadyExists
 from server.events.log import EventLog, ThreadPageCursor, ThreadRecord
+from server.ids import derived_id
 from server.threads.history import ThreadMessage, decode
 
 _REQUEST_NAMESPACE = uuid.UUID("0c8b5f8e-2a57-4d0e-9a34-7b1f0f6a6d21")
 
 
-def thread_id_for(request_id: str) -> str:
-    """The id of a new thread the caller did not name: from request_id if given, else random."""
+def thread_id_for(request_id: str, tenant: str = "") -> str:
+    """The id of a new thread the caller did not name: from request_id (and its tenant)
+    if given, else random."""
     if request_id:
-        return uuid.uuid5(_REQUEST_NAMESPACE, request_id).hex
+        return derived_id(_REQUEST_NAMESPACE, request_id, tenant)
     return uuid.uuid4().hex
 
 
@@ -46,16 +48,18 @@ class Threads:
         resource_id: str = "",
         metadata: Mapping[str, str] | None = None,
         request_id: str = "",
+        tenant: str = "",
     ) -> ThreadRecord:
-        """A new idle thread, or the one this request_id created before."""
+        """A new idle thread of `tenant`, or the one this request_id created before."""
         now = time.time_ns() // 1_000_000
         record = ThreadRecord(
-            thread_id=thread_id or thread_id_for(request_id),
+            thread_id=thread_id or thread_id_for(request_id, tenant),
             resource_id=resource_id,
             metadata=dict(metadata or {}),
             request_id=request_id,
             create_time_ms=now,
             update_time_ms=now,
+            owner=tenant,
         )
         stored, created = await self._log.create_thread(record)
         if created:
@@ -70,9 +74,16 @@ class Threads:
         return await self._log.get_thread(thread_id)
 
     async def page(
-        self, *, resource_id: str, limit: int, after: ThreadPageCursor | None
+        self,
+        *,
+        resource_id: str,
+        tenant: str | None = None,
+        limit: int,
+        after: ThreadPageCursor | None,
     ) -> list[ThreadRecord]:
-        return await self._log.list_threads(resource_id=resource_id, limit=limit, after=after)
+        return await self._log.list_threads(
+            resource_id=resource_id, tenant=tenant, limit=limit, after=after
+        )
 
     async def delete(self, thread_id: str) -> None:
         await self._log.delete_thread(thread_id)
