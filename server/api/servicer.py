@@ -19,7 +19,14 @@ from server import metrics
 from server.agents.registry import describe
 from server.api import convert, schedules, status, validate
 from server.auth.gate import current_caller
-from server.errors import RunNotFound, ScheduleNotFound, TaskNotFound, ThreadNotFound
+from server.auth.keys import Role
+from server.errors import (
+    PermissionDenied,
+    RunNotFound,
+    ScheduleNotFound,
+    TaskNotFound,
+    ThreadNotFound,
+)
 from server.events.codec import Batch
 from server.events.log import EventLog, RunPageCursor, RunRecord, ThreadPageCursor, ThreadRecord
 from server.observe.follow import Events, FollowLimits, Heartbeat, Item, Snapshot, follow
@@ -143,6 +150,17 @@ def _visible(owner: str) -> bool:
 
 def _tenant() -> str:
     return current_caller().tenant
+
+
+def _listed_tenant(asked: str, method: str) -> str | None:
+    """The tenant a List call lists: the caller's, or for an admin the one it names
+    ("*": every tenant, None)."""
+    caller = current_caller()
+    if not asked or asked == caller.tenant:
+        return caller.tenant
+    if caller.role is not Role.ADMIN:
+        raise PermissionDenied(f"{method} of another tenant", caller.role.value, Role.ADMIN.value)
+    return None if asked == "*" else asked
 
 
 class AgentServicer(pb_grpc.AgentServiceServicer):
@@ -276,7 +294,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             states=states,
             thread_id=thread_id,
             schedule_id=schedule_id,
-            tenant=_tenant(),
+            tenant=_listed_tenant(request.tenant, "ListRuns"),
             limit=page_size + 1,
             after=cursor,
         )
@@ -354,7 +372,10 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         resource_id = validate.resource_id(request.resource_id)
         cursor = validate.decode_thread_page_token(request.page_token, resource_id)
         records = await self._threads.page(
-            resource_id=resource_id, tenant=_tenant(), limit=page_size + 1, after=cursor
+            resource_id=resource_id,
+            tenant=_listed_tenant(request.tenant, "ListThreads"),
+            limit=page_size + 1,
+            after=cursor,
         )
         token = ""
         if len(records) > page_size:
@@ -415,7 +436,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             run_id=run_id,
             agent_id=request.agent_id,
             statuses=statuses,
-            tenant=_tenant(),
+            tenant=_listed_tenant(request.tenant, "ListTasks"),
             limit=page_size + 1,
             after=cursor,
         )
@@ -473,7 +494,10 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         page_size = validate.page_size(request.page_size)
         cursor = schedules.decode_page_token(request.page_token, request.agent_id)
         views = await self._schedules.page(
-            agent_id=request.agent_id, tenant=_tenant(), limit=page_size + 1, after=cursor
+            agent_id=request.agent_id,
+            tenant=_listed_tenant(request.tenant, "ListSchedules"),
+            limit=page_size + 1,
+            after=cursor,
         )
         token = ""
         if len(views) > page_size:

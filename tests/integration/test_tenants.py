@@ -185,3 +185,41 @@ async def test_request_ids_are_scoped_per_tenant(
             (await b("CreateThread", threads)).thread,
         )
         assert thread_a.thread_id != thread_b.thread_id
+
+
+async def test_an_admin_lists_another_tenant_only_by_naming_it(
+    start_keel: Callable[..., Any], tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys.jsonl"
+    a_runner = add_key(keys, "tenant-a", Role.RUNNER)
+    b_runner, b_admin = (
+        add_key(keys, "tenant-b", Role.RUNNER),
+        add_key(keys, "tenant-b", Role.ADMIN),
+    )
+    keel: Keel = await start_keel(api_keys_file=str(keys))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{keel.port}") as channel:
+        a, b, admin = Tenant(channel, a_runner), Tenant(channel, b_runner), Tenant(channel, b_admin)
+        started = pb.StartRunRequest(agent_id="scripted", input=script(text(1)))
+        run_a = (await a("StartRun", started)).run.run_id
+        run_b = (await b("StartRun", started)).run.run_id
+
+        async def listed(who: Tenant, tenant: str) -> set[str]:
+            return {
+                r.run_id for r in (await who("ListRuns", pb.ListRunsRequest(tenant=tenant))).runs
+            }
+
+        assert await listed(admin, "") == {run_b}  # its own tenant, by default
+        assert await listed(admin, "tenant-a") == {run_a}
+        assert await listed(admin, "*") == {run_a, run_b}
+        assert await listed(b, "tenant-b") == {run_b}  # naming its own tenant is fine
+        for method, request in (
+            ("ListRuns", pb.ListRunsRequest(tenant="tenant-a")),
+            ("ListThreads", pb.ListThreadsRequest(tenant="tenant-a")),
+            ("ListTasks", pb.ListTasksRequest(tenant="*")),
+            ("ListSchedules", pb.ListSchedulesRequest(tenant="tenant-a")),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as denied:
+                await b(method, request)
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED, method
+        # By id, even an admin sees only its own tenant's.
+        await not_found(admin("GetRun", pb.GetRunRequest(run_id=run_a)))

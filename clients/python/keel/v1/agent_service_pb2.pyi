@@ -877,6 +877,7 @@ class ListRunsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     THREAD_ID_FIELD_NUMBER: _builtins.int
     SCHEDULE_ID_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """If set, only runs of this agent."""
     page_size: _builtins.int
@@ -891,6 +892,11 @@ class ListRunsRequest(_message.Message):
     """If set, only runs made on this thread."""
     schedule_id: _builtins.str
     """If set, only runs a schedule started (see CreateSchedule)."""
+    tenant: _builtins.str
+    """Admins only: list this tenant's runs instead of the caller's own
+    tenant's; "*" lists every tenant's. Empty: the caller's tenant. Another
+    role naming a tenant other than its own: PERMISSION_DENIED.
+    """
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[Global___RunState.ValueType]:
         """If not empty, only runs in one of these states."""
@@ -904,10 +910,11 @@ class ListRunsRequest(_message.Message):
         page_token: _builtins.str = ...,
         thread_id: _builtins.str = ...,
         schedule_id: _builtins.str = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "page_size", b"page_size", "page_token", b"page_token", "schedule_id", b"schedule_id", "states", b"states", "thread_id", b"thread_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "page_size", b"page_size", "page_token", b"page_token", "schedule_id", b"schedule_id", "states", b"states", "tenant", b"tenant", "thread_id", b"thread_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2646,6 +2653,7 @@ class ListThreadsRequest(_message.Message):
     RESOURCE_ID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     resource_id: _builtins.str
     """If set, only threads of this resource_id."""
     page_size: _builtins.int
@@ -2656,16 +2664,22 @@ class ListThreadsRequest(_message.Message):
     """The next_page_token of the previous page, or empty for the first page.
     It is only valid with the same resource_id.
     """
+    tenant: _builtins.str
+    """Admins only: list this tenant's threads instead of the caller's own
+    tenant's; "*" lists every tenant's. Empty: the caller's tenant. Another
+    role naming a tenant other than its own: PERMISSION_DENIED.
+    """
     def __init__(
         self,
         *,
         resource_id: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "resource_id", b"resource_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "resource_id", b"resource_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3190,6 +3204,7 @@ class ListTasksRequest(_message.Message):
     STATUSES_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """If set, only tasks of this run."""
     agent_id: _builtins.str
@@ -3201,6 +3216,11 @@ class ListTasksRequest(_message.Message):
     page_token: _builtins.str
     """The next_page_token of the previous page, or empty for the first page.
     It is only valid with the same filters.
+    """
+    tenant: _builtins.str
+    """Admins only: list this tenant's tasks instead of the caller's own
+    tenant's; "*" lists every tenant's. Empty: the caller's tenant. Another
+    role naming a tenant other than its own: PERMISSION_DENIED.
     """
     @_builtins.property
     def statuses(self) -> _containers.RepeatedScalarFieldContainer[Global___TaskStatus.ValueType]:
@@ -3214,10 +3234,11 @@ class ListTasksRequest(_message.Message):
         statuses: _abc.Iterable[Global___TaskStatus.ValueType] | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "page_size", b"page_size", "page_token", b"page_token", "run_id", b"run_id", "statuses", b"statuses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "page_size", b"page_size", "page_token", b"page_token", "run_id", b"run_id", "statuses", b"statuses", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3743,6 +3764,7 @@ class ListSchedulesRequest(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """If set, only schedules of this agent."""
     page_size: _builtins.int
@@ -3753,16 +3775,22 @@ class ListSchedulesRequest(_message.Message):
     """The next_page_token of the previous page, or empty for the first page.
     It is only valid with the same agent_id.
     """
+    tenant: _builtins.str
+    """Admins only: list this tenant's schedules instead of the caller's own
+    tenant's; "*" lists every tenant's. Empty: the caller's tenant. Another
+    role naming a tenant other than its own: PERMISSION_DENIED.
+    """
     def __init__(
         self,
         *,
         agent_id: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "page_size", b"page_size", "page_token", b"page_token", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
