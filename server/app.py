@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -38,7 +39,6 @@ from server.tasks.runner import TaskLimits
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = SERVICE.full_name
-_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 ASSISTANT_AGENT_ID = "assistant"
 
 
@@ -162,6 +162,16 @@ def load_keys(settings: Settings) -> KeyRing | None:
         raise ConfigurationError(str(exc)) from exc
 
 
+def exposed(host: str) -> bool:
+    """Does binding `host` accept connections from other machines?"""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a name: assume it resolves to a reachable address
+
+
 def _read(path: str) -> bytes:
     try:
         return Path(path).read_bytes()
@@ -266,7 +276,7 @@ async def create_server(settings: Settings) -> Keel:
             tracing.enable(traced)
     keys = load_keys(settings)
     client_certificates = bool(settings.tls_client_ca_file)
-    if keys is None and not client_certificates and settings.host not in _LOOPBACK:
+    if keys is None and not client_certificates and exposed(settings.host):
         log.warning(
             "no API keys and no client certificates: anyone who reaches %s may read and "
             "start every run (set KEEL_API_KEYS_FILE)",

@@ -13,11 +13,12 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from keel.v1 import agent_service_pb2 as pb
 from keel_client import KeelClient
 
 from server.api.servicer import SERVICE
-from server.app import Keel
+from server.app import Keel, exposed
 from server.auth.gate import METHOD_ROLES
 from server.auth.keys import Role, add_key
 from tests.certs import Authority
@@ -222,3 +223,36 @@ async def test_mutual_tls_names_the_tenant_and_role_from_the_client_certificate(
             with pytest.raises(grpc.aio.AioRpcError) as failed:
                 await refused_client.list_agents()
             assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize(
+    ("host", "warned"),
+    [
+        ("127.0.0.1", False),
+        ("127.0.0.5", False),
+        ("::1", False),
+        ("localhost", False),
+        ("0.0.0.0", True),
+        ("10.1.2.3", True),
+        ("keel.internal", True),
+    ],
+)
+def test_an_open_server_warns_when_it_binds_beyond_loopback(host: str, warned: bool) -> None:
+    assert exposed(host) is warned
+
+
+async def test_reflection_needs_no_key(
+    start_keel: Callable[..., Any], keys: tuple[Path, dict[Role, str]]
+) -> None:
+    path, _ = keys
+    keel: Keel = await start_keel(api_keys_file=str(path))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{keel.port}") as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+        async def requests() -> Any:
+            yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+        async for response in stub.ServerReflectionInfo(requests()):
+            names = {s.name for s in response.list_services_response.service}
+            assert SERVICE.full_name in names
+            break
