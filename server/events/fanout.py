@@ -138,6 +138,9 @@ class Fanout:
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.cancel()
+            while not reader.done():  # a cancellation the read swallowed: cancel again
+                await asyncio.wait({reader}, timeout=0.1)
+                reader.cancel()
             try:
                 await reader
             except asyncio.CancelledError:
@@ -245,7 +248,10 @@ class Fanout:
 
     async def _run(self) -> None:
         delay_s = self._reconnect_min_s
-        while True:
+        # The flag, not only the cancellation, ends the reader: a cancellation that lands
+        # as a read times out can be taken for the timeout (Python 3.11's asyncio.timeout),
+        # and the reader would read on, with close() waiting for it forever.
+        while not self._closed:
             conn = self._make_connection()
             self._conn = conn
             try:
@@ -269,7 +275,8 @@ class Fanout:
                 async with self._write_lock:
                     self._on_disconnect()
                     await conn.disconnect(nowait=True)
-            await asyncio.sleep(delay_s)
+            if not self._closed:
+                await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, self._reconnect_max_s)
 
     async def _subscribe_all(self) -> None:
@@ -287,7 +294,7 @@ class Fanout:
                 await self._conn.send_command("SUBSCRIBE", *names, check_health=False)
 
     async def _read_forever(self, conn: AbstractConnection) -> None:
-        while True:
+        while not self._closed:
             # push_request: return pub/sub pushes instead of handing them to the parser's handler.
             reply = await conn.read_response(
                 timeout=self._health_check_interval_s, disconnect_on_error=False, push_request=True

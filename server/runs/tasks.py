@@ -86,6 +86,9 @@ class TaskEvents:
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             watcher.cancel()
+            while not watcher.done():  # a cancellation swallowed below: cancel again
+                await asyncio.wait({watcher}, timeout=0.1)
+                watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
         subscription, self._subscription = self._subscription, None

@@ -105,7 +105,13 @@ class Launch:
         for channel in self.channels:
             await channel.close()
         for keel in self.servers:
-            await keel.stop(grace_s=0)
+            try:
+                async with asyncio.timeout(30):
+                    await keel.stop(grace_s=0)
+            except TimeoutError:
+                for task in asyncio.all_tasks():  # say what the stop waited for
+                    task.print_stack(file=sys.stderr)
+                raise
 
 
 @pytest.fixture

@@ -28,11 +28,18 @@ def _requirement_names(requirements: list[str]) -> set[str]:
     }
 
 
-def test_client_distribution_depends_on_grpc_and_protobuf_only() -> None:
+def test_client_distribution_depends_on_grpc_and_protobuf_and_the_cli_libraries_only() -> None:
     project = _pyproject(CLIENT / "pyproject.toml")["project"]
     assert isinstance(project, dict)
     assert project["name"] == "keel-client"
-    assert _requirement_names(project["dependencies"]) == {"grpcio", "grpcio-status", "protobuf"}
+    assert _requirement_names(project["dependencies"]) == {
+        "grpcio",
+        "grpcio-status",
+        "protobuf",
+        "typer",  # the `keel` command
+        "rich",
+    }
+    assert project["scripts"] == {"keel": "keel_client.cli:main"}
 
 
 def test_client_distribution_ships_its_type_information() -> None:
@@ -61,7 +68,8 @@ def test_server_depends_on_the_client_distribution_not_a_copy() -> None:
 
 def test_client_imports_nothing_of_the_server(tmp_path: Path) -> None:
     code = (
-        "import sys, keel_client, keel_client.sync, keel.v1.agent_service_pb2_grpc\n"
+        "import sys, keel_client, keel_client.sync, keel_client.cli\n"
+        "import keel.v1.agent_service_pb2_grpc\n"
         "leaked = sorted(m for m in sys.modules if m == 'server' or m.startswith('server.'))\n"
         "sys.exit(f'keel_client imported {leaked}' if leaked else 0)\n"
     )
