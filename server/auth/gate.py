@@ -31,7 +31,7 @@ from grpc_status import rpc_status
 
 from server import logs
 from server.api import status
-from server.auth.keys import Caller, KeyRing, Role
+from server.auth.keys import Caller, KeyRing, Role, check_tenant
 from server.errors import PermissionDenied, Unauthenticated
 
 SERVICE = "keel.v1.AgentService"
@@ -100,8 +100,10 @@ def _from_certificate(subject: str) -> Caller:
     """Tenant and role from a client certificate's subject ("CN=acme,OU=runner,...")."""
     parts = dict(part.split("=", 1) for part in re.split(r"(?<!\\),", subject) if "=" in part)
     tenant, role = parts.get("CN", ""), parts.get("OU", "")
-    if not tenant:
-        raise Unauthenticated("the client certificate has no common name (the tenant)")
+    try:
+        check_tenant(tenant)
+    except ValueError as exc:
+        raise Unauthenticated(f"the client certificate's common name: {exc}") from None
     try:
         return Caller(tenant, Role(role))
     except ValueError:

@@ -47,6 +47,7 @@ from server.events.codec import Batch
 from server.events.log import ControlListener, Listener
 
 logger = logging.getLogger(__name__)
+_CLOSE_WAIT_S = 5.0  # close() stops waiting for the reader after this long
 
 
 class ChannelKind(enum.Enum):
@@ -138,15 +139,21 @@ class Fanout:
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.cancel()
-            while not reader.done():  # a cancellation the read swallowed: cancel again
+            deadline = asyncio.get_running_loop().time() + _CLOSE_WAIT_S
+            while not reader.done() and asyncio.get_running_loop().time() < deadline:
                 await asyncio.wait({reader}, timeout=0.1)
-                reader.cancel()
-            try:
-                await reader
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise  # our caller is being cancelled too: not ours to swallow
+                reader.cancel()  # a cancellation the read swallowed: cancel again
+            if reader.done():
+                try:
+                    await reader
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        raise  # our caller is being cancelled too: not ours to swallow
+            else:
+                logger.warning(
+                    "pub/sub reader did not stop within %.0fs; leaving it", _CLOSE_WAIT_S
+                )
         for entry in self._channels.values():
             if not entry.ready.done():
                 entry.ready.set_exception(StoreUnavailable("the event log is closed"))

@@ -100,11 +100,13 @@ class Launch:
         return worker
 
     async def stop(self) -> None:
+        """Stop everything; safe to call more than once."""
         for worker in self.workers:
             worker.kill()
         for channel in self.channels:
             await channel.close()
-        for keel in self.servers:
+        servers, self.servers, self.channels = self.servers, [], []
+        for keel in servers:
             try:
                 async with asyncio.timeout(30):
                     await keel.stop(grace_s=0)
@@ -243,7 +245,7 @@ async def test_a_server_whose_temporal_is_down_answers_unavailable_and_recovers(
     orphans = (await stub.ListRuns(pb.ListRunsRequest())).runs
 
     temporal = start_temporal(tmp_path, port)
-    try:
+    try:  # the server and worker stop before Temporal does (the launch's stop, below)
         launch.worker(settings)
         started = await stub.StartRun(request)  # the retry attaches to the stored run
         done = await collect(stub.Observe(pb.ObserveRequest(run_id=started.run.run_id)))
@@ -252,6 +254,7 @@ async def test_a_server_whose_temporal_is_down_answers_unavailable_and_recovers(
             out = await collect(stub.Observe(pb.ObserveRequest(run_id=orphan.run_id)))
             assert payloads(out.events)[-1] == "finish"
     finally:
+        await launch.stop()
         temporal.stop()
 
 
