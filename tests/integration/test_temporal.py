@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -26,6 +26,7 @@ from server.temporal.workflow import workflow_id
 from tests.integration.conftest import collect, payloads, record, script, text
 from tests.temporal import ROOT, WorkerProcess, free_port, start_temporal, start_worker
 
+T = TypeVar("T")
 APPROVE = {"tool": "approve_me", "args": {"action": "deploy"}}
 
 
@@ -77,6 +78,18 @@ def error_reason(exc: grpc.aio.AioRpcError) -> tuple[str, float]:
             detail.Unpack(retry)
             delay_s = retry.retry_delay.ToNanoseconds() / 1e9
     return reason, delay_s
+
+
+async def retry_unavailable(call: Callable[[], Awaitable[T]], timeout_s: float = 60) -> T:
+    """`call()` until it answers anything but UNAVAILABLE (a bound, not a timing goal)."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            try:
+                return await call()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+            await asyncio.sleep(0.2)
 
 
 class Launch:
@@ -247,7 +260,9 @@ async def test_a_server_whose_temporal_is_down_answers_unavailable_and_recovers(
     temporal = start_temporal(tmp_path, port)
     try:  # the server and worker stop before Temporal does (the launch's stop, below)
         launch.worker(settings)
-        started = await stub.StartRun(request)  # the retry attaches to the stored run
+        # The client retries, as RetryInfo says, until Temporal is ready; the retry
+        # attaches to the stored run.
+        started = await retry_unavailable(lambda: stub.StartRun(request))
         done = await collect(stub.Observe(pb.ObserveRequest(run_id=started.run.run_id)))
         assert payloads(done.events)[-1] == "finish"
         for orphan in orphans:  # the sweep starts the workflows that could not start

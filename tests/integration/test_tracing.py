@@ -37,6 +37,17 @@ def spans() -> Iterator[InMemorySpanExporter]:
         tracing.disable()
 
 
+async def finished(spans: InMemorySpanExporter, call: str) -> tuple[ReadableSpan, ...]:
+    """Every finished span, once the server span of `call` has ended too (it ends a
+    moment after the client saw the call's last message)."""
+    for _ in range(500):
+        found = tuple(spans.get_finished_spans())
+        if any(s.name.endswith(f"AgentService/{call}") for s in found):
+            return found
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no span of {call}: {[s.name for s in spans.get_finished_spans()]}")
+
+
 def named(found: tuple[ReadableSpan, ...], name: str) -> list[ReadableSpan]:
     return [s for s in found if s.name == name]
 
@@ -64,7 +75,7 @@ async def test_a_run_is_one_trace_from_the_call_to_its_tools(
         request = pb.StreamRequest(agent_id="scripted", input=script(record("k"), text(2)))
         out = await collect(stub.Stream(request))
     assert payloads(out.events)[-1] == "finish"
-    found = tuple(spans.get_finished_spans())
+    found = await finished(spans, "Stream")
     [call] = [s for s in found if s.name.endswith("AgentService/Stream")]
     [run] = named(found, "keel.run")
     assert run.attributes is not None and run.attributes["keel.run_id"] == out.run_id
@@ -98,7 +109,7 @@ async def test_a_run_taken_over_by_another_instance_continues_its_trace(
         stub = pb_grpc.AgentServiceStub(channel)
         out = await collect(stub.Observe(pb.ObserveRequest(run_id=run_id)))
     assert payloads(out.events)[-1] == "finish"
-    found = tuple(spans.get_finished_spans())
+    found = await finished(spans, "StartRun")
     [call] = [s for s in found if s.name.endswith("AgentService/StartRun")]
     runs = named(found, "keel.run")
     epochs = sorted(s.attributes["keel.epoch"] for s in runs if s.attributes)
