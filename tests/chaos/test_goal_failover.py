@@ -29,11 +29,16 @@ async def test_a_goal_survives_sigkill_of_its_owner_between_attempts(
         )
     run_id = started.run.run_id
 
-    async def judged_once() -> bool:
+    async def judged_once_and_attempt_two_began() -> bool:
         record = await store.get_run(run_id)
-        return bool(record.checkpoint) and Checkpoint.decode(record.checkpoint).judged == 1
+        if not record.checkpoint:
+            return False
+        checkpoint = Checkpoint.decode(record.checkpoint)
+        # Past the first verdict's checkpoint, attempt 2 has written events: a kill now
+        # cuts it short (a kill right at the checkpoint would leave nothing to supersede).
+        return checkpoint.judged == 1 and record.next_index > checkpoint.next_index
 
-    await wait_for(judged_once, what="the judge's first verdict")
+    await wait_for(judged_once_and_attempt_two_began, what="the judge's first verdict")
     owner = (await store.get_run(run_id)).owner
     doomed = processes[owner]
     survivor = second if doomed is first else first
