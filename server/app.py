@@ -139,7 +139,8 @@ class ConfigurationError(Exception):
     """Settings that cannot work together."""
 
 
-def check_settings(settings: Settings) -> None:
+def check_settings(settings: Settings) -> KeyRing | None:
+    """ConfigurationError for settings that cannot work together; the API keys."""
     if settings.executor == "temporal" and not settings.redis_url:
         raise ConfigurationError(
             "the temporal executor needs Redis for the event log: give --redis-url "
@@ -149,7 +150,7 @@ def check_settings(settings: Settings) -> None:
         raise ConfigurationError("TLS needs both a certificate and a key file")
     if settings.tls_client_ca_file and not settings.tls_cert_file:
         raise ConfigurationError("mutual TLS (a client CA) needs the server's TLS certificate")
-    load_keys(settings)
+    return load_keys(settings)
 
 
 def load_keys(settings: Settings) -> KeyRing | None:
@@ -195,7 +196,7 @@ def _bind(server: grpc.aio.Server, settings: Settings) -> int:
 
 async def create_server(settings: Settings) -> Keel:
     """A started Keel server on settings.host:settings.port (port 0 picks a free port)."""
-    check_settings(settings)
+    keys = check_settings(settings)
     agents = load_agents(settings)
     event_log = await open_event_log(
         settings.redis_url or None,
@@ -274,7 +275,6 @@ async def create_server(settings: Settings) -> Keel:
         traced = tracing.from_environment()
         if traced is not None:
             tracing.enable(traced)
-    keys = load_keys(settings)
     client_certificates = bool(settings.tls_client_ca_file)
     if keys is None and not client_certificates and exposed(settings.host):
         log.warning(

@@ -34,6 +34,9 @@ EVENTS_SERVED = Counter(
     "Events sent to clients, by where they came from: the live path or the log.",
     ["source"],
 )
+# Bound once: these count on every batch a stream sends.
+EVENTS_SERVED_LIVE = EVENTS_SERVED.labels("live")
+EVENTS_SERVED_LOG = EVENTS_SERVED.labels("log")
 CATCH_UP_PAGES = Counter("keel_catch_up_pages", "Pages of events read from the log for streams.")
 OBSERVERS_DEMOTED = Counter(
     "keel_observers_demoted",

@@ -148,6 +148,11 @@ def _visible(owner: str) -> bool:
     return owner == current_caller().tenant
 
 
+def _check_run(record: RunRecord) -> None:
+    if not _visible(record.tenant):
+        raise RunNotFound(record.run_id)
+
+
 def _tenant() -> str:
     return current_caller().tenant
 
@@ -192,8 +197,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     async def _run_of(self, run_id: str) -> RunRecord:
         record = await self._log.get_run(run_id)
-        if not _visible(record.tenant):
-            raise RunNotFound(run_id)
+        _check_run(record)
         return record
 
     async def _thread_of(self, thread_id: str) -> ThreadRecord:
@@ -235,7 +239,6 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     ) -> AsyncIterator[pb.ObserveResponse]:
         run_id = validate.run_id(request.run_id)
         offset = validate.offset(request.offset)
-        await self._run_of(run_id)
         follows = self._follow(run_id, offset, pb.ObserveResponse, request.stop_at_suspend)
         async for response in follows:
             yield response
@@ -597,6 +600,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             draining=self._draining,
             stop_at_suspend=stop_at_suspend,
             on_subscribed=on_subscribed,
+            check=_check_run,  # streams too reach only the caller's tenant's runs
         )
         async for item in items:
             match item:

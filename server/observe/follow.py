@@ -82,11 +82,13 @@ async def follow(
     draining: Draining,
     stop_at_suspend: bool = False,
     on_subscribed: Callable[[], None] | None = None,
+    check: Callable[[RunRecord], None] | None = None,
 ) -> AsyncIterator[Item]:
     """Every event of the run with index >= offset, exactly once, in order; see the module doc.
 
     `on_subscribed` is called once the stream listens to the run, before the
     snapshot is yielded (a Stream starts its new run's execution there).
+    `check` sees the run first and may refuse it by raising (the caller's tenant).
     """
     queue = LiveQueue(limits.queue_size)
     draining.watch(queue)
@@ -94,6 +96,8 @@ async def follow(
     ends = END_OF_STREAM_PAYLOADS if stop_at_suspend else TERMINAL_PAYLOADS
     try:
         record = await log.get_run(run_id)
+        if check is not None:
+            check(record)
         check_offset(record, offset)
         if on_subscribed is not None:
             on_subscribed()
@@ -119,7 +123,7 @@ async def follow(
                     metrics.CATCH_UP_PAGES.inc()
                     if page:
                         delivered, end = _until_end(page, ends)
-                        metrics.EVENTS_SERVED.labels("log").inc(len(delivered))
+                        metrics.EVENTS_SERVED_LOG.inc(len(delivered))
                         next_offset = delivered[-1].index + 1
                         yield Events(delivered)
                         if end:
@@ -143,7 +147,7 @@ async def follow(
                 if fresh[0].index != next_offset or not _consecutive(fresh):
                     break  # a gap: read the log
                 fresh, end = _until_end(fresh, ends)
-                metrics.EVENTS_SERVED.labels("live").inc(len(fresh))
+                metrics.EVENTS_SERVED_LIVE.inc(len(fresh))
                 next_offset = fresh[-1].index + 1
                 yield Events(fresh)
                 if end:
