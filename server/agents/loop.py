@@ -52,6 +52,7 @@ from pydantic_graph import End
 
 from server import tracing
 from server.agents.checkpoint import Checkpoint, Phase, dump_messages
+from server.agents.drain import DrainStreams
 from server.agents.events import StepEvents, usage_between, usage_to_pb
 from server.agents.types import AgentSpec, EventSink, LoopResult, RunInfo
 
@@ -86,6 +87,8 @@ async def run_agent_loop(
     raises.
     """
     deps = spec.deps(run_info) if spec.deps is not None else None
+    drain = DrainStreams()
+    capabilities = [*capabilities, drain]
     own: list[ModelMessage] = []
     if resume is None or resume.phase is Phase.STARTED:
         context = spec.agent.iter(
@@ -109,7 +112,7 @@ async def run_agent_loop(
         )
         step = resume.step
     async with context as run:
-        loop = AgentLoop(run, sink, step=step, attempt=attempt, own=own)
+        loop = AgentLoop(run, sink, step=step, attempt=attempt, own=own, drain=drain)
         if resume is not None and resume.phase in _MID_STEP:
             loop.resume_tools_half(resume.step_start_usage)
         output = await loop.drive()
@@ -156,8 +159,10 @@ class AgentLoop:
         step: int = 0,
         attempt: int = 1,
         own: Sequence[ModelMessage] = (),
+        drain: DrainStreams | None = None,
     ) -> None:
         self._run = run
+        self._drain = drain
         self._sink = sink
         self._own = list(own)
         self.step = step
@@ -212,11 +217,19 @@ class AgentLoop:
         self._usage_at_step_start = copy.copy(self._run.usage)
         await self._emit(self._events.step_start())
 
-        async with node.stream(self._run.ctx) as stream:
-            async for event in stream:
-                for out in self._events.model_event(event):
-                    await self._emit(out)
-            streamed = stream.response
+        # A drained request's events come through _on_model_event as the model
+        # streams them, and pydantic-ai's stream has none of them; a request
+        # that was not drained (see server/agents/drain.py) has them there.
+        if self._drain is not None:
+            self._drain.handler = self._on_model_event
+        try:
+            async with node.stream(self._run.ctx) as stream:
+                async for event in stream:
+                    await self._on_model_event(event)
+                streamed = stream.response
+        finally:
+            if self._drain is not None:
+                self._drain.handler = None
         next_node = await self._run.next(node)
 
         # The response pydantic-ai committed to the history is the truth (a
@@ -233,6 +246,10 @@ class AgentLoop:
             # the step ends here.
             await self._finish_step(response, next_node)
         return next_node
+
+    async def _on_model_event(self, event: Any) -> None:
+        for out in self._events.model_event(event):
+            await self._sink.emit(out)
 
     async def tools_half(self, node: CallToolsNode[Any, Any]) -> _Node:
         """Handle the step's model response and run its tools; return the node after it."""

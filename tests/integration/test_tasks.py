@@ -80,6 +80,20 @@ async def stream(
     return out
 
 
+async def wait_for_text(
+    stub: pb_grpc.AgentServiceStub, run_id: str, needle: str, timeout_s: float = 30
+) -> None:
+    """Follow the run until its text holds `needle`."""
+    seen: list[pb.AgentEvent] = []
+    async with asyncio.timeout(timeout_s):
+        async for message in stub.Observe(pb.ObserveRequest(run_id=run_id)):
+            if message.WhichOneof("kind") == "events":
+                seen.extend(message.events.events)
+                if needle in text_of(seen):
+                    return
+    raise AssertionError(f"the run ended without {needle!r} in its text")
+
+
 async def wait_for_task(
     stub: pb_grpc.AgentServiceStub, task_id: str, *statuses: int, timeout_s: float = 20
 ) -> pb.Task:
@@ -306,6 +320,9 @@ async def test_cancel_task_and_retry_task(tasks_stub: pb_grpc.AgentServiceStub) 
     assert cancelled.error == "changed my mind"
     again = await tasks_stub.CancelTask(pb.CancelTaskRequest(task_id=task_id, reason="twice"))
     assert again.task.error == "changed my mind"  # an ended task is left as it is
+    # A task retried before the run took its outcome in would replace that outcome: the
+    # model hears of a task's ending once the run has it (with Temporal, a moment later).
+    await wait_for_text(tasks_stub, run_id, f"got [task {task_id}] slow cancelled")
 
     retried = await tasks_stub.RetryTask(pb.RetryTaskRequest(task_id=task_id))
     assert retried.task.status in (pb.TASK_STATUS_QUEUED, pb.TASK_STATUS_STARTED)
