@@ -17,10 +17,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import analysis, report
+from bench import analysis, mastra, report
 from bench.procs import ROOT, Launcher
 from bench.runner import BACKENDS, WORKLOADS, Run
-from bench.sizes import FULL, QUICK
+from bench.sizes import FULL, QUICK, Sizes
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--only",
         default="",
-        help="workload letters to run, e.g. 'ad' (default all: abcdefg)",
+        help="workload letters to run, e.g. 'ad' (default all: abcdefghi; b includes the "
+        "workers comparison)",
     )
     parser.add_argument(
         "--keel-root",
@@ -61,7 +62,34 @@ def _parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help="only rewrite latest.md and latest.png from a run's JSON",
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="JSON",
+        help="a previous run's latest.json: the report shows its figures as 'before' columns",
+    )
+    parser.add_argument(
+        "--mastra",
+        type=Path,
+        metavar="DIR",
+        help="a results directory of the Mastra harness (shared/peers/mastra-bench): "
+        "the report shows its figures next to Keel's",
+    )
     return parser
+
+
+def _extras(args: argparse.Namespace, results: dict[str, Any], sizes: Sizes) -> None:
+    """Add Mastra's figures and the baseline (when asked for), then everything derived."""
+    if args.mastra is not None:
+        if not args.mastra.is_dir():
+            sys.exit(f"--mastra: {args.mastra} is not a directory")
+        results["mastra"] = mastra.load(
+            args.mastra.resolve(), sizes.stream_deltas, sizes.many_runs, sizes.many_deltas
+        )
+    if args.baseline is not None:
+        baseline = json.loads(args.baseline.read_text())
+        results["baseline"] = analysis.before(baseline, str(args.baseline), results.get("mastra"))
+    results.update(analysis.derive(results))
 
 
 def _git(root: Path, *args: str) -> str:
@@ -93,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     mode = "quick" if args.quick else "full"
     out: Path = args.out or (ROOT / ("build/bench-quick" if args.quick else "docs/perf"))
     if args.render is not None:
-        for path in report.render(json.loads(args.render.read_text()), out):
+        rendered = json.loads(args.render.read_text())
+        _extras(args, rendered, FULL if rendered.get("mode") == "full" else QUICK)
+        for path in report.render(rendered, out):
             print(path)
         return 0
     backends = tuple(b for b in args.backends.split(",") if b)
@@ -119,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     run.run(only)
     results: dict[str, Any] = {
-        "schema": 1,
+        "schema": 2,
         "mode": mode,
         "started_at": started.isoformat().replace("+00:00", "Z"),
         "duration_s": time.monotonic() - start,
@@ -138,9 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         "ceilings": run.ceilings,
         "workloads": run.workloads,
     }
-    results["figures"] = analysis.figures(run.ceilings, run.workloads)
-    results["targets"] = analysis.targets(run.ceilings, run.workloads)
-    results["executors"] = analysis.executors(run.workloads)
+    _extras(args, results, sizes)
     for path in report.write(results, out):
         print(path)
     print(f"server logs{' and profiles' if args.py_spy else ''}: {scratch}")
@@ -148,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{key}/{backend}"
         for key, per_backend in run.workloads.items()
         for backend, result in per_backend.items()
-        if not result.get("ok")
+        if not result.get("ok") and not result.get("skipped")
     ]
     if failed:
         print(f"workloads that failed their checks: {', '.join(failed)}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""From raw results to figures (Keel value, ceiling, ratio) and the issue's four targets.
+"""From raw results to figures (Keel value, ceiling, ratio), CPU per event, and the targets.
 
 Every ratio is Keel's value divided by its ceiling's, in the figure's own
 unit. For a figure where higher is better (events/s) a ratio of 0.4 means
@@ -59,6 +59,15 @@ def _mib(result: Params) -> float | None:
     return None if kib is None else kib / 1024
 
 
+def _mb(result: Params) -> float | None:
+    kib = _get(result, "server_peak_rss_kib")
+    return None if kib is None else kib * 1024 / 1e6
+
+
+SERVER_CPU = "server CPU per event"
+TIMES = "\N{MULTIPLICATION SIGN}"  # the unit of a ratio, shown as 1.20 times
+
+
 FIGURES = (
     FigureSpec(
         "a_stream",
@@ -91,6 +100,14 @@ FIGURES = (
         ("redis",),
     ),
     FigureSpec(
+        "a_stream",
+        SERVER_CPU,
+        "µs",
+        "lower",
+        _field("server_cpu_us_per_event"),
+        backends=WITH_TEMPORAL,
+    ),
+    FigureSpec(
         "b_concurrent",
         "aggregate events/s",
         "events/s",
@@ -100,7 +117,51 @@ FIGURES = (
         _ceiling("grpc_many_streams", "messages_per_s"),
         WITH_TEMPORAL,
     ),
+    FigureSpec(
+        "b_concurrent",
+        SERVER_CPU,
+        "µs",
+        "lower",
+        _field("server_cpu_us_per_event"),
+        backends=WITH_TEMPORAL,
+    ),
     FigureSpec("b_concurrent", "server peak RSS", "MiB", "lower", _mib),
+    FigureSpec(
+        "b_concurrent_w1",
+        "aggregate events/s, a connection per run, one server process",
+        "events/s",
+        "higher",
+        _field("events_per_s"),
+        backends=("redis",),
+    ),
+    FigureSpec(
+        "b_concurrent_w1",
+        f"{SERVER_CPU}, a connection per run, one server process",
+        "µs",
+        "lower",
+        _field("server_cpu_us_per_event"),
+        backends=("redis",),
+    ),
+    FigureSpec(
+        "b_concurrent_w2",
+        "aggregate events/s, a connection per run, --workers 2",
+        "events/s",
+        "higher",
+        _field("events_per_s"),
+        "the same with one server process",
+        lambda ceilings, result: _get(ceilings, "_b_concurrent_w1", "events_per_s"),
+        backends=("redis",),
+    ),
+    FigureSpec(
+        "b_concurrent_w2",
+        f"{SERVER_CPU}, a connection per run, --workers 2",
+        "µs",
+        "lower",
+        _field("server_cpu_us_per_event"),
+        "the same with one server process",
+        lambda ceilings, result: _get(ceilings, "_b_concurrent_w1", "server_cpu_us_per_event"),
+        backends=("redis",),
+    ),
     FigureSpec(
         "c_fanout",
         "append-to-receive latency p50",
@@ -206,6 +267,16 @@ FIGURES = (
         WITH_TEMPORAL,
     ),
     FigureSpec(
+        "f_overhead",
+        SERVER_CPU,
+        "µs",
+        "lower",
+        _field("server_cpu_us_per_event"),
+        "the in-process agent's whole CPU per event it produced",
+        _own("in_process_cpu_us_per_event"),
+        WITH_TEMPORAL,
+    ),
+    FigureSpec(
         "g_tasks",
         "most tasks running at once",
         "tasks",
@@ -246,6 +317,30 @@ FIGURES = (
         "the ideal: tasks x duration / limit",
         _own("ideal_s"),
     ),
+    FigureSpec(
+        "h_live_runs",
+        "time until every run ended",
+        "s",
+        "lower",
+        _field("runs_wall_s"),
+        "the script's own duration (deltas - 1 pauses)",
+        _own("scripted_s"),
+    ),
+    FigureSpec("h_live_runs", "delivery delay p50", "ms", "lower", _field("delivery_p50_ms")),
+    FigureSpec("h_live_runs", "delivery delay p99", "ms", "lower", _field("delivery_p99_ms")),
+    FigureSpec("h_live_runs", "server CPU per run", "ms", "lower", _field("server_cpu_ms_per_run")),
+    FigureSpec("h_live_runs", "server peak RSS", "MiB", "lower", _mib),
+    FigureSpec(
+        "h_live_runs",
+        "the busiest client process's CPU, share of one core",
+        "share",
+        "lower",
+        _field("client_cpu_share_max"),
+    ),
+    FigureSpec(
+        "i_short_runs", "server CPU per run", "ms", "lower", _field("server_cpu_ms_per_run")
+    ),
+    FigureSpec("i_short_runs", "runs/s", "runs/s", "higher", _field("runs_per_s")),
 )
 
 
@@ -260,6 +355,7 @@ class TargetSpec:
     # The chart compares (value + offset) / (threshold + offset), so an overhead of
     # -5 % (Keel faster than in-process) still has a bar: 1 + overhead vs 1.2.
     offset: float = 0.0
+    backends: tuple[str, ...] | None = None  # where it is judged; None: everywhere it ran
 
 
 def _events_per_s_share(ceilings: Params, result: Params) -> float | None:
@@ -302,11 +398,73 @@ TARGETS = (
         at_most=True,
         offset=1.0,
     ),
+    TargetSpec(
+        "server CPU per event, 100 runs x 1,000 deltas (b)",
+        "b_concurrent",
+        lambda ceilings, result: _get(result, "server_cpu_us_per_event"),
+        "µs",
+        60.0,
+        at_most=True,
+        backends=("redis",),
+    ),
+    TargetSpec(
+        "server CPU per event, one run of 10,000 deltas (a)",
+        "a_stream",
+        lambda ceilings, result: _get(result, "server_cpu_us_per_event"),
+        "µs",
+        45.0,
+        at_most=True,
+        backends=("redis",),
+    ),
+    TargetSpec(
+        "1,000 live runs: time until every run ended / the script's duration (h)",
+        "h_live_runs",
+        lambda ceilings, result: _get(result, "wall_over_scripted"),
+        TIMES,
+        1.2,
+        at_most=True,
+        backends=("redis",),
+    ),
+    TargetSpec(
+        "1,000 live runs: delivery delay p99 (h)",
+        "h_live_runs",
+        lambda ceilings, result: _get(result, "delivery_p99_ms"),
+        "ms",
+        100.0,
+        at_most=True,
+        backends=("redis",),
+    ),
+    TargetSpec(
+        "1,000 live runs: server peak RSS (h)",
+        "h_live_runs",
+        lambda ceilings, result: _mb(result),
+        "MB",
+        400.0,
+        at_most=True,
+        backends=("redis",),
+    ),
+    TargetSpec(
+        "short runs (one delta): server CPU per run (i)",
+        "i_short_runs",
+        lambda ceilings, result: _get(result, "server_cpu_ms_per_run"),
+        "ms",
+        3.0,
+        at_most=True,
+        backends=("redis",),
+    ),
 )
+
+# Workload b on Redis, each way it ran: the best is held against Mastra's.
+B_VARIANTS = ("b_concurrent", "b_concurrent_w1", "b_concurrent_w2")
+MASTRA_FACTOR = 1.5
 
 
 def figures(ceilings: Params, workloads: dict[str, dict[str, Params]]) -> list[Params]:
     rows: list[Params] = []
+    # --workers N is held against one server process, same client, same run.
+    w1 = workloads.get("b_concurrent_w1", {}).get("redis")
+    if w1 is not None and w1.get("ok"):
+        ceilings = {**ceilings, "_b_concurrent_w1": w1}
     for spec in FIGURES:
         per_backend = workloads.get(spec.workload)
         if per_backend is None:
@@ -339,7 +497,9 @@ def figures(ceilings: Params, workloads: dict[str, dict[str, Params]]) -> list[P
     return rows
 
 
-def targets(ceilings: Params, workloads: dict[str, dict[str, Params]]) -> list[Params]:
+def targets(
+    ceilings: Params, workloads: dict[str, dict[str, Params]], mastra: Params | None = None
+) -> list[Params]:
     rows: list[Params] = []
     for spec in TARGETS:
         per_backend = workloads.get(spec.workload)
@@ -354,6 +514,8 @@ def targets(ceilings: Params, workloads: dict[str, dict[str, Params]]) -> list[P
             "backends": {},
         }
         for backend, result in per_backend.items():
+            if spec.backends is not None and backend not in spec.backends:
+                continue
             value = spec.value(ceilings, result)
             ok = bool(result.get("ok"))
             met = (
@@ -368,7 +530,246 @@ def targets(ceilings: Params, workloads: dict[str, dict[str, Params]]) -> list[P
                 cost = shifted / bound if spec.at_most else bound / shifted
             row["backends"][backend] = {"value": value, "met": met, "ok": ok, "cost": cost}
         rows.append(row)
+    peer = mastra_target(workloads, mastra) if mastra else None
+    if peer is not None:
+        rows.append(peer)
     return rows
+
+
+def best_b(workloads: dict[str, dict[str, Params]]) -> tuple[str, Params] | None:
+    """Workload b on Redis the way it went best (one process or --workers N): its key and
+    result; None if none passed its checks."""
+    done = [
+        (key, result)
+        for key in B_VARIANTS
+        if (result := workloads.get(key, {}).get("redis")) and result.get("ok")
+    ]
+    return max(done, key=lambda kv: float(kv[1].get("events_per_s", 0.0)), default=None)
+
+
+def mastra_target(workloads: dict[str, dict[str, Params]], mastra: Params) -> Params | None:
+    """Keel's best workload b on Redis against Mastra's concurrent runs (Redis if it ran
+    there): aggregate events/s, Keel / Mastra, at least MASTRA_FACTOR."""
+    peer = mastra_pick(mastra, "concurrent")
+    if peer is None:
+        return None
+    cache, theirs = peer
+    best = best_b(workloads)
+    value = None
+    which = ""
+    if best is not None and theirs.get("events_per_s"):
+        which, result = best
+        value = float(result["events_per_s"]) / float(theirs["events_per_s"])
+    met = value is not None and value >= MASTRA_FACTOR
+    return {
+        "target": (
+            f"{theirs.get('runs')} concurrent runs on Redis, the best of one process and "
+            f"--workers: aggregate events/s / Mastra's ({cache} cache)"
+        ),
+        "workload": "b_concurrent",
+        "unit": TIMES,
+        "threshold": MASTRA_FACTOR,
+        "at_most": False,
+        "backends": {
+            "redis": {
+                "value": value,
+                "met": met,
+                "ok": best is not None,
+                "cost": MASTRA_FACTOR / value if value else None,
+                "keel": which,
+            }
+        },
+    }
+
+
+def mastra_pick(mastra: Params, scenario: str) -> tuple[str, Params] | None:
+    """Mastra's result of a scenario, on its Redis cache if it ran there, else memory."""
+    per_cache = mastra.get(scenario) or {}
+    for cache in ("redis", "memory"):
+        if per_cache.get(cache):
+            return cache, per_cache[cache]
+    return None
+
+
+# Keel against Mastra, where the two measure the same thing: (what, Keel's workload,
+# Keel's field, Mastra's scenario, Mastra's field, better).
+MASTRA_COMPARISONS = (
+    ("one run: events/s", "a_stream", "events_per_s", "single", "events_per_s", "higher"),
+    (
+        "one run: CPU per event (µs): Keel's server / Mastra's process",
+        "a_stream",
+        "server_cpu_us_per_event",
+        "single",
+        "cpu_us_per_event",
+        "lower",
+    ),
+    (
+        "one run: CPU per event (µs): Keel's server + client / Mastra's process",
+        "a_stream",
+        "_server_and_client_cpu_us_per_event",
+        "single",
+        "cpu_us_per_event",
+        "lower",
+    ),
+    (
+        "concurrent runs: aggregate events/s",
+        "b_concurrent",
+        "events_per_s",
+        "concurrent",
+        "events_per_s",
+        "higher",
+    ),
+    (
+        "concurrent runs: CPU per event (µs): Keel's server / Mastra's process",
+        "b_concurrent",
+        "server_cpu_us_per_event",
+        "concurrent",
+        "cpu_us_per_event",
+        "lower",
+    ),
+    (
+        "concurrent runs: CPU per event (µs): Keel's server + client / Mastra's process",
+        "b_concurrent",
+        "_server_and_client_cpu_us_per_event",
+        "concurrent",
+        "cpu_us_per_event",
+        "lower",
+    ),
+)
+
+
+def _keel_value(result: Params, field: str) -> float | None:
+    if field == "_server_and_client_cpu_us_per_event":
+        server = _get(result, "server_cpu_us_per_event")
+        client = _get(result, "client_cpu_us_per_event")
+        return None if server is None or client is None else server + client
+    return _get(result, field)
+
+
+def mastra_rows(workloads: dict[str, dict[str, Params]], mastra: Params) -> list[Params]:
+    """Keel (memory, Redis, and b's best on Redis) next to Mastra (memory and Redis caches)."""
+    rows = []
+    for name, workload, field, scenario, peer_field, better in MASTRA_COMPARISONS:
+        per_backend = workloads.get(workload, {})
+        keel = {
+            backend: _keel_value(result, field)
+            for backend, result in per_backend.items()
+            if backend in ("memory", "redis") and result.get("ok")
+        }
+        best_is = ""
+        if workload == "b_concurrent":
+            best = best_b(workloads)
+            if best is not None:
+                keel["redis_best"] = _keel_value(best[1], field)
+                best_is = best[0]
+        peer = {
+            cache: _get(values, peer_field)
+            for cache, values in (mastra.get(scenario) or {}).items()
+        }
+        ratio = None
+        keel_redis = keel.get("redis_best", keel.get("redis"))
+        if isinstance(keel_redis, float) and peer.get("redis"):
+            ratio = keel_redis / float(peer["redis"] or 1)
+        rows.append(
+            {
+                "name": name,
+                "workload": workload,
+                "better": better,
+                "keel": keel,
+                "keel_best_is": best_is,
+                "mastra": peer,
+                "ratio_redis": ratio,
+            }
+        )
+    return rows
+
+
+# CPU per event (µs) or per run (ms) of each process, per backend: (workload, what,
+# unit, [(process, field), ...]).
+CPU_ROWS = (
+    ("a_stream", "one run of N deltas", "µs/event", "event"),
+    ("b_concurrent", "concurrent runs, one connection", "µs/event", "event"),
+    ("b_concurrent_w1", "concurrent runs, a connection each, one process", "µs/event", "event"),
+    ("b_concurrent_w2", "concurrent runs, a connection each, --workers", "µs/event", "event"),
+    ("f_overhead", "Keel's Stream of the overhead runs", "µs/event", "event"),
+    ("h_live_runs", "many live runs at once", "ms/run", "run"),
+    ("i_short_runs", "short runs", "ms/run", "run"),
+)
+CPU_PROCESSES = ("server", "redis", "client")
+
+
+def cpu(workloads: dict[str, dict[str, Params]]) -> list[Params]:
+    """The CPU table: per workload and process (Keel server, Redis, client), per backend."""
+    rows: list[Params] = []
+    for workload, name, unit, per in CPU_ROWS:
+        per_backend = workloads.get(workload)
+        if per_backend is None:
+            continue
+        suffix = "us_per_event" if per == "event" else "ms_per_run"
+        for process in CPU_PROCESSES:
+            values = {
+                backend: _get(result, f"{process}_cpu_{suffix}")
+                for backend, result in per_backend.items()
+            }
+            if all(v is None for v in values.values()):
+                continue
+            rows.append(
+                {
+                    "workload": workload,
+                    "name": name,
+                    "process": process,
+                    "unit": unit,
+                    "backends": values,
+                }
+            )
+        if workload == "f_overhead":
+            values = {
+                backend: _get(result, "in_process_cpu_us_per_event")
+                for backend, result in per_backend.items()
+            }
+            rows.append(
+                {
+                    "workload": workload,
+                    "name": "the same agent in-process (run_stream_events), its whole process",
+                    "process": "in-process",
+                    "unit": unit,
+                    "backends": values,
+                }
+            )
+    return rows
+
+
+def workers(workloads: dict[str, dict[str, Params]]) -> Params | None:
+    """Workload b on Redis in one server process and with --workers N, same client."""
+    one = workloads.get("b_concurrent_w1", {}).get("redis")
+    many = workloads.get("b_concurrent_w2", {}).get("redis")
+    if one is None and many is None:
+        return None
+    rows = []
+    for name, field, better in (
+        ("aggregate events/s", "events_per_s", "higher"),
+        ("server CPU per event (µs)", "server_cpu_us_per_event", "lower"),
+        ("Redis CPU per event (µs)", "redis_cpu_us_per_event", "lower"),
+    ):
+        a = _get(one or {}, field) if one and one.get("ok") else None
+        b = _get(many or {}, field) if many and many.get("ok") else None
+        rows.append(
+            {
+                "name": name,
+                "better": better,
+                "one": a,
+                "many": b,
+                "ratio": b / a if a and b is not None else None,
+            }
+        )
+    return {
+        "workers": (many or {}).get("server_workers"),
+        "skipped": (many or {}).get("skipped"),
+        "errors": (many or {}).get("errors", []) if many and not many.get("ok") else [],
+        # How the work spread over the server's processes (parent first: it runs no server).
+        "cpu_by_process_s": (many or {}).get("server_cpu_s_by_process"),
+        "rows": rows,
+    }
 
 
 # The Temporal executor against the local one on the same store (Redis), same run:
@@ -378,6 +779,14 @@ EXECUTOR_COMPARISONS = (
     ("a_stream", "one run: time to first event (ms)", ("time_to_first_event_ms",), "lower"),
     ("b_concurrent", "concurrent runs: aggregate events/s", ("events_per_s",), "higher"),
     ("f_overhead", "time to the last event (s)", ("keel_s",), "lower"),
+    ("a_stream", "one run: server CPU per event (µs)", ("server_cpu_us_per_event",), "lower"),
+    (
+        "b_concurrent",
+        "concurrent runs: server CPU per event (µs)",
+        ("server_cpu_us_per_event",),
+        "lower",
+    ),
+    ("f_overhead", "server CPU per event (µs)", ("server_cpu_us_per_event",), "lower"),
 )
 
 
@@ -402,3 +811,35 @@ def executors(workloads: dict[str, dict[str, Params]]) -> list[Params]:
             }
         )
     return rows
+
+
+def derive(results: Params) -> Params:
+    """The run's figures, targets and tables from its raw results (and its `mastra`)."""
+    ceilings, workloads = results["ceilings"], results["workloads"]
+    mastra = results.get("mastra")
+    return {
+        "figures": figures(ceilings, workloads),
+        "targets": targets(ceilings, workloads, mastra),
+        "executors": executors(workloads),
+        "cpu": cpu(workloads),
+        "workers": workers(workloads),
+        "mastra_rows": mastra_rows(workloads, mastra) if mastra else [],
+    }
+
+
+def before(baseline: Params, source: str, mastra: Params | None) -> Params:
+    """A previous run (its latest.json) analysed as this one: the "before" of each figure.
+
+    Its raw results go through this code, so figures it did not have yet stay
+    empty rather than wrong; Mastra's figures are this run's.
+    """
+    derived = derive({**baseline, "mastra": mastra})
+    machine = baseline.get("machine", {})
+    return {
+        "source": source,
+        "started_at": baseline.get("started_at"),
+        "mode": baseline.get("mode"),
+        "keel_commit": machine.get("keel_commit"),
+        "load_average": machine.get("load_average", {}),
+        **{key: derived[key] for key in ("figures", "targets", "executors", "cpu", "workers")},
+    }

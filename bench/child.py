@@ -1,6 +1,9 @@
 """A client process: `python -m bench.child NAME PARAMS_JSON` runs one client, prints its result.
 
 The result is one JSON line on stdout (the last line; the runner reads it).
+A client run with `"barrier": true` first prints `ready` once it is connected
+and warmed up, and waits for a `go` line on stdin (runner.py starts several
+such processes and lets them go at once).
 Clients live in keel_load.py (Keel's workloads) and ceilings.py (raw gRPC
 and Redis).
 """
@@ -24,6 +27,8 @@ CLIENTS: dict[str, Client] = {
     "replay": keel_load.replay,
     "rejoin": keel_load.rejoin,
     "overhead": keel_load.overhead,
+    "live_runs": keel_load.live_runs,
+    "short_runs": keel_load.short_runs,
     "tasks": tasks_load.tasks,
     "grpc_stream": ceilings.grpc_stream,
     "grpc_fanout": ceilings.grpc_fanout,

@@ -1,4 +1,4 @@
-"""The Keel workloads' client side (a-f): each runs in a client process of its own.
+"""The Keel workloads' client side (a-f, h, i): each runs in a client process of its own.
 
 Every function takes its params (JSON) and returns a JSON-able dict. The
 clients use the generated stubs directly, not keel_client's resuming
@@ -10,6 +10,13 @@ Clocks: durations use time.perf_counter_ns(); latencies compare an event's
 `time` (stamped by the server's EventWriter.emit, wall clock) with
 time.time_ns() when the client's gRPC iterator hands over the response
 carrying it; both processes read the same machine clock.
+
+CPU: the runner passes the Keel server's process ids (`server_pids`: the
+server, on temporal also its worker; their descendants count too, so a
+server's `--workers` are included) and Redis's (`redis_pid`). A client reads
+their CPU time from /proc right before and right after each measured part
+(not the warm-up), and its own by time.process_time(), and divides by the
+events (or runs) the measured part delivered.
 """
 
 from __future__ import annotations
@@ -20,8 +27,9 @@ import itertools
 import json
 import math
 import random
+import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +37,7 @@ import grpc
 from keel.v1 import agent_service_pb2 as pb
 from keel.v1 import agent_service_pb2_grpc as pb_grpc
 
+from bench.cpu import Meter
 from bench.stats import latency_summary_ms, median, percentile, spread
 
 Params = dict[str, Any]
@@ -162,17 +171,95 @@ async def _keel(target: str) -> AsyncIterator[Any]:
         yield stub
 
 
+@contextlib.asynccontextmanager
+async def _channels(params: Params, first: Any) -> AsyncIterator[list[Any]]:
+    """`first` (the warmed-up stub) and stubs on `channels` - 1 more connections.
+
+    Each channel gets a subchannel pool of its own, so it opens a connection
+    of its own (grpc shares one between channels to the same target otherwise).
+    """
+    stubs = [first]
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(max(1, int(params.get("channels", 1))) - 1):
+            channel = await stack.enter_async_context(
+                grpc.aio.insecure_channel(
+                    params["target"], options=[("grpc.use_local_subchannel_pool", 1)]
+                )
+            )
+            await channel.channel_ready()
+            stubs.append(pb_grpc.AgentServiceStub(channel))
+        # A run of one delta on each: with --workers, every worker has served a run.
+        warm_ups = await asyncio.gather(*(_stream(s, text_script((1, 0))) for s in stubs[1:]))
+        if not all(w.ok for w in warm_ups):
+            raise RuntimeError(f"a warm-up run failed: {_errors(warm_ups)}")
+        yield stubs
+
+
+# -- CPU ----------------------------------------------------------------------------
+
+
+@dataclass
+class Cpu:
+    """The CPU of the server, Redis and this client over the measured windows."""
+
+    server: Meter | None
+    redis: Meter | None
+    client: Meter = field(default_factory=Meter)
+
+    @classmethod
+    def of(cls, params: Params) -> Cpu:
+        pids = tuple(int(pid) for pid in params.get("server_pids", ()))
+        redis_pid = params.get("redis_pid")
+        return cls(
+            server=Meter(pids) if pids else None,
+            redis=Meter((int(redis_pid),)) if redis_pid else None,
+        )
+
+    def _meters(self) -> list[Meter]:
+        return [m for m in (self.server, self.redis, self.client) if m is not None]
+
+    @contextlib.contextmanager
+    def window(self) -> Iterator[None]:
+        for meter in self._meters():
+            meter.start()
+        try:
+            yield
+        finally:
+            for meter in self._meters():
+                meter.stop()
+
+    def per(self, count: int, unit: str = "event", scale: float = 1e6) -> Params:
+        """CPU seconds of each process, and per `unit` (µs with the default scale)."""
+        suffix = "us" if scale == 1e6 else "ms"
+        result: Params = {}
+        meters = (("server", self.server), ("redis", self.redis), ("client", self.client))
+        for name, meter in meters:
+            if meter is None:
+                continue
+            result[f"{name}_cpu_s"] = meter.total_s
+            result[f"{name}_cpu_{suffix}_per_{unit}"] = (
+                meter.total_s * scale / count if count else math.nan
+            )
+        return result
+
+
 # -- a. one run through Stream ----------------------------------------------------
 
 
 async def stream_one(params: Params) -> Params:
     """One run of `deltas` text deltas through Stream, `reps` times: events/s, first event."""
     script = text_script((int(params["deltas"]), 0))
+    cpu = Cpu.of(params)
+    reps: list[Params] = []
     async with _keel(params["target"]) as stub:
-        reps = [(await _stream(stub, script)).summary() for _ in range(int(params["reps"]))]
+        for _ in range(int(params["reps"])):
+            with cpu.window():
+                received = await _stream(stub, script)
+            reps.append(received.summary())
     return {
         "ok": all(r["ok"] for r in reps),
         "events": reps[0]["events"],
+        **cpu.per(sum(r["events"] for r in reps)),
         "events_per_s": median([r["events_per_s"] for r in reps]),
         "time_to_first_event_ms": median([r["time_to_first_event_ms"] for r in reps]),
         "events_per_message": median([r["events_per_message"] for r in reps]),
@@ -185,11 +272,20 @@ async def stream_one(params: Params) -> Params:
 
 
 async def stream_many(params: Params) -> Params:
-    """`runs` concurrent runs of `deltas` deltas through Stream: aggregate events/s."""
+    """`runs` concurrent runs of `deltas` deltas through Stream: aggregate events/s.
+
+    The streams share one connection, or spread over `channels` connections
+    (round robin): a server with `--workers` gets each connection to one worker.
+    """
     script = text_script((int(params["deltas"]), 0))
-    async with _keel(params["target"]) as stub:
-        start_ns = time.perf_counter_ns()
-        runs = await asyncio.gather(*(_stream(stub, script) for _ in range(int(params["runs"]))))
+    cpu = Cpu.of(params)
+    count = int(params["runs"])
+    async with _keel(params["target"]) as first, _channels(params, first) as stubs:
+        with cpu.window():
+            start_ns = time.perf_counter_ns()
+            runs = await asyncio.gather(
+                *(_stream(stubs[i % len(stubs)], script) for i in range(count))
+            )
     total_s = (max(r.last_event_ns for r in runs) - start_ns) / 1e9
     events = sum(r.events for r in runs)
     run_s = [(r.last_event_ns - start_ns) / 1e9 for r in runs]
@@ -203,11 +299,13 @@ async def stream_many(params: Params) -> Params:
         "events": events,
         "total_s": total_s,
         "events_per_s": events / total_s,
+        **cpu.per(events),
         "run_time_p50_s": percentile(run_s, 50),
         "run_time_max_s": max(run_s),
         "time_to_snapshot_p50_s": percentile(admitted_s, 50),
         "time_to_snapshot_max_s": max(admitted_s, default=math.nan),
         "events_per_message": events / max(1, sum(r.messages for r in runs)),
+        "channels": len(stubs),
         "failed": sum(not r.ok for r in runs),
         "errors": _errors(runs),
     }
@@ -418,23 +516,138 @@ async def overhead(params: Params) -> Params:
         return count
 
     in_process_s: list[float] = []
-    in_process_events = 0
+    in_process_events: list[int] = []
+    in_process_cpu = Meter()  # this process: the agent and its consumer, its whole cost
+    cpu = Cpu.of(params)
     keel: list[Params] = []
     await in_process(text_script((WARM_UP_DELTAS, 0)))  # as _keel warms the server up
     async with _keel(params["target"]) as stub:
         for _ in range(int(params["reps"])):
+            in_process_cpu.start()
             start = time.perf_counter_ns()
-            in_process_events = await in_process(script)
+            in_process_events.append(await in_process(script))
             in_process_s.append((time.perf_counter_ns() - start) / 1e9)
-            keel.append((await _stream(stub, script)).summary())
+            in_process_cpu.stop()
+            with cpu.window():
+                keel.append((await _stream(stub, script)).summary())
     keel_s = [r["time_to_last_event_ms"] / 1000 for r in keel]
+    produced = sum(in_process_events)
     return {
         "ok": all(r["ok"] for r in keel),
         "in_process_s": median(in_process_s),
-        "in_process_events": in_process_events,
+        "in_process_events": in_process_events[-1],
+        "in_process_cpu_s": in_process_cpu.total_s,
+        "in_process_cpu_us_per_event": in_process_cpu.total_s * 1e6 / produced
+        if produced
+        else math.nan,
         "keel_s": median(keel_s),
         "keel_events": keel[0]["events"],
+        **cpu.per(sum(r["events"] for r in keel)),
         "overhead": median(keel_s) / median(in_process_s) - 1,
         "in_process_s_spread": spread(in_process_s),
         "keel_s_spread": spread(keel_s),
+    }
+
+
+# -- h. many live runs ------------------------------------------------------------------
+
+
+async def _barrier(params: Params) -> None:
+    """With `barrier`: say "ready" and wait for the runner's "go" (on stdin).
+
+    The runner starts every client process of a workload, waits until each
+    is connected and warmed up, reads the server's CPU, then lets them all go
+    at once.
+    """
+    if not params.get("barrier"):
+        return
+    print("ready", flush=True)
+    line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    if line.strip() != "go":
+        raise RuntimeError(f"expected go from the runner, got {line!r}")
+
+
+async def live_runs(params: Params) -> Params:
+    """`runs` concurrent live runs, each its own Stream, each `deltas` deltas `delay_ms` apart.
+
+    Delivery delay: the client's receive time (time.time_ns() when the gRPC
+    iterator hands over the response) minus the event's `time`, for every
+    event of every run. Wall: from "go" to the last run's terminal event, in
+    wall-clock ns, so the runner can merge client processes. The streams
+    spread over `channels` connections. The client's own CPU time over the
+    same window says whether the client kept up.
+    """
+    runs = int(params["runs"])
+    script = text_script((int(params["deltas"]), int(params["delay_ms"])))
+    delays_ns: list[int] = []
+    ends_ns: list[int] = []
+
+    async def one(stub: Any) -> Received:
+        received = Received(offset=0)
+        try:
+            async for response in stub.Stream(pb.StreamRequest(agent_id=AGENT, input=script)):
+                now = time.time_ns()
+                received.take(response)
+                for event in response.events.events:
+                    delays_ns.append(now - event.time.ToNanoseconds())
+        except grpc.aio.AioRpcError as exc:
+            received.fail(exc)
+        ends_ns.append(time.time_ns())
+        return received
+
+    async with _keel(params["target"]) as first, _channels(params, first) as stubs:
+        await _barrier(params)
+        start_ns, cpu_start = time.time_ns(), time.process_time()
+        results = await asyncio.gather(*(one(stubs[i % len(stubs)]) for i in range(runs)))
+        client_cpu_s = time.process_time() - cpu_start
+    end_ns = max(ends_ns, default=start_ns)
+    return {
+        "ok": all(r.ok for r in results),
+        "runs": runs,
+        "events": sum(r.events for r in results),
+        "start_wall_ns": start_ns,
+        "end_wall_ns": end_ns,
+        "client_cpu_s": client_cpu_s,
+        "client_wall_s": (end_ns - start_ns) / 1e9,
+        # Merged by the runner over client processes; dropped from the stored results.
+        "delays_ms": [round(d / 1e6, 3) for d in delays_ns],
+        "failed": sum(not r.ok for r in results),
+        "errors": _errors(results),
+    }
+
+
+# -- i. many short runs ------------------------------------------------------------------
+
+
+async def short_runs(params: Params) -> Params:
+    """`runs` runs of `deltas` deltas each (one), `parallel` at a time: server CPU per run."""
+    runs, parallel = int(params["runs"]), int(params["parallel"])
+    script = text_script((int(params.get("deltas", 1)), 0))
+    cpu = Cpu.of(params)
+    slots = asyncio.Semaphore(parallel)
+
+    async def one(stub: Any) -> Received:
+        async with slots:
+            return await _stream(stub, script)
+
+    async with _keel(params["target"]) as stub:
+        with cpu.window():
+            start_ns = time.perf_counter_ns()
+            results = await asyncio.gather(*(one(stub) for _ in range(runs)))
+            total_s = (time.perf_counter_ns() - start_ns) / 1e9
+    events = sum(r.events for r in results)
+    run_ms = [(r.last_event_ns - r.start_ns) / 1e6 for r in results if r.last_event_ns]
+    return {
+        "ok": all(r.ok for r in results),
+        "runs": runs,
+        "parallel": parallel,
+        "events": events,
+        "total_s": total_s,
+        "runs_per_s": runs / total_s,
+        "run_time_p50_ms": percentile(run_ms, 50),
+        "run_time_p99_ms": percentile(run_ms, 99),
+        **cpu.per(runs, "run", 1e3),
+        **cpu.per(events),
+        "failed": sum(not r.ok for r in results),
+        "errors": _errors(results),
     }

@@ -8,6 +8,7 @@ line of stdout (see child.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,11 +20,14 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import redis
+
+from bench import cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -34,6 +38,10 @@ STOP_TIMEOUT_S = 15.0
 
 class BenchError(RuntimeError):
     """A process of the benchmark failed; the message says which and why."""
+
+
+class Unsupported(BenchError):
+    """The measured server lacks what a workload needs (e.g. `--workers`): it is skipped."""
 
 
 def free_port() -> int:
@@ -178,11 +186,17 @@ def _wait_for_ping(url: str, process: subprocess.Popen[bytes]) -> bool:
 
 @dataclass
 class ServerProcess:
-    """A server subprocess that printed `<ready> 127.0.0.1:PORT` on stdout."""
+    """A server subprocess that printed `<ready> 127.0.0.1:PORT` on stdout.
+
+    Its memory and CPU include its descendants (a server's `--workers`);
+    `companions` are other processes that do its work (the Temporal worker of
+    an API server): their CPU counts as the server's, their memory does not.
+    """
 
     name: str
     process: subprocess.Popen[bytes]
     port: int
+    companions: list[int] = field(default_factory=list)
 
     @property
     def target(self) -> str:
@@ -192,15 +206,33 @@ class ServerProcess:
     def pid(self) -> int:
         return self.process.pid
 
+    @property
+    def cpu_pids(self) -> list[int]:
+        """The processes whose CPU (with their descendants') is the server's."""
+        return [self.pid, *self.companions]
+
+    def processes(self) -> int:
+        """The server process and its descendants (1 + its workers)."""
+        return len(cpu.tree([self.pid]))
+
     def peak_rss_kib(self) -> int:
-        return proc_status_kib(self.pid, "VmHWM")
+        """VmHWM of the server, plus its descendants' (each one's own peak)."""
+        return sum(proc_status_kib(pid, "VmHWM") for pid in cpu.tree([self.pid]))
 
     def rss_kib(self) -> int:
-        return proc_status_kib(self.pid, "VmRSS")
+        return sum(proc_status_kib(pid, "VmRSS") for pid in cpu.tree([self.pid]))
+
+    def cpu_s(self) -> float:
+        return cpu.tree_cpu_s(self.cpu_pids)
 
     def stop(self) -> None:
-        """SIGTERM (a graceful shutdown), SIGKILL if it takes too long."""
+        """SIGTERM (a graceful shutdown), SIGKILL if it takes too long; then SIGKILL any
+        descendant (a worker) it left behind."""
+        below = cpu.descendants(self.pid)
         _stop(self.process)
+        for pid in below:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         if self.process.stdout is not None:
             self.process.stdout.close()
 
@@ -274,18 +306,50 @@ class Launcher:
         log_level: str = "WARNING",
         env: dict[str, str] | None = None,
         key_prefix: str = "",
+        workers: int = 0,
     ) -> ServerProcess:
         """A Keel server serving the scripted agent, on the memory log or on `redis_url`,
-        with the KEEL_* settings of `env` added."""
-        argv = ["-m", "server", "serve", "--port", "0", "--agents", SCRIPTED_AGENTS]
+        with the KEEL_* settings of `env` added; `workers` > 0: `--workers N` (worker
+        processes, children of the server). Unsupported if this server has no `--workers`."""
+        # With workers, a port of our choosing: every worker must serve the same one.
+        port = free_port() if workers else 0
+        argv = ["-m", "server", "serve", "--port", str(port), "--agents", SCRIPTED_AGENTS]
         argv += ["--log-level", log_level]
         if redis_url:
             prefix = key_prefix or f"bench-{uuid.uuid4().hex[:8]}"
             argv += ["--redis-url", redis_url, "--key-prefix", prefix]
         # Stop fast: the benchmark waits for nothing at shutdown.
         settings = {"KEEL_SHUTDOWN_GRACE_S": "0", **(env or {})}
+        if workers:
+            argv += ["--workers", str(workers)]
+            settings["KEEL_WORKERS"] = str(workers)
         name = "keel-" + ((env or {}).get("KEEL_EXECUTOR") or ("redis" if redis_url else "memory"))
-        return self.start_server(name, argv, "keel listening on ", env=settings)
+        try:
+            return self.start_server(name, argv, "keel listening on ", env=settings)
+        except BenchError as exc:
+            if workers and self._serve_has("--workers") is False:
+                raise Unsupported(
+                    f"skipped: the server at {self.keel_root} has no --workers "
+                    "(python -m server serve --help does not list it)"
+                ) from exc
+            raise
+
+    def _serve_has(self, flag: str) -> bool | None:
+        """Whether `python -m server serve --help` of keel_root lists `flag` (None: it
+        failed, so nobody knows)."""
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "server", "serve", "--help"],
+                cwd=self.keel_root,
+                env=self._env(),
+                capture_output=True,
+                text=True,
+                timeout=READY_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            return None
+        return flag in done.stdout if done.returncode == 0 else None
 
     def start_worker(self, redis_url: str, key_prefix: str, env: dict[str, str]) -> ServerProcess:
         """A Temporal worker (`python -m server worker`) with the KEEL_* settings of `env`."""
@@ -316,3 +380,76 @@ class Launcher:
             raise BenchError(f"client {name} failed with exit code {done.returncode}")
         result: dict[str, Any] = json.loads(lines[-1])
         return result
+
+    def run_clients_together(
+        self,
+        name: str,
+        params: list[dict[str, Any]],
+        timeout_s: float,
+        on_go: Callable[[], None],
+    ) -> list[dict[str, Any]]:
+        """Run one `python -m bench.child name params[i]` per element, all at once.
+
+        Each client (given `"barrier": true`) prints `ready` once connected and
+        warmed up; when all are, `on_go()` runs (the runner reads the server's
+        CPU) and every client is told `go` at the same moment. Returns their
+        results, in order. One deadline for all: `timeout_s`.
+        """
+        argv = [sys.executable, "-m", "bench.child", name]
+        processes = [
+            subprocess.Popen(
+                [*argv, json.dumps({**p, "barrier": True})],
+                cwd=self.keel_root,
+                env=self._env(),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
+            for p in params
+        ]
+        expired = threading.Event()
+
+        def kill_all() -> None:
+            expired.set()
+            for process in processes:
+                process.kill()
+
+        watchdog = threading.Timer(timeout_s, kill_all)
+        watchdog.start()
+        try:
+            for process in processes:
+                assert process.stdout is not None
+                while True:
+                    line = process.stdout.readline().decode()
+                    if not line:
+                        why = "exited before it was ready"
+                        if expired.is_set():
+                            why = f"did not get ready within {timeout_s:.0f}s"
+                        raise BenchError(f"client {name} {why}")
+                    if line.strip() == "ready":
+                        break
+            on_go()
+            for process in processes:
+                assert process.stdin is not None
+                process.stdin.write(b"go\n")
+                process.stdin.flush()
+            results = []
+            for process in processes:
+                assert process.stdout is not None
+                lines = process.stdout.read().decode().strip().splitlines()
+                code = process.wait()
+                if expired.is_set():
+                    raise BenchError(f"client {name} did not finish within {timeout_s:.0f}s")
+                if code != 0 or not lines:
+                    raise BenchError(f"client {name} failed with exit code {code}")
+                results.append(json.loads(lines[-1]))
+            return results
+        finally:
+            watchdog.cancel()
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+                for stream in (process.stdin, process.stdout):
+                    if stream is not None:
+                        with contextlib.suppress(OSError):
+                            stream.close()

@@ -15,10 +15,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from bench import analysis
+
 Params = dict[str, Any]
 BACKENDS = ("memory", "redis", "temporal")
 NONE = "\N{EN DASH}"  # a missing value in a table
-TIMES = "\N{MULTIPLICATION SIGN}"
+TIMES = analysis.TIMES
 
 
 def write(results: Params, out_dir: Path) -> list[Path]:
@@ -53,9 +55,11 @@ def fmt(value: float | None, unit: str) -> str:
         return NONE
     if unit == "share":
         return f"{value:.0%}"
-    if unit in ("events/s", "messages/s"):
+    if unit == TIMES:
+        return f"{value:.2f}{TIMES}"
+    if unit in ("events/s", "messages/s", "runs/s"):
         return f"{value:,.0f}"
-    if unit in ("MiB", "observers"):
+    if unit in ("MiB", "MB", "observers"):
         return f"{value:,.0f}"
     if abs(value) >= 100:
         return f"{value:,.0f}"
@@ -94,27 +98,76 @@ def markdown(results: Params, chart: str | None) -> str:
             "numbers prove the benchmark runs, nothing more.",
             "",
         ]
+    before = results.get("baseline")
+    if before:
+        lines += [
+            f'**Before**: every "before" column is the run of {before.get("started_at")} '
+            f"({before.get('mode')}, Keel {before.get('keel_commit')}, load average "
+            f"{before.get('load_average', {}).get('start', '?')} before it), from "
+            f"`{before.get('source')}`, analysed by this benchmark's code.",
+            "",
+        ]
+    mastra = results.get("mastra")
+    if mastra:
+        lines += [
+            f"**Mastra**: @mastra/core {mastra.get('mastra_core')} on Node "
+            f"{mastra.get('node')}, its harness's results in `{mastra.get('source')}` "
+            f"({', '.join(mastra.get('files', []))}).",
+            "",
+        ]
     if chart is not None:
         lines += [f"![Keel against its ceilings and targets]({chart})", ""]
-    lines += _targets_table(results["targets"])
-    lines += _figures_table(results["figures"])
-    lines += _executors_table(results.get("executors", []))
+    lines += _targets_table(results["targets"], before)
+    lines += _figures_table(results["figures"], before)
+    lines += _cpu_table(results.get("cpu", []), before)
+    lines += _workers_table(results.get("workers"), before)
+    lines += _mastra_table(results.get("mastra_rows", []), mastra)
+    lines += _executors_table(results.get("executors", []), before)
     lines += _ceilings_table(results["ceilings"])
     lines += _checks(results["workloads"])
     return "\n".join(lines) + "\n"
 
 
-def _targets_table(targets: list[Params]) -> list[str]:
+# -- before and after -------------------------------------------------------------
+
+
+def _cells(now: Any, then: Any, unit: str, with_before: bool) -> list[str]:
+    """[before, now] or [now], each value with its unit."""
+    cells = [_with_unit(now, unit)]
+    return [_with_unit(then, unit), *cells] if with_before else cells
+
+
+def _lookup(rows: list[Params] | None, *keys: str) -> dict[tuple[Any, ...], Params]:
+    return {tuple(row.get(k) for k in keys): row for row in rows or []}
+
+
+def _value(row: Params | None, backend: str, field: str = "value") -> Any:
+    if row is None:
+        return None
+    return (row.get("backends", {}).get(backend) or {}).get(field)
+
+
+def _targets_table(targets: list[Params], before: Params | None = None) -> list[str]:
+    shown = ("memory", "redis")
+    heads = [f"{b} before | {b}" if before else b for b in shown]
     lines = [
         "## Targets",
         "",
-        "| target | memory | redis | target |",
-        "|---|---|---|---|",
+        'A target names its backend when it is judged on one only ("on Redis").',
+        "",
+        f"| target | {' | '.join(heads)} | target |",
+        "|---|" + "---|" * (len(shown) * (2 if before else 1)) + "---|",
     ]
+    then = _lookup((before or {}).get("targets"), "target")
     for row in targets:
+        old = then.get((row["target"],))
         cells = []
-        for backend in BACKENDS:
+        for backend in shown:
             cell = row["backends"].get(backend)
+            if before:
+                was = _value(old, backend)
+                verdict = "" if was is None else (" met" if _value(old, backend, "met") else "")
+                cells.append(f"{_with_unit(was, row['unit'])}{verdict}")
             if cell is None:
                 cells.append(NONE)
                 continue
@@ -122,7 +175,7 @@ def _targets_table(targets: list[Params]) -> list[str]:
             cells.append(f"{_with_unit(cell['value'], row['unit'])} {verdict}")
         bound = "≤" if row["at_most"] else "≥"
         lines.append(
-            f"| {row['target']} | {cells[0]} | {cells[1]} | "
+            f"| {row['target']} | {' | '.join(cells)} | "
             f"{bound} {_with_unit(row['threshold'], row['unit'])} |"
         )
     return [*lines, ""]
@@ -130,58 +183,192 @@ def _targets_table(targets: list[Params]) -> list[str]:
 
 def _with_unit(value: float | None, unit: str) -> str:
     text = fmt(value, unit)
-    return text if unit in ("share", "") or text == NONE else f"{text} {unit}"
+    return text if unit in ("share", "", TIMES) or text == NONE else f"{text} {unit}"
 
 
-def _figures_table(figures: list[Params]) -> list[str]:
+def _figures_table(figures: list[Params], before: Params | None = None) -> list[str]:
+    shown = ("memory", "redis")
+    heads = [f"{b} before | {b}" if before else b for b in shown]
     lines = [
         "## Keel against its ceilings",
         "",
         "Ratio: for rates, the share of the ceiling Keel reaches; for times, how many",
         "times the ceiling's time Keel takes. A ceiling is measured in the same run.",
+        *(["With a before column, a ratio reads before → now."] if before else []),
         "",
-        "| workload | figure | memory | redis | ceiling | memory ratio | redis ratio |",
-        "|---|---|---|---|---|---|---|",
+        f"| workload | figure | {' | '.join(heads)} | ceiling | memory ratio | redis ratio |",
+        "|---|---|" + "---|" * (len(shown) * (2 if before else 1)) + "---|---|---|",
     ]
+    then = _lookup((before or {}).get("figures"), "workload", "figure")
     for row in figures:
         unit = row["unit"]
+        old = then.get((row["workload"], row["figure"]))
         values, ratios, ceilings = [], [], []
-        for backend in BACKENDS:
+        for backend in shown:
             cell = row["backends"].get(backend)
+            if before:
+                values.append(_with_unit(_value(old, backend), unit))
             if cell is None:
                 values.append(NONE)
                 ratios.append(NONE)
                 continue
             flag = "" if cell["ok"] else " (failed)"
             values.append(f"{_with_unit(cell['value'], unit)}{flag}")
-            ratios.append(fmt_ratio(cell["ratio"], row["better"]))
+            ratio = fmt_ratio(cell["ratio"], row["better"])
+            was = _value(old, backend, "ratio")
+            if before and (was is not None or cell["ratio"] is not None) and row["ceiling_name"]:
+                ratio = f"{fmt_ratio(was, row['better'])} → {ratio}"
+            ratios.append(ratio)
             if cell["ceiling"] is not None:
                 ceilings.append(cell["ceiling"])
         ceiling = NONE
         if row["ceiling_name"]:
-            shown = " / ".join(dict.fromkeys(fmt(c, unit) for c in ceilings)) or NONE
-            ceiling = f"{shown} {unit}: {row['ceiling_name']}"
+            shown_ceilings = " / ".join(dict.fromkeys(fmt(c, unit) for c in ceilings)) or NONE
+            ceiling = f"{shown_ceilings} {unit}: {row['ceiling_name']}"
         lines.append(
-            f"| {row['workload'][0]} | {row['figure']} | {values[0]} | {values[1]} | "
+            f"| {row['workload'][0]} | {row['figure']} | {' | '.join(values)} | "
             f"{ceiling} | {ratios[0]} | {ratios[1]} |"
         )
     return [*lines, ""]
 
 
-def _executors_table(rows: list[Params]) -> list[str]:
+def _cpu_table(rows: list[Params], before: Params | None = None) -> list[str]:
     if not rows:
         return []
+    shown = [b for b in BACKENDS if any(r["backends"].get(b) is not None for r in rows)]
+    heads = [f"{b} before | {b}" if before else b for b in shown]
+    lines = [
+        "## CPU per event",
+        "",
+        "CPU time (user + system, all threads, the server's worker processes included) over",
+        "each client's measured part, divided by the events it received (µs/event) or the",
+        "runs it made (ms/run). server: the Keel server (on temporal, the API server and",
+        "its worker); redis: the redis-server; client: the measuring client process;",
+        "in-process: the client process running the agent itself (workload f).",
+        "",
+        f"| workload | what | process | unit | {' | '.join(heads)} |",
+        "|---|---|---|---|" + "---|" * (len(shown) * (2 if before else 1)),
+    ]
+    then = _lookup((before or {}).get("cpu"), "workload", "process")
+    for row in rows:
+        old = then.get((row["workload"], row["process"]))
+        cells = []
+        for backend in shown:
+            if before:
+                cells.append(fmt((old or {}).get("backends", {}).get(backend), ""))
+            cells.append(fmt(row["backends"].get(backend), ""))
+        lines.append(
+            f"| {row['workload'][0]} | {row['name']} | {row['process']} | {row['unit']} | "
+            f"{' | '.join(cells)} |"
+        )
+    return [*lines, ""]
+
+
+def _workers_table(workers: Params | None, before: Params | None = None) -> list[str]:
+    if not workers:
+        return []
+    count = workers.get("workers") or "N"
+    lines = [
+        f"## Workers: workload b on Redis, one server process against --workers {count}",
+        "",
+        "The same client in both: 100 runs, each on a connection of its own (the kernel",
+        "hands each connection to one worker).",
+        "",
+    ]
+    if workers.get("skipped") or workers.get("errors"):
+        why = workers.get("skipped") or "; ".join(workers["errors"])
+        lines += [f"--workers: **{why}**", ""]
+    split = workers.get("cpu_by_process_s")
+    if split and len(split) > 1:
+        total = sum(split) or 1.0
+        shares = ", ".join(f"{value / total:.0%}" for value in split)
+        lines += [f"How the server's CPU spread over its processes: {shares}.", ""]
+    then = {row["name"]: row for row in ((before or {}).get("workers") or {}).get("rows", [])}
+    heads = (
+        "one process before | one process | workers before | workers"
+        if before
+        else ("one process | workers")
+    )
+    lines += [
+        f"| figure | {heads} | workers / one |",
+        "|---|" + "---:|" * (5 if before else 3),
+    ]
+    for row in workers["rows"]:
+        old = then.get(row["name"], {})
+        cells = [fmt(row["one"], "")]
+        many = [fmt(row["many"], "")]
+        if before:
+            cells.insert(0, fmt(old.get("one"), ""))
+            many.insert(0, fmt(old.get("many"), ""))
+        ratio = NONE if row["ratio"] is None else f"{row['ratio']:.2f}"
+        lines.append(f"| {row['name']} | {' | '.join(cells + many)} | {ratio} |")
+    return [*lines, ""]
+
+
+def _mastra_table(rows: list[Params], mastra: Params | None) -> list[str]:
+    if not rows or not mastra:
+        return []
+    lines = [
+        "## Keel against Mastra",
+        "",
+        "Mastra's durable agent (createDurableAgent) with a mock model streaming the same",
+        "deltas, measured by its own harness (not in this run: compare with care). Its one",
+        "process runs the agent, the event log and the consumer; its CPU excludes its Redis,",
+        "as Keel's server CPU excludes Keel's. b on Redis (best): the best of workload b",
+        "in one process and with --workers.",
+        "",
+        "| figure | Keel memory | Keel Redis | Keel Redis (best) | Mastra memory | "
+        "Mastra Redis | Keel / Mastra (Redis) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        keel, peer = row["keel"], row["mastra"]
+        best = NONE
+        if "redis_best" in keel:
+            best = f"{fmt(keel['redis_best'], '')} ({row.get('keel_best_is') or '?'})"
+        ratio = NONE if row["ratio_redis"] is None else f"{row['ratio_redis']:.2f}"
+        lines.append(
+            f"| {row['name']} | {fmt(keel.get('memory'), '')} | {fmt(keel.get('redis'), '')} | "
+            f"{best} | {fmt(peer.get('memory'), '')} | {fmt(peer.get('redis'), '')} | {ratio} |"
+        )
+    details = []
+    for scenario in ("single", "concurrent"):
+        for cache, values in (mastra.get(scenario) or {}).items():
+            shape = (
+                f"{values.get('runs')} x {values.get('deltas')} deltas"
+                if scenario == "concurrent"
+                else f"{values.get('deltas')} deltas"
+            )
+            details.append(
+                f"{scenario} on {cache}: {shape}, {values.get('reps')} reps, other processes "
+                f"used {values.get('others_cpu_pct')}% of the machine"
+            )
+    if details:
+        lines += ["", "Mastra's measurements: " + "; ".join(details) + "."]
+    return [*lines, ""]
+
+
+def _executors_table(rows: list[Params], before: Params | None = None) -> list[str]:
+    if not rows:
+        return []
+    then = _lookup((before or {}).get("executors"), "workload", "name")
+    heads = "local before | local | temporal before | temporal" if before else "local | temporal"
     lines = [
         "## The Temporal executor against the local one (both on Redis, same run)",
         "",
-        "| workload | figure | local | temporal | temporal / local |",
-        "|---|---|---:|---:|---:|",
+        f"| workload | figure | {heads} | temporal / local |",
+        "|---|---|" + "---:|" * (5 if before else 3),
     ]
     for row in rows:
+        old = then.get((row["workload"], row["name"]), {})
         ratio = NONE if row["ratio"] is None else f"{row['ratio']:.2f}"
+        local = [fmt(row["local"], "")]
+        temporal = [fmt(row["temporal"], "")]
+        if before:
+            local.insert(0, fmt(old.get("local"), ""))
+            temporal.insert(0, fmt(old.get("temporal"), ""))
         lines.append(
-            f"| {row['workload']} | {row['name']} | {fmt(row['local'], '')} | "
-            f"{fmt(row['temporal'], '')} | {ratio} |"
+            f"| {row['workload']} | {row['name']} | {' | '.join(local + temporal)} | {ratio} |"
         )
     return [*lines, ""]
 
@@ -230,10 +417,11 @@ def _checks(workloads: dict[str, dict[str, Params]]) -> list[str]:
     for key, per_backend in workloads.items():
         for backend, result in per_backend.items():
             rss = result.get("server_peak_rss_kib")
+            ok = "yes" if result.get("ok") else "skipped" if result.get("skipped") else "**no**"
             lines.append(
-                f"| {key} | {backend} | {'yes' if result.get('ok') else '**no**'} | "
+                f"| {key} | {backend} | {ok} | "
                 f"{fmt(result.get('events_per_message'), '')} | "
-                f"{fmt(rss / 1024 if rss else None, 'MiB')} MiB | "
+                f"{_with_unit(rss / 1024 if rss else None, 'MiB')} | "
                 f"{fmt(result.get('wall_s'), 's')} s | "
                 f"{'; '.join(result.get('errors', [])) or NONE} |"
             )

@@ -2,15 +2,20 @@
 
 1. Start a redis-server of our own (memory-only) and, on first need, the raw
    gRPC server.
-2. For each workload a-g: measure the ceilings it is compared with (once per
+2. For each workload a-i: measure the ceilings it is compared with (once per
    benchmark run, just before the first workload that needs them), then run
    its client against a Keel server on each backend. A full run starts a
    fresh server per workload and backend, so its peak RSS (VmHWM) belongs to
    that workload alone and no run of an earlier workload lingers in memory.
+   Around the measured part of each, the server's CPU time is read from
+   /proc (by the client, or for clients that run as several processes, by
+   the runner between "go" and their end; see cpu.py).
 3. Turn the raw results into figures (Keel value, ceiling value, ratio) and
    targets (analysis.py), and write them (report.py).
 
-A workload that fails is recorded with its error and the run goes on.
+A workload that fails is recorded with its error and the run goes on; one
+the measured server cannot run (a `--workers` it lacks) is recorded as
+skipped, with the reason.
 """
 
 from __future__ import annotations
@@ -26,8 +31,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.procs import BenchError, Launcher, RedisServer, ServerProcess, TemporalServer
+from bench import cpu
+from bench.cpu import Meter
+from bench.procs import (
+    BenchError,
+    Launcher,
+    RedisServer,
+    ServerProcess,
+    TemporalServer,
+    Unsupported,
+)
 from bench.sizes import CLIENT_TIMEOUT_S, Sizes
+from bench.stats import latency_summary_ms
 
 Params = dict[str, Any]
 BACKENDS = ("memory", "redis", "temporal")  # temporal: the Temporal executor, on Redis
@@ -44,6 +59,13 @@ class Workload:
     # KEEL_* settings of its own: the workload gets a server of its own, quick or not.
     server_env: Callable[[Sizes], dict[str, str]] | None = None
     backends: tuple[str, ...] = LOCAL  # where it runs
+    # The server is started with `--workers N` (a fresh server, quick or not).
+    workers: Callable[[Sizes], int] | None = None
+    # The client runs as this many processes at once (their `runs` split between them,
+    # released together); the runner merges their results with `merge` and reads the
+    # server's CPU itself.
+    processes: Callable[[Sizes], int] | None = None
+    merge: Callable[[list[Params], Params], Params] | None = None
 
 
 WORKLOADS = (
@@ -62,6 +84,25 @@ WORKLOADS = (
         lambda s: {"runs": s.many_runs, "deltas": s.many_deltas},
         ("grpc_many_streams",),
         backends=BACKENDS,
+    ),
+    # Workers: b again on Redis, each run on a connection of its own (the kernel hands
+    # each connection to one worker), in one server process and with --workers N.
+    Workload(
+        "b_concurrent_w1",
+        "b. concurrent runs through Stream, a connection each, one server process",
+        "stream_many",
+        lambda s: {"runs": s.many_runs, "deltas": s.many_deltas, "channels": s.compare_channels},
+        (),
+        backends=("redis",),
+    ),
+    Workload(
+        "b_concurrent_w2",
+        "b. concurrent runs through Stream, a connection each, the server with --workers N",
+        "stream_many",
+        lambda s: {"runs": s.many_runs, "deltas": s.many_deltas, "channels": s.compare_channels},
+        (),
+        backends=("redis",),  # workers share the store: Redis only
+        workers=lambda s: s.compare_workers,
     ),
     Workload(
         "c_fanout",
@@ -115,7 +156,64 @@ WORKLOADS = (
         (),
         lambda s: {"KEEL_TASKS_GLOBAL_CONCURRENCY": str(s.tasks_limit)},
     ),
+    Workload(
+        "h_live_runs",
+        "h. many live runs at once, each its own Stream",
+        "live_runs",
+        lambda s: {
+            "runs": s.live_runs,
+            "deltas": s.live_deltas,
+            "delay_ms": s.live_delay_ms,
+            "channels": s.live_channels,
+        },
+        (),
+        processes=lambda s: s.live_clients,
+        merge=lambda results, params: merge_live_runs(results, params),
+    ),
+    Workload(
+        "i_short_runs",
+        "i. many short runs, a few at a time",
+        "short_runs",
+        lambda s: {"runs": s.short_runs, "deltas": s.short_deltas, "parallel": s.short_parallel},
+        (),
+    ),
 )
+
+
+def merge_live_runs(results: list[Params], params: Params) -> Params:
+    """h's client processes as one: all runs, all delays, wall from the first go to the
+    last end (wall-clock ns, one machine) against the script's own duration, the
+    clients' CPU."""
+    delays = [d for r in results for d in r.pop("delays_ms")]
+    start_ns = min(r["start_wall_ns"] for r in results)
+    end_ns = max(r["end_wall_ns"] for r in results)
+    wall_s = (end_ns - start_ns) / 1e9
+    client_cpu_s = sum(r["client_cpu_s"] for r in results)
+    summary = latency_summary_ms([round(d * 1e6) for d in delays])
+    # A run sleeps delay_ms between two deltas: (deltas - 1) sleeps.
+    scripted_s = (int(params["deltas"]) - 1) * int(params["delay_ms"]) / 1000
+    return {
+        "ok": all(r["ok"] for r in results),
+        "runs": sum(r["runs"] for r in results),
+        "events": sum(r["events"] for r in results),
+        "runs_wall_s": wall_s,
+        "scripted_s": scripted_s,
+        "wall_over_scripted": wall_s / scripted_s if scripted_s else None,
+        "delivery_p50_ms": summary["p50_ms"],
+        "delivery_p90_ms": summary["p90_ms"],
+        "delivery_p99_ms": summary["p99_ms"],
+        "delivery_max_ms": summary["max_ms"],
+        "delivery_samples": summary["samples"],
+        "client_processes": len(results),
+        "client_cpu_s": client_cpu_s,
+        # The busiest client's CPU over its own wall time: near 1.0, it could not keep up.
+        "client_cpu_share_max": max(
+            r["client_cpu_s"] / r["client_wall_s"] if r["client_wall_s"] else 0.0 for r in results
+        ),
+        "failed": sum(r["failed"] for r in results),
+        "errors": sorted({e for r in results for e in r["errors"]})[:5],
+        "clients": results,
+    }
 
 
 @dataclass
@@ -156,23 +254,25 @@ class Run:
         return self.temporal.address
 
     @contextlib.contextmanager
-    def keel(self, backend: str, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
-        """A Keel server on `backend`: fresh (full runs, or settings of its own `env`) or
-        shared by every workload (quick). On temporal: always fresh, with a worker of its
+    def keel(
+        self, backend: str, env: dict[str, str] | None = None, workers: int = 0
+    ) -> Iterator[ServerProcess]:
+        """A Keel server on `backend`: fresh (full runs, or settings or workers of its own)
+        or shared by every workload (quick). On temporal: always fresh, with a worker of its
         own on a task queue of its own."""
         if backend == "temporal":
             with self._temporal_keel(env) as server:
                 yield server
             return
         url = self.redis_url() if backend == "redis" else ""
-        if not self.sizes.fresh_server_per_workload and not env:
+        if not self.sizes.fresh_server_per_workload and not env and not workers:
             if backend not in self.shared:
                 self.shared[backend] = self.launcher.start_keel(url)
             yield self.shared[backend]
             return
         if self.redis is not None and self.sizes.fresh_server_per_workload:
             self.redis.flush()
-        server = self.launcher.start_keel(url, env=env)
+        server = self.launcher.start_keel(url, env=env, workers=workers)
         try:
             yield server
         finally:
@@ -193,6 +293,7 @@ class Run:
         worker = self.launcher.start_worker(url, prefix, settings)
         try:
             server = self.launcher.start_keel(url, env=settings, key_prefix=prefix)
+            server.companions.append(worker.pid)  # the runs' CPU is spent there
             try:
                 yield server
             finally:
@@ -235,18 +336,77 @@ class Run:
         start = time.monotonic()
         try:
             env = workload.server_env(self.sizes) if workload.server_env else None
-            with self.keel(backend, env) as server:
+            workers = workload.workers(self.sizes) if workload.workers else 0
+            with self.keel(backend, env, workers) as server:
                 baseline_kib = server.rss_kib()
-                params = {"target": server.target, **workload.params(self.sizes)}
+                params = {
+                    "target": server.target,
+                    **workload.params(self.sizes),
+                    "server_pids": server.cpu_pids,
+                }
+                if backend != "memory" and self.redis is not None:
+                    params["redis_pid"] = self.redis.process.pid
+                cpu_before = cpu.per_process_cpu_s([server.pid])
+                companions_before = cpu.tree_cpu_s(server.companions)
                 with self._profiling(server, f"{workload.key}-{backend}"):
-                    result = self.client(workload.client, params)
+                    if workload.processes is not None:
+                        result = self._together(workload, params)
+                    else:
+                        result = self.client(workload.client, params)
+                # The whole client, warm-up included (the clients' own windows are tighter),
+                # and how it spread over the server's processes (its workers).
+                cpu_after = cpu.per_process_cpu_s([server.pid])
+                used = {pid: after - cpu_before.get(pid, 0.0) for pid, after in cpu_after.items()}
+                result["server_cpu_s_whole_client"] = (
+                    sum(used.values()) + cpu.tree_cpu_s(server.companions) - companions_before
+                )
+                result["server_cpu_s_by_process"] = sorted(used.values(), reverse=True)
+                result["server_processes"] = server.processes()
                 result["server_peak_rss_kib"] = server.peak_rss_kib()
                 result["server_rss_before_kib"] = baseline_kib
+                if workers:
+                    result["server_workers"] = workers
+        except Unsupported as exc:
+            self.log(str(exc))
+            result = {"ok": False, "skipped": str(exc), "errors": [str(exc)]}
         except BenchError as exc:
             traceback.print_exc()
             result = {"ok": False, "errors": [str(exc)]}
         result["wall_s"] = time.monotonic() - start
         return result
+
+    def _together(self, workload: Workload, params: Params) -> Params:
+        """The workload's client as several processes released at once; the server's and
+        Redis's CPU from "go" until the last one ended."""
+        assert workload.processes is not None and workload.merge is not None
+        count = max(1, min(workload.processes(self.sizes), int(params["runs"])))
+        runs = int(params["runs"])
+        shares = [runs // count + (i < runs % count) for i in range(count)]
+        server = Meter(tuple(params["server_pids"]))
+        redis = Meter((int(params["redis_pid"]),)) if "redis_pid" in params else None
+        meters = [m for m in (server, redis) if m is not None]
+
+        def go() -> None:
+            for meter in meters:
+                meter.start()
+
+        results = self.launcher.run_clients_together(
+            workload.client,
+            [{**params, "runs": share} for share in shares],
+            CLIENT_TIMEOUT_S,
+            go,
+        )
+        for meter in meters:
+            meter.stop()
+        merged = workload.merge(results, params)
+        merged["server_cpu_s"] = server.total_s
+        merged["server_cpu_ms_per_run"] = server.total_s * 1e3 / runs
+        merged["server_cpu_us_per_event"] = server.total_s * 1e6 / max(1, merged["events"])
+        if redis is not None:
+            merged["redis_cpu_s"] = redis.total_s
+            merged["redis_cpu_ms_per_run"] = redis.total_s * 1e3 / runs
+        merged["client_cpu_ms_per_run"] = merged["client_cpu_s"] * 1e3 / runs
+        return merged
 
     @contextlib.contextmanager
     def _profiling(self, server: ServerProcess, name: str) -> Iterator[None]:

@@ -40,6 +40,21 @@ class Sizes:
     tasks_ms: int
     tasks_limit: int
     tasks_runs: int
+    # h. many live runs at once: each its own Stream, live_deltas deltas live_delay_ms apart,
+    # from live_clients client processes of live_channels connections each
+    live_runs: int
+    live_deltas: int
+    live_delay_ms: int
+    live_clients: int
+    live_channels: int
+    # i. many short runs of short_deltas deltas, short_parallel at a time
+    short_runs: int
+    short_deltas: int
+    short_parallel: int
+    # b with the server started with `--workers N` (on Redis), and without, both with the
+    # runs spread over compare_channels connections (a connection goes to one worker)
+    compare_workers: int
+    compare_channels: int
     # ceilings
     grpc_messages: int  # on one stream
     grpc_streams: int  # concurrent streams of grpc_stream_messages each
@@ -71,6 +86,16 @@ FULL = Sizes(
     tasks_ms=100,
     tasks_limit=20,
     tasks_runs=10,
+    live_runs=1_000,
+    live_deltas=10,
+    live_delay_ms=500,
+    live_clients=1,
+    live_channels=1,
+    short_runs=500,
+    short_deltas=1,
+    short_parallel=50,
+    compare_workers=2,
+    compare_channels=100,
     grpc_messages=10_000,
     grpc_streams=100,
     grpc_stream_messages=1_000,
@@ -100,6 +125,16 @@ QUICK = Sizes(
     tasks_ms=50,
     tasks_limit=4,
     tasks_runs=2,
+    live_runs=20,
+    live_deltas=3,
+    live_delay_ms=50,
+    live_clients=1,
+    live_channels=1,
+    short_runs=20,
+    short_deltas=1,
+    short_parallel=5,
+    compare_workers=2,
+    compare_channels=5,
     grpc_messages=500,
     grpc_streams=5,
     grpc_stream_messages=100,
