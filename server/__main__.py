@@ -1,16 +1,17 @@
 """Keel's command line.
 
     python -m server serve [--port P] [--host H] [--redis-url URL] [--agents module:attr]
-                           [--executor local|temporal] [--temporal-address H:P]
-                           [--temporal-namespace N] [--task-queue Q]
+                           [--workers N] [--executor local|temporal]
+                           [--temporal-address H:P] [--temporal-namespace N] [--task-queue Q]
     python -m server worker --temporal-address H:P --redis-url URL --agents module:attr
                             [--temporal-namespace N] [--task-queue Q]
     python -m server keys add --file F --tenant T --role reader|runner|admin
 
-`serve` runs the gRPC server; `worker` runs a Temporal worker that executes
-the runs of servers started with `--executor temporal`; `keys add` prints a
-new API key and stores only its hash in the keys file F. Flags override KEEL_*
-environment variables (see server/settings.py).
+`serve` runs the gRPC server; with `--workers N` (Redis only) a parent runs N
+server processes on the one port (server/workers.py). `worker` runs a Temporal
+worker that executes the runs of servers started with `--executor temporal`;
+`keys add` prints a new API key and stores only its hash in the keys file F.
+Flags override KEEL_* environment variables (see server/settings.py).
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ from server import logs
 from server.app import ConfigurationError, check_settings, load_agents, serve
 from server.auth.keys import KeysFileError, Role, add_key
 from server.settings import Settings
+from server.workers import WorkersError, check_workers, run_workers, settings_from_parent
 
 _FLAGS = (
     "host",
     "port",
+    "workers",
     "redis_url",
     "agents",
     "key_prefix",
@@ -90,6 +93,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--host", help="address to bind (default 127.0.0.1; KEEL_HOST)")
     run.add_argument("--port", type=int, help="port to bind, 0 for any (default 50051; KEEL_PORT)")
     run.add_argument(
+        "--workers",
+        type=int,
+        help="server processes sharing the port, e.g. one per core; more than 1 needs "
+        "--redis-url (default 1; KEEL_WORKERS)",
+    )
+    # Internal: a worker of the `serve --workers` parent with this pid (server/workers.py).
+    run.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)
+    run.add_argument(
         "--executor",
         choices=("local", "temporal"),
         help="who executes runs: this process (local, the default) or Temporal workers",
@@ -132,16 +143,30 @@ def main(argv: list[str] | None = None) -> None:
     }
     if args.command == "worker":
         overrides["executor"] = "temporal"
+    worker_of: int | None = getattr(args, "worker_of", None)
     try:
-        settings = Settings(**overrides)
+        if worker_of is not None:
+            settings = settings_from_parent(worker_of)
+        else:
+            settings = Settings(**overrides)
         check_settings(settings)
+        if args.command == "serve":
+            check_workers(settings)
     except ValidationError as exc:
         sys.exit(f"invalid settings:\n{exc}")
     except ConfigurationError as exc:
         sys.exit(f"invalid settings: {exc}")
+    except WorkersError as exc:
+        sys.exit(f"serve: {exc}")
     logs.configure(settings.log_level, settings.log_format)
+    if args.command == "serve" and settings.workers > 1:
+        try:
+            sys.exit(run_workers(settings))
+        except WorkersError as exc:
+            sys.exit(f"serve: {exc}")
     if args.command == "serve":
-        asyncio.run(serve(settings))
+        # One process: the server (a worker of `serve --workers` shares the port).
+        asyncio.run(serve(settings, reuse_port=worker_of is not None))
     else:
         from server.temporal.worker import work
 

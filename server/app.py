@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = SERVICE.full_name
 ASSISTANT_AGENT_ID = "assistant"
+# What `serve` prints on stdout once it listens, followed by host:port; scripts and
+# tests wait for it (and the parent of `serve --workers` prints it for all its workers).
+LISTENING = "keel listening on "
 
 
 @dataclass
@@ -106,16 +109,21 @@ def load_agents(settings: Settings) -> dict[str, AgentSpec]:
     return agents
 
 
-def server_options(settings: Settings) -> list[tuple[str, int]]:
-    """The gRPC server's options: connection management from the settings."""
+def server_options(settings: Settings, *, reuse_port: bool = False) -> list[tuple[str, int]]:
+    """The gRPC server's options: connection management from the settings.
+
+    `reuse_port` is for the workers of one `serve --workers` parent only
+    (server/workers.py): they bind the port the parent reserved, with SO_REUSEPORT.
+    """
 
     def ms(seconds: float) -> int:
         return max(1, round(seconds * 1000))
 
     options = [
         # No SO_REUSEPORT: a second server on a port still held by a draining one
-        # must fail to bind, not silently split that port's connections with it.
-        ("grpc.so_reuseport", 0),
+        # must fail to bind, not silently split that port's connections with it
+        # (unless this is one of the workers of one parent, which share its port).
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
         ("grpc.keepalive_time_ms", ms(settings.grpc_keepalive_time_s)),
         ("grpc.keepalive_timeout_ms", ms(settings.grpc_keepalive_timeout_s)),
         # Clients may keep idle connections alive with pings, every 10 s at most
@@ -194,8 +202,9 @@ def _bind(server: grpc.aio.Server, settings: Settings) -> int:
     return server.add_secure_port(address, credentials)
 
 
-async def create_server(settings: Settings) -> Keel:
-    """A started Keel server on settings.host:settings.port (port 0 picks a free port)."""
+async def create_server(settings: Settings, *, reuse_port: bool = False) -> Keel:
+    """A started Keel server on settings.host:settings.port (port 0 picks a free port);
+    `reuse_port`: one of the workers of `serve --workers` (see server_options)."""
     keys = check_settings(settings)
     agents = load_agents(settings)
     event_log = await open_event_log(
@@ -287,7 +296,7 @@ async def create_server(settings: Settings) -> Keel:
             *tracing.server_interceptors(),
             AuthInterceptor(keys, client_certificates=client_certificates),
         ],
-        options=server_options(settings),
+        options=server_options(settings, reuse_port=reuse_port),
     )
     add_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -332,12 +341,12 @@ async def create_server(settings: Settings) -> Keel:
     )
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    keel = await create_server(settings)
+    keel = await create_server(settings, reuse_port=reuse_port)
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task[None]] = []  # keeps the shutdown task referenced
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: stopping.append(asyncio.create_task(keel.stop())))
-    print(f"keel listening on {settings.host}:{keel.port}", flush=True)
+    print(f"{LISTENING}{settings.host}:{keel.port}", flush=True)
     await keel.wait_stopped()

@@ -22,6 +22,9 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=50051, ge=0, le=65535)
+    # `serve` only: server processes sharing the port (SO_REUSEPORT among the workers of
+    # one parent, server/workers.py); more than 1 needs redis_url. 1: one process, no parent.
+    workers: int = Field(default=1, ge=1, le=512)
     # Redis for the event log and run records; empty: the in-memory log (one process,
     # no durability).
     redis_url: str = ""
