@@ -326,6 +326,13 @@ FIGURES = (
         "the script's own duration (deltas - 1 pauses)",
         _own("scripted_s"),
     ),
+    FigureSpec(
+        "h_live_runs",
+        "time until the server admitted every run (its snapshot)",
+        "s",
+        "lower",
+        _field("admitted_max_s"),
+    ),
     FigureSpec("h_live_runs", "delivery delay p50", "ms", "lower", _field("delivery_p50_ms")),
     FigureSpec("h_live_runs", "delivery delay p99", "ms", "lower", _field("delivery_p99_ms")),
     FigureSpec("h_live_runs", "server CPU per run", "ms", "lower", _field("server_cpu_ms_per_run")),

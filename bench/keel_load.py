@@ -581,6 +581,7 @@ async def live_runs(params: Params) -> Params:
     script = text_script((int(params["deltas"]), int(params["delay_ms"])))
     delays_ns: list[int] = []
     ends_ns: list[int] = []
+    admitted_ns: list[int] = []  # when each Stream's snapshot came (the run exists)
 
     async def one(stub: Any) -> Received:
         received = Received(offset=0)
@@ -588,6 +589,8 @@ async def live_runs(params: Params) -> Params:
             async for response in stub.Stream(pb.StreamRequest(agent_id=AGENT, input=script)):
                 now = time.time_ns()
                 received.take(response)
+                if response.WhichOneof("kind") == "snapshot":
+                    admitted_ns.append(now)
                 for event in response.events.events:
                     delays_ns.append(now - event.time.ToNanoseconds())
         except grpc.aio.AioRpcError as exc:
@@ -609,6 +612,9 @@ async def live_runs(params: Params) -> Params:
         "end_wall_ns": end_ns,
         "client_cpu_s": client_cpu_s,
         "client_wall_s": (end_ns - start_ns) / 1e9,
+        # From go until the server admitted each Stream (sent its snapshot).
+        "admitted_p50_s": percentile([(t - start_ns) / 1e9 for t in admitted_ns], 50),
+        "admitted_max_s": max(((t - start_ns) / 1e9 for t in admitted_ns), default=math.nan),
         # Merged by the runner over client processes; dropped from the stored results.
         "delays_ms": [round(d / 1e6, 3) for d in delays_ns],
         "failed": sum(not r.ok for r in results),

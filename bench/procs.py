@@ -197,6 +197,7 @@ class ServerProcess:
     process: subprocess.Popen[bytes]
     port: int
     companions: list[int] = field(default_factory=list)
+    log_path: Path | None = None  # its stderr (shared with other servers of its name)
 
     @property
     def target(self) -> str:
@@ -224,6 +225,25 @@ class ServerProcess:
 
     def cpu_s(self) -> float:
         return cpu.tree_cpu_s(self.cpu_pids)
+
+    def log_offset(self) -> int:
+        try:
+            return self.log_path.stat().st_size if self.log_path is not None else 0
+        except OSError:
+            return 0
+
+    def warnings_since(self, offset: int) -> list[str]:
+        """The WARNING, ERROR and CRITICAL lines its log got after `offset`."""
+        if self.log_path is None:
+            return []
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(offset)
+                text = log.read().decode(errors="replace")
+        except OSError:
+            return []
+        levels = ('"WARNING"', '"ERROR"', '"CRITICAL"', "WARNING", "ERROR", "Traceback")
+        return [line for line in text.splitlines() if any(level in line for level in levels)]
 
     def stop(self) -> None:
         """SIGTERM (a graceful shutdown), SIGKILL if it takes too long; then SIGKILL any
@@ -292,7 +312,7 @@ class Launcher:
                     raise BenchError(f"{name} exited before listening (code {process.wait()})")
                 if line.startswith(ready):
                     port = int(line.strip().rsplit(":", 1)[1])
-                    return ServerProcess(name, process, port)
+                    return ServerProcess(name, process, port, log_path=log_path)
         except BaseException:
             _stop(process, signal.SIGKILL)
             raise

@@ -411,8 +411,11 @@ def _checks(workloads: dict[str, dict[str, Params]]) -> list[str]:
         "`ok`: every stream delivered every event from its offset to the terminal one,",
         "once and in order. Events per message: how many events one gRPC message carried.",
         "",
-        "| workload | backend | ok | events per message | server peak RSS | wall time | errors |",
-        "|---|---|---|---|---|---|---|",
+        "Server warnings: lines the server logged at WARNING or above meanwhile.",
+        "",
+        "| workload | backend | ok | events per message | server peak RSS | wall time | "
+        "server warnings | errors |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for key, per_backend in workloads.items():
         for backend, result in per_backend.items():
@@ -422,10 +425,18 @@ def _checks(workloads: dict[str, dict[str, Params]]) -> list[str]:
                 f"| {key} | {backend} | {ok} | "
                 f"{fmt(result.get('events_per_message'), '')} | "
                 f"{_with_unit(rss / 1024 if rss else None, 'MiB')} | "
-                f"{fmt(result.get('wall_s'), 's')} s | "
+                f"{fmt(result.get('wall_s'), 's')} s | {_warnings(result)} | "
                 f"{'; '.join(result.get('errors', [])) or NONE} |"
             )
     return [*lines, ""]
+
+
+def _warnings(result: Params) -> str:
+    count = result.get("server_warnings")
+    if not count:
+        return NONE if count is None else "0"
+    examples = "; ".join(dict.fromkeys(result.get("server_warning_examples", [])))
+    return f"{count}: {examples}" if examples else str(count)
 
 
 # -- the chart --------------------------------------------------------------------

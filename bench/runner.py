@@ -21,6 +21,8 @@ skipped, with the reason.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import signal
 import subprocess
 import time
@@ -180,6 +182,19 @@ WORKLOADS = (
 )
 
 
+def _message(line: str) -> str:
+    """The message of a JSON log line (the line itself if it is not one)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line[:300]
+    if not isinstance(record, dict):
+        return line[:300]
+    return f"{record.get('level', '?')} {record.get('logger', '?')}: {record.get('message', '')}"[
+        :300
+    ]
+
+
 def merge_live_runs(results: list[Params], params: Params) -> Params:
     """h's client processes as one: all runs, all delays, wall from the first go to the
     last end (wall-clock ns, one machine) against the script's own duration, the
@@ -204,6 +219,12 @@ def merge_live_runs(results: list[Params], params: Params) -> Params:
         "delivery_p99_ms": summary["p99_ms"],
         "delivery_max_ms": summary["max_ms"],
         "delivery_samples": summary["samples"],
+        # From the first go until the server had admitted every Stream (sent its
+        # snapshot): how long starting all the runs took.
+        "admitted_max_s": max(
+            r.get("admitted_max_s", math.nan) + (r["start_wall_ns"] - start_ns) / 1e9
+            for r in results
+        ),
         "client_processes": len(results),
         "client_cpu_s": client_cpu_s,
         # The busiest client's CPU over its own wall time: near 1.0, it could not keep up.
@@ -346,6 +367,7 @@ class Run:
                 }
                 if backend != "memory" and self.redis is not None:
                     params["redis_pid"] = self.redis.process.pid
+                log_offset = server.log_offset()
                 cpu_before = cpu.per_process_cpu_s([server.pid])
                 companions_before = cpu.tree_cpu_s(server.companions)
                 with self._profiling(server, f"{workload.key}-{backend}"):
@@ -361,6 +383,10 @@ class Run:
                     sum(used.values()) + cpu.tree_cpu_s(server.companions) - companions_before
                 )
                 result["server_cpu_s_by_process"] = sorted(used.values(), reverse=True)
+                # What the server logged meanwhile (a lease lost under load, ...).
+                warnings = server.warnings_since(log_offset)
+                result["server_warnings"] = len(warnings)
+                result["server_warning_examples"] = [_message(w) for w in warnings[:3]]
                 result["server_processes"] = server.processes()
                 result["server_peak_rss_kib"] = server.peak_rss_kib()
                 result["server_rss_before_kib"] = baseline_kib

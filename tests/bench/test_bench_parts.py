@@ -62,6 +62,7 @@ def _client(start_ns: int, end_ns: int, delays: list[float], cpu_s: float) -> di
         "end_wall_ns": end_ns,
         "client_cpu_s": cpu_s,
         "client_wall_s": (end_ns - start_ns) / 1e9,
+        "admitted_max_s": 1.0,
         "delays_ms": delays,
         "failed": 0,
         "errors": [],
@@ -78,6 +79,7 @@ def test_live_runs_merge_over_client_processes() -> None:
     )
     assert merged["runs"] == 4 and merged["events"] == 5
     assert merged["runs_wall_s"] == 5.5  # first go to last end
+    assert merged["admitted_max_s"] == 1.1  # the second went 0.1 s after the first
     assert merged["scripted_s"] == 4.5  # 9 pauses of 500 ms
     assert merged["wall_over_scripted"] == 5.5 / 4.5
     assert merged["delivery_p50_ms"] == 3.0 and merged["delivery_max_ms"] == 100.0
