@@ -423,7 +423,8 @@ async def _play(
         yield {part: DeltaToolCall(json_args=args_json)}
 
 
-def _final_answer(text: str) -> str:
+async def _final_answer(text: str) -> str:
+    # Async, so pydantic-ai calls it on the loop instead of in a worker thread.
     # The last response's text is its trailing "tK " deltas (or "got ...", or
     # "attempt N ") followed by the answer; they were already delivered as
     # text_delta events.

@@ -6,6 +6,11 @@ collects the calls made until the loop's next turn and sends them in one
 non-transactional pipeline. Each caller still gets its own reply (or its own
 error), and a connection error fails every call of that pipeline, as it
 would have failed them one by one. A lone call is sent as it is.
+
+The pipeline carries plain EVALSHAs: redis-py's script objects would ask
+SCRIPT EXISTS first, a round trip per pipeline. A call that finds the script
+missing (Redis restarted or flushed its scripts) is sent again on its own,
+which loads the script.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 _Call = tuple[list[Any], list[Any], "asyncio.Future[Any]"]
 
@@ -48,10 +54,15 @@ class ScriptBatcher:
                 keys, args, _ = calls[0]
                 replies: list[Any] = [await self._script(keys=keys, args=args)]
             else:
+                sha = self._script.sha
                 async with self._client.pipeline(transaction=False) as pipe:
                     for keys, args, _ in calls:
-                        await self._script(keys=keys, args=args, client=pipe)
+                        pipe.evalsha(sha, len(keys), *keys, *args)
                     replies = await pipe.execute(raise_on_error=False)
+                for i, result in enumerate(replies):
+                    if isinstance(result, NoScriptError):
+                        keys, args, _ = calls[i]
+                        replies[i] = await self._script(keys=keys, args=args)
         except Exception as exc:
             for _, _, reply in calls:
                 if not reply.done():

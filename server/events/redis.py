@@ -101,13 +101,15 @@ class RedisEventLog:
         self._terminal_ttl_ms = max(1, round(terminal_ttl_s * 1000))
         self._retain_events = retain_events
         self._lease_ttl_ms = max(1, round(lease_ttl_s * 1000))
-        self._create = client.register_script(scripts.CREATE_RUN)
-        # Appends of many runs' writers, made in one loop turn, share a pipeline.
+        # The calls many runs make at once (appends of their writers, the lease
+        # renewals of one round, the creates and claims of a burst of new runs)
+        # share a pipeline per loop turn.
+        self._create = ScriptBatcher(client, client.register_script(scripts.CREATE_RUN))
         self._append = ScriptBatcher(client, client.register_script(scripts.APPEND))
         self._read = client.register_script(scripts.READ)
         self._incr = client.register_script(scripts.INCR_COUNTER)
-        self._claim = client.register_script(scripts.CLAIM)
-        self._renew = client.register_script(scripts.RENEW)
+        self._claim = ScriptBatcher(client, client.register_script(scripts.CLAIM))
+        self._renew = ScriptBatcher(client, client.register_script(scripts.RENEW))
         self._release = client.register_script(scripts.RELEASE)
         self._journal = client.register_script(scripts.JOURNAL_TOOL)
         self._cancel = client.register_script(scripts.REQUEST_CANCEL)

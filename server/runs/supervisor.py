@@ -251,7 +251,10 @@ class Supervisor:
         task_events = TaskEvents(self._tasks.store, run_id, writer)
         try:
             control = await self._log.subscribe_control(run_id, _CancelListener(self, run_id, task))
-            await task_events.open()
+            if record.next_index > 0:
+                # It may have made tasks already; a run without events yet has none, and
+                # starts listening to its task log when it makes its first one (_loop).
+                await task_events.open()
             try:
                 if run_id in self._stops:  # told to stop before it began
                     await self._stopped(run_id, writer, sink)
@@ -359,7 +362,7 @@ class Supervisor:
         if resume.phase is Phase.WAITING:  # taken over while it waited for its tasks
             result = waited(resume)
         else:
-            result = await self._loop(record, spec, sink, resume, attempt, earlier)
+            result = await self._loop(record, spec, sink, task_events, resume, attempt, earlier)
         waiting = resume if resume.phase is Phase.WAITING else None
         goal = Goal.decode(record.goal)
         judged: Judgment | None = None
@@ -380,7 +383,7 @@ class Supervisor:
                 retry, events=[judged.event], goal_progress=judged.progress.encode()
             )
             waiting = None
-            result = await self._loop(record, spec, sink, retry, 1, earlier)
+            result = await self._loop(record, spec, sink, task_events, retry, 1, earlier)
         if result.suspended is not None:
             suspension = result.suspended
             announcements = [_interrupt_event(suspension, i) for i in suspension.interrupts]
@@ -442,7 +445,7 @@ class Supervisor:
             sink.fed = (*sink.fed, outcome_key(outcome))
             await sink.checkpoint(told)
             waiting = None
-            result = await self._loop(record, spec, sink, told, 1, earlier)
+            result = await self._loop(record, spec, sink, task_events, told, 1, earlier)
         return result
 
     async def _loop(
@@ -450,6 +453,7 @@ class Supervisor:
         record: RunRecord,
         spec: AgentSpec,
         sink: _CheckpointingSink,
+        task_events: TaskEvents,
         resume: Checkpoint,
         attempt: int,
         earlier: list[ModelMessage],
@@ -464,6 +468,7 @@ class Supervisor:
             record,
             limits=self._tasks.limits,
             agent_limit=spec.max_concurrent_tasks,
+            on_task=task_events.open,
         )
         return await run_agent_loop(
             spec,

@@ -73,7 +73,10 @@ class TaskEvents:
         """Task runners act on these; the run's events follow from its log."""
 
     async def open(self) -> None:
-        """Listen to the run's doorbell, and emit whatever its log holds, from now on."""
+        """Listen to the run's doorbell, and emit whatever its log holds, from now on;
+        a no-op once open (or closed)."""
+        if self._subscription is not None or self._closed:
+            return
         self._subscription = await self._store.subscribe_tasks(self._run_id, self)
         self._watcher = asyncio.create_task(self._watch(), name=f"task-events:{self._run_id}")
 

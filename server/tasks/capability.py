@@ -15,6 +15,7 @@ is told the system is busy: {"task_id": "", "status": "rejected", ...}.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pydantic_core
@@ -43,7 +44,10 @@ class BackgroundTools(AbstractCapability[Any]):
         *,
         limits: TaskLimits,
         agent_limit: int,
+        on_task: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """`on_task` is awaited after each task the run makes (before the model hears of it)."""
+        self._on_task = on_task
         self._store = store
         self._runner = runner
         self._run = run
@@ -90,5 +94,7 @@ class BackgroundTools(AbstractCapability[Any]):
                 tenant=run.tenant,
             )
         )
+        if self._on_task is not None:
+            await self._on_task()
         self._runner.wake()
         return {"task_id": task.task_id, "status": "queued", "message": QUEUED_MESSAGE}
