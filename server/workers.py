@@ -24,14 +24,16 @@ channel. It:
 3. prints `keel listening on HOST:PORT` once every worker listens, like a
    single server does;
 4. replaces a worker that exits unexpectedly (after a backoff that grows while
-   replacements die young);
+   replacements die young); but a worker that exits before listening at start
+   stops them all (a configuration error would only die again);
 5. on SIGTERM or SIGINT, forwards SIGTERM to every worker (each drains as a
    single server does), waits for them all (SIGKILL after shutdown_grace_s
    and a margin) and exits: 0 when every worker exited cleanly.
 
-Only the workers listen, so the kernel spreads new connections over them;
-the reserved socket stays bound until the parent exits, so the port cannot be
-taken by a server without SO_REUSEPORT while a worker is being replaced.
+Only the workers listen, so the kernel spreads new connections over them.
+The reserved socket stays bound until the parent exits, so even with no
+worker listening (all of them being replaced) no server without SO_REUSEPORT
+can take the port (unless it was in TIME_WAIT at start, see `_reserve`).
 """
 
 from __future__ import annotations
@@ -192,24 +194,32 @@ def _probe(family: socket.AddressFamily, address: SockAddr, host: str) -> None:
 
 
 def _reserve(family: socket.AddressFamily, address: SockAddr) -> socket.socket | None:
-    """A socket bound to the address with SO_REUSEPORT (None if the host lacks the family)."""
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
-            raise WorkersError("could not set SO_REUSEPORT")
-        # As gRPC's listeners: a restart is not refused for connections in TIME_WAIT.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        if exc.errno in _UNUSABLE:
-            return None
-        raise WorkersError(f"cannot bind port {address[1]}: {exc.strerror}") from exc
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    """A socket bound to the address with SO_REUSEPORT (None if the host lacks the family).
+
+    Without SO_REUSEADDR it keeps every socket without SO_REUSEPORT off the port (a
+    server like gRPC's, which sets SO_REUSEADDR, included), even with no worker
+    listening. Connections of a server that stopped lately (TIME_WAIT) refuse that
+    bind: once the probe found no listener, it binds with SO_REUSEADDR instead.
+    """
+    for reuse_address in (0, 1):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+                raise WorkersError("could not set SO_REUSEPORT")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, reuse_address)
+            sock.bind(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            if exc.errno in _UNUSABLE:
+                return None
+            if exc.errno != errno.EADDRINUSE or reuse_address:
+                raise WorkersError(f"cannot bind port {address[1]}: {exc.strerror}") from exc
+        except BaseException:
+            sock.close()
+            raise
+    raise AssertionError("unreachable")
 
 
 def _lock(port: int) -> socket.socket | None:

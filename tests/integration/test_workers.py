@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,7 +30,7 @@ from keel.v1 import agent_service_pb2_grpc as pb_grpc
 
 from server.app import LISTENING, ConfigurationError
 from server.settings import Settings
-from server.workers import check_workers, worker_values
+from server.workers import WorkersError, check_workers, reserve_port, worker_values
 from tests.integration.conftest import SCRIPTED, assert_contiguous, collect, payloads, script, text
 from tests.processes import ROOT, KeelProcess
 
@@ -384,3 +385,33 @@ def test_each_worker_gets_its_settings() -> None:
 def test_settings_workers_cannot_run_with(values: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         check_workers(Settings(**values))
+
+
+def test_the_reserved_port_admits_the_workers_only() -> None:
+    reservation = reserve_port("127.0.0.1", 0)
+    address = f"127.0.0.1:{reservation.port}"
+    servers: list[grpc.Server] = []
+    try:
+        # No worker listens yet: still, a server without SO_REUSEPORT cannot bind it.
+        single = grpc.server(ThreadPoolExecutor(1), options=[("grpc.so_reuseport", 0)])
+        servers.append(single)
+        with pytest.raises(RuntimeError, match="Failed to bind"):
+            single.add_insecure_port(address)
+        worker = grpc.server(ThreadPoolExecutor(1), options=[("grpc.so_reuseport", 1)])
+        servers.append(worker)
+        assert worker.add_insecure_port(address) == reservation.port
+        with pytest.raises(WorkersError, match="another `serve --workers` parent holds port"):
+            reserve_port("127.0.0.1", reservation.port)
+    finally:
+        for server in servers:
+            server.stop(None)
+        reservation.close()
+
+
+def test_a_port_something_listens_on_is_refused() -> None:
+    with socket.socket() as listener:  # even one that shares with SO_REUSEPORT
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        with pytest.raises(WorkersError, match="in use by another process"):
+            reserve_port("127.0.0.1", listener.getsockname()[1])
