@@ -496,7 +496,8 @@ def write_chart(results: Params, path: Path) -> bool:
             right.barh(y, cell["cost"], height=height, color=colors[backend])
             text = _with_unit(cell["value"], row["unit"])
             right.text(cell["cost"] * 1.05, y, text, va="center", fontsize=7)
-    _log_axis(right, 0.1, 10.0)
+    costs = [c["cost"] for row in targets for c in row["backends"].values() if c.get("cost")]
+    _log_axis(right, min([0.1, *costs]) / 1.5, max([10.0, *costs]) * 3)
     right.axvline(1.0, color="black", linewidth=1, linestyle="--")
     right.set_yticks(range(len(targets)), [_wrap(t, 34) for t in target_labels], fontsize=8)
     right.invert_yaxis()
@@ -519,7 +520,9 @@ def _log_axis(axes: Any, low: float, high: float) -> None:
 
     axes.set_xscale("log")
     axes.set_xlim(low, high)
-    ticks = [t for t in (0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30) if low <= t <= high]
+    ticks = [
+        t for t in (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300) if low <= t <= high
+    ]
     axes.xaxis.set_major_locator(FixedLocator(ticks))
     axes.xaxis.set_minor_locator(NullLocator())
     axes.set_xticklabels([f"{t:g}" for t in ticks])
