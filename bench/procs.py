@@ -257,14 +257,31 @@ class ServerProcess:
             self.process.stdout.close()
 
 
+def bench_only_dir() -> Path:
+    """A directory that holds nothing but a link to this repo's bench package.
+
+    Clients and the raw gRPC server run there: `python -m` puts the working
+    directory first on sys.path, so `bench` comes from this repo while
+    `server` and `keel.v1` come from keel_root (PYTHONPATH), even when
+    keel_root is another checkout with a bench package of its own.
+    """
+    path = ROOT / "build" / "bench-path"
+    path.mkdir(parents=True, exist_ok=True)
+    link = path / "bench"
+    if not link.is_symlink():
+        with contextlib.suppress(FileExistsError):  # another benchmark made it meanwhile
+            link.symlink_to(ROOT / "bench", target_is_directory=True)
+    return path
+
+
 @dataclass(frozen=True)
 class Launcher:
     """Starts Keel servers, raw servers and clients from one source tree.
 
     `keel_root` is the tree whose `server` and `keel.v1` are measured: this
     repo by default, or another checkout (an A/B comparison). The bench
-    package itself always comes from this repo. Server logs go to
-    `log_dir` (one file per server), or pass through when it is None.
+    package itself always comes from this repo (bench_only_dir). Server logs
+    go to `log_dir` (one file per server), or pass through when it is None.
     """
 
     keel_root: Path = ROOT
@@ -272,7 +289,7 @@ class Launcher:
 
     def _env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         # keel_root first, so its server and keel.v1 win over the editable installs.
-        paths = [str(self.keel_root), str(self.keel_root / "clients" / "python"), str(ROOT)]
+        paths = [str(self.keel_root), str(self.keel_root / "clients" / "python")]
         inherited = os.environ.get("PYTHONPATH")
         if inherited:
             paths.append(inherited)
@@ -285,15 +302,21 @@ class Launcher:
         return self.log_dir / f"{name}.log"
 
     def start_server(
-        self, name: str, argv: list[str], ready: str, *, env: dict[str, str] | None = None
+        self,
+        name: str,
+        argv: list[str],
+        ready: str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> ServerProcess:
-        """Start `python argv...` in keel_root and wait for its `ready` line."""
+        """Start `python argv...` in `cwd` (keel_root) and wait for its `ready` line."""
         log_path = self._log(name)
         log = None if log_path is None else log_path.open("ab")
         try:
             process = subprocess.Popen(
                 [sys.executable, *argv],
-                cwd=self.keel_root,
+                cwd=cwd or self.keel_root,
                 env=self._env(env),
                 stdout=subprocess.PIPE,
                 stderr=log,
@@ -379,7 +402,9 @@ class Launcher:
         return self.start_server("keel-worker", argv, "keel worker polling ", env=settings)
 
     def start_raw_grpc(self) -> ServerProcess:
-        return self.start_server("raw-grpc", ["-m", "bench.raw_grpc"], "raw grpc listening on ")
+        return self.start_server(
+            "raw-grpc", ["-m", "bench.raw_grpc"], "raw grpc listening on ", cwd=bench_only_dir()
+        )
 
     def run_client(self, name: str, params: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         """Run `python -m bench.child name params`; its result is its last stdout line."""
@@ -387,7 +412,7 @@ class Launcher:
         try:
             done = subprocess.run(
                 argv,
-                cwd=self.keel_root,
+                cwd=bench_only_dir(),
                 env=self._env(),
                 stdout=subprocess.PIPE,
                 timeout=timeout_s,
@@ -419,7 +444,7 @@ class Launcher:
         processes = [
             subprocess.Popen(
                 [*argv, json.dumps({**p, "barrier": True})],
-                cwd=self.keel_root,
+                cwd=bench_only_dir(),
                 env=self._env(),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
