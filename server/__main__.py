@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from server import logs
+from server import logs, process
 from server.app import ConfigurationError, check_settings, load_agents, serve
 from server.auth.keys import KeysFileError, Role, add_key
 from server.settings import Settings
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"serve: {exc}")
     if args.command == "serve":
         # One process: the server (a worker of `serve --workers` shares the port).
-        asyncio.run(serve(settings, reuse_port=worker_of is not None))
+        process.run(serve(settings, reuse_port=worker_of is not None), settings.event_loop)
     else:
         from server.temporal.worker import work
 

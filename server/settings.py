@@ -122,6 +122,10 @@ class Settings(BaseSettings):
     log_level: str = Field(default="INFO", pattern=r"(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     log_format: Literal["json", "text"] = "json"
 
+    # The server's event loop: uvloop (libuv, the default) or the standard asyncio loop
+    # (server/process.py).
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+
     # Health: how often the server pings its store; NOT_SERVING while it cannot reach it.
     health_check_interval_s: float = Field(default=1.0, gt=0, le=60)
 
