@@ -81,14 +81,18 @@ async def run_agent_loop(
     first step (or half step) run is numbered `attempt`, later ones 1. A
     SUSPENDED or RESUMED checkpoint needs `deferred`: the decisions on its
     interrupts. `capabilities` join the agent's own for this run (the
-    executor's tool journal). Returns the run's output, usage and own
-    messages, or, when a tool call waits for a human, a result whose
-    `suspended` checkpoint names the interrupts. Raises whatever the agent
-    raises.
+    executor's tool journal and background tools, server/runs/capability.py).
+    Returns the run's output, usage and own messages, or, when a tool call
+    waits for a human, a result whose `suspended` checkpoint names the
+    interrupts. Raises whatever the agent raises.
     """
     deps = spec.deps(run_info) if spec.deps is not None else None
-    drain = DrainStreams()
-    capabilities = [*capabilities, drain]
+    # The caller's capabilities may drain the model's streams already (one capability
+    # costs less than two: server/runs/capability.py); if not, a DrainStreams joins them.
+    drain = next((c for c in capabilities if isinstance(c, DrainStreams)), None)
+    if drain is None:
+        drain = DrainStreams()
+        capabilities = [*capabilities, drain]
     own: list[ModelMessage] = []
     if resume is None or resume.phase is Phase.STARTED:
         context = spec.agent.iter(

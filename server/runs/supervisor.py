@@ -61,6 +61,7 @@ from server.errors import IndexConflict, StaleEpoch, StoreUnavailable
 from server.events.log import EventLog, RunRecord, RunState, Subscription
 from server.goals.records import Goal
 from server.runs import decisions
+from server.runs.capability import RunCapability
 from server.runs.goals import Judgment, judge_attempt, retry_checkpoint
 from server.runs.journal import ToolJournal
 from server.runs.leases import LeaseKeeper
@@ -477,7 +478,9 @@ class Supervisor:
             sink=sink,
             resume=resume,
             attempt=attempt,
-            capabilities=[ToolJournal(self._log, record.run_id, record.epoch), background],
+            capabilities=[
+                RunCapability(ToolJournal(self._log, record.run_id, record.epoch), background)
+            ],
             deferred=deferred,
             history=earlier,
             conversation_id=record.thread_id or None,
