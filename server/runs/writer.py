@@ -2,10 +2,12 @@
 
 Group commit: `emit` only stamps and queues an event; a flusher task appends
 whatever has queued up in one call (one Lua script on Redis) and, while that
-call is in flight, the next batch gathers. A writer that flushed less than
-`linger_s` ago waits `linger_s` before its next flush, so under a fast
-producer batches grow to about rate x linger; a slow producer's events are
-flushed at once, one round trip each, with no added latency.
+call is in flight, the next batch gathers. A writer that flushed (or
+committed) less than `linger_s` ago waits `linger_s` before its next flush,
+so under a fast producer batches grow to about rate x linger, and a short
+run's events ride along with its next checkpoint or its terminal event; a
+slow producer's events are flushed at once, one round trip each, with no
+added latency.
 
 The writer is the run's only writer: the epoch it carries fences it out if
 another instance takes the run over, and the log rejects any batch that does
@@ -148,6 +150,10 @@ class EventWriter:
                 raise
             finally:
                 self._drained.set()
+            # A commit is a flush: events emitted right after it linger like those
+            # after any flush, so a run that commits again soon (a short step's
+            # checkpoint, the terminal event) takes them along in that append.
+            self._last_flush = time.monotonic()
 
     def _stamp(self, event: AgentEvent) -> None:
         if event.step:
