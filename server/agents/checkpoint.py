@@ -1,6 +1,6 @@
 """Checkpoints: where a run's agent loop stood at a step boundary, so another process can go on.
 
-The loop reaches a boundary twice per step (DESIGN section 6):
+The loop reaches a boundary twice per step (docs/durability.md):
 
 - RESPONSE: the step's model response is complete and in the history, and
   none of its tool calls has run, so a re-run executes the *same* calls with

@@ -1,6 +1,6 @@
 """The agent loop: drives a pydantic-ai Agent one node at a time and emits Keel events.
 
-A run is a sequence of steps (DESIGN section 6). A step has two halves:
+A run is a sequence of steps (docs/ARCHITECTURE.md, "A run's life"). A step has two halves:
 
 - the model half: one model request, streamed (step_start, text/reasoning/
   tool-input events, response_metadata);

@@ -3,7 +3,7 @@
 The server registers it as agent id "assistant" when its settings give a base
 URL and a model name (OpenAI itself, vLLM, Ollama, LiteLLM, OpenRouter, ...).
 
-Two choices matter for durability (DESIGN section 7):
+Two choices matter for durability (docs/durability.md):
 - it uses the *chat completions* API (OpenAIChatModel, 'openai-chat:'), the
   one every compatible server implements; 'openai:' would mean the Responses
   API, which most of them do not;

@@ -1,4 +1,4 @@
-"""The scripted agent (DESIGN section 8): a deterministic stand-in for an LLM.
+"""The scripted agent (docs/agents.md): a deterministic stand-in for an LLM.
 
 Serve it with `--agents server.agents.testing:registry`; its id is `scripted`.
 The run's input is a JSON script:

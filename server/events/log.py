@@ -266,7 +266,7 @@ class EventLog(Protocol):
         first and reads the log second misses nothing.
         """
 
-    # Ownership: leases and fencing (DESIGN section 6). The lease lives beside
+    # Ownership: leases and fencing (docs/durability.md). The lease lives beside
     # the run's record and expires by itself (lease_ttl_s of the log); the
     # epoch is the fencing token every write of the owner carries.
 

@@ -3,7 +3,7 @@
 A run never executes inside an RPC handler: a client disconnecting (which
 cancels its handler) only stops that client's stream, never the run.
 
-Ownership (DESIGN section 6): the instance that creates a run owns it at
+Ownership (docs/durability.md): the instance that creates a run owns it at
 epoch 1 and holds its lease (server/runs/leases.py renews it). If the owner
 dies, its lease lapses; every instance sweeps for such runs (at start and
 every `sweep_interval_s`), and one of them claims the run (epoch + 1) and
