@@ -41,6 +41,12 @@ def process_cpu_s(pid: int) -> float:
     return sum(int(value) for value in fields[11:15]) * TICK_S
 
 
+def start_ticks(pid: int) -> int | None:
+    """When the process started (clock ticks after boot): tells a pid's reuse apart."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[19])
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below `pid` (children, their children, ...)."""
     children: dict[int, list[int]] = {}

@@ -248,11 +248,12 @@ class ServerProcess:
     def stop(self) -> None:
         """SIGTERM (a graceful shutdown), SIGKILL if it takes too long; then SIGKILL any
         descendant (a worker) it left behind."""
-        below = cpu.descendants(self.pid)
+        below = {pid: cpu.start_ticks(pid) for pid in cpu.descendants(self.pid)}
         _stop(self.process)
-        for pid in below:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        for pid, started in below.items():
+            if started is not None and cpu.start_ticks(pid) == started:  # not a reused pid
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
         if self.process.stdout is not None:
             self.process.stdout.close()
 

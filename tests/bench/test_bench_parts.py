@@ -34,6 +34,7 @@ def test_a_process_tree_holds_its_children_and_their_cpu() -> None:
         assert cpu.process_cpu_s(child.pid) >= 0.29
         assert cpu.tree_cpu_s([os.getpid()]) >= cpu.process_cpu_s(child.pid)
         assert cpu.per_process_cpu_s([os.getpid()])[child.pid] == cpu.process_cpu_s(child.pid)
+        assert cpu.start_ticks(child.pid) == cpu.start_ticks(child.pid) is not None
         child.stdin.write("\n")
         child.stdin.flush()
         child.wait(timeout=30)
@@ -41,6 +42,7 @@ def test_a_process_tree_holds_its_children_and_their_cpu() -> None:
         child.kill()
         child.wait()
     assert cpu.process_cpu_s(child.pid) == 0.0  # gone
+    assert cpu.start_ticks(child.pid) is None
 
 
 def test_a_meter_adds_up_its_windows() -> None:
