@@ -5,7 +5,9 @@ task renews all of them every `renew_interval_s` (a third of the TTL, so a
 renewal can fail twice before the lease lapses). A renewal answered "no"
 means the run's epoch moved on: another instance took it over, so this
 process must stop executing it at once, without writing anything (its
-writes would be refused anyway: they carry the old epoch).
+writes would be refused anyway: they carry the old epoch). Or it means the
+run ended (or suspended) at this epoch, committed here a moment before its
+supervisor dropped the lease: the run's record tells the two apart.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from server.errors import StoreUnavailable
+from server.errors import RunNotFound, StoreUnavailable
 from server.events.log import EventLog
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,10 @@ class LeaseKeeper:
         self._epochs[run_id] = epoch
         if self._task is None:
             self._task = asyncio.create_task(self._renew_forever(), name="lease-keeper")
+
+    def holds(self, run_id: str) -> bool:
+        """Whether the lease of `run_id` is still renewed here."""
+        return run_id in self._epochs
 
     def drop(self, run_id: str) -> None:
         self._epochs.pop(run_id, None)
@@ -70,6 +76,22 @@ class LeaseKeeper:
                     # lapses and our writes are fenced, which is what we want.
                     log.warning("renewing the lease of run %s failed: %r", run_id, renewed)
                 elif not renewed and self._epochs.get(run_id) == epoch:
-                    self._epochs.pop(run_id, None)
-                    log.warning("run %s was taken over by another instance", run_id)
-                    self._on_lost(run_id)
+                    await self._refused(run_id, epoch)
+
+    async def _refused(self, run_id: str, epoch: int) -> None:
+        """A renewal of `run_id` at `epoch` was refused: the run was taken over, or its
+        owner (here) ended or suspended it just now, before dropping its lease."""
+        try:
+            record = await self._log.get_run(run_id)
+        except RunNotFound:
+            record = None
+        except StoreUnavailable as exc:
+            log.warning("reading run %s after a refused renewal failed: %r", run_id, exc)
+            return  # try again next round
+        if self._epochs.get(run_id) != epoch:
+            return  # dropped meanwhile
+        self._epochs.pop(run_id, None)
+        if record is not None and record.epoch == epoch and not record.state.runnable:
+            return  # this owner's own ending: nothing was lost
+        log.warning("run %s was taken over by another instance", run_id)
+        self._on_lost(run_id)
