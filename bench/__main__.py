@@ -42,8 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--only",
         default="",
-        help="workload letters to run, e.g. 'ad' (default all: abcdefghi; b includes the "
-        "workers comparison)",
+        help="workload letters to run, e.g. 'ad' (default all: abcdefghi; b and h include "
+        "their workers comparisons)",
     )
     parser.add_argument(
         "--keel-root",
@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
         "--mastra",
         type=Path,
         metavar="DIR",
-        help="a results directory of the Mastra harness (shared/peers/mastra-bench): "
+        help="the results directory of the Mastra peer harness (Mastra's durable-agent "
+        "benchmark, a Node project; its JSON files are described in docs/perf/README.md): "
         "the report shows its figures next to Keel's",
     )
     return parser

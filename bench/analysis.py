@@ -9,6 +9,7 @@ into one scale (1.0 = as good as the ceiling, higher is better) for charts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -62,6 +63,39 @@ def _mib(result: Params) -> float | None:
 def _mb(result: Params) -> float | None:
     kib = _get(result, "server_peak_rss_kib")
     return None if kib is None else kib * 1024 / 1e6
+
+
+def _mb_max(result: Params) -> float | None:
+    """The largest single server process's peak RSS (with --workers: one worker's)."""
+    kib = _get(result, "server_peak_rss_max_kib")
+    return None if kib is None else kib * 1024 / 1e6
+
+
+def _live_figures(workload: str, how: str) -> tuple[FigureSpec, ...]:
+    """h's main figures for one of its ways on Redis (`how`: which way, for the name)."""
+    redis = ("redis",)
+    alone = (
+        ("delivery delay p50", "ms", _field("delivery_p50_ms")),
+        ("delivery delay p99", "ms", _field("delivery_p99_ms")),
+        ("server CPU per run", "ms", _field("server_cpu_ms_per_run")),
+        ("server peak RSS, all its processes", "MiB", _mib),
+    )
+    return (
+        FigureSpec(
+            workload,
+            f"time until every run ended, {how}",
+            "s",
+            "lower",
+            _field("runs_wall_s"),
+            "the script's own duration (deltas - 1 pauses)",
+            _own("scripted_s"),
+            redis,
+        ),
+        *(
+            FigureSpec(workload, f"{name}, {how}", unit, "lower", value, backends=redis)
+            for name, unit, value in alone
+        ),
+    )
 
 
 SERVER_CPU = "server CPU per event"
@@ -344,6 +378,8 @@ FIGURES = (
         "lower",
         _field("client_cpu_share_max"),
     ),
+    *_live_figures("h_live_runs_w1", "over several connections, one server process"),
+    *_live_figures("h_live_runs_w2", "over several connections, --workers 2"),
     FigureSpec(
         "i_short_runs", "server CPU per run", "ms", "lower", _field("server_cpu_ms_per_run")
     ),
@@ -363,6 +399,10 @@ class TargetSpec:
     # -5 % (Keel faster than in-process) still has a bar: 1 + overhead vs 1.2.
     offset: float = 0.0
     backends: tuple[str, ...] | None = None  # where it is judged; None: everywhere it ran
+    # Ways of running the workload (workload first): on each backend the target is judged
+    # on the best of them, the one that meets the most targets of the same ways (then the
+    # one closest to meeting its worst one), the same for all those targets.
+    variants: tuple[str, ...] = ()
 
 
 def _events_per_s_share(ceilings: Params, result: Params) -> float | None:
@@ -370,6 +410,10 @@ def _events_per_s_share(ceilings: Params, result: Params) -> float | None:
     ceiling = _get(ceilings, "grpc_one_stream", "messages_per_s")
     return None if value is None or not ceiling else value / ceiling
 
+
+# Workload h on Redis, each way it runs: its targets take the best ("on Redis with the
+# best --workers setting").
+H_VARIANTS = ("h_live_runs", "h_live_runs_w1", "h_live_runs_w2")
 
 TARGETS = (
     TargetSpec(
@@ -424,31 +468,34 @@ TARGETS = (
         backends=("redis",),
     ),
     TargetSpec(
-        "1,000 live runs: time until every run ended / the script's duration (h)",
+        "1,000 live runs, the best way: time until every run ended / the script's duration (h)",
         "h_live_runs",
         lambda ceilings, result: _get(result, "wall_over_scripted"),
         TIMES,
         1.2,
         at_most=True,
         backends=("redis",),
+        variants=H_VARIANTS,
     ),
     TargetSpec(
-        "1,000 live runs: delivery delay p99 (h)",
+        "1,000 live runs, the best way: delivery delay p99 (h)",
         "h_live_runs",
         lambda ceilings, result: _get(result, "delivery_p99_ms"),
         "ms",
         100.0,
         at_most=True,
         backends=("redis",),
+        variants=H_VARIANTS,
     ),
     TargetSpec(
-        "1,000 live runs: server peak RSS (h)",
+        "1,000 live runs, the best way: server peak RSS, all its processes (h)",
         "h_live_runs",
         lambda ceilings, result: _mb(result),
         "MB",
         400.0,
         at_most=True,
         backends=("redis",),
+        variants=H_VARIANTS,
     ),
     TargetSpec(
         "short runs (one delta): server CPU per run (i)",
@@ -504,6 +551,47 @@ def figures(ceilings: Params, workloads: dict[str, dict[str, Params]]) -> list[P
     return rows
 
 
+def _judge(spec: TargetSpec, ceilings: Params, result: Params) -> Params:
+    """One target on one result: its value, whether it is met, and its cost (value /
+    threshold, or the inverse: <= 1 is met, whichever the direction)."""
+    value = spec.value(ceilings, result)
+    ok = bool(result.get("ok"))
+    met = (
+        ok
+        and value is not None
+        and (value <= spec.threshold if spec.at_most else value >= spec.threshold)
+    )
+    cost = None
+    shifted, bound = (value or 0.0) + spec.offset, spec.threshold + spec.offset
+    if value is not None and shifted > 0:
+        cost = shifted / bound if spec.at_most else bound / shifted
+    return {"value": value, "met": met, "ok": ok, "cost": cost}
+
+
+def best_variant(
+    ceilings: Params,
+    workloads: dict[str, dict[str, Params]],
+    variants: tuple[str, ...],
+    backend: str,
+) -> str | None:
+    """Of the ways a workload ran on `backend` (`variants`), the one its targets are
+    judged on: among those that passed their checks, the one meeting the most of the
+    targets of these variants, then the one whose worst target is closest to being met;
+    if none passed, the first that ran. None if none ran."""
+    specs = [spec for spec in TARGETS if spec.variants == variants]
+    ran = [key for key in variants if backend in workloads.get(key, {})]
+
+    def score(key: str) -> tuple[int, float]:
+        cells = [_judge(spec, ceilings, workloads[key][backend]) for spec in specs]
+        costs = [c["cost"] if c["cost"] is not None else math.inf for c in cells]
+        return sum(not c["met"] for c in cells), max(costs, default=math.inf)
+
+    passed = [key for key in ran if workloads[key][backend].get("ok")]
+    if passed:
+        return min(passed, key=score)  # the first of equals: the simplest way
+    return ran[0] if ran else None
+
+
 def targets(
     ceilings: Params, workloads: dict[str, dict[str, Params]], mastra: Params | None = None
 ) -> list[Params]:
@@ -520,22 +608,16 @@ def targets(
             "at_most": spec.at_most,
             "backends": {},
         }
-        for backend, result in per_backend.items():
+        for backend in per_backend:
             if spec.backends is not None and backend not in spec.backends:
                 continue
-            value = spec.value(ceilings, result)
-            ok = bool(result.get("ok"))
-            met = (
-                ok
-                and value is not None
-                and (value <= spec.threshold if spec.at_most else value >= spec.threshold)
-            )
-            # How far from the target: <= 1 is met, whichever the direction.
-            cost = None
-            shifted, bound = (value or 0.0) + spec.offset, spec.threshold + spec.offset
-            if value is not None and shifted > 0:
-                cost = shifted / bound if spec.at_most else bound / shifted
-            row["backends"][backend] = {"value": value, "met": met, "ok": ok, "cost": cost}
+            which = spec.workload
+            if spec.variants:
+                which = best_variant(ceilings, workloads, spec.variants, backend) or which
+            cell = _judge(spec, ceilings, workloads[which][backend])
+            if spec.variants:
+                cell["keel"] = which  # the way it was judged on
+            row["backends"][backend] = cell
         rows.append(row)
     peer = mastra_target(workloads, mastra) if mastra else None
     if peer is not None:
@@ -700,6 +782,8 @@ CPU_ROWS = (
     ("b_concurrent_w2", "concurrent runs, a connection each, --workers", "µs/event", "event"),
     ("f_overhead", "Keel's Stream of the overhead runs", "µs/event", "event"),
     ("h_live_runs", "many live runs at once", "ms/run", "run"),
+    ("h_live_runs_w1", "many live runs, several connections, one process", "ms/run", "run"),
+    ("h_live_runs_w2", "many live runs, several connections, --workers", "ms/run", "run"),
     ("i_short_runs", "short runs", "ms/run", "run"),
 )
 CPU_PROCESSES = ("server", "redis", "client")
@@ -746,20 +830,51 @@ def cpu(workloads: dict[str, dict[str, Params]]) -> list[Params]:
     return rows
 
 
+# The figures of each workers comparison: (what, field or a function of the result,
+# which is better).
+WorkerRow = tuple[str, str | Callable[[Params], float | None], Better]
+B_WORKER_ROWS: tuple[WorkerRow, ...] = (
+    ("aggregate events/s", "events_per_s", "higher"),
+    ("server CPU per event (µs)", "server_cpu_us_per_event", "lower"),
+    ("Redis CPU per event (µs)", "redis_cpu_us_per_event", "lower"),
+)
+H_WORKER_ROWS: tuple[WorkerRow, ...] = (
+    ("time until every run ended / the script's duration", "wall_over_scripted", "lower"),
+    ("delivery delay p50 (ms)", "delivery_p50_ms", "lower"),
+    ("delivery delay p99 (ms)", "delivery_p99_ms", "lower"),
+    ("time until the server admitted every run (s)", "admitted_max_s", "lower"),
+    ("server CPU per run (ms)", "server_cpu_ms_per_run", "lower"),
+    ("Redis CPU per run (ms)", "redis_cpu_ms_per_run", "lower"),
+    ("server peak RSS, all its processes (MB)", _mb, "lower"),
+    ("server peak RSS, its largest process (MB)", _mb_max, "lower"),
+)
+
+
 def workers(workloads: dict[str, dict[str, Params]]) -> Params | None:
     """Workload b on Redis in one server process and with --workers N, same client."""
-    one = workloads.get("b_concurrent_w1", {}).get("redis")
-    many = workloads.get("b_concurrent_w2", {}).get("redis")
+    return _workers(workloads, "b_concurrent_w1", "b_concurrent_w2", B_WORKER_ROWS)
+
+
+def live_workers(workloads: dict[str, dict[str, Params]]) -> Params | None:
+    """Workload h on Redis in one server process and with --workers N, same client."""
+    return _workers(workloads, "h_live_runs_w1", "h_live_runs_w2", H_WORKER_ROWS)
+
+
+def _workers(
+    workloads: dict[str, dict[str, Params]],
+    one_key: str,
+    many_key: str,
+    figures: tuple[WorkerRow, ...],
+) -> Params | None:
+    one = workloads.get(one_key, {}).get("redis")
+    many = workloads.get(many_key, {}).get("redis")
     if one is None and many is None:
         return None
     rows = []
-    for name, field, better in (
-        ("aggregate events/s", "events_per_s", "higher"),
-        ("server CPU per event (µs)", "server_cpu_us_per_event", "lower"),
-        ("Redis CPU per event (µs)", "redis_cpu_us_per_event", "lower"),
-    ):
-        a = _get(one or {}, field) if one and one.get("ok") else None
-        b = _get(many or {}, field) if many and many.get("ok") else None
+    for name, field, better in figures:
+        value = field if callable(field) else _field(field)
+        a = value(one) if one and one.get("ok") else None
+        b = value(many) if many and many.get("ok") else None
         rows.append(
             {
                 "name": name,
@@ -769,12 +884,27 @@ def workers(workloads: dict[str, dict[str, Params]]) -> Params | None:
                 "ratio": b / a if a and b is not None else None,
             }
         )
+    shape = many if many and many.get("ok") else one or {}
+    failed = [
+        f"{key}: {error}"
+        for key, result in ((one_key, one), (many_key, many))
+        if result and not result.get("ok") and not result.get("skipped")
+        for error in result.get("errors") or ["failed its checks"]
+    ]
     return {
+        "one": one_key,
+        "many": many_key,
         "workers": (many or {}).get("server_workers"),
+        "runs": shape.get("runs"),
+        # b: "channels" (its one client's); h: "connections" (over its client processes)
+        "connections": shape.get("connections", shape.get("channels")),
         "skipped": (many or {}).get("skipped"),
-        "errors": (many or {}).get("errors", []) if many and not many.get("ok") else [],
-        # How the work spread over the server's processes (parent first: it runs no server).
+        "errors": failed,
+        # How the work spread over the server's processes (largest first; the parent
+        # runs no server).
         "cpu_by_process_s": (many or {}).get("server_cpu_s_by_process"),
+        # Each process's peak RSS, the parent first.
+        "peak_rss_by_process_kib": (many or {}).get("server_peak_rss_kib_by_process"),
         "rows": rows,
     }
 
@@ -830,6 +960,7 @@ def derive(results: Params) -> Params:
         "executors": executors(workloads),
         "cpu": cpu(workloads),
         "workers": workers(workloads),
+        "live_workers": live_workers(workloads),
         "mastra_rows": mastra_rows(workloads, mastra) if mastra else [],
     }
 
@@ -848,5 +979,8 @@ def before(baseline: Params, source: str, mastra: Params | None) -> Params:
         "mode": baseline.get("mode"),
         "keel_commit": machine.get("keel_commit"),
         "load_average": machine.get("load_average", {}),
-        **{key: derived[key] for key in ("figures", "targets", "executors", "cpu", "workers")},
+        **{
+            key: derived[key]
+            for key in ("figures", "targets", "executors", "cpu", "workers", "live_workers")
+        },
     }

@@ -574,8 +574,10 @@ async def live_runs(params: Params) -> Params:
     iterator hands over the response) minus the event's `time`, for every
     event of every run. Wall: from "go" to the last run's terminal event, in
     wall-clock ns, so the runner can merge client processes. The streams
-    spread over `channels` connections. The client's own CPU time over the
-    same window says whether the client kept up.
+    spread over `channels` connections, round robin (a server with
+    `--workers` gets each connection, with all its streams, to one worker).
+    The client's own CPU time over the same window says whether the client
+    kept up.
     """
     runs = int(params["runs"])
     script = text_script((int(params["deltas"]), int(params["delay_ms"])))
@@ -608,6 +610,7 @@ async def live_runs(params: Params) -> Params:
         "ok": all(r.ok for r in results),
         "runs": runs,
         "events": sum(r.events for r in results),
+        "channels": len(stubs),
         "start_wall_ns": start_ns,
         "end_wall_ns": end_ns,
         "client_cpu_s": client_cpu_s,

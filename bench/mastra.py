@@ -1,8 +1,10 @@
-"""Read a results directory of the Mastra peer harness (shared/peers/mastra-bench).
+"""Read a results directory of the Mastra peer harness (Mastra's durable-agent benchmark,
+a Node project: `--mastra` points at its results directory).
 
-Its `bench.mjs ... --json FILE` writes one JSON file per process: `meta`
-(node, @mastra/core, cache "memory" or "redis", plain, tool, pacing) and
-`scenarios`. Two of its scenarios mirror Keel's workloads:
+docs/perf/README.md describes the files. Each of the harness's processes
+writes one JSON file: `meta` (node, mastraCore, cache "memory" or "redis",
+plain, tool, delayMs) and `scenarios`. Two of its scenarios mirror Keel's
+workloads:
 
 - `single` (per n): one durable run of n text deltas end to end, repeated:
   per rep `ms`, `chunks` (what the fullStream consumer received: n + 7),

@@ -218,7 +218,11 @@ class ServerProcess:
 
     def peak_rss_kib(self) -> int:
         """VmHWM of the server, plus its descendants' (each one's own peak)."""
-        return sum(proc_status_kib(pid, "VmHWM") for pid in cpu.tree([self.pid]))
+        return sum(self.peak_rss_kib_by_process())
+
+    def peak_rss_kib_by_process(self) -> list[int]:
+        """VmHWM of the server and of each of its descendants, the server first."""
+        return [proc_status_kib(pid, "VmHWM") for pid in cpu.tree([self.pid])]
 
     def rss_kib(self) -> int:
         return sum(proc_status_kib(pid, "VmRSS") for pid in cpu.tree([self.pid]))

@@ -120,7 +120,8 @@ def markdown(results: Params, chart: str | None) -> str:
     lines += _targets_table(results["targets"], before)
     lines += _figures_table(results["figures"], before)
     lines += _cpu_table(results.get("cpu", []), before)
-    lines += _workers_table(results.get("workers"), before)
+    lines += _workers_table(results.get("workers"), before, "workers", B_WORKERS)
+    lines += _workers_table(results.get("live_workers"), before, "live_workers", H_WORKERS)
     lines += _mastra_table(results.get("mastra_rows", []), mastra)
     lines += _executors_table(results.get("executors", []), before)
     lines += _ceilings_table(results["ceilings"])
@@ -153,7 +154,10 @@ def _targets_table(targets: list[Params], before: Params | None = None) -> list[
     lines = [
         "## Targets",
         "",
-        'A target names its backend when it is judged on one only ("on Redis").',
+        'A target names its backend when it is judged on one only ("on Redis"). A workload',
+        "in brackets after a value is the way of running it the target was judged on: for h",
+        '("the best way"), of one connection, several, and --workers, the one meeting the most',
+        "of h's targets (then the one closest to meeting its worst); for Mastra, b's fastest.",
         "",
         f"| target | {' | '.join(heads)} | target |",
         "|---|" + "---|" * (len(shown) * (2 if before else 1)) + "---|",
@@ -167,12 +171,15 @@ def _targets_table(targets: list[Params], before: Params | None = None) -> list[
             if before:
                 was = _value(old, backend)
                 verdict = "" if was is None else (" met" if _value(old, backend, "met") else "")
-                cells.append(f"{_with_unit(was, row['unit'])}{verdict}")
+                way = _value(old, backend, "keel")
+                way = f" ({way})" if was is not None and way else ""
+                cells.append(f"{_with_unit(was, row['unit'])}{verdict}{way}")
             if cell is None:
                 cells.append(NONE)
                 continue
             verdict = "met" if cell["met"] else "**not met**"
-            cells.append(f"{_with_unit(cell['value'], row['unit'])} {verdict}")
+            way = f" ({cell['keel']})" if cell.get("keel") else ""
+            cells.append(f"{_with_unit(cell['value'], row['unit'])} {verdict}{way}")
         bound = "≤" if row["at_most"] else "≥"
         lines.append(
             f"| {row['target']} | {' | '.join(cells)} | "
@@ -264,15 +271,39 @@ def _cpu_table(rows: list[Params], before: Params | None = None) -> list[str]:
     return [*lines, ""]
 
 
-def _workers_table(workers: Params | None, before: Params | None = None) -> list[str]:
+# The workers tables: (workload, what the client does: {runs} and {connections} are
+# filled in).
+B_WORKERS = (
+    "b",
+    "The same client in both: {runs} concurrent runs, each on a connection of its own (the",
+    "kernel hands each connection to one worker).",
+)
+H_WORKERS = (
+    "h",
+    "The same client in both: {runs} live runs, their streams spread round robin over",
+    "{connections} connections (the kernel hands each connection, with its streams, to one",
+    "worker). Peak RSS in MB (10^6 bytes), the unit of its target: all the server's",
+    "processes (the parent and its workers, each one's own peak) and the largest of them.",
+)
+
+
+def _workers_table(
+    workers: Params | None,
+    before: Params | None,
+    key: str,
+    about: tuple[str, ...],
+) -> list[str]:
     if not workers:
         return []
     count = workers.get("workers") or "N"
+    workload, *text = about
+    shape = {"{runs}": workers.get("runs"), "{connections}": workers.get("connections")}
+    for name, value in shape.items():
+        text = [line.replace(name, f"{value:,}" if value else "several") for line in text]
     lines = [
-        f"## Workers: workload b on Redis, one server process against --workers {count}",
+        f"## Workers: workload {workload} on Redis, one server process against --workers {count}",
         "",
-        "The same client in both: 100 runs, each on a connection of its own (the kernel",
-        "hands each connection to one worker).",
+        *text,
         "",
     ]
     if workers.get("skipped") or workers.get("errors"):
@@ -283,7 +314,11 @@ def _workers_table(workers: Params | None, before: Params | None = None) -> list
         total = sum(split) or 1.0
         shares = ", ".join(f"{value / total:.0%}" for value in split)
         lines += [f"How the server's CPU spread over its processes: {shares}.", ""]
-    then = {row["name"]: row for row in ((before or {}).get("workers") or {}).get("rows", [])}
+    rss = workers.get("peak_rss_by_process_kib")
+    if rss and len(rss) > 1:
+        peaks = ", ".join(f"{kib * 1024 / 1e6:,.0f}" for kib in rss)
+        lines += [f"Each process's peak RSS (MB, the parent first): {peaks}.", ""]
+    then = {row["name"]: row for row in ((before or {}).get(key) or {}).get("rows", [])}
     heads = (
         "one process before | one process | workers before | workers"
         if before
@@ -495,6 +530,8 @@ def write_chart(results: Params, path: Path) -> bool:
             y = n + (i - 0.5) * height
             right.barh(y, cell["cost"], height=height, color=colors[backend])
             text = _with_unit(cell["value"], row["unit"])
+            if cell.get("keel"):  # judged on the best of the workload's ways: which
+                text += f" ({cell['keel']})"
             right.text(cell["cost"] * 1.05, y, text, va="center", fontsize=7)
     costs = [c["cost"] for row in targets for c in row["backends"].values() if c.get("cost")]
     _log_axis(right, min([0.1, *costs]) / 1.5, max([10.0, *costs]) * 3)

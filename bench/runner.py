@@ -162,13 +162,32 @@ WORKLOADS = (
         "h_live_runs",
         "h. many live runs at once, each its own Stream",
         "live_runs",
-        lambda s: {
-            "runs": s.live_runs,
-            "deltas": s.live_deltas,
-            "delay_ms": s.live_delay_ms,
-            "channels": s.live_channels,
-        },
+        lambda s: _live_params(s, s.live_channels),
         (),
+        processes=lambda s: s.live_clients,
+        merge=lambda results, params: merge_live_runs(results, params),
+    ),
+    # Workers: h again on Redis, its streams spread round robin over several connections
+    # (the kernel hands each connection, not each call, to one worker), in one server
+    # process and with --workers N.
+    Workload(
+        "h_live_runs_w1",
+        "h. many live runs at once, over several connections, one server process",
+        "live_runs",
+        lambda s: _live_params(s, s.live_compare_channels),
+        (),
+        backends=("redis",),
+        processes=lambda s: s.live_clients,
+        merge=lambda results, params: merge_live_runs(results, params),
+    ),
+    Workload(
+        "h_live_runs_w2",
+        "h. many live runs at once, over several connections, the server with --workers N",
+        "live_runs",
+        lambda s: _live_params(s, s.live_compare_channels),
+        (),
+        backends=("redis",),  # workers share the store: Redis only
+        workers=lambda s: s.compare_workers,
         processes=lambda s: s.live_clients,
         merge=lambda results, params: merge_live_runs(results, params),
     ),
@@ -180,6 +199,15 @@ WORKLOADS = (
         (),
     ),
 )
+
+
+def _live_params(sizes: Sizes, channels: int) -> Params:
+    return {
+        "runs": sizes.live_runs,
+        "deltas": sizes.live_deltas,
+        "delay_ms": sizes.live_delay_ms,
+        "channels": channels,
+    }
 
 
 def _message(line: str) -> str:
@@ -226,6 +254,7 @@ def merge_live_runs(results: list[Params], params: Params) -> Params:
             for r in results
         ),
         "client_processes": len(results),
+        "connections": sum(int(r.get("channels", 1)) for r in results),
         "client_cpu_s": client_cpu_s,
         # The busiest client's CPU over its own wall time: near 1.0, it could not keep up.
         "client_cpu_share_max": max(
@@ -251,7 +280,8 @@ class Run:
     redis: RedisServer | None = None
     temporal: TemporalServer | None = None
     raw_grpc: ServerProcess | None = None
-    shared: dict[str, ServerProcess] = field(default_factory=dict)  # backend -> server
+    # backend (and " --workers N") -> the server quick runs share
+    shared: dict[str, ServerProcess] = field(default_factory=dict)
     log: Callable[[str], None] = print
 
     # -- processes --------------------------------------------------------------
@@ -278,18 +308,20 @@ class Run:
     def keel(
         self, backend: str, env: dict[str, str] | None = None, workers: int = 0
     ) -> Iterator[ServerProcess]:
-        """A Keel server on `backend`: fresh (full runs, or settings or workers of its own)
-        or shared by every workload (quick). On temporal: always fresh, with a worker of its
-        own on a task queue of its own."""
+        """A Keel server on `backend`: fresh (full runs, or settings of its own) or shared
+        by every workload with the same `--workers` (quick). On temporal: always fresh, with
+        a worker of its own on a task queue of its own."""
         if backend == "temporal":
             with self._temporal_keel(env) as server:
                 yield server
             return
         url = self.redis_url() if backend == "redis" else ""
-        if not self.sizes.fresh_server_per_workload and not env and not workers:
-            if backend not in self.shared:
-                self.shared[backend] = self.launcher.start_keel(url)
-            yield self.shared[backend]
+        if not self.sizes.fresh_server_per_workload and not env:
+            # Quick: starting a server with workers takes seconds; b and h share one.
+            key = f"{backend} --workers {workers}" if workers else backend
+            if key not in self.shared:
+                self.shared[key] = self.launcher.start_keel(url, workers=workers)
+            yield self.shared[key]
             return
         if self.redis is not None and self.sizes.fresh_server_per_workload:
             self.redis.flush()
@@ -388,7 +420,12 @@ class Run:
                 result["server_warnings"] = len(warnings)
                 result["server_warning_examples"] = [_message(w) for w in warnings[:3]]
                 result["server_processes"] = server.processes()
-                result["server_peak_rss_kib"] = server.peak_rss_kib()
+                # With workers: the sum of every process's own peak (the parent first), and
+                # the largest of them.
+                by_process = server.peak_rss_kib_by_process()
+                result["server_peak_rss_kib"] = sum(by_process)
+                result["server_peak_rss_kib_by_process"] = by_process
+                result["server_peak_rss_max_kib"] = max(by_process, default=0)
                 result["server_rss_before_kib"] = baseline_kib
                 if workers:
                     result["server_workers"] = workers

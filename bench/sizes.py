@@ -55,6 +55,9 @@ class Sizes:
     # runs spread over compare_channels connections (a connection goes to one worker)
     compare_workers: int
     compare_channels: int
+    # h the same way: one server process and `--workers compare_workers`, on Redis, the
+    # runs spread round robin over live_compare_channels connections
+    live_compare_channels: int
     # ceilings
     grpc_messages: int  # on one stream
     grpc_streams: int  # concurrent streams of grpc_stream_messages each
@@ -96,6 +99,7 @@ FULL = Sizes(
     short_parallel=50,
     compare_workers=2,
     compare_channels=100,
+    live_compare_channels=16,
     grpc_messages=10_000,
     grpc_streams=100,
     grpc_stream_messages=1_000,
@@ -135,6 +139,7 @@ QUICK = Sizes(
     short_parallel=5,
     compare_workers=2,
     compare_channels=5,
+    live_compare_channels=4,
     grpc_messages=500,
     grpc_streams=5,
     grpc_stream_messages=100,

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from bench import analysis, cpu, mastra
 from bench.runner import merge_live_runs
@@ -86,6 +87,7 @@ def test_live_runs_merge_over_client_processes() -> None:
     assert merged["wall_over_scripted"] == 5.5 / 4.5
     assert merged["delivery_p50_ms"] == 3.0 and merged["delivery_max_ms"] == 100.0
     assert merged["client_cpu_s"] == 3.2
+    assert merged["connections"] == 2  # one each (a client without "channels" had one)
     assert merged["client_cpu_share_max"] == 2.7 / 5.4
     assert all("delays_ms" not in client for client in merged["clients"])
 
@@ -128,7 +130,7 @@ def test_mastra_results_are_read_by_cache_closest_to_keels_sizes(tmp_path: Path)
 
 
 def _workloads(b_redis: float, w2: float | None) -> dict[str, dict[str, dict[str, object]]]:
-    b = {"ok": True, "events_per_s": b_redis, "server_cpu_us_per_event": 50.0}
+    b: dict[str, object] = {"ok": True, "events_per_s": b_redis, "server_cpu_us_per_event": 50.0}
     workloads: dict[str, dict[str, dict[str, object]]] = {
         "b_concurrent": {"redis": b, "memory": {**b, "events_per_s": 1.0}},
         "b_concurrent_w1": {"redis": {**b, "events_per_s": 900.0}},
@@ -161,6 +163,74 @@ def test_workers_compare_one_process_with_workers_or_say_why_not() -> None:
     skipped = analysis.workers(_workloads(800.0, None))
     assert skipped is not None and skipped["skipped"] == "skipped: no --workers"
     assert skipped["rows"][0]["many"] is None and skipped["rows"][0]["ratio"] is None
+
+
+def _live(wall: float, p99: float, rss_mb: float, ok: bool = True) -> dict[str, object]:
+    kib = rss_mb * 1e6 / 1024
+    return {
+        "ok": ok,
+        "wall_over_scripted": wall,
+        "delivery_p50_ms": p99 / 2,
+        "delivery_p99_ms": p99,
+        "server_cpu_ms_per_run": 5.0,
+        "server_peak_rss_kib": kib,
+        "server_peak_rss_max_kib": kib / 2,
+        "connections": 16,
+    }
+
+
+def _live_targets(**ways: dict[str, object]) -> list[dict[str, Any]]:
+    workloads = {key: {"redis": result} for key, result in ways.items()}
+    workloads["h_live_runs"]["memory"] = _live(1.0, 1.0, 1.0)  # never judged
+    rows = analysis.targets({}, workloads)
+    return [row for row in rows if row["workload"] == "h_live_runs"]
+
+
+def test_the_live_run_targets_judge_the_best_way_on_redis() -> None:
+    # w2 meets all three; w1 meets two; one connection meets one.
+    rows = _live_targets(
+        h_live_runs=_live(3.0, 500.0, 300.0),
+        h_live_runs_w1=_live(1.1, 500.0, 300.0),
+        h_live_runs_w2=_live(1.1, 80.0, 390.0),
+    )
+    assert [set(row["backends"]) for row in rows] == [{"redis"}] * 3
+    cells = [row["backends"]["redis"] for row in rows]
+    assert [c["keel"] for c in cells] == ["h_live_runs_w2"] * 3
+    assert [c["value"] for c in cells] == [1.1, 80.0, 390.0]
+    assert all(c["met"] for c in cells)
+    # None meets all: the most met, then the closest worst one (w1's p99: 1.5x, w2's: 3x).
+    rows = _live_targets(
+        h_live_runs=_live(3.0, 500.0, 300.0),
+        h_live_runs_w1=_live(1.1, 150.0, 300.0),
+        h_live_runs_w2=_live(1.1, 300.0, 390.0),
+    )
+    assert {row["backends"]["redis"]["keel"] for row in rows} == {"h_live_runs_w1"}
+    # A way that failed its checks is never the best; --workers skipped: the others.
+    rows = _live_targets(
+        h_live_runs=_live(1.5, 500.0, 300.0),
+        h_live_runs_w1=_live(1.0, 1.0, 1.0, ok=False),
+        h_live_runs_w2={"ok": False, "skipped": "skipped: no --workers"},
+    )
+    assert {row["backends"]["redis"]["keel"] for row in rows} == {"h_live_runs"}
+    # An old run with h alone: judged on it.
+    rows = _live_targets(h_live_runs=_live(1.5, 50.0, 300.0))
+    assert [row["backends"]["redis"]["met"] for row in rows] == [False, True, True]
+
+
+def test_live_workers_compare_one_process_with_workers() -> None:
+    workloads = {
+        "h_live_runs_w1": {"redis": _live(2.0, 400.0, 200.0)},
+        "h_live_runs_w2": {"redis": {**_live(1.5, 100.0, 300.0), "server_workers": 2}},
+    }
+    table = analysis.live_workers(workloads)
+    assert table is not None
+    assert (table["workers"], table["connections"]) == (2, 16)
+    rows = {row["name"]: row for row in table["rows"]}
+    wall = rows["time until every run ended / the script's duration"]
+    assert (wall["one"], wall["many"], wall["ratio"]) == (2.0, 1.5, 0.75)
+    assert rows["server peak RSS, all its processes (MB)"]["many"] == 300.0
+    assert rows["server peak RSS, its largest process (MB)"]["many"] == 150.0
+    assert analysis.live_workers({}) is None
 
 
 def test_a_baseline_without_the_new_figures_leaves_them_empty() -> None:

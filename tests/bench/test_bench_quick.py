@@ -31,14 +31,18 @@ WORKLOADS = (
     "f_overhead",
     "g_tasks",
     "h_live_runs",
+    "h_live_runs_w1",
+    "h_live_runs_w2",
     "i_short_runs",
 )
 CEILINGS = ("grpc_one_stream", "grpc_many_streams", "grpc_fanout", "grpc_batched", "redis")
 BACKENDS = ("memory", "redis")
 ON_TEMPORAL = ("a_stream", "b_concurrent", "f_overhead")  # also measured on the Temporal executor
-ON_REDIS_ONLY = ("b_concurrent_w1", "b_concurrent_w2")  # the workers comparison
+# The workers comparisons of b and h
+ON_REDIS_ONLY = ("b_concurrent_w1", "b_concurrent_w2", "h_live_runs_w1", "h_live_runs_w2")
 # Skipped (not failed) when the measured server has no `serve --workers`.
-MAY_SKIP = ("b_concurrent_w2",)
+MAY_SKIP = ("b_concurrent_w2", "h_live_runs_w2")
+H_VARIANTS = ("h_live_runs", "h_live_runs_w1", "h_live_runs_w2")
 QUICK_TIMEOUT_S = 100  # under pytest's 120 s; a quick run takes about 30 s
 
 
@@ -127,6 +131,13 @@ def test_the_targets_are_judged_where_they_apply(quick_run: Path) -> None:
         for cell in row["backends"].values():
             assert _number(cell["value"])
             assert isinstance(cell["met"], bool)
+    # h's are judged on its best way on Redis, the same for all three, and say which.
+    live = [row for row in targets if row["workload"] == "h_live_runs"]
+    assert len(live) == 3
+    ways = {row["backends"]["redis"]["keel"] for row in live}
+    assert len(ways) == 1 and ways <= set(H_VARIANTS)
+    markdown = (quick_run / "latest.md").read_text()
+    assert f"({ways.pop()}) |" in markdown
 
 
 def test_cpu_is_measured_per_event_and_per_run(quick_run: Path) -> None:
@@ -159,17 +170,36 @@ def test_cpu_is_measured_per_event_and_per_run(quick_run: Path) -> None:
     assert "## Workers: workload b on Redis" in markdown
 
 
-def test_the_workers_comparison_runs_or_says_why_not(quick_run: Path) -> None:
+@pytest.mark.parametrize(
+    ("key", "table", "channels"),
+    [
+        ("b_concurrent", "workers", "compare_channels"),
+        ("h_live_runs", "live_workers", "live_compare_channels"),
+    ],
+)
+def test_the_workers_comparison_runs_or_says_why_not(
+    quick_run: Path, key: str, table: str, channels: str
+) -> None:
     results = _results(quick_run)
-    many = results["workloads"]["b_concurrent_w2"]["redis"]
-    workers = results["workers"]
+    one = results["workloads"][f"{key}_w1"]["redis"]
+    many = results["workloads"][f"{key}_w2"]["redis"]
+    workers = results[table]
     if many.get("skipped"):
         assert workers["skipped"] == many["skipped"]
         return
     assert many["server_workers"] == results["sizes"]["compare_workers"]
     assert many["server_processes"] == 1 + many["server_workers"]  # the parent and its workers
-    assert many["channels"] == results["sizes"]["compare_channels"]
+    # The same client against both: the same connections.
+    assert workers["connections"] == results["sizes"][channels]
+    for result in (one, many):
+        assert result.get("connections", result.get("channels")) == results["sizes"][channels]
+    by_process = many["server_peak_rss_kib_by_process"]
+    assert len(by_process) == many["server_processes"] and all(k > 0 for k in by_process)
+    assert many["server_peak_rss_kib"] == sum(by_process)
+    assert many["server_peak_rss_max_kib"] == max(by_process)
     assert all(_number(row["one"]) and _number(row["many"]) for row in workers["rows"])
+    heading = f"## Workers: workload {key[0]} on Redis, one server process against --workers"
+    assert heading in (quick_run / "latest.md").read_text()
 
 
 def test_the_temporal_executor_is_compared_with_the_local_one(quick_run: Path) -> None:
