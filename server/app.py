@@ -274,6 +274,7 @@ async def create_server(settings: Settings, *, reuse_port: bool = False) -> Keel
             page_size=settings.catch_up_page_size,
             queue_size=settings.observer_queue_size,
             heartbeat_interval_s=settings.heartbeat_interval_s,
+            catch_up_concurrency=settings.catch_up_concurrency,
         ),
         max_batch_bytes=settings.max_batch_bytes,
         draining=draining,

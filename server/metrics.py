@@ -38,6 +38,20 @@ EVENTS_SERVED = Counter(
 EVENTS_SERVED_LIVE = EVENTS_SERVED.labels("live")
 EVENTS_SERVED_LOG = EVENTS_SERVED.labels("log")
 CATCH_UP_PAGES = Counter("keel_catch_up_pages", "Pages of events read from the log for streams.")
+CATCH_UP_PAGES_SHARED = Counter(
+    "keel_catch_up_pages_shared",
+    "Pages of events a stream took from the pages another stream of this server had just "
+    "read, instead of reading the log.",
+)
+CATCH_UP_READS_WAITING = Gauge(
+    "keel_catch_up_reads_waiting",
+    "Catch-up page reads waiting now for one of the server's catch-up slots "
+    "(KEEL_CATCH_UP_CONCURRENCY).",
+)
+CATCH_UP_READS_WAITED = Counter(
+    "keel_catch_up_reads_waited",
+    "Catch-up page reads that had to wait for a catch-up slot.",
+)
 OBSERVERS_DEMOTED = Counter(
     "keel_observers_demoted",
     "Streams that fell behind the live path (queue full, lost notifications) and went "

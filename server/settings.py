@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     observer_queue_size: int = Field(default=256, ge=1)
     # Observe: events per catch-up read from the log.
     catch_up_page_size: int = Field(default=1000, ge=1)
+    # Observe: catch-up page reads this server makes at once; streams catching up beyond
+    # that wait their turn (FIFO), a page at a time, so a crowd of observers rejoining
+    # does not starve the runs producing events.
+    catch_up_concurrency: int = Field(default=4, ge=1)
     # Largest gRPC message of events the server sends (clients accept 4 MiB by default).
     max_batch_bytes: int = Field(default=1 << 20, ge=1024)
 

@@ -3,8 +3,11 @@
 1. Subscribe, read the run and validate the offset against it (expired ->
    OffsetExpired; past the end of an ended run -> OffsetBeyondEnd; below
    the head of a live-only run -> RunNotResumable), and yield a snapshot.
-2. Unsynced: reset the live queue, then read the log in pages from
-   next_offset. A short page means the log is exhausted for now.
+2. Unsynced: read the log in pages from next_offset (catchup.py: a page
+   read takes one of the server's catch-up slots, and whole pages are shared
+   between streams). The live queue is reset right before each read of the
+   stream's own; such a read returning a short page means the log is
+   exhausted for now.
 3. Synced: take batches from the live queue, accepting only the exact next
    index: lower indices are duplicates (dropped), a higher one is a gap, and
    a gap or a demotion (queue overflow, lost pub/sub connection) sends the
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 from keel.v1.agent_service_pb2 import AgentEvent
@@ -34,6 +37,7 @@ from server import metrics
 from server.errors import OffsetBeyondEnd, OffsetExpired, RunNotResumable, ServerDraining
 from server.events.codec import Batch
 from server.events.log import EventLog, RunRecord, RunState
+from server.observe.catchup import CatchUp
 from server.observe.observer import Draining, LiveQueue
 
 TERMINAL_PAYLOADS = frozenset({"finish", "abort", "error"})
@@ -66,11 +70,18 @@ Item = Snapshot | Events | Heartbeat
 
 @dataclass(frozen=True, slots=True)
 class FollowLimits:
-    """Tunables of a followed stream (see server/settings.py)."""
+    """Tunables of followed streams (see server/settings.py); one server's streams share them."""
 
     page_size: int = 1000
     queue_size: int = 256
     heartbeat_interval_s: float = 5.0
+    catch_up_concurrency: int = 4
+    # The catch-up reads (slots, shared pages) of every stream these limits are given to.
+    catch_up: CatchUp = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        catch_up = CatchUp(self.catch_up_concurrency, self.page_size)
+        object.__setattr__(self, "catch_up", catch_up)
 
 
 async def follow(
@@ -116,11 +127,9 @@ async def follow(
                     raise RunNotResumable(run_id, next_offset, await log.head(run_id))
                 lost_sync = True
             else:
-                # 2. Unsynced: catch up from the log.
-                queue.resync()
+                # 2. Unsynced: catch up from the log, a page at a time (catchup.py).
                 while True:
-                    page = await log.read(run_id, next_offset, limits.page_size)
-                    metrics.CATCH_UP_PAGES.inc()
+                    page, more = await limits.catch_up.page(log, record, next_offset, queue)
                     if page:
                         delivered, end = _until_end(page, ends)
                         metrics.EVENTS_SERVED_LOG.inc(len(delivered))
@@ -128,7 +137,7 @@ async def follow(
                         yield Events(delivered)
                         if end:
                             return
-                    if len(page) < limits.page_size:
+                    if not more:
                         break
             # 3. Synced: live batches while nothing is lost.
             while not queue.demoted:
