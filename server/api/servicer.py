@@ -190,6 +190,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self._max_batch_bytes = max_batch_bytes
         self._draining = draining
         self._default_retention_s = default_retention_s
+        self._last_encoded = b""  # the last batch sent, and its response (_events_response)
+        self._last_response = convert.events_response(b"")
 
     # Tenants: every resource belongs to the tenant of the caller that made it. Another
     # tenant's resource is missing, with the same error and message as one that never
@@ -607,7 +609,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                 case Snapshot(run=record):
                     yield make(snapshot=pb.RunSnapshot(run=convert.run(record)))
                 case Events(events=Batch() as batch) if len(batch.encoded) <= self._max_batch_bytes:
-                    yield cast(Response, convert.events_response(batch.encoded))
+                    yield cast(Response, self._events_response(batch.encoded))
                 case Events(events=events):
                     for part in convert.batches(events, self._max_batch_bytes):
                         yield make(events=pb.EventBatch(events=part))
@@ -615,3 +617,11 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                     heartbeat = pb.Heartbeat(next_offset=next_offset)
                     heartbeat.time.GetCurrentTime()
                     yield make(heartbeat=heartbeat)
+
+    def _events_response(self, encoded: bytes) -> bytes:
+        """convert.events_response, built once per batch: the streams of a run send the
+        same batch one after another."""
+        if encoded is not self._last_encoded:
+            self._last_response = convert.events_response(encoded)
+            self._last_encoded = encoded  # held: its identity stays unique while kept
+        return self._last_response

@@ -26,7 +26,6 @@ demotion, a head ahead of it) ends the stream with RunNotResumable instead.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -38,7 +37,7 @@ from server.errors import OffsetBeyondEnd, OffsetExpired, RunNotResumable, Serve
 from server.events.codec import Batch
 from server.events.log import EventLog, RunRecord, RunState
 from server.observe.catchup import CatchUp
-from server.observe.observer import Draining, LiveQueue
+from server.observe.observer import Draining, Heartbeats, LiveQueue
 
 TERMINAL_PAYLOADS = frozenset({"finish", "abort", "error"})
 END_OF_STREAM_PAYLOADS = TERMINAL_PAYLOADS | {"suspended"}  # with stop_at_suspend
@@ -51,7 +50,7 @@ class Snapshot:
     run: RunRecord
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per observer per batch, and a frozen __init__ is slower
 class Events:
     """Consecutive events, in index order."""
 
@@ -76,12 +75,15 @@ class FollowLimits:
     queue_size: int = 256
     heartbeat_interval_s: float = 5.0
     catch_up_concurrency: int = 4
-    # The catch-up reads (slots, shared pages) of every stream these limits are given to.
+    # Shared by every stream these limits are given to (one server's): the catch-up
+    # reads (slots, shared pages) and the heartbeat timer.
     catch_up: CatchUp = field(init=False, repr=False, compare=False)
+    heartbeats: Heartbeats = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         catch_up = CatchUp(self.catch_up_concurrency, self.page_size)
         object.__setattr__(self, "catch_up", catch_up)
+        object.__setattr__(self, "heartbeats", Heartbeats(self.heartbeat_interval_s))
 
 
 async def follow(
@@ -103,6 +105,7 @@ async def follow(
     """
     queue = LiveQueue(limits.queue_size)
     draining.watch(queue)
+    limits.heartbeats.watch(queue)
     subscription = await log.subscribe(run_id, queue)
     ends = END_OF_STREAM_PAYLOADS if stop_at_suspend else TERMINAL_PAYLOADS
     try:
@@ -134,6 +137,7 @@ async def follow(
                         delivered, end = _until_end(page, ends)
                         metrics.EVENTS_SERVED_LOG.inc(len(delivered))
                         next_offset = delivered[-1].index + 1
+                        queue.active = True
                         yield Events(delivered)
                         if end:
                             return
@@ -143,10 +147,17 @@ async def follow(
             while not queue.demoted:
                 batches = queue.pop_all()
                 if not batches:
-                    if await _quiet(queue, draining, limits.heartbeat_interval_s):
+                    if draining.is_set():
+                        raise ServerDraining()
+                    if queue.heartbeat_due:  # quiet for a heartbeat interval (Heartbeats)
+                        queue.heartbeat_due = False
                         yield Heartbeat(next_offset)
                         if await log.head(run_id) > next_offset:
                             break  # 4. a notification went missing: read the log
+                        continue
+                    await queue.wait()  # a batch, a demotion, a heartbeat due, or draining
+                    if draining.is_set():
+                        raise ServerDraining()
                     continue
                 # Batches that queued up while the last message was sent travel together.
                 merged = batches[0] if len(batches) == 1 else _merge(batches)
@@ -158,6 +169,7 @@ async def follow(
                 fresh, end = _until_end(fresh, ends)
                 metrics.EVENTS_SERVED_LIVE.inc(len(fresh))
                 next_offset = fresh[-1].index + 1
+                queue.active = True
                 yield Events(fresh)
                 if end:
                     return
@@ -181,7 +193,8 @@ def _until_end(
     whether there was one (a page read from the log may go on past a suspension)."""
     for i, event in enumerate(batch):
         if event.WhichOneof("payload") in ends:
-            return batch[: i + 1], True
+            # The whole batch when it ends there, as it usually does: it keeps its encoding.
+            return (batch if i + 1 == len(batch) else batch[: i + 1]), True
     return batch, False
 
 
@@ -204,18 +217,3 @@ def _from(batch: Sequence[AgentEvent], offset: int) -> Sequence[AgentEvent]:
         return batch
     skip = offset - batch[0].index
     return batch[skip:]
-
-
-async def _quiet(queue: LiveQueue, draining: Draining, timeout_s: float) -> bool:
-    """Wait for the queue; True if `timeout_s` passed quietly. Raises ServerDraining."""
-    if draining.is_set():
-        raise ServerDraining()
-    try:
-        async with asyncio.timeout(timeout_s):  # a timer handle, not a task per wait
-            await queue.wait()
-        quiet = False
-    except TimeoutError:
-        quiet = True
-    if draining.is_set():
-        raise ServerDraining()
-    return quiet

@@ -26,6 +26,11 @@ class LiveQueue:
         self._batches: deque[Sequence[AgentEvent]] = deque()
         self._wakeup = asyncio.Event()
         self.demoted = False  # notifications were lost: the log must be read before going live
+        # Heartbeats (see Heartbeats): the consumer sets `active` whenever it sends
+        # something; a quiet interval sets `heartbeat_due` and wakes the consumer.
+        self.active = False
+        self.heartbeat_due = False
+        self._quiet_ticks = 0
 
     # Listener
 
@@ -65,6 +70,18 @@ class LiveQueue:
         """Make `wait` return (the server is draining: the observer must look up)."""
         self._wakeup.set()
 
+    def tick(self, quiet_ticks: int) -> None:
+        """One tick of Heartbeats: a heartbeat is due after `quiet_ticks` quiet ticks in a row."""
+        if self.active:
+            self.active = False
+            self._quiet_ticks = 0
+            return
+        self._quiet_ticks += 1
+        if self._quiet_ticks >= quiet_ticks:
+            self._quiet_ticks = 0
+            self.heartbeat_due = True
+            self._wakeup.set()
+
     def _demote(self) -> None:
         if not self.demoted:
             metrics.OBSERVERS_DEMOTED.inc()
@@ -96,3 +113,38 @@ class Draining:
     def watch(self, queue: LiveQueue) -> None:
         """Wake `queue` when the server drains (held weakly: no need to unwatch)."""
         self._queues.add(queue)
+
+
+class Heartbeats:
+    """Tells the queues of quiet streams that a heartbeat is due, with one timer for all.
+
+    Every interval / TICKS a timer ticks every watched queue; a queue that saw
+    no activity (LiveQueue.active) for TICKS ticks in a row is due a heartbeat,
+    so a stream quiet for the interval gets one within 1.25 intervals. This
+    spares every wait of every stream a timer of its own, which a fan-out to
+    many observers would otherwise arm and cancel once per observer per event.
+    The timer runs only while some queue is watched.
+    """
+
+    TICKS = 4
+
+    def __init__(self, interval_s: float) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"heartbeat interval must be positive, got {interval_s}")
+        self._tick_s = interval_s / self.TICKS
+        self._queues: weakref.WeakSet[LiveQueue] = weakref.WeakSet()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def watch(self, queue: LiveQueue) -> None:
+        """Tick `queue` until it is gone (held weakly: no need to unwatch)."""
+        self._queues.add(queue)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._tick_s, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        queues = list(self._queues)
+        for queue in queues:
+            queue.tick(self.TICKS)
+        if queues:
+            self._timer = asyncio.get_running_loop().call_later(self._tick_s, self._tick)
