@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import importlib
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from pydantic_ai import Agent
 from pydantic_ai.models import Model
-from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.toolsets import AbstractToolset, FunctionToolset
 
 from server.agents.types import AgentSpec
@@ -119,7 +119,10 @@ def model_name(model: Model | str | None) -> str:
         return ""
     if isinstance(model, str):
         return model
-    if isinstance(model, OpenAIChatModel):
+    # Looked up, not imported: importing the OpenAI SDK costs tens of MB in every server
+    # process, and a model of that class exists only if a registry imported it already.
+    openai_models = sys.modules.get("pydantic_ai.models.openai")
+    if openai_models is not None and isinstance(model, openai_models.OpenAIChatModel):
         # model_id says "openai:", which in a model string means the Responses API.
         return f"openai-chat:{model.model_name}"
     return model.model_id
