@@ -27,9 +27,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from server import logs, process
-from server.app import ConfigurationError, check_settings, load_agents, serve
 from server.auth.keys import KeysFileError, Role, add_key
-from server.settings import Settings
+from server.settings import ConfigurationError, Settings, check_settings
 from server.workers import WorkersError, check_workers, run_workers, settings_from_parent
 
 _FLAGS = (
@@ -164,6 +163,10 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(run_workers(settings))
         except WorkersError as exc:
             sys.exit(f"serve: {exc}")
+    # Imported here, not above: the parent of `serve --workers` runs no server, and
+    # importing one (gRPC, pydantic-ai, ...) would cost it about 70 MB.
+    from server.app import load_agents, serve
+
     if args.command == "serve":
         # One process: the server (a worker of `serve --workers` shares the port).
         process.run(serve(settings, reuse_port=worker_of is not None), settings.event_loop)

@@ -18,7 +18,6 @@ from server.agents.registry import load_registry
 from server.agents.types import AgentSpec
 from server.api.servicer import SERVICE, AgentServicer, add_to_server
 from server.auth.gate import AuthInterceptor
-from server.auth.keys import KeyRing, KeysFileError
 from server.events.factory import open_event_log
 from server.events.log import EventLog
 from server.goals.judge import check_default_goals
@@ -26,13 +25,14 @@ from server.health import StoreHealth
 from server.metrics import MetricsServer, serve_metrics
 from server.observe.follow import FollowLimits
 from server.observe.observer import Draining
+from server.process import LISTENING
 from server.runs.executor import LocalExecutor, Timing
 from server.runs.executors import Executor
 from server.runs.supervisor import WriterLimits
 from server.schedules.factory import schedule_store_for
 from server.schedules.service import Schedules
 from server.schedules.ticker import Ticker
-from server.settings import Settings
+from server.settings import ConfigurationError, Settings, check_settings
 from server.tasks.factory import task_store_for
 from server.tasks.runner import TaskLimits
 
@@ -40,11 +40,10 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = SERVICE.full_name
 ASSISTANT_AGENT_ID = "assistant"
+
+
 # What `serve` prints on stdout once it listens, followed by host:port; scripts and
 # tests wait for it (and the parent of `serve --workers` prints it for all its workers).
-LISTENING = "keel listening on "
-
-
 @dataclass
 class Keel:
     """A running Keel server and what it owns. `stop()` is safe to call more than once."""
@@ -141,34 +140,6 @@ def server_options(settings: Settings, *, reuse_port: bool = False) -> list[tupl
     if settings.grpc_max_concurrent_streams:
         options.append(("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams))
     return options
-
-
-class ConfigurationError(Exception):
-    """Settings that cannot work together."""
-
-
-def check_settings(settings: Settings) -> KeyRing | None:
-    """ConfigurationError for settings that cannot work together; the API keys."""
-    if settings.executor == "temporal" and not settings.redis_url:
-        raise ConfigurationError(
-            "the temporal executor needs Redis for the event log: give --redis-url "
-            "(KEEL_REDIS_URL); workers and API servers must share it"
-        )
-    if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
-        raise ConfigurationError("TLS needs both a certificate and a key file")
-    if settings.tls_client_ca_file and not settings.tls_cert_file:
-        raise ConfigurationError("mutual TLS (a client CA) needs the server's TLS certificate")
-    return load_keys(settings)
-
-
-def load_keys(settings: Settings) -> KeyRing | None:
-    """The API keys of the keys file, or None without one (ConfigurationError if unusable)."""
-    if not settings.api_keys_file:
-        return None
-    try:
-        return KeyRing.load(Path(settings.api_keys_file))
-    except KeysFileError as exc:
-        raise ConfigurationError(str(exc)) from exc
 
 
 def exposed(host: str) -> bool:

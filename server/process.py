@@ -23,6 +23,9 @@ from typing import Any, Literal
 
 EventLoop = Literal["uvloop", "asyncio"]
 
+# What a server prints on stdout, followed by host:port, once it accepts calls.
+LISTENING = "keel listening on "
+
 # Allocations (minus deallocations) between two first-generation collections:
 # the default is 700; each collection of a busy server's young objects then
 # finds little to free.

@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.auth.keys import KeyRing, KeysFileError
 
 
 def _default_instance_id() -> str:
@@ -152,3 +155,31 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     # This process's name as a run owner.
     instance_id: str = Field(default_factory=_default_instance_id)
+
+
+class ConfigurationError(Exception):
+    """Settings that cannot work together."""
+
+
+def check_settings(settings: Settings) -> KeyRing | None:
+    """ConfigurationError for settings that cannot work together; the API keys."""
+    if settings.executor == "temporal" and not settings.redis_url:
+        raise ConfigurationError(
+            "the temporal executor needs Redis for the event log: give --redis-url "
+            "(KEEL_REDIS_URL); workers and API servers must share it"
+        )
+    if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
+        raise ConfigurationError("TLS needs both a certificate and a key file")
+    if settings.tls_client_ca_file and not settings.tls_cert_file:
+        raise ConfigurationError("mutual TLS (a client CA) needs the server's TLS certificate")
+    return load_keys(settings)
+
+
+def load_keys(settings: Settings) -> KeyRing | None:
+    """The API keys of the keys file, or None without one (ConfigurationError if unusable)."""
+    if not settings.api_keys_file:
+        return None
+    try:
+        return KeyRing.load(Path(settings.api_keys_file))
+    except KeysFileError as exc:
+        raise ConfigurationError(str(exc)) from exc

@@ -54,8 +54,8 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from server.app import LISTENING, ConfigurationError
-from server.settings import Settings
+from server.process import LISTENING
+from server.settings import ConfigurationError, Settings
 
 log = logging.getLogger(__name__)
 
