@@ -15,7 +15,11 @@ slot and one Lua script can touch them all, on Redis Cluster too:
     {prefix}:{run_id}:live      pub/sub channel: a serialized EventBatch per append
     {prefix}:{run_id}:control   pub/sub channel: a cancel request's reason (UTF-8)
     {prefix}:runs               ZSET    the run index for list_runs, see run_index_member
-    {prefix}:active             SET     ids of runs that may need an owner, for claimable
+    {prefix}:active             SET     ids of runs that may need an owner (claimable's
+                                        safety net and cleanup)
+    {prefix}:lease_deadlines    ZSET    run ids, score = when the run's lease lapses (unix
+                                        ms, Redis's clock) or when it must be looked at:
+                                        claimable reads only the members whose time came
 
 A thread's keys carry the `{thread_id}` hash tag, and so do the keys of the
 runs made on it: such a run's id is "<thread_id>:<32 hex digits>" and its
@@ -57,9 +61,10 @@ schedule, with its place in the due index and its history, is one script:
     {prefix}:{schedules}:index          ZSET  every schedule, for list (members as the run index)
     {prefix}:{schedules}:firings:<id>   ZSET  a schedule's kept firings, score = seq
 
-The run index, the active set, the thread indexes and the task runner's keys
-are the only keys outside a run's (or thread's) slot, so the Lua scripts never write them; a
-write that needs them updates them in a second command after its script.
+The run index, the active set, the lease deadlines, the thread indexes and the
+task runner's keys are the only keys outside a run's (or thread's) slot, so the
+Lua scripts never write them; a write that needs them updates them in a second
+command after its script.
 Stale members are removed lazily: by list_runs and list_threads (hash
 expired or deleted) and by claimable (run ended, suspended or expired).
 """
@@ -292,6 +297,12 @@ class Keys:
     def active_runs(self) -> str:
         """SET of the ids of runs that were last seen runnable (claimable's candidates)."""
         return f"{self.prefix}:active"
+
+    @property
+    def lease_deadlines(self) -> str:
+        """ZSET of run ids by when their lease lapses (unix ms, Redis's clock; redis.py
+        explains who writes it): claimable looks only at the members whose time came."""
+        return f"{self.prefix}:lease_deadlines"
 
     @property
     def pubsub_client_name(self) -> str:

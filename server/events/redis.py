@@ -9,10 +9,37 @@ Cancel requests travel over the same connection, on each run's control
 channel.
 
 Ownership: a run's lease is a key holding the owner's epoch that expires
-by itself (PX = lease_ttl_s). The active set (keys.py) lists the runs that
-may need an owner, so claimable need not walk every run: a write that makes
-a run runnable adds it after its script commits, and claimable drops the
-members it finds suspended, ended or gone.
+by itself (PX = lease_ttl_s). Two keys outside the runs' slots (keys.py)
+tell claimable where to look, so a sweep costs nothing per healthy run:
+
+- The lease deadline set: per run, when its lease lapses (Redis's clock),
+  or an earlier time at which the run must be looked at. A script that sets
+  a lease (create, claim, renew, resume) returns the lease's exact deadline
+  and the caller records it after the script; a write that may leave a run
+  runnable without a lease (release, an append that moves the state, a
+  cancel request, a thread's promotion or interruption) records "now". Only
+  the members whose time came are read, and each is checked against the
+  truth, the run's state and lease: runnable without a lease is claimable;
+  leased, it moves to its lease's deadline (a compare-and-set, so a writer
+  that moved it meanwhile wins); not runnable, it leaves the set.
+  A deadline recorded too early costs one wasted check; one recorded too
+  late would delay a takeover, and cannot be: each writer records the
+  deadline of the lease it set (a later lease only makes it early), or
+  "now", and a sweep moves a member only to a deadline read from the lease
+  and only if nobody moved it since. The one race that delays: a renewal
+  in flight while its owner drops the lease (release, suspension), the
+  renewal's deadline landing last. The renewal may as well have set the
+  lease again after the release (that race is older than the set); either
+  way the run waits for that lease's deadline, as after a crash.
+- The active set: every run that may need an owner, as before the deadline
+  set existed. A deadline write lost in a crash leaves a deadline too early
+  (harmless) or none, and a run with none is still in the active set
+  (added when it was created, or, for a write that makes a run runnable
+  later, before its script). At a server's first sweep and then every
+  FULL_PASS_INTERVAL_S claimable walks it, a few pages per sweep, and
+  checks only the members missing from the deadline set (runs older than
+  the set, deadline writes lost in a crash): O(active runs) every 30 s,
+  not every sweep. It also drops the stale members.
 
 Redis connection and timeout errors surface as StoreUnavailable. Commands
 are not retried on connection errors (a retried increment could count
@@ -22,6 +49,7 @@ exact replay of a committed batch is a no-op and creation is idempotent.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from typing import Any, cast
@@ -71,11 +99,74 @@ from server.events.redis_threads import RedisThreads
 _LISTED_FIELDS = [field.value for field in RunField if field is not RunField.CHECKPOINT]
 _ENQUEUED = RunState.ENQUEUED.value.encode()
 
+# How often claimable walks the whole active set for members missing from the
+# lease deadline set (the safety net); each sweep walks at most _PASS_PAGES
+# SSCAN pages of it, going on from there at the next one.
+FULL_PASS_INTERVAL_S = 30.0
+_PASS_PAGE = 500
+_PASS_PAGES = 4
+_DUE_PAGE = 200  # members of the deadline set read at once
+_NO_LEASE = -2  # PTTL of a missing key
+
 
 def _kept_active(state: bytes | None) -> bool:
     """Whether a member of the active set with this state stays: runnable, or waiting
     in its thread's queue to become runnable."""
     return state is not None and (state == _ENQUEUED or RunState(state.decode()).runnable)
+
+
+def _runnable(state: bytes | None) -> bool:
+    return state is not None and state != _ENQUEUED and RunState(state.decode()).runnable
+
+
+def _serves(agent_id: bytes | None, agent_ids: frozenset[str] | None) -> bool:
+    """Whether a run of `agent_id` is for a sweeper of `agent_ids` (None: of every agent)."""
+    return agent_ids is None or (agent_id is not None and agent_id.decode() in agent_ids)
+
+
+class _Deadlines:
+    """The lease deadlines recorded in one event-loop turn, sent as one ZADD.
+
+    The lease keeper renews all of a process's leases at once: their
+    deadlines travel together. Two deadlines of one run in one turn: the
+    earlier one is kept (too early is harmless, too late is not).
+    """
+
+    def __init__(self, client: Redis, key: str) -> None:
+        self._client = client
+        self._key = key
+        self._scores: dict[str, int] = {}
+        self._waiting: list[asyncio.Future[None]] = []
+        self._inflight: set[asyncio.Task[None]] = set()  # keeps the sending tasks referenced
+
+    async def record(self, run_id: str, deadline_ms: int) -> None:
+        loop = asyncio.get_running_loop()
+        if not self._waiting:
+            loop.call_soon(self._send)  # after every call of this turn has queued
+        earlier = self._scores.get(run_id)
+        self._scores[run_id] = deadline_ms if earlier is None else min(earlier, deadline_ms)
+        sent: asyncio.Future[None] = loop.create_future()
+        self._waiting.append(sent)
+        await sent
+
+    def _send(self) -> None:
+        scores, waiting = self._scores, self._waiting
+        self._scores, self._waiting = {}, []
+        task = asyncio.create_task(self._run(scores, waiting))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _run(self, scores: dict[str, int], waiting: list[asyncio.Future[None]]) -> None:
+        try:
+            await self._client.zadd(self._key, cast(dict[Any, Any], scores))
+        except Exception as exc:
+            for sent in waiting:
+                if not sent.done():
+                    sent.set_exception(exc)
+            return
+        for sent in waiting:
+            if not sent.done():  # its caller was cancelled
+                sent.set_result(None)
 
 
 class RedisEventLog:
@@ -121,6 +212,12 @@ class RedisEventLog:
             lease_ttl_ms=self._lease_ttl_ms,
             thread_idle_ttl_ms=self._thread_idle_ttl_ms,
         )
+        # The lease deadline set (see the module docstring).
+        self._due = client.register_script(scripts.DUE)
+        self._reschedule = client.register_script(scripts.RESCHEDULE)
+        self._deadlines = _Deadlines(client, keys.lease_deadlines)
+        self._next_pass = 0.0  # time.monotonic() of the next full pass of the active set
+        self._pass_cursor = 0  # its SSCAN cursor, while a pass goes on (0: from the start)
         self._closed = False
 
     # What the task store beside this log shares (server/tasks/redis.py).
@@ -214,14 +311,17 @@ class RedisEventLog:
             else:
                 flat: list[bytes] = reply[1]
                 stored, created = run_from_hash(run_id, pairs(flat)), False
-            # Outside the script: the index and the active set are not in the
-            # run's hash slot. Also done when the run existed, to heal a crash
-            # between the two steps.
+            # Outside the script: the index, the active set and the lease
+            # deadlines are not in the run's hash slot. Also done when the run
+            # existed, to heal a crash between the two steps (its deadline
+            # unknown here: look at it now, unless one is recorded).
             member = run_index_member(stored.create_time_ms, run_id)
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.zadd(self._keys.run_index, {member: 0}, nx=True)
                 if stored.state.runnable:
                     pipe.sadd(self._keys.active_runs, run_id)
+                    deadline = {run_id: int(reply[1]) if created else int(reply[2])}
+                    pipe.zadd(self._keys.lease_deadlines, deadline, nx=not created)
                 await pipe.execute()
         return stored, created
 
@@ -292,16 +392,20 @@ class RedisEventLog:
         thread_messages: Sequence[bytes] = (),
         goal_progress: str | None = None,
     ) -> int:
-        """One APPEND script; then, for a new state, the active set (outside the run's slot).
+        """One APPEND script; then, for a new state, the active set and the lease
+        deadlines (outside the run's slot).
 
         A runnable state adds the run to the active set, on every such
-        append, so a retry heals a crash between the two steps. A terminal
-        state removes it (it never comes back: safe to do eagerly). A
-        suspended run is left for claimable to remove, which re-checks the
+        append, so a retry heals a crash between the two steps; without a
+        lease (a Resume of a suspended run) it is due at once. A terminal
+        state removes it from both (it never comes back: safe to do eagerly).
+        A suspended run is left for claimable to remove, which re-checks the
         state: an eager removal here could undo the addition of a Resume
-        that committed in between. A terminal state of a run on a thread
+        that committed in between; it is made due now, so the next sweep
+        does. A terminal state of a run on a thread
         writes the thread in the same script (keys.py puts both in one slot);
-        the run it promotes is in the active set already (start_thread_run).
+        the run it promotes is in the active set already (start_thread_run),
+        and is due at once: nobody owns it yet.
         """
         check_consecutive(events)
         members = serialize_events(events)
@@ -339,10 +443,7 @@ class RedisEventLog:
             reply = await self._append(keys=keys, args=args)
             code = reply[0]
             if code == scripts.OK and state is not None:
-                if state.runnable:
-                    await self._client.sadd(self._keys.active_runs, run_id)
-                elif state.terminal:
-                    await self._client.srem(self._keys.active_runs, run_id)
+                await self._after_new_state(run_id, state, reply)
         if code == scripts.OK:
             return int(reply[1])
         if code == scripts.NOT_FOUND:
@@ -352,6 +453,24 @@ class RedisEventLog:
         if code == scripts.INDEX_CONFLICT:
             raise IndexConflict(run_id, events[0].index, int(reply[1]))
         raise AssertionError(f"unexpected append reply {reply!r}")
+
+    async def _after_new_state(self, run_id: str, state: RunState, reply: list[Any]) -> None:
+        """The active set and the lease deadlines after an APPEND that moved the state."""
+        promoted, now, leased = reply[2], int(reply[3]), int(reply[4])
+        active, deadlines = self._keys.active_runs, self._keys.lease_deadlines
+        async with self._client.pipeline(transaction=False) as pipe:
+            if state.runnable:
+                pipe.sadd(active, run_id)
+                if not leased:
+                    pipe.zadd(deadlines, {run_id: now})
+            elif state.terminal:
+                pipe.srem(active, run_id)
+                pipe.zrem(deadlines, run_id)
+            else:
+                pipe.zadd(deadlines, {run_id: now})
+            if promoted:
+                pipe.zadd(deadlines, {promoted: now})
+            await pipe.execute()
 
     async def read(self, run_id: str, offset: int, limit: int) -> list[AgentEvent]:
         if limit <= 0:
@@ -379,6 +498,8 @@ class RedisEventLog:
                 keys=[self._keys.run(run_id), self._keys.lease(run_id)],
                 args=[owner, self._lease_ttl_ms, int(force)],
             )
+            if reply[0] == scripts.OK:
+                await self._client.zadd(self._keys.lease_deadlines, {run_id: int(reply[2])})
         if reply[0] != scripts.OK:
             return None  # NOT_FOUND, NOT_RUNNABLE or LEASE_HELD
         return run_from_hash(run_id, pairs(reply[1]))
@@ -389,11 +510,15 @@ class RedisEventLog:
                 keys=[self._keys.run(run_id), self._keys.lease(run_id)],
                 args=[epoch, self._lease_ttl_ms],
             )
+            if reply[0] == scripts.OK:
+                await self._deadlines.record(run_id, int(reply[1]))
         return bool(reply[0] == scripts.OK)
 
     async def release(self, run_id: str, epoch: int) -> None:
         with store_errors():
-            await self._release(keys=[self._keys.lease(run_id)], args=[epoch])
+            reply = await self._release(keys=[self._keys.lease(run_id)], args=[epoch])
+            if reply[1] == 1:  # dropped: claimable at once
+                await self._client.zadd(self._keys.lease_deadlines, {run_id: int(reply[2])})
 
     async def decide(
         self,
@@ -406,7 +531,8 @@ class RedisEventLog:
         request_id: str = "",
         request_record: bytes = b"",
     ) -> RunRecord:
-        """The DECIDE script; a resumed run then joins the active set (outside its slot)."""
+        """The DECIDE script; a resumed run then joins the active set, with its new
+        lease's deadline (outside its slot)."""
         keys = [self._keys.run(run_id), self._keys.lease(run_id), self._keys.resumes(run_id)]
         args: list[Any] = [
             expected_epoch,
@@ -421,7 +547,10 @@ class RedisEventLog:
         with store_errors():
             reply = await self._decide(keys=keys, args=args)
             if reply[0] == scripts.OK and resume:
-                await self._client.sadd(self._keys.active_runs, run_id)
+                async with self._client.pipeline(transaction=False) as pipe:
+                    pipe.sadd(self._keys.active_runs, run_id)
+                    pipe.zadd(self._keys.lease_deadlines, {run_id: int(reply[2])})
+                    await pipe.execute()
         if reply[0] == scripts.NOT_FOUND:
             raise RunNotFound(run_id)
         if reply[0] == scripts.CONFLICT:
@@ -434,66 +563,164 @@ class RedisEventLog:
         return cast(bytes | None, value)
 
     async def claimable(self, limit: int, *, agent_ids: frozenset[str] | None = None) -> list[str]:
-        """Walk the active set for runnable runs without a lease (of `agent_ids`, if given).
+        """The due members of the lease deadline set, then, when one is due, a stretch
+        of the full pass of the active set: runnable runs without a lease (of
+        `agent_ids`, if given).
 
-        1. SSCAN the active set a batch at a time (a full pass at most).
-        2. Per member, read the run's state and whether its lease exists, in
-           one pipeline per batch.
-        3. Runnable without a lease: claimable. Runnable with a lease: owned.
-           Enqueued: kept (its thread makes it runnable in a script, with
-           nothing after it to add it). Suspended, ended or gone: stale.
+        1. Read the members of the deadline set whose time came (DUE, in
+           deadline order, a page at a time) and, per member, the run's state,
+           agent and lease (PTTL), in one pipeline per page.
+        2. Runnable without a lease: claimable (it stays due until claimed).
+           Leased: it moves to its lease's deadline (RESCHEDULE: only if its
+           deadline is still the one read, so a writer that moved it
+           meanwhile wins). Enqueued: it leaves the deadline set (its thread
+           makes it due when it becomes runnable). Suspended, ended or gone:
+           stale, it leaves both sets.
+        3. At the first call and then every FULL_PASS_INTERVAL_S: walk the
+           active set (SSCAN, at most _PASS_PAGES pages per call, going on
+           from there at the next call) and check only its members without a
+           deadline (ZMSCORE): runs older than the deadline set, or whose
+           deadline a crash lost. Each gets one (its lease's, or now), the
+           claimable ones are found, the stale ones leave.
         4. Remove the stale members, then read their state again and add back
-           any that became runnable (or enqueued) meanwhile. Writers add a run after they
-           commit a runnable state, so either that addition comes after our
-           removal, or our second read sees the state: no runnable run is
-           ever left out.
+           any that became runnable (or enqueued) meanwhile. Writers record a
+           run after they commit a runnable state, so either that addition
+           comes after our removal, or our second read sees the state: no
+           runnable run is ever left out.
+
+        A sweep's cost is the due members' (lapsed, released or just changed
+        runs), not the healthy runs', plus the full pass every 30 s.
         """
         if limit <= 0:
             raise ValueError(f"limit must be positive, got {limit}")
-        active = self._keys.active_runs
-        found: list[str] = []
-        seen: set[bytes] = set()  # SSCAN may return a member more than once
-        stale: list[bytes] = []
-        cursor = 0
+        found: dict[str, None] = {}  # ordered, without repeats
         with store_errors():
-            while True:
-                cursor, batch = await self._client.sscan(active, cursor, count=max(limit, 100))
-                members = [m for m in cast(list[bytes], batch) if m not in seen]
-                seen.update(members)
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for member in members:
-                        run_id = member.decode()
-                        pipe.hmget(self._keys.run(run_id), [RunField.STATE, RunField.AGENT_ID])
-                        pipe.exists(self._keys.lease(run_id))
-                    replies: list[Any] = await pipe.execute()
-                for member, fields, leased in zip(
-                    members, replies[::2], replies[1::2], strict=True
-                ):
-                    state, agent_id = fields
-                    if not _kept_active(state):
-                        stale.append(member)
-                    elif state == _ENQUEUED or leased or len(found) == limit:
-                        continue
-                    elif agent_ids is None or agent_id.decode() in agent_ids:
-                        found.append(member.decode())
-                if len(found) == limit or cursor == 0:
-                    break
-            if stale:
-                await self._drop_stale_active(stale)
-        return found
+            now = await self._walk_due(limit, agent_ids, found)
+            if len(found) < limit and time.monotonic() >= self._next_pass:
+                await self._walk_active(now, limit, agent_ids, found)
+        return list(found)
 
-    async def _drop_stale_active(self, members: list[bytes]) -> None:
-        """Step 4 of claimable: remove, re-read, add back what became runnable."""
-        await self._client.srem(self._keys.active_runs, *members)
+    async def _look(self, members: list[bytes]) -> list[tuple[bytes | None, bytes | None, int]]:
+        """Per run id: the run's state and agent id (None: gone) and its lease's PTTL
+        (ms left, or _NO_LEASE), in one pipeline."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            for member in members:
+                run_id = member.decode()
+                pipe.hmget(self._keys.run(run_id), [RunField.STATE, RunField.AGENT_ID])
+                pipe.pttl(self._keys.lease(run_id))
+            replies: list[Any] = await pipe.execute()
+        return [
+            (fields[0], fields[1], int(pttl))
+            for fields, pttl in zip(replies[::2], replies[1::2], strict=True)
+        ]
+
+    def _lapses(self, now: int, pttl: int) -> int:
+        """When a lease with `pttl` ms left at `now` or later lapses, at the earliest."""
+        return now + (pttl if pttl >= 0 else self._lease_ttl_ms)  # -1: no PX (never set so)
+
+    async def _walk_due(
+        self, limit: int, agent_ids: frozenset[str] | None, found: dict[str, None]
+    ) -> int:
+        """Steps 1, 2 and 4 of claimable; returns Redis's now."""
+        deadlines = self._keys.lease_deadlines
+        now = -1  # read by the first page, kept by the next ones
+        offset = 0
+        moves: list[Any] = []  # member, deadline read, new deadline, ...
+        undue: list[bytes] = []  # members leaving the deadline set
+        stale: list[bytes] = []  # ... and the active set
+        while True:
+            reply = await self._due(
+                keys=[deadlines], args=[offset, _DUE_PAGE, now if now >= 0 else ""]
+            )
+            now = int(reply[0])
+            flat: list[bytes] = reply[1]
+            members = flat[::2]
+            looks = await self._look(members) if members else []
+            for member, deadline, (state, agent_id, pttl) in zip(
+                members, flat[1::2], looks, strict=True
+            ):
+                if not _kept_active(state):
+                    undue.append(member)
+                    stale.append(member)
+                elif state == _ENQUEUED:
+                    undue.append(member)
+                elif pttl != _NO_LEASE:
+                    moves += [member, deadline, self._lapses(now, pttl)]
+                elif len(found) < limit and _serves(agent_id, agent_ids):
+                    found[member.decode()] = None
+            if len(members) < _DUE_PAGE or len(found) == limit:
+                break
+            offset += len(members)
+        if moves:
+            await self._reschedule(keys=[deadlines], args=moves)
+        if undue:
+            await self._drop(now, undue, stale)
+        return now
+
+    async def _walk_active(
+        self, now: int, limit: int, agent_ids: frozenset[str] | None, found: dict[str, None]
+    ) -> None:
+        """Step 3 of claimable: the next stretch of the full pass of the active set."""
+        active, deadlines = self._keys.active_runs, self._keys.lease_deadlines
+        cursor = self._pass_cursor
+        recorded: dict[bytes, int] = {}  # deadlines of the members that had none
+        stale: list[bytes] = []
+        for _ in range(_PASS_PAGES):
+            cursor, batch = await self._client.sscan(active, cursor, count=_PASS_PAGE)
+            members = cast(list[bytes], batch)
+            known: list[float | None] = []
+            if members:
+                known = await self._client.zmscore(deadlines, cast(list[Any], members))
+            untracked = [m for m, deadline in zip(members, known, strict=True) if deadline is None]
+            looks = await self._look(untracked) if untracked else []
+            for member, (state, agent_id, pttl) in zip(untracked, looks, strict=True):
+                if not _kept_active(state):
+                    stale.append(member)
+                elif state == _ENQUEUED:
+                    continue  # its thread makes it due when it becomes runnable
+                elif pttl != _NO_LEASE:
+                    recorded[member] = self._lapses(now, pttl)
+                else:
+                    recorded[member] = now
+                    if len(found) < limit and _serves(agent_id, agent_ids):
+                        found[member.decode()] = None
+            if cursor == 0 or len(found) == limit:
+                break
+        if recorded:  # NX: a deadline a writer recorded meanwhile knows better
+            await self._client.zadd(deadlines, cast(dict[Any, Any], recorded), nx=True)
+        if stale:
+            await self._drop(now, [], stale)
+        self._pass_cursor = cursor
+        if cursor == 0:
+            self._next_pass = time.monotonic() + FULL_PASS_INTERVAL_S
+
+    async def _drop(self, now: int, undue: list[bytes], stale: list[bytes]) -> None:
+        """Step 4 of claimable: remove `undue` from the deadline set and `stale` from the
+        active set, read their state again, add back what became runnable (or enqueued)."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            if undue:
+                pipe.zrem(self._keys.lease_deadlines, *undue)
+            if stale:
+                pipe.srem(self._keys.active_runs, *stale)
+            await pipe.execute()
+        # Only once the removals are done (on Redis Cluster a pipeline's commands
+        # on different nodes may run in any order).
+        members = list(dict.fromkeys([*undue, *stale]))
         async with self._client.pipeline(transaction=False) as pipe:
             for member in members:
                 pipe.hget(self._keys.run(member.decode()), RunField.STATE.value)
-            states: list[bytes | None] = await pipe.execute()
-        revived = [
-            member for member, state in zip(members, states, strict=True) if _kept_active(state)
-        ]
-        if revived:
-            await self._client.sadd(self._keys.active_runs, *revived)
+            states: dict[bytes, bytes | None] = dict(
+                zip(members, await pipe.execute(), strict=True)
+            )
+        back_active = [member for member in stale if _kept_active(states[member])]
+        back_due = {member: now for member in members if _runnable(states[member])}
+        if back_active or back_due:
+            async with self._client.pipeline(transaction=False) as pipe:
+                if back_active:
+                    pipe.sadd(self._keys.active_runs, *back_active)
+                if back_due:
+                    pipe.zadd(self._keys.lease_deadlines, cast(dict[Any, Any], back_due), nx=True)
+                await pipe.execute()
 
     async def journal_tool(self, run_id: str, epoch: int, tool_call_id: str, result: bytes) -> None:
         with store_errors():
@@ -519,7 +746,8 @@ class RedisEventLog:
         first means a crash right after the script cannot leave it out of the
         active set, and adding it again afterwards undoes a sweep that dropped
         it in between (as not yet runnable). A run that turns out ended or
-        unknown is dropped by claimable as usual.
+        unknown is dropped by claimable as usual. A runnable run is then due
+        in the lease deadline set at once (it may have no owner now).
         """
         if not reason:
             raise ValueError("a cancel request needs a reason")
@@ -529,11 +757,15 @@ class RedisEventLog:
                 keys=[self._keys.run(run_id)],
                 args=[reason, time.time_ns() // 1_000_000, self._keys.control(run_id)],
             )
-            if reply[0] == scripts.OK:
-                await self._client.sadd(self._keys.active_runs, run_id)
-        if reply[0] == scripts.NOT_FOUND:
-            raise RunNotFound(run_id)
-        return run_from_hash(run_id, pairs(reply[1]))
+            if reply[0] == scripts.NOT_FOUND:
+                raise RunNotFound(run_id)
+            record = run_from_hash(run_id, pairs(reply[1]))
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.sadd(self._keys.active_runs, run_id)
+                if record.state.runnable:
+                    pipe.zadd(self._keys.lease_deadlines, {run_id: int(reply[2])})
+                await pipe.execute()
+        return record
 
     async def subscribe_control(self, run_id: str, listener: ControlListener) -> Subscription:
         return await self._fanout.subscribe_control(self._keys.control(run_id), listener)
@@ -585,7 +817,23 @@ class RedisEventLog:
         return await self._threads.thread_messages(thread_id, start, stop)
 
     async def start_thread_run(self, record: RunRecord, policy: BusyPolicy) -> ThreadRunStart:
-        return await self._threads.start_thread_run(record, policy)
+        """RedisThreads.start_thread_run, then the lease deadlines of the runs it touched.
+
+        A new run that became the thread's active run holds a lease whose
+        deadline the script does not tell: it is due at once (0) unless a
+        deadline is recorded, and the next sweep records its lease's. So is
+        the run an INTERRUPT or ROLLBACK asked to stop, which may have become
+        runnable without a lease. A crash before this leaves both in the
+        active set, for claimable's full pass.
+        """
+        started = await self._threads.start_thread_run(record, policy)
+        due = [started.interrupted_run_id] if started.interrupted_run_id else []
+        if started.run.state.runnable:
+            due.append(started.run.run_id)
+        if due:
+            with store_errors():
+                await self._client.zadd(self._keys.lease_deadlines, dict.fromkeys(due, 0), nx=True)
+        return started
 
     async def ping(self) -> None:
         with store_errors():

@@ -8,6 +8,12 @@ Hash field names are those of keys.RunField and states the values of
 log.RunState: 'queued' and 'running' are the runnable states (RunState.runnable),
 the only ones that hold a lease. Results are arrays whose first element is a
 status code, decoded by redis.py.
+
+A script that sets a lease returns when it lapses (unix ms, Redis's clock:
+the lease's own PX deadline), and one that may leave a run claimable returns
+Redis's now: redis.py records either in the lease deadline set (keys.py)
+after the script, since that set is in another slot. DUE and RESCHEDULE are
+the only scripts on that set, and touch nothing else.
 """
 
 from __future__ import annotations
@@ -25,23 +31,36 @@ NOT_RESUMABLE = 8  # the run is live only: its events below the head are not kep
 BUSY = 9  # the thread has an active (or queued) run
 EXISTS = 10  # the run to create exists already
 
+# Redis's clock in unix ms (TIME: seconds, microseconds), which PX deadlines follow.
+_NOW = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
 # Store a new run unless its hash exists, and give its creator the lease.
 # KEYS[1]   the run hash
 # KEYS[2]   the lease
 # ARGV[1]   lease TTL in ms, 0 = no lease (the new run is not runnable)
 # ARGV[2]   the creator's epoch (the lease's value)
 # ARGV[3..] field, value, field, value, ... of the new record
-# Returns {1} when created, {0, {field, value, ...}} with the stored record otherwise.
-CREATE_RUN = """
+# Returns {1, when the lease lapses (0 = no lease)} when created,
+#         {0, {field, value, ...}, now} with the stored record otherwise.
+CREATE_RUN = (
+    _NOW
+    + """
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  return {0, redis.call('HGETALL', KEYS[1])}
+  return {0, redis.call('HGETALL', KEYS[1]), now_ms()}
 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 if tonumber(ARGV[1]) > 0 then
   redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[1])
+  return {1, now_ms() + tonumber(ARGV[1])}
 end
-return {1}
+return {1, 0}
 """
+)
 
 # Append a batch of events, store the checkpoint, move the run's state,
 # trim, update the run's thread, and publish: the whole of EventLog.append in
@@ -81,10 +100,17 @@ return {1}
 # ARGV[20]  the run's goal progress to store, or '' to keep the stored one
 # ARGV[21..20+n] the serialized events, in index order
 # ARGV[21+n..] entries to add to the thread's history (terminal state only)
-# Returns {OK, next_index, promoted run id or ''} | {NOT_FOUND} | {STALE_EPOCH, run epoch}
-#       | {INDEX_CONFLICT, next_index}
-APPEND = """
+# Returns {OK, next_index, promoted run id or ''[, now, 1 if the lease exists else 0]}
+#       | {NOT_FOUND} | {STALE_EPOCH, run epoch} | {INDEX_CONFLICT, next_index}
+#       (now and the lease's existence only with a new state, ARGV[2] ~= '')
+APPEND = (
+    _NOW
+    + """
 local run, events, lease = KEYS[1], KEYS[2], KEYS[3]
+local function done(next_index, promoted)
+  if ARGV[2] == '' then return {0, next_index, promoted} end
+  return {0, next_index, promoted, now_ms(), redis.call('EXISTS', lease)}
+end
 local first_event = 21  -- ARGV position of the first serialized event
 local n = tonumber(ARGV[12])
 local first_message = first_event + n
@@ -104,7 +130,7 @@ if n > 0 and first ~= next_index then
       if not same then break end
       same = stored[i] == ARGV[first_event + i - 1]
     end
-    if same then return {0, next_index, ''} end
+    if same then return done(next_index, '') end
   end
   return {3, next_index}
 end
@@ -193,8 +219,9 @@ if ttl_ms > 0 then
   end
 end
 if ARGV[8] ~= '' then redis.call('PUBLISH', ARGV[7], ARGV[8]) end
-return {0, next_index, promoted}
+return done(next_index, promoted)
 """
+)
 
 # Read a page of events, checking the run exists and the offset is retained.
 # KEYS[1]  the run hash
@@ -245,8 +272,11 @@ return {0, value}
 # ARGV[1]  the new owner
 # ARGV[2]  lease TTL in ms
 # ARGV[3]  '1': take it even while its lease is held (force)
-# Returns {OK, {field, value, ...}} | {NOT_FOUND} | {NOT_RUNNABLE} | {LEASE_HELD}
-CLAIM = """
+# Returns {OK, {field, value, ...}, when the lease lapses} | {NOT_FOUND} | {NOT_RUNNABLE}
+#       | {LEASE_HELD}
+CLAIM = (
+    _NOW
+    + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {1} end
 if state ~= 'queued' and state ~= 'running' then return {5} end
@@ -254,8 +284,9 @@ if ARGV[3] ~= '1' and redis.call('EXISTS', KEYS[2]) == 1 then return {6} end
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 redis.call('HSET', KEYS[1], 'owner', ARGV[1])
 redis.call('SET', KEYS[2], epoch, 'PX', ARGV[2])
-return {0, redis.call('HGETALL', KEYS[1])}
+return {0, redis.call('HGETALL', KEYS[1]), now_ms() + tonumber(ARGV[2])}
 """
+)
 
 # Extend the lease of the owner at an epoch, or take it again if it lapsed
 # and nobody claimed the run meanwhile (a claim would have bumped the epoch).
@@ -263,27 +294,66 @@ return {0, redis.call('HGETALL', KEYS[1])}
 # KEYS[2]  the lease
 # ARGV[1]  the owner's epoch
 # ARGV[2]  lease TTL in ms
-# Returns {OK} | {NOT_FOUND} | {NOT_RUNNABLE} | {STALE_EPOCH, run epoch}
-RENEW = """
+# Returns {OK, when the lease lapses} | {NOT_FOUND} | {NOT_RUNNABLE} | {STALE_EPOCH, run epoch}
+RENEW = (
+    _NOW
+    + """
 local f = redis.call('HMGET', KEYS[1], 'state', 'epoch')
 if not f[1] then return {1} end
 if f[1] ~= 'queued' and f[1] ~= 'running' then return {5} end
 if tonumber(f[2]) ~= tonumber(ARGV[1]) then return {2, tonumber(f[2])} end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-return {0}
+return {0, now_ms() + tonumber(ARGV[2])}
 """
+)
 
 # Drop the lease if it is held at the given epoch.
 # KEYS[1]  the lease
 # ARGV[1]  the owner's epoch
-# Returns {OK, 1 if dropped else 0}
-RELEASE = """
+# Returns {OK, 1 if dropped else 0, now}
+RELEASE = (
+    _NOW
+    + """
 local held = redis.call('GET', KEYS[1])
 if held and tonumber(held) == tonumber(ARGV[1]) then
   redis.call('DEL', KEYS[1])
-  return {0, 1}
+  return {0, 1, now_ms()}
 end
-return {0, 0}
+return {0, 0, 0}
+"""
+)
+
+# The lease deadline set (keys.lease_deadlines): its members whose deadline has come,
+# in deadline order, with Redis's now (the one key this touches: any slot).
+# KEYS[1]  the deadline ZSET
+# ARGV[1]  offset into the due members
+# ARGV[2]  the most members to return
+# ARGV[3]  now as returned by an earlier page of the same walk, or '' to read the clock
+# Returns {now, {member, deadline, member, deadline, ...}}
+DUE = (
+    _NOW
+    + """
+local now = tonumber(ARGV[3]) or now_ms()
+return {now, redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES',
+  'LIMIT', ARGV[1], ARGV[2])}
+"""
+)
+
+# Move members of the deadline set to new deadlines, each only if its deadline is
+# still the one the caller read (a writer that moved it meanwhile knew better).
+# KEYS[1]  the deadline ZSET
+# ARGV     member, deadline read, new deadline, member, ... (triples)
+# Returns the number of members moved.
+RESCHEDULE = """
+local moved = 0
+for i = 1, #ARGV, 3 do
+  local deadline = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if deadline and tonumber(deadline) == tonumber(ARGV[i + 1]) then
+    redis.call('ZADD', KEYS[1], ARGV[i + 2], ARGV[i])
+    moved = moved + 1
+  end
+end
+return moved
 """
 
 # Record a tool call's result for the owner at an epoch; the first write wins.
@@ -311,8 +381,10 @@ return {0, recorded}
 # ARGV[1]  the reason (not empty)
 # ARGV[2]  now, unix ms (update_time_ms, when the request is new)
 # ARGV[3]  the control channel
-# Returns {OK, {field, value, ...}} | {NOT_FOUND}
-REQUEST_CANCEL = """
+# Returns {OK, {field, value, ...}, now} | {NOT_FOUND}
+REQUEST_CANCEL = (
+    _NOW
+    + """
 local f = redis.call('HMGET', KEYS[1], 'state', 'cancel_reason')
 if not f[1] then return {1} end
 if f[1] ~= 'succeeded' and f[1] ~= 'failed' and f[1] ~= 'cancelled' then
@@ -326,8 +398,9 @@ if f[1] ~= 'succeeded' and f[1] ~= 'failed' and f[1] ~= 'cancelled' then
   end
   redis.call('PUBLISH', ARGV[3], reason)
 end
-return {0, redis.call('HGETALL', KEYS[1])}
+return {0, redis.call('HGETALL', KEYS[1]), now_ms()}
 """
+)
 
 # Record Resume's decisions on a suspended run: compare-and-set on its epoch.
 # KEYS[1]  the run hash
@@ -341,20 +414,26 @@ return {0, redis.call('HGETALL', KEYS[1])}
 # ARGV[6]  the request id, or '' for none
 # ARGV[7]  what to remember under the request id
 # ARGV[8]  now, unix ms
-# Returns {OK, {field, value, ...}} | {NOT_FOUND} | {CONFLICT}
-DECIDE = """
+# Returns {OK, {field, value, ...}, when the new lease lapses (0 = none)} | {NOT_FOUND}
+#       | {CONFLICT}
+DECIDE = (
+    _NOW
+    + """
 local f = redis.call('HMGET', KEYS[1], 'state', 'epoch')
 if not f[1] then return {1} end
 if f[1] ~= 'suspended' or tonumber(f[2]) ~= tonumber(ARGV[1]) then return {7} end
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 redis.call('HSET', KEYS[1], 'decisions', ARGV[2], 'update_time_ms', ARGV[8])
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[3], ARGV[6], ARGV[7]) end
+local lapses = 0
 if ARGV[3] == '1' then
   redis.call('HSET', KEYS[1], 'state', 'queued', 'owner', ARGV[4])
   redis.call('SET', KEYS[2], epoch, 'PX', ARGV[5])
+  lapses = now_ms() + tonumber(ARGV[5])
 end
-return {0, redis.call('HGETALL', KEYS[1])}
+return {0, redis.call('HGETALL', KEYS[1]), lapses}
 """
+)
 
 # Store a new thread unless its hash exists. A new thread is idle: with an
 # idle TTL it expires unless a run starts on it first.
