@@ -19,12 +19,20 @@ from server import metrics
 
 
 class LiveQueue:
-    """A Listener (server.events.log) holding up to `max_batches` committed batches."""
+    """A Listener (server.events.log) holding up to `max_batches` committed batches.
+
+    Made on the event loop its consumer waits on. Waiting is a bare future of
+    that loop, not an asyncio.Event: Event.wait looks the running loop up on
+    every call, which on Python 3.11 costs a getpid system call, once per
+    observer per event of a fan-out.
+    """
 
     def __init__(self, max_batches: int) -> None:
         self._max_batches = max_batches
         self._batches: deque[Sequence[AgentEvent]] = deque()
-        self._wakeup = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._woken = False  # something happened since the consumer last found nothing
+        self._waiter: asyncio.Future[None] | None = None
         self.demoted = False  # notifications were lost: the log must be read before going live
         # Heartbeats (see Heartbeats): the consumer sets `active` whenever it sends
         # something; a quiet interval sets `heartbeat_due` and wakes the consumer.
@@ -41,7 +49,7 @@ class LiveQueue:
             self._demote()
         else:
             self._batches.append(events)
-            self._wakeup.set()
+            self._wake()
 
     def on_gap(self) -> None:
         self._demote()
@@ -59,16 +67,29 @@ class LiveQueue:
             batches = list(self._batches)
             self._batches.clear()
             return batches
-        self._wakeup.clear()
+        self._woken = False
         return []
 
     async def wait(self) -> None:
-        """Until a batch is queued, the observer is demoted, or `wake` is called."""
-        await self._wakeup.wait()
+        """Until a batch is queued, the observer is demoted, a heartbeat is due, or `wake`
+        is called, since pop_all last returned nothing."""
+        if self._woken:
+            return
+        waiter = self._waiter = self._loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
 
     def wake(self) -> None:
         """Make `wait` return (the server is draining: the observer must look up)."""
-        self._wakeup.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        self._woken = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def tick(self, quiet_ticks: int) -> None:
         """One tick of Heartbeats: a heartbeat is due after `quiet_ticks` quiet ticks in a row."""
@@ -80,14 +101,14 @@ class LiveQueue:
         if self._quiet_ticks >= quiet_ticks:
             self._quiet_ticks = 0
             self.heartbeat_due = True
-            self._wakeup.set()
+            self._wake()
 
     def _demote(self) -> None:
         if not self.demoted:
             metrics.OBSERVERS_DEMOTED.inc()
         self.demoted = True
         self._batches.clear()
-        self._wakeup.set()
+        self._wake()
 
 
 class Draining:
