@@ -25,9 +25,11 @@ short page there is what tells the stream it may go live (server/observe/follow.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 from keel.v1.agent_service_pb2 import AgentEvent
 
@@ -42,24 +44,60 @@ SHARED_PAGES_BYTES = 16 << 20
 _EVENTS_TAG = 0x0A  # EventBatch.events: field 1, length-delimited
 
 
-class _SharedPage:
-    """A whole, committed page and where each of its events starts in the encoding."""
+@dataclass(slots=True)
+class Page:
+    """What one step of a catch-up delivers."""
 
-    __slots__ = ("_starts", "batch")
+    events: Sequence[AgentEvent]  # consecutive, from the offset asked for; maybe none
+    end: bool  # the last of `events` ends the stream (the page was cut right after it)
+    more: bool  # the log may hold more; False: the stream may go live (see CatchUp.page)
+
+
+def until_end(
+    batch: Sequence[AgentEvent], ends: frozenset[str]
+) -> tuple[Sequence[AgentEvent], bool]:
+    """The events of `batch` up to and including the first one whose payload is in `ends`,
+    and whether there was one (a page read from the log may go on past a suspension)."""
+    for i, event in enumerate(batch):
+        if event.WhichOneof("payload") in ends:
+            # The whole batch when it ends there, as it usually does: it keeps its encoding.
+            return (batch if i + 1 == len(batch) else batch[: i + 1]), True
+    return batch, False
+
+
+class _SharedPage:
+    """A whole, committed page; where each of its events starts in the encoding, and where
+    the events that end a stream are (each worked out once, for every stream)."""
+
+    __slots__ = ("_starts", "_stops", "batch")
 
     def __init__(self, batch: Batch) -> None:
         self.batch = batch
         self._starts: list[int] | None = None
+        self._stops: dict[frozenset[str], list[int]] = {}
 
-    def tail(self, skip: int) -> Sequence[AgentEvent]:
-        """The page without its first `skip` events, sharing its encoding."""
-        if skip == 0:
+    def cut(self, skip: int, ends: frozenset[str]) -> tuple[Sequence[AgentEvent], bool]:
+        """Its events from position `skip` on, up to and including the first whose payload
+        is in `ends`, sharing the page's encoding; and whether there was one."""
+        stops = self._stops.get(ends)
+        if stops is None:
+            stops = self._stops[ends] = [
+                i for i, event in enumerate(self.batch) if event.WhichOneof("payload") in ends
+            ]
+        at = bisect.bisect_left(stops, skip)
+        stop = stops[at] + 1 if at < len(stops) else len(self.batch)
+        return self._slice(skip, stop), at < len(stops)
+
+    def _slice(self, start: int, stop: int) -> Sequence[AgentEvent]:
+        if start == 0 and stop == len(self.batch):
             return self.batch
         if self._starts is None:
             self._starts = _starts(self.batch.encoded, len(self.batch))
-        if self._starts:
-            return Batch(self.batch[skip:], self.batch.encoded[self._starts[skip] :])
-        return self.batch[skip:]  # an encoding we cannot cut: encoded again when sent
+        if not self._starts:
+            return self.batch[start:stop]  # an encoding we cannot cut: encoded again when sent
+        encoded = self.batch.encoded
+        until = self._starts[stop] if stop < len(self.batch) else len(encoded)
+        return Batch(self.batch[start:stop], encoded[self._starts[start] : until])
 
 
 def _starts(encoded: bytes, count: int) -> list[int]:
@@ -107,11 +145,16 @@ class CatchUp:
         self._reading: dict[tuple[str, int, int], asyncio.Event] = {}  # pages being read
 
     async def page(
-        self, log: EventLog, run: RunRecord, offset: int, queue: LiveQueue
-    ) -> tuple[Sequence[AgentEvent], bool]:
-        """The run's events from `offset` on, at most a page; and whether the log may hold
-        more. False means the page was short, read after `queue` was reset: every event
-        committed since is in the queue (or the queue was demoted).
+        self,
+        log: EventLog,
+        run: RunRecord,
+        offset: int,
+        queue: LiveQueue,
+        ends: frozenset[str],
+    ) -> Page:
+        """The run's events from `offset` on: at most a page, cut after the first event whose
+        payload is in `ends`. `more` False means the page was short, read after `queue` was
+        reset: every event committed since is in the queue (or the queue was demoted).
 
         `run` is the run's record as the stream read it when it opened: every page
         below its `next_index` was committed then.
@@ -121,7 +164,8 @@ class CatchUp:
         if start + size <= run.next_index:
             shared = await self._shared_page(log, run, start)
             if shared is not None:
-                return shared.tail(offset - start), True
+                events, end = shared.cut(offset - start, ends)
+                return Page(events, end, more=True)
         async with self._slot():
             # Reset right before the read (not once before the first page): the queue
             # does not overflow while the stream waits for a slot, and the last reset
@@ -132,7 +176,8 @@ class CatchUp:
                 page.encoded  # noqa: B018 - encoded (once) while the slot is held
             await asyncio.sleep(0)  # see the module doc, 1.
         metrics.CATCH_UP_PAGES.inc()
-        return page, len(page) == size
+        events, end = until_end(page, ends)
+        return Page(events, end, more=len(page) == size)
 
     async def _shared_page(self, log: EventLog, run: RunRecord, start: int) -> _SharedPage | None:
         """The whole page at `start`, shared; read now if no stream read it lately (one

@@ -36,7 +36,7 @@ from server import metrics
 from server.errors import OffsetBeyondEnd, OffsetExpired, RunNotResumable, ServerDraining
 from server.events.codec import Batch
 from server.events.log import EventLog, RunRecord, RunState
-from server.observe.catchup import CatchUp
+from server.observe.catchup import CatchUp, until_end
 from server.observe.observer import Draining, Heartbeats, LiveQueue
 
 TERMINAL_PAYLOADS = frozenset({"finish", "abort", "error"})
@@ -132,16 +132,15 @@ async def follow(
             else:
                 # 2. Unsynced: catch up from the log, a page at a time (catchup.py).
                 while True:
-                    page, more = await limits.catch_up.page(log, record, next_offset, queue)
-                    if page:
-                        delivered, end = _until_end(page, ends)
-                        metrics.EVENTS_SERVED_LOG.inc(len(delivered))
-                        next_offset = delivered[-1].index + 1
+                    page = await limits.catch_up.page(log, record, next_offset, queue, ends)
+                    if page.events:
+                        metrics.EVENTS_SERVED_LOG.inc(len(page.events))
+                        next_offset = page.events[-1].index + 1
                         queue.active = True
-                        yield Events(delivered)
-                        if end:
+                        yield Events(page.events)
+                        if page.end:
                             return
-                    if not more:
+                    if not page.more:
                         break
             # 3. Synced: live batches while nothing is lost.
             while not queue.demoted:
@@ -166,7 +165,7 @@ async def follow(
                     continue  # duplicates only
                 if fresh[0].index != next_offset or not _consecutive(fresh):
                     break  # a gap: read the log
-                fresh, end = _until_end(fresh, ends)
+                fresh, end = until_end(fresh, ends)
                 metrics.EVENTS_SERVED_LIVE.inc(len(fresh))
                 next_offset = fresh[-1].index + 1
                 queue.active = True
@@ -184,18 +183,6 @@ def check_offset(record: RunRecord, offset: int) -> None:
         raise OffsetExpired(record.run_id, offset, record.earliest_index, record.next_index)
     if record.state.terminal and offset > record.next_index:
         raise OffsetBeyondEnd(record.run_id, offset, record.next_index)
-
-
-def _until_end(
-    batch: Sequence[AgentEvent], ends: frozenset[str]
-) -> tuple[Sequence[AgentEvent], bool]:
-    """The events of `batch` up to and including the first one that ends the stream, and
-    whether there was one (a page read from the log may go on past a suspension)."""
-    for i, event in enumerate(batch):
-        if event.WhichOneof("payload") in ends:
-            # The whole batch when it ends there, as it usually does: it keeps its encoding.
-            return (batch if i + 1 == len(batch) else batch[: i + 1]), True
-    return batch, False
 
 
 def _merge(batches: list[Sequence[AgentEvent]]) -> Sequence[AgentEvent]:

@@ -178,3 +178,42 @@ async def test_a_client_that_stops_reading_holds_no_catch_up_slot(
     assert_contiguous(replay.events)
     assert len(replay.events) == total and payloads(replay.events)[-1] == "finish"
     assert served < 2 * total  # the stalled stream was stuck before the end all along
+
+
+async def test_shared_pages_end_a_stop_at_suspend_stream_right_after_its_suspension(
+    start_keel: Any,
+) -> None:
+    """A run that suspended and went on, replayed from shared pages of 4 events: streams
+    with stop_at_suspend end right after the `suspended` event, the others get the run."""
+    keel: Keel = await start_keel(catch_up_concurrency=2, catch_up_page_size=4)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{keel.port}") as channel:
+        stub = pb_grpc.AgentServiceStub(channel)
+        approve_me = {"tool": "approve_me", "args": {"action": "deploy"}}
+        steps = script(text(3), approve_me, text(9))
+        run_id = (
+            await stub.StartRun(pb.StartRunRequest(agent_id="scripted", input=steps))
+        ).run.run_id
+        while (run := (await stub.GetRun(pb.GetRunRequest(run_id=run_id))).run).state != (
+            pb.RUN_STATE_SUSPENDED
+        ):
+            await asyncio.sleep(0.01)
+        [pending] = run.pending_interrupts
+        decision = pb.Decision(tool_call_id=pending.tool_call_id, approve=pb.Approve())
+        await collect(stub.Resume(pb.ResumeRequest(run_id=run_id, decisions=[decision])))
+        total = await _head(stub, run_id)
+
+        def observe(offset: int, stop: bool) -> Any:
+            request = pb.ObserveRequest(run_id=run_id, offset=offset, stop_at_suspend=stop)
+            return collect(stub.Observe(request))
+
+        stopping = await asyncio.gather(*(observe(o, True) for o in range(6)))
+        following = await asyncio.gather(*(observe(o, False) for o in range(6)))
+    suspended_at = payloads(following[0].events).index("suspended")
+    assert suspended_at + 1 < total  # the suspension is inside the log, not at its end
+    for offset, (stopped, followed) in enumerate(zip(stopping, following, strict=True)):
+        assert_contiguous(stopped.events, start=offset)
+        assert stopped.events[-1].index == suspended_at
+        assert payloads(stopped.events)[-1] == "suspended"
+        assert_contiguous(followed.events, start=offset)
+        assert len(followed.events) == total - offset
+        assert payloads(followed.events)[-1] == "finish"
