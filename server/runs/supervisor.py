@@ -314,8 +314,14 @@ class Supervisor:
         return boundary
 
     async def _stopped(self, run_id: str, writer: EventWriter, sink: _CheckpointingSink) -> None:
-        """Do what the stop request says (see Stop)."""
-        why, _ = self._stops.pop(run_id)
+        """Do what the stop request says (see Stop).
+
+        The request stays recorded until the run's task ends (run's finally), so a
+        second stop (CancelRun stops a run it finds here directly, and its owner
+        also hears the request on the run's control channel) cannot cancel the
+        abort half-way: after its commit, before it cancels the run's tasks.
+        """
+        why, _ = self._stops[run_id]
         if why is Stop.CANCEL:
             # The stored request is the record: its first reason, and whether
             # another run of the thread interrupted this one.

@@ -19,7 +19,7 @@ from server.errors import StaleEpoch, TaskNotFound, TaskNotRetryable
 from server.events.log import Subscription
 from server.events.memory import MemoryEventLog
 from server.tasks.records import TaskPageCursor, TaskRecord, TaskStatus, log_entry
-from server.tasks.store import Slot, TaskListener
+from server.tasks.store import Renewal, Slot, TaskListener
 
 logger = logging.getLogger(__name__)
 
@@ -177,12 +177,12 @@ class MemoryTaskStore:
         self._record(started, log_entry(started, TaskStatus.RUNNING))
         return started
 
-    async def renew_task(self, task_id: str, epoch: int) -> bool:
+    async def renew_task(self, task_id: str, epoch: int) -> Renewal:
         task = self._find(task_id)
         if task is None or task.epoch != epoch or task.status is not TaskStatus.RUNNING:
-            return False
+            return Renewal.LOST
         self._leases[task_id] = self._clock() + self._lease_ttl_s
-        return True
+        return Renewal.CANCEL_REQUESTED if task.cancel_reason else Renewal.RENEWED
 
     async def report_progress(
         self, task_id: str, epoch: int, progress: float, message: str

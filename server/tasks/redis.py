@@ -25,7 +25,7 @@ from server.events.redis import RedisEventLog
 from server.events.redis_records import flatten, pairs, store_errors, walk_index
 from server.tasks import scripts
 from server.tasks.records import TaskPageCursor, TaskRecord, TaskStatus, run_id_of
-from server.tasks.store import Slot, TaskListener
+from server.tasks.store import Renewal, Slot, TaskListener
 
 # The fields of a task's hash: the names of TaskRecord's fields.
 _FIELDS = list(TaskRecord.__dataclass_fields__)
@@ -264,13 +264,17 @@ class RedisTaskStore:
                 await self._client.zrem(keys.task_queue, task_id)
         return _task(pairs(reply[1])) if code == scripts.OK else None
 
-    async def renew_task(self, task_id: str, epoch: int) -> bool:
+    async def renew_task(self, task_id: str, epoch: int) -> Renewal:
         with store_errors():
             reply = await self._renew(
                 keys=[self._keys.task(task_id), self._keys.task_lease(task_id)],
                 args=[epoch, self._lease_ttl_ms],
             )
-        return bool(reply[0] == scripts.OK)
+        if reply[0] == scripts.OK:
+            return Renewal.RENEWED
+        if reply[0] == scripts.CANCEL_REQUESTED:
+            return Renewal.CANCEL_REQUESTED
+        return Renewal.LOST
 
     async def report_progress(
         self, task_id: str, epoch: int, progress: float, message: str

@@ -40,7 +40,7 @@ from server.errors import StaleEpoch, StoreUnavailable, TaskNotFound
 from server.events.log import Subscription
 from server.tasks import context
 from server.tasks.records import TaskRecord, TaskStatus, background_options
-from server.tasks.store import Slot, TaskStore
+from server.tasks.store import Renewal, Slot, TaskStore
 from server.threads.history import task_result_entry
 
 log = logging.getLogger(__name__)
@@ -404,7 +404,9 @@ class TaskRunner:
                     stop_if_cancelled()
                     log.warning("renewing task %s failed: %s", task_id, exc)
                     continue
-                if not renewed and not attempt.ending:
+                if renewed is Renewal.CANCEL_REQUESTED:
+                    self.stop(task_id, "cancelled")  # its message may never have come
+                elif renewed is Renewal.LOST and not attempt.ending:
                     log.warning("task %s was taken over by another server", task_id)
                     self.stop(task_id, "lost")
 

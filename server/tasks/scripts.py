@@ -18,6 +18,7 @@ ENDED = 3  # the task has ended: nothing to start
 LEASE_HELD = 4  # a runner holds the task's lease
 NOT_YET = 5  # a retrying task's backoff has not passed
 NOT_RETRYABLE = 6  # only a failed or cancelled task can be retried
+CANCEL_REQUESTED = 7  # renewed, but the task was asked to stop
 
 # The Lua helper every script that logs shares (a task log entry from a hash).
 _LOG = """
@@ -90,11 +91,13 @@ return {0, redis.call('HGETALL', KEYS[1])}
 # KEYS[2]  the task lease
 # ARGV[1]  the epoch
 # ARGV[2]  lease TTL in ms
-# Returns {OK} | {STALE}
+# Returns {OK} | {STALE} | {CANCEL_REQUESTED}: the runner stops the attempt even if
+# the cancel request's message never reached it.
 RENEW = """
-local f = redis.call('HMGET', KEYS[1], 'status', 'epoch')
+local f = redis.call('HMGET', KEYS[1], 'status', 'epoch', 'cancel_reason')
 if f[1] ~= 'running' or tonumber(f[2]) ~= tonumber(ARGV[1]) then return {2} end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+if f[3] and f[3] ~= '' then return {7} end
 return {0}
 """
 

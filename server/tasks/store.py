@@ -36,6 +36,16 @@ class Slot(enum.Enum):
     AGENT_FULL = "agent_full"  # the agent's are taken: another agent's task may start
 
 
+class Renewal(enum.Enum):
+    """What renew_task found."""
+
+    RENEWED = "renewed"
+    LOST = "lost"  # the task moved on (another epoch) or is not running
+    # Renewed, but a cancel request is waiting: the runner stops the attempt (the
+    # request's message is only a doorbell; this is how a lost one is still heard).
+    CANCEL_REQUESTED = "cancel_requested"
+
+
 class TaskListener(Protocol):
     """Hears about a run's tasks (called on the event loop; must not block)."""
 
@@ -107,8 +117,8 @@ class TaskStore(Protocol):
         dropped from the queue.
         """
 
-    async def renew_task(self, task_id: str, epoch: int) -> bool:
-        """Extend the lease of the attempt at `epoch`; False if the task moved on."""
+    async def renew_task(self, task_id: str, epoch: int) -> Renewal:
+        """Extend the lease of the attempt at `epoch` (see Renewal)."""
 
     async def report_progress(
         self, task_id: str, epoch: int, progress: float, message: str

@@ -24,7 +24,7 @@ from server.tasks.records import (
     task_update,
 )
 from server.tasks.redis import RedisTaskStore
-from server.tasks.store import Slot, TaskStore
+from server.tasks.store import Renewal, Slot, TaskStore
 from tests.contract.test_event_log import LogClock, OpenEventLog, make_events, new_run
 from tests.contract.test_event_log_threads import new_thread, run_on
 
@@ -166,13 +166,14 @@ async def test_a_running_task_whose_runner_died_is_queued_again_and_taken_over(
     first = await store.start_task(task.task_id, "dies")
     assert first is not None
     assert await store.lapsed(10) == []
-    assert await store.renew_task(task.task_id, first.epoch)
+    assert await store.renew_task(task.task_id, first.epoch) is Renewal.RENEWED
     await log_clock.advance(LEASE_TTL_S * 2)
     assert await store.lapsed(10) == [task.task_id]
     assert task.task_id in await store.due(10)
     second = await store.start_task(task.task_id, "survivor")
     assert second is not None and (second.attempt, second.owner) == (2, "survivor")
-    assert not await store.renew_task(task.task_id, first.epoch)  # the dead runner is fenced
+    # The dead runner is fenced.
+    assert await store.renew_task(task.task_id, first.epoch) is Renewal.LOST
     with pytest.raises(StaleEpoch):
         await store.finish_task(task.task_id, first.epoch, TaskStatus.COMPLETED)
     await store.finish_task(task.task_id, second.epoch, TaskStatus.COMPLETED, result_json="1")
@@ -206,6 +207,8 @@ async def test_cancel_ends_a_waiting_task_and_asks_a_running_one(open_store: Ope
             break
         await asyncio.sleep(0.01)
     assert "log" in heard and f"cancel:{running.task_id}" in heard
+    # The message is a doorbell: the runner's next renewal hears the request too.
+    assert await store.renew_task(running.task_id, started.epoch) is Renewal.CANCEL_REQUESTED
     ended = await store.finish_task(
         running.task_id, started.epoch, TaskStatus.CANCELLED, error="stop it"
     )
