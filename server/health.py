@@ -40,6 +40,7 @@ class StoreHealth:
         self._interval_s = interval_s
         self._serving: bool | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def check(self) -> bool:
         """Ping the store once and set the services' health; True if it answered."""
@@ -69,13 +70,20 @@ class StoreHealth:
             self._task = asyncio.create_task(self._watch(), name="store-health")
 
     async def close(self) -> None:
+        # The flag, not only the cancellation, ends the watcher: a cancellation that
+        # meets the ping's own timeout or redis-py's connection handling can be lost
+        # (seen: close() waiting for ever at shutdown), so cancel again until it stops.
+        self._closed = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.1)
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
     async def _watch(self) -> None:
-        while True:
+        while not self._closed:
             await self.check()
             await asyncio.sleep(self._interval_s)
