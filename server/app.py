@@ -42,8 +42,6 @@ SERVICE_NAME = SERVICE.full_name
 ASSISTANT_AGENT_ID = "assistant"
 
 
-# What `serve` prints on stdout once it listens, followed by host:port; scripts and
-# tests wait for it (and the parent of `serve --workers` prints it for all its workers).
 @dataclass
 class Keel:
     """A running Keel server and what it owns. `stop()` is safe to call more than once."""

@@ -23,7 +23,8 @@ from typing import Any, Literal
 
 EventLoop = Literal["uvloop", "asyncio"]
 
-# What a server prints on stdout, followed by host:port, once it accepts calls.
+# What `serve` prints on stdout once it listens, followed by host:port; scripts and
+# tests wait for it (the parent of `serve --workers` prints it once all its workers listen).
 LISTENING = "keel listening on "
 
 # Allocations (minus deallocations) between two first-generation collections:
