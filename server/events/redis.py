@@ -49,7 +49,6 @@ exact replay of a committed batch is a no-op and creation is idempotent.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
 from typing import Any, cast
@@ -69,7 +68,7 @@ from server.errors import (
     StaleEpoch,
 )
 from server.events import scripts
-from server.events.batcher import ScriptBatcher
+from server.events.batcher import ScoreBatcher, ScriptBatcher
 from server.events.codec import Batch, check_consecutive, encode_batch, serialize_events
 from server.events.fanout import Fanout
 from server.events.keys import Keys, RunField, run_index_member
@@ -124,51 +123,6 @@ def _serves(agent_id: bytes | None, agent_ids: frozenset[str] | None) -> bool:
     return agent_ids is None or (agent_id is not None and agent_id.decode() in agent_ids)
 
 
-class _Deadlines:
-    """The lease deadlines recorded in one event-loop turn, sent as one ZADD.
-
-    The lease keeper renews all of a process's leases at once: their
-    deadlines travel together. Two deadlines of one run in one turn: the
-    earlier one is kept (too early is harmless, too late is not).
-    """
-
-    def __init__(self, client: Redis, key: str) -> None:
-        self._client = client
-        self._key = key
-        self._scores: dict[str, int] = {}
-        self._waiting: list[asyncio.Future[None]] = []
-        self._inflight: set[asyncio.Task[None]] = set()  # keeps the sending tasks referenced
-
-    async def record(self, run_id: str, deadline_ms: int) -> None:
-        loop = asyncio.get_running_loop()
-        if not self._waiting:
-            loop.call_soon(self._send)  # after every call of this turn has queued
-        earlier = self._scores.get(run_id)
-        self._scores[run_id] = deadline_ms if earlier is None else min(earlier, deadline_ms)
-        sent: asyncio.Future[None] = loop.create_future()
-        self._waiting.append(sent)
-        await sent
-
-    def _send(self) -> None:
-        scores, waiting = self._scores, self._waiting
-        self._scores, self._waiting = {}, []
-        task = asyncio.create_task(self._run(scores, waiting))
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
-
-    async def _run(self, scores: dict[str, int], waiting: list[asyncio.Future[None]]) -> None:
-        try:
-            await self._client.zadd(self._key, cast(dict[Any, Any], scores))
-        except Exception as exc:
-            for sent in waiting:
-                if not sent.done():
-                    sent.set_exception(exc)
-            return
-        for sent in waiting:
-            if not sent.done():  # its caller was cancelled
-                sent.set_result(None)
-
-
 class RedisEventLog:
     """An EventLog on Redis; create it with `await RedisEventLog.connect(url)`."""
 
@@ -215,7 +169,9 @@ class RedisEventLog:
         # The lease deadline set (see the module docstring).
         self._due = client.register_script(scripts.DUE)
         self._reschedule = client.register_script(scripts.RESCHEDULE)
-        self._deadlines = _Deadlines(client, keys.lease_deadlines)
+        # The lease keeper renews all of a process's leases at once: their
+        # deadlines travel together.
+        self._deadlines = ScoreBatcher(client, keys.lease_deadlines)
         self._next_pass = 0.0  # time.monotonic() of the next full pass of the active set
         self._pass_cursor = 0  # its SSCAN cursor, while a pass goes on (0: from the start)
         self._closed = False
