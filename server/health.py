@@ -11,12 +11,12 @@ good: the watcher stops first.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 
 from grpc_health.v1 import health, health_pb2
 
+from server import background
 from server.errors import StoreUnavailable
 from server.events.log import EventLog
 
@@ -71,17 +71,11 @@ class StoreHealth:
 
     async def close(self) -> None:
         # The flag, not only the cancellation, ends the watcher: a cancellation that
-        # meets the ping's own timeout or redis-py's connection handling can be lost
-        # (seen: close() waiting for ever at shutdown), so cancel again until it stops.
+        # meets the ping's own timeout or redis-py can be lost (server/background.py).
         self._closed = True
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            while not task.done():
-                await asyncio.wait({task}, timeout=0.1)
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await background.stop(task)
 
     async def _watch(self) -> None:
         while not self._closed:

@@ -42,6 +42,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from server import background
 from server.errors import StoreUnavailable
 from server.events.codec import Batch
 from server.events.log import ControlListener, Listener
@@ -137,23 +138,8 @@ class Fanout:
         """Stop the reader and drop the connection; safe to call more than once."""
         self._closed = True
         reader, self._reader = self._reader, None
-        if reader is not None:
-            reader.cancel()
-            deadline = asyncio.get_running_loop().time() + _CLOSE_WAIT_S
-            while not reader.done() and asyncio.get_running_loop().time() < deadline:
-                await asyncio.wait({reader}, timeout=0.1)
-                reader.cancel()  # a cancellation the read swallowed: cancel again
-            if reader.done():
-                try:
-                    await reader
-                except asyncio.CancelledError:
-                    current = asyncio.current_task()
-                    if current is not None and current.cancelling():
-                        raise  # our caller is being cancelled too: not ours to swallow
-            else:
-                logger.warning(
-                    "pub/sub reader did not stop within %.0fs; leaving it", _CLOSE_WAIT_S
-                )
+        if reader is not None and not await background.stop(reader, within_s=_CLOSE_WAIT_S):
+            logger.warning("pub/sub reader did not stop within %.0fs; leaving it", _CLOSE_WAIT_S)
         for entry in self._channels.values():
             if not entry.ready.done():
                 entry.ready.set_exception(StoreUnavailable("the event log is closed"))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from keel.v1 import agent_service_pb2 as pb
 from pydantic_ai.messages import ModelMessagesTypeAdapter, ModelRequest, UserPromptPart
 
+from server import background
 from server.agents.checkpoint import Checkpoint, Phase, dump_messages
 from server.agents.events import usage_to_pb
 from server.agents.types import LoopResult
@@ -88,12 +89,7 @@ class TaskEvents:
         self._closed = True
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
-            watcher.cancel()
-            while not watcher.done():  # a cancellation swallowed below: cancel again
-                await asyncio.wait({watcher}, timeout=0.1)
-                watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            await background.stop(watcher)
         subscription, self._subscription = self._subscription, None
         if subscription is not None:
             await subscription.close()
