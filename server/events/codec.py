@@ -66,6 +66,31 @@ def encode_batch(members: Sequence[bytes]) -> bytes:
     return b"".join(parts)
 
 
+def event_starts(encoded: bytes, count: int) -> list[int]:
+    """Where each of the `count` events of an encoded EventBatch starts ([] if it is not
+    the plain concatenation of tagged, length-prefixed events that encode_batch makes)."""
+    starts: list[int] = []
+    position = 0
+    end = len(encoded)
+    for _ in range(count):
+        if position >= end or encoded[position] != _EVENTS_TAG[0]:
+            return []
+        starts.append(position)
+        position += 1
+        size = shift = 0
+        while True:  # the varint length
+            if position >= end:
+                return []
+            byte = encoded[position]
+            position += 1
+            size |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                break
+            shift += 7
+        position += size
+    return starts if position == end else []
+
+
 def varint(value: int) -> bytes:
     out = bytearray()
     while value > 0x7F:

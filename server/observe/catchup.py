@@ -35,13 +35,12 @@ from keel.v1.agent_service_pb2 import AgentEvent
 
 from server import metrics
 from server.errors import OffsetExpired
-from server.events.codec import Batch
+from server.events.codec import Batch, event_starts
 from server.events.log import EventLog, RunRecord
 from server.observe.observer import LiveQueue
 
 # Encoded bytes of the pages kept for sharing (their decoded events take about as much).
 SHARED_PAGES_BYTES = 16 << 20
-_EVENTS_TAG = 0x0A  # EventBatch.events: field 1, length-delimited
 
 
 @dataclass(slots=True)
@@ -92,37 +91,12 @@ class _SharedPage:
         if start == 0 and stop == len(self.batch):
             return self.batch
         if self._starts is None:
-            self._starts = _starts(self.batch.encoded, len(self.batch))
+            self._starts = event_starts(self.batch.encoded, len(self.batch))
         if not self._starts:
             return self.batch[start:stop]  # an encoding we cannot cut: encoded again when sent
         encoded = self.batch.encoded
         until = self._starts[stop] if stop < len(self.batch) else len(encoded)
         return Batch(self.batch[start:stop], encoded[self._starts[start] : until])
-
-
-def _starts(encoded: bytes, count: int) -> list[int]:
-    """Where each of the `count` events of an encoded EventBatch starts ([] if it is not
-    the plain concatenation of tagged, length-prefixed events that codec.encode_batch makes)."""
-    starts: list[int] = []
-    position = 0
-    end = len(encoded)
-    for _ in range(count):
-        if position >= end or encoded[position] != _EVENTS_TAG:
-            return []
-        starts.append(position)
-        position += 1
-        size = shift = 0
-        while True:  # the varint length
-            if position >= end:
-                return []
-            byte = encoded[position]
-            position += 1
-            size |= (byte & 0x7F) << shift
-            if byte < 0x80:
-                break
-            shift += 7
-        position += size
-    return starts if position == end else []
 
 
 class CatchUp:

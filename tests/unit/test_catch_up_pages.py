@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from keel.v1.agent_service_pb2 import AgentEvent, EventBatch
 
-from server.events.codec import Batch, encode_batch, serialize_events
-from server.observe.catchup import _SharedPage, _starts
+from server.events.codec import Batch, encode_batch, event_starts, serialize_events
+from server.observe.catchup import _SharedPage
 
 NONE: frozenset[str] = frozenset()
 SUSPENDED = frozenset({"suspended", "finish"})
@@ -63,10 +63,10 @@ def test_a_page_encoded_lazily_is_cut_the_same_way() -> None:
 def test_an_encoding_that_is_not_plain_concatenated_events_is_not_cut() -> None:
     events = _events([4, 4])
     plain = encode_batch(serialize_events(events))
-    assert _starts(plain, 2) == [0, len(plain) // 2]
-    assert _starts(plain + b"\x10\x01", 2) == []  # another field after the events
-    assert _starts(plain, 3) == []  # fewer events than the page holds
-    assert _starts(plain[:-1], 2) == []  # truncated
+    assert event_starts(plain, 2) == [0, len(plain) // 2]
+    assert event_starts(plain + b"\x10\x01", 2) == []  # another field after the events
+    assert event_starts(plain, 3) == []  # fewer events than the page holds
+    assert event_starts(plain[:-1], 2) == []  # truncated
     odd = _SharedPage(Batch(events, plain + b"\x10\x01"))
     cut, _ = odd.cut(1, NONE)
     assert not isinstance(cut, Batch) and list(cut) == events[1:]  # encoded again when sent
