@@ -6,11 +6,13 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.process import LISTENING
+
 ROOT = Path(__file__).resolve().parent.parent
-_READY = "keel listening on "
 _DEMO_TIMEOUT_S = 90
 
 
@@ -46,8 +48,11 @@ async def start_keel_process(
     port: int = 0,
     env: dict[str, str] | None = None,
     agents: str = "server.agents.testing:registry",
+    args: Sequence[str] = (),
+    ready_timeout_s: float = 30.0,
 ) -> KeelProcess:
-    """Start a server and wait until it listens; its log goes to this process's stderr."""
+    """Start a server (with the flags `args` added) and wait until it listens; its log goes
+    to this process's stderr. A server that does not get there is killed."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -61,18 +66,26 @@ async def start_keel_process(
         key_prefix,
         "--agents",
         agents,
+        *args,
         cwd=ROOT,
         env={**os.environ, **(env or {})},
         stdout=asyncio.subprocess.PIPE,
     )
     assert process.stdout is not None
-    while True:
-        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
-        if not line:
-            raise RuntimeError(f"keel exited before listening (code {await process.wait()})")
-        if line.startswith(_READY):
-            port = int(line.rsplit(":", 1)[1])
-            return KeelProcess(process, port)
+    try:
+        async with asyncio.timeout(ready_timeout_s):
+            while True:
+                line = (await process.stdout.readline()).decode()
+                if not line:
+                    code = await process.wait()
+                    raise RuntimeError(f"keel exited before listening (code {code})")
+                if line.startswith(LISTENING):
+                    return KeelProcess(process, int(line.rsplit(":", 1)[1]))
+    except BaseException:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        raise
 
 
 async def assert_demo_resumes(*command: str, redis_url: str, key_prefix: str) -> None:

@@ -32,7 +32,7 @@ from server.app import LISTENING, ConfigurationError
 from server.settings import Settings
 from server.workers import WorkersError, check_workers, reserve_port, worker_values
 from tests.integration.conftest import SCRIPTED, assert_contiguous, collect, payloads, script, text
-from tests.processes import ROOT, KeelProcess
+from tests.processes import ROOT, KeelProcess, start_keel_process
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -132,27 +132,16 @@ class Parents:
         self._started: list[KeelProcess] = []
 
     async def start(self, workers: int = 2) -> KeelProcess:
-        argv = ["-m", "server", "serve", "--port", "0", "--workers", str(workers)]
-        argv += ["--redis-url", self._redis_url, "--key-prefix", self._key_prefix]
-        argv += ["--agents", SCRIPTED, "--log-format", "text"]
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            *argv,
-            cwd=ROOT,
-            env={**os.environ, "KEEL_SHUTDOWN_GRACE_S": "2"},
-            stdout=asyncio.subprocess.PIPE,
+        keel = await start_keel_process(
+            redis_url=self._redis_url,
+            key_prefix=self._key_prefix,
+            agents=SCRIPTED,
+            env={"KEEL_SHUTDOWN_GRACE_S": "2"},
+            args=["--workers", str(workers), "--log-format", "text"],
+            ready_timeout_s=READY_TIMEOUT_S,
         )
-        keel = KeelProcess(process, 0)
         self._started.append(keel)
-        assert process.stdout is not None
-        async with asyncio.timeout(READY_TIMEOUT_S):
-            while True:
-                line = (await process.stdout.readline()).decode()
-                if not line:
-                    raise AssertionError(f"exited before listening (code {await process.wait()})")
-                if line.startswith(LISTENING):
-                    keel.port = int(line.rsplit(":", 1)[1])
-                    return keel
+        return keel
 
     async def stop_all(self) -> None:
         for keel in self._started:
