@@ -37,12 +37,15 @@ def spans() -> Iterator[InMemorySpanExporter]:
         tracing.disable()
 
 
-async def finished(spans: InMemorySpanExporter, call: str) -> tuple[ReadableSpan, ...]:
-    """Every finished span, once the server span of `call` has ended too (it ends a
-    moment after the client saw the call's last message)."""
+async def finished(spans: InMemorySpanExporter, call: str, *also: str) -> tuple[ReadableSpan, ...]:
+    """Every finished span, once the server span of `call` and a span of each name in
+    `also` have ended too (they end a moment after the client saw the run's last event:
+    the run's span when its supervisor has wound down)."""
     for _ in range(500):
         found = tuple(spans.get_finished_spans())
-        if any(s.name.endswith(f"AgentService/{call}") for s in found):
+        if any(s.name.endswith(f"AgentService/{call}") for s in found) and all(
+            named(found, name) for name in also
+        ):
             return found
         await asyncio.sleep(0.01)
     raise AssertionError(f"no span of {call}: {[s.name for s in spans.get_finished_spans()]}")
@@ -75,7 +78,7 @@ async def test_a_run_is_one_trace_from_the_call_to_its_tools(
         request = pb.StreamRequest(agent_id="scripted", input=script(record("k"), text(2)))
         out = await collect(stub.Stream(request))
     assert payloads(out.events)[-1] == "finish"
-    found = await finished(spans, "Stream")
+    found = await finished(spans, "Stream", "keel.run")
     [call] = [s for s in found if s.name.endswith("AgentService/Stream")]
     [run] = named(found, "keel.run")
     assert run.attributes is not None and run.attributes["keel.run_id"] == out.run_id
