@@ -127,6 +127,23 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL (redis+cluster://) of a real 3-master Redis Cluster for this test session
+    (tests/redis_cluster.py). Set KEEL_TEST_REDIS_CLUSTER_URL to use one you started."""
+    external = os.environ.get("KEEL_TEST_REDIS_CLUSTER_URL")
+    if external:
+        yield external
+        return
+    from tests.redis_cluster import start_redis_cluster
+
+    cluster = start_redis_cluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        yield cluster.url
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
 def temporal_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The address of a Temporal dev server for this test session (tests/temporal.py)."""
     from tests.temporal import start_temporal
@@ -171,6 +188,16 @@ def key_prefix() -> str:
     return f"test-{uuid.uuid4().hex[:12]}"
 
 
+def redis_url_of(request: pytest.FixtureRequest, backend: str) -> str:
+    """The Redis URL of a backend ("" for memory): "cluster" is the session's Redis Cluster,
+    any other but memory the session's Redis."""
+    if backend == "memory":
+        return ""
+    return str(
+        request.getfixturevalue("redis_cluster_url" if backend == "cluster" else "redis_url")
+    )
+
+
 class OpenEventLog(Protocol):
     """Opens an EventLog of the test's backend; the fixture closes it at the end."""
 
@@ -203,15 +230,17 @@ class LogClock:
             await asyncio.sleep(seconds)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def backend(request: pytest.FixtureRequest) -> str:
-    """The EventLog implementation under test."""
+    """The EventLog implementation under test: memory, or Redis on one server or on a
+    3-master Redis Cluster."""
     name: str = request.param
     return name
 
 
 @pytest.fixture
 def log_clock(backend: str) -> LogClock:
+    """Jumps on memory; waits for real time on Redis (one server or a cluster)."""
     return LogClock(jumps=backend == "memory")
 
 
@@ -220,7 +249,7 @@ async def open_event_log(
     request: pytest.FixtureRequest, backend: str, key_prefix: str, log_clock: LogClock
 ) -> AsyncIterator[OpenEventLog]:
     """Opens EventLogs of one backend with chosen retention and lease settings."""
-    url = request.getfixturevalue("redis_url") if backend == "redis" else ""
+    url = redis_url_of(request, backend)
     opened: list[EventLog] = []
 
     async def open_log(
@@ -231,7 +260,7 @@ async def open_event_log(
         thread_idle_ttl_s: float = 0,
     ) -> EventLog:
         log: EventLog
-        if backend == "redis":
+        if url:
             log = await RedisEventLog.connect(
                 url,
                 key_prefix=key_prefix,

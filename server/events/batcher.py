@@ -26,9 +26,10 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any, Generic, TypeVar, cast
 
-from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
+
+from server.events.redis_client import RedisClient
 
 C = TypeVar("C")
 
@@ -83,7 +84,7 @@ _ScriptCall = tuple[list[Any], list[Any]]  # keys, args
 class ScriptBatcher(TurnBatcher[_ScriptCall]):
     """Runs `script` for many callers with one pipeline per event-loop turn."""
 
-    def __init__(self, client: Redis, script: AsyncScript) -> None:
+    def __init__(self, client: RedisClient, script: AsyncScript) -> None:
         super().__init__()
         self._client = client
         self._script = script
@@ -98,7 +99,9 @@ class ScriptBatcher(TurnBatcher[_ScriptCall]):
         sha = self._script.sha
         async with self._client.pipeline(transaction=False) as pipe:
             for keys, args in calls:
-                pipe.evalsha(sha, len(keys), *keys, *args)
+                # Not pipe.evalsha, which a cluster's pipeline refuses by name; the
+                # command itself goes to its first key's node like any other.
+                pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
         for i, result in enumerate(replies):
             if isinstance(result, NoScriptError):
@@ -110,7 +113,7 @@ class ScriptBatcher(TurnBatcher[_ScriptCall]):
 class ScoreBatcher(TurnBatcher[tuple[str, int]]):
     """Sets the scores of one sorted set for many callers with one ZADD per event-loop turn."""
 
-    def __init__(self, client: Redis, key: str) -> None:
+    def __init__(self, client: RedisClient, key: str) -> None:
         super().__init__()
         self._client = client
         self._key = key

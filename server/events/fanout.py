@@ -1,4 +1,5 @@
-"""One Redis pub/sub connection per process, fanned out to local listeners.
+"""One Redis pub/sub connection per process (per node on Redis Cluster), fanned out to
+local listeners.
 
 Pub/sub is a doorbell and the events ZSET is the record: a listener that is
 told on_gap re-reads the log. The first listener of a channel subscribes it,
@@ -10,7 +11,15 @@ ControlListeners.
 On the connection (RESP3, redis-py's default, or RESP2) we send SUBSCRIBE,
 UNSUBSCRIBE and PING, and read the pushes ["subscribe", channel, n],
 ["unsubscribe", channel, n] and ["message", channel, data], and PING's reply
-(PONG, or ["pong", ""] in RESP2).
+(PONG, or ["pong", ""] in RESP2). A sharded Fanout (one node of a Redis
+Cluster, shards.py) speaks sharded pub/sub instead: SSUBSCRIBE (one channel
+per command: a command's channels must share a slot), SUNSUBSCRIBE, and the
+pushes "ssubscribe", "sunsubscribe" and "smessage". The node sends an
+"sunsubscribe" nobody asked for when the channel's slot moved to another
+node; the channel is then not ready, its listeners are owed on_gap, and
+`on_trouble` tells the owner (shards.py), which moves it to the slot's new
+node. `on_trouble` is also told after every failed connection attempt: the
+node may be gone for good (a failover).
 Replies about one channel arrive in the order its commands were sent, so a
 FIFO per channel pairs each reply with its command: an acknowledgement of an
 earlier, since closed, registration never marks a newer one ready.
@@ -34,6 +43,7 @@ import enum
 import logging
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import cast
 
 from google.protobuf.message import DecodeError
@@ -49,6 +59,21 @@ from server.events.log import ControlListener, Listener
 
 logger = logging.getLogger(__name__)
 _CLOSE_WAIT_S = 5.0  # close() stops waiting for the reader after this long
+
+
+@dataclass(frozen=True, slots=True)
+class _Words:
+    """The commands and pushes of one kind of pub/sub."""
+
+    subscribe: str
+    unsubscribe: str
+    message: bytes
+    acks: tuple[bytes, bytes]
+    one_per_command: bool  # a command's channels must share a slot
+
+
+_CLASSIC = _Words("SUBSCRIBE", "UNSUBSCRIBE", b"message", (b"subscribe", b"unsubscribe"), False)
+_SHARDED = _Words("SSUBSCRIBE", "SUNSUBSCRIBE", b"smessage", (b"ssubscribe", b"sunsubscribe"), True)
 
 
 class ChannelKind(enum.Enum):
@@ -106,8 +131,12 @@ class Fanout:
         health_check_interval_s: float = 10.0,
         reconnect_min_s: float = 0.05,
         reconnect_max_s: float = 2.0,
+        sharded: bool = False,
+        on_trouble: Callable[[Fanout], None] | None = None,
     ) -> None:
         self._make_connection = make_connection
+        self._words = _SHARDED if sharded else _CLASSIC
+        self._on_trouble = on_trouble
         self._subscribe_timeout_s = subscribe_timeout_s
         self._health_check_interval_s = health_check_interval_s
         self._reconnect_min_s = reconnect_min_s
@@ -208,7 +237,7 @@ class Fanout:
             if not self._connected or entry.sent_generation != self._generation:
                 return  # Redis is not subscribed on this connection
             self._pending.setdefault(entry.name, deque()).append(None)
-            await self._send("UNSUBSCRIBE", entry.name)
+            await self._send(self._words.unsubscribe, entry.name)
 
     async def _send_subscribe(self, entry: _Channel) -> None:
         async with self._write_lock:
@@ -220,7 +249,7 @@ class Fanout:
                 return  # the reader subscribes it on (re)connection, or it is sent already
             entry.sent_generation = self._generation
             self._pending.setdefault(entry.name, deque()).append(entry)
-            await self._send("SUBSCRIBE", entry.name)
+            await self._send(self._words.subscribe, entry.name)
 
     async def _send(self, *args: str | bytes) -> None:
         """Send a command while holding the write lock; failures are the reader's to handle."""
@@ -262,6 +291,8 @@ class Fanout:
                     exc,
                     delay_s,
                 )
+                if self._on_trouble is not None:
+                    self._on_trouble(self)
             finally:
                 # Under the lock, so no sender is mid-command on the connection
                 # being torn down, and none sends on it afterwards.
@@ -284,7 +315,13 @@ class Fanout:
             if names:
                 assert self._conn is not None
                 # Not self._send: a failure here must reach _run.
-                await self._conn.send_command("SUBSCRIBE", *names, check_health=False)
+                if self._words.one_per_command:
+                    for name in names:
+                        await self._conn.send_command(
+                            self._words.subscribe, name, check_health=False
+                        )
+                else:
+                    await self._conn.send_command(self._words.subscribe, *names, check_health=False)
 
     async def _read_forever(self, conn: AbstractConnection) -> None:
         while not self._closed:
@@ -318,14 +355,17 @@ class Fanout:
         if not isinstance(reply, list) or len(reply) < 2:
             return  # PING's reply
         kind = reply[0]
-        if kind == b"message":
+        if kind == self._words.message:
             self._on_message(reply[1], reply[2])
-        elif kind in (b"subscribe", b"unsubscribe"):
-            self._on_ack(reply[1])
+        elif kind in self._words.acks:
+            self._on_ack(reply[1], kind)
 
-    def _on_ack(self, name: bytes) -> None:
+    def _on_ack(self, name: bytes, kind: bytes) -> None:
         queue = self._pending.get(name)
         if not queue:
+            if kind == b"sunsubscribe":
+                self._on_slot_moved(name)
+                return
             logger.warning("unexpected pub/sub acknowledgement for %r", name)
             return
         entry = queue.popleft()
@@ -343,6 +383,42 @@ class Fanout:
                     cast(Listener, subscription.listener).on_gap()
                 except Exception:
                     logger.exception("pub/sub listener failed in on_gap")
+
+    def _on_slot_moved(self, name: bytes) -> None:
+        """The node dropped a sharded channel by itself: its slot moved elsewhere."""
+        entry = self._channels.get(name)
+        if entry is None:
+            return
+        logger.info("the slot of %r moved off this node", name)
+        entry.sent_generation = -1  # not subscribed here any more
+        if entry.ready.done():
+            entry.ready = asyncio.get_running_loop().create_future()
+            if entry.kind is ChannelKind.EVENTS:
+                entry.gap.update(entry.subscriptions)
+        if self._on_trouble is not None:
+            self._on_trouble(self)
+
+    def channels(self) -> list[bytes]:
+        """The channels that have listeners here."""
+        return list(self._channels)
+
+    def take(self, name: bytes) -> tuple[ChannelKind, list[Listener | ControlListener]]:
+        """Forget a channel without unsubscribing it (its slot moved, or its node is gone):
+        its kind and its established listeners, which the caller registers elsewhere (the
+        listeners of events are owed on_gap: they may have missed messages). Their
+        subscriptions here become inert; registrations still waiting for an
+        acknowledgement fail with StoreUnavailable, and their callers retry."""
+        entry = self._channels.pop(name, None)
+        if entry is None:
+            return ChannelKind.EVENTS, []
+        self._pending.pop(name, None)
+        established = [s for s in entry.subscriptions if entry.ready.done() or s in entry.gap]
+        for subscription in established:
+            subscription._closed = True
+        if not entry.ready.done():
+            entry.ready.set_exception(StoreUnavailable(f"channel {name!r} moved"))
+            entry.ready.exception()  # retrieved: no "never retrieved" warning without waiters
+        return entry.kind, [s.listener for s in established]
 
     def _on_message(self, name: bytes, data: bytes) -> None:
         entry = self._channels.get(name)

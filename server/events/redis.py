@@ -54,10 +54,6 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 from keel.v1.agent_service_pb2 import AgentEvent
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.connection import AbstractConnection
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from server.errors import (
     ConcurrentModification,
@@ -70,7 +66,6 @@ from server.errors import (
 from server.events import scripts
 from server.events.batcher import ScoreBatcher, ScriptBatcher
 from server.events.codec import Batch, check_consecutive, encode_batch, serialize_events
-from server.events.fanout import Fanout
 from server.events.keys import Keys, RunField, run_index_member
 from server.events.log import (
     BusyPolicy,
@@ -84,6 +79,7 @@ from server.events.log import (
     ThreadRecord,
     ThreadRunStart,
 )
+from server.events.redis_client import AnyFanout, RedisClient, open_client, register
 from server.events.redis_records import (
     flatten,
     pairs,
@@ -128,8 +124,8 @@ class RedisEventLog:
 
     def __init__(
         self,
-        client: Redis,
-        fanout: Fanout,
+        client: RedisClient,
+        fanout: AnyFanout,
         *,
         keys: Keys,
         terminal_ttl_s: float,
@@ -149,16 +145,16 @@ class RedisEventLog:
         # The calls many runs make at once (appends of their writers, the lease
         # renewals of one round, the creates and claims of a burst of new runs)
         # share a pipeline per loop turn.
-        self._create = ScriptBatcher(client, client.register_script(scripts.CREATE_RUN))
-        self._append = ScriptBatcher(client, client.register_script(scripts.APPEND))
-        self._read = client.register_script(scripts.READ)
-        self._incr = client.register_script(scripts.INCR_COUNTER)
-        self._claim = ScriptBatcher(client, client.register_script(scripts.CLAIM))
-        self._renew = ScriptBatcher(client, client.register_script(scripts.RENEW))
-        self._release = client.register_script(scripts.RELEASE)
-        self._journal = client.register_script(scripts.JOURNAL_TOOL)
-        self._cancel = client.register_script(scripts.REQUEST_CANCEL)
-        self._decide = client.register_script(scripts.DECIDE)
+        self._create = ScriptBatcher(client, register(client, scripts.CREATE_RUN))
+        self._append = ScriptBatcher(client, register(client, scripts.APPEND))
+        self._read = register(client, scripts.READ)
+        self._incr = register(client, scripts.INCR_COUNTER)
+        self._claim = ScriptBatcher(client, register(client, scripts.CLAIM))
+        self._renew = ScriptBatcher(client, register(client, scripts.RENEW))
+        self._release = register(client, scripts.RELEASE)
+        self._journal = register(client, scripts.JOURNAL_TOOL)
+        self._cancel = register(client, scripts.REQUEST_CANCEL)
+        self._decide = register(client, scripts.DECIDE)
         self._thread_idle_ttl_ms = round(thread_idle_ttl_s * 1000)
         self._threads = RedisThreads(
             client,
@@ -167,8 +163,8 @@ class RedisEventLog:
             thread_idle_ttl_ms=self._thread_idle_ttl_ms,
         )
         # The lease deadline set (see the module docstring).
-        self._due = client.register_script(scripts.DUE)
-        self._reschedule = client.register_script(scripts.RESCHEDULE)
+        self._due = register(client, scripts.DUE)
+        self._reschedule = register(client, scripts.RESCHEDULE)
         # The lease keeper renews all of a process's leases at once: their
         # deadlines travel together.
         self._deadlines = ScoreBatcher(client, keys.lease_deadlines)
@@ -179,11 +175,11 @@ class RedisEventLog:
     # What the task store beside this log shares (server/tasks/redis.py).
 
     @property
-    def client(self) -> Redis:
+    def client(self) -> RedisClient:
         return self._client
 
     @property
-    def fanout(self) -> Fanout:
+    def fanout(self) -> AnyFanout:
         return self._fanout
 
     @property
@@ -219,29 +215,17 @@ class RedisEventLog:
         `thread_idle_ttl_s` is how long a thread without an active run lives
         (0: until deleted).
         """
-        pool = BlockingConnectionPool.from_url(
+        client, fanout = open_client(
             url,
             max_connections=max_connections,
-            timeout=socket_timeout_s,
-            socket_timeout=socket_timeout_s,
-            socket_connect_timeout=socket_timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
-        keys = Keys(key_prefix)
-
-        def make_pubsub_connection() -> AbstractConnection:
-            kwargs = {**pool.connection_kwargs, "client_name": keys.pubsub_client_name}
-            return pool.connection_class(**kwargs)
-
-        fanout = Fanout(
-            make_pubsub_connection,
-            subscribe_timeout_s=socket_timeout_s,
+            socket_timeout_s=socket_timeout_s,
             health_check_interval_s=health_check_interval_s,
+            pubsub_client_name=Keys(key_prefix).pubsub_client_name,
         )
         log = cls(
-            Redis.from_pool(pool),
+            client,
             fanout,
-            keys=keys,
+            keys=Keys(key_prefix),
             terminal_ttl_s=terminal_ttl_s,
             retain_events=retain_events,
             lease_ttl_s=lease_ttl_s,

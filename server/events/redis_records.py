@@ -12,13 +12,13 @@ import json
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import TypeVar, cast
 
-from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.errors import StoreUnavailable
 from server.events.keys import RunField, ThreadField, parse_run_index_member, run_index_member
 from server.events.log import RunRecord, RunState, ThreadRecord
+from server.events.redis_client import RedisClient
 
 _RUN_FIELD_BYTES = {field: field.value.encode() for field in RunField}
 _THREAD_FIELD_BYTES = {field: field.value.encode() for field in ThreadField}
@@ -160,7 +160,7 @@ def thread_from_hash(
 
 
 async def walk_index(
-    client: Redis,
+    client: RedisClient,
     index: str,
     *,
     limit: int,
@@ -209,7 +209,7 @@ async def walk_index(
 
 
 async def _batches(
-    client: Redis,
+    client: RedisClient,
     index: str,
     upper: str,
     batch_size: int,

@@ -19,8 +19,6 @@ import dataclasses
 import time
 from typing import Any, cast
 
-from redis.asyncio import Redis
-
 from server.errors import ThreadBusy, ThreadNotFound
 from server.events import scripts
 from server.events.keys import Keys, ThreadField, run_index_member
@@ -32,6 +30,7 @@ from server.events.log import (
     ThreadRecord,
     ThreadRunStart,
 )
+from server.events.redis_client import RedisClient, register
 from server.events.redis_records import (
     flatten,
     pairs,
@@ -55,17 +54,17 @@ class RedisThreads:
     """Threads on Redis; RedisEventLog delegates its thread methods here."""
 
     def __init__(
-        self, client: Redis, keys: Keys, *, lease_ttl_ms: int, thread_idle_ttl_ms: int
+        self, client: RedisClient, keys: Keys, *, lease_ttl_ms: int, thread_idle_ttl_ms: int
     ) -> None:
         self._client = client
         self._keys = keys
         self._lease_ttl_ms = lease_ttl_ms
         self._idle_ttl_ms = thread_idle_ttl_ms
-        self._create = client.register_script(scripts.CREATE_THREAD)
-        self._get = client.register_script(scripts.GET_THREAD)
-        self._messages = client.register_script(scripts.THREAD_MESSAGES)
-        self._delete = client.register_script(scripts.DELETE_THREAD)
-        self._start = client.register_script(scripts.START_THREAD_RUN)
+        self._create = register(client, scripts.CREATE_THREAD)
+        self._get = register(client, scripts.GET_THREAD)
+        self._messages = register(client, scripts.THREAD_MESSAGES)
+        self._delete = register(client, scripts.DELETE_THREAD)
+        self._start = register(client, scripts.START_THREAD_RUN)
 
     async def create_thread(self, record: ThreadRecord) -> tuple[ThreadRecord, bool]:
         thread_id = record.thread_id

@@ -8,11 +8,10 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, cast
 
-from redis.asyncio import Redis
-
 from server.errors import ScheduleChanged, ScheduleNotFound
 from server.events.keys import Keys, parse_run_index_member, run_index_member
 from server.events.redis import RedisEventLog
+from server.events.redis_client import RedisClient, register
 from server.events.redis_records import store_errors
 from server.schedules import scripts
 from server.schedules.records import FIRINGS_KEPT, Firing, SchedulePageCursor, ScheduleRecord
@@ -27,12 +26,12 @@ def _due(record: ScheduleRecord) -> str | int:
 class RedisScheduleStore:
     """A ScheduleStore on Redis; create it with `RedisScheduleStore.beside(log)`."""
 
-    def __init__(self, client: Redis, keys: Keys) -> None:
+    def __init__(self, client: RedisClient, keys: Keys) -> None:
         self._client = client
         self._keys = keys
-        self._create = client.register_script(scripts.CREATE)
-        self._put = client.register_script(scripts.PUT)
-        self._delete = client.register_script(scripts.DELETE)
+        self._create = register(client, scripts.CREATE)
+        self._put = register(client, scripts.PUT)
+        self._delete = register(client, scripts.DELETE)
 
     @classmethod
     def beside(cls, log: RedisEventLog) -> RedisScheduleStore:

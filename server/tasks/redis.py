@@ -15,13 +15,11 @@ import time
 from collections.abc import Mapping
 from typing import Any, cast
 
-from redis.asyncio import Redis
-
 from server.errors import StaleEpoch, TaskNotFound, TaskNotRetryable
-from server.events.fanout import Fanout
 from server.events.keys import Keys, run_index_member
 from server.events.log import Subscription
 from server.events.redis import RedisEventLog
+from server.events.redis_client import AnyFanout, RedisClient, register
 from server.events.redis_records import flatten, pairs, store_errors, walk_index
 from server.tasks import scripts
 from server.tasks.records import TaskPageCursor, TaskRecord, TaskStatus, run_id_of
@@ -98,8 +96,8 @@ class RedisTaskStore:
 
     def __init__(
         self,
-        client: Redis,
-        fanout: Fanout,
+        client: RedisClient,
+        fanout: AnyFanout,
         keys: Keys,
         *,
         lease_ttl_s: float,
@@ -110,14 +108,14 @@ class RedisTaskStore:
         self._keys = keys
         self._lease_ttl_ms = max(1, round(lease_ttl_s * 1000))
         self._thread_idle_ttl_ms = thread_idle_ttl_ms
-        self._create = client.register_script(scripts.CREATE)
-        self._start = client.register_script(scripts.START)
-        self._renew = client.register_script(scripts.RENEW)
-        self._progress = client.register_script(scripts.PROGRESS)
-        self._finish = client.register_script(scripts.FINISH)
-        self._cancel = client.register_script(scripts.CANCEL)
-        self._retry = client.register_script(scripts.RETRY)
-        self._acquire = client.register_script(scripts.ACQUIRE_SLOT)
+        self._create = register(client, scripts.CREATE)
+        self._start = register(client, scripts.START)
+        self._renew = register(client, scripts.RENEW)
+        self._progress = register(client, scripts.PROGRESS)
+        self._finish = register(client, scripts.FINISH)
+        self._cancel = register(client, scripts.CANCEL)
+        self._retry = register(client, scripts.RETRY)
+        self._acquire = register(client, scripts.ACQUIRE_SLOT)
 
     @classmethod
     def beside(cls, log: RedisEventLog, *, lease_ttl_s: float) -> RedisTaskStore:

@@ -59,8 +59,14 @@ class Cluster:
 
 
 @pytest.fixture
-async def cluster(redis_url: str, key_prefix: str) -> AsyncIterator[Cluster]:
-    group = Cluster(redis_url, key_prefix)
+def chaos_redis_url(redis_url: str) -> str:
+    """The store of the chaos tests: the session's Redis (a module may pick a cluster)."""
+    return redis_url
+
+
+@pytest.fixture
+async def cluster(chaos_redis_url: str, key_prefix: str) -> AsyncIterator[Cluster]:
+    group = Cluster(chaos_redis_url, key_prefix)
     try:
         yield group
     finally:
@@ -68,9 +74,9 @@ async def cluster(redis_url: str, key_prefix: str) -> AsyncIterator[Cluster]:
 
 
 @pytest.fixture
-async def store(redis_url: str, key_prefix: str) -> AsyncIterator[RedisEventLog]:
+async def store(chaos_redis_url: str, key_prefix: str) -> AsyncIterator[RedisEventLog]:
     """The cluster's Redis log, read directly: counters and records."""
-    log = await RedisEventLog.connect(redis_url, key_prefix=key_prefix)
+    log = await RedisEventLog.connect(chaos_redis_url, key_prefix=key_prefix)
     try:
         yield log
     finally:

@@ -10,7 +10,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-import redis.asyncio as aioredis
 from keel.v1 import agent_service_pb2 as pb
 from keel.v1 import agent_service_pb2_grpc as pb_grpc
 
@@ -27,6 +26,7 @@ from tests.chaos.conftest import (
     wait_for,
 )
 from tests.processes import KeelProcess
+from tests.redis_cluster import async_client
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ async def kill_owner_and_finish_on(
         await before_kill()
     owner.kill()
     killed_at = time.time()
-    redis = aioredis.from_url(cluster.redis_url)
+    redis = async_client(cluster.redis_url)
     lease_ttl_ms = await redis.pttl(Keys(cluster.key_prefix).lease(run_id))
     await redis.aclose()
     events = await observe_all(survivor.target, run_id)

@@ -19,6 +19,7 @@ from keel.v1 import agent_service_pb2_grpc as pb_grpc
 
 from server.app import Keel, create_server
 from server.settings import Settings
+from tests.conftest import redis_url_of
 from tests.temporal import WorkerProcess, settings_env, start_worker
 
 SCRIPTED = "server.agents.testing:registry"
@@ -104,7 +105,8 @@ def field_violations(exc: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
 @pytest.fixture
 def backend(request: pytest.FixtureRequest) -> str:
     """memory or redis; tests marked `executors` also run on "temporal": Redis, and the
-    Temporal executor with a worker subprocess of the test's own."""
+    Temporal executor with a worker subprocess of the test's own; tests marked `cluster`
+    also run on "cluster": a 3-master Redis Cluster (tests/redis_cluster.py)."""
     return str(request.param)
 
 
@@ -114,6 +116,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     backends = ["memory", "redis"]
     if metafunc.definition.get_closest_marker("executors"):
         backends.append("temporal")
+    if metafunc.definition.get_closest_marker("cluster"):
+        backends.append("cluster")
     metafunc.parametrize("backend", backends, indirect=True)
 
 
@@ -124,7 +128,7 @@ def make_settings(backend: str, request: pytest.FixtureRequest) -> Callable[...,
     On "temporal", the first call also starts a worker with the same settings
     (its own task queue), killed when the test ends.
     """
-    redis_url = request.getfixturevalue("redis_url") if backend != "memory" else ""
+    redis_url = redis_url_of(request, backend)
     prefix = f"test-{uuid.uuid4().hex[:12]}"
     workers: list[WorkerProcess] = []
     request.addfinalizer(lambda: [worker.kill() for worker in workers])

@@ -1,4 +1,5 @@
-"""Resumable streams end to end: a real server, both backends, the generated client.
+"""Resumable streams end to end: a real server, both backends (and Redis Cluster), the
+generated client.
 
 Every test asserts strict contiguity: the indices a client sees are exactly
 offset, offset+1, ... with no gap and no duplicate.
@@ -28,6 +29,8 @@ from tests.integration.conftest import (
     text,
     text_of,
 )
+
+pytestmark = pytest.mark.cluster
 
 FULL_TEXT_60 = "".join(f"t{i} " for i in range(60))
 
