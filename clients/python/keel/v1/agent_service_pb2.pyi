@@ -484,6 +484,7 @@ class ObserveRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     STOP_AT_SUSPEND_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run to observe. Required."""
     offset: _builtins.int
@@ -498,16 +499,27 @@ class ObserveRequest(_message.Message):
     right after the snapshot when the run is suspended and offset is its
     next_offset.
     """
+    incarnation: _builtins.str
+    """The incarnation of the store that wrote the last event the client
+    holds (index offset - 1), as the stream that delivered it said: its
+    snapshot's run.incarnation, or a later heartbeat's incarnation. If set,
+    the server checks that the run's log still holds that history: an
+    offset past the log's head, or an incarnation the log no longer holds
+    up to offset, fails with FAILED_PRECONDITION (LOG_ROLLED_BACK) instead
+    of waiting for (and delivering) indices the log now gives to other
+    events. Empty: no check (an offset past the head waits).
+    """
     def __init__(
         self,
         *,
         run_id: _builtins.str = ...,
         offset: _builtins.int = ...,
         stop_at_suspend: _builtins.bool = ...,
+        incarnation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset", "run_id", b"run_id", "stop_at_suspend", b"stop_at_suspend"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["incarnation", b"incarnation", "offset", b"offset", "run_id", b"run_id", "stop_at_suspend", b"stop_at_suspend"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1164,6 +1176,7 @@ class Run(_message.Message):
     GOAL_FIELD_NUMBER: _builtins.int
     GOAL_MET_FIELD_NUMBER: _builtins.int
     GOAL_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run's id, assigned by the server."""
     agent_id: _builtins.str
@@ -1194,6 +1207,14 @@ class Run(_message.Message):
     """
     goal_attempts: _builtins.int
     """How many attempts the judge has evaluated so far."""
+    incarnation: _builtins.str
+    """The incarnation of the store that wrote the run's latest events: an
+    opaque id that changes whenever the store may have come back with an
+    older state (a Redis restart, a failover to a replica). A client that
+    resumes sends the incarnation of the last event it holds
+    (ObserveRequest.incarnation); empty where the store never goes back
+    (the in-memory log keeps one for its life).
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the run was created."""
@@ -1230,10 +1251,11 @@ class Run(_message.Message):
         goal: Global___Goal | None = ...,
         goal_met: _builtins.bool | None = ...,
         goal_attempts: _builtins.int = ...,
+        incarnation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_goal_met", b"_goal_met", "create_time", b"create_time", "goal", b"goal", "goal_met", b"goal_met", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_goal_met", b"_goal_met", "agent_id", b"agent_id", "create_time", b"create_time", "earliest_offset", b"earliest_offset", "error", b"error", "goal", b"goal", "goal_attempts", b"goal_attempts", "goal_met", b"goal_met", "input", b"input", "next_offset", b"next_offset", "pending_interrupts", b"pending_interrupts", "request_id", b"request_id", "run_id", b"run_id", "schedule_id", b"schedule_id", "state", b"state", "thread_id", b"thread_id", "until_idle", b"until_idle", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_goal_met", b"_goal_met", "agent_id", b"agent_id", "create_time", b"create_time", "earliest_offset", b"earliest_offset", "error", b"error", "goal", b"goal", "goal_attempts", b"goal_attempts", "goal_met", b"goal_met", "incarnation", b"incarnation", "input", b"input", "next_offset", b"next_offset", "pending_interrupts", b"pending_interrupts", "request_id", b"request_id", "run_id", b"run_id", "schedule_id", b"schedule_id", "state", b"state", "thread_id", b"thread_id", "until_idle", b"until_idle", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__goal_met: _TypeAlias = _typing.Literal["goal_met"]  # noqa: Y015
     _WhichOneofArgType__goal_met: _TypeAlias = _typing.Literal["_goal_met", b"_goal_met"]  # noqa: Y015
@@ -1301,8 +1323,14 @@ class Heartbeat(_message.Message):
 
     NEXT_OFFSET_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
     next_offset: _builtins.int
     """The index of the next event this stream will deliver."""
+    incarnation: _builtins.str
+    """The incarnation of the store that wrote the events delivered so far
+    (see Run.incarnation). A stream sends a heartbeat with the new
+    incarnation before the first event written in it.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the server sent it."""
@@ -1312,10 +1340,11 @@ class Heartbeat(_message.Message):
         *,
         next_offset: _builtins.int = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
+        incarnation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_offset", b"next_offset", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["incarnation", b"incarnation", "next_offset", b"next_offset", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -102,7 +102,14 @@ class AgentServiceStub:
     offset is below the head (such a run can only be followed live, from
     next_offset; a live stream of it that falls behind ends with the same
     error); UNAVAILABLE when the server is draining (resume from the next
-    offset on another replica).
+    offset on another replica); FAILED_PRECONDITION (LOG_ROLLED_BACK,
+    metadata offset, next_offset, incarnation, and diverged_at when known)
+    when the store lost events the client holds: request.incarnation names
+    history the run's log no longer has (its store came back with an older
+    state, see Run.incarnation), also sent by a live stream whose log goes
+    backwards under it. The events the client holds from diverged_at (or
+    next_offset) on are not the log's any more; read the run again from
+    there or from 0.
     """
     Resume: _grpc.UnaryStreamMultiCallable[_agent_service_pb2.ResumeRequest, _agent_service_pb2.ResumeResponse]
     """Resume delivers decisions for the pending interrupts (tool calls that
@@ -321,7 +328,14 @@ class AgentServiceAsyncStub(AgentServiceStub):
     offset is below the head (such a run can only be followed live, from
     next_offset; a live stream of it that falls behind ends with the same
     error); UNAVAILABLE when the server is draining (resume from the next
-    offset on another replica).
+    offset on another replica); FAILED_PRECONDITION (LOG_ROLLED_BACK,
+    metadata offset, next_offset, incarnation, and diverged_at when known)
+    when the store lost events the client holds: request.incarnation names
+    history the run's log no longer has (its store came back with an older
+    state, see Run.incarnation), also sent by a live stream whose log goes
+    backwards under it. The events the client holds from diverged_at (or
+    next_offset) on are not the log's any more; read the run again from
+    there or from 0.
     """
     Resume: _aio.UnaryStreamMultiCallable[_agent_service_pb2.ResumeRequest, _agent_service_pb2.ResumeResponse]  # type: ignore[assignment]
     """Resume delivers decisions for the pending interrupts (tool calls that
@@ -549,7 +563,14 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         offset is below the head (such a run can only be followed live, from
         next_offset; a live stream of it that falls behind ends with the same
         error); UNAVAILABLE when the server is draining (resume from the next
-        offset on another replica).
+        offset on another replica); FAILED_PRECONDITION (LOG_ROLLED_BACK,
+        metadata offset, next_offset, incarnation, and diverged_at when known)
+        when the store lost events the client holds: request.incarnation names
+        history the run's log no longer has (its store came back with an older
+        state, see Run.incarnation), also sent by a live stream whose log goes
+        backwards under it. The events the client holds from diverged_at (or
+        next_offset) on are not the log's any more; read the run again from
+        there or from 0.
         """
 
     @_abc_1.abstractmethod
