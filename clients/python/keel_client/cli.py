@@ -26,6 +26,7 @@ from keel.v1 import agent_service_pb2 as pb
 from rich.console import Console
 from rich.table import Table
 
+from keel_client.errors import LogRolledBack
 from keel_client.sync import KeelClient
 
 app = typer.Typer(
@@ -87,6 +88,9 @@ def _client() -> Iterator[KeelClient]:
         code = exc.code() if isinstance(exc, grpc.Call) else None
         details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
         _err.print(f"[red]error[/red]: {code.name if code else 'RPC'}: {details}")
+        raise typer.Exit(1) from None
+    except LogRolledBack as exc:  # the store lost events already printed
+        _err.print(f"[red]error[/red]: LOG_ROLLED_BACK: {exc}")
         raise typer.Exit(1) from None
     finally:
         client.close()

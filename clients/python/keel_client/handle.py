@@ -1,9 +1,13 @@
 """RunHandle: one run's event stream, resumed across dropped connections.
 
 A handle remembers where its reader is (``next_offset``: the index of the
-next event it has not yielded) and, once the first snapshot named it, the
-run's id. Every reconnect asks for exactly that offset, so the events a
-reader sees are 0, 1, 2, ... exactly once, whatever happened in between.
+next event it has not yielded), once the first snapshot named it, the run's
+id, and the incarnation of the store that wrote the events it holds. Every
+reconnect asks for exactly that offset, so the events a reader sees are 0, 1,
+2, ... exactly once, whatever happened in between; and it sends that
+incarnation, so a store that came back with an older state (and now gives
+some of those indices to other events) fails the reconnect with
+LogRolledBack instead of mixing two histories.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from keel.v1 import agent_service_pb2 as pb
 
 from keel_client import decisions
 from keel_client.backoff import Backoff
+from keel_client.errors import LogRolledBack as LogRolledBack  # re-exported
 from keel_client.errors import StreamContractError as StreamContractError  # re-exported
+from keel_client.errors import log_rolled_back
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -61,6 +67,12 @@ class RunHandle:
     - ``snapshot``: the RunSnapshot of the latest (re)connection.
     - ``last_heartbeat``: the latest Heartbeat, whose next_offset the handle
       checks against its own.
+    - ``incarnation`` (read-only): the incarnation of the store that wrote
+      the events the handle holds, as the stream said: the snapshot's
+      ``run.incarnation``, replaced by a later heartbeat's (one at the
+      handle's next_offset) when the store changed. Sent with every
+      reconnect (``ObserveRequest.incarnation``) once the handle holds an
+      event; "" until the first snapshot, and for a store that never goes back.
     - ``reconnects``: every reconnect so far; ``on_reconnect`` is also called
       with each one as it happens.
 
@@ -98,6 +110,13 @@ class RunHandle:
         self._max_reconnects = max_reconnects
         self._iterating = False
         self._call_has_snapshot = False
+        self._incarnation = ""
+
+    @property
+    def incarnation(self) -> str:
+        """The incarnation of the store that wrote the events this handle holds ("" if
+        unknown): what its reconnects send, so the server can tell they are still the log's."""
+        return self._incarnation
 
     async def events(self, from_offset: int | None = None) -> AsyncGenerator[pb.AgentEvent, None]:
         """Yield the run's events from ``from_offset`` (default: ``next_offset``,
@@ -108,15 +127,27 @@ class RunHandle:
         of ``async with contextlib.aclosing(...)``) to drop the connection; the
         run goes on in the server and ``events()`` may be iterated again later.
 
-        1. Open Observe(run_id, next_offset), or Stream(request) while the
-           run's id is unknown (then drop the replayed events below next_offset).
-        2. Check the snapshot comes first; take the run's id from it.
+        A ``from_offset`` past ``next_offset`` forgets the handle's
+        ``incarnation``: the handle holds no event just below it, so it claims
+        nothing there (the next snapshot tells the incarnation again). One at
+        or below ``next_offset`` keeps it: the handle does hold the events below
+        it, written in the history that incarnation names, so re-reading from
+        there still checks they are the log's (and re-reading from the
+        ``diverged_at`` of a LogRolledBack, or from 0, passes that check).
+
+        1. Open Observe(run_id, next_offset, incarnation), or Stream(request)
+           while the run's id is unknown (then drop the replayed events below
+           next_offset).
+        2. Check the snapshot comes first; take the run's id and incarnation
+           from it (and a new incarnation from a heartbeat at next_offset).
         3. For each event: index < next_offset is a duplicate (drop it);
            index > next_offset is a gap (raise StreamContractError); otherwise
            advance next_offset and yield it.
         4. On UNAVAILABLE wait (capped exponential backoff with jitter) and go
            to 1. Give up, re-raising it, after ``max_reconnects`` reconnects in
-           a row that brought no new event. Any other status is raised as is.
+           a row that brought no new event. FAILED_PRECONDITION with reason
+           LOG_ROLLED_BACK raises LogRolledBack (the store lost events the
+           handle holds; never retried). Any other status is raised as is.
         """
         if self._iterating:
             raise RuntimeError("this RunHandle's events() is already being iterated")
@@ -125,6 +156,8 @@ class RunHandle:
         self._iterating = True
         try:
             if from_offset is not None:
+                if from_offset > self.next_offset:
+                    self._incarnation = ""  # no claim about events the handle never held
                 self.next_offset = from_offset
             failures = 0  # reconnects in a row that brought no new event
             while True:
@@ -156,9 +189,17 @@ class RunHandle:
             assert self._start is not None  # __init__ requires run_id or start
             return stub.Stream(self._start)
         request = pb.ObserveRequest(
-            run_id=self.run_id, offset=self.next_offset, stop_at_suspend=self.stop_at_suspend
+            run_id=self.run_id,
+            offset=self.next_offset,
+            stop_at_suspend=self.stop_at_suspend,
+            incarnation=self._claimed_incarnation(),
         )
         return stub.Observe(request)
+
+    def _claimed_incarnation(self) -> str:
+        """The incarnation of the last event the handle holds, index next_offset - 1; ""
+        (no check) while it holds none."""
+        return self._incarnation if self.next_offset > 0 else ""
 
     def _accept(self, message: _Response) -> Iterator[pb.AgentEvent]:
         """Steps 2 and 3 of events() for one message: the new events it holds."""
@@ -187,9 +228,18 @@ class RunHandle:
                     f"run {self.run_id}: heartbeat at {message.heartbeat.next_offset} "
                     f"but next_offset is {self.next_offset}"
                 )
+            # The incarnation that wrote the events delivered so far: the
+            # handle's, once the stream has delivered all the handle holds.
+            if message.heartbeat.incarnation and message.heartbeat.next_offset == self.next_offset:
+                self._incarnation = message.heartbeat.incarnation
 
     def _reconnect_or_raise(self, error: grpc.aio.AioRpcError, failures: int) -> Reconnect:
         """Step 4 of events(): the reconnect to make, or re-raise ``error``."""
+        rolled_back = log_rolled_back(
+            error, self.run_id, self.next_offset, self._claimed_incarnation()
+        )
+        if rolled_back is not None:
+            raise rolled_back from error
         if error.code() != grpc.StatusCode.UNAVAILABLE:
             raise error
         if self._max_reconnects is not None and failures >= self._max_reconnects:
@@ -208,6 +258,10 @@ class RunHandle:
             raise StreamContractError(f"expected a snapshot of run {self.run_id}, got {run_id}")
         self.run_id = run_id
         self.snapshot = snapshot
+        # The incarnation that wrote the run's latest events: the history the
+        # events this stream delivers (and those the handle holds, which the
+        # server checked when the stream opened) belong to.
+        self._incarnation = snapshot.run.incarnation
 
     # Decisions for the run's pending tool calls.
 

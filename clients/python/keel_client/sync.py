@@ -35,7 +35,9 @@ channel, stops the loop and joins the thread; it is safe to call twice.
 
 The API and the semantics are those of ``keel_client.KeelClient`` and
 ``keel_client.RunHandle``, without ``await``. Errors are the same objects
-(``grpc.aio.AioRpcError``, a ``grpc.RpcError``; ``StreamContractError``).
+(``grpc.aio.AioRpcError``, a ``grpc.RpcError``; ``StreamContractError``;
+``LogRolledBack`` when the run's store lost events a handle already received,
+re-exported here).
 ``on_reconnect`` callbacks run in the client's thread. Do not call a sync
 client from an event loop that serves the Keel server it talks to: the call
 blocks that loop.
@@ -52,10 +54,11 @@ from typing import Any, Self, TypeVar, Unpack
 from keel.v1 import agent_service_pb2 as pb
 
 from keel_client import client as aio
+from keel_client.errors import LogRolledBack, StreamContractError
 from keel_client.handle import OnReconnect, Reconnect
 from keel_client.handle import RunHandle as AsyncRunHandle
 
-__all__ = ["KeelClient", "RunHandle"]
+__all__ = ["KeelClient", "LogRolledBack", "RunHandle", "StreamContractError"]
 
 T = TypeVar("T")
 _STOP_TIMEOUT_S = 10.0
@@ -131,8 +134,9 @@ class RunHandle:
     """A run's event stream that survives dropped connections, for blocking code.
 
     A view of a ``keel_client.RunHandle`` (``run_id``, ``next_offset``,
-    ``snapshot``, ``last_heartbeat``, ``reconnects`` are its attributes),
-    iterated with a plain ``for``.
+    ``incarnation``, ``snapshot``, ``last_heartbeat``, ``reconnects`` are its
+    attributes), iterated with a plain ``for``; its errors are the async
+    handle's (``LogRolledBack`` among them).
     """
 
     def __init__(self, handle: AsyncRunHandle, loop: _LoopThread) -> None:
@@ -148,6 +152,12 @@ class RunHandle:
     def next_offset(self) -> int:
         """The index of the next event ``events()`` yields: the last yielded index + 1."""
         return self._handle.next_offset
+
+    @property
+    def incarnation(self) -> str:
+        """The incarnation of the store that wrote the events this handle holds ("" if
+        unknown), sent with every reconnect (see the async RunHandle)."""
+        return self._handle.incarnation
 
     @property
     def snapshot(self) -> pb.RunSnapshot | None:

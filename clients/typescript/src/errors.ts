@@ -8,6 +8,9 @@
  *   the event indices, a message before the snapshot, a snapshot of another
  *   run). Never retried: it is a bug, and resuming would hide lost events.
  * - `ClientClosedError`: the `KeelClient` was closed while a call was open.
+ * - `LogRolledBack`: the run's store lost events the client already received
+ *   (FAILED_PRECONDITION, reason LOG_ROLLED_BACK). Never retried: resuming
+ *   would mix two histories.
  */
 import { Code, ConnectError } from "@connectrpc/connect";
 import { BinaryReader, WireType } from "@bufbuild/protobuf/wire";
@@ -21,6 +24,94 @@ export class ClientClosedError extends Error {
   constructor() {
     super("the KeelClient was closed");
   }
+}
+
+/**
+ * The run's store lost events this client already received.
+ *
+ * The store came back with an older state (a Redis restart from old files,
+ * a failover to a replica that lagged) and carried on from there, so some
+ * indices the client has seen now hold other events, or do not exist yet.
+ * The server answered Observe with FAILED_PRECONDITION (LOG_ROLLED_BACK);
+ * `cause` is that ConnectError. Never retried: resuming would mix two
+ * histories.
+ *
+ * What to do: the events the client holds from `divergedAt` on (all of them
+ * when it is undefined) are not the run's any more. Discard them and read the
+ * run again from `divergedAt` (`handle.events({ fromOffset: divergedAt })`),
+ * or from 0 when `divergedAt` is undefined.
+ */
+export class LogRolledBack extends Error {
+  override name = "LogRolledBack";
+  /** The run. */
+  readonly runId: string;
+  /** The offset the client resumed at: it holds events up to offset - 1. */
+  readonly offset: bigint;
+  /** The log's head now. */
+  readonly nextOffset: bigint;
+  /** The incarnation the client sent: the store's life that wrote the last event it holds. */
+  readonly incarnation: string;
+  /** The first index whose event the client holds but the log no longer has; undefined: unknown. */
+  readonly divergedAt: bigint | undefined;
+
+  constructor(
+    runId: string,
+    offset: bigint,
+    nextOffset: bigint,
+    incarnation: string,
+    divergedAt: bigint | undefined,
+    options?: { cause?: unknown },
+  ) {
+    const where = divergedAt === undefined ? "at an unknown index" : `from index ${divergedAt} on`;
+    const again = divergedAt ?? 0n;
+    super(
+      `run ${JSON.stringify(runId)}: the store lost events this client already received: ` +
+        `it holds events up to ${offset - 1n} (incarnation ${JSON.stringify(incarnation)}), ` +
+        `but the log's head is now ${nextOffset} and its history differs ${where}. ` +
+        `Discard the events held from index ${again} on and read the run again from there ` +
+        `(events({ fromOffset: ${again} }))`,
+      options,
+    );
+    this.runId = runId;
+    this.offset = offset;
+    this.nextOffset = nextOffset;
+    this.incarnation = incarnation;
+    this.divergedAt = divergedAt;
+  }
+
+  /**
+   * `error` as a LogRolledBack if it is a ConnectError FAILED_PRECONDITION
+   * whose ErrorInfo has reason LOG_ROLLED_BACK, else undefined. Metadata the
+   * server left out falls back to what the client sent (`sent`; the head to
+   * the offset).
+   */
+  static from(
+    error: unknown,
+    sent: { runId: string; offset: bigint; incarnation: string },
+  ): LogRolledBack | undefined {
+    if (!(error instanceof ConnectError) || error.code !== Code.FailedPrecondition) {
+      return undefined;
+    }
+    const info = errorInfo(error);
+    if (info?.reason !== "LOG_ROLLED_BACK") {
+      return undefined;
+    }
+    const { metadata } = info;
+    const offset = parseIndex(metadata.offset) ?? sent.offset;
+    return new LogRolledBack(
+      metadata.run_id || sent.runId,
+      offset,
+      parseIndex(metadata.next_offset) ?? offset,
+      metadata.incarnation ?? sent.incarnation,
+      parseIndex(metadata.diverged_at),
+      { cause: error },
+    );
+  }
+}
+
+/** An index in ErrorInfo metadata (decimal text), or undefined if absent or malformed. */
+function parseIndex(text: string | undefined): bigint | undefined {
+  return text !== undefined && /^-?\d+$/.test(text) ? BigInt(text) : undefined;
 }
 
 /**

@@ -2,16 +2,20 @@
  * RunHandle: one run's event stream, resumed across dropped connections.
  *
  * A handle remembers where its reader is (`nextOffset`: the index of the next
- * event it has not yielded) and, once the first snapshot named it, the run's
- * id. Every reconnect asks for exactly that offset, so the events a reader
- * sees are 0, 1, 2, ... exactly once, whatever happened in between. It is the
- * loop docs/clients.md describes, and the twin of the Python client's
+ * event it has not yielded), once the first snapshot named it, the run's id,
+ * and the incarnation of the store that wrote the events it holds. Every
+ * reconnect asks for exactly that offset, so the events a reader sees are 0,
+ * 1, 2, ... exactly once, whatever happened in between; and it sends that
+ * incarnation, so a store that came back with an older state (and now gives
+ * some of those indices to other events) fails the reconnect with
+ * LogRolledBack instead of mixing two histories. It is the loop
+ * docs/clients.md describes, and the twin of the Python client's
  * `keel_client.RunHandle`.
  */
 import { ConnectError, type Client, type Code } from "@connectrpc/connect";
 import type { Backoff } from "./backoff.js";
 import { CallControl, sleep } from "./calls.js";
-import { ClientClosedError, StreamContractError, isUnavailable } from "./errors.js";
+import { ClientClosedError, LogRolledBack, StreamContractError, isUnavailable } from "./errors.js";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import type {
   AgentEvent,
@@ -54,6 +58,14 @@ export interface EventsOptions {
    * The index of the first event to yield (inclusive). Default: the handle's
    * `nextOffset` (0 for a new handle), so iterating `events()` again
    * continues where the last iteration stopped.
+   *
+   * One past `nextOffset` forgets the handle's `incarnation`: the handle
+   * holds no event just below it, so it claims nothing there (the next
+   * snapshot tells the incarnation again). One at or below `nextOffset` keeps
+   * it: the handle does hold the events below it, written in the history that
+   * incarnation names, so re-reading from there still checks they are the
+   * log's (and re-reading from a LogRolledBack's `divergedAt`, or from 0,
+   * passes that check).
    */
   fromOffset?: bigint | number;
   /**
@@ -125,6 +137,18 @@ export class RunHandle {
   /** Called with each reconnect as it happens (before its backoff delay). */
   onReconnect: OnReconnect | undefined;
 
+  /**
+   * The incarnation of the store that wrote the events this handle holds, as
+   * the stream said: the snapshot's `run.incarnation`, replaced by a later
+   * heartbeat's (one at the handle's nextOffset) when the store changed. Sent
+   * with every Observe (`ObserveRequest.incarnation`) once the handle holds
+   * an event, so the server can tell they are still the log's. "" until the
+   * first snapshot, and for a store that never goes back.
+   */
+  get incarnation(): string {
+    return this.#incarnation;
+  }
+
   readonly #context: HandleContext;
   readonly #start: HandleStart;
   // False only for a Resume handle before its first event (or fromOffset):
@@ -135,6 +159,7 @@ export class RunHandle {
   // reached its snapshot, i.e. the server has the decisions.
   #resumeDelivered = false;
   #iterating = false;
+  #incarnation = "";
 
   constructor(context: HandleContext, start: HandleStart, onReconnect?: OnReconnect) {
     this.#context = context;
@@ -159,17 +184,21 @@ export class RunHandle {
    * `for await` cancels the call; the run goes on in the server, and
    * `events()` may be iterated again later to continue.
    *
-   * 1. Open Observe(runId, nextOffset); or Stream(request) while the run's
-   *    id is unknown, Resume(request) while the decisions may not have
-   *    arrived or the offset is unknown (both idempotent by request_id).
-   * 2. Check the snapshot comes first; take the run's id from it.
+   * 1. Open Observe(runId, nextOffset, incarnation); or Stream(request)
+   *    while the run's id is unknown, Resume(request) while the decisions may
+   *    not have arrived or the offset is unknown (both idempotent by
+   *    request_id).
+   * 2. Check the snapshot comes first; take the run's id and incarnation
+   *    from it (and a new incarnation from a heartbeat at nextOffset).
    * 3. For each event: index < nextOffset is a duplicate (drop it);
    *    index > nextOffset is a gap (throw StreamContractError); otherwise
    *    advance nextOffset and yield it.
    * 4. On UNAVAILABLE (or a connection that broke, or no message for
    *    stallTimeoutMs) wait with capped exponential backoff and jitter, and go
    *    to 1. After maxReconnects reconnects in a row that brought no new
-   *    event, throw the last error. Any other status is thrown as is (a
+   *    event, throw the last error. FAILED_PRECONDITION with reason
+   *    LOG_ROLLED_BACK throws LogRolledBack (the store lost events the handle
+   *    holds; never retried). Any other status is thrown as is (a
    *    ConnectError).
    */
   async *events(options: EventsOptions = {}): AsyncGenerator<AgentEvent, void, undefined> {
@@ -184,6 +213,9 @@ export class RunHandle {
     this.#iterating = true;
     try {
       if (from !== undefined) {
+        if (!this.#offsetKnown || from > this.nextOffset) {
+          this.#incarnation = ""; // no claim about events the handle never held
+        }
         this.nextOffset = from;
         this.#offsetKnown = true;
       }
@@ -213,6 +245,14 @@ export class RunHandle {
         } catch (caught) {
           this.#checkNotStopped(signal);
           const error = call.stalled ? call.stallError() : caught;
+          const rolledBack = LogRolledBack.from(error, {
+            runId: this.runId ?? "",
+            offset: this.nextOffset,
+            incarnation: this.#claimedIncarnation(),
+          });
+          if (rolledBack !== undefined) {
+            throw rolledBack;
+          }
           if (!isUnavailable(error)) {
             throw error;
           }
@@ -300,12 +340,18 @@ export class RunHandle {
     }
     if (rpc === "Observe" && this.runId !== undefined) {
       const stopAtSuspend = this.#start.rpc === "Observe" && this.#start.stopAtSuspend;
+      const incarnation = this.#claimedIncarnation();
       return client.observe(
-        { runId: this.runId, offset: this.nextOffset, stopAtSuspend },
+        { runId: this.runId, offset: this.nextOffset, stopAtSuspend, incarnation },
         { signal },
       );
     }
     throw new Error(`cannot open ${rpc} for a handle started with ${start.rpc}`); // unreachable
+  }
+
+  /** The incarnation of the last event the handle holds (nextOffset - 1); "" (no check) while it holds none. */
+  #claimedIncarnation(): string {
+    return this.#offsetKnown && this.nextOffset > 0n ? this.#incarnation : "";
   }
 
   /** Step 2 and heartbeats, for one message; returns whether the call has its snapshot. */
@@ -321,6 +367,10 @@ export class RunHandle {
       }
       this.runId = runId;
       this.snapshot = kind.value;
+      // The incarnation that wrote the run's latest events: the history the
+      // events this stream delivers (and those the handle holds, which the
+      // server checked when the stream opened) belong to.
+      this.#incarnation = kind.value.run?.incarnation ?? "";
       if (rpc === "Resume") {
         this.#resumeDelivered = true;
       }
@@ -337,6 +387,15 @@ export class RunHandle {
         throw new StreamContractError(
           `run ${this.runId}: heartbeat at ${kind.value.nextOffset} but nextOffset is ${this.nextOffset}`,
         );
+      }
+      // The incarnation that wrote the events delivered so far: the handle's,
+      // once the stream has delivered all the handle holds.
+      if (
+        this.#offsetKnown &&
+        kind.value.incarnation !== "" &&
+        kind.value.nextOffset === this.nextOffset
+      ) {
+        this.#incarnation = kind.value.incarnation;
       }
     }
     // Other kinds (a newer server's additions) are not this client's business.

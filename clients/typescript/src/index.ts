@@ -10,8 +10,10 @@
  *   `createSchedule()`, `updateSchedule()`, `pauseSchedule()`,
  *   `triggerSchedule()`, `listScheduleRuns()`, ... (`listRuns({ scheduleId })`).
  * - `RunHandle`: one run's events, yielded exactly once and in order across
- *   dropped connections (reconnect on UNAVAILABLE, resume at `nextOffset`).
- * - `StreamContractError`, `ClientClosedError`, `isUnavailable()`, `errorInfo()`;
+ *   dropped connections (reconnect on UNAVAILABLE, resume at `nextOffset`
+ *   with the `incarnation` of the store that wrote the events it holds).
+ * - `StreamContractError`, `ClientClosedError`, `LogRolledBack` (the run's
+ *   store lost events a handle already received), `isUnavailable()`, `errorInfo()`;
  *   Connect's `ConnectError` and `Code`, which every failed call throws.
  * - `Backoff`: the capped exponential backoff with jitter between reconnects.
  * - Every generated message, enum and the `AgentService` descriptor of keel.v1
@@ -46,6 +48,7 @@ export {
 } from "./client.js";
 export {
   ClientClosedError,
+  LogRolledBack,
   StreamContractError,
   errorInfo,
   isUnavailable,
