@@ -122,6 +122,28 @@ class ThreadBusy(KeelError):
         )
 
 
+class LogRolledBack(KeelError):
+    """The run's log no longer holds events a client received: its store came back with an
+    older state (events/lineage.py). From `diverged_at` (None: unknown) on, the events the
+    client holds are not the log's."""
+
+    def __init__(
+        self, run_id: str, offset: int, next_offset: int, incarnation: str, diverged_at: int | None
+    ) -> None:
+        self.run_id = run_id
+        self.offset = offset
+        self.next_offset = next_offset
+        self.incarnation = incarnation
+        self.diverged_at = diverged_at
+        where = "at an unknown index" if diverged_at is None else f"from index {diverged_at}"
+        super().__init__(
+            f"run {run_id!r}: the store lost events this client received (it holds events up "
+            f"to {offset - 1} of incarnation {incarnation!r}; the log's head is {next_offset} "
+            f"and its history differs {where}); read the run again from "
+            f"{0 if diverged_at is None else diverged_at}"
+        )
+
+
 class RunNotResumable(KeelError):
     """The run's agent keeps no events: it can only be followed live, from its head."""
 

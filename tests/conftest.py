@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -59,8 +59,11 @@ def _wait_for_ping(url: str, process: subprocess.Popen[bytes]) -> bool:
         client.close()
 
 
-def _start_redis(workdir: Path, port: int = 0) -> tuple[subprocess.Popen[bytes], str]:
-    """A redis-server without persistence on `port` (or a free one), answering PING."""
+def _start_redis(
+    workdir: Path, port: int = 0, persistence: Sequence[str] = ()
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A redis-server without persistence (unless `persistence` gives its options, e.g.
+    "--appendonly", "yes") on `port` (or a free one), answering PING."""
     for _attempt in range(3):  # the free port may be taken before redis binds it
         port = port or _free_port()
         # fmt: off
@@ -70,6 +73,7 @@ def _start_redis(workdir: Path, port: int = 0) -> tuple[subprocess.Popen[bytes],
                 "--port", str(port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--daemonize", "no",
                 "--dir", str(workdir),
+                *persistence,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -162,14 +166,20 @@ class DisposableRedis:
     url: str
     process: subprocess.Popen[bytes]
     workdir: Path
+    persistence: Sequence[str] = ()
 
     def stop(self) -> None:
         _stop_redis(self.process)
 
+    def kill(self) -> None:
+        """SIGKILL: the crash (what it wrote to its files stays)."""
+        self.process.kill()
+        self.process.wait()
+
     def restart(self) -> None:
-        """Start it again on the same port (empty: it keeps nothing)."""
+        """Start it again on the same port and files (empty without persistence)."""
         port = int(self.url.rsplit(":", 1)[1].split("/")[0])
-        self.process, _ = _start_redis(self.workdir, port)
+        self.process, _ = _start_redis(self.workdir, port, self.persistence)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from pydantic_ai import messages as ai
 
 from server.agents.events import tool_result_json
 from server.agents.types import AgentSpec
+from server.events import lineage
 from server.events.codec import varint
 from server.events.log import RunRecord, RunState, ThreadRecord
 from server.goals.records import Goal, GoalProgress
@@ -68,6 +69,7 @@ def run(record: RunRecord) -> pb.Run:
         thread_id=record.thread_id,
         until_idle=record.until_idle,
         schedule_id=record.schedule_id,
+        incarnation=lineage.latest(record.lineage),
     )
     goal = Goal.decode(record.goal)
     if goal is not None:

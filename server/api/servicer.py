@@ -241,7 +241,10 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     ) -> AsyncIterator[pb.ObserveResponse]:
         run_id = validate.run_id(request.run_id)
         offset = validate.offset(request.offset)
-        follows = self._follow(run_id, offset, pb.ObserveResponse, request.stop_at_suspend)
+        incarnation = validate.incarnation(request.incarnation)
+        follows = self._follow(
+            run_id, offset, pb.ObserveResponse, request.stop_at_suspend, incarnation=incarnation
+        )
         async for response in follows:
             yield response
 
@@ -591,6 +594,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         response_type: type[Response],
         stop_at_suspend: bool = False,
         on_subscribed: Callable[[], None] | None = None,
+        incarnation: str = "",
     ) -> AsyncIterator[Response]:
         # The three stream responses share one layout (snapshot=1, events=2, heartbeat=3).
         make: Callable[..., Response] = response_type
@@ -603,6 +607,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             stop_at_suspend=stop_at_suspend,
             on_subscribed=on_subscribed,
             check=_check_run,  # streams too reach only the caller's tenant's runs
+            incarnation=incarnation,
         )
         async for item in items:
             match item:
@@ -613,8 +618,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                 case Events(events=events):
                     for part in convert.batches(events, self._max_batch_bytes):
                         yield make(events=pb.EventBatch(events=part))
-                case Heartbeat(next_offset=next_offset):
-                    heartbeat = pb.Heartbeat(next_offset=next_offset)
+                case Heartbeat(next_offset=next_offset, incarnation=incarnation):
+                    heartbeat = pb.Heartbeat(next_offset=next_offset, incarnation=incarnation)
                     heartbeat.time.GetCurrentTime()
                     yield make(heartbeat=heartbeat)
 

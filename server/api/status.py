@@ -112,6 +112,16 @@ def to_status(exc: BaseException) -> status_pb2.Status:
                     "next_offset": str(exc.next_offset),
                 },
             )
+        case errors.LogRolledBack():
+            metadata = {
+                "run_id": exc.run_id,
+                "offset": str(exc.offset),
+                "next_offset": str(exc.next_offset),
+                "incarnation": exc.incarnation,
+            }
+            if exc.diverged_at is not None:
+                metadata["diverged_at"] = str(exc.diverged_at)
+            return _status(code_pb2.FAILED_PRECONDITION, exc, "LOG_ROLLED_BACK", metadata)
         case errors.OffsetBeyondEnd():
             return _status(
                 code_pb2.OUT_OF_RANGE,

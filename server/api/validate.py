@@ -150,6 +150,22 @@ def offset(value: int) -> int:
     return value
 
 
+MAX_INCARNATION_CHARS = 64  # a redis-server's run_id has 40
+
+
+def incarnation(value: str) -> str:
+    """An incarnation as a stream told it (Run.incarnation, Heartbeat.incarnation)."""
+    if value and (len(value) > MAX_INCARNATION_CHARS or not value.isascii() or not value.isalnum()):
+        raise InvalidArgument(
+            FieldViolation(
+                "incarnation",
+                "must be an incarnation a stream of this run sent (letters and digits, "
+                f"at most {MAX_INCARNATION_CHARS})",
+            )
+        )
+    return value
+
+
 def start(
     agent_id: str, input: str, request_id: str, thread: str = "", busy_policy: int = 0
 ) -> BusyPolicy:

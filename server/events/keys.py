@@ -105,6 +105,8 @@ class RunField(enum.StrEnum):
     GOAL_PROGRESS = "goal_progress"  # how far its judge got, or absent
     TRACE_CONTEXT = "trace_context"  # the W3C trace context of the request that made it
     TENANT = "tenant"  # the tenant that owns the run, or absent for the default one
+    LINEAGE = "lineage"  # which store incarnation wrote which events (lineage.py), by APPEND
+    INCARNATION = "incarnation"  # the last incarnation in the lineage (APPEND compares it)
 
 
 class ThreadField(enum.StrEnum):

@@ -88,6 +88,9 @@ class RunRecord:
     # run: every instance that executes it continues that trace (server/tracing.py).
     trace_context: str = ""
     tenant: str = ""  # the tenant of the caller that made it ("" without authentication)
+    # Which incarnation of the store wrote which stretch of the log (events/lineage.py),
+    # kept by the Redis log's appends; "" on the memory log, which never goes back.
+    lineage: str = ""
 
 
 class BusyPolicy(enum.StrEnum):
@@ -190,6 +193,10 @@ class EventLog(Protocol):
 
     async def head(self, run_id: str) -> int:
         """The run's next index (cheap: no checkpoint is read). Raises RunNotFound."""
+
+    async def history(self, run_id: str) -> tuple[int, str]:
+        """The run's next index and its lineage (cheap: no checkpoint is read). Raises
+        RunNotFound."""
 
     async def list_runs(
         self,

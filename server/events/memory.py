@@ -240,6 +240,9 @@ class MemoryEventLog:
     async def head(self, run_id: str) -> int:
         return self._get(run_id).next_index
 
+    async def history(self, run_id: str) -> tuple[int, str]:
+        return self._get(run_id).next_index, ""  # this log never goes back: no lineage
+
     async def list_runs(
         self,
         *,

@@ -66,6 +66,7 @@ from server.errors import (
 from server.events import scripts
 from server.events.batcher import ScoreBatcher, ScriptBatcher
 from server.events.codec import Batch, check_consecutive, encode_batch, serialize_events
+from server.events.incarnation import AppendBatcher, Incarnations
 from server.events.keys import Keys, RunField, run_index_member
 from server.events.log import (
     BusyPolicy,
@@ -146,7 +147,7 @@ class RedisEventLog:
         # renewals of one round, the creates and claims of a burst of new runs)
         # share a pipeline per loop turn.
         self._create = ScriptBatcher(client, register(client, scripts.CREATE_RUN))
-        self._append = ScriptBatcher(client, register(client, scripts.APPEND))
+        self._append = AppendBatcher(client, Incarnations(client))
         self._read = register(client, scripts.READ)
         self._incr = register(client, scripts.INCR_COUNTER)
         self._claim = ScriptBatcher(client, register(client, scripts.CLAIM))
@@ -279,6 +280,19 @@ class RedisEventLog:
         if next_index is None:
             raise RunNotFound(run_id)
         return int(next_index)
+
+    async def history(self, run_id: str) -> tuple[int, str]:
+        with store_errors():
+            # bytes, not str: the client is built without decode_responses.
+            next_index, lineage = cast(
+                list[bytes | None],
+                await self._client.hmget(
+                    self._keys.run(run_id), [RunField.NEXT_INDEX, RunField.LINEAGE]
+                ),
+            )
+        if next_index is None:
+            raise RunNotFound(run_id)
+        return int(next_index), (lineage or b"").decode()
 
     async def list_runs(
         self,

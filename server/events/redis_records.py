@@ -120,6 +120,7 @@ def run_from_hash(run_id: str, fields: Mapping[bytes, bytes]) -> RunRecord:
         goal_progress=text(RunField.GOAL_PROGRESS),
         trace_context=text(RunField.TRACE_CONTEXT),
         tenant=text(RunField.TENANT),
+        lineage=text(RunField.LINEAGE),
     )
 
 

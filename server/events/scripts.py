@@ -103,8 +103,13 @@ return {1, 0}
 # Returns {OK, next_index, promoted run id or ''[, now, 1 if the lease exists else 0]}
 #       | {NOT_FOUND} | {STALE_EPOCH, run epoch} | {INDEX_CONFLICT, next_index}
 #       (now and the lease's existence only with a new state, ARGV[2] ~= '')
+# The script's text names the incarnation of the store it is meant for (the
+# redis-server's run_id, incarnation.py: append_script) and stamps the run's
+# lineage with it when events land in a new incarnation.
+_INCARNATION = "@@INCARNATION@@"
 APPEND = (
     _NOW
+    + f"local incarnation = '{_INCARNATION}'"
     + """
 local run, events, lease = KEYS[1], KEYS[2], KEYS[3]
 local function done(next_index, promoted)
@@ -115,7 +120,7 @@ local first_event = 21  -- ARGV position of the first serialized event
 local n = tonumber(ARGV[12])
 local first_message = first_event + n
 local f = redis.call('HMGET', run, 'epoch', 'next_index', 'earliest_index', 'live_only',
-  'ttl_ms', 'rollback')
+  'ttl_ms', 'rollback', 'incarnation')
 if not f[1] then return {1} end
 if tonumber(f[1]) ~= tonumber(ARGV[1]) then return {2, tonumber(f[1])} end
 local next_index, earliest = tonumber(f[2]), tonumber(f[3]) or 0
@@ -148,6 +153,14 @@ while keep and i <= n do
 end
 next_index = next_index + n
 local update = {'next_index', next_index, 'update_time_ms', ARGV[4]}
+if n > 0 and f[7] ~= incarnation then
+  -- The first events this incarnation writes: where its stretch of the log starts.
+  local lineage = redis.call('HGET', run, 'lineage')
+  local stretch = incarnation .. '@' .. first
+  if lineage then stretch = lineage .. ',' .. stretch end
+  table.insert(update, 'incarnation'); table.insert(update, incarnation)
+  table.insert(update, 'lineage'); table.insert(update, stretch)
+end
 if ARGV[2] ~= '' then
   table.insert(update, 'state'); table.insert(update, ARGV[2])
   table.insert(update, 'error'); table.insert(update, ARGV[3])
@@ -540,3 +553,10 @@ if f[1] == 'suspended' then redis.call('HSET', run, 'state', 'queued') end
 redis.call('PUBLISH', base .. 'control', reason)
 return {0, 'queued', active}
 """
+
+
+def append_script(incarnation: str) -> str:
+    """APPEND for the store incarnation `incarnation` (a redis-server's run_id: hex)."""
+    if not incarnation.isalnum():
+        raise ValueError(f"not an incarnation: {incarnation!r}")
+    return APPEND.replace(_INCARNATION, incarnation)

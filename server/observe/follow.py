@@ -18,6 +18,15 @@
 5. End right after a terminal event (or, with stop_at_suspend, right after a
    `suspended` event); end with ServerDraining when the server shuts down.
 
+A log that goes back (its store came back with an older state,
+events/lineage.py) is caught, never followed: a client that resumes names
+the incarnation of the last event it holds, checked in 1; and the stream
+reads the run's head and lineage again after every page it reads and at
+every heartbeat, and ends with LogRolledBack once the log no longer holds
+what it delivered. It tells the client of each newer incarnation with a
+heartbeat before the first event that incarnation wrote, so the client
+always knows the incarnation of its last event.
+
 A live-only run keeps no events, so there is no step 2 for it: its observer
 is synced from the start (subscribing before reading the run's head is what
 makes that lossless), and anything that would send it back to 2 (a gap, a
@@ -34,6 +43,7 @@ from keel.v1.agent_service_pb2 import AgentEvent
 
 from server import metrics
 from server.errors import OffsetBeyondEnd, OffsetExpired, RunNotResumable, ServerDraining
+from server.events import lineage
 from server.events.codec import Batch
 from server.events.log import EventLog, RunRecord, RunState
 from server.observe.catchup import CatchUp, until_end
@@ -59,9 +69,11 @@ class Events:
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """The stream is alive; `next_offset` is the index it will deliver next."""
+    """The stream is alive; `next_offset` is the index it will deliver next, and the
+    events delivered so far were last written in `incarnation` (lineage.py)."""
 
     next_offset: int
+    incarnation: str = ""
 
 
 Item = Snapshot | Events | Heartbeat
@@ -96,12 +108,15 @@ async def follow(
     stop_at_suspend: bool = False,
     on_subscribed: Callable[[], None] | None = None,
     check: Callable[[RunRecord], None] | None = None,
+    incarnation: str = "",
 ) -> AsyncIterator[Item]:
     """Every event of the run with index >= offset, exactly once, in order; see the module doc.
 
     `on_subscribed` is called once the stream listens to the run, before the
     snapshot is yielded (a Stream starts its new run's execution there).
     `check` sees the run first and may refuse it by raising (the caller's tenant).
+    `incarnation`: the incarnation of the last event the client holds (index
+    offset - 1), if it says; the log must still hold that history.
     """
     queue = LiveQueue(limits.queue_size)
     draining.watch(queue)
@@ -112,6 +127,7 @@ async def follow(
         record = await log.get_run(run_id)
         if check is not None:
             check(record)
+        lineage.check(run_id, record.lineage, incarnation, offset, record.next_index)
         check_offset(record, offset)
         if on_subscribed is not None:
             on_subscribed()
@@ -122,6 +138,7 @@ async def follow(
         ):
             return
         next_offset = offset
+        told = History(run_id, record.lineage)  # the snapshot tells its latest incarnation
         lost_sync = False
         while True:
             if record.live_only:
@@ -133,16 +150,22 @@ async def follow(
                 # 2. Unsynced: catch up from the log, a page at a time (catchup.py).
                 while True:
                     page = await limits.catch_up.page(log, record, next_offset, queue, ends)
+                    if page.events or told.resynced:
+                        # Read after the page: its events' incarnations are in the lineage.
+                        await told.update(log, next_offset)
                     if page.events:
                         metrics.EVENTS_SERVED_LOG.inc(len(page.events))
+                        for item in told.split(page.events):
+                            yield item
                         next_offset = page.events[-1].index + 1
                         queue.active = True
-                        yield Events(page.events)
                         if page.end:
                             return
                     if not page.more:
                         break
+                told.resynced = True  # from now on catch-up follows a gap: read the lineage
             # 3. Synced: live batches while nothing is lost.
+            told.live_checked = False
             while not queue.demoted:
                 batches = queue.pop_all()
                 if not batches:
@@ -150,8 +173,8 @@ async def follow(
                         raise ServerDraining()
                     if queue.heartbeat_due:  # quiet for a heartbeat interval (Heartbeats)
                         queue.heartbeat_due = False
-                        yield Heartbeat(next_offset)
-                        if await log.head(run_id) > next_offset:
+                        yield Heartbeat(next_offset, told.latest)
+                        if await told.update(log, next_offset) > next_offset:
                             break  # 4. a notification went missing: read the log
                         continue
                     await queue.wait()  # a batch, a demotion, a heartbeat due, or draining
@@ -167,13 +190,65 @@ async def follow(
                     break  # a gap: read the log
                 fresh, end = until_end(fresh, ends)
                 metrics.EVENTS_SERVED_LIVE.inc(len(fresh))
+                if not told.live_checked:
+                    # The first live events since the stream synced: learn the incarnation
+                    # that writes them (a newer one than the stream knows, if the store
+                    # restarted before they came). Another cannot start without a gap.
+                    await told.update(log, next_offset)
+                    told.live_checked = True
+                for item in told.split(fresh):
+                    yield item
                 next_offset = fresh[-1].index + 1
                 queue.active = True
-                yield Events(fresh)
                 if end:
                     return
     finally:
         await subscription.close()
+
+
+class History:
+    """What a stream knows of its run's lineage, and which incarnation it told the client."""
+
+    __slots__ = ("latest", "lineage", "live_checked", "resynced", "run_id", "text")
+
+    def __init__(self, run_id: str, text: str) -> None:
+        self.run_id = run_id
+        self.text = text
+        self.lineage = lineage.parse(text)
+        self.latest = lineage.latest(text)  # what the client was told last
+        # Catch-up after the first: a gap or a demotion came first, perhaps a restart.
+        self.resynced = False
+        self.live_checked = False  # the lineage was read since the stream last synced
+
+    async def update(self, log: EventLog, next_offset: int) -> int:
+        """Read the run's head and lineage again; raise LogRolledBack if the log no longer
+        holds what the stream delivered (events below next_offset). The head."""
+        head, text = await log.history(self.run_id)
+        lineage.check(self.run_id, text, self.latest, next_offset, head)
+        if text != self.text:
+            self.text, self.lineage = text, lineage.parse(text)
+        return head
+
+    def split(self, events: Sequence[AgentEvent]) -> list[Item]:
+        """`events`, each incarnation newer than the one told announced by a heartbeat
+        before its first event."""
+        if not self.lineage or self.lineage[-1][0] == self.latest:
+            return [Events(events)]  # the client knows the latest incarnation: all of them
+        items: list[Item] = []
+        names = [name for name, _ in self.lineage]
+        # The last stretch of the incarnation told (update checked that it is there).
+        told = len(names) - 1 - names[::-1].index(self.latest) if self.latest else -1
+        start = 0
+        for name, first in self.lineage[told + 1 :]:
+            if first > events[-1].index:
+                break
+            cut = max(first - events[0].index, start)
+            if cut > start:
+                items.append(Events(events[start:cut]))
+            items.append(Heartbeat(events[0].index + cut, name))
+            self.latest, start = name, cut
+        items.append(Events(events[start:] if start else events))
+        return items
 
 
 def check_offset(record: RunRecord, offset: int) -> None:
