@@ -11,6 +11,7 @@ Counters count what this process did: sum them over replicas.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from wsgiref.simple_server import WSGIServer
 
@@ -70,6 +71,10 @@ TASKS_RUNNING = Gauge("keel_tasks_running", "Background task attempts running he
 SCHEDULE_FIRINGS = Counter(
     "keel_schedule_firings", "Schedule ticks decided here, by outcome.", ["outcome"]
 )
+ASYNCIO_TASKS = Gauge(
+    "keel_asyncio_tasks",
+    "asyncio tasks not done yet in this process's event loop (counted at each scrape).",
+)
 RPC_DURATION = Histogram(
     "keel_rpc_duration_seconds",
     "AgentService RPCs: time to the end of the call (of the stream, for streaming RPCs).",
@@ -96,6 +101,24 @@ class MetricsServer:
 
 
 def serve_metrics(host: str, port: int) -> MetricsServer:
-    """Serve every metric at http://host:port/metrics (port 0: any free port)."""
+    """Serve every metric at http://host:port/metrics (port 0: any free port).
+
+    Called inside the process's event loop, it also has keel_asyncio_tasks count
+    that loop's tasks."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        count_tasks(loop)
     server, thread = start_http_server(port, addr=host)
     return MetricsServer(server, thread)
+
+
+def count_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Make keel_asyncio_tasks the number of `loop`'s pending tasks, read at each scrape.
+
+    The scrape runs in the endpoint's thread: asyncio.all_tasks copies the
+    task set with a retry when another thread changes it meanwhile, and
+    reading whether a task is done is a plain attribute read."""
+    ASYNCIO_TASKS.set_function(lambda: len(asyncio.all_tasks(loop)))

@@ -60,6 +60,7 @@ async def test_a_run_a_replay_and_a_takeover_are_counted(cluster: Cluster) -> No
     assert value(on_a, "keel_append_batch_events_sum") == len(streamed)
     assert value(on_a, "keel_rpc_duration_seconds_count", method="Stream", code="OK") == 1
     assert value(on_a, "keel_streams_open", rpc="Stream") == 0
+    assert value(on_a, "keel_asyncio_tasks") >= 1  # the server's own tasks, at least
 
     # A replay on B: every event from the log, in catch-up pages.
     replayed = await observe_all(b.target, streamed[0].run_id)
