@@ -36,6 +36,7 @@ _FLAGS = (
     "port",
     "workers",
     "redis_url",
+    "redis_wait_replicas",
     "agents",
     "key_prefix",
     "tasks_global_concurrency",
@@ -55,7 +56,15 @@ _FLAGS = (
 
 def _add_common(command: argparse.ArgumentParser) -> None:
     command.add_argument(
-        "--redis-url", help="Redis for durable runs, e.g. redis://127.0.0.1:6379/0"
+        "--redis-url",
+        help="Redis for durable runs, e.g. redis://127.0.0.1:6379/0, or a Redis Cluster "
+        "by any one of its nodes: redis+cluster://127.0.0.1:7000",
+    )
+    command.add_argument(
+        "--redis-wait-replicas",
+        type=int,
+        help="replicas that must acknowledge every append (Redis WAIT; default 0: none; "
+        "KEEL_REDIS_WAIT_REPLICAS, with KEEL_REDIS_WAIT_TIMEOUT_MS)",
     )
     command.add_argument("--agents", help="agent registry as module:attr")
     command.add_argument("--key-prefix", help="prefix of every Redis key (default keel)")

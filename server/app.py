@@ -183,6 +183,8 @@ async def create_server(settings: Settings, *, reuse_port: bool = False) -> Keel
         retain_events=settings.retain_events,
         lease_ttl_s=settings.lease_ttl_s,
         thread_idle_ttl_s=settings.thread_idle_ttl_s,
+        wait_replicas=settings.redis_wait_replicas,
+        wait_timeout_ms=settings.redis_wait_timeout_ms,
     )
     task_limits = TaskLimits(
         global_concurrency=settings.tasks_global_concurrency,

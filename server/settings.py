@@ -12,6 +12,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.auth.keys import KeyRing, KeysFileError
+from server.events.urls import is_cluster_url
 
 
 def _default_instance_id() -> str:
@@ -33,6 +34,12 @@ class Settings(BaseSettings):
     redis_url: str = ""
     # Prefix of every Redis key, so several deployments (or tests) can share one Redis.
     key_prefix: str = "keel"
+    # With replicas: every append of events waits (Redis WAIT) until this many replicas
+    # acknowledged it, at most redis_wait_timeout_ms; an append they do not acknowledge in
+    # time fails as if Redis were unreachable. 0: no waiting (asynchronous replication).
+    # A single Redis only (redis://), not a cluster.
+    redis_wait_replicas: int = Field(default=0, ge=0, le=16)
+    redis_wait_timeout_ms: int = Field(default=1000, ge=1, le=60_000)
     # Registry of agents: "module:attr" naming a mapping of agent id -> Agent or AgentSpec.
     agents: str = ""
     # An OpenAI-compatible provider: given a base URL and a model name, agent "assistant"
@@ -168,6 +175,13 @@ def check_settings(settings: Settings) -> KeyRing | None:
             "the temporal executor needs Redis for the event log: give --redis-url "
             "(KEEL_REDIS_URL); workers and API servers must share it"
         )
+    if settings.redis_wait_replicas and is_cluster_url(settings.redis_url):
+        raise ConfigurationError(
+            "--redis-wait-replicas (KEEL_REDIS_WAIT_REPLICAS) needs a single Redis (redis://); "
+            "a cluster's nodes each have their own replicas"
+        )
+    if settings.redis_wait_replicas and not settings.redis_url:
+        raise ConfigurationError("--redis-wait-replicas needs Redis: give --redis-url")
     if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
         raise ConfigurationError("TLS needs both a certificate and a key file")
     if settings.tls_client_ca_file and not settings.tls_cert_file:

@@ -15,10 +15,13 @@ async def open_event_log(
     retain_events: int = 0,
     lease_ttl_s: float = 5.0,
     thread_idle_ttl_s: float = 0,
+    wait_replicas: int = 0,
+    wait_timeout_ms: int = 1000,
 ) -> EventLog:
     """A RedisEventLog on `redis_url` (StoreUnavailable if unreachable), else a MemoryEventLog.
 
-    `key_prefix` only applies to Redis: a memory log is private to its process.
+    `key_prefix`, `wait_replicas` and `wait_timeout_ms` only apply to Redis: a memory log
+    is private to its process.
     """
     if redis_url:
         return await RedisEventLog.connect(
@@ -28,6 +31,8 @@ async def open_event_log(
             retain_events=retain_events,
             lease_ttl_s=lease_ttl_s,
             thread_idle_ttl_s=thread_idle_ttl_s,
+            wait_replicas=wait_replicas,
+            wait_timeout_ms=wait_timeout_ms,
         )
     return MemoryEventLog(
         terminal_ttl_s=terminal_ttl_s,

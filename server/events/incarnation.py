@@ -14,9 +14,10 @@ incarnation is part of the APPEND script's text, and so of its SHA: a new
 redis-server process starts with no scripts, and the first APPEND a server
 sends after the restart finds its script missing (NOSCRIPT). The server then
 reads the node's run_id again before it loads the script for that
-incarnation and sends the append again. No server ever loads a script for an
-incarnation other than the one it just read from that node, so a script
-naming an old incarnation is never found by a new one.
+incarnation and sends the append again. A server only loads scripts naming
+an incarnation it has just read (on a cluster, redis-py loads a script on
+every node: one naming another node's incarnation is never asked for
+there), so a script naming an old incarnation is never found by a new one.
 
 (A SCRIPT FLUSH also empties the cache: the run_id read again is the same,
 and nothing changes.)
@@ -31,6 +32,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
+from server.errors import StoreUnavailable
 from server.events import scripts
 from server.events.batcher import TurnBatcher
 from server.events.redis_client import RedisClient, register
@@ -77,10 +79,21 @@ class AppendBatcher(TurnBatcher[_Call]):
     ScriptBatcher), each call with the script of its node's incarnation; a call that
     finds its script missing reads the incarnation again first (see the module doc)."""
 
-    def __init__(self, client: RedisClient, incarnations: Incarnations) -> None:
+    def __init__(
+        self,
+        client: RedisClient,
+        incarnations: Incarnations,
+        *,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
+    ) -> None:
         super().__init__()
         self._client = client
         self._incarnations = incarnations
+        if wait_replicas and isinstance(client, RedisCluster):
+            raise ValueError("waiting for replicas needs a single Redis, not a cluster")
+        self._wait_replicas = wait_replicas
+        self._wait_timeout_ms = wait_timeout_ms
 
     async def __call__(self, *, keys: list[Any], args: list[Any]) -> Any:
         return await self._submit((keys, args))
@@ -90,17 +103,41 @@ class AppendBatcher(TurnBatcher[_Call]):
 
     async def _send_all(self, calls: Sequence[_Call]) -> list[Any]:
         nodes = [self._incarnations.node_of(keys[0]) for keys, _ in calls]
-        shas = [(await self._script_of(node)).sha for node in nodes]
+        scripts_ = [await self._script_of(node) for node in nodes]
+        replies = await self._pipeline(calls, scripts_)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            # A new incarnation (or a flush): read it, load its script, send those again.
+            for node in {nodes[i] for i in missing}:
+                script = await self._incarnations.refresh(node)
+                await self._client.script_load(script.script)
+            again = await self._pipeline(
+                [calls[i] for i in missing], [await self._script_of(nodes[i]) for i in missing]
+            )
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _pipeline(self, calls: Sequence[_Call], scripts_: Sequence[AsyncScript]) -> list[Any]:
+        """The calls' EVALSHAs in one pipeline, followed by WAIT if replicas must acknowledge."""
         async with self._client.pipeline(transaction=False) as pipe:
-            for (keys, args), sha in zip(calls, shas, strict=True):
+            for (keys, args), script in zip(calls, scripts_, strict=True):
                 # Not pipe.evalsha, which a cluster's pipeline refuses by name; the
                 # command itself goes to its first key's node like any other.
-                pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            if self._wait_replicas:
+                # WAIT covers every write sent before it on this connection.
+                pipe.execute_command("WAIT", self._wait_replicas, self._wait_timeout_ms)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
-        for i, result in enumerate(replies):
-            if isinstance(result, NoScriptError):
-                keys, args = calls[i]
-                # A new incarnation (or a flush): read it, then load its script and send.
-                script = await self._incarnations.refresh(nodes[i])
-                replies[i] = await script(keys=keys, args=args)
+        if self._wait_replicas:
+            self._check_acknowledged(replies.pop())
         return replies
+
+    def _check_acknowledged(self, replicas: Any) -> None:
+        """Fail the batch if fewer replicas than asked for acknowledged it in time: the
+        writer tries it again (an exact replay of a committed batch changes nothing)."""
+        if isinstance(replicas, Exception) or int(replicas) < self._wait_replicas:
+            raise StoreUnavailable(
+                f"{replicas} of {self._wait_replicas} replicas acknowledged the append "
+                f"within {self._wait_timeout_ms} ms"
+            )

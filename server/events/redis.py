@@ -133,6 +133,8 @@ class RedisEventLog:
         retain_events: int,
         lease_ttl_s: float,
         thread_idle_ttl_s: float = 0,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
     ) -> None:
         """Use connect(); this takes ownership of `client` and `fanout`."""
         if lease_ttl_s <= 0:
@@ -147,7 +149,12 @@ class RedisEventLog:
         # renewals of one round, the creates and claims of a burst of new runs)
         # share a pipeline per loop turn.
         self._create = ScriptBatcher(client, register(client, scripts.CREATE_RUN))
-        self._append = AppendBatcher(client, Incarnations(client))
+        self._append = AppendBatcher(
+            client,
+            Incarnations(client),
+            wait_replicas=wait_replicas,
+            wait_timeout_ms=wait_timeout_ms,
+        )
         self._read = register(client, scripts.READ)
         self._incr = register(client, scripts.INCR_COUNTER)
         self._claim = ScriptBatcher(client, register(client, scripts.CLAIM))
@@ -204,6 +211,8 @@ class RedisEventLog:
         max_connections: int = 64,
         socket_timeout_s: float = 5.0,
         health_check_interval_s: float = 10.0,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
     ) -> RedisEventLog:
         """Connect to the Redis at `url` and check it answers; raises StoreUnavailable.
 
@@ -215,6 +224,9 @@ class RedisEventLog:
         `lease_ttl_s` is how long a run's owner holds it without renewing.
         `thread_idle_ttl_s` is how long a thread without an active run lives
         (0: until deleted).
+        `wait_replicas`: every append waits until that many replicas acknowledged it
+        (Redis WAIT, at most `wait_timeout_ms`), or fails with StoreUnavailable; one Redis
+        only, not a cluster.
         """
         client, fanout = open_client(
             url,
@@ -231,6 +243,8 @@ class RedisEventLog:
             retain_events=retain_events,
             lease_ttl_s=lease_ttl_s,
             thread_idle_ttl_s=thread_idle_ttl_s,
+            wait_replicas=wait_replicas,
+            wait_timeout_ms=wait_timeout_ms,
         )
         try:
             await log.ping()

@@ -33,17 +33,10 @@ from redis.commands.core import AsyncScript
 
 from server.events.fanout import Fanout
 from server.events.shards import ShardedFanout
+from server.events.urls import is_cluster_url, node_url
 
 RedisClient: TypeAlias = Redis | RedisCluster
 AnyFanout: TypeAlias = Fanout | ShardedFanout
-
-_CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
-
-
-def is_cluster_url(url: str) -> bool:
-    """Whether `url` names a Redis Cluster (redis+cluster://, rediss+cluster://)."""
-    scheme, sep, _ = url.partition("://")
-    return bool(sep) and scheme.lower() in _CLUSTER_SCHEMES
 
 
 def register(client: RedisClient, text: str) -> AsyncScript:
@@ -70,9 +63,8 @@ def open_client(
         "retry": Retry(NoBackoff(), 0),
     }
     if is_cluster_url(url):
-        scheme, _, rest = url.partition("://")
         cluster = RedisCluster.from_url(
-            f"{_CLUSTER_SCHEMES[scheme.lower()]}://{rest}",
+            node_url(url),
             max_connections=max_connections,
             **timeouts,
         )

@@ -93,6 +93,8 @@ async def work(settings: Settings, agents: dict[str, AgentSpec]) -> None:
         retain_events=settings.retain_events,
         lease_ttl_s=settings.lease_ttl_s,
         thread_idle_ttl_s=settings.thread_idle_ttl_s,
+        wait_replicas=settings.redis_wait_replicas,
+        wait_timeout_ms=settings.redis_wait_timeout_ms,
     )
     engine = Engine(config)
     task_store = task_store_for(event_log, lease_ttl_s=settings.lease_ttl_s)

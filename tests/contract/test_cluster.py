@@ -14,7 +14,7 @@ import pytest
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from server.events.redis import RedisEventLog
-from server.events.redis_client import is_cluster_url
+from server.events.urls import is_cluster_url
 from tests.contract.test_event_log import Recorder, make_events, new_run
 
 
