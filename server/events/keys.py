@@ -64,7 +64,11 @@ schedule, with its place in the due index and its history, is one script:
 The run index, the active set, the lease deadlines, the thread indexes and the
 task runner's keys are the only keys outside a run's (or thread's) slot, so the
 Lua scripts never write them; a write that needs them updates them in a second
-command after its script.
+command after its script. On Redis Cluster each of them is one key in a known
+slot, not sharded: each is read whole by every server (a sweep, a list call),
+and its traffic follows the runs' lives, not their events (docs/redis.md). The
+channels carry their run's hash tag too, so a script's SPUBLISH goes to the
+node of its slot (redis_client.py, shards.py).
 Stale members are removed lazily: by list_runs and list_threads (hash
 expired or deleted) and by claimable (run ended, suspended or expired).
 """
