@@ -25,6 +25,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from keel.v1 import agent_service_pb2 as pb
 from keel.v1 import agent_service_pb2_grpc as pb_grpc
+from keel_client import KeelClient, LogRolledBack
 
 from server.app import Keel
 from server.events.keys import Keys
@@ -255,3 +256,34 @@ async def test_a_redis_restarted_empty_reports_runs_lost_not_hung_streams(
                 async for _ in stub.Observe(request):
                     pass
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_the_python_wrapper_raises_log_rolled_back_over_a_rolled_back_store(
+    start_keel: Any, tmp_path: Path
+) -> None:
+    """The same scenario through keel_client: its handle resumes by itself across the
+    restart, then raises LogRolledBack (it does not deliver the rewritten events)."""
+    redis = persistent_redis(tmp_path, RDB_ONLY)
+    admin = aioredis.from_url(redis.url)
+    try:
+        keel = await start_on(start_keel, redis)
+        async with KeelClient(
+            f"127.0.0.1:{keel.port}", initial_backoff_s=0.02, max_backoff_s=0.2
+        ) as client:
+            handle = client.stream("scripted", script(text(DELTAS, delay_ms=5)))
+            received = 0
+            with pytest.raises(LogRolledBack) as raised:
+                async for event in handle.events():
+                    assert event.index == received
+                    received += 1
+                    if received == 100:
+                        await admin.execute_command("SAVE")
+                    elif received == 300:
+                        redis.kill()
+                        redis.restart()
+            assert received >= 300
+            assert raised.value.diverged_at is not None and raised.value.diverged_at < received
+            assert handle.next_offset == received  # nothing rewritten was handed out
+    finally:
+        await admin.aclose()
+        _stop_redis(redis.process)
