@@ -181,9 +181,19 @@ class ShardedFanout:
             troubled, self._troubled = self._troubled, set()
             await self._refresh()
             for fanout in troubled:
+                moved = False
                 for name in fanout.channels():
                     if self._fanout_of(name) is not fanout:
                         await self._move(fanout, name)
+                        moved = True
+                if moved and not fanout.channels():
+                    # Its node serves none of our channels now (maybe it is gone for
+                    # good): stop reconnecting to it. A later channel of that node
+                    # makes a new Fanout.
+                    for node, held in list(self._nodes.items()):
+                        if held is fanout:
+                            del self._nodes[node]
+                    await fanout.close()
 
     async def _move(self, old: Fanout, name: bytes) -> None:
         kind, listeners = old.take(name)
