@@ -1,4 +1,9 @@
-"""20 runs on 3 instances, 10 random SIGKILLs while they run: every run finishes, exactly once."""
+"""20 runs on 3 instances, 10 random SIGKILLs while they run: every run finishes, exactly once.
+
+With KEEL_CHAOS_KILLS=N set (scripts/chaos; never in CI) the long mode runs
+instead: N SIGKILLs across 3 instances, runs started all along and each one
+followed by a client, and a report with the takeover times (long_mode.py).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import asyncio
 import random
 from typing import Any
 
+import pytest
 from keel.v1 import agent_service_pb2 as pb
 from keel_client import KeelClient
 
@@ -19,6 +25,7 @@ from tests.chaos.conftest import (
     script,
     wait_for,
 )
+from tests.chaos.long_mode import LongChaos, kills_requested, report_path, write_report
 
 RUNS = 20
 KILLS = 10
@@ -35,6 +42,10 @@ def steps_for(i: int) -> tuple[dict[str, Any], ...]:
     )
 
 
+LONG_KILLS = kills_requested()
+
+
+@pytest.mark.skipif(LONG_KILLS > 0, reason="KEEL_CHAOS_KILLS selects the long mode")
 async def test_runs_finish_exactly_once_through_repeated_sigkills(
     cluster: Cluster, store: RedisEventLog
 ) -> None:
@@ -76,3 +87,14 @@ async def test_runs_finish_exactly_once_through_repeated_sigkills(
 
 async def _follow(client: KeelClient, run_id: str) -> list[pb.AgentEvent]:
     return [event async for event in client.run(run_id).events()]
+
+
+@pytest.mark.skipif(LONG_KILLS == 0, reason="the long mode: set KEEL_CHAOS_KILLS (scripts/chaos)")
+@pytest.mark.timeout(300 + 20 * LONG_KILLS)
+async def test_long_mode_many_sigkills_with_runs_all_along(
+    cluster: Cluster, store: RedisEventLog
+) -> None:
+    result = await LongChaos(cluster, store, LONG_KILLS).run()
+    write_report(result, report_path())  # before the verdict: a failure is in the report too
+    assert result["tally"]["runs_succeeded"] > 0
+    assert not result["failures"], result["failures"]
