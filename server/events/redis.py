@@ -50,7 +50,7 @@ exact replay of a committed batch is a no-op and creation is idempotent.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from keel.v1.agent_service_pb2 import AgentEvent
@@ -84,6 +84,7 @@ from server.events.redis_client import AnyFanout, RedisClient, open_client, regi
 from server.events.redis_records import (
     flatten,
     pairs,
+    prune_index,
     run_fields,
     run_from_hash,
     store_errors,
@@ -102,6 +103,12 @@ FULL_PASS_INTERVAL_S = 30.0
 _PASS_PAGE = 500
 _PASS_PAGES = 4
 _DUE_PAGE = 200  # members of the deadline set read at once
+# How often claimable prunes the run and thread indexes of members whose run (or thread)
+# expired: from the oldest while pages hold stale members (at most _PRUNE_PAGES), and one
+# page of a rolling pass over the rest.
+PRUNE_INTERVAL_S = 30.0
+_PRUNE_PAGE = 200
+_PRUNE_PAGES = 10
 _NO_LEASE = -2  # PTTL of a missing key
 
 
@@ -177,6 +184,8 @@ class RedisEventLog:
         # deadlines travel together.
         self._deadlines = ScoreBatcher(client, keys.lease_deadlines)
         self._next_pass = 0.0  # time.monotonic() of the next full pass of the active set
+        self._next_prune = 0.0  # time.monotonic() of the next pruning of the indexes
+        self._prune_cursors: dict[str, bytes | None] = {}  # index -> its rolling pass's place
         self._pass_cursor = 0  # its SSCAN cursor, while a pass goes on (0: from the start)
         self._closed = False
 
@@ -555,6 +564,10 @@ class RedisEventLog:
            run after they commit a runnable state, so either that addition
            comes after our removal, or our second read sees the state: no
            runnable run is ever left out.
+        5. At the first call and then every PRUNE_INTERVAL_S: the run and
+           thread indexes lose the members of expired runs and threads (a
+           list call removes those it walks past, but nothing else would, and
+           the indexes would grow by a member per run ever made).
 
         A sweep's cost is the due members' (lapsed, released or just changed
         runs), not the healthy runs', plus the full pass every 30 s.
@@ -566,7 +579,37 @@ class RedisEventLog:
             now = await self._walk_due(limit, agent_ids, found)
             if len(found) < limit and time.monotonic() >= self._next_pass:
                 await self._walk_active(now, limit, agent_ids, found)
+            if time.monotonic() >= self._next_prune:
+                self._next_prune = time.monotonic() + PRUNE_INTERVAL_S
+                await self._prune(self._keys.run_index, self._keys.run)
+                await self._prune(self._keys.thread_index, self._keys.thread)
         return list(found)
+
+    async def _prune(self, index: str, hash_key: Callable[[str], str]) -> int:
+        """Step 5 of claimable: members of an index whose run (or thread) expired leave it.
+        Expiry follows creation roughly, so they gather at the old end: prune from there
+        while pages hold some; then one page of a rolling pass finds the stragglers. How
+        many left."""
+        removed = 0
+        after: bytes | None = None
+        for _ in range(_PRUNE_PAGES):
+            after, stale = await prune_index(
+                self._client, index, after=after, batch_size=_PRUNE_PAGE, hash_key=hash_key
+            )
+            removed += stale
+            if after is None or stale == 0:
+                break
+        if after is None:
+            return removed  # the old end reached the newest member: nothing else to look at
+        # The rolling pass starts anew after the stretch just read.
+        self._prune_cursors[index], stale = await prune_index(
+            self._client,
+            index,
+            after=self._prune_cursors.get(index) or after,
+            batch_size=_PRUNE_PAGE,
+            hash_key=hash_key,
+        )
+        return removed + stale
 
     async def _look(self, members: list[bytes]) -> list[tuple[bytes | None, bytes | None, int]]:
         """Per run id: the run's state and agent id (None: gone) and its lease's PTTL

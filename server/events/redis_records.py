@@ -209,6 +209,38 @@ async def walk_index(
     return page
 
 
+async def prune_index(
+    client: RedisClient,
+    index: str,
+    *,
+    after: bytes | None,
+    batch_size: int,
+    hash_key: Callable[[str], str],
+) -> tuple[bytes | None, int]:
+    """Remove the members of an index ZSET whose hash is gone (expired, deleted) or belongs
+    to a newer holder of the id, among the `batch_size` oldest after `after` (None: from the
+    oldest). The last member looked at (None: the index ended there), and how many left."""
+    lower = b"-" if after is None else b"(" + after
+    with store_errors():
+        members = cast(
+            list[bytes], await client.zrangebylex(index, lower, "+", start=0, num=batch_size)
+        )
+        if not members:
+            return None, 0
+        async with client.pipeline(transaction=False) as pipe:
+            for member in members:
+                pipe.hget(hash_key(parse_run_index_member(member)[1]), "create_time_ms")
+            stored: list[bytes | None] = await pipe.execute()
+        stale = [
+            member
+            for member, create_time_ms in zip(members, stored, strict=True)
+            if create_time_ms is None or int(create_time_ms) != parse_run_index_member(member)[0]
+        ]
+        if stale:
+            await client.zrem(index, *stale)
+    return (members[-1] if len(members) == batch_size else None), len(stale)
+
+
 async def _batches(
     client: RedisClient,
     index: str,

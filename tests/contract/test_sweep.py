@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from server.events import redis as redis_log
 from server.events import scripts
-from server.events.keys import Keys
+from server.events.keys import Keys, parse_run_index_member
 from server.events.log import BusyPolicy, EventLog, RunState
 from server.events.redis import RedisEventLog
 from tests.contract.test_event_log import (
@@ -169,9 +169,11 @@ async def test_redis_a_sweep_reads_nothing_of_the_healthy_runs(
             await counter.config_resetstat()
             assert await log.claimable(100) == [released.run_id]
             calls = await _calls(counter)
-            per_run_reads = sum(calls.get(c, 0) for c in ("hmget", "pttl", "exists", "hget"))
+            per_run_reads = sum(calls.get(c, 0) for c in ("hmget", "pttl", "exists"))
             assert per_run_reads <= 2, calls  # the released run's state and lease
             assert calls.get("sscan", 0) == (1 if first_sweep else 0), calls
+            # ... and prunes the run index: two pages of it, every PRUNE_INTERVAL_S.
+            assert calls.get("hget", 0) == (201 if first_sweep else 0), calls
         for run in healthy[:50]:
             assert await log.renew(run.run_id, 1)
         await counter.config_resetstat()
@@ -317,5 +319,26 @@ async def test_redis_a_running_servers_sweep_walks_the_active_set_again_every_in
         await raw_redis.delete(keys.lease(run.run_id))
         await asyncio.sleep(0.6)
         assert await log.claimable(10) == [run.run_id]
+    finally:
+        await log.close()
+
+
+async def test_redis_sweeps_prune_the_run_index_of_expired_runs(
+    redis_url: str, key_prefix: str, raw_redis: aioredis.Redis
+) -> None:
+    """Ended runs expire after their retention; their index members go with the next
+    sweep's pruning, not only when a ListRuns walks past them. Live runs stay listed."""
+    log = await RedisEventLog.connect(redis_url, key_prefix=key_prefix, terminal_ttl_s=0.2)
+    keys = Keys(key_prefix)
+    try:
+        ended = [await new_run(log) for _ in range(5)]
+        live = await new_run(log)
+        for run in ended:
+            await log.append(run.run_id, 1, [], state=RunState.SUCCEEDED)
+        assert await raw_redis.zcard(keys.run_index) == 6
+        await asyncio.sleep(0.5)  # their retention passes
+        await log.claimable(10)  # the first sweep prunes
+        members = await raw_redis.zrange(keys.run_index, 0, -1)
+        assert [parse_run_index_member(m)[1] for m in members] == [live.run_id]
     finally:
         await log.close()
