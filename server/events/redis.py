@@ -103,9 +103,9 @@ FULL_PASS_INTERVAL_S = 30.0
 _PASS_PAGE = 500
 _PASS_PAGES = 4
 _DUE_PAGE = 200  # members of the deadline set read at once
-# How often claimable prunes the run and thread indexes of members whose run (or thread)
-# expired: from the oldest while pages hold stale members (at most _PRUNE_PAGES), and one
-# page of a rolling pass over the rest.
+# How often claimable prunes the run, thread and task indexes of members whose run (or
+# thread, or task) expired: from the oldest while pages hold stale members (at most
+# _PRUNE_PAGES), and one page of a rolling pass over the rest.
 PRUNE_INTERVAL_S = 30.0
 _PRUNE_PAGE = 200
 _PRUNE_PAGES = 10
@@ -564,8 +564,8 @@ class RedisEventLog:
            run after they commit a runnable state, so either that addition
            comes after our removal, or our second read sees the state: no
            runnable run is ever left out.
-        5. At the first call and then every PRUNE_INTERVAL_S: the run and
-           thread indexes lose the members of expired runs and threads (a
+        5. At the first call and then every PRUNE_INTERVAL_S: the run, thread
+           and task indexes lose the members of expired runs, threads and tasks (a
            list call removes those it walks past, but nothing else would, and
            the indexes would grow by a member per run ever made).
 
@@ -583,6 +583,7 @@ class RedisEventLog:
                 self._next_prune = time.monotonic() + PRUNE_INTERVAL_S
                 await self._prune(self._keys.run_index, self._keys.run)
                 await self._prune(self._keys.thread_index, self._keys.thread)
+                await self._prune(self._keys.task_index, self._keys.task)  # tasks/redis.py
         return list(found)
 
     async def _prune(self, index: str, hash_key: Callable[[str], str]) -> int:
