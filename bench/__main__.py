@@ -19,7 +19,7 @@ from typing import Any
 
 from bench import analysis, mastra, report
 from bench.procs import ROOT, Launcher
-from bench.runner import BACKENDS, WORKLOADS, Run
+from bench.runner import ALL_BACKENDS, BACKENDS, WORKLOADS, Run
 from bench.sizes import FULL, QUICK, Sizes
 
 
@@ -37,7 +37,10 @@ def _parser() -> argparse.ArgumentParser:
         "--backends",
         default=",".join(BACKENDS),
         help="comma-separated: memory, redis, temporal (the Temporal executor on Redis; "
-        "workloads a, b and f); default all three",
+        "workloads a, b and f); default those three. Also, never by default, what runs on "
+        "redis on other stores: redis-aof-everysec and redis-aof-always (a redis-server "
+        "with an append-only file, appendfsync everysec or always), cluster (a 3-master "
+        "Redis Cluster); each store's raw Redis ceiling is measured too",
     )
     parser.add_argument(
         "--only",
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             print(path)
         return 0
     backends = tuple(b for b in args.backends.split(",") if b)
-    unknown = set(backends) - set(BACKENDS)
+    unknown = set(backends) - set(ALL_BACKENDS)
     if unknown:
         sys.exit(f"unknown backends: {', '.join(sorted(unknown))}")
     only = frozenset(args.only)
@@ -166,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             "keel_commit": _keel_version(args.keel_root.resolve()),
         },
         "sizes": {name: getattr(sizes, name) for name in sizes.__dataclass_fields__},
+        "stores": run.described,
         "ceilings": run.ceilings,
         "workloads": run.workloads,
     }

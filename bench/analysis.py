@@ -5,6 +5,9 @@ unit. For a figure where higher is better (events/s) a ratio of 0.4 means
 Keel reaches 40 % of the ceiling; where lower is better (ms) a ratio of 3
 means Keel takes three times the ceiling's time. `efficiency` folds both
 into one scale (1.0 = as good as the ceiling, higher is better) for charts.
+A figure of "redis" is also one of each Redis variant (a redis-server with
+an AOF, a cluster: procs.REDIS_VARIANTS), held against that store's own raw
+Redis ceiling.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from bench.procs import REDIS_VARIANTS
 
 Params = dict[str, Any]
 Better = Literal["higher", "lower"]
@@ -31,6 +36,26 @@ class FigureSpec:
 
 
 WITH_TEMPORAL = ("memory", "redis", "temporal")
+
+
+def applies(backends: tuple[str, ...], backend: str) -> bool:
+    """Whether what is judged on `backends` is judged on `backend`: a Redis variant counts
+    as "redis"."""
+    return backend in backends or (backend in REDIS_VARIANTS and "redis" in backends)
+
+
+def _ceilings_on(ceilings: Params, workloads: dict[str, dict[str, Params]], backend: str) -> Params:
+    """The ceilings a figure on `backend` is held against: on a Redis variant, its own
+    store's raw Redis ceiling (redis@BACKEND) as "redis"; --workers N against one server
+    process on the same backend (`_b_concurrent_w1`)."""
+    own = dict(ceilings)
+    store = ceilings.get(f"redis@{backend}")
+    if store is not None:
+        own["redis"] = store
+    w1 = workloads.get("b_concurrent_w1", {}).get(backend)
+    if w1 is not None and w1.get("ok"):
+        own["_b_concurrent_w1"] = w1
+    return own
 
 
 def _get(result: Params, *path: str) -> float | None:
@@ -515,10 +540,6 @@ MASTRA_FACTOR = 1.5
 
 def figures(ceilings: Params, workloads: dict[str, dict[str, Params]]) -> list[Params]:
     rows: list[Params] = []
-    # --workers N is held against one server process, same client, same run.
-    w1 = workloads.get("b_concurrent_w1", {}).get("redis")
-    if w1 is not None and w1.get("ok"):
-        ceilings = {**ceilings, "_b_concurrent_w1": w1}
     for spec in FIGURES:
         per_backend = workloads.get(spec.workload)
         if per_backend is None:
@@ -532,10 +553,11 @@ def figures(ceilings: Params, workloads: dict[str, dict[str, Params]]) -> list[P
             "backends": {},
         }
         for backend, result in per_backend.items():
-            if backend not in spec.backends:
+            if not applies(spec.backends, backend):
                 continue
             value = spec.value(result)
-            ceiling = spec.ceiling(ceilings, result) if spec.ceiling is not None else None
+            own = _ceilings_on(ceilings, workloads, backend)
+            ceiling = spec.ceiling(own, result) if spec.ceiling is not None else None
             ratio = value / ceiling if value is not None and ceiling else None
             efficiency = None
             if ratio:
@@ -609,12 +631,13 @@ def targets(
             "backends": {},
         }
         for backend in per_backend:
-            if spec.backends is not None and backend not in spec.backends:
+            if spec.backends is not None and not applies(spec.backends, backend):
                 continue
+            own = _ceilings_on(ceilings, workloads, backend)
             which = spec.workload
             if spec.variants:
-                which = best_variant(ceilings, workloads, spec.variants, backend) or which
-            cell = _judge(spec, ceilings, workloads[which][backend])
+                which = best_variant(own, workloads, spec.variants, backend) or which
+            cell = _judge(spec, own, workloads[which][backend])
             if spec.variants:
                 cell["keel"] = which  # the way it was judged on
             row["backends"][backend] = cell
@@ -950,12 +973,88 @@ def executors(workloads: dict[str, dict[str, Params]]) -> list[Params]:
     return rows
 
 
+# The raw Redis ceilings the stores table shows for each store: (what, its key).
+STORE_CEILINGS = (
+    ("raw Lua append, 1 event per call, 1 call at a time", "lua_append_one"),
+    ("raw Lua append, 1 event per call, 100 calls pipelined", "lua_append_pipelined_100"),
+    ("raw Lua append, 100 events per call, 1 call at a time", "lua_append_batch_100"),
+)
+
+
+def stores(
+    ceilings: Params,
+    workloads: dict[str, dict[str, Params]],
+    figure_rows: list[Params],
+    described: Params | None = None,
+) -> Params | None:
+    """The same workloads on each Redis store (plain, AOF, cluster), same run: each store's
+    raw Redis ceilings, then each figure of a workload that ran on a variant (value, ratio
+    to its ceiling) and Redis's CPU per event; `vs_redis`: the value / plain Redis's.
+    None if no variant ran."""
+    present = [b for b in REDIS_VARIANTS if any(b in per for per in workloads.values())]
+    if not present:
+        return None
+    names = ["redis", *present] if any("redis" in per for per in workloads.values()) else present
+    rows: list[Params] = []
+    for name, key in STORE_CEILINGS:
+        cells = {}
+        for backend in names:
+            own = ceilings.get("redis" if backend == "redis" else f"redis@{backend}") or {}
+            value = _get(own, key, "events_per_s")
+            cells[backend] = {"value": value, "ratio": None}
+        rows.append(
+            {
+                "workload": "",
+                "figure": name,
+                "unit": "events/s",
+                "better": "higher",
+                "ceiling_name": "",
+                "backends": cells,
+            }
+        )
+    measured = {key for key, per in workloads.items() if any(b in per for b in present)}
+    for key in [k for k in workloads if k in measured]:
+        for row in figure_rows:
+            if row["workload"] != key:
+                continue
+            cells = {
+                b: {"value": c["value"], "ratio": c["ratio"], "ok": c["ok"]}
+                for b, c in row["backends"].items()
+                if b in names
+            }
+            rows.append({**{k: v for k, v in row.items() if k != "backends"}, "backends": cells})
+        redis_cpu = {
+            b: {"value": _get(result, "redis_cpu_us_per_event"), "ratio": None}
+            for b, result in workloads[key].items()
+            if b in names
+        }
+        if any(cell["value"] is not None for cell in redis_cpu.values()):
+            rows.append(
+                {
+                    "workload": key,
+                    "figure": "Redis CPU per event (all its nodes)",
+                    "unit": "µs",
+                    "better": "lower",
+                    "ceiling_name": "",
+                    "backends": redis_cpu,
+                }
+            )
+    for row in rows:
+        plain = (row["backends"].get("redis") or {}).get("value")
+        for cell in row["backends"].values():
+            value = cell["value"]
+            cell["vs_redis"] = value / plain if value is not None and plain else None
+    return {"stores": names, "described": described or {}, "rows": rows}
+
+
 def derive(results: Params) -> Params:
     """The run's figures, targets and tables from its raw results (and its `mastra`)."""
     ceilings, workloads = results["ceilings"], results["workloads"]
     mastra = results.get("mastra")
+    figure_rows = figures(ceilings, workloads)
     return {
-        "figures": figures(ceilings, workloads),
+        "figures": figure_rows,
+        "stores_table": stores(ceilings, workloads, figure_rows, results.get("stores")),
         "targets": targets(ceilings, workloads, mastra),
         "executors": executors(workloads),
         "cpu": cpu(workloads),

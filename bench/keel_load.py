@@ -13,10 +13,11 @@ carrying it; both processes read the same machine clock.
 
 CPU: the runner passes the Keel server's process ids (`server_pids`: the
 server, on temporal also its worker; their descendants count too, so a
-server's `--workers` are included) and Redis's (`redis_pid`). A client reads
-their CPU time from /proc right before and right after each measured part
-(not the warm-up), and its own by time.process_time(), and divides by the
-events (or runs) the measured part delivered.
+server's `--workers` are included) and Redis's (`redis_pids`: every node of a
+cluster). A client reads their CPU time from /proc right before and right
+after each measured part (not the warm-up), and its own by
+time.process_time(), and divides by the events (or runs) the measured part
+delivered.
 """
 
 from __future__ import annotations
@@ -209,10 +210,10 @@ class Cpu:
     @classmethod
     def of(cls, params: Params) -> Cpu:
         pids = tuple(int(pid) for pid in params.get("server_pids", ()))
-        redis_pid = params.get("redis_pid")
+        redis_pids = tuple(int(pid) for pid in params.get("redis_pids", ()))
         return cls(
             server=Meter(pids) if pids else None,
-            redis=Meter((int(redis_pid),)) if redis_pid else None,
+            redis=Meter(redis_pids) if redis_pids else None,
         )
 
     def _meters(self) -> list[Meter]:

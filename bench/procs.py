@@ -1,9 +1,12 @@
-"""The benchmark's processes: a redis-server, Keel servers, the raw gRPC server, clients.
+"""The benchmark's processes: Redis stores, Keel servers, the raw gRPC server, clients.
 
-Everything binds 127.0.0.1. Servers are started as `python -m ...` with the
-repo as cwd and announce their port on stdout; clients are
-`python -m bench.child NAME PARAMS_JSON` and print their result as the last
-line of stdout (see child.py).
+A store is a redis-server without persistence ("redis"), with an append-only
+file fsynced on every write or every second ("redis-aof-always",
+"redis-aof-everysec"), or a Redis Cluster of 3 masters ("cluster"); see
+start_store. Everything binds 127.0.0.1. Servers are started as
+`python -m ...` with the repo as cwd and announce their port on stdout;
+clients are `python -m bench.child NAME PARAMS_JSON` and print their result
+as the last line of stdout (see child.py).
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ from bench import cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+# Keel's Redis backends besides the plain "redis": each reports the same figures on a
+# store of its own (start_store).
+REDIS_VARIANTS = ("redis-aof-everysec", "redis-aof-always", "cluster")
+CLUSTER_MASTERS = 3
 SCRIPTED_AGENTS = "server.agents.testing:registry"
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
@@ -73,37 +81,60 @@ def _stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
             process.wait()
 
 
+def _redis_argv(port: int, workdir: str, *settings: str) -> list[str]:
+    """A foreground redis-server on 127.0.0.1:`port` keeping its files in `workdir`, with
+    no snapshots; `settings` add to (or override) that."""
+    # fmt: off
+    return [
+        REDIS_SERVER,
+        "--port", str(port), "--bind", "127.0.0.1",
+        "--save", "", "--appendonly", "no", "--daemonize", "no",
+        "--dir", workdir, *settings,
+    ]
+    # fmt: on
+
+
+def _info(url: str, section: str) -> dict[str, Any]:
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        info: dict[str, Any] = client.info(section)
+        return info
+    finally:
+        client.close()
+
+
 @dataclass
 class RedisServer:
-    """A redis-server of the benchmark's own, without persistence."""
+    """A redis-server of the benchmark's own: without persistence, or (`appendfsync`
+    "always" or "everysec") with an append-only file in its temp dir, no snapshots."""
 
     process: subprocess.Popen[bytes]
     url: str
     workdir: tempfile.TemporaryDirectory[str]
+    appendfsync: str | None = None
 
     @classmethod
-    def start(cls) -> RedisServer:
+    def start(cls, appendfsync: str | None = None) -> RedisServer:
         workdir = tempfile.TemporaryDirectory(prefix="keel-bench-redis-")
+        aof = ["--appendonly", "yes", "--appendfsync", appendfsync] if appendfsync else []
         for _attempt in range(3):  # the free port may be taken before redis binds it
             port = free_port()
-            # fmt: off
             process = subprocess.Popen(
-                [
-                    REDIS_SERVER,
-                    "--port", str(port), "--bind", "127.0.0.1",
-                    "--save", "", "--appendonly", "no", "--daemonize", "no",
-                    "--dir", workdir.name,
-                ],
+                _redis_argv(port, workdir.name, *aof),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            # fmt: on
             url = f"redis://127.0.0.1:{port}/0"
             if _wait_for_ping(url, process):
-                return cls(process, url, workdir)
+                return cls(process, url, workdir, appendfsync)
             _stop(process)
         workdir.cleanup()
         raise BenchError(f"could not start {REDIS_SERVER}")
+
+    @property
+    def pids(self) -> list[int]:
+        """The processes whose CPU is the store's (an AOF rewrite's fork is a descendant)."""
+        return [self.process.pid]
 
     def flush(self) -> None:
         """Forget every key, so each workload starts from an empty Redis."""
@@ -114,16 +145,178 @@ class RedisServer:
             client.close()
 
     def version(self) -> str:
-        client = redis.Redis.from_url(self.url)
-        try:
-            info: dict[str, Any] = client.info("server")
-            return str(info.get("redis_version", ""))
-        finally:
-            client.close()
+        return str(_info(self.url, "server").get("redis_version", ""))
+
+    def describe(self) -> dict[str, Any]:
+        """What the report says of this store: its persistence and what it did."""
+        described: dict[str, Any] = {
+            "kind": "redis-server",
+            "nodes": 1,
+            "appendonly": self.appendfsync is not None,
+            "appendfsync": self.appendfsync,
+        }
+        if self.appendfsync is not None:
+            info = _info(self.url, "persistence")
+            for key in ("aof_rewrites", "aof_delayed_fsync", "aof_current_size"):
+                described[key] = info.get(key)
+        return described
 
     def stop(self) -> None:
         _stop(self.process)
         self.workdir.cleanup()
+
+
+@dataclass
+class RedisCluster:
+    """A Redis Cluster of `masters` cluster-enabled redis-servers on free ports, no
+    replicas, joined by `redis-cli --cluster create`; each node keeps nothing on disk but
+    its cluster config file, in a folder of its own under `workdir`. `url` is what Keel
+    takes: redis+cluster://HOST:PORT of the first node (the others are found from it).
+
+    The benchmark's "cluster" store, and the tests' (tests/redis_cluster.py).
+    """
+
+    ports: list[int]
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    # The temp dir start() made when given none; stop() removes it.
+    owned_dir: tempfile.TemporaryDirectory[str] | None = None
+
+    @classmethod
+    def start(cls, workdir: Path | None = None, masters: int = CLUSTER_MASTERS) -> RedisCluster:
+        owned = None
+        if workdir is None:
+            owned = tempfile.TemporaryDirectory(prefix="keel-bench-cluster-")
+            workdir = Path(owned.name)
+        why = "could not start the Redis Cluster's nodes"
+        for _attempt in range(3):  # a free port may be taken before redis binds it
+            cluster = cls([free_port() for _ in range(masters)], owned_dir=owned)
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            for port in cluster.ports:
+                node_dir = workdir / f"node-{port}"
+                node_dir.mkdir(parents=True, exist_ok=True)
+                # The bus port is given: by default it is port + 10,000, which does not
+                # exist above 55535 (and may be taken).
+                # fmt: off
+                settings = [
+                    "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                    "--cluster-port", str(free_port()), "--cluster-node-timeout", "2000",
+                ]
+                # fmt: on
+                cluster.processes.append(
+                    subprocess.Popen(
+                        _redis_argv(port, str(node_dir), *settings),
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
+            if not all(
+                _wait_for_ping(f"redis://127.0.0.1:{port}/0", process)
+                for port, process in zip(cluster.ports, cluster.processes, strict=True)
+            ):
+                cluster._stop_nodes()
+                continue
+            # fmt: off
+            created = subprocess.run(
+                [
+                    REDIS_CLI, "--cluster", "create",
+                    *(f"127.0.0.1:{port}" for port in cluster.ports),
+                    "--cluster-replicas", "0", "--cluster-yes",
+                ],
+                capture_output=True,
+                timeout=READY_TIMEOUT_S,
+                check=False,
+            )
+            # fmt: on
+            if created.returncode == 0 and cluster._wait_until_ok(deadline):
+                return cluster
+            cluster._stop_nodes()
+            why = f"could not make a Redis Cluster: {created.stdout!r} {created.stderr!r}"
+        if owned is not None:
+            owned.cleanup()
+        raise BenchError(why)
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.ports[0]}"
+
+    @property
+    def pids(self) -> list[int]:
+        """Every node: the store's CPU is theirs together."""
+        return [process.pid for process in self.processes]
+
+    def node(self, port: int) -> redis.Redis:
+        """A plain client of one node (the caller closes it)."""
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+
+    def _wait_until_ok(self, deadline: float) -> bool:
+        """Until every node says cluster_state:ok and knows every node."""
+        while time.monotonic() < deadline:
+            ready = 0
+            for port in self.ports:
+                client = self.node(port)
+                try:
+                    info = client.cluster("info")
+                    known = int(info.get("cluster_known_nodes", 0))
+                    if info.get("cluster_state") == "ok" and known == len(self.ports):
+                        ready += 1
+                except (redis.RedisError, ValueError):
+                    pass
+                finally:
+                    client.close()
+            if ready == len(self.ports):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def flush(self) -> None:
+        """FLUSHALL on every primary (a replica refuses it, and follows its primary)."""
+        for port in self.ports:
+            client = self.node(port)
+            try:
+                if client.info("replication").get("role") == "master":
+                    client.flushall()
+            finally:
+                client.close()
+
+    def version(self) -> str:
+        return str(_info(f"redis://127.0.0.1:{self.ports[0]}/0", "server").get("redis_version"))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "redis cluster",
+            "nodes": len(self.ports),
+            "replicas": 0,
+            "appendonly": False,
+            "appendfsync": None,
+        }
+
+    def _stop_nodes(self) -> None:
+        """SIGTERM every node at once, then wait for each (SIGKILL if it takes too long)."""
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            _stop(process)
+
+    def stop(self) -> None:
+        self._stop_nodes()
+        if self.owned_dir is not None:
+            self.owned_dir.cleanup()
+
+
+Store = RedisServer | RedisCluster
+
+
+def start_store(backend: str) -> Store:
+    """The store of a Redis backend: "redis", "redis-aof-everysec", "redis-aof-always" or
+    "cluster"."""
+    if backend == "cluster":
+        return RedisCluster.start()
+    if backend.startswith("redis-aof-"):
+        return RedisServer.start(appendfsync=backend.removeprefix("redis-aof-"))
+    if backend == "redis":
+        return RedisServer.start()
+    raise BenchError(f"no Redis store is called {backend}")
 
 
 @dataclass
@@ -168,6 +361,8 @@ class TemporalServer:
 
 
 def _wait_for_ping(url: str, process: subprocess.Popen[bytes]) -> bool:
+    """Until the redis-server `process` answers at `url`: it must be that process (another
+    one may have taken the free port first)."""
     deadline = time.monotonic() + 10.0
     client = redis.Redis.from_url(url, socket_timeout=1)
     try:
@@ -176,7 +371,7 @@ def _wait_for_ping(url: str, process: subprocess.Popen[bytes]) -> bool:
                 return False
             try:
                 if client.ping():
-                    return True
+                    return int(client.info("server").get("process_id", -1)) == process.pid
             except (redis.ConnectionError, redis.TimeoutError):
                 time.sleep(0.02)
         return False

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from bench import analysis
+from bench.procs import REDIS_VARIANTS
 
 Params = dict[str, Any]
-BACKENDS = ("memory", "redis", "temporal")
+BACKENDS = ("memory", "redis", "temporal", *REDIS_VARIANTS)
 NONE = "\N{EN DASH}"  # a missing value in a table
 TIMES = analysis.TIMES
 
@@ -119,6 +120,7 @@ def markdown(results: Params, chart: str | None) -> str:
         lines += [f"![Keel against its ceilings and targets]({chart})", ""]
     lines += _targets_table(results["targets"], before)
     lines += _figures_table(results["figures"], before)
+    lines += _stores_table(results.get("stores_table"))
     lines += _cpu_table(results.get("cpu", []), before)
     lines += _workers_table(results.get("workers"), before, "workers", B_WORKERS)
     lines += _workers_table(results.get("live_workers"), before, "live_workers", H_WORKERS)
@@ -148,8 +150,15 @@ def _value(row: Params | None, backend: str, field: str = "value") -> Any:
     return (row.get("backends", {}).get(backend) or {}).get(field)
 
 
+def _shown(rows: list[Params]) -> tuple[str, ...]:
+    """The columns of the targets and figures tables: memory and redis, and each Redis
+    variant that ran (the Temporal executor has a table of its own)."""
+    ran = {backend for row in rows for backend in row["backends"]}
+    return ("memory", "redis", *(b for b in REDIS_VARIANTS if b in ran))
+
+
 def _targets_table(targets: list[Params], before: Params | None = None) -> list[str]:
-    shown = ("memory", "redis")
+    shown = _shown(targets)
     heads = [f"{b} before | {b}" if before else b for b in shown]
     lines = [
         "## Targets",
@@ -194,7 +203,7 @@ def _with_unit(value: float | None, unit: str) -> str:
 
 
 def _figures_table(figures: list[Params], before: Params | None = None) -> list[str]:
-    shown = ("memory", "redis")
+    shown = _shown(figures)
     heads = [f"{b} before | {b}" if before else b for b in shown]
     lines = [
         "## Keel against its ceilings",
@@ -203,8 +212,10 @@ def _figures_table(figures: list[Params], before: Params | None = None) -> list[
         "times the ceiling's time Keel takes. A ceiling is measured in the same run.",
         *(["With a before column, a ratio reads before → now."] if before else []),
         "",
-        f"| workload | figure | {' | '.join(heads)} | ceiling | memory ratio | redis ratio |",
-        "|---|---|" + "---|" * (len(shown) * (2 if before else 1)) + "---|---|---|",
+        f"| workload | figure | {' | '.join(heads)} | ceiling | "
+        + " | ".join(f"{b} ratio" for b in shown)
+        + " |",
+        "|---|---|" + "---|" * (len(shown) * (2 if before else 1)) + "---|" + "---|" * len(shown),
     ]
     then = _lookup((before or {}).get("figures"), "workload", "figure")
     for row in figures:
@@ -234,8 +245,61 @@ def _figures_table(figures: list[Params], before: Params | None = None) -> list[
             ceiling = f"{shown_ceilings} {unit}: {row['ceiling_name']}"
         lines.append(
             f"| {row['workload'][0]} | {row['figure']} | {' | '.join(values)} | "
-            f"{ceiling} | {ratios[0]} | {ratios[1]} |"
+            f"{ceiling} | {' | '.join(ratios)} |"
         )
+    return [*lines, ""]
+
+
+def _stores_table(table: Params | None) -> list[str]:
+    """The same workloads on each Redis store, side by side (only when a variant ran)."""
+    if not table:
+        return []
+    names = table["stores"]
+    described = table.get("described") or {}
+    about = []
+    for name in names:
+        store = described.get(name) or {}
+        if store.get("kind") == "redis cluster":
+            about.append(f"{name}: {store.get('nodes')} masters, no replicas, on this machine")
+        elif store.get("appendonly"):
+            extra = ""
+            if store.get("aof_rewrites") or store.get("aof_delayed_fsync"):
+                extra = (
+                    f" ({store.get('aof_rewrites')} AOF rewrites, "
+                    f"{store.get('aof_delayed_fsync')} delayed fsyncs)"
+                )
+            about.append(f"{name}: appendonly yes, appendfsync {store.get('appendfsync')}{extra}")
+        elif store:
+            about.append(f"{name}: no persistence")
+    lines = [
+        "## The same workloads on each Redis store",
+        "",
+        "Each store measured in this run: its raw Redis ceilings (redis-py and a Lua append",
+        "on that store), then each figure of the workloads that ran on it, with its ratio to",
+        "its ceiling (the figures table says which; on each store the raw Redis one is that",
+        f"store's own), and the value against plain Redis's ({TIMES} redis).",
+        *([f"Stores: {'; '.join(about)}."] if about else []),
+        "",
+        f"| workload | figure | {' | '.join(names)} |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for row in table["rows"]:
+        cells = []
+        for name in names:
+            cell = row["backends"].get(name)
+            if cell is None or cell["value"] is None:
+                cells.append(NONE)
+                continue
+            text = _with_unit(cell["value"], row["unit"])
+            if cell.get("ok") is False:
+                text += " (failed)"
+            if cell["ratio"] is not None:
+                text += f", ratio {fmt_ratio(cell['ratio'], row['better'])}"
+            if name != "redis" and cell.get("vs_redis") is not None:
+                text += f", {cell['vs_redis']:.2f}{TIMES} redis"
+            cells.append(text)
+        workload = row["workload"][:1] or "ceiling"
+        lines.append(f"| {workload} | {row['figure']} | {' | '.join(cells)} |")
     return [*lines, ""]
 
 
@@ -411,15 +475,15 @@ def _executors_table(rows: list[Params], before: Params | None = None) -> list[s
 def _ceilings_table(ceilings: Params) -> list[str]:
     lines = ["## Ceilings of this run", "", "| ceiling | measured |", "|---|---|"]
     for name, value in ceilings.items():
-        if name == "redis":
+        if name == "redis" or name.startswith("redis@"):
             for key, sub in value.items():
                 if isinstance(sub, dict) and "events_per_s" in sub:
                     lines.append(
-                        f"| redis {key} | {fmt(sub['events_per_s'], 'events/s')} events/s |"
+                        f"| {name} {key} | {fmt(sub['events_per_s'], 'events/s')} events/s |"
                     )
                 elif isinstance(sub, dict) and "ms" in sub:
                     lines.append(
-                        f"| redis {key} ({sub.get('events')} events) | {fmt(sub['ms'], 'ms')} ms |"
+                        f"| {name} {key} ({sub.get('events')} events) | {fmt(sub['ms'], 'ms')} ms |"
                     )
             continue
         if "messages_per_s" in value:
@@ -493,22 +557,32 @@ def write_chart(results: Params, path: Path) -> bool:
         if any(cell["efficiency"] for cell in row["backends"].values())
     ]
     targets = results["targets"]
-    colors = {"memory": "#4C72B0", "redis": "#DD8452", "temporal": "#55A868"}
+    palette = {
+        "memory": "#4C72B0",
+        "redis": "#DD8452",
+        "temporal": "#55A868",
+        "redis-aof-everysec": "#C44E52",
+        "redis-aof-always": "#8172B3",
+        "cluster": "#937860",
+    }
+    ran = {b for row in [*results["figures"], *results["targets"]] for b in row["backends"]}
+    colors = {b: color for b, color in palette.items() if b in ran or b in ("memory", "redis")}
+    shown = list(colors)
     fig, (left, right) = plt.subplots(
         1,
         2,
         figsize=(14, max(4.5, 0.42 * len(figures) + 1.5)),
         gridspec_kw={"width_ratios": [3, 2]},
     )
-    height = 0.38
+    height = 0.38 if len(shown) <= 3 else 0.8 / len(shown)
 
     labels = [f"{row['workload'][0]}. {row['figure']}" for row in figures]
-    for i, backend in enumerate(BACKENDS):
+    for i, backend in enumerate(shown):
         for n, row in enumerate(figures):
             cell = row["backends"].get(backend) or {}
             if not cell.get("efficiency"):
                 continue
-            y = n + (i - 0.5) * height
+            y = n + (i - 0.5 if len(shown) <= 3 else i - (len(shown) - 1) / 2) * height
             left.barh(y, cell["efficiency"], height=height, color=colors[backend])
             text = fmt_ratio(cell["ratio"], row["better"])
             left.text(cell["efficiency"] * 1.05, y, text, va="center", fontsize=7)
@@ -522,12 +596,12 @@ def write_chart(results: Params, path: Path) -> bool:
     _legend(left, colors)
 
     target_labels = [row["target"] for row in targets]
-    for i, backend in enumerate(BACKENDS):
+    for i, backend in enumerate(shown):
         for n, row in enumerate(targets):
             cell = row["backends"].get(backend) or {}
             if not cell.get("cost"):
                 continue
-            y = n + (i - 0.5) * height
+            y = n + (i - 0.5 if len(shown) <= 3 else i - (len(shown) - 1) / 2) * height
             right.barh(y, cell["cost"], height=height, color=colors[backend])
             text = _with_unit(cell["value"], row["unit"])
             if cell.get("keel"):  # judged on the best of the workload's ways: which

@@ -1,12 +1,17 @@
 """Run the benchmark: ceilings and Keel workloads side by side, then figures, ratios, targets.
 
-1. Start a redis-server of our own (memory-only) and, on first need, the raw
-   gRPC server.
+1. On first need, start the stores of our own (procs.start_store: a
+   memory-only redis-server for "redis" and "temporal"; one with an AOF for
+   "redis-aof-everysec" and "redis-aof-always"; a 3-master Redis Cluster for
+   "cluster") and the raw gRPC server.
 2. For each workload a-i: measure the ceilings it is compared with (once per
-   benchmark run, just before the first workload that needs them), then run
-   its client against a Keel server on each backend. A full run starts a
-   fresh server per workload and backend, so its peak RSS (VmHWM) belongs to
-   that workload alone and no run of an earlier workload lingers in memory.
+   benchmark run, just before the first workload that needs them; a store's
+   raw Redis ceiling just before the first workload on it), then run its
+   client against a Keel server on each backend. A workload that runs on
+   "redis" runs on its variants (REDIS_VARIANTS) too, when they are asked
+   for. A full run starts a fresh server per workload and backend, so its
+   peak RSS (VmHWM) belongs to that workload alone and no run of an earlier
+   workload lingers in memory.
    Around the measured part of each, the server's CPU time is read from
    /proc (by the client, or for clients that run as several processes, by
    the runner between "go" and their end; see cpu.py).
@@ -36,12 +41,14 @@ from typing import Any
 from bench import cpu
 from bench.cpu import Meter
 from bench.procs import (
+    REDIS_VARIANTS,
     BenchError,
     Launcher,
-    RedisServer,
     ServerProcess,
+    Store,
     TemporalServer,
     Unsupported,
+    start_store,
 )
 from bench.sizes import CLIENT_TIMEOUT_S, Sizes
 from bench.stats import latency_summary_ms
@@ -49,6 +56,8 @@ from bench.stats import latency_summary_ms
 Params = dict[str, Any]
 BACKENDS = ("memory", "redis", "temporal")  # temporal: the Temporal executor, on Redis
 LOCAL = ("memory", "redis")
+# Besides the default ones: "redis" on other stores, asked for with --backends.
+ALL_BACKENDS = (*BACKENDS, *REDIS_VARIANTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +210,26 @@ WORKLOADS = (
 )
 
 
+def runs_on(workload: Workload, backend: str) -> bool:
+    """Whether `workload` runs on `backend`: where it says, and on every Redis variant
+    wherever it runs on "redis"."""
+    if backend in REDIS_VARIANTS:
+        return "redis" in workload.backends
+    return backend in workload.backends
+
+
+def store_of(backend: str) -> str | None:
+    """The store a backend's Keel server uses (None: none, the memory log)."""
+    if backend == "memory":
+        return None
+    return "redis" if backend == "temporal" else backend
+
+
+def store_ceiling(store: str) -> str:
+    """The key of a store's raw Redis ceiling: "redis" for the plain one, else redis@STORE."""
+    return "redis" if store == "redis" else f"redis@{store}"
+
+
 def _live_params(sizes: Sizes, channels: int) -> Params:
     return {
         "runs": sizes.live_runs,
@@ -277,7 +306,8 @@ class Run:
     profile_dir: Path | None = None
     ceilings: dict[str, Params] = field(default_factory=dict)
     workloads: dict[str, dict[str, Params]] = field(default_factory=dict)
-    redis: RedisServer | None = None
+    stores: dict[str, Store] = field(default_factory=dict)  # by backend name (store_of)
+    described: dict[str, Params] = field(default_factory=dict)  # the stores, at the end
     temporal: TemporalServer | None = None
     raw_grpc: ServerProcess | None = None
     # backend (and " --workers N") -> the server quick runs share
@@ -288,11 +318,25 @@ class Run:
 
     redis_version: str = ""
 
-    def redis_url(self) -> str:
-        if self.redis is None:
-            self.redis = RedisServer.start()
-            self.redis_version = self.redis.version()
-        return self.redis.url
+    def store(self, name: str = "redis") -> Store:
+        """The store `name` (see store_of), started on first need."""
+        if name not in self.stores:
+            self.stores[name] = start_store(name)
+            self.redis_version = self.redis_version or self.stores[name].version()
+        return self.stores[name]
+
+    def redis_url(self, name: str = "redis") -> str:
+        return self.store(name).url
+
+    def describe_stores(self) -> dict[str, Params]:
+        """Each store's settings and what it did (an AOF's rewrites, ...), for the report."""
+        described: dict[str, Params] = {}
+        for name, store in self.stores.items():
+            try:
+                described[name] = store.describe()
+            except Exception as exc:  # a store that died: say so, the run goes on
+                described[name] = {"error": str(exc)}
+        return described
 
     def raw_target(self) -> str:
         if self.raw_grpc is None:
@@ -315,7 +359,8 @@ class Run:
             with self._temporal_keel(env) as server:
                 yield server
             return
-        url = self.redis_url() if backend == "redis" else ""
+        name = store_of(backend)
+        url = "" if name is None else self.redis_url(name)
         if not self.sizes.fresh_server_per_workload and not env:
             # Quick: starting a server with workers takes seconds; b and h share one.
             key = f"{backend} --workers {workers}" if workers else backend
@@ -323,8 +368,8 @@ class Run:
                 self.shared[key] = self.launcher.start_keel(url, workers=workers)
             yield self.shared[key]
             return
-        if self.redis is not None and self.sizes.fresh_server_per_workload:
-            self.redis.flush()
+        if name is not None and self.sizes.fresh_server_per_workload:
+            self.store(name).flush()
         server = self.launcher.start_keel(url, env=env, workers=workers)
         try:
             yield server
@@ -334,8 +379,8 @@ class Run:
     @contextlib.contextmanager
     def _temporal_keel(self, env: dict[str, str] | None) -> Iterator[ServerProcess]:
         url, address = self.redis_url(), self.temporal_address()
-        if self.sizes.fresh_server_per_workload and self.redis is not None:
-            self.redis.flush()
+        if self.sizes.fresh_server_per_workload:
+            self.store().flush()
         prefix = f"bench-{uuid.uuid4().hex[:8]}"
         settings = {
             **(env or {}),
@@ -360,9 +405,9 @@ class Run:
                 server.stop()
         self.shared.clear()
         self.raw_grpc = None
-        if self.redis is not None:
-            self.redis.stop()
-            self.redis = None
+        for store in self.stores.values():
+            store.stop()
+        self.stores.clear()
         if self.temporal is not None:
             self.temporal.stop()
             self.temporal = None
@@ -378,7 +423,7 @@ class Run:
         self.log(f"ceiling {key}")
         start = time.monotonic()
         try:
-            result = CEILINGS[key](self)
+            result = ceiling(key)(self)
         except BenchError as exc:
             result = {"ok": False, "errors": [str(exc)]}
         result["wall_s"] = time.monotonic() - start
@@ -397,8 +442,9 @@ class Run:
                     **workload.params(self.sizes),
                     "server_pids": server.cpu_pids,
                 }
-                if backend != "memory" and self.redis is not None:
-                    params["redis_pid"] = self.redis.process.pid
+                name = store_of(backend)
+                if name is not None:
+                    params["redis_pids"] = self.store(name).pids
                 log_offset = server.log_offset()
                 cpu_before = cpu.per_process_cpu_s([server.pid])
                 companions_before = cpu.tree_cpu_s(server.companions)
@@ -446,7 +492,8 @@ class Run:
         runs = int(params["runs"])
         shares = [runs // count + (i < runs % count) for i in range(count)]
         server = Meter(tuple(params["server_pids"]))
-        redis = Meter((int(params["redis_pid"]),)) if "redis_pid" in params else None
+        redis_pids = tuple(int(pid) for pid in params.get("redis_pids", ()))
+        redis = Meter(redis_pids) if redis_pids else None
         meters = [m for m in (server, redis) if m is not None]
 
         def go() -> None:
@@ -506,12 +553,17 @@ class Run:
                     continue
                 for key in workload.ceilings:
                     self.measure_ceiling(key)
-                self.workloads[workload.key] = {
-                    backend: self.measure_workload(workload, backend)
-                    for backend in self.backends
-                    if backend in workload.backends
-                }
+                results: dict[str, Params] = {}
+                for backend in self.backends:
+                    if not runs_on(workload, backend):
+                        continue
+                    name = store_of(backend)
+                    if name is not None:  # its raw Redis ceiling, once per store
+                        self.measure_ceiling(store_ceiling(name))
+                    results[backend] = self.measure_workload(workload, backend)
+                self.workloads[workload.key] = results
         finally:
+            self.described = self.describe_stores()
             self.close()
 
 
@@ -562,8 +614,15 @@ def _grpc_fanout(run: Run) -> Params:
     )
 
 
-def _redis(run: Run) -> Params:
-    return run.client("redis", {"url": run.redis_url(), "events": run.sizes.redis_events})
+def _redis(run: Run, store: str = "redis") -> Params:
+    return run.client(
+        "redis",
+        {
+            "url": run.redis_url(store),
+            "events": run.sizes.redis_events,
+            "append_reps": run.sizes.ceiling_reps,
+        },
+    )
 
 
 CEILINGS: dict[str, Callable[[Run], Params]] = {
@@ -573,3 +632,12 @@ CEILINGS: dict[str, Callable[[Run], Params]] = {
     "grpc_fanout": _grpc_fanout,
     "redis": _redis,
 }
+
+
+def ceiling(key: str) -> Callable[[Run], Params]:
+    """How to measure the ceiling `key`: one of CEILINGS, or redis@STORE (the raw Redis
+    ceiling on that store)."""
+    if key.startswith("redis@"):
+        store = key.removeprefix("redis@")
+        return lambda run: _redis(run, store)
+    return CEILINGS[key]
