@@ -402,6 +402,19 @@ class Fanout:
         """The channels that have listeners here."""
         return list(self._channels)
 
+    def dropped(self) -> list[bytes]:
+        """The channels the node dropped by itself (their slot moved) that are not
+        subscribed again on this connection."""
+        if not self._connected:
+            return []  # a reconnection subscribes every channel anyway
+        return [name for name, entry in self._channels.items() if entry.sent_generation == -1]
+
+    async def resubscribe(self, name: bytes) -> None:
+        """Subscribe a dropped channel again here (its slot came back, or never left)."""
+        entry = self._channels.get(name)
+        if entry is not None:
+            await self._send_subscribe(entry)
+
     def take(self, name: bytes) -> tuple[ChannelKind, list[Listener | ControlListener]]:
         """Forget a channel without unsubscribing it (its slot moved, or its node is gone):
         its kind and its established listeners, which the caller registers elsewhere (the

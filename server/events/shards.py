@@ -32,6 +32,9 @@ from server.events.log import ControlListener, Listener
 
 logger = logging.getLogger(__name__)
 _ROUTE_ATTEMPTS = 3  # a registration that finds its channel moving is routed again
+# A node that dropped a channel before the slot map names the slot's new node: the map is
+# read again this many times (backing off), then the channel is subscribed there again.
+_MAP_ATTEMPTS = 12
 
 
 class ShardSubscription:
@@ -177,6 +180,7 @@ class ShardedFanout:
             logger.warning("could not read the cluster's slots (%s)", exc)
 
     async def _move_troubled(self) -> None:
+        attempts, delay_s = 0, 0.05
         while self._troubled and not self._closed:
             troubled, self._troubled = self._troubled, set()
             await self._refresh()
@@ -186,6 +190,14 @@ class ShardedFanout:
                     if self._fanout_of(name) is not fanout:
                         await self._move(fanout, name)
                         moved = True
+                # Dropped by the node, yet still its own by the map: the map lags (the
+                # other nodes learn of a migration one after another).
+                lagging = [name for name in fanout.dropped() if self._fanout_of(name) is fanout]
+                if lagging and attempts < _MAP_ATTEMPTS:
+                    self._troubled.add(fanout)
+                else:
+                    for name in lagging:
+                        await fanout.resubscribe(name)
                 if moved and not fanout.channels():
                     # Its node serves none of our channels now (maybe it is gone for
                     # good): stop reconnecting to it. A later channel of that node
@@ -194,6 +206,10 @@ class ShardedFanout:
                         if held is fanout:
                             del self._nodes[node]
                     await fanout.close()
+            if self._troubled:
+                attempts += 1
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 1.0)
 
     async def _move(self, old: Fanout, name: bytes) -> None:
         kind, listeners = old.take(name)
