@@ -253,7 +253,10 @@ class EventLog(Protocol):
         6. Only then notify listeners.
         `events` may be empty to change only the state; listeners are then
         not notified. An exact replay of an already committed batch (a retry
-        after a lost reply) writes nothing and returns the next index.
+        after a lost reply) writes nothing and returns the next index, as long
+        as the log still retains the whole batch: a replay of a batch that
+        retention (retain_events) has partly trimmed is an IndexConflict, like
+        any append that does not start at the head.
         Raises RunNotFound; ValueError if the indices are not consecutive.
         """
 

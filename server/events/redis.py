@@ -44,7 +44,8 @@ tell claimable where to look, so a sweep costs nothing per healthy run:
 Redis connection and timeout errors surface as StoreUnavailable. Commands
 are not retried on connection errors (a retried increment could count
 twice); append and create_run are safe for the caller to retry, because an
-exact replay of a committed batch is a no-op and creation is idempotent.
+exact replay of a committed batch (still retained whole) is a no-op and creation is
+idempotent.
 """
 
 from __future__ import annotations
