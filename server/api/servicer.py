@@ -6,10 +6,11 @@ import asyncio
 import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2
 from grpc_status import rpc_status
 from keel.v1 import agent_service_pb2 as pb
@@ -21,6 +22,8 @@ from server.api import convert, schedules, status, validate
 from server.auth.gate import current_caller
 from server.auth.keys import Role
 from server.errors import (
+    FieldViolation,
+    InvalidArgument,
     PermissionDenied,
     RunNotFound,
     ScheduleNotFound,
@@ -48,6 +51,35 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException
     await context.abort_with_status(rpc_status.to_status(status.to_status(exc)))
 
 
+@dataclass(frozen=True)
+class _Unparsable:
+    """A request body that is not an encoding of its method's request message."""
+
+    type_name: str
+    reason: str
+
+
+def _parser(request_type: type[Message]) -> Callable[[bytes], Message | _Unparsable]:
+    """request_type.FromString, except that a body that does not parse goes to the handler
+    as Unparsable, to answer INVALID_ARGUMENT (gRPC itself would answer UNKNOWN)."""
+    type_name = request_type.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Message | _Unparsable:
+        try:
+            return request_type.FromString(data)
+        except DecodeError as exc:
+            return _Unparsable(type_name, str(exc).rpartition(": ")[2])
+
+    return parse
+
+
+def _check_parsed(request: object) -> None:
+    if isinstance(request, _Unparsable):
+        raise InvalidArgument(
+            FieldViolation("request", f"is not a valid {request.type_name}: {request.reason}")
+        )
+
+
 def _code_of(exc: BaseException) -> str:
     """The gRPC code name an exception of a handler ends its call with."""
     return str(code_pb2.Code.Name(status.to_status(exc).code))
@@ -67,6 +99,7 @@ def unary(
         started = time.perf_counter()
         code = "OK"
         try:
+            _check_parsed(request)
             return await method(self, request, context)
         except grpc.aio.AbortError:
             code = "ABORTED_BY_HANDLER"
@@ -99,6 +132,7 @@ def streaming(
         code = "OK"
         metrics.STREAMS_OPEN.labels(name).inc()
         try:
+            _check_parsed(request)
             async for response in method(self, request, context):
                 yield response
         except grpc.aio.AbortError:
@@ -130,7 +164,7 @@ def add_to_server(servicer: AgentServicer, server: grpc.aio.Server) -> None:
         )
         handlers[method.name] = make(
             getattr(servicer, method.name),
-            request_deserializer=request_type.FromString,
+            request_deserializer=_parser(request_type),
             response_serializer=_serialize,
         )
     server.add_generic_rpc_handlers(

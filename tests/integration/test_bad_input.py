@@ -415,3 +415,30 @@ async def test_thread_page_tokens_from_other_filters_are_invalid_argument(
         ),
     ):
         await _expect(invalid, call, "page_size")
+
+
+# -- found by fuzzing the API (tests/fuzz) ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"\xff\xff\xff", b"\x0a\x05ab", b"\x0a\x02\xff\xfe", b"\x0b" * 1000],
+    ids=["corrupt", "truncated", "bad utf-8", "groups nested too deep"],
+)
+async def test_a_body_that_does_not_parse_is_invalid_argument(
+    channel: grpc.aio.Channel, body: bytes
+) -> None:
+    """gRPC answers UNKNOWN (naming the parser's exception) for a request it cannot parse."""
+    observe = channel.unary_stream("/keel.v1.AgentService/Observe", request_serializer=bytes)
+    calls: list[Callable[[], Awaitable[Any]]] = [
+        lambda: collect(observe(body)),
+        *[
+            lambda m=method: channel.unary_unary(  # type: ignore[misc]
+                f"/keel.v1.AgentService/{m}", request_serializer=bytes
+            )(body)
+            for method in ("GetRun", "StartRun")
+        ],
+    ]
+    for call in calls:
+        error = await _expect(grpc.StatusCode.INVALID_ARGUMENT, call, "request")
+        assert "keel.v1." in (error.details() or "")
