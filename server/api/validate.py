@@ -273,7 +273,7 @@ def _decode_token(token: str, digest: str) -> dict[str, Any]:
     try:
         body = json.loads(base64.urlsafe_b64decode(token.encode()))
         issued_for = body["f"]
-    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeError):
+    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeError, RecursionError):
         raise InvalidArgument(
             FieldViolation("page_token", "is not a token this server issued")
         ) from None
@@ -476,3 +476,5 @@ def _json(field: str, text: str) -> Any:
         return json.loads(text)
     except ValueError as exc:
         raise InvalidArgument(FieldViolation(field, f"is not valid JSON: {exc}")) from None
+    except RecursionError:
+        raise InvalidArgument(FieldViolation(field, "is JSON nested too deeply")) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -442,3 +443,28 @@ async def test_a_body_that_does_not_parse_is_invalid_argument(
     for call in calls:
         error = await _expect(grpc.StatusCode.INVALID_ARGUMENT, call, "request")
         assert "keel.v1." in (error.details() or "")
+
+
+async def test_json_nested_too_deeply_is_invalid_argument(stub: pb_grpc.AgentServiceStub) -> None:
+    """json.loads raises RecursionError, which is no ValueError."""
+    deep = "[" * 100_000 + "]" * 100_000
+    for decision, field in [
+        (pb.Decision(tool_call_id="c", result_json=deep), "decisions[0].result_json"),
+        (
+            pb.Decision(tool_call_id="c", approve=pb.Approve(override_args_json=deep)),
+            "decisions[0].approve.override_args_json",
+        ),
+    ]:
+        await _expect(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            lambda d=decision: collect(  # type: ignore[misc]
+                stub.Resume(pb.ResumeRequest(run_id="r1", decisions=[d]))
+            ),
+            field,
+        )
+    token = base64.urlsafe_b64encode(deep.encode()).decode()
+    await _expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: stub.ListRuns(pb.ListRunsRequest(page_token=token)),
+        "page_token",
+    )
