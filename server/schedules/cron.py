@@ -97,7 +97,7 @@ class Cron:
 def _zone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: "Europe", a name too long
         raise CronError(
             "timezone", f"unknown time zone {name!r}; use an IANA name such as America/New_York"
         ) from None

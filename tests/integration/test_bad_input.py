@@ -468,3 +468,19 @@ async def test_json_nested_too_deeply_is_invalid_argument(stub: pb_grpc.AgentSer
         lambda: stub.ListRuns(pb.ListRunsRequest(page_token=token)),
         "page_token",
     )
+
+
+@pytest.mark.parametrize("timezone", ["Europe", "a" * 300], ids=["a folder", "too long"])
+async def test_a_time_zone_that_names_no_zone_file_is_invalid_argument(
+    stub: pb_grpc.AgentServiceStub, timezone: str
+) -> None:
+    """ZoneInfo raises OSError (IsADirectoryError, file name too long), not ValueError."""
+    await _expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: stub.CreateSchedule(
+            pb.CreateScheduleRequest(
+                agent_id="scripted", cron="0 0 1 1 *", timezone=timezone, input=script(text(1))
+            )
+        ),
+        "timezone",
+    )
