@@ -219,7 +219,7 @@ def decode_page_token(token: str, agent_id: str) -> SchedulePageCursor | None:
     body = validate.decode_token(token, "schedules", agent_id)
     try:
         return SchedulePageCursor(int(body["t"]), schedule_id(str(body["r"])))
-    except (ValueError, KeyError, TypeError, InvalidArgument):
+    except (ValueError, OverflowError, KeyError, TypeError, InvalidArgument):
         raise validate.bad_token() from None
 
 
@@ -230,10 +230,7 @@ def encode_firing_token(seq: int, schedule: str) -> str:
 def decode_firing_token(token: str, schedule: str) -> int | None:
     if not token:
         return None
-    seq = validate.decode_token(token, "firings", schedule).get("s")
-    if not isinstance(seq, int) or seq < 0:
-        raise validate.bad_token()
-    return seq
+    return validate.token_position(validate.decode_token(token, "firings", schedule), "s")
 
 
 # Records shown.

@@ -26,6 +26,7 @@ MAX_PAGE_SIZE = 1000
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_KEY_CHARS = 128
 MAX_METADATA_VALUE_CHARS = 1024
+MAX_TOKEN_POSITION = 2**62
 
 # Run ids go inside Redis hash tags ({run_id}) and URLs: no braces, no spaces, nothing exotic.
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
@@ -352,7 +353,7 @@ def decode_task_page_token(
     body = _decode_token(token, _task_filters(run, agent, statuses))
     try:
         return TaskPageCursor(create_time_ms=int(body["t"]), task_id=task_id(str(body["r"])))
-    except (ValueError, KeyError, TypeError, InvalidArgument):
+    except (ValueError, OverflowError, KeyError, TypeError, InvalidArgument):
         raise _bad_token() from None
 
 
@@ -381,7 +382,7 @@ def decode_page_token(
     body = _decode_token(token, _run_filters(agent_id, states, thread, schedule))
     try:
         return RunPageCursor(create_time_ms=int(body["t"]), run_id=run_id(str(body["r"])))
-    except (ValueError, KeyError, TypeError, InvalidArgument):
+    except (ValueError, OverflowError, KeyError, TypeError, InvalidArgument):
         raise _bad_token() from None
 
 
@@ -396,7 +397,7 @@ def decode_thread_page_token(token: str, resource: str) -> ThreadPageCursor | No
     body = _decode_token(token, _digest("threads", resource))
     try:
         return ThreadPageCursor(create_time_ms=int(body["t"]), thread_id=thread_id(str(body["r"])))
-    except (ValueError, KeyError, TypeError, InvalidArgument):
+    except (ValueError, OverflowError, KeyError, TypeError, InvalidArgument):
         raise _bad_token() from None
 
 
@@ -408,11 +409,17 @@ def decode_message_page_token(token: str, thread: str, newest_first: bool) -> in
     """The position a page of a thread's messages starts at (None: the first page)."""
     if not token:
         return None
-    body = _decode_token(token, _digest("messages", thread, newest_first))
-    position = body.get("i")
-    if not isinstance(position, int) or position < 0:
+    return token_position(_decode_token(token, _digest("messages", thread, newest_first)), "i")
+
+
+def token_position(body: dict[str, Any], key: str) -> int:
+    """A position or sequence number of a token's body, or InvalidArgument. The store
+    takes it as a 64-bit integer, a page after it included: a larger one is no token
+    this server issued."""
+    value = body.get(key)
+    if type(value) is not int or not 0 <= value <= MAX_TOKEN_POSITION:
         raise _bad_token()
-    return position
+    return value
 
 
 def decisions(items: Sequence[pb.Decision]) -> list[Decision]:

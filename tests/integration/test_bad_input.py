@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -468,6 +471,75 @@ async def test_json_nested_too_deeply_is_invalid_argument(stub: pb_grpc.AgentSer
         lambda: stub.ListRuns(pb.ListRunsRequest(page_token=token)),
         "page_token",
     )
+
+
+def _forged(token: str, **changes: Any) -> str:
+    """A page token the server issued with values of its body changed (its digest kept)."""
+    body = json.loads(base64.urlsafe_b64decode(token))
+    return base64.urlsafe_b64encode(json.dumps({**body, **changes}).encode()).decode()
+
+
+async def test_page_tokens_forged_with_values_out_of_range_are_invalid_argument(
+    stub: pb_grpc.AgentServiceStub,
+) -> None:
+    """Infinity as a cursor's time, a position past 64 bits or a bool as a position
+    (JSON allows them; the server's digest of the filters does not guard the values)."""
+    thread = (await stub.CreateThread(pb.CreateThreadRequest())).thread.thread_id
+    await stub.CreateThread(pb.CreateThreadRequest())
+    await collect(
+        stub.Stream(pb.StreamRequest(agent_id="scripted", input=script(text(1)), thread_id=thread))
+    )
+    slow = script({"tool": "slow", "args": {"key": "k"}})
+    for _ in range(2):
+        await stub.StartRun(pb.StartRunRequest(agent_id="scripted", input=slow))
+    schedules = [
+        await stub.CreateSchedule(
+            pb.CreateScheduleRequest(
+                agent_id="scripted", cron="0 0 1 1 *", input=script(text(1)), paused=True
+            )
+        )
+        for _ in range(2)
+    ]
+    schedule = schedules[0].schedule.schedule_id
+    for _ in range(2):
+        await stub.TriggerSchedule(pb.TriggerScheduleRequest(schedule_id=schedule))
+    for _ in range(200):  # the runs' tasks
+        if len((await stub.ListTasks(pb.ListTasksRequest())).tasks) >= 2:
+            break
+        await asyncio.sleep(0.05)
+
+    requests: list[tuple[str, Any, dict[str, Any]]] = [
+        ("ListRuns", pb.ListRunsRequest(page_size=1), {"t": math.inf}),
+        ("ListThreads", pb.ListThreadsRequest(page_size=1), {"t": math.inf}),
+        ("ListTasks", pb.ListTasksRequest(page_size=1), {"t": math.inf}),
+        ("ListSchedules", pb.ListSchedulesRequest(page_size=1), {"t": math.inf}),
+        *[
+            (
+                "ListThreadMessages",
+                pb.ListThreadMessagesRequest(thread_id=thread, page_size=1, newest_first=newest),
+                {"i": position},
+            )
+            for newest in (False, True)
+            for position in (10**30, 2**63, True)
+        ],
+        *[
+            (
+                "ListScheduleRuns",
+                pb.ListScheduleRunsRequest(schedule_id=schedule, page_size=1),
+                {"s": seq},
+            )
+            for seq in (True, 10**30)
+        ],
+    ]
+    for method, request, changes in requests:
+        issued = (await getattr(stub, method)(request)).next_page_token
+        assert issued, method
+        request.page_token = _forged(issued, **changes)
+        await _expect(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            lambda m=method, r=request: getattr(stub, m)(r),  # type: ignore[misc]
+            "page_token",
+        )
 
 
 @pytest.mark.parametrize("timezone", ["Europe", "a" * 300], ids=["a folder", "too long"])
