@@ -15,6 +15,12 @@ from server import errors
 
 DOMAIN = "keel.dev"
 _RETRY_DELAY_S = 1
+# A status goes out in trailers, its message twice (grpc-message, percent-encoded, and in
+# grpc-status-details-bin, base64); clients drop trailers past 8 to 16 KB, and the error
+# with them. Messages may quote the request (a cron expression, an agent's input check):
+# the message, and a BadRequest's fields and descriptions together, stay within these.
+_MAX_MESSAGE_BYTES = 1000
+_MAX_VIOLATIONS_BYTES = 2000
 
 log = logging.getLogger(__name__)
 
@@ -179,21 +185,32 @@ def _status(
 ) -> status_pb2.Status:
     info = any_pb2.Any()
     info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata))
-    return status_pb2.Status(code=code, message=str(exc), details=[info, *extra])
+    message = _cut(str(exc), _MAX_MESSAGE_BYTES)
+    return status_pb2.Status(code=code, message=message, details=[info, *extra])
+
+
+def _cut(text: str, limit: int) -> str:
+    """`text` in at most `limit` bytes of UTF-8, ending in "..." when it had to be cut."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[: max(0, limit - 3)].decode(errors="ignore") + "..."
 
 
 def _bad_request(exc: errors.InvalidArgument) -> any_pb2.Any:
-    detail = any_pb2.Any()
-    detail.Pack(
-        error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
-                )
-                for v in exc.violations
-            ]
+    violations = []
+    room = _MAX_VIOLATIONS_BYTES
+    for v in exc.violations:  # in order, the last one shown cut, the ones after it left out
+        if room <= len(v.field.encode()):
+            break
+        room -= len(v.field.encode())
+        description = _cut(v.description, room)
+        room -= len(description.encode())
+        violations.append(
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=description)
         )
-    )
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.BadRequest(field_violations=violations))
     return detail
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -556,3 +557,51 @@ async def test_a_time_zone_that_names_no_zone_file_is_invalid_argument(
         ),
         "timezone",
     )
+
+
+async def test_an_error_that_quotes_a_long_request_stays_readable(
+    stub: pb_grpc.AgentServiceStub,
+) -> None:
+    """Messages that quote the request (a cron expression, a time zone, a field mask's
+    path, the scripted agent's input check) or name thousands of bad fields: a status
+    past the client's 16 KB limit on trailers reached it as RESOURCE_EXHAUSTED, without
+    the error."""
+    long = "☃" * 100_000
+    calls: list[tuple[Callable[[], Awaitable[Any]], str]] = [
+        (
+            lambda: stub.CreateSchedule(
+                pb.CreateScheduleRequest(agent_id="scripted", cron=f"1{long} * * * *")
+            ),
+            "cron",
+        ),
+        (
+            lambda: stub.CreateSchedule(
+                pb.CreateScheduleRequest(agent_id="scripted", cron="0 0 1 1 *", timezone=long)
+            ),
+            "timezone",
+        ),
+        (
+            lambda: stub.UpdateSchedule(
+                pb.UpdateScheduleRequest(
+                    schedule=pb.Schedule(schedule_id="s"),
+                    update_mask=field_mask_pb2.FieldMask(paths=[long]),
+                )
+            ),
+            "update_mask",
+        ),
+        (
+            lambda: stub.StartRun(
+                pb.StartRunRequest(agent_id="scripted", input=script({"tool": long}))
+            ),
+            "input",
+        ),
+        (
+            lambda: collect(
+                stub.Resume(pb.ResumeRequest(run_id="r1", decisions=[pb.Decision()] * 20_000))
+            ),
+            "decisions[0].tool_call_id",
+        ),
+    ]
+    for call, field in calls:
+        error = await _expect(grpc.StatusCode.INVALID_ARGUMENT, call, field)
+        assert len((error.details() or "").encode()) <= 1000
