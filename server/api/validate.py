@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
+import pydantic_core
 from keel.v1 import agent_service_pb2 as pb
 
 from server.errors import FieldViolation, InvalidArgument
@@ -480,8 +481,13 @@ def _json(field: str, text: str) -> Any:
     if len(text.encode()) > MAX_INPUT_BYTES:
         raise InvalidArgument(FieldViolation(field, f"is longer than {MAX_INPUT_BYTES} bytes"))
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except ValueError as exc:
         raise InvalidArgument(FieldViolation(field, f"is not valid JSON: {exc}")) from None
     except RecursionError:
         raise InvalidArgument(FieldViolation(field, "is JSON nested too deeply")) from None
+    try:
+        pydantic_core.to_json(value)  # as the run's history will hold it
+    except pydantic_core.PydanticSerializationError as exc:  # a lone surrogate, too deep
+        raise InvalidArgument(FieldViolation(field, f"cannot be stored: {exc}")) from None
+    return value

@@ -559,6 +559,33 @@ async def test_a_time_zone_that_names_no_zone_file_is_invalid_argument(
     )
 
 
+@pytest.mark.parametrize(
+    "json_text",
+    ['"\\ud800"', '{"a": ["\\udfff"]}', "[" * 300 + "]" * 300],
+    ids=["lone surrogate", "lone surrogate inside", "deeper than history can hold"],
+)
+async def test_decision_json_the_run_cannot_store_is_invalid_argument(
+    stub: pb_grpc.AgentServiceStub, json_text: str
+) -> None:
+    """Valid JSON whose value the run's history cannot hold: accepted, it failed the run."""
+    for decision, field in [
+        (pb.Decision(tool_call_id="c", result_json=json_text), "decisions[0].result_json"),
+        (
+            pb.Decision(tool_call_id="c", approve=pb.Approve(override_args_json=json_text)),
+            "decisions[0].approve.override_args_json",
+        ),
+    ]:
+        if field.endswith("override_args_json") and not json_text.startswith("{"):
+            continue  # not an object: refused as such
+        await _expect(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            lambda d=decision: collect(  # type: ignore[misc]
+                stub.Resume(pb.ResumeRequest(run_id="r1", decisions=[d]))
+            ),
+            field,
+        )
+
+
 async def test_an_error_that_quotes_a_long_request_stays_readable(
     stub: pb_grpc.AgentServiceStub,
 ) -> None:
