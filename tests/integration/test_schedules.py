@@ -121,10 +121,13 @@ async def test_a_seconds_cron_fires_on_every_tick(stub: pb_grpc.AgentServiceStub
     await fired(stub, schedule.schedule_id, 3)
     got = await firings(stub, schedule.schedule_id)
     # Every tick since the first is accounted for, once, in order (a tick that came
-    # while this loaded machine was slow to fire it shows as MISSED, never twice).
+    # while this loaded machine was slow to fire it shows as MISSED, never twice; one
+    # that came while the last firing's run was still going, which a loaded machine or
+    # the Temporal executor can make last past the next second, as SKIPPED: the policy).
     ticks = tick_seconds(got)
     assert ticks == list(range(ticks[0], ticks[0] + len(ticks)))
-    assert {f.outcome for f in got} <= {STARTED, MISSED}
+    assert {f.outcome for f in got} <= {STARTED, MISSED, SKIPPED}
+    assert STARTED in {f.outcome for f in got}
     started = [f for f in got if f.outcome == STARTED]
     runs = await wait_ended(stub, [f.run_id for f in started])
     assert {r.schedule_id for r in runs} == {schedule.schedule_id}
