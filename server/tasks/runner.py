@@ -83,6 +83,7 @@ class _Attempt:
     stop_reason: str = ""  # set when a cancel request or a lost lease stops it
     ending: bool = False  # the tool returned: its outcome is being written
     started: bool = False  # TaskStore.start_task made it this server's attempt
+    stopping: bool = False  # its cancellation arrived: it is writing how it stopped
 
 
 @dataclass(slots=True)
@@ -148,15 +149,25 @@ class TaskRunner:
         self._wakeup.set()
 
     def stop(self, task_id: str, reason: str) -> None:
-        """Stop the task's attempt running here, if any (its outcome: CANCELLED)."""
+        """Stop the task's attempt running here, if any (its outcome: CANCELLED).
+
+        Told again while the attempt still runs, it cancels it again (keeping the
+        first reason): a cancellation can be lost, since redis-py sends commands
+        through asyncio.wait_for, which on Python 3.11 may swallow one that lands as
+        the send completes. The lease renewal tells it again until it stops.
+        """
         attempt = self._attempts.get(task_id)
-        if attempt is not None and not attempt.stop_reason:
+        if attempt is None:
+            return
+        again = bool(attempt.stop_reason)
+        if not again:
             attempt.stop_reason = reason
-            # Cancelled before it began, an attempt would run none of its cleanup;
-            # cancelled while starting, it would leave a started task nobody runs.
-            # Until it has started, it finds the reason itself.
-            if attempt.started:
-                attempt.runner.cancel()
+        # Cancelled before it began, an attempt would run none of its cleanup;
+        # cancelled while starting, it would leave a started task nobody runs.
+        # Until it has started, it finds the reason itself. Once it is writing its
+        # outcome or how it stopped, a second cancellation would cut that short.
+        if attempt.started and not (again and (attempt.ending or attempt.stopping)):
+            attempt.runner.cancel()
 
     async def drain(self) -> None:
         """Stop dispatching; stop the attempts running here (their leases lapse and
@@ -221,6 +232,7 @@ class TaskRunner:
             metrics.TASKS_STARTED.inc()
             metrics.TASKS_RUNNING.inc()
             if attempt.stop_reason:  # told while it was starting
+                attempt.stopping = True
                 await self._stopped(attempt, task)
                 return
             await self._listen(task.run_id)
@@ -242,6 +254,7 @@ class TaskRunner:
         except asyncio.CancelledError:
             if not attempt.stop_reason:
                 raise  # not ours: the event loop is going away
+            attempt.stopping = True
             await self._stopped(attempt, task)
         except (StaleEpoch, TaskNotFound):
             log.info("task %s was taken over or is gone; stopping", task.task_id)
