@@ -124,7 +124,9 @@ async def test_a_run_survives_sigkill_of_its_worker_during_a_tool_call(
 ) -> None:
     steps = (
         {"text": 5},
-        {"tool": "record", "args": {"key": "slow", "delay_ms": 1500}},
+        # Long enough that the kill lands while it runs, however slow the machine is to
+        # notice that it started (at 1.5 s, a loaded run once saw the step end first).
+        {"tool": "record", "args": {"key": "slow", "delay_ms": 4000}},
         {"text": 5},
     )
     api = await temporal_cluster.server()
