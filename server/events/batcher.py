@@ -26,6 +26,8 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any, Generic, TypeVar, cast
 
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
@@ -81,6 +83,15 @@ class TurnBatcher(Generic[C]):
 _ScriptCall = tuple[list[Any], list[Any]]  # keys, args
 
 
+def queue_evalsha(
+    pipe: Pipeline | ClusterPipeline, sha: str, keys: list[Any], args: list[Any]
+) -> None:
+    """Queue a script call on a pipeline of one Redis or of a cluster. Not pipe.evalsha,
+    which a cluster's pipeline refuses by name; the command itself goes to its first
+    key's node like any other."""
+    pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+
+
 class ScriptBatcher(TurnBatcher[_ScriptCall]):
     """Runs `script` for many callers with one pipeline per event-loop turn."""
 
@@ -99,9 +110,7 @@ class ScriptBatcher(TurnBatcher[_ScriptCall]):
         sha = self._script.sha
         async with self._client.pipeline(transaction=False) as pipe:
             for keys, args in calls:
-                # Not pipe.evalsha, which a cluster's pipeline refuses by name; the
-                # command itself goes to its first key's node like any other.
-                pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+                queue_evalsha(pipe, sha, keys, args)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
         for i, result in enumerate(replies):
             if isinstance(result, NoScriptError):

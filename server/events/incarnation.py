@@ -34,7 +34,7 @@ from redis.exceptions import NoScriptError
 
 from server.errors import StoreUnavailable
 from server.events import scripts
-from server.events.batcher import TurnBatcher
+from server.events.batcher import TurnBatcher, queue_evalsha
 from server.events.redis_client import RedisClient, register
 
 _Call = tuple[list[Any], list[Any]]  # keys, args
@@ -122,9 +122,7 @@ class AppendBatcher(TurnBatcher[_Call]):
         """The calls' EVALSHAs in one pipeline, followed by WAIT if replicas must acknowledge."""
         async with self._client.pipeline(transaction=False) as pipe:
             for (keys, args), script in zip(calls, scripts_, strict=True):
-                # Not pipe.evalsha, which a cluster's pipeline refuses by name; the
-                # command itself goes to its first key's node like any other.
-                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                queue_evalsha(pipe, script.sha, keys, args)
             if self._wait_replicas:
                 # WAIT covers every write sent before it on this connection.
                 pipe.execute_command("WAIT", self._wait_replicas, self._wait_timeout_ms)

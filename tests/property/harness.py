@@ -39,6 +39,7 @@ from server.events.keys import Keys
 from server.events.log import EventLog, RunState
 from server.events.memory import MemoryEventLog
 from server.events.redis import RedisEventLog
+from tests.conftest import LogClock
 
 EXAMPLES_ENV = "KEEL_PROPERTY_EXAMPLES"
 # An example that takes this long hangs: it fails (cancelled) instead of waiting forever.
@@ -120,23 +121,8 @@ class Expiry(enum.Enum):
     YES = "yes"  # gone (the log said so, or the time certainly passed)
 
 
-class Clock:
-    """The time a memory log sees: real monotonic time plus the jumps of `advance`."""
-
-    def __init__(self, *, jumps: bool) -> None:
-        self._jumps = jumps
-        self._skew_s = 0.0
-
-    def __call__(self) -> float:
-        return time.monotonic() + self._skew_s
-
-    async def advance(self, seconds: float) -> None:
-        """A jump on memory, a real wait on Redis (its own clock)."""
-        if self._jumps:
-            self._skew_s += seconds
-            await asyncio.sleep(0)
-        else:
-            await asyncio.sleep(seconds)
+# The fixtures' clock (tests/conftest.py): jumps on memory, real waits on Redis.
+Clock = LogClock
 
 
 def new_key_prefix() -> str:
