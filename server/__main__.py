@@ -51,6 +51,8 @@ _FLAGS = (
     "tls_cert_file",
     "tls_key_file",
     "tls_client_ca_file",
+    "http_port",
+    "http_cors_origins",
 )
 
 
@@ -118,6 +120,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--tls-key-file", help="the server's TLS key (PEM)")
     run.add_argument(
         "--tls-client-ca-file", help="require client certificates signed by this CA (mTLS)"
+    )
+    run.add_argument(
+        "--http-port",
+        type=int,
+        help="also serve AgentService over Connect and gRPC-Web, a run's events as Server-Sent "
+        "Events and the console (/console) on this HTTP port, 0 for any (KEEL_HTTP_PORT)",
+    )
+    run.add_argument(
+        "--http-cors-origins",
+        help="origins whose pages may call the HTTP port, comma-separated, * for any "
+        "(KEEL_HTTP_CORS_ORIGINS)",
     )
     _add_common(run)
     worker = commands.add_parser("worker", help="run a Temporal worker that executes runs")

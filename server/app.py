@@ -17,7 +17,7 @@ from server import tracing
 from server.agents.registry import load_registry
 from server.agents.types import AgentSpec
 from server.api.servicer import SERVICE, AgentServicer, add_to_server
-from server.auth.gate import AuthInterceptor
+from server.auth.gate import AuthInterceptor, Gate
 from server.events.factory import open_event_log
 from server.events.log import EventLog
 from server.goals.judge import check_default_goals
@@ -25,7 +25,7 @@ from server.health import StoreHealth
 from server.metrics import MetricsServer, serve_metrics
 from server.observe.follow import FollowLimits
 from server.observe.observer import Draining
-from server.process import LISTENING
+from server.process import HTTP_LISTENING, LISTENING
 from server.runs.executor import LocalExecutor, Timing
 from server.runs.executors import Executor
 from server.runs.supervisor import WriterLimits
@@ -35,6 +35,10 @@ from server.schedules.ticker import Ticker
 from server.settings import ConfigurationError, Settings, check_settings
 from server.tasks.factory import task_store_for
 from server.tasks.runner import TaskLimits
+from server.web.console import DEFAULT_DIR as CONSOLE_DIR
+from server.web.console import Console
+from server.web.routes import WebApplication
+from server.web.server import HttpServer, bind, start_http
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,7 @@ class Keel:
     draining: Draining
     store_health: StoreHealth
     metrics_server: MetricsServer | None = None
+    http: HttpServer | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: bool = False
 
@@ -64,7 +69,8 @@ class Keel:
 
         1. health says NOT_SERVING, so load balancers stop sending;
         2. open streams end with UNAVAILABLE (clients resume on another replica);
-        3. the listener closes and unary calls in flight get a second to finish;
+        3. the listeners (gRPC, HTTP) close and unary calls in flight get a second
+           to finish;
         4. runs in progress get shutdown_grace_s to finish, then are handed back
            (leases released) for another instance to take over;
         5. the event log closes.
@@ -77,7 +83,10 @@ class Keel:
         await self.store_health.close()
         await self.health.enter_graceful_shutdown()
         self.draining.set()
+        stopping_http = asyncio.ensure_future(self.http.stop()) if self.http else None
         await self.server.stop(grace=1.0)
+        if stopping_http is not None:
+            await stopping_http
         await self.ticker.drain()
         await self.executor.drain(grace)
         await self.executor.task_store.close()
@@ -263,11 +272,9 @@ async def create_server(settings: Settings, *, reuse_port: bool = False) -> Keel
             "start every run (set KEEL_API_KEYS_FILE)",
             settings.host,
         )
+    gate = Gate(keys, client_certificates=client_certificates)
     server = grpc.aio.server(
-        interceptors=[
-            *tracing.server_interceptors(),
-            AuthInterceptor(keys, client_certificates=client_certificates),
-        ],
+        interceptors=[*tracing.server_interceptors(), AuthInterceptor(gate)],
         options=server_options(settings, reuse_port=reuse_port),
     )
     add_to_server(servicer, server)
@@ -277,11 +284,31 @@ async def create_server(settings: Settings, *, reuse_port: bool = False) -> Keel
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     port = _bind(server, settings)
+    http_socket = None
+    if settings.http_port is not None:
+        http_socket = bind(settings.host, settings.http_port, reuse_port=reuse_port)
     metrics_server = None
     if settings.metrics_port is not None:
         metrics_server = serve_metrics(settings.host, settings.metrics_port)
         log.info("metrics on http://%s:%d/metrics", settings.host, metrics_server.port)
     await server.start()
+    http = None
+    if http_socket is not None:
+        web = WebApplication(
+            servicer,
+            gate,
+            cors_origins=[o.strip() for o in settings.http_cors_origins.split(",") if o.strip()],
+            console=Console(Path(settings.console_dir) if settings.console_dir else CONSOLE_DIR),
+            read_max_bytes=settings.grpc_max_receive_message_bytes,
+        )
+        http = await start_http(
+            web,
+            http_socket,
+            grace_s=1.0,
+            tls_cert_file=settings.tls_cert_file,
+            tls_key_file=settings.tls_key_file,
+        )
+        log.info("http (Connect, gRPC-Web, SSE, console) on %s:%d", settings.host, http.port)
     executor.open()  # take over runs whose owner died, from now on
     ticker.open()  # fire due schedules, from now on
     store_health = StoreHealth(
@@ -310,6 +337,7 @@ async def create_server(settings: Settings, *, reuse_port: bool = False) -> Keel
         draining,
         store_health,
         metrics_server,
+        http,
     )
 
 
@@ -320,5 +348,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     stopping: list[asyncio.Task[None]] = []  # keeps the shutdown task referenced
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: stopping.append(asyncio.create_task(keel.stop())))
+    if keel.http is not None:
+        print(f"{HTTP_LISTENING}{settings.host}:{keel.http.port}", flush=True)
     print(f"{LISTENING}{settings.host}:{keel.port}", flush=True)
     await keel.wait_stopped()

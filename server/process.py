@@ -26,6 +26,8 @@ EventLoop = Literal["uvloop", "asyncio"]
 # What `serve` prints on stdout once it listens, followed by host:port; scripts and
 # tests wait for it (the parent of `serve --workers` prints it once all its workers listen).
 LISTENING = "keel listening on "
+# Printed before LISTENING when the server also serves its HTTP port (--http-port).
+HTTP_LISTENING = "keel http listening on "
 
 # Allocations (minus deallocations) between two first-generation collections:
 # the default is 700; each collection of a busy server's young objects then

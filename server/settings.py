@@ -132,6 +132,15 @@ class Settings(BaseSettings):
     # 0: any free port.
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
 
+    # The HTTP port (server/web/): AgentService over Connect and gRPC-Web, a run's events as
+    # Server-Sent Events at /v1/runs/{run_id}/events, and the console at /console; unset:
+    # off, 0: any free port. Pages of other origins may call it only from the origins
+    # listed here (comma-separated, "*": any). The console's built files: console_dir
+    # (default: console/dist of this repository).
+    http_port: int | None = Field(default=None, ge=0, le=65535)
+    http_cors_origins: str = ""
+    console_dir: str = ""
+
     # Logs: the lowest level written, and JSON lines (one object per record) or text.
     log_level: str = Field(default="INFO", pattern=r"(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     log_format: Literal["json", "text"] = "json"

@@ -19,7 +19,8 @@ channel. It:
    settings from the environment and bind the port with
    ("grpc.so_reuseport", 1). Each gets an instance id of its own (the default
    names the pid; an explicit KEEL_INSTANCE_ID gets a suffix), worker i serves
-   metrics on metrics_port + i, and each dies with the parent (SIGTERM by
+   metrics on metrics_port + i, all share the HTTP port (http_port, bound
+   with SO_REUSEPORT by each), and each dies with the parent (SIGTERM by
    PR_SET_PDEATHSIG);
 3. prints `keel listening on HOST:PORT` once every worker listens, like a
    single server does;
@@ -89,6 +90,10 @@ def check_workers(settings: Settings) -> None:
         )
     if not hasattr(socket, "SO_REUSEPORT"):
         raise ConfigurationError("--workers needs SO_REUSEPORT, which this system lacks")
+    if settings.http_port == 0:
+        raise ConfigurationError(
+            "--workers shares one HTTP port among the workers: give --http-port a port, not 0"
+        )
     if settings.metrics_port:
         last = settings.metrics_port + settings.workers - 1
         if last > 65535:

@@ -85,32 +85,32 @@ def _code_of(exc: BaseException) -> str:
     return str(code_pb2.Code.Name(status.to_status(exc).code))
 
 
+# What a handler gets besides its request: the transport's call (a grpc.aio
+# ServicerContext, or the HTTP port's Connect RequestContext); no handler reads it.
+Context = Any
+
+
 def unary(
-    method: Callable[[Any, Request, grpc.aio.ServicerContext[Any, Any]], Awaitable[Response]],
-) -> Callable[[Any, Request, grpc.aio.ServicerContext[Any, Any]], Awaitable[Response]]:
-    """Map domain errors (and bugs) of a unary handler to rich gRPC status."""
+    method: Callable[[Any, Request, Context], Awaitable[Response]],
+) -> Callable[[Any, Request, Context], Awaitable[Response]]:
+    """Metrics of a unary handler. Its errors go on to the transport, which maps them
+    to status (add_to_server for gRPC, server/web/connect.py for Connect)."""
 
     name = method.__name__
 
     @functools.wraps(method)
-    async def handler(
-        self: Any, request: Request, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> Response:
+    async def handler(self: Any, request: Request, context: Context) -> Response:
         started = time.perf_counter()
         code = "OK"
         try:
             _check_parsed(request)
             return await method(self, request, context)
-        except grpc.aio.AbortError:
-            code = "ABORTED_BY_HANDLER"
-            raise
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
         except Exception as exc:
             code = _code_of(exc)
-            await _abort(context, exc)
-            raise AssertionError("unreachable: abort raises") from exc
+            raise
         finally:
             metrics.RPC_DURATION.labels(name, code).observe(time.perf_counter() - started)
 
@@ -118,16 +118,14 @@ def unary(
 
 
 def streaming(
-    method: Callable[[Any, Request, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Response]],
-) -> Callable[[Any, Request, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Response]]:
-    """Map domain errors (and bugs) of a streaming handler to rich gRPC status."""
+    method: Callable[[Any, Request, Context], AsyncIterator[Response]],
+) -> Callable[[Any, Request, Context], AsyncIterator[Response]]:
+    """Metrics of a streaming handler; its errors go on to the transport, like unary's."""
 
     name = method.__name__
 
     @functools.wraps(method)
-    async def handler(
-        self: Any, request: Request, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Response]:
+    async def handler(self: Any, request: Request, context: Context) -> AsyncIterator[Response]:
         started = time.perf_counter()
         code = "OK"
         metrics.STREAMS_OPEN.labels(name).inc()
@@ -135,18 +133,45 @@ def streaming(
             _check_parsed(request)
             async for response in method(self, request, context):
                 yield response
-        except grpc.aio.AbortError:
-            code = "ABORTED_BY_HANDLER"
-            raise
         except (asyncio.CancelledError, GeneratorExit):
             code = "CANCELLED"  # the client went away
             raise
         except Exception as exc:
             code = _code_of(exc)
-            await _abort(context, exc)
+            raise
         finally:
             metrics.STREAMS_OPEN.labels(name).dec()
             metrics.RPC_DURATION.labels(name, code).observe(time.perf_counter() - started)
+
+    return handler
+
+
+def _grpc_unary(
+    behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]],
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+    """A handler's errors as rich gRPC status (status.to_status)."""
+
+    async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await behavior(request, context)
+        except Exception as exc:
+            await _abort(context, exc)
+            raise AssertionError("unreachable: abort raises") from exc
+
+    return handler
+
+
+def _grpc_streaming(
+    behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]],
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
+    async def handler(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except Exception as exc:
+            await _abort(context, exc)
 
     return handler
 
@@ -157,16 +182,20 @@ def add_to_server(servicer: AgentServicer, server: grpc.aio.Server) -> None:
     handlers = {}
     for method in SERVICE.methods:
         request_type = getattr(pb, method.input_type.name)
-        make = (
-            grpc.unary_stream_rpc_method_handler
-            if method.server_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
-        handlers[method.name] = make(
-            getattr(servicer, method.name),
-            request_deserializer=_parser(request_type),
-            response_serializer=_serialize,
-        )
+        behavior = getattr(servicer, method.name)
+        if method.server_streaming:
+            handler = grpc.unary_stream_rpc_method_handler(
+                _grpc_streaming(behavior),
+                request_deserializer=_parser(request_type),
+                response_serializer=_serialize,
+            )
+        else:
+            handler = grpc.unary_unary_rpc_method_handler(
+                _grpc_unary(behavior),
+                request_deserializer=_parser(request_type),
+                response_serializer=_serialize,
+            )
+        handlers[method.name] = handler
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),)
     )
@@ -255,7 +284,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     @streaming
     async def Stream(
-        self, request: pb.StreamRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.StreamRequest, context: Context
     ) -> AsyncIterator[pb.StreamResponse]:
         started = await self._start(request)
         try:
@@ -271,7 +300,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     @streaming
     async def Observe(
-        self, request: pb.ObserveRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.ObserveRequest, context: Context
     ) -> AsyncIterator[pb.ObserveResponse]:
         run_id = validate.run_id(request.run_id)
         offset = validate.offset(request.offset)
@@ -284,7 +313,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     @streaming
     async def Resume(
-        self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.ResumeRequest, context: Context
     ) -> AsyncIterator[pb.ResumeResponse]:
         run_id = validate.run_id(request.run_id)
         answers = validate.decisions(request.decisions)
@@ -307,24 +336,18 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             resumed.launch()
 
     @unary
-    async def StartRun(
-        self, request: pb.StartRunRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.StartRunResponse:
+    async def StartRun(self, request: pb.StartRunRequest, context: Context) -> pb.StartRunResponse:
         started = await self._start(request)
         started.launch()
         return pb.StartRunResponse(run=convert.run(started.run))
 
     @unary
-    async def GetRun(
-        self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.GetRunResponse:
+    async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.GetRunResponse:
         record = await self._run_of(validate.run_id(request.run_id))
         return pb.GetRunResponse(run=convert.run(record))
 
     @unary
-    async def ListRuns(
-        self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.ListRunsResponse:
+    async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:
         page_size = validate.page_size(request.page_size)
         states = validate.states(request.states)
         thread_id = validate.thread_id(request.thread_id) if request.thread_id else ""
@@ -351,7 +374,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     @unary
     async def CancelRun(
-        self, request: pb.CancelRunRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.CancelRunRequest, context: Context
     ) -> pb.CancelRunResponse:
         run_id = validate.run_id(request.run_id)
         await self._run_of(run_id)
@@ -360,7 +383,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     @unary
     async def ListAgents(
-        self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.ListAgentsRequest, context: Context
     ) -> pb.ListAgentsResponse:
         agents = []
         for agent_id, spec in sorted(self._executor.agents.items()):
@@ -386,7 +409,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     @unary
     async def CreateThread(
-        self, request: pb.CreateThreadRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.CreateThreadRequest, context: Context
     ) -> pb.CreateThreadResponse:
         record = await self._threads.create(
             thread_id=validate.thread_id(request.thread_id) if request.thread_id else "",
@@ -401,14 +424,14 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     @unary
     async def GetThread(
-        self, request: pb.GetThreadRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.GetThreadRequest, context: Context
     ) -> pb.GetThreadResponse:
         record = await self._thread_of(validate.thread_id(request.thread_id))
         return pb.GetThreadResponse(thread=convert.thread(record))
 
     @unary
     async def ListThreads(
-        self, request: pb.ListThreadsRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.ListThreadsRequest, context: Context
     ) -> pb.ListThreadsResponse:
         page_size = validate.page_size(request.page_size)
         resource_id = validate.resource_id(request.resource_id)
@@ -430,7 +453,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     @unary
     async def DeleteThread(
-        self, request: pb.DeleteThreadRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.DeleteThreadRequest, context: Context
     ) -> pb.DeleteThreadResponse:
         thread_id = validate.thread_id(request.thread_id)
         await self._thread_of(thread_id)
@@ -439,7 +462,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     @unary
     async def ListThreadMessages(
-        self, request: pb.ListThreadMessagesRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.ListThreadMessagesRequest, context: Context
     ) -> pb.ListThreadMessagesResponse:
         thread_id = validate.thread_id(request.thread_id)
         page_size = validate.page_size(request.page_size)
@@ -459,15 +482,13 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         )
 
     @unary
-    async def GetTask(
-        self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.GetTaskResponse:
+    async def GetTask(self, request: pb.GetTaskRequest, context: Context) -> pb.GetTaskResponse:
         record = await self._task_of(validate.task_id(request.task_id))
         return pb.GetTaskResponse(task=convert.task(record))
 
     @unary
     async def ListTasks(
-        self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.ListTasksRequest, context: Context
     ) -> pb.ListTasksResponse:
         page_size = validate.page_size(request.page_size)
         run_id = validate.run_id(request.run_id) if request.run_id else ""
@@ -491,7 +512,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     @unary
     async def CancelTask(
-        self, request: pb.CancelTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.CancelTaskRequest, context: Context
     ) -> pb.CancelTaskResponse:
         task_id = validate.task_id(request.task_id)
         await self._task_of(task_id)
@@ -500,7 +521,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     @unary
     async def RetryTask(
-        self, request: pb.RetryTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.RetryTaskRequest, context: Context
     ) -> pb.RetryTaskResponse:
         task_id = validate.task_id(request.task_id)
         await self._task_of(task_id)
@@ -509,7 +530,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     @unary
     async def CreateSchedule(
-        self, request: pb.CreateScheduleRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.CreateScheduleRequest, context: Context
     ) -> pb.CreateScheduleResponse:
         spec, schedule_id, request_id = schedules.create_request(request)
         if spec.thread_id and spec.thread_mode is ThreadMode.THREADED:
@@ -522,7 +543,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     @unary
     async def GetSchedule(
-        self, request: pb.GetScheduleRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.GetScheduleRequest, context: Context
     ) -> pb.GetScheduleResponse:
         schedule_id = schedules.schedule_id(request.schedule_id)
         await self._schedule_of(schedule_id)
@@ -531,7 +552,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     @unary
     async def ListSchedules(
-        self, request: pb.ListSchedulesRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.ListSchedulesRequest, context: Context
     ) -> pb.ListSchedulesResponse:
         page_size = validate.page_size(request.page_size)
         cursor = schedules.decode_page_token(request.page_token, request.agent_id)
@@ -554,7 +575,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     @unary
     async def UpdateSchedule(
-        self, request: pb.UpdateScheduleRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.UpdateScheduleRequest, context: Context
     ) -> pb.UpdateScheduleResponse:
         schedule_id, changes = schedules.update_request(request)
         await self._schedule_of(schedule_id)
@@ -563,7 +584,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     @unary
     async def DeleteSchedule(
-        self, request: pb.DeleteScheduleRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.DeleteScheduleRequest, context: Context
     ) -> pb.DeleteScheduleResponse:
         schedule_id = schedules.schedule_id(request.schedule_id)
         await self._schedule_of(schedule_id)
@@ -572,7 +593,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     @unary
     async def TriggerSchedule(
-        self, request: pb.TriggerScheduleRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.TriggerScheduleRequest, context: Context
     ) -> pb.TriggerScheduleResponse:
         schedule_id = schedules.schedule_id(request.schedule_id)
         if request.request_id:
@@ -583,7 +604,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     @unary
     async def ListScheduleRuns(
-        self, request: pb.ListScheduleRunsRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.ListScheduleRunsRequest, context: Context
     ) -> pb.ListScheduleRunsResponse:
         schedule_id = schedules.schedule_id(request.schedule_id)
         page_size = validate.page_size(request.page_size)

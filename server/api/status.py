@@ -1,4 +1,5 @@
-"""The one place that turns Keel's domain errors into gRPC status (google.rpc rich errors).
+"""The one place that turns Keel's domain errors into gRPC status (google.rpc rich errors),
+and the same status into Connect's errors for the HTTP port.
 
 Every error carries an ErrorInfo with domain "keel.dev", an UPPER_SNAKE reason and
 metadata holding each dynamic value, so clients branch on data, not on prose.
@@ -8,8 +9,11 @@ from __future__ import annotations
 
 import logging
 
+from connectrpc.code import Code as ConnectCode
+from connectrpc.errors import ConnectError, ErrorDetail
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from protobuf import wkt
 
 from server import errors
 
@@ -174,6 +178,22 @@ def to_status(exc: BaseException) -> status_pb2.Status:
             # A bug, or a fenced write that escaped its run: never leak internals to clients.
             log.exception("internal error", exc_info=exc)
             return _status(code_pb2.INTERNAL, RuntimeError("internal error"), "INTERNAL", {})
+
+
+def to_connect_error(exc: BaseException) -> ConnectError:
+    """The same status as to_status, as an error of the Connect protocol (the HTTP port)."""
+    rpc = to_status(exc)
+    return ConnectError(
+        connect_code(rpc.code),
+        rpc.message,
+        [ErrorDetail(wkt.Any(type_url=d.type_url, value=d.value)) for d in rpc.details],
+    )
+
+
+def connect_code(code: int) -> ConnectCode:
+    """Connect's name of a google.rpc code: the same codes, CANCELLED spelled CANCELED."""
+    name = code_pb2.Code.Name(code)
+    return ConnectCode.CANCELED if name == "CANCELLED" else ConnectCode[name]
 
 
 def _status(

@@ -1,7 +1,8 @@
 """The one gate every AgentService call passes: who is calling, and may they call this.
 
-A server interceptor wraps each AgentService method; the wrapper, which
-sees the call's metadata and its TLS peer, finds the caller:
+A server interceptor wraps each AgentService method of the gRPC server (the
+HTTP port's transports call the same Gate, server/web/); the gate, given
+the call's metadata and its TLS peer, finds the caller:
 
 1. `authorization: Bearer <key>` metadata: the key's tenant and role
    (keys.py). Malformed metadata or an unknown key: UNAUTHENTICATED.
@@ -119,12 +120,42 @@ def authorize(caller: Caller, method: str) -> None:
         raise PermissionDenied(method, caller.role.value, needed.value)
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Puts every AgentService method behind the gate; `keys` None: no API keys."""
+class Gate:
+    """Admits calls: finds the caller (see the module docstring) and checks its role.
+
+    One gate serves every transport: gRPC (AuthInterceptor) and the HTTP port's
+    Connect, gRPC-Web and Server-Sent Events (server/web/). `keys` None: no API keys.
+    """
 
     def __init__(self, keys: KeyRing | None, *, client_certificates: bool = False) -> None:
         self._keys = keys
         self._strict = keys is not None or client_certificates
+
+    @property
+    def open(self) -> bool:
+        """No credentials are looked at: every call is the default tenant's admin."""
+        return not self._strict
+
+    def admit(
+        self,
+        method: str,
+        metadata: Mapping[str, str],
+        auth_context: Mapping[str, Iterable[bytes]] | None = None,
+    ) -> Caller:
+        """The caller, now the current one (current_caller) for the rest of the call;
+        Unauthenticated or PermissionDenied otherwise."""
+        caller = identify(metadata, auth_context or {}, self._keys) if self._strict else _OPEN
+        authorize(caller, method)
+        _caller.set(caller)
+        logs.tenant_var.set(caller.tenant)
+        return caller
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Puts every AgentService method of the gRPC server behind the gate."""
+
+    def __init__(self, gate: Gate) -> None:
+        self._gate = gate
 
     async def intercept_service(
         self,
@@ -152,21 +183,18 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     async def _admit(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
         """Set the call's caller; False after aborting the call (UNAUTHENTICATED, ...)."""
         try:
-            if self._strict:
+            if self._gate.open:
+                self._gate.admit(method, {})
+            else:
                 metadata = {
                     key: value
                     for key, value in context.invocation_metadata() or ()
                     if isinstance(value, str)
                 }
-                caller = identify(metadata, context.auth_context(), self._keys)
-            else:
-                caller = _OPEN  # no keys, no client certificates: open (development)
-            authorize(caller, method)
+                self._gate.admit(method, metadata, context.auth_context())
         except (Unauthenticated, PermissionDenied) as exc:
             await context.abort_with_status(rpc_status.to_status(status.to_status(exc)))
             return False
-        _caller.set(caller)
-        logs.tenant_var.set(caller.tenant)
         return True
 
     def _unary(self, method: str, behavior: Any) -> Any:

@@ -1,0 +1,171 @@
+"""The HTTP port's ASGI application: one port, four kinds of route, and CORS in front of them.
+
+    POST /keel.v1.AgentService/<Method>   Connect (JSON, binary) and gRPC-Web (connect.py)
+    GET  /v1/runs/{run_id}/events         the run's events as Server-Sent Events (sse.py)
+    GET  /console/...                     the console's built files (console.py)
+    GET  /                                redirects to /console/
+
+Anything else is 404, and a route asked with a method it does not take
+405 (with Allow), each with Connect's JSON error body.
+
+CORS: a request from a page of another origin (its Origin header) is
+served only when that origin is one of the allowed ones (KEEL_HTTP_CORS_ORIGINS,
+"*" for any); a preflight (OPTIONS) for such an origin is answered with the
+methods and headers Connect, gRPC-Web and SSE use, and the response headers
+a browser may read (grpc-status, grpc-message, ...). Any other Origin is
+refused with 403. A request from the port's own origin (the console) or
+with no Origin (not a browser) needs no CORS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from http import HTTPStatus
+
+from google.rpc import code_pb2
+
+from server.api.servicer import SERVICE, AgentServicer
+from server.auth.gate import Gate
+from server.web import sse
+from server.web.asgi import Headers, Receive, Scope, Send, request_headers, respond, respond_problem
+from server.web.connect import connect_application
+from server.web.console import PREFIX as CONSOLE
+from server.web.console import Console
+from server.web.errors import Problem, http_problem
+
+_METHODS = frozenset(f"/{SERVICE.full_name}/{method.name}" for method in SERVICE.methods)
+_ALLOW_HEADERS = (
+    b"authorization, content-type, connect-protocol-version, connect-timeout-ms, "
+    b"connect-accept-encoding, connect-content-encoding, content-encoding, accept-encoding, "
+    b"grpc-timeout, x-grpc-web, x-user-agent, last-event-id"
+)
+_EXPOSE_HEADERS = (
+    b"grpc-status, grpc-message, grpc-status-details-bin, content-encoding, "
+    b"connect-content-encoding"
+)
+_PREFLIGHT_MAX_AGE_S = 7200
+
+
+def _not_found(path: str) -> Problem:
+    return http_problem(
+        HTTPStatus.NOT_FOUND, code_pb2.NOT_FOUND, f"no route {path!r} on this port", "NOT_FOUND"
+    )
+
+
+def _not_allowed(method: str, path: str, allow: str) -> tuple[Problem, Headers]:
+    problem = http_problem(
+        HTTPStatus.METHOD_NOT_ALLOWED,
+        code_pb2.UNIMPLEMENTED,
+        f"{path} does not take {method} (allowed: {allow})",
+        "METHOD_NOT_ALLOWED",
+    )
+    return problem, [(b"allow", allow.encode())]
+
+
+class WebApplication:
+    """AgentService for browsers and HTTP clients, beside the gRPC port."""
+
+    def __init__(
+        self,
+        servicer: AgentServicer,
+        gate: Gate,
+        *,
+        cors_origins: Iterable[str],
+        console: Console,
+        read_max_bytes: int,
+    ) -> None:
+        self._servicer = servicer
+        self._gate = gate
+        self._connect = connect_application(servicer, gate, read_max_bytes=read_max_bytes)
+        origins = {origin.rstrip("/") for origin in cors_origins}
+        self._any_origin = "*" in origins
+        self._origins = frozenset(origins - {"*"})
+        self._console = console
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return  # websockets: not served (hypercorn closes the connection)
+        headers = request_headers(scope)
+        origin = headers.get("origin")
+        cors: Headers = []
+        if origin is not None and origin != _own_origin(scope, headers):
+            if not (self._any_origin or origin in self._origins):
+                await respond_problem(send, _forbidden_origin(origin))
+                return
+            cors = [(b"access-control-allow-origin", origin.encode()), (b"vary", b"Origin")]
+            if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
+                await respond(send, 204, headers=[*cors, *_preflight()])
+                return
+            cors.append((b"access-control-expose-headers", _EXPOSE_HEADERS))
+            send = _with_headers(send, cors)
+        await self._route(scope, receive, send)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        if path in _METHODS:
+            if method != "POST":
+                await respond_problem(send, *_not_allowed(method, path, "POST"))
+                return
+            await self._connect(scope, receive, send)
+            return
+        if (match := sse.ROUTE.match(path)) is not None:
+            if method not in ("GET", "HEAD"):
+                await respond_problem(send, *_not_allowed(method, path, "GET"))
+                return
+            await sse.serve_events(scope, receive, send, self._servicer, self._gate, match[1])
+            return
+        if path == CONSOLE or path.startswith(CONSOLE + "/") or path == "/":
+            if method not in ("GET", "HEAD"):
+                await respond_problem(send, *_not_allowed(method, path, "GET"))
+                return
+            if path in ("/", CONSOLE):
+                await respond(send, 308, headers=[(b"location", b"/console/")])
+                return
+            await self._console.serve(path, send, head=method == "HEAD")
+            return
+        await respond_problem(send, _not_found(path))
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def _own_origin(scope: Scope, headers: dict[str, str]) -> str:
+    return f"{scope.get('scheme', 'http')}://{headers.get('host', '')}"
+
+
+def _forbidden_origin(origin: str) -> Problem:
+    return http_problem(
+        HTTPStatus.FORBIDDEN,
+        code_pb2.PERMISSION_DENIED,
+        f"origin {origin!r} is not allowed: add it to KEEL_HTTP_CORS_ORIGINS",
+        "ORIGIN_NOT_ALLOWED",
+    )
+
+
+def _preflight() -> Headers:
+    return [
+        (b"access-control-allow-methods", b"GET, POST"),
+        (b"access-control-allow-headers", _ALLOW_HEADERS),
+        (b"access-control-max-age", str(_PREFLIGHT_MAX_AGE_S).encode()),
+    ]
+
+
+def _with_headers(send: Send, extra: Headers) -> Send:
+    """`send`, adding `extra` to the response's headers."""
+
+    async def sending(message: dict) -> None:  # type: ignore[type-arg]
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), *extra]}
+        await send(message)
+
+    return sending  # type: ignore[return-value]
