@@ -195,6 +195,15 @@ def check_settings(settings: Settings) -> KeyRing | None:
         raise ConfigurationError("TLS needs both a certificate and a key file")
     if settings.tls_client_ca_file and not settings.tls_cert_file:
         raise ConfigurationError("mutual TLS (a client CA) needs the server's TLS certificate")
+    if (
+        settings.http_port is not None
+        and settings.tls_client_ca_file
+        and not settings.api_keys_file
+    ):
+        raise ConfigurationError(
+            "the HTTP port (--http-port) authenticates callers by API key only, not by client "
+            "certificate: give --api-keys-file too"
+        )
     return load_keys(settings)
 
 

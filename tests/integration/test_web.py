@@ -29,6 +29,8 @@ from keel.v1.agent_service_connect import AgentServiceClient
 
 from server.app import Keel
 from server.auth.keys import Role, add_key
+from server.settings import ConfigurationError, Settings, check_settings
+from tests.certs import Authority
 from tests.integration.conftest import Collected, assert_contiguous, collect, script, text
 
 # name: (protocol, JSON codec?, HTTP/2?)
@@ -40,8 +42,6 @@ TRANSPORTS = {
     "grpc-web-binary-http1": (ProtocolType.GRPC_WEB, False, False),
     "grpc-web-json-http2": (ProtocolType.GRPC_WEB, True, True),
 }
-
-Connect = Callable[..., AsyncIterator[AgentServiceClient]]
 
 
 def base_url(keel: Keel) -> str:
@@ -438,6 +438,36 @@ async def test_an_unbuilt_console_says_how_to_build_it(
         response = await http.get("/console/")
         assert response.status_code == 404
         assert "npm run build --prefix console" in response.json()["message"]
+
+
+async def test_the_http_port_serves_tls_with_the_servers_certificate(
+    start_keel: Callable[..., Any], tmp_path: Path
+) -> None:
+    authority = Authority()
+    server = authority.server()
+    (tmp_path / "server.pem").write_bytes(server.certificate)
+    (tmp_path / "server.key").write_bytes(server.key)
+    keel = await web_keel(
+        start_keel,
+        tls_cert_file=str(tmp_path / "server.pem"),
+        tls_key_file=str(tmp_path / "server.key"),
+    )
+    assert keel.http is not None
+    for version in (None, pyqwest.HTTPVersion.HTTP2):
+        transport = pyqwest.HTTPTransport(tls_ca_cert=authority.certificate, http_version=version)
+        async with AgentServiceClient(
+            f"https://127.0.0.1:{keel.http.port}", http_client=pyqwest.Client(transport)
+        ) as web:
+            agents = await web.list_agents(pb.ListAgentsRequest())
+            assert [a.agent_id for a in agents.agents] == ["scripted", "scripted-judge"]
+
+
+def test_client_certificates_alone_cannot_guard_the_http_port() -> None:
+    settings = Settings(
+        http_port=0, tls_cert_file="s.pem", tls_key_file="s.key", tls_client_ca_file="ca.pem"
+    )
+    with pytest.raises(ConfigurationError, match="API key only"):
+        check_settings(settings)
 
 
 async def test_open_streams_end_when_the_server_stops(start_keel: Callable[..., Any]) -> None:
