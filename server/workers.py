@@ -19,9 +19,9 @@ channel. It:
    settings from the environment and bind the port with
    ("grpc.so_reuseport", 1). Each gets an instance id of its own (the default
    names the pid; an explicit KEEL_INSTANCE_ID gets a suffix), worker i serves
-   metrics on metrics_port + i, all share the HTTP port (http_port, bound
-   with SO_REUSEPORT by each), and each dies with the parent (SIGTERM by
-   PR_SET_PDEATHSIG);
+   metrics on metrics_port + i, all share the HTTP port (http_port,
+   reserved by the parent like the gRPC port), and each dies with the
+   parent (SIGTERM by PR_SET_PDEATHSIG);
 3. prints `keel listening on HOST:PORT` once every worker listens, like a
    single server does;
 4. replaces a worker that exits unexpectedly (after a backoff that grows while
@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from server.process import LISTENING
+from server.process import HTTP_LISTENING, LISTENING
 from server.settings import ConfigurationError, Settings
 
 log = logging.getLogger(__name__)
@@ -90,10 +90,6 @@ def check_workers(settings: Settings) -> None:
         )
     if not hasattr(socket, "SO_REUSEPORT"):
         raise ConfigurationError("--workers needs SO_REUSEPORT, which this system lacks")
-    if settings.http_port == 0:
-        raise ConfigurationError(
-            "--workers shares one HTTP port among the workers: give --http-port a port, not 0"
-        )
     if settings.metrics_port:
         last = settings.metrics_port + settings.workers - 1
         if last > 65535:
@@ -107,10 +103,12 @@ def check_workers(settings: Settings) -> None:
             )
 
 
-def worker_values(settings: Settings, *, port: int, slot: int, serial: int) -> dict[str, Any]:
+def worker_values(
+    settings: Settings, *, port: int, slot: int, serial: int, http_port: int | None = None
+) -> dict[str, Any]:
     """The settings of worker `slot` (0..workers-1), the `serial`-th worker started."""
     values = settings.model_dump(mode="json", exclude={"instance_id"})
-    values.update(port=port, workers=1)
+    values.update(port=port, workers=1, http_port=http_port)
     if settings.metrics_port:  # 0 stays 0: each worker picks a free port
         values["metrics_port"] = settings.metrics_port + slot
     if "instance_id" in settings.model_fields_set:
@@ -302,9 +300,10 @@ def _describe(returncode: int) -> str:
 class _Supervisor:
     """The parent's loop: one thread, woken by the workers' stdout and by signals."""
 
-    def __init__(self, settings: Settings, port: int) -> None:
+    def __init__(self, settings: Settings, port: int, http_port: int | None) -> None:
         self._settings = settings
         self._port = port
+        self._http_port = http_port
         self._workers: dict[int, _Worker] = {}  # by slot
         self._respawn_at: dict[int, float] = {}  # slot -> when
         self._young_deaths: dict[int, int] = {}  # slot -> deaths in a row of young workers
@@ -344,7 +343,13 @@ class _Supervisor:
 
     def _spawn(self, slot: int) -> None:
         self._serial += 1
-        values = worker_values(self._settings, port=self._port, slot=slot, serial=self._serial)
+        values = worker_values(
+            self._settings,
+            port=self._port,
+            slot=slot,
+            serial=self._serial,
+            http_port=self._http_port,
+        )
         process = subprocess.Popen(
             [sys.executable, "-m", "server", "serve", "--worker-of", str(os.getpid())],
             env={**os.environ, SETTINGS_ENV: json.dumps(values)},
@@ -375,10 +380,13 @@ class _Supervisor:
             return
         *lines, worker.partial = (worker.partial + data).split(b"\n")
         for line in lines:
-            if line.decode(errors="replace").startswith(LISTENING):
+            text = line.decode(errors="replace")
+            if text.startswith(LISTENING):
                 worker.ready = True
                 replaced = " (a replacement)" if self._announced else ""
                 log.info("worker %d (pid %d) listening%s", worker.slot, worker.pid, replaced)
+            elif text.startswith(HTTP_LISTENING):
+                pass  # the parent announces the shared HTTP port once, with the gRPC port
             else:
                 sys.stdout.buffer.write(line + b"\n")
                 sys.stdout.flush()
@@ -480,6 +488,9 @@ class _Supervisor:
                         len(self._workers),
                         pids,
                     )
+                    if self._http_port is not None:
+                        host = self._settings.host
+                        print(f"{HTTP_LISTENING}{host}:{self._http_port}", flush=True)
                     print(f"{LISTENING}{self._settings.host}:{self._port}", flush=True)
             elif not self._workers:
                 log.info("every worker exited")
@@ -499,7 +510,12 @@ def run_workers(settings: Settings) -> int:
     """The parent of `serve --workers N`: until SIGTERM or SIGINT; the exit code."""
     check_workers(settings)
     reservation = reserve_port(settings.host, settings.port)
+    http = None
     try:
-        return _Supervisor(settings, reservation.port).run()
+        if settings.http_port is not None:  # held like the gRPC port
+            http = reserve_port(settings.host, settings.http_port)
+        return _Supervisor(settings, reservation.port, http.port if http else None).run()
     finally:
         reservation.close()
+        if http is not None:
+            http.close()

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.process import LISTENING
+from server.process import HTTP_LISTENING, LISTENING
 
 ROOT = Path(__file__).resolve().parent.parent
 _DEMO_TIMEOUT_S = 90
@@ -22,6 +22,7 @@ class KeelProcess:
 
     process: asyncio.subprocess.Process
     port: int
+    http_port: int | None = None  # with --http-port
 
     @property
     def target(self) -> str:
@@ -72,6 +73,7 @@ async def start_keel_process(
         stdout=asyncio.subprocess.PIPE,
     )
     assert process.stdout is not None
+    http_port = None
     try:
         async with asyncio.timeout(ready_timeout_s):
             while True:
@@ -79,8 +81,10 @@ async def start_keel_process(
                 if not line:
                     code = await process.wait()
                     raise RuntimeError(f"keel exited before listening (code {code})")
+                if line.startswith(HTTP_LISTENING):
+                    http_port = int(line.rsplit(":", 1)[1])
                 if line.startswith(LISTENING):
-                    return KeelProcess(process, int(line.rsplit(":", 1)[1]))
+                    return KeelProcess(process, int(line.rsplit(":", 1)[1]), http_port)
     except BaseException:
         if process.returncode is None:
             process.kill()

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import httpx2
 import pytest
 from keel.v1 import agent_service_pb2 as pb
 from keel.v1 import agent_service_pb2_grpc as pb_grpc
@@ -131,13 +132,13 @@ class Parents:
         self._key_prefix = key_prefix
         self._started: list[KeelProcess] = []
 
-    async def start(self, workers: int = 2) -> KeelProcess:
+    async def start(self, workers: int = 2, *args: str) -> KeelProcess:
         keel = await start_keel_process(
             redis_url=self._redis_url,
             key_prefix=self._key_prefix,
             agents=SCRIPTED,
             env={"KEEL_SHUTDOWN_GRACE_S": "2"},
-            args=["--workers", str(workers), "--log-format", "text"],
+            args=["--workers", str(workers), "--log-format", "text", *args],
             ready_timeout_s=READY_TIMEOUT_S,
         )
         self._started.append(keel)
@@ -273,6 +274,39 @@ async def test_the_port_is_refused_to_a_second_parent_and_a_single_server(
     assert len(children(keel.process.pid)) == 2
     async with grpc.aio.insecure_channel(keel.target) as channel:
         await stream_a_run(pb_grpc.AgentServiceStub(channel))
+
+
+async def test_the_workers_share_the_http_port_too(parents: Parents, redis_url: str) -> None:
+    keel = await parents.start(2, "--http-port", "0")
+    workers = await two_workers(keel)
+    assert keel.http_port is not None
+    url = f"http://127.0.0.1:{keel.http_port}/keel.v1.AgentService/ListAgents"
+    async with contextlib.AsyncExitStack() as stack:
+        # New connections until each worker holds one that answered.
+        answered: set[int] = set()
+        deadline = time.monotonic() + DEADLINE_S
+        while answered != workers:
+            assert time.monotonic() < deadline, f"connections reached only {answered}"
+            before = connections(keel.http_port, workers)
+            http = await stack.enter_async_context(httpx2.AsyncClient(timeout=CALL_TIMEOUT_S))
+            response = await http.post(url, json={})
+            assert response.status_code == 200
+            assert response.json()["agents"][0]["agentId"] == "scripted"
+            gained = connections(keel.http_port, workers) - before
+            answered |= set(gained)
+    # A second parent cannot take the HTTP port either.
+    command = [sys.executable, "-m", "server", "serve", "--workers", "2", "--port", "0"]
+    command += ["--http-port", str(keel.http_port), "--redis-url", redis_url, "--agents", SCRIPTED]
+    second = await asyncio.to_thread(
+        subprocess.run,
+        command,
+        cwd=ROOT,
+        env={**os.environ, "KEEL_SHUTDOWN_GRACE_S": "0"},
+        capture_output=True,
+        timeout=DEADLINE_S,
+    )
+    assert second.returncode != 0
+    assert f"holds port {keel.http_port}".encode() in second.stderr
 
 
 async def test_a_killed_worker_is_replaced_and_the_service_keeps_answering(
