@@ -332,10 +332,18 @@ async def test_unknown_routes_methods_and_bodies(start_keel: Callable[..., Any])
         )
         assert malformed.status_code == 400
         assert malformed.json()["code"] == "invalid_argument"
-        wrong_field = await http.post(
-            "/keel.v1.AgentService/GetRun", content=b'{"runIdd": "x"}', headers=json_call
+        # Fields this server does not know are ignored, as in binary protobuf (a newer
+        # client's request still works).
+        newer = await http.post(
+            "/keel.v1.AgentService/GetRun",
+            content=json.dumps({"runId": "0" * 32, "someFutureField": 1}),
+            headers=json_call,
         )
-        assert wrong_field.json()["code"] == "invalid_argument"
+        assert newer.json()["code"] == "not_found"
+        wrong_type = await http.post(
+            "/keel.v1.AgentService/ListRuns", content=b'{"pageSize": "ten"}', headers=json_call
+        )
+        assert wrong_type.json()["code"] == "invalid_argument"
         text_plain = await http.post(
             "/keel.v1.AgentService/GetRun", content=b"{}", headers={"content-type": "text/plain"}
         )
