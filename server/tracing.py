@@ -83,6 +83,15 @@ def server_interceptors() -> list[Any]:
     return [aio_server_interceptor(tracer_provider=_provider)]  # type: ignore[no-untyped-call]
 
 
+def connect_interceptors() -> list[Any]:
+    """The HTTP port's (Connect, gRPC-Web) interceptors tracing needs: none while it is off."""
+    if _provider is None:
+        return []
+    from connectrpc_otel import OpenTelemetryInterceptor
+
+    return [OpenTelemetryInterceptor(tracer_provider=_provider)]
+
+
 def current_context() -> str:
     """The current trace context as a W3C carrier (JSON), "" when tracing is off."""
     if _tracer is None:

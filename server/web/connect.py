@@ -22,6 +22,7 @@ from google.protobuf.message import Message
 from keel.v1 import agent_service_pb2 as pb
 from keel.v1.agent_service_connect import AgentServiceASGIApplication
 
+from server import tracing
 from server.api import status
 from server.api.servicer import SERVICE, AgentServicer
 from server.auth.gate import Gate
@@ -92,5 +93,7 @@ def connect_application(
 ) -> AgentServiceASGIApplication:
     """The ASGI application of AgentService's Connect and gRPC-Web routes."""
     return AgentServiceASGIApplication(
-        ConnectService(servicer, gate), read_max_bytes=read_max_bytes
+        ConnectService(servicer, gate),
+        read_max_bytes=read_max_bytes,
+        interceptors=tracing.connect_interceptors(),
     )

@@ -11,6 +11,7 @@ import grpc
 import pytest
 from keel.v1 import agent_service_pb2 as pb
 from keel.v1 import agent_service_pb2_grpc as pb_grpc
+from keel.v1.agent_service_connect import AgentServiceClient
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -91,6 +92,23 @@ async def test_a_run_is_one_trace_from_the_call_to_its_tools(
     inside = [s for s in found if any(step in ancestors(s, found) for step in steps)]
     assert len(inside) >= 3, [s.name for s in found]
     assert any("record" in s.name for s in inside), [s.name for s in inside]
+    assert {s.context.trace_id for s in found} == {call.context.trace_id}
+
+
+async def test_a_run_started_over_connect_is_in_the_trace_of_its_call(
+    spans: InMemorySpanExporter, start_keel: Any
+) -> None:
+    keel: Keel = await start_keel(http_port=0)
+    assert keel.http is not None
+    async with AgentServiceClient(f"http://127.0.0.1:{keel.http.port}") as web:
+        request = pb.StreamRequest(agent_id="scripted", input=script(record("k"), text(2)))
+        out = [response async for response in web.stream(request)]
+    run_id = out[0].snapshot.run.run_id
+    found = await finished(spans, "Stream", "keel.run")
+    [call] = [s for s in found if s.name.endswith("AgentService/Stream")]
+    [run] = named(found, "keel.run")
+    assert run.attributes is not None and run.attributes["keel.run_id"] == run_id
+    assert parent_of(run, found) is call
     assert {s.context.trace_id for s in found} == {call.context.trace_id}
 
 
