@@ -145,6 +145,47 @@ export function isUnavailable(error: unknown): boolean {
   );
 }
 
+/**
+ * `isUnavailable()` for calls over fetch (Connect and gRPC-Web: the KeelClient
+ * of "@keel/client/web", which exports it as `isUnavailable`).
+ *
+ * True for status UNAVAILABLE (sent by the server, or an HTTP 502, 503 or
+ * 504 from a proxy), and for a connection that failed before the server's
+ * status arrived: fetch rejects (refused, reset; in a browser also a request
+ * the page's CORS policy refused, which looks the same to the page), the
+ * response body breaks off (fetch's reader throws a TypeError), or it ends
+ * without the stream's last message (Connect's end of stream, gRPC-Web's
+ * trailers) or inside a message. Connect sends the server's errors in the
+ * body, without a `grpc-status` header, so unlike isUnavailable() a
+ * CANCELED, ABORTED or INTERNAL status is the server's answer here.
+ */
+export function isUnavailableOverFetch(error: unknown): boolean {
+  if (!(error instanceof ConnectError)) {
+    return false;
+  }
+  if (error.code === Code.Unavailable) {
+    return true;
+  }
+  const cause = error.cause;
+  if (cause instanceof TypeError) {
+    return true; // fetch() or its body's reader: the network failed
+  }
+  if (typeof cause === "string") {
+    // What Connect's fetch transports throw for a body that ended too soon.
+    return BODY_CUT_SHORT.has(cause);
+  }
+  return (
+    error.code === Code.InvalidArgument &&
+    error.rawMessage === "protocol error: incomplete envelope" // cut inside a message
+  );
+}
+
+const BODY_CUT_SHORT = new Set([
+  "missing EndStreamResponse",
+  "missing trailer",
+  "missing response body",
+]);
+
 /** A `google.rpc.ErrorInfo`: why a call failed, in a form to branch on. */
 export interface ErrorInfo {
   /** UPPER_SNAKE, e.g. "RUN_NOT_FOUND", "OFFSET_EXPIRED", "SERVER_DRAINING". */

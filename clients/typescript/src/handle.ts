@@ -15,7 +15,7 @@
 import { ConnectError, type Client, type Code } from "@connectrpc/connect";
 import type { Backoff } from "./backoff.js";
 import { CallControl, sleep } from "./calls.js";
-import { ClientClosedError, LogRolledBack, StreamContractError, isUnavailable } from "./errors.js";
+import { ClientClosedError, LogRolledBack, StreamContractError } from "./errors.js";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import type {
   AgentEvent,
@@ -88,6 +88,8 @@ export interface HandleContext {
   maxReconnects: number | undefined;
   /** Reconnect when a stream delivers no message (heartbeats included) for this long; 0: never. */
   stallTimeoutMs: number;
+  /** Whether a failure is worth a reconnect (UNAVAILABLE, as the transport reports it). */
+  isUnavailable: (error: unknown) => boolean;
 }
 
 /** How a handle's first request is made. */
@@ -253,7 +255,7 @@ export class RunHandle {
           if (rolledBack !== undefined) {
             throw rolledBack;
           }
-          if (!isUnavailable(error)) {
+          if (!this.#context.isUnavailable(error)) {
             throw error;
           }
           if (this.nextOffset > offsetBefore) {

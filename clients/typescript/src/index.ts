@@ -9,6 +9,10 @@
  *   on `stream()`, `startRun()`, `sendMessage()`); schedules:
  *   `createSchedule()`, `updateSchedule()`, `pauseSchedule()`,
  *   `triggerSchedule()`, `listScheduleRuns()`, ... (`listRuns({ scheduleId })`).
+ *   gRPC over HTTP/2 with Node's http2; `apiKey` sends a bearer key.
+ *   `KeelClientBase` is the same client without its transport: the type
+ *   both this KeelClient and the browser's ("@keel/client/web", web.ts:
+ *   Connect or gRPC-Web over fetch, the same exports otherwise) extend.
  * - `RunHandle`: one run's events, yielded exactly once and in order across
  *   dropped connections (reconnect on UNAVAILABLE, resume at `nextOffset`
  *   with the `incarnation` of the store that wrote the events it holds).
@@ -23,14 +27,15 @@
  */
 export { Code, ConnectError } from "@connectrpc/connect";
 export { Backoff, type BackoffOptions } from "./backoff.js";
+export { KeelClient, type KeelClientOptions } from "./client.js";
 export {
-  KeelClient,
+  KeelClientBase,
   type CreateScheduleOptions,
   type CreateThreadOptions,
   type GoalInit,
   type GoalOptions,
   type HandleOptions,
-  type KeelClientOptions,
+  type KeelClientBaseOptions,
   type ListRunsFilter,
   type ListScheduleRunsOptions,
   type ListSchedulesFilter,
@@ -45,7 +50,7 @@ export {
   type StartRunOptions,
   type ThreadRunOptions,
   type UntilIdleOptions,
-} from "./client.js";
+} from "./core.js";
 export {
   ClientClosedError,
   LogRolledBack,

@@ -191,6 +191,8 @@ export interface KeelOptions {
   keyPrefix: string;
   /** 0 (the default) for any free port; a port a killed server had, to replace it. */
   port?: number;
+  /** Also serve Connect, gRPC-Web and SSE over HTTP on this port (--http-port). */
+  httpPort?: number;
   env?: Record<string, string>;
 }
 
@@ -199,10 +201,19 @@ export class Keel {
   constructor(
     readonly process: Subprocess,
     readonly port: number,
+    readonly httpPort?: number,
   ) {}
 
   get target(): string {
     return `127.0.0.1:${this.port}`;
+  }
+
+  /** The URL of the HTTP port (started with httpPort). */
+  get httpUrl(): string {
+    if (this.httpPort === undefined) {
+      throw new Error("this server was started without an HTTP port");
+    }
+    return `http://127.0.0.1:${this.httpPort}`;
   }
 
   static async start(options: KeelOptions): Promise<Keel> {
@@ -213,10 +224,11 @@ export class Keel {
       "--redis-url", options.redisUrl,
       "--key-prefix", options.keyPrefix,
       "--agents", "server.agents.testing:registry",
+      ...(options.httpPort === undefined ? [] : ["--http-port", String(options.httpPort)]),
     ], { PYTHONUNBUFFERED: "1", ...options.env });
     try {
       const match = await keel.waitFor(READY, START_TIMEOUT_MS);
-      return new Keel(keel, Number(match[2]));
+      return new Keel(keel, Number(match[2]), options.httpPort);
     } catch (error) {
       await keel.stop();
       throw error;
