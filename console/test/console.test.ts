@@ -283,7 +283,7 @@ describe("the console", { timeout: TEST_TIMEOUT_MS }, () => {
     }
   });
 
-  test("threads with their messages, tasks and schedules", async () => {
+  test("threads with their messages, tasks, schedules, and pages of runs", async () => {
     const keel = await Keel.start({ redisUrl: redis.url, keyPrefix: `console-${randomUUID()}` });
     const client = new KeelClient(keel.target);
     const page = await newPage();
@@ -332,6 +332,26 @@ describe("the console", { timeout: TEST_TIMEOUT_MS }, () => {
         (await page.locator("[data-testid=firing-row]").first().textContent()) ?? "",
         /TRIGGERED/,
       );
+
+      // Three runs now (the thread's, the task's, the trigger's), newest first: two pages of two.
+      const { runs } = await client.listRuns();
+      assert.equal(runs.length, 3);
+      const ids = runs.map((run) => run.runId);
+      const shownIds = () =>
+        page
+          .locator("[data-testid=run-row]")
+          .evaluateAll((rows) => rows.map((row) => (row as HTMLElement).dataset.runId));
+      await page.goto(`${keel.httpUrl}/console/#/runs?size=2`);
+      await page.locator("[data-testid=run-row]").nth(1).waitFor();
+      assert.deepEqual(await shownIds(), ids.slice(0, 2));
+      await page.click("#runs-pager-next");
+      await page.locator("[data-testid=runs-pager-page]", { hasText: "page 2" }).waitFor();
+      await page.locator(`[data-testid=run-row][data-run-id="${ids[2]}"]`).waitFor();
+      assert.deepEqual(await shownIds(), ids.slice(2));
+      assert.equal(await page.locator("#runs-pager-next").isDisabled(), true);
+      await page.click("#runs-pager-prev");
+      await page.locator(`[data-testid=run-row][data-run-id="${ids[0]}"]`).waitFor();
+      assert.deepEqual(await shownIds(), ids.slice(0, 2));
     } finally {
       await page.context().close();
       client.close();

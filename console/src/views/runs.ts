@@ -36,7 +36,13 @@ export function runsView(ctx: ViewContext): void {
   const state = ctx.query.get("state") ?? "";
   const thread = ctx.query.get("thread") ?? "";
   const schedule = ctx.query.get("schedule") ?? "";
-  const pages = paging("runs", JSON.stringify([agent, state, thread, schedule]), ctx.query);
+  const size = Number(ctx.query.get("size") ?? PAGE_SIZE);
+  const pageSize = Number.isInteger(size) && size >= 1 && size <= 1000 ? size : PAGE_SIZE;
+  const pages = paging(
+    "runs",
+    JSON.stringify([agent, state, thread, schedule, pageSize]),
+    ctx.query,
+  );
 
   const agentSelect = select(
     { id: "filter-agent", "data-testid": "filter-agent" },
@@ -71,6 +77,7 @@ export function runsView(ctx: ViewContext): void {
           state: stateSelect.value,
           thread: threadInput.value.trim(),
           schedule,
+          size: ctx.query.get("size") ?? "",
         });
       },
     },
@@ -119,7 +126,7 @@ export function runsView(ctx: ViewContext): void {
           states: states(state),
           threadId: thread,
           scheduleId: schedule,
-          pageSize: PAGE_SIZE,
+          pageSize,
           pageToken: pages.token,
         },
         { signal: ctx.signal },
