@@ -26,9 +26,10 @@ from server import tracing
 from server.api import status
 from server.api.servicer import SERVICE, AgentServicer
 from server.auth.gate import Gate
+from server.web.codecs import CODECS, Encoded
 
 Unary = Callable[[Message, RequestContext[Any, Any]], Awaitable[Message]]
-Streaming = Callable[[Message, RequestContext[Any, Any]], AsyncIterator[Message]]
+Streaming = Callable[[Message, RequestContext[Any, Any]], AsyncIterator[Message | Encoded]]
 
 
 def snake_case(name: str) -> str:
@@ -71,14 +72,15 @@ class ConnectService:
     def _streaming(self, name: str, response_type: type[Message]) -> Streaming:
         behavior = getattr(self._servicer, name)
 
-        async def call(request: Message, ctx: RequestContext[Any, Any]) -> AsyncIterator[Message]:
+        async def call(
+            request: Message, ctx: RequestContext[Any, Any]
+        ) -> AsyncIterator[Message | Encoded]:
             try:
                 self._admit(name, ctx)
                 async for response in behavior(request, ctx):
-                    # The servicer sends a run's event batches pre-encoded (for gRPC);
-                    # Connect encodes messages itself, in binary or JSON.
+                    # A run's event batches come encoded already (codecs.py).
                     if isinstance(response, bytes):
-                        response = response_type.FromString(response)
+                        response = Encoded(response, response_type)
                     yield response
             except asyncio.CancelledError:
                 raise
@@ -96,4 +98,5 @@ def connect_application(
         ConnectService(servicer, gate),
         read_max_bytes=read_max_bytes,
         interceptors=tracing.connect_interceptors(),
+        codecs=CODECS,
     )

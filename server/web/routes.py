@@ -81,6 +81,7 @@ class WebApplication:
         self._any_origin = "*" in origins
         self._origins = frozenset(origins - {"*"})
         self._console = console
+        self._event_text = sse.EventText()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -116,7 +117,9 @@ class WebApplication:
             if method not in ("GET", "HEAD"):
                 await respond_problem(send, *_not_allowed(method, path, "GET"))
                 return
-            await sse.serve_events(scope, receive, send, self._servicer, self._gate, match[1])
+            await sse.serve_events(
+                scope, receive, send, self._servicer, self._gate, match[1], self._event_text
+            )
             return
         if path == CONSOLE or path.startswith(CONSOLE + "/") or path == "/":
             if method not in ("GET", "HEAD"):

@@ -36,14 +36,13 @@ from collections.abc import AsyncGenerator
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote
 
-from google.protobuf import json_format
-from google.protobuf.message import Message
 from keel.v1 import agent_service_pb2 as pb
 
 from server.api.servicer import AgentServicer
 from server.auth.gate import Gate
 from server.errors import FieldViolation, InvalidArgument
 from server.web.asgi import Receive, Scope, Send, request_headers, respond, respond_problem
+from server.web.codecs import to_json
 from server.web.errors import problem
 
 ROUTE = re.compile(r"^/v1/runs/([^/]+)/events$")
@@ -56,9 +55,22 @@ _HEADERS = [
 ]
 
 
-def _json(message: Message) -> str:
-    """Canonical JSON on one line (a newline would end the SSE field)."""
-    return json.dumps(json_format.MessageToDict(message), separators=(",", ":"))
+class EventText:
+    """The SSE text of each response. A run's event batches come encoded once for every
+    stream that carries them (servicer._events_response); the last one's text is kept,
+    so the SSE streams of one run share that work too."""
+
+    def __init__(self) -> None:
+        self._last_data = b""
+        self._last_text = ""
+
+    def __call__(self, response: pb.ObserveResponse | bytes) -> str:
+        if not isinstance(response, bytes):
+            return _text(response)
+        if response is not self._last_data:
+            self._last_text = _text(pb.ObserveResponse.FromString(response))
+            self._last_data = response  # held: its identity stays unique while kept
+        return self._last_text
 
 
 def observe_request(run_id: str, scope: Scope, headers: dict[str, str]) -> pb.ObserveRequest:
@@ -84,10 +96,16 @@ def observe_request(run_id: str, scope: Scope, headers: dict[str, str]) -> pb.Ob
 
 
 async def serve_events(
-    scope: Scope, receive: Receive, send: Send, servicer: AgentServicer, gate: Gate, run_id: str
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    servicer: AgentServicer,
+    gate: Gate,
+    run_id: str,
+    text: EventText,
 ) -> None:
     """The route's handler: runs until the stream ends or the client goes away."""
-    stream = asyncio.ensure_future(_stream(scope, send, servicer, gate, unquote(run_id)))
+    stream = asyncio.ensure_future(_stream(scope, send, servicer, gate, unquote(run_id), text))
     gone = asyncio.ensure_future(_disconnected(receive))
     try:
         await asyncio.wait((stream, gone), return_when=asyncio.FIRST_COMPLETED)
@@ -105,7 +123,7 @@ async def _disconnected(receive: Receive) -> None:
 
 
 async def _stream(
-    scope: Scope, send: Send, servicer: AgentServicer, gate: Gate, run_id: str
+    scope: Scope, send: Send, servicer: AgentServicer, gate: Gate, run_id: str, text: EventText
 ) -> None:
     headers = request_headers(scope)
     try:
@@ -124,10 +142,10 @@ async def _stream(
             await respond(send, 204)  # nothing more will come: EventSource stops here
             return
         await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
-        await _send(send, f"event: snapshot\ndata: {_json(run)}\n\n")
+        await _send(send, f"event: snapshot\ndata: {to_json(run)}\n\n")
         try:
             async for response in responses:
-                await _send(send, _message(response))
+                await _send(send, text(response))
         except Exception as exc:
             body = problem(exc).body()
             await _send(send, f"event: error\ndata: {json.dumps(body, separators=(',', ':'))}\n\n")
@@ -136,12 +154,10 @@ async def _stream(
         await responses.aclose()
 
 
-def _message(response: pb.ObserveResponse | bytes) -> str:
-    if isinstance(response, bytes):
-        response = pb.ObserveResponse.FromString(response)
+def _text(response: pb.ObserveResponse) -> str:
     kind = response.WhichOneof("kind")
     if kind == "events":
-        return "".join(f"id: {e.index}\ndata: {_json(e)}\n\n" for e in response.events.events)
+        return "".join(f"id: {e.index}\ndata: {to_json(e)}\n\n" for e in response.events.events)
     if kind == "heartbeat":
         return f": heartbeat next_offset={response.heartbeat.next_offset}\n\n"
     return ""
