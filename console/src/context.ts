@@ -14,6 +14,8 @@ export interface ViewContext {
   readonly signal: AbortSignal;
   /** Shows an error in the view (or asks for an API key on UNAUTHENTICATED); cancellations are ignored. */
   fail(error: unknown): void;
+  /** Hides the error fail() showed (a view that polls, once a call worked again). */
+  clearError(): void;
   /** Goes to another route: navigate("runs", ["<id>"], { agent: "x" }). */
   navigate(name: string, path?: string[], query?: Record<string, string>): void;
 }

@@ -94,6 +94,9 @@ function render(): void {
       errorBox.textContent = describeError(error);
       errorBox.hidden = false;
     },
+    clearError() {
+      errorBox.hidden = true;
+    },
     navigate(target, targetPath = [], targetQuery = {}) {
       window.location.hash = href(target, targetPath, targetQuery);
     },

@@ -42,6 +42,7 @@ export function approvalsView(ctx: ViewContext): void {
   const cards = new Map<string, HTMLElement>();
   let timer: ReturnType<typeof setTimeout> | undefined;
   let running = false;
+  let refreshFailed = false;
   ctx.signal.addEventListener("abort", () => clearTimeout(timer));
 
   async function refresh(): Promise<void> {
@@ -87,9 +88,14 @@ export function approvalsView(ctx: ViewContext): void {
           cards.delete(key);
         }
       }
+      if (refreshFailed) {
+        refreshFailed = false;
+        ctx.clearError(); // the server answers again
+      }
       empty.hidden = cards.size > 0;
       updated.textContent = `${cards.size} pending · updated ${new Date().toLocaleTimeString()}`;
     } catch (error) {
+      refreshFailed = true;
       ctx.fail(error);
     } finally {
       running = false;
