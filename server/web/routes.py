@@ -6,7 +6,9 @@
     GET  /                                redirects to /console/
 
 Anything else is 404, and a route asked with a method it does not take
-405 (with Allow), each with Connect's JSON error body.
+405 (with Allow), each with Connect's JSON error body; so is a call
+connectrpc cannot take (415 for a content type no protocol here has, 400
+for a header that is not UTF-8).
 
 CORS: a request from a page of another origin (its Origin header) is
 served only when that origin is one of the allowed ones (KEEL_HTTP_CORS_ORIGINS,
@@ -27,7 +29,16 @@ from google.rpc import code_pb2
 from server.api.servicer import SERVICE, AgentServicer
 from server.auth.gate import Gate
 from server.web import sse
-from server.web.asgi import Headers, Receive, Scope, Send, request_headers, respond, respond_problem
+from server.web.asgi import (
+    Headers,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    request_headers,
+    respond,
+    respond_problem,
+)
 from server.web.connect import connect_application
 from server.web.console import PREFIX as CONSOLE
 from server.web.console import Console
@@ -111,7 +122,11 @@ class WebApplication:
             if method != "POST":
                 await respond_problem(send, *_not_allowed(method, path, "POST"))
                 return
-            await self._connect(scope, receive, send)
+            refused = _unanswerable(scope)
+            if refused is not None:
+                await respond_problem(send, refused)
+                return
+            await self._connect(scope, receive, _json_unsupported_media_type(send, scope))
             return
         if (match := sse.ROUTE.match(path)) is not None:
             if method not in ("GET", "HEAD"):
@@ -153,6 +168,65 @@ def _forbidden_origin(origin: str) -> Problem:
         f"origin {origin!r} is not allowed: add it to KEEL_HTTP_CORS_ORIGINS",
         "ORIGIN_NOT_ALLOWED",
     )
+
+
+def _unsupported_media_type(content_type: str, why: str = "") -> Problem:
+    return http_problem(
+        HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+        code_pb2.UNIMPLEMENTED,
+        why
+        or f"content type {content_type!r} is not served: a call takes application/proto or "
+        "application/json (Connect; application/connect+proto or +json for a streaming "
+        "method), or application/grpc-web+proto or +json (gRPC-Web)",
+        "UNSUPPORTED_MEDIA_TYPE",
+    )
+
+
+def _unanswerable(scope: Scope) -> Problem | None:
+    """A call connectrpc would fail on with an exception (a 500, or gRPC's UNKNOWN), not a
+    status: a header that is not UTF-8 (it decodes them all as UTF-8), or gRPC without
+    HTTP/2 (gRPC's status comes in trailers, which HTTP/1.1 responses do not have here)."""
+    for name, value in scope.get("headers", ()):
+        try:
+            name.decode()
+            value.decode()
+        except UnicodeDecodeError:
+            return http_problem(
+                HTTPStatus.BAD_REQUEST,
+                code_pb2.INVALID_ARGUMENT,
+                f"header {name.decode('latin-1')!r} is not UTF-8",
+                "INVALID_HEADER",
+            )
+    content_type = request_headers(scope).get("content-type", "")
+    grpc = content_type == "application/grpc" or content_type.startswith("application/grpc+")
+    if grpc and "http.response.trailers" not in scope.get("extensions", {}):
+        return _unsupported_media_type(
+            content_type,
+            "gRPC needs HTTP/2 (its status comes in trailers): call the gRPC port, or use "
+            "Connect or gRPC-Web on this one",
+        )
+    return None
+
+
+def _json_unsupported_media_type(send: Send, scope: Scope) -> Send:
+    """`send`, with Connect's JSON error body on connectrpc's 415 (it has none)."""
+    replaced = False
+
+    async def sending(message: Message) -> None:
+        nonlocal replaced
+        if message["type"] == "http.response.start" and message["status"] == 415:
+            replaced = True
+            kept = [
+                (name, value)
+                for name, value in message.get("headers", ())
+                if name.lower() not in (b"content-type", b"content-length")
+            ]
+            content_type = request_headers(scope).get("content-type", "")
+            await respond_problem(send, _unsupported_media_type(content_type), kept)
+        elif not replaced:  # connectrpc's empty body is replaced too
+            await send(message)
+
+    return sending
 
 
 def _preflight() -> Headers:

@@ -142,6 +142,11 @@ async def _stream(
             await respond(send, 204)  # nothing more will come: EventSource stops here
             return
         await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+        if scope["method"] == "HEAD":
+            # The headers a GET gets, and the end: a stream left open would hold the
+            # connection, which the client may reuse (HTTP/1.1) once it has the headers.
+            await send({"type": "http.response.body", "body": b""})
+            return
         await _send(send, f"event: snapshot\ndata: {to_json(run)}\n\n")
         try:
             async for response in responses:

@@ -494,3 +494,68 @@ async def test_open_streams_end_when_the_server_stops(start_keel: Callable[..., 
     assert code == 200
     assert messages[-1]["event"] == "error"
     assert json.loads(messages[-1]["data"])["code"] == "unavailable"
+
+
+# Found by fuzzing the HTTP port (tests/fuzz).
+
+
+async def test_a_call_connectrpc_cannot_decode_gets_a_json_error_not_a_500(
+    start_keel: Callable[..., Any],
+) -> None:
+    keel = await web_keel(start_keel)
+    route = "/keel.v1.AgentService/GetRun"
+    async with httpx2.AsyncClient(base_url=base_url(keel)) as http:
+        # connectrpc decodes every header as UTF-8: one that is not was a 500 ("unknown").
+        latin1 = await http.post(
+            route,
+            content=b"{}",
+            headers=[(b"content-type", b"application/json"), (b"x-name", b"caf\xe9")],
+        )
+        assert latin1.status_code == 400
+        assert latin1.json()["code"] == "invalid_argument"
+        assert "x-name" in latin1.json()["message"]
+        # gRPC over HTTP/1.1 (no trailers) was grpc-status 2, UNKNOWN, and an exception.
+        grpc_http1 = await http.post(
+            route, content=b"\x00\x00\x00\x00\x00", headers={"content-type": "application/grpc"}
+        )
+        assert grpc_http1.status_code == 415
+        assert grpc_http1.json()["code"] == "unimplemented"
+        assert "HTTP/2" in grpc_http1.json()["message"]
+        # connectrpc's 415 had no body; now it has Connect's, and keeps Accept-Post.
+        for content_type in ("text/plain", "application/json"):  # the latter: a stream's
+            path = "/keel.v1.AgentService/" + ("Observe" if "json" in content_type else "GetRun")
+            refused = await http.post(path, content=b"{}", headers={"content-type": content_type})
+            assert refused.status_code == 415
+            assert refused.headers["content-type"] == "application/json"
+            assert refused.json()["code"] == "unimplemented"
+            assert "accept-post" in refused.headers
+        # The same call, well formed, is unchanged.
+        fine = await http.post(
+            route, content=b'{"runId": "x"}', headers={"content-type": "application/json"}
+        )
+        assert (fine.status_code, fine.json()["code"]) == (404, "not_found")
+
+
+async def test_head_on_a_live_runs_events_ends_and_the_connection_serves_the_next_request(
+    start_keel: Callable[..., Any],
+) -> None:
+    keel = await web_keel(start_keel)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{keel.port}") as channel:
+        stub = pb_grpc.AgentServiceStub(channel)
+        approve = {"tool": "approve_me", "args": {"action": "x"}}
+        started = await stub.StartRun(
+            pb.StartRunRequest(agent_id="scripted", input=script(approve))
+        )
+    # One connection (HTTP/1.1 keep-alive): HEAD's stream held it, and the next request on
+    # it got no answer.
+    limits = httpx2.Limits(max_connections=1)
+    async with httpx2.AsyncClient(base_url=base_url(keel), timeout=10, limits=limits) as http:
+        head = await http.head(f"/v1/runs/{started.run.run_id}/events")
+        assert head.status_code == 200
+        assert head.headers["content-type"].startswith("text/event-stream")
+        after = await http.post(
+            "/keel.v1.AgentService/ListAgents",
+            content=b"{}",
+            headers={"content-type": "application/json"},
+        )
+        assert after.status_code == 200
