@@ -93,6 +93,7 @@ class WebApplication:
         self._origins = frozenset(origins - {"*"})
         self._console = console
         self._event_text = sse.EventText()
+        self._read_max_bytes = read_max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -100,6 +101,10 @@ class WebApplication:
             return
         if scope["type"] != "http":
             return  # websockets: not served (hypercorn closes the connection)
+        if not (sse.ROUTE.match(scope["path"]) and scope["method"] in ("GET", "HEAD")):
+            # (The SSE route reads receive() itself, for the client's going; a GET has no body.)
+            body = _Body(receive, self._read_max_bytes)
+            receive, send = body, _ending_after_body(send, body)
         headers = request_headers(scope)
         origin = headers.get("origin")
         cors: Headers = []
@@ -235,6 +240,42 @@ def _preflight() -> Headers:
         (b"access-control-allow-headers", _ALLOW_HEADERS),
         (b"access-control-max-age", str(_PREFLIGHT_MAX_AGE_S).encode()),
     ]
+
+
+class _Body:
+    """The request's receive(), noting when its body has all been read."""
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self._receive = receive
+        self._limit = limit
+        self.done = False
+
+    async def __call__(self) -> Message:
+        message = await self._receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self.done = True
+        return message
+
+    async def drain(self) -> None:
+        """Read (and drop) what is left of the body, up to the size a request may have."""
+        read = 0
+        while not self.done and read <= self._limit:
+            read += len((await self()).get("body", b""))
+
+
+def _ending_after_body(send: Send, body: _Body) -> Send:
+    """`send`, reading the rest of the request's body before the response ends. An answer
+    that ends before its request's body is in (an error does, without reading it) is one
+    hypercorn mishandles: on HTTP/2 a DATA frame that comes after it (even the empty one
+    that ends a request) makes it drop the connection, and every stream on it; on
+    HTTP/1.1 the next request on the connection may go unanswered."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            await body.drain()
+        await send(message)
+
+    return sending
 
 
 def _with_headers(send: Send, extra: Headers) -> Send:

@@ -559,3 +559,35 @@ async def test_head_on_a_live_runs_events_ends_and_the_connection_serves_the_nex
             headers={"content-type": "application/json"},
         )
         assert after.status_code == 200
+
+
+async def test_answers_that_come_before_the_body_leave_the_connection_serving(
+    start_keel: Callable[..., Any],
+) -> None:
+    keel = await web_keel(start_keel)
+    listing = ("/keel.v1.AgentService/ListAgents", {"content-type": "application/json"})
+    early = [  # each answered before its body is read
+        ("/nope", "application/json", b"{}"),
+        ("/keel.v1.AgentService/GetRun", "text/plain", b"x" * 1000),
+        ("/keel.v1.AgentService/Stream", "application/json", b"{}"),  # 415: a stream's
+        ("/keel.v1.AgentService/CreateThread", "application/grpc-web+json", b"\0\0\0\0\2+1"),
+    ]
+    # HTTP/2: a DATA frame after the answer (this client ends each request with an empty
+    # one) made hypercorn drop the connection, and every stream on it.
+    async with httpx2.AsyncClient(
+        base_url=base_url(keel), http1=False, http2=True, timeout=10
+    ) as http:
+        for _ in range(25):
+            for path, content_type, body in early:
+                answer = await http.post(path, content=body, headers={"content-type": content_type})
+                assert answer.status_code in (200, 404, 415), path
+        assert (await http.post(listing[0], content=b"{}", headers=listing[1])).status_code == 200
+    # HTTP/1.1: after a 1 MB body answered unread, the next request on the connection could
+    # go unanswered.
+    limits = httpx2.Limits(max_connections=1)
+    async with httpx2.AsyncClient(base_url=base_url(keel), timeout=10, limits=limits) as http:
+        for path, content_type, _ in early:
+            body = b"\0" * (1 << 20)
+            await http.post(path, content=body, headers={"content-type": content_type})
+            after = await http.post(listing[0], content=b"{}", headers=listing[1])
+            assert after.status_code == 200, path
