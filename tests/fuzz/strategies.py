@@ -27,6 +27,9 @@ JSON of a page token, set to an edge value).
 `raw_bodies(descriptor, messages)` makes request bodies that are not messages of that type:
 random bytes, a valid encoding truncated or with bytes changed, fields with a wrong wire
 type or invalid UTF-8, overlong varints, and unknown fields nested past any parser's limit.
+`json_mutants(document)` does the same for a message's JSON (the HTTP port's Connect JSON):
+values of the wrong type, null, numbers past every type, deep nesting, bad base64, invalid
+UTF-8, unknown fields, the text cut or with garbage around it.
 """
 
 from __future__ import annotations
@@ -199,17 +202,21 @@ def json_values(max_leaves: int = 8) -> st.SearchStrategy[Any]:
     )
 
 
-def json_texts() -> st.SearchStrategy[str]:
-    """JSON a parser may choke on: deep nesting, huge numbers, escaped lone surrogates,
-    NaN and Infinity, duplicate keys, trailing garbage, and plain valid JSON."""
-    deep = st.builds(
+def deep_json() -> st.SearchStrategy[str]:
+    """JSON nested past parsers' limits (Python's is about 1,000), closed or not."""
+    return st.builds(
         lambda nest, depth: nest[0] * depth + nest[1] + nest[2] * depth,
         st.sampled_from([("[", "", "]"), ('{"a":', "0", "}"), ("[", "", "")]),
         st.sampled_from([100, 300, 500, 900, 990, 1000, 100_000]),
     )
+
+
+def json_texts() -> st.SearchStrategy[str]:
+    """JSON a parser may choke on: deep nesting, huge numbers, escaped lone surrogates,
+    NaN and Infinity, duplicate keys, trailing garbage, and plain valid JSON."""
     return weighted(
         (4, json_values().map(json.dumps)),
-        (1, deep),
+        (1, deep_json()),
         (
             2,
             st.sampled_from(
@@ -278,6 +285,99 @@ def _json_object(value: str) -> tuple[dict[str, Any] | None, bool]:
         if isinstance(body, dict):
             return body, encoded
     return None, False
+
+
+# JSON mutations (json_mutants): numbers past every integer and float type, as JSON text;
+# base64 a bytes field cannot hold; invalid UTF-8 and an escaped lone surrogate in a string.
+HUGE_NUMBERS = [b"1e999999", b"-1e999999", b"9" * 5000, b"1E+400", b"1e-99999", b"-0"]
+HUGE_NUMBERS += [b"18446744073709551616", b"-9223372036854775809", b"1.5", b"1e2", b"0x10"]
+HUGE_NUMBERS += [b"+1", b"01", b".5", b'"1e3"', b'"9223372036854775808"', b'" 1"', b'"-"']
+BAD_BASE64 = ["!!!!", "a", "ab=", "abc", "====", "a===", "YQ", "YQ=", "Y Q =", "_-_-", "+/+/"]
+BAD_BASE64 += ["YQ==\n", "YQ==YQ==", "\u00e9", "\x00"]
+BAD_UTF8 = [b"\xff", b"\xc0\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xe2\x82", b"\x80"]
+BAD_UTF8 += [b"\\ud800", b"\\udfff\\ud800", b"\\u0000"]
+ODD_KEYS = ["someFutureField", "@type", "__proto__", "", "run_id", "runId", "x" * 300]
+_RAW = "@@keel-raw-{}@@"  # a value json_mutants writes as JSON text of its own
+
+
+def json_mutants(document: Any) -> st.SearchStrategy[bytes]:
+    """`document` (a message's JSON, json_format.MessageToDict's) as JSON text with one to
+    three changes: a value (at any depth, or the whole) of the wrong type, null, a number
+    past any type, nested past parsers' limits, base64 no decoder takes, a string with
+    invalid UTF-8 or an escaped lone surrogate, any text json_texts makes; an unknown field
+    added; then, now and then, the text cut, doubled, after a byte order mark or before
+    garbage."""
+
+    @st.composite
+    def mutate(draw: st.DrawFn) -> bytes:
+        raws: list[bytes] = []
+
+        def raw(text: bytes) -> str:
+            raws.append(text)
+            return _RAW.format(len(raws) - 1)
+
+        values: list[st.SearchStrategy[Any]] = [
+            weighted((2, st.sampled_from(EDGE_JSON)), (1, json_values(4))),  # the wrong type
+            st.none(),
+            st.sampled_from(HUGE_NUMBERS).map(raw),
+            deep_json().map(lambda text: raw(text.encode())),
+            st.sampled_from(BAD_BASE64),
+            st.builds(
+                lambda bad, text: raw(b'"' + text.encode()[:8] + bad + b'"'),
+                st.sampled_from(BAD_UTF8),
+                st.text(st.characters(codec="ascii", categories=["L"]), max_size=8),
+            ),
+            json_texts().map(lambda text: raw(text.encode())),
+        ]
+        copy = json.loads(json.dumps(document))
+        for _ in range(draw(st.sampled_from([1, 1, 1, 2, 3]))):
+            spots = _spots(copy)
+            parent, key = draw(st.sampled_from(spots))
+            if draw(st.integers(0, len(values))) == len(values):  # an unknown field
+                target = copy if parent is None else parent[key]
+                if not isinstance(target, dict):
+                    target = copy if isinstance(copy, dict) else {}
+                target[draw(st.one_of(st.sampled_from(ODD_KEYS), st.text(max_size=10)))] = draw(
+                    json_values(4)
+                )
+                continue
+            new = draw(draw(st.sampled_from(values)))
+            if parent is None:
+                copy = new
+            else:
+                parent[key] = new
+        text = json.dumps(copy, ensure_ascii=draw(st.booleans())).encode()
+        for n, fragment in enumerate(raws):
+            text = text.replace(json.dumps(_RAW.format(n)).encode(), fragment)
+        edit = draw(st.integers(0, 9))
+        if edit == 0:
+            return text[: draw(st.integers(0, max(0, len(text) - 1)))]
+        if edit == 1:
+            return text + draw(st.sampled_from([text, b"x", b"\x00", b",", b"}"]))
+        if edit == 2:
+            return b"\xef\xbb\xbf" + text
+        return text
+
+    return mutate()
+
+
+def _spots(document: Any) -> list[tuple[Any, Any]]:
+    """Every place in a JSON value: (container, key or index), and (None, None) for the whole."""
+    found: list[tuple[Any, Any]] = [(None, None)]
+    stack = [document]
+    while stack:
+        node = stack.pop()
+        keys = (
+            list(node)
+            if isinstance(node, dict)
+            else range(len(node))
+            if isinstance(node, list)
+            else []
+        )
+        for key in keys:
+            found.append((node, key))
+            stack.append(node[key])
+    return found
 
 
 class Messages:

@@ -12,13 +12,21 @@ choke on, page tokens the server issued and forgeries of them; and (b) raw bytes
 request body, mostly not a valid encoding (random, truncated, wrong wire types, bad UTF-8,
 nesting past the parser's limit).
 
+The server serves its HTTP port too; the HTTP round (test_http_*, tests/fuzz/web.py) sends
+it HTTP_SHARE as many requests again: the same request messages over Connect (binary, JSON
+and JSON mutated) and gRPC-Web, raw requests (any route, HTTP method, content type, body,
+framing, protocol header, Origin), and SSE requests for runs that exist and not, with
+resume points valid and not. Every answer there must be a status a client can act on (no
+5xx, no internal/unknown/data_loss), every error body Connect's JSON, every 200 decodable;
+nothing may hang, the server may log no exception.
+
 Every answer must be a status a client can act on: never INTERNAL, UNKNOWN or DATA_LOSS,
 and no call may hang (a unary call gets UNARY_TIMEOUT_S; a stream is read for
 STREAM_WINDOW_S or MAX_STREAM_MESSAGES and then cancelled: one still open is fine, one
 silent for STREAM_TIMEOUT_S, though heartbeats come every HEARTBEAT_S, hangs). The server
 is a `python -m server serve` process (Redis; KEEL_FUZZ_BACKEND=memory for the in-memory
 log); it must never exit, and after the fuzzing its health is SERVING, a normal run
-streams to its finish and its log has no "internal error".
+streams to its finish (over gRPC, and over Connect) and its log has no "internal error".
 
 Modes:
 - CI (the default): CI_REQUESTS requests in all, derandomized (the same choices every
@@ -54,6 +62,7 @@ from typing import IO, Any
 
 import grpc
 import keel.v1
+import pyqwest
 import pytest
 from google.protobuf import field_mask_pb2
 from google.protobuf.descriptor import MethodDescriptor
@@ -64,8 +73,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from keel.v1 import agent_service_pb2 as pb
 from keel.v1 import agent_service_pb2_grpc as pb_grpc
+from keel.v1.agent_service_connect import AgentServiceClientSync
 
-from server.process import LISTENING
+from server.process import HTTP_LISTENING, LISTENING
 from tests.fuzz.strategies import (
     Messages,
     json_texts,
@@ -76,6 +86,15 @@ from tests.fuzz.strategies import (
     tokens_of,
     weighted,
 )
+from tests.fuzz.web import (
+    ALLOWED_ORIGIN,
+    Answer,
+    HttpRequest,
+    Web,
+    message_requests,
+    raw_requests,
+    sse_requests,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTED = "server.agents.testing:registry"
@@ -85,6 +104,11 @@ LONG = bool(os.environ.get("KEEL_FUZZ_REQUESTS"))
 BACKEND = os.environ.get("KEEL_FUZZ_BACKEND", "redis")
 RAW_SHARE = 0.25  # of each method's requests: raw bytes as its body
 ROUND = 100  # long mode: requests per Hypothesis run (see _rounds)
+# The HTTP round (tests/fuzz/web.py) sends HTTP_SHARE as many requests again to the HTTP
+# port: half request messages over Connect and gRPC-Web, the rest raw requests and SSE.
+HTTP_SHARE = 0.5
+HTTP_REQUESTS = round(REQUESTS * HTTP_SHARE)
+HTTP_MESSAGES_SHARE, HTTP_RAW_SHARE = 0.5, 0.3  # of HTTP_REQUESTS; SSE gets the rest
 
 UNARY_TIMEOUT_S = 20.0  # no unary call takes more than CancelRun's wait (10 s) for a run
 STREAM_WINDOW_S = 0.5  # how long a stream is read before it is cancelled
@@ -125,6 +149,17 @@ GENERATED = dict(
     zip((m.full_name for m in METHODS), _shares(REQUESTS - _RAW_TOTAL, len(METHODS)), strict=True)
 )
 RAW = dict(zip((m.full_name for m in METHODS), _shares(_RAW_TOTAL, len(METHODS)), strict=True))
+# The HTTP port serves AgentService only.
+HTTP_METHODS = [m for m in METHODS if m.containing_service.full_name == SERVICE.full_name]
+HTTP_MESSAGES = dict(
+    zip(
+        (m.full_name for m in HTTP_METHODS),
+        _shares(round(HTTP_REQUESTS * HTTP_MESSAGES_SHARE), len(HTTP_METHODS)),
+        strict=True,
+    )
+)
+HTTP_RAW = max(1, round(HTTP_REQUESTS * HTTP_RAW_SHARE))
+HTTP_SSE = max(1, HTTP_REQUESTS - sum(HTTP_MESSAGES.values()) - HTTP_RAW)
 
 
 def _settings(examples: int) -> settings:
@@ -157,10 +192,12 @@ def _timeout_for(examples: int) -> float:
 
 @dataclass
 class Server:
-    """A `python -m server serve` process; its log (WARNING and up) goes to `log_path`."""
+    """A `python -m server serve` process, its gRPC and HTTP ports; its log (WARNING and
+    up) goes to `log_path`."""
 
     process: subprocess.Popen[bytes]
     port: int
+    http_port: int
     log_path: Path
 
     def assert_alive(self) -> None:
@@ -186,11 +223,12 @@ def start_server(redis_url: str, log_path: Path) -> Server:
         "KEEL_HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S),
         "KEEL_TASKS_RETRY_BACKOFF_S": "0.05",
         "KEEL_TASKS_RETRY_BACKOFF_MAX_S": "0.2",
+        "KEEL_HTTP_CORS_ORIGINS": ALLOWED_ORIGIN,
     }
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [
-                *(sys.executable, "-m", "server", "serve", "--port", "0"),
+                *(sys.executable, "-m", "server", "serve", "--port", "0", "--http-port", "0"),
                 *("--redis-url", redis_url, "--key-prefix", f"fuzz-{uuid.uuid4().hex[:12]}"),
                 *("--agents", SCRIPTED, "--log-level", "WARNING", "--log-format", "text"),
             ],
@@ -202,14 +240,21 @@ def start_server(redis_url: str, log_path: Path) -> Server:
     assert process.stdout is not None
     deadline = time.monotonic() + START_TIMEOUT_S
     line = b""
+    http_port = 0
     while time.monotonic() < deadline and process.poll() is None:
         ready, _, _ = select.select([process.stdout], [], [], 0.1)
         if ready:
             line = process.stdout.readline()
-            if line.decode().startswith(LISTENING):
+            if line.decode().startswith(HTTP_LISTENING):
+                http_port = int(line.decode().rsplit(":", 1)[1])
+                # The gRPC port's line follows at once (and may be read into the buffer
+                # already, where select() does not see it).
+                line = process.stdout.readline()
+            if line.decode().startswith(LISTENING) and http_port:
                 # Anything it prints later goes to its log (a full pipe would block it).
                 threading.Thread(target=_copy, args=(process.stdout, log_path), daemon=True).start()
-                return Server(process, int(line.decode().rsplit(":", 1)[1]), log_path)
+                port = int(line.decode().rsplit(":", 1)[1])
+                return Server(process, port, http_port, log_path)
     process.kill()
     process.wait()
     raise RuntimeError(f"keel did not start: {line!r}\n{log_path.read_text(errors='replace')}")
@@ -289,6 +334,7 @@ def _pool_kind(field: str, method: str) -> str:
     if field.endswith(("run_id", "run_ids")):
         return "run_id"
     kinds = ("thread_id", "task_id", "schedule_id", "tool_call_id", "resource_id", "request_id")
+    kinds += ("incarnation",)
     return field if field in kinds else ""
 
 
@@ -417,6 +463,7 @@ def hints(pools: Pools, agents: list[str]) -> dict[str, st.SearchStrategy[Any]]:
         "result_json": json_texts(),
         "override_args_json": json_texts(),
         "reason": strings(oversized=False),
+        "incarnation": weighted((2, pools.draw("incarnation")), (1, strings(oversized=False))),
     }
     for method in METHODS:
         page_token = method.input_type.fields_by_name.get("page_token")
@@ -430,16 +477,24 @@ def hints(pools: Pools, agents: list[str]) -> dict[str, st.SearchStrategy[Any]]:
 
 @dataclass
 class Fuzz:
-    """The server, a channel to it, what was learned, and what every request got."""
+    """The server, a channel and HTTP clients to it, what was learned, and what every
+    request got."""
 
     server: Server
     channel: grpc.Channel
+    web: Web
     pools: Pools
     messages: Messages
     codes: Counter[str] = field(default_factory=Counter)
     by_method: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    http_codes: Counter[str] = field(default_factory=Counter)
+    http_by_kind: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    http_seconds: float = 0.0
     started: float = field(default_factory=time.monotonic)
     owed: int = 0  # requests a test could not send (too few distinct ones): the next sends them
+    http_owed: int = 0  # the same, of the HTTP round
+    log_read: int = 0  # how much of the server's log check_http has read
+    logged: list[str] = field(default_factory=list)  # errors the server logged, and after what
 
     def requests(self, method: MethodDescriptor) -> st.SearchStrategy[Message]:
         """Requests of `method`: wild, plausible, and mutants of ones that worked so far."""
@@ -459,6 +514,16 @@ class Fuzz:
 
     def sent(self) -> int:
         return sum(self.codes.values())
+
+    def http_budget(self, planned: int) -> int:
+        examples, self.http_owed = planned + self.http_owed, 0
+        return examples
+
+    def http_settle(self, examples: int, sent_before: int) -> None:
+        self.http_owed = max(0, examples - (self.http_sent() - sent_before))
+
+    def http_sent(self) -> int:
+        return sum(self.http_codes.values())
 
     def send(self, method: MethodDescriptor, body: bytes) -> tuple[str, str]:
         """Send `body` as the request of `method`: the code it got ("OPEN": a stream still
@@ -509,6 +574,55 @@ class Fuzz:
         )
         return code
 
+    def check_http(self, request: HttpRequest) -> Answer:
+        """Send one request to the HTTP port; fail on a 5xx, a Connect code no client can act
+        on, an error that is not Connect's JSON, an answer that does not decode, a hang or a
+        crash. Errors the server logs are kept in `logged` (test_http_* fail on them)."""
+        started = time.monotonic()
+        try:
+            answer = self.web.exchange(request)
+        except TimeoutError as exc:
+            raise AssertionError(f"the HTTP port hung: {exc}\nrequest: {request.show()}") from None
+        finally:
+            self.http_seconds += time.monotonic() - started
+        self.server.assert_alive()
+        self.http_codes[answer.label] += 1
+        self.http_by_kind[request.kind][answer.label] += 1
+        self._read_log(request)
+        assert not answer.problems, (
+            f"the HTTP port answered {answer.label}: "
+            + "; ".join(answer.problems)
+            + f"\nrequest: {request.show()}"
+        )
+        for response in answer.responses:
+            if request.rpc is not None:
+                self.pools.harvest(request.rpc.name, response)
+        return answer
+
+    def mark_log(self) -> None:
+        """Errors logged from now on are the HTTP round's."""
+        self.log_read = self.server.log_path.stat().st_size
+
+    def _read_log(self, request: HttpRequest) -> None:
+        with self.server.log_path.open("rb") as log:
+            log.seek(self.log_read)
+            new = log.read()
+        self.log_read += len(new)
+        text = new.decode(errors="replace")
+        if any(sign in text for sign in ("Traceback", "Error in ASGI", "internal error")):
+            self.logged.append(f"after (or just before) {request.show(300)}:\n{text[-3000:]}")
+
+    def assert_nothing_logged(self) -> None:
+        time.sleep(0.05)  # an error logged just after its answer
+        with self.server.log_path.open("rb") as log:
+            log.seek(self.log_read)
+            tail = log.read().decode(errors="replace")
+        if any(sign in tail for sign in ("Traceback", "Error in ASGI", "internal error")):
+            self.logged.append(f"after the last request:\n{tail[-3000:]}")
+        self.mark_log()
+        logged, self.logged = self.logged, []
+        assert not logged, f"the server logged {len(logged)} error(s):\n" + "\n\n".join(logged[:3])
+
     def summary(self) -> str:
         lines = [
             f"fuzz: {self.sent()} requests in {time.monotonic() - self.started:.1f} s "
@@ -517,6 +631,13 @@ class Fuzz:
         ]
         for name, codes in sorted(self.by_method.items()):
             lines.append(f"  {name}: {_counts(codes)}")
+        lines.append(
+            f"fuzz, HTTP port: {self.http_sent()} requests in {self.http_seconds:.1f} s "
+            f"({HTTP_REQUESTS} planned)"
+        )
+        lines.append("  all: " + _counts(self.http_codes))
+        for kind, codes in sorted(self.http_by_kind.items()):
+            lines.append(f"  {kind}: {_counts(codes)}")
         return "\n".join(lines)
 
 
@@ -606,15 +727,18 @@ def fuzz(
     redis_url = "" if BACKEND == "memory" else request.getfixturevalue("redis_url")
     server = start_server(redis_url, tmp_path_factory.mktemp("fuzz") / "server.log")
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    web = Web(server.http_port)
     try:
         stub = pb_grpc.AgentServiceStub(channel)
         pools = Pools()
         _seed(stub, pools)
         agents = [a.agent_id for a in stub.ListAgents(pb.ListAgentsRequest()).agents]
-        found = Fuzz(server, channel, pools, Messages(hints(pools, [*agents, "nobody", ""])))
+        messages = Messages(hints(pools, [*agents, "nobody", ""]))
+        found = Fuzz(server, channel, web, pools, messages)
         yield found
         print("\n" + found.summary())
     finally:
+        web.close()
         channel.close()
         code = server.stop()
         print(f"fuzz: the server stopped with exit code {code}")
@@ -658,6 +782,88 @@ def test_random_bytes(method: MethodDescriptor, fuzz: Fuzz, request: pytest.Fixt
     fuzz.settle(examples, sent_before)
 
 
+# -- the HTTP port ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", HTTP_METHODS, ids=_method_id)
+def test_http_messages(
+    method: MethodDescriptor, fuzz: Fuzz, request: pytest.FixtureRequest
+) -> None:
+    """The gRPC round's requests over Connect (binary; JSON, canonical or mutated) and
+    gRPC-Web."""
+    examples = fuzz.http_budget(HTTP_MESSAGES[method.full_name])
+    request.applymarker(pytest.mark.timeout(_timeout_for(examples)))
+    sent_before = fuzz.http_sent()
+    fuzz.mark_log()
+    for count in _rounds(examples):
+
+        @_settings(count)
+        @given(
+            fuzz.requests(method).flatmap(
+                lambda m: st.tuples(st.just(m), message_requests(method, m))
+            )
+        )
+        def send(drawn: tuple[Message, HttpRequest]) -> None:
+            message, http = drawn
+            answer = fuzz.check_http(http)
+            worked = answer.label in ("200 ok", "200 grpc ok", "200 open")
+            if (
+                worked
+                and (method.server_streaming or answer.responses)
+                and http.kind in ("connect-proto", "grpc-web")
+                and b"proto" in (http.header("content-type") or b"")
+            ):
+                unary = None if method.server_streaming else answer.responses[0]
+                fuzz.pools.remember(method, message.SerializeToString(), unary)
+
+        send()
+    fuzz.http_settle(examples, sent_before)
+    fuzz.assert_nothing_logged()
+
+
+def test_http_raw_requests(fuzz: Fuzz, request: pytest.FixtureRequest) -> None:
+    """Requests no client of the API makes: any route, HTTP method, content type, body,
+    framing and protocol headers."""
+    examples = fuzz.http_budget(HTTP_RAW)
+    request.applymarker(pytest.mark.timeout(_timeout_for(examples)))
+    sent_before = fuzz.http_sent()
+    fuzz.mark_log()
+    own_origin = f"http://127.0.0.1:{fuzz.server.http_port}"
+    for count in _rounds(examples):
+        messages = {m.full_name: fuzz.requests(m) for m in HTTP_METHODS}
+
+        @_settings(count)
+        @given(raw_requests(HTTP_METHODS, messages, own_origin))
+        def send(http: HttpRequest) -> None:
+            fuzz.check_http(http)
+
+        send()
+    fuzz.http_settle(examples, sent_before)
+    fuzz.assert_nothing_logged()
+
+
+def test_http_events(fuzz: Fuzz, request: pytest.FixtureRequest) -> None:
+    """GET /v1/runs/{run_id}/events with run ids that exist and garbage, and resume points
+    (Last-Event-ID, ?offset=, ?incarnation=) valid and not; a live run's stream is read
+    for a while and closed."""
+    examples = fuzz.http_budget(HTTP_SSE)
+    request.applymarker(pytest.mark.timeout(_timeout_for(examples)))
+    sent_before = fuzz.http_sent()
+    fuzz.mark_log()
+    run_ids = weighted((3, fuzz.pools.draw("run_id")), (1, RUN_IDS))
+    incarnations = weighted((2, fuzz.pools.draw("incarnation")), (1, strings(oversized=False)))
+    for count in _rounds(examples):
+
+        @_settings(count)
+        @given(sse_requests(run_ids, incarnations))
+        def send(http: HttpRequest) -> None:
+            fuzz.check_http(http)
+
+        send()
+    fuzz.http_settle(examples, sent_before)
+    fuzz.assert_nothing_logged()
+
+
 def test_still_serving_after_fuzzing(fuzz: Fuzz) -> None:
     """Runs last: the server is alive, healthy, and runs a run to its finish."""
     fuzz.server.assert_alive()
@@ -672,5 +878,17 @@ def test_still_serving_after_fuzzing(fuzz: Fuzz) -> None:
     assert events[-1].WhichOneof("payload") == "finish", events[-1]
     deltas = [e.text_delta.delta for e in events if e.WhichOneof("payload") == "text_delta"]
     assert "".join(deltas) == "t0 t1 t2 done"
+    # The HTTP port too: a run streamed over Connect to its finish, then read again as SSE.
+    with AgentServiceClientSync(
+        fuzz.web.base, http_client=pyqwest.SyncClient(), timeout_ms=30_000
+    ) as web:
+        streamed = list(web.stream(pb.StreamRequest(agent_id="scripted", input=script)))
+    events = [e for r in streamed if r.WhichOneof("kind") == "events" for e in r.events.events]
+    assert events[-1].WhichOneof("payload") == "finish", events[-1]
+    deltas = [e.text_delta.delta for e in events if e.WhichOneof("payload") == "text_delta"]
+    assert "".join(deltas) == "t0 t1 t2 done"
+    sse = fuzz.check_http(HttpRequest("sse", "GET", f"/v1/runs/{events[-1].run_id}/events"))
+    assert sse.label == "200 sse", sse
     log = fuzz.server.log_path.read_text(errors="replace")
-    assert "internal error" not in log, fuzz.server.log_tail()
+    for sign in ("internal error", "Traceback", "Error in ASGI"):
+        assert sign not in log, fuzz.server.log_tail()
