@@ -13,7 +13,6 @@ import asyncio
 import mimetypes
 from http import HTTPStatus
 from pathlib import Path
-from urllib.parse import unquote
 
 from google.rpc import code_pb2
 
@@ -31,7 +30,8 @@ class Console:
 
     def file(self, path: str) -> Path | None:
         """The file a request path under /console names, if it exists and is under the root."""
-        relative = unquote(path[len(PREFIX) :]).lstrip("/") or "index.html"
+        # ASGI paths come percent-decoded: decoding again would read %2561 as "a".
+        relative = path[len(PREFIX) :].lstrip("/") or "index.html"
         candidate = (self._root / relative).resolve()
         if not candidate.is_relative_to(self._root) or not candidate.is_file():
             return None
@@ -41,7 +41,7 @@ class Console:
         file = self.file(path)
         if file is None:
             missing = (
-                f"no console file {path!r}"
+                f"no console file {path[:200]!r}"
                 if (self._root / "index.html").is_file()
                 else f"the console is not built in {self._root} (npm run build --prefix console)"
             )

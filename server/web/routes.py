@@ -57,9 +57,21 @@ _EXPOSE_HEADERS = (
 _PREFLIGHT_MAX_AGE_S = 7200
 
 
+_QUOTED_PATH_CHARS = 200  # of a path an error quotes (a path may be as long as a request)
+
+
+def _quoted(path: str) -> str:
+    if len(path) <= _QUOTED_PATH_CHARS:
+        return repr(path)
+    return repr(path[:_QUOTED_PATH_CHARS]) + "..."
+
+
 def _not_found(path: str) -> Problem:
     return http_problem(
-        HTTPStatus.NOT_FOUND, code_pb2.NOT_FOUND, f"no route {path!r} on this port", "NOT_FOUND"
+        HTTPStatus.NOT_FOUND,
+        code_pb2.NOT_FOUND,
+        f"no route {_quoted(path)} on this port",
+        "NOT_FOUND",
     )
 
 
@@ -67,7 +79,7 @@ def _not_allowed(method: str, path: str, allow: str) -> tuple[Problem, Headers]:
     problem = http_problem(
         HTTPStatus.METHOD_NOT_ALLOWED,
         code_pb2.UNIMPLEMENTED,
-        f"{path} does not take {method} (allowed: {allow})",
+        f"{_quoted(path)} does not take {_quoted(method)} (allowed: {allow})",
         "METHOD_NOT_ALLOWED",
     )
     return problem, [(b"allow", allow.encode())]

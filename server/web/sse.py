@@ -34,7 +34,7 @@ import json
 import re
 from collections.abc import AsyncGenerator
 from typing import Any, cast
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs
 
 from keel.v1 import agent_service_pb2 as pb
 
@@ -105,7 +105,7 @@ async def serve_events(
     text: EventText,
 ) -> None:
     """The route's handler: runs until the stream ends or the client goes away."""
-    stream = asyncio.ensure_future(_stream(scope, send, servicer, gate, unquote(run_id), text))
+    stream = asyncio.ensure_future(_stream(scope, send, servicer, gate, run_id, text))
     gone = asyncio.ensure_future(_disconnected(receive))
     try:
         await asyncio.wait((stream, gone), return_when=asyncio.FIRST_COMPLETED)

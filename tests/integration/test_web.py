@@ -591,3 +591,28 @@ async def test_answers_that_come_before_the_body_leave_the_connection_serving(
             await http.post(path, content=body, headers={"content-type": content_type})
             after = await http.post(listing[0], content=b"{}", headers=listing[1])
             assert after.status_code == 200, path
+
+
+async def test_paths_are_decoded_once_and_quoted_briefly(start_keel: Callable[..., Any]) -> None:
+    keel = await web_keel(start_keel)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{keel.port}") as channel:
+        run = await collect(
+            pb_grpc.AgentServiceStub(channel).Stream(
+                pb.StreamRequest(agent_id="scripted", input=script(text(1)))
+            )
+        )
+    async with httpx2.AsyncClient(base_url=base_url(keel)) as http:
+        # "%25" is "%": "/v1/runs/%2561.../events" names the run "%61...", which is no
+        # run id; decoded twice it would be "a...", the run.
+        once = f"%25{ord(run.run_id[0]):x}{run.run_id[1:]}"
+        response = await http.get(f"/v1/runs/{once}/events")
+        assert response.status_code == 400
+        assert response.json()["code"] == "invalid_argument"
+        long_path = "/" + "x" * 60_000
+        for method, path in (("GET", long_path), ("GET", "/v1/runs/" + "y" * 60_000 + "/events")):
+            response = await http.request(method, path)
+            assert response.status_code in (400, 404)
+            assert len(response.json()["message"]) < 1000
+        not_allowed = await http.request("PUT", "/v1/runs/" + "z" * 60_000 + "/events")
+        assert not_allowed.status_code == 405
+        assert len(not_allowed.json()["message"]) < 1000
