@@ -191,7 +191,10 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.command == "serve":
         # One process: the server (a worker of `serve --workers` shares the port).
-        process.run(serve(settings, reuse_port=worker_of is not None), settings.event_loop)
+        try:
+            process.run(serve(settings, reuse_port=worker_of is not None), settings.event_loop)
+        except ConfigurationError as exc:  # found at start-up: the HTTP port is taken, ...
+            sys.exit(f"serve: {exc}")
     else:
         from server.temporal.worker import work
 

@@ -286,7 +286,12 @@ async def create_server(settings: Settings, *, reuse_port: bool = False) -> Keel
     port = _bind(server, settings)
     http_socket = None
     if settings.http_port is not None:
-        http_socket = bind(settings.host, settings.http_port, reuse_port=reuse_port)
+        try:
+            http_socket = bind(settings.host, settings.http_port, reuse_port=reuse_port)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot bind the HTTP port {settings.host}:{settings.http_port}: {exc.strerror}"
+            ) from exc
     metrics_server = None
     if settings.metrics_port is not None:
         metrics_server = serve_metrics(settings.host, settings.metrics_port)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ from server.auth.keys import Role, add_key
 from server.settings import ConfigurationError, Settings, check_settings
 from tests.certs import Authority
 from tests.integration.conftest import Collected, assert_contiguous, collect, script, text
+from tests.processes import ROOT
 
 # name: (protocol, JSON codec?, HTTP/2?)
 TRANSPORTS = {
@@ -616,3 +620,20 @@ async def test_paths_are_decoded_once_and_quoted_briefly(start_keel: Callable[..
         not_allowed = await http.request("PUT", "/v1/runs/" + "z" * 60_000 + "/events")
         assert not_allowed.status_code == 405
         assert len(not_allowed.json()["message"]) < 1000
+
+
+def test_an_http_port_in_use_stops_the_server_with_a_message() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "server", "serve", "--port", "0", "--http-port", str(port)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 1
+    assert f"serve: cannot bind the HTTP port 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr
