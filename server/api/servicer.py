@@ -232,7 +232,8 @@ def _listed_tenant(asked: str, method: str) -> str | None:
 
 
 class AgentServicer(pb_grpc.AgentServiceServicer):
-    """gRPC face of Keel (keel.v1.AgentService)."""
+    """Keel's AgentService (keel.v1): served over gRPC (add_to_server) and, on the HTTP
+    port, over Connect and gRPC-Web (server/web/connect.py)."""
 
     def __init__(
         self,
