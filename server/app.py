@@ -14,6 +14,11 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server import tracing
+from server.a2a import cards as a2a_cards
+from server.a2a import service as a2a_service
+from server.a2a.handler import KeelRequestHandler
+from server.a2a.service import A2AAuthInterceptor
+from server.a2a.web import A2AApplication, is_a2a_path
 from server.agents.registry import load_registry
 from server.agents.types import AgentSpec
 from server.api.servicer import SERVICE, AgentServicer, add_to_server
@@ -247,15 +252,16 @@ async def create_server(settings: Settings, *, reuse_port: bool = False) -> Keel
         poll_interval_s=settings.schedules_poll_interval_s,
     )
     draining = Draining()
+    follow_limits = FollowLimits(
+        page_size=settings.catch_up_page_size,
+        queue_size=settings.observer_queue_size,
+        heartbeat_interval_s=settings.heartbeat_interval_s,
+        catch_up_concurrency=settings.catch_up_concurrency,
+    )
     servicer = AgentServicer(
         event_log,
         executor,
-        limits=FollowLimits(
-            page_size=settings.catch_up_page_size,
-            queue_size=settings.observer_queue_size,
-            heartbeat_interval_s=settings.heartbeat_interval_s,
-            catch_up_concurrency=settings.catch_up_concurrency,
-        ),
+        limits=follow_limits,
         max_batch_bytes=settings.max_batch_bytes,
         draining=draining,
         default_retention_s=settings.terminal_ttl_s,
@@ -273,11 +279,29 @@ async def create_server(settings: Settings, *, reuse_port: bool = False) -> Keel
             settings.host,
         )
     gate = Gate(keys, client_certificates=client_certificates)
+    a2a_agent = a2a_cards.default_agent(agents, settings.a2a_default_agent)
+    if settings.a2a_default_agent and a2a_agent not in agents:
+        raise ConfigurationError(
+            f"a2a_default_agent (KEEL_A2A_DEFAULT_AGENT) {a2a_agent!r} is not an agent of "
+            "the registry"
+        )
+    a2a_handler = KeelRequestHandler(
+        event_log,
+        executor,
+        limits=follow_limits,
+        draining=draining,
+        default_agent=a2a_agent,
+    )
     server = grpc.aio.server(
-        interceptors=[*tracing.server_interceptors(), AuthInterceptor(gate)],
+        interceptors=[
+            *tracing.server_interceptors(),
+            AuthInterceptor(gate),
+            A2AAuthInterceptor(gate),
+        ],
         options=server_options(settings, reuse_port=reuse_port),
     )
     add_to_server(servicer, server)
+    a2a_service.add_to_server(a2a_handler, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -305,6 +329,20 @@ async def create_server(settings: Settings, *, reuse_port: bool = False) -> Keel
             cors_origins=[o.strip() for o in settings.http_cors_origins.split(",") if o.strip()],
             console=Console(Path(settings.console_dir) if settings.console_dir else CONSOLE_DIR),
             read_max_bytes=settings.grpc_max_receive_message_bytes,
+            a2a=A2AApplication(
+                a2a_handler,
+                gate,
+                cards=lambda agent_id, base: a2a_cards.card(
+                    agent_id,
+                    agents[agent_id],
+                    http_base=base,
+                    grpc_target=f"{base.split('://', 1)[1].rsplit(':', 1)[0]}:{port}",
+                    secured=not gate.open,
+                ),
+                default_agent=a2a_agent,
+                read_max_bytes=settings.grpc_max_receive_message_bytes,
+            ),
+            is_a2a_path=is_a2a_path,
         )
         http = await start_http(
             web,
@@ -313,7 +351,7 @@ async def create_server(settings: Settings, *, reuse_port: bool = False) -> Keel
             tls_cert_file=settings.tls_cert_file,
             tls_key_file=settings.tls_key_file,
         )
-        log.info("http (Connect, gRPC-Web, SSE, console) on %s:%d", settings.host, http.port)
+        log.info("http (Connect, gRPC-Web, SSE, console, A2A) on %s:%d", settings.host, http.port)
     executor.open()  # take over runs whose owner died, from now on
     ticker.open()  # fire due schedules, from now on
     store_health = StoreHealth(

@@ -140,6 +140,9 @@ class Settings(BaseSettings):
     http_port: int | None = Field(default=None, ge=0, le=65535)
     http_cors_origins: str = ""
     console_dir: str = ""
+    # A2A (docs/a2a.md): the agent of the HTTP port's /.well-known/agent-card.json and of
+    # A2A gRPC requests that name none; "": the registry's first agent.
+    a2a_default_agent: str = ""
 
     # Logs: the lowest level written, and JSON lines (one object per record) or text.
     log_level: str = Field(default="INFO", pattern=r"(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")

@@ -4,6 +4,7 @@
     GET  /v1/runs/{run_id}/events         the run's events as Server-Sent Events (sse.py)
     GET  /console/...                     the console's built files (console.py)
     GET  /                                redirects to /console/
+    /a2a/..., /.well-known/agent-card.json  A2A (server/a2a/web.py, docs/a2a.md)
 
 Anything else is 404, and a route asked with a method it does not take
 405 (with Allow), each with Connect's JSON error body; so is a call
@@ -21,7 +22,7 @@ with no Origin (not a browser) needs no CORS.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from http import HTTPStatus
 
 from google.rpc import code_pb2
@@ -96,7 +97,11 @@ class WebApplication:
         cors_origins: Iterable[str],
         console: Console,
         read_max_bytes: int,
+        a2a: Callable[[Scope, Receive, Send], Awaitable[None]] | None = None,
+        is_a2a_path: Callable[[str], bool] | None = None,
     ) -> None:
+        self._a2a = a2a  # A2A's routes (server/a2a/web.py), if served
+        self._is_a2a_path = is_a2a_path
         self._servicer = servicer
         self._gate = gate
         self._connect = connect_application(servicer, gate, read_max_bytes=read_max_bytes)
@@ -144,6 +149,9 @@ class WebApplication:
                 await respond_problem(send, refused)
                 return
             await self._connect(scope, receive, _json_unsupported_media_type(send, scope))
+            return
+        if self._a2a is not None and self._is_a2a_path is not None and self._is_a2a_path(path):
+            await self._a2a(scope, receive, send)
             return
         if (match := sse.ROUTE.match(path)) is not None:
             if method not in ("GET", "HEAD"):

@@ -1,0 +1,160 @@
+"""A2A on the HTTP port: agent cards and the JSON-RPC binding, behind the Gate (docs/a2a.md).
+
+    GET  /.well-known/agent-card.json          the default agent's card
+    GET  /a2a/{agent_id}/.well-known/agent-card.json
+    POST /a2a/{agent_id}                       JSON-RPC (the a2a-sdk's dispatcher)
+
+Cards are public. A JSON-RPC call passes the Gate first: without a valid API
+key (on a server with keys) it is answered 401 with the port's JSON error;
+the role each operation needs is checked by the handler. A body over
+`read_max_bytes` is answered 413 with a JSON-RPC error.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from http import HTTPStatus
+
+from a2a.server.context import ServerCallContext
+from a2a.server.request_handlers.response_helpers import agent_card_to_dict
+from a2a.server.routes.common import DefaultServerCallContextBuilder
+from a2a.server.routes.jsonrpc_routes import create_jsonrpc_routes
+from a2a.types import a2a_pb2 as a2a
+from google.rpc import code_pb2
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from server.a2a.cards import CARD_PATH, PREFIX
+from server.a2a.handler import AGENT_STATE, KeelRequestHandler
+from server.auth.gate import Gate
+from server.errors import PermissionDenied, Unauthenticated
+from server.web.asgi import Message, Receive, Scope, Send, request_headers, respond, respond_problem
+from server.web.errors import http_problem
+
+# Every key may identify itself: the role an operation needs is the handler's to check.
+_IDENTIFY_AS = "ListAgents"
+
+
+class _ContextBuilder(DefaultServerCallContextBuilder):
+    def build(self, request: Request) -> ServerCallContext:
+        context = super().build(request)
+        context.state[AGENT_STATE] = request.path_params.get("agent_id", "")
+        return context
+
+
+def is_a2a_path(path: str) -> bool:
+    return path in (CARD_PATH, PREFIX) or path.startswith(PREFIX + "/")
+
+
+class A2AApplication:
+    """The ASGI application of the A2A routes (WebApplication sends them here)."""
+
+    def __init__(
+        self,
+        handler: KeelRequestHandler,
+        gate: Gate,
+        *,
+        cards: Callable[[str, str], a2a.AgentCard],
+        default_agent: str,
+        read_max_bytes: int,
+    ) -> None:
+        self._handler = handler
+        self._gate = gate
+        self._cards = cards
+        self._default_agent = default_agent
+        self._read_max_bytes = read_max_bytes
+        routes = [
+            Route(CARD_PATH, self._default_card, methods=["GET"]),
+            Route(PREFIX + "/{agent_id}" + CARD_PATH, self._agent_card, methods=["GET"]),
+            *create_jsonrpc_routes(
+                handler, PREFIX + "/{agent_id}", context_builder=_ContextBuilder()
+            ),
+        ]
+        self._app = Starlette(routes=routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        agent_id = path[len(PREFIX) + 1 :].split("/", 1)[0] if path.startswith(PREFIX + "/") else ""
+        if path.startswith(PREFIX + "/") and agent_id not in self._handler.agents:
+            await respond_problem(
+                send,
+                http_problem(
+                    HTTPStatus.NOT_FOUND,
+                    code_pb2.NOT_FOUND,
+                    f"no agent {agent_id[:200]!r} here",
+                    "AGENT_NOT_FOUND",
+                ),
+            )
+            return
+        if scope["method"] == "POST" and path.startswith(PREFIX + "/"):
+            try:
+                self._gate.admit(_IDENTIFY_AS, request_headers(scope))
+            except (Unauthenticated, PermissionDenied) as exc:
+                problem = http_problem(
+                    HTTPStatus.UNAUTHORIZED,
+                    code_pb2.UNAUTHENTICATED,
+                    str(exc),
+                    "UNAUTHENTICATED",
+                )
+                await respond_problem(send, problem, [(b"www-authenticate", b"Bearer")])
+                return
+            body = await self._body(receive)
+            if body is None:
+                error = {
+                    "jsonrpc": "2.0",
+                    "id": None,
+                    "error": {
+                        "code": -32600,
+                        "message": f"the request is over {self._read_max_bytes} bytes",
+                    },
+                }
+                await respond(send, 413, json.dumps(error).encode(), (), "application/json")
+                return
+            receive = _replay(body, receive)
+        await self._app(scope, receive, send)
+
+    async def _body(self, receive: Receive) -> bytes | None:
+        """The whole body, or None (and the rest read and dropped) when it is too big."""
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size <= self._read_max_bytes:
+                chunks.append(chunk)
+            more = message.get("more_body", False)
+        return None if size > self._read_max_bytes else b"".join(chunks)
+
+    async def _default_card(self, request: Request) -> Response:
+        return self._card_response(request, self._default_agent)
+
+    async def _agent_card(self, request: Request) -> Response:
+        return self._card_response(request, request.path_params["agent_id"])
+
+    def _card_response(self, request: Request, agent_id: str) -> Response:
+        if agent_id not in self._handler.agents:
+            return JSONResponse({"code": "not_found", "message": "no agent here"}, 404)
+        base = f"{request.url.scheme}://{request.url.netloc}"
+        return JSONResponse(agent_card_to_dict(self._cards(agent_id, base)))
+
+
+def _replay(body: bytes, then: Receive) -> Receive:
+    """receive() giving the body read already, then the request's own (its disconnect: a
+    stream's end when the client goes)."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await then()
+
+    return receive

@@ -1,0 +1,300 @@
+"""A2A (docs/a2a.md) with the a2a-sdk's client as the caller: JSON-RPC on the HTTP port and
+gRPC on the gRPC port, against a real server on each backend."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from a2a.client import ClientConfig, create_client
+from a2a.client.client import Client, ClientCallContext
+from a2a.types import a2a_pb2 as a2a
+from google.protobuf import json_format
+
+from server.app import Keel
+from server.auth.keys import Role, add_key
+from tests.integration.conftest import script, text
+
+SCRIPTED_TEXT = "".join(f"t{n} " for n in range(50)) + "done"  # its final answer
+NEXT_OFFSET = "keel.dev/next_offset"
+VERSION = {"a2a-version": "1.0"}  # what the SDK's clients send; without it: A2A 0.3
+
+
+async def web_keel(start_keel: Callable[..., Any], **overrides: Any) -> Keel:
+    keel: Keel = await start_keel(http_port=0, **overrides)
+    return keel
+
+
+def agent_url(keel: Keel, agent_id: str = "scripted") -> str:
+    assert keel.http is not None
+    return f"http://127.0.0.1:{keel.http.port}/a2a/{agent_id}"
+
+
+def user_message(text_: str, **fields: Any) -> a2a.Message:
+    return a2a.Message(
+        message_id=str(uuid.uuid4()), role=a2a.ROLE_USER, parts=[a2a.Part(text=text_)], **fields
+    )
+
+
+def decisions_message(task_id: str, decisions: list[dict[str, Any]]) -> a2a.Message:
+    part = a2a.Part()
+    json_format.ParseDict({"decisions": decisions}, part.data)
+    return a2a.Message(
+        message_id=str(uuid.uuid4()), role=a2a.ROLE_USER, task_id=task_id, parts=[part]
+    )
+
+
+async def client_of(keel: Keel, transport: str = "jsonrpc", key: str = "") -> Client:
+    if transport == "grpc":
+
+        def channel(target: str) -> grpc.aio.Channel:
+            return grpc.aio.insecure_channel(target)
+
+        config = ClientConfig(
+            grpc_channel_factory=channel,
+            supported_protocol_bindings=["GRPC"],
+        )
+        return await create_client(agent_url(keel), client_config=config)
+    if key:
+        config = ClientConfig(
+            httpx_client=httpx.AsyncClient(headers={"authorization": f"Bearer {key}"})
+        )
+        return await create_client(agent_url(keel), client_config=config)
+    return await create_client(agent_url(keel))
+
+
+class Reassembled:
+    """A task's stream as a client sees it: the text artifact rebuilt from its chunks."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.states: list[int] = []
+        self.task_id = ""
+        self.next_offset = 0
+        self.last_chunk = False
+        self.status_messages: list[a2a.Message] = []
+        self.data_artifacts: list[a2a.Artifact] = []
+
+    def add(self, response: a2a.StreamResponse) -> None:
+        kind = response.WhichOneof("payload")
+        if kind == "task":
+            self.task_id = response.task.id
+            return
+        event: Any = getattr(response, kind)
+        if NEXT_OFFSET in event.metadata:
+            self.next_offset = int(event.metadata[NEXT_OFFSET])
+        if kind == "status_update":
+            self.states.append(event.status.state)
+            if event.status.HasField("message"):
+                self.status_messages.append(event.status.message)
+        elif kind == "artifact_update":
+            if event.artifact.artifact_id == "text":
+                chunk = "".join(p.text for p in event.artifact.parts)
+                self.text = self.text + chunk if event.append else chunk
+                self.last_chunk = event.last_chunk
+            else:
+                self.data_artifacts.append(event.artifact)
+
+
+async def consume(
+    stream: AsyncIterator[a2a.StreamResponse], into: Reassembled, stop_after: int | None = None
+) -> Reassembled:
+    seen = 0
+    async for response in stream:
+        into.add(response)
+        seen += 1
+        if stop_after is not None and seen >= stop_after:
+            break
+    return into
+
+
+@pytest.mark.parametrize("transport", ["jsonrpc", "grpc"])
+async def test_a_streamed_run_is_one_text_artifact(
+    start_keel: Callable[..., Any], transport: str
+) -> None:
+    keel = await web_keel(start_keel)
+    client = await client_of(keel, transport)
+    got = await consume(
+        client.send_message(a2a.SendMessageRequest(message=user_message(script(text(50))))),
+        Reassembled(),
+    )
+    assert got.text == SCRIPTED_TEXT
+    assert got.last_chunk
+    assert got.states[0] == a2a.TASK_STATE_WORKING
+    assert got.states[-1] == a2a.TASK_STATE_COMPLETED
+    task = await client.get_task(a2a.GetTaskRequest(id=got.task_id))
+    assert task.status.state == a2a.TASK_STATE_COMPLETED
+    assert task.artifacts[0].parts[0].text == SCRIPTED_TEXT
+    assert task.context_id  # a thread of its own
+    await client.close()
+
+
+async def test_subscribing_from_the_offset_misses_and_repeats_nothing(
+    start_keel: Callable[..., Any],
+) -> None:
+    keel = await web_keel(start_keel)
+    client = await client_of(keel)
+    request = a2a.SendMessageRequest(message=user_message(script(text(50, delay_ms=20))))
+    first = await consume(client.send_message(request), Reassembled(), stop_after=10)
+    assert first.task_id and 0 < len(first.text) < len(SCRIPTED_TEXT)
+    context = ClientCallContext(service_parameters={"keel-next-offset": str(first.next_offset)})
+    rest = Reassembled()
+    rest.text = first.text  # the client keeps what it had
+    await consume(
+        client.subscribe(a2a.SubscribeToTaskRequest(id=first.task_id), context=context), rest
+    )
+    assert rest.text == SCRIPTED_TEXT
+    assert rest.states[-1] == a2a.TASK_STATE_COMPLETED
+    await client.close()
+
+
+async def test_cancel_task(start_keel: Callable[..., Any]) -> None:
+    keel = await web_keel(start_keel)
+    client = await client_of(keel)
+    request = a2a.SendMessageRequest(
+        message=user_message(script(text(50, delay_ms=100))),
+        configuration=a2a.SendMessageConfiguration(return_immediately=True),
+    )
+    got = await consume(client.send_message(request), Reassembled(), stop_after=2)
+    cancelled = await client.cancel_task(a2a.CancelTaskRequest(id=got.task_id))
+    assert cancelled.id == got.task_id
+    task = await client.get_task(a2a.GetTaskRequest(id=got.task_id))
+    for _ in range(100):
+        if task.status.state == a2a.TASK_STATE_CANCELED:
+            break
+        task = await client.get_task(a2a.GetTaskRequest(id=got.task_id))
+    assert task.status.state == a2a.TASK_STATE_CANCELED
+    with pytest.raises(Exception, match="cannot be canceled"):
+        await client.cancel_task(a2a.CancelTaskRequest(id=got.task_id))
+    await client.close()
+
+
+@pytest.mark.parametrize("transport", ["jsonrpc", "grpc"])
+async def test_approval_round_trip(start_keel: Callable[..., Any], transport: str) -> None:
+    keel = await web_keel(start_keel)
+    client = await client_of(keel, transport)
+    steps = script(text(3), {"tool": "approve_me", "args": {"action": "deploy"}}, text(3))
+    got = await consume(
+        client.send_message(a2a.SendMessageRequest(message=user_message(steps))), Reassembled()
+    )
+    assert got.states[-1] == a2a.TASK_STATE_INPUT_REQUIRED
+    asked = got.status_messages[-1]
+    pending = json_format.MessageToDict(asked.parts[1].data)["pending"]
+    assert [(p["tool_name"], p["kind"], p["args"]) for p in pending] == [
+        ("approve_me", "approval", {"action": "deploy"})
+    ]
+    # Text alone does not answer it.
+    with pytest.raises(Exception, match="input-required"):
+        await consume(
+            client.send_message(
+                a2a.SendMessageRequest(message=user_message("yes", task_id=got.task_id))
+            ),
+            Reassembled(),
+        )
+    answer = decisions_message(
+        got.task_id, [{"tool_call_id": pending[0]["tool_call_id"], "approve": True}]
+    )
+    resumed = Reassembled()
+    resumed.text = got.text
+    await consume(client.send_message(a2a.SendMessageRequest(message=answer)), resumed)
+    assert resumed.states[-1] == a2a.TASK_STATE_COMPLETED
+    assert resumed.text == "t0 t1 t2 t3 t4 t5 done"
+    # A finished task takes no more messages.
+    with pytest.raises(Exception, match="no more messages"):
+        await consume(client.send_message(a2a.SendMessageRequest(message=answer)), Reassembled())
+    await client.close()
+
+
+async def test_cards(start_keel: Callable[..., Any]) -> None:
+    keel = await web_keel(start_keel)
+    assert keel.http is not None
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{keel.http.port}") as http:
+        card = (await http.get("/a2a/scripted/.well-known/agent-card.json")).json()
+        assert card["name"] == "scripted"
+        assert card["capabilities"]["streaming"] is True
+        assert not card["capabilities"].get("pushNotifications", False)
+        assert {s["id"] for s in card["skills"]} >= {"approve_me"}
+        interfaces = {i["protocolBinding"]: i for i in card["supportedInterfaces"]}
+        assert interfaces["JSONRPC"]["url"].endswith("/a2a/scripted")
+        assert interfaces["GRPC"]["tenant"] == "scripted"
+        default = (await http.get("/.well-known/agent-card.json")).json()
+        assert default["supportedInterfaces"]
+        assert (await http.get("/a2a/nobody/.well-known/agent-card.json")).status_code == 404
+
+
+async def test_bad_json_rpc(start_keel: Callable[..., Any]) -> None:
+    keel = await web_keel(start_keel)
+    url = agent_url(keel)
+    async with httpx.AsyncClient() as http:
+
+        async def code(body: bytes) -> int:
+            response = await http.post(
+                url, content=body, headers={"content-type": "application/json", **VERSION}
+            )
+            return int(response.json()["error"]["code"])
+
+        assert await code(b"{not json") == -32700
+        assert await code(b'{"jsonrpc": "1.0", "id": 1, "method": "GetTask"}') == -32600
+        assert await code(b'{"jsonrpc": "2.0", "id": 1, "method": "Nope", "params": {}}') == -32601
+        assert (
+            await code(
+                b'{"jsonrpc": "2.0", "id": 1, "method": "GetTask", '
+                b'"params": {"id": 5, "historyLength": "x"}}'
+            )
+            == -32602
+        )
+        unknown = b'{"jsonrpc": "2.0", "id": 1, "method": "GetTask", "params": {"id": "%s"}}'
+        assert await code(unknown % str(uuid.uuid4()).encode()) == -32001  # TaskNotFound
+        assert await code(unknown % b"not a run id") == -32001
+
+
+async def test_oversized_requests_are_refused(start_keel: Callable[..., Any]) -> None:
+    keel = await web_keel(start_keel, grpc_max_receive_message_bytes=64 * 1024)
+    async with httpx.AsyncClient() as http:
+        response = await http.post(
+            agent_url(keel),
+            content=b'{"jsonrpc": "2.0", "id": 1, "method": "SendMessage", "params": {"x": "'
+            + b"x" * 100_000
+            + b'"}}',
+            headers={"content-type": "application/json"},
+        )
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == -32600
+
+
+async def test_auth(start_keel: Callable[..., Any], tmp_path: Path) -> None:
+    keys = tmp_path / "keys.jsonl"
+    runner = add_key(keys, "tenant-a", Role.RUNNER)
+    reader = add_key(keys, "tenant-a", Role.READER)
+    other = add_key(keys, "tenant-b", Role.RUNNER)
+    keel = await web_keel(start_keel, api_keys_file=str(keys))
+    async with httpx.AsyncClient() as http:
+        body = b'{"jsonrpc": "2.0", "id": 1, "method": "ListTasks", "params": {}}'
+        assert (await http.post(agent_url(keel), content=body)).status_code == 401
+        card = (await http.get(agent_url(keel) + "/.well-known/agent-card.json")).json()
+        assert "bearer" in card["securitySchemes"]
+    client = await client_of(keel, key=runner)
+    got = await consume(
+        client.send_message(a2a.SendMessageRequest(message=user_message(script(text(5))))),
+        Reassembled(),
+    )
+    assert got.text == "t0 t1 t2 t3 t4 done"
+    reading = await client_of(keel, key=reader)
+    assert (await reading.get_task(a2a.GetTaskRequest(id=got.task_id))).id == got.task_id
+    with pytest.raises(Exception, match="role"):
+        await consume(
+            reading.send_message(a2a.SendMessageRequest(message=user_message(script(text(1))))),
+            Reassembled(),
+        )
+    foreign = await client_of(keel, key=other)
+    with pytest.raises(Exception, match="not found"):
+        await foreign.get_task(a2a.GetTaskRequest(id=got.task_id))
+    listed = await foreign.list_tasks(a2a.ListTasksRequest())
+    assert not listed.tasks
+    for c in (client, reading, foreign):
+        await c.close()
