@@ -160,22 +160,32 @@ class KeelRequestHandler(RequestHandler):
         assert isinstance(record, RunRecord)
         return record
 
+    async def _replay(
+        self, record: RunRecord, upto: int
+    ) -> tuple[tasks.Translator, AgentEvent | None]:
+        """A translator that has seen the run's events below `upto` (read from the log, the
+        text a stream of the whole run builds), and the last of them."""
+        translator = tasks.Translator(record)
+        last: AgentEvent | None = None
+        if record.live_only or record.earliest_index > 0:
+            return translator, None  # the log does not hold them all
+        offset = 0
+        while offset < upto:
+            page = await self._log.read(record.run_id, offset, min(_READ_PAGE, upto - offset))
+            if not page:
+                break
+            translator.translate(page)
+            offset = page[-1].index + 1
+            last = page[-1]
+        return translator, last
+
     async def _task(
         self, record: RunRecord, history_length: int | None = None, *, artifacts: bool = True
     ) -> a2a.Task:
         final: AgentEvent | None = None
         text: str | None = None
         if artifacts and not record.live_only and record.earliest_index == 0:
-            # The text artifact, as a stream of the whole run builds it.
-            translator = tasks.Translator(record)
-            offset = 0
-            while offset < record.next_index:
-                page = await self._log.read(record.run_id, offset, _READ_PAGE)
-                if not page:
-                    break
-                translator.translate(page)
-                offset = page[-1].index + 1
-                final = page[-1]
+            translator, final = await self._replay(record, record.next_index)
             text = translator.text
         elif artifacts and record.state is RunState.SUCCEEDED and record.next_index:
             last = await self._log.read(record.run_id, record.next_index - 1, 1)
@@ -273,9 +283,7 @@ class KeelRequestHandler(RequestHandler):
         record, launch, offset = await self._send(params, context)
         try:
             first = True
-            async for item in self._translate(
-                record.run_id, offset, on_subscribed=launch, resumed_text=offset > 0
-            ):
+            async for item in self._translate(record.run_id, offset, on_subscribed=launch):
                 if first and not isinstance(item, a2a.Task):
                     yield await self._task(record)
                 first = False
@@ -297,7 +305,7 @@ class KeelRequestHandler(RequestHandler):
                 f"task {params.id!r} is {a2a.TaskState.Name(tasks.STATES[record.state])}: "
                 "there is nothing to subscribe to (GetTask reads it)"
             )
-        async for item in self._translate(record.run_id, offset, resumed_text=offset > 0):
+        async for item in self._translate(record.run_id, offset):
             yield item
 
     async def _send(
@@ -382,12 +390,14 @@ class KeelRequestHandler(RequestHandler):
         offset: int,
         *,
         on_subscribed: Callable[[], None] | None = None,
-        resumed_text: bool = False,
     ) -> AsyncIterator[Event]:
+        """The task, then the A2A events of the run's events from `offset` on. A stream from
+        an offset has seen the text before it: its chunks append, and a superseded
+        attempt's text is taken back from all of it."""
         translator: tasks.Translator | None = None
         async for item in self._follow(run_id, offset, on_subscribed):
             if isinstance(item, Snapshot):
-                translator = tasks.Translator(item.run, resumed_text=resumed_text)
+                translator, _ = await self._replay(item.run, offset)
                 yield await self._task(item.run)
                 continue
             assert translator is not None

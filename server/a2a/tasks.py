@@ -181,16 +181,16 @@ class Translator:
 
     The text artifact is built from text deltas: its first chunk replaces
     (append false), later ones append; a superseded attempt's text is taken back
-    by sending the text kept so far again with append false. `resumed_text`: the
-    stream starts after some of the run's text (a subscription from an offset),
-    so its first chunk appends.
+    by sending the text kept so far again with append false. A stream from an
+    offset has its translator see the events before it first (their A2A events
+    are dropped).
     """
 
-    def __init__(self, record: RunRecord, *, resumed_text: bool = False) -> None:
+    def __init__(self, record: RunRecord) -> None:
         self._task_id = record.run_id
         self._context_id = record.thread_id
         self._text: list[tuple[int, str]] = []  # (event index, delta) of the text so far
-        self._sent_text = resumed_text
+        self._sent_text = False
 
     @property
     def text(self) -> str:

@@ -14,11 +14,13 @@ import pytest
 from a2a.client import ClientConfig, create_client
 from a2a.client.client import Client, ClientCallContext
 from a2a.types import a2a_pb2 as a2a
+from a2a.types import a2a_pb2_grpc
 from google.protobuf import json_format
 
 from server.app import Keel
 from server.auth.keys import Role, add_key
 from tests.integration.conftest import script, text
+from tests.processes import start_keel_process
 
 SCRIPTED_TEXT = "".join(f"t{n} " for n in range(50)) + "done"  # its final answer
 NEXT_OFFSET = "keel.dev/next_offset"
@@ -298,3 +300,200 @@ async def test_auth(start_keel: Callable[..., Any], tmp_path: Path) -> None:
     assert not listed.tasks
     for c in (client, reading, foreign):
         await c.close()
+
+
+async def test_a_follow_up_message_in_the_context_shares_its_history(
+    start_keel: Callable[..., Any],
+) -> None:
+    keel = await web_keel(start_keel)
+    client = await client_of(keel)
+    echo = script({"echo_history": True})
+    first = await consume(
+        client.send_message(a2a.SendMessageRequest(message=user_message(echo))), Reassembled()
+    )
+    assert first.text == "history=0 done"
+    task = await client.get_task(a2a.GetTaskRequest(id=first.task_id, history_length=1))
+    assert len(task.history) == 1
+    context_id = task.context_id
+    second = await consume(
+        client.send_message(
+            a2a.SendMessageRequest(message=user_message(echo, context_id=context_id))
+        ),
+        Reassembled(),
+    )
+    assert second.text == "history=1 done"
+    # A context of the caller's choosing is made on first use.
+    mine = str(uuid.uuid4()).replace("-", "")
+    third = await consume(
+        client.send_message(a2a.SendMessageRequest(message=user_message(echo, context_id=mine))),
+        Reassembled(),
+    )
+    assert third.text == "history=0 done"
+    listed = await client.list_tasks(a2a.ListTasksRequest(context_id=context_id))
+    assert {t.id for t in listed.tasks} == {first.task_id, second.task_id}
+    assert all(not t.artifacts for t in listed.tasks)
+    everything = await client.list_tasks(a2a.ListTasksRequest(page_size=2, include_artifacts=True))
+    assert len(everything.tasks) == 2 and everything.next_page_token
+    assert everything.tasks[0].artifacts
+    rest = await client.list_tasks(
+        a2a.ListTasksRequest(page_size=2, page_token=everything.next_page_token)
+    )
+    assert len(rest.tasks) == 1
+    completed = await client.list_tasks(a2a.ListTasksRequest(status=a2a.TASK_STATE_COMPLETED))
+    assert len(completed.tasks) == 3
+    await client.close()
+
+
+async def test_send_message_without_streaming_waits_unless_told_not_to(
+    start_keel: Callable[..., Any],
+) -> None:
+    keel = await web_keel(start_keel)
+    client = await create_client(agent_url(keel), client_config=ClientConfig(streaming=False))
+    responses = [
+        r
+        async for r in client.send_message(
+            a2a.SendMessageRequest(message=user_message(script(text(5))))
+        )
+    ]
+    assert responses[-1].task.status.state == a2a.TASK_STATE_COMPLETED
+    assert responses[-1].task.artifacts[0].parts[0].text == "t0 t1 t2 t3 t4 done"
+    at_once = [
+        r
+        async for r in client.send_message(
+            a2a.SendMessageRequest(
+                message=user_message(script(text(5, delay_ms=50))),
+                configuration=a2a.SendMessageConfiguration(return_immediately=True),
+            )
+        )
+    ]
+    assert at_once[-1].task.status.state in (a2a.TASK_STATE_SUBMITTED, a2a.TASK_STATE_WORKING)
+    await client.close()
+
+
+async def test_grpc_subscribe_from_the_offset_and_errors(start_keel: Callable[..., Any]) -> None:
+    keel = await web_keel(start_keel)
+    client = await client_of(keel, "grpc")
+    request = a2a.SendMessageRequest(message=user_message(script(text(50, delay_ms=20))))
+    first = await consume(client.send_message(request), Reassembled(), stop_after=10)
+    context = ClientCallContext(service_parameters={"keel-next-offset": str(first.next_offset)})
+    rest = Reassembled()
+    rest.text = first.text
+    await consume(
+        client.subscribe(a2a.SubscribeToTaskRequest(id=first.task_id), context=context), rest
+    )
+    assert rest.text == SCRIPTED_TEXT
+    with pytest.raises(Exception, match="not found"):
+        await client.get_task(a2a.GetTaskRequest(id=str(uuid.uuid4())))
+    with pytest.raises(Exception, match="cannot be canceled"):
+        await client.cancel_task(a2a.CancelTaskRequest(id=first.task_id))
+    await client.close()
+    # The request's tenant names the agent: an unknown one is refused.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{keel.port}") as channel:
+        stub = a2a_pb2_grpc.A2AServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await stub.SendMessage(
+                a2a.SendMessageRequest(tenant="nobody", message=user_message("hi")),
+                metadata=(("a2a-version", "1.0"),),
+            )
+        assert unknown.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_grpc_auth(start_keel: Callable[..., Any], tmp_path: Path) -> None:
+    keys = tmp_path / "keys.jsonl"
+    reader = add_key(keys, "tenant-a", Role.READER)
+    keel = await web_keel(start_keel, api_keys_file=str(keys))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{keel.port}") as channel:
+        stub = a2a_pb2_grpc.A2AServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as anonymous:
+            await stub.ListTasks(a2a.ListTasksRequest())
+        assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        metadata = (("authorization", f"Bearer {reader}"), ("a2a-version", "1.0"))
+        assert not (await stub.ListTasks(a2a.ListTasksRequest(), metadata=metadata)).tasks
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await stub.SendMessage(
+                a2a.SendMessageRequest(message=user_message(script(text(1)))),
+                metadata=metadata,
+            )
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_an_approval_survives_a_sigkill(redis_url: str, key_prefix: str) -> None:
+    env = {"KEEL_LEASE_TTL_S": "1"}
+    first = await start_keel_process(
+        redis_url=redis_url, key_prefix=key_prefix, args=["--http-port", "0"], env=env
+    )
+    try:
+        client = await create_client(f"http://127.0.0.1:{first.http_port}/a2a/scripted")
+        steps = script(text(3), {"tool": "approve_me", "args": {"action": "deploy"}}, text(3))
+        got = await consume(
+            client.send_message(a2a.SendMessageRequest(message=user_message(steps))),
+            Reassembled(),
+        )
+        await client.close()
+        assert got.states[-1] == a2a.TASK_STATE_INPUT_REQUIRED
+    finally:
+        first.kill()
+        await first.wait()
+    second = await start_keel_process(
+        redis_url=redis_url, key_prefix=key_prefix, args=["--http-port", "0"], env=env
+    )
+    try:
+        client = await create_client(f"http://127.0.0.1:{second.http_port}/a2a/scripted")
+        task = await client.get_task(a2a.GetTaskRequest(id=got.task_id))
+        assert task.status.state == a2a.TASK_STATE_INPUT_REQUIRED
+        pending = json_format.MessageToDict(task.status.message.parts[1].data)["pending"]
+        answer = decisions_message(
+            got.task_id, [{"tool_call_id": pending[0]["tool_call_id"], "approve": True}]
+        )
+        resumed = Reassembled()
+        resumed.text = got.text
+        await consume(client.send_message(a2a.SendMessageRequest(message=answer)), resumed)
+        assert resumed.states[-1] == a2a.TASK_STATE_COMPLETED
+        assert resumed.text == "t0 t1 t2 t3 t4 t5 done"
+        results = [
+            json_format.MessageToDict(m.parts[1].data)
+            for m in resumed.status_messages
+            if len(m.parts) > 1
+        ]
+        assert any("tool_result" in r for r in results)
+        await client.close()
+    finally:
+        second.kill()
+        await second.wait()
+
+
+async def test_a_stream_resumes_on_another_server_after_a_sigkill(
+    redis_url: str, key_prefix: str
+) -> None:
+    env = {"KEEL_LEASE_TTL_S": "1"}
+    first = await start_keel_process(
+        redis_url=redis_url, key_prefix=key_prefix, args=["--http-port", "0"], env=env
+    )
+    try:
+        client = await create_client(f"http://127.0.0.1:{first.http_port}/a2a/scripted")
+        request = a2a.SendMessageRequest(message=user_message(script(text(50, delay_ms=20))))
+        got = await consume(client.send_message(request), Reassembled(), stop_after=10)
+        await client.close()
+        assert 0 < len(got.text) < len(SCRIPTED_TEXT)
+    finally:
+        first.kill()
+        await first.wait()
+    second = await start_keel_process(
+        redis_url=redis_url, key_prefix=key_prefix, args=["--http-port", "0"], env=env
+    )
+    try:
+        client = await create_client(f"http://127.0.0.1:{second.http_port}/a2a/scripted")
+        context = ClientCallContext(service_parameters={"keel-next-offset": str(got.next_offset)})
+        # The interrupted attempt's text is taken back (a chunk with append false) and
+        # the step runs again on this server.
+        await consume(
+            client.subscribe(a2a.SubscribeToTaskRequest(id=got.task_id), context=context), got
+        )
+        assert got.text == SCRIPTED_TEXT
+        assert got.states[-1] == a2a.TASK_STATE_COMPLETED
+        task = await client.get_task(a2a.GetTaskRequest(id=got.task_id))
+        assert task.artifacts[0].parts[0].text == SCRIPTED_TEXT
+        await client.close()
+    finally:
+        second.kill()
+        await second.wait()
