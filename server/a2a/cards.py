@@ -11,6 +11,7 @@ from server.agents.registry import describe
 from server.agents.types import AgentSpec
 
 PREFIX = "/a2a"  # an agent's JSON-RPC endpoint: PREFIX/<agent id>
+REST = "rest"  # an agent's HTTP+JSON binding: PREFIX/<agent id>/REST/...
 CARD_PATH = "/.well-known/agent-card.json"
 BEARER = "bearer"  # the security scheme's name
 
@@ -35,7 +36,12 @@ def card(
             url=http_base + jsonrpc_path(agent_id),
             protocol_binding=TransportProtocol.JSONRPC.value,
             protocol_version=PROTOCOL_VERSION_1_0,
-        )
+        ),
+        a2a.AgentInterface(
+            url=f"{http_base}{jsonrpc_path(agent_id)}/{REST}",
+            protocol_binding=TransportProtocol.HTTP_JSON.value,
+            protocol_version=PROTOCOL_VERSION_1_0,
+        ),
     ]
     if grpc_target:
         # The gRPC binding serves every agent: the request's tenant field names it,

@@ -3,11 +3,12 @@
     GET  /.well-known/agent-card.json          the default agent's card
     GET  /a2a/{agent_id}/.well-known/agent-card.json
     POST /a2a/{agent_id}                       JSON-RPC (the a2a-sdk's dispatcher)
+    *    /a2a/{agent_id}/rest/...              HTTP+JSON (the a2a-sdk's REST routes)
 
-Cards are public. A JSON-RPC call passes the Gate first: without a valid API
-key (on a server with keys) it is answered 401 with the port's JSON error;
-the role each operation needs is checked by the handler. A body over
-`read_max_bytes` is answered 413 with a JSON-RPC error.
+Cards are public. Any other call passes the Gate first: without a valid API
+key (on a server with keys) it is answered 401 with the port's JSON error, and
+sending or cancelling with a reader's key 403 (the handler checks roles too).
+A body over `read_max_bytes` is answered 413 with a JSON-RPC error.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from a2a.server.context import ServerCallContext
 from a2a.server.request_handlers.response_helpers import agent_card_to_dict
 from a2a.server.routes.common import DefaultServerCallContextBuilder
 from a2a.server.routes.jsonrpc_routes import create_jsonrpc_routes
+from a2a.server.routes.rest_routes import create_rest_routes
 from a2a.types import a2a_pb2 as a2a
 from google.rpc import code_pb2
 from starlette.applications import Starlette
@@ -27,9 +29,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from server.a2a.cards import CARD_PATH, PREFIX
+from server.a2a.cards import CARD_PATH, PREFIX, REST
 from server.a2a.handler import AGENT_STATE, KeelRequestHandler
 from server.auth.gate import Gate
+from server.auth.keys import Role
 from server.errors import PermissionDenied, Unauthenticated
 from server.web.asgi import Message, Receive, Scope, Send, request_headers, respond, respond_problem
 from server.web.errors import http_problem
@@ -72,13 +75,21 @@ class A2AApplication:
             *create_jsonrpc_routes(
                 handler, PREFIX + "/{agent_id}", context_builder=_ContextBuilder()
             ),
+            *create_rest_routes(
+                handler,
+                context_builder=_ContextBuilder(),
+                path_prefix=PREFIX + "/{agent_id}/" + REST,
+            ),
         ]
         self._app = Starlette(routes=routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
-        agent_id = path[len(PREFIX) + 1 :].split("/", 1)[0] if path.startswith(PREFIX + "/") else ""
-        if path.startswith(PREFIX + "/") and agent_id not in self._handler.agents:
+        if not path.startswith(PREFIX + "/"):
+            await self._app(scope, receive, send)  # the default card
+            return
+        agent_id, _, rest = path[len(PREFIX) + 1 :].partition("/")
+        if agent_id not in self._handler.agents:
             await respond_problem(
                 send,
                 http_problem(
@@ -89,18 +100,18 @@ class A2AApplication:
                 ),
             )
             return
-        if scope["method"] == "POST" and path.startswith(PREFIX + "/"):
-            try:
-                self._gate.admit(_IDENTIFY_AS, request_headers(scope))
-            except (Unauthenticated, PermissionDenied) as exc:
-                problem = http_problem(
-                    HTTPStatus.UNAUTHORIZED,
-                    code_pb2.UNAUTHENTICATED,
-                    str(exc),
-                    "UNAUTHENTICATED",
-                )
-                await respond_problem(send, problem, [(b"www-authenticate", b"Bearer")])
-                return
+        if "/" + rest == CARD_PATH:
+            await self._app(scope, receive, send)  # cards are public
+            return
+        try:
+            caller = self._gate.admit(_IDENTIFY_AS, request_headers(scope))
+        except (Unauthenticated, PermissionDenied) as exc:
+            problem = http_problem(
+                HTTPStatus.UNAUTHORIZED, code_pb2.UNAUTHENTICATED, str(exc), "UNAUTHENTICATED"
+            )
+            await respond_problem(send, problem, [(b"www-authenticate", b"Bearer")])
+            return
+        if scope["method"] == "POST":
             body = await self._body(receive)
             if body is None:
                 error = {
@@ -112,6 +123,17 @@ class A2AApplication:
                     },
                 }
                 await respond(send, 413, json.dumps(error).encode(), (), "application/json")
+                return
+            operation = _running_operation(rest, body)
+            if operation and not caller.role.allows(Role.RUNNER):
+                refused = PermissionDenied(operation, caller.role.value, Role.RUNNER.value)
+                problem = http_problem(
+                    HTTPStatus.FORBIDDEN,
+                    code_pb2.PERMISSION_DENIED,
+                    str(refused),
+                    "PERMISSION_DENIED",
+                )
+                await respond_problem(send, problem)
                 return
             receive = _replay(body, receive)
         await self._app(scope, receive, send)
@@ -143,6 +165,38 @@ class A2AApplication:
             return JSONResponse({"code": "not_found", "message": "no agent here"}, 404)
         base = f"{request.url.scheme}://{request.url.netloc}"
         return JSONResponse(agent_card_to_dict(self._cards(agent_id, base)))
+
+
+_RUNNING_METHODS = frozenset(
+    {
+        "SendMessage",
+        "SendStreamingMessage",
+        "CancelTask",
+        "CreateTaskPushNotificationConfig",
+        "DeleteTaskPushNotificationConfig",
+    }
+)
+
+
+def _running_operation(rest: str, body: bytes) -> str:
+    """The operation of a POST that needs the runner role ("" for none): a JSON-RPC
+    method, or a REST route (message:send, message:stream, tasks/{id}:cancel)."""
+    if rest == "":
+        try:
+            request = json.loads(body)
+        except ValueError:
+            return ""  # the dispatcher answers -32700
+        method = request.get("method") if isinstance(request, dict) else None
+        return method if isinstance(method, str) and method in _RUNNING_METHODS else ""
+    if rest.startswith(REST + "/"):
+        route = rest[len(REST) + 1 :]
+        if route in ("message:send", "message:stream"):
+            return "SendMessage"
+        if route.startswith("tasks/") and route.endswith(":cancel"):
+            return "CancelTask"
+        if route.startswith("tasks/") and "/pushNotificationConfigs" in route:
+            return "CreateTaskPushNotificationConfig"
+    return ""
 
 
 def _replay(body: bytes, then: Receive) -> Receive:

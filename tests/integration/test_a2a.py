@@ -62,6 +62,9 @@ async def client_of(keel: Keel, transport: str = "jsonrpc", key: str = "") -> Cl
             supported_protocol_bindings=["GRPC"],
         )
         return await create_client(agent_url(keel), client_config=config)
+    if transport == "rest":
+        config = ClientConfig(supported_protocol_bindings=["HTTP+JSON"])
+        return await create_client(agent_url(keel), client_config=config)
     if key:
         config = ClientConfig(
             httpx_client=httpx.AsyncClient(headers={"authorization": f"Bearer {key}"})
@@ -115,7 +118,7 @@ async def consume(
     return into
 
 
-@pytest.mark.parametrize("transport", ["jsonrpc", "grpc"])
+@pytest.mark.parametrize("transport", ["jsonrpc", "grpc", "rest"])
 async def test_a_streamed_run_is_one_text_artifact(
     start_keel: Callable[..., Any], transport: str
 ) -> None:
@@ -176,7 +179,7 @@ async def test_cancel_task(start_keel: Callable[..., Any]) -> None:
     await client.close()
 
 
-@pytest.mark.parametrize("transport", ["jsonrpc", "grpc"])
+@pytest.mark.parametrize("transport", ["jsonrpc", "grpc", "rest"])
 async def test_approval_round_trip(start_keel: Callable[..., Any], transport: str) -> None:
     keel = await web_keel(start_keel)
     client = await client_of(keel, transport)
@@ -224,6 +227,7 @@ async def test_cards(start_keel: Callable[..., Any]) -> None:
         interfaces = {i["protocolBinding"]: i for i in card["supportedInterfaces"]}
         assert interfaces["JSONRPC"]["url"].endswith("/a2a/scripted")
         assert interfaces["GRPC"]["tenant"] == "scripted"
+        assert interfaces["HTTP+JSON"]["url"].endswith("/a2a/scripted/rest")
         default = (await http.get("/.well-known/agent-card.json")).json()
         assert default["supportedInterfaces"]
         assert (await http.get("/a2a/nobody/.well-known/agent-card.json")).status_code == 404
@@ -288,11 +292,22 @@ async def test_auth(start_keel: Callable[..., Any], tmp_path: Path) -> None:
     assert got.text == "t0 t1 t2 t3 t4 done"
     reading = await client_of(keel, key=reader)
     assert (await reading.get_task(a2a.GetTaskRequest(id=got.task_id))).id == got.task_id
-    with pytest.raises(Exception, match="role"):
+    with pytest.raises(Exception, match="403"):
         await consume(
             reading.send_message(a2a.SendMessageRequest(message=user_message(script(text(1))))),
             Reassembled(),
         )
+    async with httpx.AsyncClient(headers={"authorization": f"Bearer {reader}", **VERSION}) as http:
+        cancel = {"jsonrpc": "2.0", "id": 1, "method": "CancelTask", "params": {"id": "x"}}
+        refused = await http.post(agent_url(keel), json=cancel)
+        assert refused.status_code == 403
+        assert "runner" in refused.json()["message"]
+        assert (await http.post(agent_url(keel) + "/rest/message:send", json={})).status_code == 403
+        listed = await http.get(agent_url(keel) + "/rest/tasks")
+        assert listed.status_code == 200
+        assert [t["id"] for t in listed.json()["tasks"]] == [got.task_id]
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(agent_url(keel) + "/rest/tasks")).status_code == 401
     foreign = await client_of(keel, key=other)
     with pytest.raises(Exception, match="not found"):
         await foreign.get_task(a2a.GetTaskRequest(id=got.task_id))
