@@ -370,19 +370,38 @@ class KeelRequestHandler(RequestHandler):
         run_id: str,
         offset: int,
         on_subscribed: Callable[[], None] | None = None,
-    ) -> AsyncIterator[Snapshot | Events]:
+    ) -> AsyncIterator[tuple[Snapshot | Events, RunRecord | None]]:
+        """The run's snapshot and events from `offset` on, until it ends or waits for
+        input: a batch with a `suspended` event comes with the run's record, and is the
+        last when the run still waits there (an earlier suspension, answered since, is
+        followed through)."""
         async for item in follow(
             self._log,
             run_id,
             offset,
             limits=self._limits,
             draining=self._draining,
-            stop_at_suspend=True,
             on_subscribed=on_subscribed,
             check=_visible,
         ):
-            if isinstance(item, (Snapshot, Events)):
-                yield item
+            if isinstance(item, Snapshot):
+                yield item, None
+                if item.run.state is RunState.SUSPENDED and offset >= item.run.next_index:
+                    return
+            elif isinstance(item, Events):
+                suspensions = [e.index for e in item.events if e.HasField("suspended")]
+                if not suspensions:
+                    yield item, None
+                    continue
+                record = await self._log.get_run(run_id)
+                waits = (
+                    record.state is RunState.SUSPENDED and record.next_index == suspensions[-1] + 1
+                )
+                if waits:
+                    events = [e for e in item.events if e.index <= suspensions[-1]]
+                    yield Events(events), record
+                    return
+                yield item, record
 
     async def _translate(
         self,
@@ -395,16 +414,13 @@ class KeelRequestHandler(RequestHandler):
         an offset has seen the text before it: its chunks append, and a superseded
         attempt's text is taken back from all of it."""
         translator: tasks.Translator | None = None
-        async for item in self._follow(run_id, offset, on_subscribed):
+        async for item, record in self._follow(run_id, offset, on_subscribed):
             if isinstance(item, Snapshot):
                 translator, _ = await self._replay(item.run, offset)
                 yield await self._task(item.run)
                 continue
             assert translator is not None
-            suspended = None
-            if any(e.WhichOneof("payload") == "suspended" for e in item.events):
-                suspended = await self._log.get_run(run_id)
-            for event in translator.translate(item.events, suspended):
+            for event in translator.translate(item.events, record):
                 yield event
 
     # Not served (yet): push notifications.

@@ -86,15 +86,17 @@ def agent_message(task_id: str, context_id: str, *parts: a2a.Part, id_: str) -> 
     )
 
 
-def input_required_message(record: RunRecord) -> a2a.Message:
-    interrupts = pending(record)
+def input_required_message(
+    task_id: str, context_id: str, interrupts: list[dict[str, Any]], id_: str
+) -> a2a.Message:
+    """The status message of an input-required task: what its pending calls wait for."""
     names = ", ".join(f"{i['tool_name']} ({i['tool_call_id']}, {i['kind']})" for i in interrupts)
     return agent_message(
-        record.run_id,
-        record.thread_id,
+        task_id,
+        context_id,
         a2a.Part(text=f"waiting for decisions on: {names}"),
         data_part({"pending": interrupts}),
-        id_=f"{record.run_id}-input-{record.next_index}",
+        id_=id_,
     )
 
 
@@ -102,7 +104,14 @@ def status(record: RunRecord, final_event: AgentEvent | None = None) -> a2a.Task
     result = a2a.TaskStatus(state=STATES[record.state])
     result.timestamp.FromMilliseconds(record.update_time_ms)
     if record.state is RunState.SUSPENDED:
-        result.message.CopyFrom(input_required_message(record))
+        result.message.CopyFrom(
+            input_required_message(
+                record.run_id,
+                record.thread_id,
+                pending(record),
+                f"{record.run_id}-{record.next_index - 1}",
+            )
+        )
     elif record.state in (RunState.FAILED, RunState.CANCELLED) and record.error:
         result.message.CopyFrom(
             agent_message(
@@ -190,6 +199,7 @@ class Translator:
         self._task_id = record.run_id
         self._context_id = record.thread_id
         self._text: list[tuple[int, str]] = []  # (event index, delta) of the text so far
+        self._interrupts: dict[str, dict[str, Any]] = {}  # calls that waited, by id
         self._sent_text = False
 
     @property
@@ -318,10 +328,29 @@ class Translator:
                             ),
                         )
                     )
+                case "tool_call_approval" | "tool_call_suspended":
+                    approval = event.HasField("tool_call_approval")
+                    waiting = event.tool_call_approval if approval else event.tool_call_suspended
+                    self._interrupts[waiting.tool_call_id] = {
+                        "tool_call_id": waiting.tool_call_id,
+                        "tool_name": waiting.tool_name,
+                        "args": _json(waiting.args_json),
+                        "kind": "approval" if approval else "call",
+                    }
                 case "suspended":
                     update = self._status(event, a2a.TASK_STATE_INPUT_REQUIRED)
-                    if suspended is not None:
-                        update.status.message.CopyFrom(input_required_message(suspended))
+                    ids = list(event.suspended.tool_call_ids)
+                    interrupts = [self._interrupts[i] for i in ids if i in self._interrupts]
+                    if len(interrupts) != len(ids) and suspended is not None:
+                        interrupts = pending(suspended)  # a stream that missed their calls
+                    update.status.message.CopyFrom(
+                        input_required_message(
+                            self._task_id,
+                            self._context_id,
+                            interrupts,
+                            f"{self._task_id}-{event.index}",
+                        )
+                    )
                     out.append(update)
                 case "finish":
                     finish = event.finish

@@ -512,3 +512,82 @@ async def test_a_stream_resumes_on_another_server_after_a_sigkill(
     finally:
         second.kill()
         await second.wait()
+
+
+async def test_decisions_and_messages_that_do_not_fit(start_keel: Callable[..., Any]) -> None:
+    keel = await web_keel(start_keel)
+    client = await client_of(keel)
+    steps = script({"tool": "approve_me", "args": {"action": "deploy"}}, text(2))
+    got = await consume(
+        client.send_message(a2a.SendMessageRequest(message=user_message(steps))), Reassembled()
+    )
+    pending = json_format.MessageToDict(got.status_messages[-1].parts[1].data)["pending"]
+    call_id = pending[0]["tool_call_id"]
+
+    async def send(decisions: list[dict[str, Any]]) -> Reassembled:
+        message = decisions_message(got.task_id, decisions)
+        return await consume(
+            client.send_message(a2a.SendMessageRequest(message=message)), Reassembled()
+        )
+
+    with pytest.raises(Exception, match="approve, deny or result"):
+        await send([{"tool_call_id": call_id}])
+    with pytest.raises(Exception, match="names no pending interrupt"):
+        await send([{"tool_call_id": "nobody", "approve": True}])
+    denied = await send([{"tool_call_id": call_id, "deny": "not today"}])
+    assert denied.states[-1] == a2a.TASK_STATE_COMPLETED
+    results = [
+        json_format.MessageToDict(m.parts[1].data)["tool_result"]
+        for m in denied.status_messages
+        if len(m.parts) > 1 and "tool_result" in json_format.MessageToDict(m.parts[1].data)
+    ]
+    assert results[0]["denied"] is True
+    # Subscribing without an offset replays the task from its first event; at its end,
+    # there is nothing to subscribe to.
+    again = await consume(
+        client.subscribe(a2a.SubscribeToTaskRequest(id=got.task_id)), Reassembled()
+    )
+    assert again.text == "t0 t1 done"
+    assert again.states[-1] == a2a.TASK_STATE_COMPLETED
+    # ... its past suspension too, with the calls it waited for then.
+    assert a2a.TASK_STATE_INPUT_REQUIRED in again.states
+    asked_then = [m for m in again.status_messages if m.parts[0].text.startswith("waiting")]
+    assert json_format.MessageToDict(asked_then[0].parts[1].data)["pending"] == pending
+    at_end = ClientCallContext(service_parameters={"keel-next-offset": str(again.next_offset)})
+    with pytest.raises(Exception, match="nothing to subscribe to"):
+        await consume(
+            client.subscribe(a2a.SubscribeToTaskRequest(id=got.task_id), context=at_end),
+            Reassembled(),
+        )
+    # A message for a working task.
+    slow = await consume(
+        client.send_message(
+            a2a.SendMessageRequest(message=user_message(script(text(50, delay_ms=50))))
+        ),
+        Reassembled(),
+        stop_after=3,
+    )
+    with pytest.raises(Exception, match="only when input-required"):
+        await send_to(client, slow.task_id)
+    replayed = await consume(
+        client.subscribe(a2a.SubscribeToTaskRequest(id=slow.task_id)), Reassembled()
+    )
+    assert replayed.text == SCRIPTED_TEXT
+    await client.close()
+
+
+async def send_to(client: Client, task_id: str) -> None:
+    message = decisions_message(task_id, [{"tool_call_id": "x", "approve": True}])
+    await consume(client.send_message(a2a.SendMessageRequest(message=message)), Reassembled())
+
+
+async def test_grpc_oversized_messages_are_refused(start_keel: Callable[..., Any]) -> None:
+    keel = await web_keel(start_keel, grpc_max_receive_message_bytes=64 * 1024)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{keel.port}") as channel:
+        stub = a2a_pb2_grpc.A2AServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.SendMessage(
+                a2a.SendMessageRequest(message=user_message("x" * 100_000)),
+                metadata=(("a2a-version", "1.0"),),
+            )
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
