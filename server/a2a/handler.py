@@ -39,7 +39,7 @@ from server.api import status, validate
 from server.auth.gate import current_caller
 from server.auth.keys import Role
 from server.errors import KeelError, PermissionDenied, RunNotFound, ThreadNotFound
-from server.events.log import RunRecord, RunState
+from server.events.log import RunPageCursor, RunRecord, RunState
 from server.observe.follow import Events, FollowLimits, Snapshot, follow
 from server.observe.observer import Draining
 from server.runs.executors import Executor
@@ -187,7 +187,13 @@ class KeelRequestHandler(RequestHandler):
         if artifacts and not record.live_only and record.earliest_index == 0:
             translator, final = await self._replay(record, record.next_index)
             text = translator.text
-        elif artifacts and record.state is RunState.SUCCEEDED and record.next_index:
+        elif (
+            artifacts
+            and not record.live_only
+            and record.state is RunState.SUCCEEDED
+            and record.next_index > record.earliest_index
+        ):
+            # A trimmed log (KEEL_RETAIN_EVENTS): the output of the finish event.
             last = await self._log.read(record.run_id, record.next_index - 1, 1)
             final = last[0] if last else None
         return tasks.task(record, final, history_length, text)
@@ -233,13 +239,17 @@ class KeelRequestHandler(RequestHandler):
         token = ""
         if len(records) > page_size:
             records = records[:page_size]
-            from server.events.log import RunPageCursor
-
             last = records[-1]
             token = validate.encode_page_token(
                 RunPageCursor(last.create_time_ms, last.run_id), agent_id, states, thread_id, ""
             )
+        if params.HasField("status_timestamp_after"):
+            # Filtered within the page: a page may hold fewer tasks than page_size.
+            since_ms = params.status_timestamp_after.ToMilliseconds()
+            records = [r for r in records if r.update_time_ms >= since_ms]
         length = params.history_length if params.HasField("history_length") else None
+        if length is not None and length < 0:
+            raise InvalidParamsError("history_length must not be negative")
         artifacts = params.include_artifacts if params.HasField("include_artifacts") else False
         listed = [await self._task(r, length, artifacts=artifacts) for r in records]
         return a2a.ListTasksResponse(

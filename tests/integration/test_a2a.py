@@ -16,15 +16,36 @@ from a2a.client.client import Client, ClientCallContext
 from a2a.types import a2a_pb2 as a2a
 from a2a.types import a2a_pb2_grpc
 from google.protobuf import json_format
+from pydantic import BaseModel
+from pydantic_ai import Agent
+from pydantic_ai.models.test import TestModel
 
+from server.agents.types import AgentSpec
 from server.app import Keel
 from server.auth.keys import Role, add_key
 from tests.integration.conftest import script, text
 from tests.processes import start_keel_process
+from tests.registries import options
 
 SCRIPTED_TEXT = "".join(f"t{n} " for n in range(50)) + "done"  # its final answer
 NEXT_OFFSET = "keel.dev/next_offset"
 VERSION = {"a2a-version": "1.0"}  # what the SDK's clients send; without it: A2A 0.3
+
+
+class Forecast(BaseModel):
+    city: str
+    celsius: int
+
+
+# The scripted agents, and one with structured output.
+AGENTS = {
+    **options,
+    "forecast": AgentSpec(
+        agent=Agent(
+            TestModel(custom_output_args={"city": "Oslo", "celsius": 3}), output_type=Forecast
+        )
+    ),
+}
 
 
 async def web_keel(start_keel: Callable[..., Any], **overrides: Any) -> Keel:
@@ -356,6 +377,11 @@ async def test_a_follow_up_message_in_the_context_shares_its_history(
     assert len(rest.tasks) == 1
     completed = await client.list_tasks(a2a.ListTasksRequest(status=a2a.TASK_STATE_COMPLETED))
     assert len(completed.tasks) == 3
+    later = a2a.ListTasksRequest()
+    later.status_timestamp_after.FromMilliseconds(
+        task.status.timestamp.ToMilliseconds() + 3_600_000
+    )
+    assert not (await client.list_tasks(later)).tasks
     await client.close()
 
 
@@ -591,3 +617,41 @@ async def test_grpc_oversized_messages_are_refused(start_keel: Callable[..., Any
                 metadata=(("a2a-version", "1.0"),),
             )
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_structured_output_live_only_agents_and_the_default_card(
+    start_keel: Callable[..., Any],
+) -> None:
+    keel = await web_keel(
+        start_keel, agents="tests.integration.test_a2a:AGENTS", a2a_default_agent="scripted-live"
+    )
+    judge = await client_of_agent(keel, "forecast")
+    got = await consume(
+        judge.send_message(a2a.SendMessageRequest(message=user_message("judge this"))),
+        Reassembled(),
+    )
+    assert got.states[-1] == a2a.TASK_STATE_COMPLETED, got.status_messages
+    [output] = got.data_artifacts
+    assert output.artifact_id == "output"
+    assert json_format.MessageToDict(output.parts[0].data) == {"city": "Oslo", "celsius": 3}
+    task = await judge.get_task(a2a.GetTaskRequest(id=got.task_id))
+    assert [a.artifact_id for a in task.artifacts] == ["output"]
+    await judge.close()
+    # A live-only agent's events are not kept: its task has no artifacts to show.
+    live = await client_of_agent(keel, "scripted-live")
+    streamed = await consume(
+        live.send_message(a2a.SendMessageRequest(message=user_message(script(text(3))))),
+        Reassembled(),
+    )
+    assert streamed.text == "t0 t1 t2 done"
+    task = await live.get_task(a2a.GetTaskRequest(id=streamed.task_id))
+    assert task.status.state == a2a.TASK_STATE_COMPLETED
+    assert not task.artifacts
+    await live.close()
+    assert keel.http is not None
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{keel.http.port}") as http:
+        assert (await http.get("/.well-known/agent-card.json")).json()["name"] == "scripted-live"
+
+
+async def client_of_agent(keel: Keel, agent_id: str) -> Client:
+    return await create_client(agent_url(keel, agent_id))
