@@ -49,7 +49,8 @@ _METHODS = frozenset(f"/{SERVICE.full_name}/{method.name}" for method in SERVICE
 _ALLOW_HEADERS = (
     b"authorization, content-type, connect-protocol-version, connect-timeout-ms, "
     b"connect-accept-encoding, connect-content-encoding, content-encoding, accept-encoding, "
-    b"grpc-timeout, x-grpc-web, x-user-agent, last-event-id"
+    b"grpc-timeout, x-grpc-web, x-user-agent, last-event-id, "
+    b"a2a-version, a2a-extensions, keel-next-offset"  # A2A's service parameters
 )
 _EXPOSE_HEADERS = (
     b"grpc-status, grpc-message, grpc-status-details-bin, content-encoding, "

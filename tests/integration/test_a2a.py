@@ -237,7 +237,7 @@ async def test_approval_round_trip(start_keel: Callable[..., Any], transport: st
 
 
 async def test_cards(start_keel: Callable[..., Any]) -> None:
-    keel = await web_keel(start_keel)
+    keel = await web_keel(start_keel, http_cors_origins="https://agents.test")
     assert keel.http is not None
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{keel.http.port}") as http:
         card = (await http.get("/a2a/scripted/.well-known/agent-card.json")).json()
@@ -249,6 +249,17 @@ async def test_cards(start_keel: Callable[..., Any]) -> None:
         assert interfaces["JSONRPC"]["url"].endswith("/a2a/scripted")
         assert interfaces["GRPC"]["tenant"] == "scripted"
         assert interfaces["HTTP+JSON"]["url"].endswith("/a2a/scripted/rest")
+        preflight = await http.options(
+            "/a2a/scripted",
+            headers={
+                "origin": "https://agents.test",
+                "access-control-request-method": "POST",
+                "access-control-request-headers": "a2a-version, keel-next-offset",
+            },
+        )
+        assert preflight.status_code == 204
+        allowed = preflight.headers["access-control-allow-headers"]
+        assert "a2a-version" in allowed and "keel-next-offset" in allowed
         default = (await http.get("/.well-known/agent-card.json")).json()
         assert default["supportedInterfaces"]
         assert (await http.get("/a2a/nobody/.well-known/agent-card.json")).status_code == 404
