@@ -39,7 +39,7 @@ from server.api import status, validate
 from server.auth.gate import current_caller
 from server.auth.keys import Role
 from server.errors import KeelError, PermissionDenied, RunNotFound, ThreadNotFound
-from server.events.log import RunPageCursor, RunRecord, RunState
+from server.events.log import EventLog, RunPageCursor, RunRecord, RunState
 from server.observe.follow import Events, FollowLimits, Snapshot, follow
 from server.observe.observer import Draining
 from server.runs.executors import Executor
@@ -121,7 +121,7 @@ class KeelRequestHandler(RequestHandler):
 
     def __init__(
         self,
-        log: Any,
+        log: EventLog,
         executor: Executor,
         *,
         limits: FollowLimits,
@@ -157,7 +157,6 @@ class KeelRequestHandler(RequestHandler):
             _visible(record)
         except RunNotFound:
             raise TaskNotFoundError(f"task {task_id!r} not found") from None
-        assert isinstance(record, RunRecord)
         return record
 
     async def _replay(
@@ -292,11 +291,8 @@ class KeelRequestHandler(RequestHandler):
         _require(Role.RUNNER, "SendStreamingMessage")
         record, launch, offset = await self._send(params, context)
         try:
-            first = True
+            # The run starts once the stream listens to it, as AgentService's Stream does.
             async for item in self._translate(record.run_id, offset, on_subscribed=launch):
-                if first and not isinstance(item, a2a.Task):
-                    yield await self._task(record)
-                first = False
                 yield item
         finally:
             launch()
@@ -359,6 +355,11 @@ class KeelRequestHandler(RequestHandler):
     async def _answer(self, message: a2a.Message) -> tuple[RunRecord, Callable[[], None], int]:
         """A message on an input-required task: its decisions resume the run."""
         record = await self._run_of(message.task_id)
+        if message.context_id and message.context_id != record.thread_id:
+            raise InvalidParamsError(
+                f"task {record.run_id!r} is in context {record.thread_id!r}, not "
+                f"{message.context_id[:200]!r}"
+            )
         state_name = a2a.TaskState.Name(tasks.STATES[record.state])
         if record.state.terminal:
             raise UnsupportedOperationError(

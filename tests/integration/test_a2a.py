@@ -571,6 +571,10 @@ async def test_decisions_and_messages_that_do_not_fit(start_keel: Callable[..., 
         await send([{"tool_call_id": call_id}])
     with pytest.raises(Exception, match="names no pending interrupt"):
         await send([{"tool_call_id": "nobody", "approve": True}])
+    elsewhere = decisions_message(got.task_id, [{"tool_call_id": call_id, "approve": True}])
+    elsewhere.context_id = "another-context"
+    with pytest.raises(Exception, match="is in context"):
+        await consume(client.send_message(a2a.SendMessageRequest(message=elsewhere)), Reassembled())
     denied = await send([{"tool_call_id": call_id, "deny": "not today"}])
     assert denied.states[-1] == a2a.TASK_STATE_COMPLETED
     results = [
