@@ -3,6 +3,7 @@ gRPC on the gRPC port, against a real server on each backend."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -190,9 +191,10 @@ async def test_cancel_task(start_keel: Callable[..., Any]) -> None:
     cancelled = await client.cancel_task(a2a.CancelTaskRequest(id=got.task_id))
     assert cancelled.id == got.task_id
     task = await client.get_task(a2a.GetTaskRequest(id=got.task_id))
-    for _ in range(100):
+    for _ in range(200):  # the run's owner aborts it soon after
         if task.status.state == a2a.TASK_STATE_CANCELED:
             break
+        await asyncio.sleep(0.05)
         task = await client.get_task(a2a.GetTaskRequest(id=got.task_id))
     assert task.status.state == a2a.TASK_STATE_CANCELED
     with pytest.raises(Exception, match="cannot be canceled"):
