@@ -75,15 +75,23 @@ class A2AApplication:
             *create_jsonrpc_routes(
                 handler, PREFIX + "/{agent_id}", context_builder=_ContextBuilder()
             ),
-            *create_rest_routes(
-                handler,
-                context_builder=_ContextBuilder(),
-                path_prefix=PREFIX + "/{agent_id}/" + REST,
+            # (Without the SDK's "/{tenant}" mount of the same routes: the path names
+            # the agent here, and that mount would take every path.)
+            *(
+                route
+                for route in create_rest_routes(
+                    handler,
+                    context_builder=_ContextBuilder(),
+                    path_prefix=PREFIX + "/{agent_id}/" + REST,
+                )
+                if isinstance(route, Route)
             ),
         ]
         self._app = Starlette(routes=routes)
+        self._app.router.redirect_slashes = False  # a path is served as it is, or 404
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        send = _port_errors(send, scope)
         path: str = scope["path"]
         if not path.startswith(PREFIX + "/"):
             await self._app(scope, receive, send)  # the default card
@@ -197,6 +205,42 @@ def _running_operation(rest: str, body: bytes) -> str:
         if route.startswith("tasks/") and "/pushNotificationConfigs" in route:
             return "CreateTaskPushNotificationConfig"
     return ""
+
+
+def _port_errors(send: Send, scope: Scope) -> Send:
+    """`send`, answering Starlette's plain-text 404 and 405 with the port's JSON errors."""
+    replaced = False
+
+    async def sending(message: Message) -> None:
+        nonlocal replaced
+        if message["type"] == "http.response.start" and message["status"] in (404, 405):
+            headers = dict(message.get("headers", ()))
+            if headers.get(b"content-type", b"").startswith(b"text/plain"):
+                replaced = True
+                path = str(scope["path"])[:200]
+                if message["status"] == 404:
+                    problem = http_problem(
+                        HTTPStatus.NOT_FOUND,
+                        code_pb2.NOT_FOUND,
+                        f"no route {path!r} on this port",
+                        "NOT_FOUND",
+                    )
+                    await respond_problem(send, problem)
+                else:
+                    allow = headers.get(b"allow", b"")
+                    problem = http_problem(
+                        HTTPStatus.METHOD_NOT_ALLOWED,
+                        code_pb2.UNIMPLEMENTED,
+                        f"{path!r} does not take {str(scope['method'])[:200]!r} "
+                        f"(allowed: {allow.decode('latin-1')})",
+                        "METHOD_NOT_ALLOWED",
+                    )
+                    await respond_problem(send, problem, [(b"allow", allow)])
+                return
+        if not replaced:
+            await send(message)
+
+    return sending
 
 
 def _replay(body: bytes, then: Receive) -> Receive:

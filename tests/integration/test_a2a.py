@@ -265,6 +265,16 @@ async def test_cards(start_keel: Callable[..., Any]) -> None:
         default = (await http.get("/.well-known/agent-card.json")).json()
         assert default["supportedInterfaces"]
         assert (await http.get("/a2a/nobody/.well-known/agent-card.json")).status_code == 404
+        # The port's own errors, as JSON.
+        for method, path, code in (
+            ("GET", "/a2a", 404),
+            ("GET", "/a2a/scripted", 405),
+            ("POST", "/.well-known/agent-card.json", 405),
+            ("GET", "/a2a/scripted/rest/nothing", 404),
+        ):
+            response = await http.request(method, path)
+            assert response.status_code == code, path
+            assert response.json()["code"] in ("not_found", "unimplemented"), path
 
 
 async def test_bad_json_rpc(start_keel: Callable[..., Any]) -> None:
