@@ -132,7 +132,29 @@ class A2AApplication:
                 }
                 await respond(send, 413, json.dumps(error).encode(), (), "application/json")
                 return
-            operation = _running_operation(rest, body)
+            try:
+                request = json.loads(body) if body.strip() else None
+            except ValueError as exc:
+                if rest != "":  # (JSON-RPC's dispatcher answers -32700)
+                    problem = http_problem(
+                        HTTPStatus.BAD_REQUEST,
+                        code_pb2.INVALID_ARGUMENT,
+                        f"the body is not JSON: {str(exc)[:200]}",
+                        "INVALID_JSON",
+                    )
+                    await respond_problem(send, problem)
+                    return
+                request = None
+            except RecursionError:
+                # (The SDK would fail on it with a 500.)
+                error = {
+                    "jsonrpc": "2.0",
+                    "id": None,
+                    "error": {"code": -32700, "message": "the JSON is nested too deeply"},
+                }
+                await respond(send, 400, json.dumps(error).encode(), (), "application/json")
+                return
+            operation = _running_operation(rest, request)
             if operation and not caller.role.allows(Role.RUNNER):
                 refused = PermissionDenied(operation, caller.role.value, Role.RUNNER.value)
                 problem = http_problem(
@@ -186,14 +208,10 @@ _RUNNING_METHODS = frozenset(
 )
 
 
-def _running_operation(rest: str, body: bytes) -> str:
-    """The operation of a POST that needs the runner role ("" for none): a JSON-RPC
-    method, or a REST route (message:send, message:stream, tasks/{id}:cancel)."""
+def _running_operation(rest: str, request: object) -> str:
+    """The operation of a POST (its parsed JSON body) that needs the runner role ("" for
+    none): a JSON-RPC method, or a REST route (message:send, message:stream, tasks/{id}:cancel)."""
     if rest == "":
-        try:
-            request = json.loads(body)
-        except ValueError:
-            return ""  # the dispatcher answers -32700
         method = request.get("method") if isinstance(request, dict) else None
         return method if isinstance(method, str) and method in _RUNNING_METHODS else ""
     if rest.startswith(REST + "/"):

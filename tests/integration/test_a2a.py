@@ -4,6 +4,7 @@ gRPC on the gRPC port, against a real server on each backend."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -682,3 +683,85 @@ async def test_structured_output_live_only_agents_and_the_default_card(
 
 async def client_of_agent(keel: Keel, agent_id: str) -> Client:
     return await create_client(agent_url(keel, agent_id))
+
+
+METHODS = (
+    "SendMessage",
+    "SendStreamingMessage",
+    "GetTask",
+    "ListTasks",
+    "CancelTask",
+    "SubscribeToTask",
+    "CreateTaskPushNotificationConfig",
+    "GetTaskPushNotificationConfig",
+    "ListTaskPushNotificationConfigs",
+    "DeleteTaskPushNotificationConfig",
+    "GetExtendedAgentCard",
+)
+ODD_VALUES: tuple[Any, ...] = (
+    None,
+    0,
+    -1,
+    2**70,
+    1.5,
+    "",
+    "x" * 1000,
+    "\u0000",
+    [],
+    {},
+    [[[[[[[[[[]]]]]]]]]],
+    True,
+)
+
+
+async def test_odd_requests_never_get_a_server_error(start_keel: Callable[..., Any]) -> None:
+    keel = await web_keel(start_keel)
+    url = agent_url(keel)
+    bodies: list[bytes] = [b"", b"\xff\xfe", b"[]", b"null", b'"x"', b"[" * 5000 + b"]" * 5000]
+    for method in METHODS:
+        for value in ODD_VALUES:
+            for params in (
+                value,
+                {"id": value},
+                {"message": value},
+                {"message": {"parts": value, "taskId": value}},
+                {"message": {"parts": [{"text": "hi"}], "taskId": value, "contextId": value}},
+                {"message": {"parts": [{"data": value}], "taskId": "a:b"}},
+                {"pageSize": value, "status": value, "pageToken": value},
+                {"historyLength": value, "id": "x"},
+            ):
+                bodies.append(
+                    json.dumps(
+                        {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
+                    ).encode()
+                )
+    async with httpx.AsyncClient(headers={"content-type": "application/json", **VERSION}) as http:
+        for body in bodies:
+            response = await http.post(url, content=body, timeout=30)
+            assert response.status_code < 500, body[:300]
+            if response.headers.get("content-type", "").startswith("application/json"):
+                answer = response.json()
+                if "error" in answer:
+                    assert answer["error"]["code"] != -32603, (body[:300], answer)
+        rest_bodies = bodies[:6] + [
+            json.dumps(shape).encode()
+            for value in ODD_VALUES
+            for shape in (
+                value,
+                {"message": value},
+                {"message": {"parts": value, "messageId": value}},
+                {"message": {"parts": [{"text": "hi"}], "taskId": value, "role": value}},
+                {"message": {"parts": [{"data": value}], "taskId": "a:b"}},
+                {"configuration": value, "message": {"parts": [{"text": "hi"}]}},
+            )
+        ]
+        for route in ("message:send", "message:stream", "tasks/x:cancel", "tasks/a:b:subscribe"):
+            for body in rest_bodies:
+                response = await http.post(f"{url}/rest/{route}", content=body, timeout=30)
+                assert response.status_code < 500, (route, body[:300])
+        for query in ("pageSize=x", "pageSize=-1", "status=7", "historyLength=x", "pageToken=%ff"):
+            response = await http.get(f"{url}/rest/tasks?{query}", timeout=30)
+            assert response.status_code < 500, query
+        for task in ("x", "a:b", "%00", "a" * 3000):
+            response = await http.get(f"{url}/rest/tasks/{task}?historyLength=-5", timeout=30)
+            assert response.status_code < 500, task
