@@ -765,3 +765,67 @@ async def test_odd_requests_never_get_a_server_error(start_keel: Callable[..., A
         for task in ("x", "a:b", "%00", "a" * 3000):
             response = await http.get(f"{url}/rest/tasks/{task}?historyLength=-5", timeout=30)
             assert response.status_code < 500, task
+
+
+async def test_odd_grpc_requests_get_no_internal_error(start_keel: Callable[..., Any]) -> None:
+    keel = await web_keel(start_keel)
+    metadata = (("a2a-version", "1.0"),)
+    data = a2a.Part()
+    data.data.string_value = "x"
+    calls: list[tuple[str, Any]] = [
+        ("SendMessage", a2a.SendMessageRequest()),
+        ("SendMessage", a2a.SendMessageRequest(message=a2a.Message())),
+        ("SendMessage", a2a.SendMessageRequest(message=a2a.Message(message_id="m", parts=[data]))),
+        (
+            "SendMessage",
+            a2a.SendMessageRequest(
+                message=a2a.Message(message_id="m", task_id="a:b", parts=[data])
+            ),
+        ),
+        (
+            "SendMessage",
+            a2a.SendMessageRequest(
+                message=a2a.Message(
+                    message_id="m", context_id="bad id!", parts=[a2a.Part(text="x")]
+                )
+            ),
+        ),
+        ("GetTask", a2a.GetTaskRequest()),
+        ("GetTask", a2a.GetTaskRequest(id="a:b", history_length=-3)),
+        ("ListTasks", a2a.ListTasksRequest(page_size=-1)),
+        ("ListTasks", a2a.ListTasksRequest(page_size=1000)),
+        ("ListTasks", a2a.ListTasksRequest(status=99)),  # type: ignore[arg-type]
+        ("ListTasks", a2a.ListTasksRequest(page_token="garbage")),
+        ("ListTasks", a2a.ListTasksRequest(context_id="bad id!")),
+        ("CancelTask", a2a.CancelTaskRequest(id="")),
+        ("CancelTask", a2a.CancelTaskRequest(id="x" * 5000)),
+        ("GetTaskPushNotificationConfig", a2a.GetTaskPushNotificationConfigRequest(task_id="x")),
+        ("GetExtendedAgentCard", a2a.GetExtendedAgentCardRequest()),
+    ]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{keel.port}") as channel:
+        stub = a2a_pb2_grpc.A2AServiceStub(channel)
+        for name, request in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await getattr(stub, name)(request, metadata=metadata)
+            assert refused.value.code() not in (
+                grpc.StatusCode.INTERNAL,
+                grpc.StatusCode.UNKNOWN,
+            ), (name, request, refused.value.details())
+        for request in (
+            a2a.SubscribeToTaskRequest(id="a:b"),
+            a2a.SubscribeToTaskRequest(),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                async for _ in stub.SubscribeToTask(request, metadata=metadata):
+                    pass
+            assert refused.value.code() not in (
+                grpc.StatusCode.INTERNAL,
+                grpc.StatusCode.UNKNOWN,
+            ), (request, refused.value.details())
+        offset = (*metadata, ("keel-next-offset", "minus one"))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in stub.SubscribeToTask(
+                a2a.SubscribeToTaskRequest(id="a:b"), metadata=offset
+            ):
+                pass
+        assert refused.value.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
