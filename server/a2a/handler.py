@@ -38,7 +38,7 @@ from server.agents.types import AgentSpec
 from server.api import status, validate
 from server.auth.gate import current_caller
 from server.auth.keys import Role
-from server.errors import KeelError, PermissionDenied, RunNotFound, ThreadNotFound
+from server.errors import KeelError, PermissionDenied, RunNotFound, ThreadBusy, ThreadNotFound
 from server.events.log import EventLog, RunPageCursor, RunRecord, RunState
 from server.observe.follow import Events, FollowLimits, Snapshot, follow
 from server.observe.observer import Draining
@@ -65,6 +65,11 @@ def a2a_error(exc: KeelError) -> A2AError:
     message = str(exc)
     if isinstance(exc, (RunNotFound, ThreadNotFound)):
         return TaskNotFoundError(message)
+    if isinstance(exc, ThreadBusy):
+        return InvalidRequestError(
+            f"context {exc.thread_id!r} is busy with task {exc.active_run_id!r}: wait for it "
+            "to end, or cancel it"
+        )
     if code == code_pb2.INVALID_ARGUMENT or code == code_pb2.OUT_OF_RANGE:
         return InvalidParamsError(message)
     if code in (code_pb2.FAILED_PRECONDITION, code_pb2.ALREADY_EXISTS, code_pb2.ABORTED):

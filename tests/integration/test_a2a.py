@@ -389,6 +389,18 @@ async def test_a_follow_up_message_in_the_context_shares_its_history(
         Reassembled(),
     )
     assert third.text == "history=0 done"
+    # A context takes one task at a time.
+    slow = user_message(script(text(50, delay_ms=50)), context_id=mine)
+    await consume(
+        client.send_message(a2a.SendMessageRequest(message=slow)), Reassembled(), stop_after=3
+    )
+    with pytest.raises(Exception, match="is busy with task"):
+        await consume(
+            client.send_message(
+                a2a.SendMessageRequest(message=user_message(echo, context_id=mine))
+            ),
+            Reassembled(),
+        )
     listed = await client.list_tasks(a2a.ListTasksRequest(context_id=context_id))
     assert {t.id for t in listed.tasks} == {first.task_id, second.task_id}
     assert all(not t.artifacts for t in listed.tasks)
@@ -398,9 +410,9 @@ async def test_a_follow_up_message_in_the_context_shares_its_history(
     rest = await client.list_tasks(
         a2a.ListTasksRequest(page_size=2, page_token=everything.next_page_token)
     )
-    assert len(rest.tasks) == 1
+    assert len(rest.tasks) == 2
     completed = await client.list_tasks(a2a.ListTasksRequest(status=a2a.TASK_STATE_COMPLETED))
-    assert len(completed.tasks) == 3
+    assert len(completed.tasks) == 3  # (the slow one is still working)
     later = a2a.ListTasksRequest()
     later.status_timestamp_after.FromMilliseconds(
         task.status.timestamp.ToMilliseconds() + 3_600_000
