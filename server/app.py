@@ -17,12 +17,11 @@ from server import tracing
 from server.a2a import cards as a2a_cards
 from server.a2a import service as a2a_service
 from server.a2a.handler import KeelRequestHandler
-from server.a2a.service import A2AAuthInterceptor
 from server.a2a.web import A2AApplication, is_a2a_path
 from server.agents.registry import load_registry
 from server.agents.types import AgentSpec
 from server.api.servicer import SERVICE, AgentServicer, add_to_server
-from server.auth.gate import AuthInterceptor, Gate
+from server.auth.gate import A2A_METHOD_ROLES, A2A_SERVICE, AuthInterceptor, Gate
 from server.events.factory import open_event_log
 from server.events.log import EventLog
 from server.goals.judge import check_default_goals
@@ -296,7 +295,7 @@ async def create_server(settings: Settings, *, reuse_port: bool = False) -> Keel
         interceptors=[
             *tracing.server_interceptors(),
             AuthInterceptor(gate),
-            A2AAuthInterceptor(gate),
+            AuthInterceptor(gate, service=A2A_SERVICE, roles=A2A_METHOD_ROLES),
         ],
         options=server_options(settings, reuse_port=reuse_port),
     )

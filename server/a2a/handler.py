@@ -36,9 +36,8 @@ from server.a2a import tasks
 from server.a2a.tasks import Event
 from server.agents.types import AgentSpec
 from server.api import status, validate
-from server.auth.gate import current_caller
-from server.auth.keys import Role
-from server.errors import KeelError, PermissionDenied, RunNotFound, ThreadBusy, ThreadNotFound
+from server.auth.gate import A2A_METHOD_ROLES, authorize, current_caller
+from server.errors import KeelError, RunNotFound, ThreadBusy, ThreadNotFound
 from server.events.log import EventLog, RunPageCursor, RunRecord, RunState
 from server.observe.follow import Events, FollowLimits, Snapshot, follow
 from server.observe.observer import Draining
@@ -109,10 +108,8 @@ def _mapped_stream(
     return wrapper
 
 
-def _require(role: Role, operation: str) -> None:
-    caller = current_caller()
-    if not caller.role.allows(role):
-        raise PermissionDenied(operation, caller.role.value, role.value)
+def _require(operation: str) -> None:
+    authorize(current_caller(), operation, A2A_METHOD_ROLES)
 
 
 def _visible(record: RunRecord) -> None:
@@ -206,7 +203,7 @@ class KeelRequestHandler(RequestHandler):
 
     @_mapped
     async def on_get_task(self, params: a2a.GetTaskRequest, context: ServerCallContext) -> a2a.Task:
-        _require(Role.READER, "GetTask")
+        _require("GetTask")
         record = await self._run_of(params.id)
         length = params.history_length if params.HasField("history_length") else None
         if length is not None and length < 0:
@@ -217,7 +214,7 @@ class KeelRequestHandler(RequestHandler):
     async def on_list_tasks(
         self, params: a2a.ListTasksRequest, context: ServerCallContext
     ) -> a2a.ListTasksResponse:
-        _require(Role.READER, "ListTasks")
+        _require("ListTasks")
         page_size = params.page_size if params.HasField("page_size") else 50
         if not 0 < page_size <= MAX_PAGE_SIZE:
             raise InvalidParamsError(f"page_size must be 1 to {MAX_PAGE_SIZE}")
@@ -266,7 +263,7 @@ class KeelRequestHandler(RequestHandler):
     async def on_cancel_task(
         self, params: a2a.CancelTaskRequest, context: ServerCallContext
     ) -> a2a.Task:
-        _require(Role.RUNNER, "CancelTask")
+        _require("CancelTask")
         record = await self._run_of(params.id)
         if record.state.terminal:
             raise TaskNotCancelableError(
@@ -280,7 +277,7 @@ class KeelRequestHandler(RequestHandler):
     async def on_message_send(
         self, params: a2a.SendMessageRequest, context: ServerCallContext
     ) -> a2a.Task | a2a.Message:
-        _require(Role.RUNNER, "SendMessage")
+        _require("SendMessage")
         record, launch, offset = await self._send(params, context)
         launch()
         if params.configuration.return_immediately:
@@ -293,7 +290,7 @@ class KeelRequestHandler(RequestHandler):
     async def on_message_send_stream(
         self, params: a2a.SendMessageRequest, context: ServerCallContext
     ) -> AsyncGenerator[Event]:
-        _require(Role.RUNNER, "SendStreamingMessage")
+        _require("SendStreamingMessage")
         record, launch, offset = await self._send(params, context)
         try:
             # The run starts once the stream listens to it, as AgentService's Stream does.
@@ -306,7 +303,7 @@ class KeelRequestHandler(RequestHandler):
     async def on_subscribe_to_task(
         self, params: a2a.SubscribeToTaskRequest, context: ServerCallContext
     ) -> AsyncGenerator[Event]:
-        _require(Role.READER, "SubscribeToTask")
+        _require("SubscribeToTask")
         record = await self._run_of(params.id)
         offset = _offset(context)
         if offset is None:

@@ -31,14 +31,11 @@ from starlette.routing import Route
 
 from server.a2a.cards import CARD_PATH, PREFIX, REST
 from server.a2a.handler import AGENT_STATE, KeelRequestHandler
-from server.auth.gate import Gate
+from server.auth.gate import A2A_METHOD_ROLES, Gate, authorize
 from server.auth.keys import Role
 from server.errors import PermissionDenied, Unauthenticated
 from server.web.asgi import Message, Receive, Scope, Send, request_headers, respond, respond_problem
 from server.web.errors import http_problem
-
-# Every key may identify itself: the role an operation needs is the handler's to check.
-_IDENTIFY_AS = "ListAgents"
 
 
 class _ContextBuilder(DefaultServerCallContextBuilder):
@@ -112,8 +109,9 @@ class A2AApplication:
             await self._app(scope, receive, send)  # cards are public
             return
         try:
-            caller = self._gate.admit(_IDENTIFY_AS, request_headers(scope))
-        except (Unauthenticated, PermissionDenied) as exc:
+            # Any role: what an operation needs is checked once it is known.
+            caller = self._gate.identify(request_headers(scope))
+        except Unauthenticated as exc:
             problem = http_problem(
                 HTTPStatus.UNAUTHORIZED, code_pb2.UNAUTHENTICATED, str(exc), "UNAUTHENTICATED"
             )
@@ -155,16 +153,18 @@ class A2AApplication:
                 await respond(send, 400, json.dumps(error).encode(), (), "application/json")
                 return
             operation = _running_operation(rest, request)
-            if operation and not caller.role.allows(Role.RUNNER):
-                refused = PermissionDenied(operation, caller.role.value, Role.RUNNER.value)
-                problem = http_problem(
-                    HTTPStatus.FORBIDDEN,
-                    code_pb2.PERMISSION_DENIED,
-                    str(refused),
-                    "PERMISSION_DENIED",
-                )
-                await respond_problem(send, problem)
-                return
+            if operation:
+                try:
+                    authorize(caller, operation, A2A_METHOD_ROLES)
+                except PermissionDenied as refused:
+                    problem = http_problem(
+                        HTTPStatus.FORBIDDEN,
+                        code_pb2.PERMISSION_DENIED,
+                        str(refused),
+                        "PERMISSION_DENIED",
+                    )
+                    await respond_problem(send, problem)
+                    return
             receive = _replay(body, receive)
         await self._app(scope, receive, send)
 
@@ -197,23 +197,13 @@ class A2AApplication:
         return JSONResponse(agent_card_to_dict(self._cards(agent_id, base)))
 
 
-_RUNNING_METHODS = frozenset(
-    {
-        "SendMessage",
-        "SendStreamingMessage",
-        "CancelTask",
-        "CreateTaskPushNotificationConfig",
-        "DeleteTaskPushNotificationConfig",
-    }
-)
-
-
 def _running_operation(rest: str, request: object) -> str:
     """The operation of a POST (its parsed JSON body) that needs the runner role ("" for
     none): a JSON-RPC method, or a REST route (message:send, message:stream, tasks/{id}:cancel)."""
     if rest == "":
         method = request.get("method") if isinstance(request, dict) else None
-        return method if isinstance(method, str) and method in _RUNNING_METHODS else ""
+        running = isinstance(method, str) and A2A_METHOD_ROLES.get(method) is Role.RUNNER
+        return str(method) if running else ""
     if rest.startswith(REST + "/"):
         route = rest[len(REST) + 1 :]
         if route in ("message:send", "message:stream"):

@@ -69,6 +69,24 @@ METHOD_ROLES: dict[str, Role] = {
     "TriggerSchedule": Role.ADMIN,
 }
 
+A2A_SERVICE = "lf.a2a.v1.A2AService"
+# A2A's methods (server/a2a/), on the gRPC port and the HTTP port alike.
+A2A_METHOD_ROLES: dict[str, Role] = {
+    # Reading tasks (runs) and their push configurations.
+    "GetTask": Role.READER,
+    "ListTasks": Role.READER,
+    "SubscribeToTask": Role.READER,
+    "GetTaskPushNotificationConfig": Role.READER,
+    "ListTaskPushNotificationConfigs": Role.READER,
+    "GetExtendedAgentCard": Role.READER,
+    # Running: sending a message starts or resumes a run.
+    "SendMessage": Role.RUNNER,
+    "SendStreamingMessage": Role.RUNNER,
+    "CancelTask": Role.RUNNER,
+    "CreateTaskPushNotificationConfig": Role.RUNNER,
+    "DeleteTaskPushNotificationConfig": Role.RUNNER,
+}
+
 _caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("caller", default=_OPEN)
 
 
@@ -114,8 +132,9 @@ def _from_certificate(subject: str) -> Caller:
         ) from None
 
 
-def authorize(caller: Caller, method: str) -> None:
-    needed = METHOD_ROLES[method]
+def authorize(caller: Caller, method: str, roles: Mapping[str, Role] = METHOD_ROLES) -> None:
+    """PermissionDenied unless the caller's role is at least the one `roles` gives `method`."""
+    needed = roles[method]
     if not caller.role.allows(needed):
         raise PermissionDenied(method, caller.role.value, needed.value)
 
@@ -141,21 +160,45 @@ class Gate:
         method: str,
         metadata: Mapping[str, str],
         auth_context: Mapping[str, Iterable[bytes]] | None = None,
+        roles: Mapping[str, Role] = METHOD_ROLES,
     ) -> Caller:
         """The caller, now the current one (current_caller) for the rest of the call;
-        Unauthenticated or PermissionDenied otherwise."""
-        caller = identify(metadata, auth_context or {}, self._keys) if self._strict else _OPEN
-        authorize(caller, method)
-        _caller.set(caller)
-        logs.tenant_var.set(caller.tenant)
-        return caller
+        Unauthenticated or PermissionDenied (its role is below what `roles` says) otherwise."""
+        caller = self._identify(metadata, auth_context)
+        authorize(caller, method, roles)
+        return _set_current(caller)
+
+    def identify(
+        self,
+        metadata: Mapping[str, str],
+        auth_context: Mapping[str, Iterable[bytes]] | None = None,
+    ) -> Caller:
+        """The caller, whatever its role, now the current one (a call whose method is
+        known later is authorized then); Unauthenticated otherwise."""
+        return _set_current(self._identify(metadata, auth_context))
+
+    def _identify(
+        self, metadata: Mapping[str, str], auth_context: Mapping[str, Iterable[bytes]] | None
+    ) -> Caller:
+        return identify(metadata, auth_context or {}, self._keys) if self._strict else _OPEN
+
+
+def _set_current(caller: Caller) -> Caller:
+    _caller.set(caller)
+    logs.tenant_var.set(caller.tenant)
+    return caller
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Puts every AgentService method of the gRPC server behind the gate."""
+    """Puts every method of one service of the gRPC server (`roles` names them) behind
+    the gate: AgentService by default; A2AService with A2A_METHOD_ROLES."""
 
-    def __init__(self, gate: Gate) -> None:
+    def __init__(
+        self, gate: Gate, *, service: str = SERVICE, roles: Mapping[str, Role] = METHOD_ROLES
+    ) -> None:
         self._gate = gate
+        self._service = service
+        self._roles = roles
 
     async def intercept_service(
         self,
@@ -166,7 +209,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
-        if handler is None or service != SERVICE or method not in METHOD_ROLES:
+        if handler is None or service != self._service or method not in self._roles:
             return handler
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
@@ -184,14 +227,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         """Set the call's caller; False after aborting the call (UNAUTHENTICATED, ...)."""
         try:
             if self._gate.open:
-                self._gate.admit(method, {})
+                self._gate.admit(method, {}, roles=self._roles)
             else:
                 metadata = {
                     key: value
                     for key, value in context.invocation_metadata() or ()
                     if isinstance(value, str)
                 }
-                self._gate.admit(method, metadata, context.auth_context())
+                self._gate.admit(method, metadata, context.auth_context(), self._roles)
         except (Unauthenticated, PermissionDenied) as exc:
             await context.abort_with_status(rpc_status.to_status(status.to_status(exc)))
             return False

@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+from a2a.types import a2a_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from keel.v1 import agent_service_pb2 as pb
@@ -19,7 +20,7 @@ from keel_client import KeelClient
 
 from server.api.servicer import SERVICE
 from server.app import Keel, exposed
-from server.auth.gate import METHOD_ROLES
+from server.auth.gate import A2A_METHOD_ROLES, A2A_SERVICE, METHOD_ROLES
 from server.auth.keys import Role, add_key
 from tests.certs import Authority
 from tests.integration.conftest import script, text
@@ -70,6 +71,9 @@ async def call(
 
 def test_every_rpc_has_a_role() -> None:
     assert set(METHOD_ROLES) == {m.name for m in SERVICE.methods}
+    a2a_service = a2a_pb2.DESCRIPTOR.services_by_name["A2AService"]
+    assert a2a_service.full_name == A2A_SERVICE
+    assert set(A2A_METHOD_ROLES) == {m.name for m in a2a_service.methods}
 
 
 def test_keys_add_prints_a_key_and_stores_only_its_hash(tmp_path: Path) -> None:
