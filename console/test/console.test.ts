@@ -20,7 +20,8 @@ import * as path from "node:path";
 import { after, before, describe, test } from "node:test";
 import { KeelClient, RunState, TaskStatus } from "@keel/client";
 import { chromium, type Browser, type Page } from "playwright-core";
-import { Keel, ROOT, Redis, addApiKey, stopAll } from "./processes.js";
+// The client's own helpers (tsconfig.test.json compiles them with these tests).
+import { Keel, ROOT, Redis, addApiKey, stopAll } from "../../clients/typescript/test/processes.js";
 
 const CHROMIUM = process.env.KEEL_CHROMIUM ?? "/usr/bin/chromium";
 /** How long a page may take to show what a step leads to: generous, for a loaded machine. */
@@ -153,7 +154,11 @@ async function onPage(page: Page, body: () => Promise<void>): Promise<void> {
 
 describe("the console", { timeout: TEST_TIMEOUT_MS }, () => {
   test("starts a run from the page and shows its text, state and every event index", async () => {
-    const keel = await Keel.start({ redisUrl: redis.url, keyPrefix: `console-${randomUUID()}` });
+    const keel = await Keel.start({
+      redisUrl: redis.url,
+      keyPrefix: `console-${randomUUID()}`,
+      httpPort: 0,
+    });
     const client = new KeelClient(keel.target);
     const page = await newPage();
     try {
@@ -206,7 +211,12 @@ describe("the console", { timeout: TEST_TIMEOUT_MS }, () => {
 
   test("a run view goes on across its server's SIGKILL and replacement, no token repeated or missing", async () => {
     const keyPrefix = `console-${randomUUID()}`;
-    const first = await Keel.start({ redisUrl: redis.url, keyPrefix, env: FAST_TAKEOVER });
+    const first = await Keel.start({
+      redisUrl: redis.url,
+      keyPrefix,
+      httpPort: 0,
+      env: FAST_TAKEOVER,
+    });
     let replacement: Keel | undefined;
     const client = new KeelClient(first.target);
     const page = await newPage();
@@ -253,7 +263,11 @@ describe("the console", { timeout: TEST_TIMEOUT_MS }, () => {
   });
 
   test("approve and deny from the approvals view, then the run finishes", async () => {
-    const keel = await Keel.start({ redisUrl: redis.url, keyPrefix: `console-${randomUUID()}` });
+    const keel = await Keel.start({
+      redisUrl: redis.url,
+      keyPrefix: `console-${randomUUID()}`,
+      httpPort: 0,
+    });
     const client = new KeelClient(keel.target);
     const page = await newPage();
     try {
@@ -316,7 +330,11 @@ describe("the console", { timeout: TEST_TIMEOUT_MS }, () => {
   });
 
   test("threads with their messages, tasks, schedules, and pages of runs", async () => {
-    const keel = await Keel.start({ redisUrl: redis.url, keyPrefix: `console-${randomUUID()}` });
+    const keel = await Keel.start({
+      redisUrl: redis.url,
+      keyPrefix: `console-${randomUUID()}`,
+      httpPort: 0,
+    });
     const client = new KeelClient(keel.target);
     const page = await newPage();
     try {
@@ -408,6 +426,7 @@ describe("the console", { timeout: TEST_TIMEOUT_MS }, () => {
       const keel = await Keel.start({
         redisUrl: redis.url,
         keyPrefix: `console-${randomUUID()}`,
+        httpPort: 0,
         apiKeysFile: keysFile,
       });
       const page = await newPage();

@@ -1,7 +1,8 @@
 /**
  * A real Redis and real Keel servers as subprocesses, for the tests that talk
- * to Keel itself. The twin of tests/processes.py and the Redis fixture of
- * tests/conftest.py.
+ * to Keel itself: the client's, and the console's end-to-end tests (which
+ * compile this file with theirs). The twin of tests/processes.py and the
+ * Redis fixture of tests/conftest.py.
  *
  * - Redis: Debian's redis-server (or $KEEL_REDIS_SERVER) on a free port,
  *   without persistence; set KEEL_TEST_REDIS_URL to use one you started.
@@ -18,9 +19,10 @@ import * as net from "node:net";
 import * as path from "node:path";
 import { fileURLToPath } from "node:url";
 
-/** The repository's root (this file runs as build/test/processes.js under clients/typescript). */
-export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../../..");
+/** The repository's root: the first folder above this file that holds the server. */
+export const ROOT = repositoryRoot(path.dirname(fileURLToPath(import.meta.url)));
 const READY = /^keel listening on (\S+):(\d+)$/m;
+const HTTP_READY = /^keel http listening on (\S+):(\d+)$/m;
 const START_TIMEOUT_MS = 30_000;
 const LOG_LIMIT = 64 * 1024;
 
@@ -30,6 +32,17 @@ process.on("exit", () => {
     child.kill("SIGKILL");
   }
 });
+
+function repositoryRoot(from: string): string {
+  for (let dir = from; ; dir = path.dirname(dir)) {
+    if (existsSync(path.join(dir, "server", "__main__.py"))) {
+      return dir;
+    }
+    if (path.dirname(dir) === dir) {
+      throw new Error(`no Keel repository above ${from}`);
+    }
+  }
+}
 
 function python(): string {
   const venv = path.join(ROOT, ".venv", "bin", "python");
@@ -191,8 +204,11 @@ export interface KeelOptions {
   keyPrefix: string;
   /** 0 (the default) for any free port; a port a killed server had, to replace it. */
   port?: number;
-  /** Also serve Connect, gRPC-Web and SSE over HTTP on this port (--http-port). */
+  /** Also serve Connect, gRPC-Web, SSE and the console over HTTP on this port
+   * (--http-port): 0 for any free port, a port a killed server had to replace it. */
   httpPort?: number;
+  /** Require API keys from this file (--api-keys-file; see addApiKey). */
+  apiKeysFile?: string;
   env?: Record<string, string>;
 }
 
@@ -225,10 +241,16 @@ export class Keel {
       "--key-prefix", options.keyPrefix,
       "--agents", "server.agents.testing:registry",
       ...(options.httpPort === undefined ? [] : ["--http-port", String(options.httpPort)]),
+      ...(options.apiKeysFile === undefined ? [] : ["--api-keys-file", options.apiKeysFile]),
     ], { PYTHONUNBUFFERED: "1", ...options.env });
     try {
       const match = await keel.waitFor(READY, START_TIMEOUT_MS);
-      return new Keel(keel, Number(match[2]), options.httpPort);
+      // Printed before READY when the server has an HTTP port.
+      const http = options.httpPort === undefined ? null : keel.log.match(HTTP_READY);
+      if (options.httpPort !== undefined && http === null) {
+        throw new Error(`the server printed no ${HTTP_READY}:\n${keel.log}`);
+      }
+      return new Keel(keel, Number(match[2]), http === null ? undefined : Number(http[2]));
     } catch (error) {
       await keel.stop();
       throw error;
@@ -244,6 +266,20 @@ export class Keel {
   terminate(timeoutMs = 30_000): Promise<number | null> {
     return this.process.stop("SIGTERM", timeoutMs);
   }
+}
+
+/** Adds an API key to a keys file (`python -m server keys add`); returns the key. */
+export async function addApiKey(file: string, tenant: string, role: string): Promise<string> {
+  // prettier-ignore
+  const keys = new Subprocess(python(), [
+    "-m", "server", "keys", "add", "--file", file, "--tenant", tenant, "--role", role,
+  ]);
+  const code = await keys.exited;
+  const key = keys.log.match(/^(keel_\S+)/m);
+  if (code !== 0 || key === null) {
+    throw new Error(`server keys add failed (${code}):\n${keys.log}`);
+  }
+  return key[1]!;
 }
 
 /** SIGKILLs every process this module started that still runs. */

@@ -7,8 +7,8 @@
  * entry point with no Node module in it.
  */
 import assert from "node:assert/strict";
-import { createHash, randomBytes, randomUUID } from "node:crypto";
-import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { randomUUID } from "node:crypto";
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
 import { builtinModules } from "node:module";
 import { tmpdir } from "node:os";
 import * as path from "node:path";
@@ -26,7 +26,7 @@ import {
   type AgentEvent,
   type KeelClientOptions,
 } from "../src/web.js";
-import { Keel, Redis, freePort, stopAll } from "./processes.js";
+import { Keel, Redis, addApiKey, freePort, stopAll } from "./processes.js";
 
 const TEST_TIMEOUT_MS = 120_000;
 const FAST = { initialBackoffMs: 20, maxBackoffMs: 250 };
@@ -336,19 +336,14 @@ describe("API keys", { timeout: TEST_TIMEOUT_MS }, () => {
   let key: string;
 
   before(async () => {
-    // A keys file as `python -m server keys add` writes it: only the key's hash.
     dir = mkdtempSync(path.join(tmpdir(), "keel-web-keys-"));
-    const id = randomBytes(4).toString("hex");
-    key = `keel_${id}_${randomBytes(32).toString("base64url")}`;
-    const sha256 = createHash("sha256").update(key).digest("hex");
     const file = path.join(dir, "keys.jsonl");
-    const entry = { id, sha256, tenant: "acme", role: "runner", created: new Date().toISOString() };
-    writeFileSync(file, JSON.stringify(entry) + "\n", { mode: 0o600 });
+    key = await addApiKey(file, "acme", "runner");
     keel = await Keel.start({
       redisUrl: redis.url,
       keyPrefix: `ts-${randomUUID()}`,
       httpPort: await freePort(),
-      env: { KEEL_API_KEYS_FILE: file },
+      apiKeysFile: file,
     });
   });
 
