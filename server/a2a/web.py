@@ -35,7 +35,7 @@ from server.auth.gate import A2A_METHOD_ROLES, Gate, authorize
 from server.auth.keys import Role
 from server.errors import PermissionDenied, Unauthenticated
 from server.web.asgi import Message, Receive, Scope, Send, request_headers, respond, respond_problem
-from server.web.errors import http_problem
+from server.web.errors import http_problem, not_allowed, not_found
 
 
 class _ContextBuilder(DefaultServerCallContextBuilder):
@@ -225,25 +225,12 @@ def _port_errors(send: Send, scope: Scope) -> Send:
             headers = dict(message.get("headers", ()))
             if headers.get(b"content-type", b"").startswith(b"text/plain"):
                 replaced = True
-                path = str(scope["path"])[:200]
+                path = str(scope["path"])
                 if message["status"] == 404:
-                    problem = http_problem(
-                        HTTPStatus.NOT_FOUND,
-                        code_pb2.NOT_FOUND,
-                        f"no route {path!r} on this port",
-                        "NOT_FOUND",
-                    )
-                    await respond_problem(send, problem)
+                    await respond_problem(send, not_found(path))
                 else:
-                    allow = headers.get(b"allow", b"")
-                    problem = http_problem(
-                        HTTPStatus.METHOD_NOT_ALLOWED,
-                        code_pb2.UNIMPLEMENTED,
-                        f"{path!r} does not take {str(scope['method'])[:200]!r} "
-                        f"(allowed: {allow.decode('latin-1')})",
-                        "METHOD_NOT_ALLOWED",
-                    )
-                    await respond_problem(send, problem, [(b"allow", allow)])
+                    allow = headers.get(b"allow", b"").decode("latin-1")
+                    await respond_problem(send, *not_allowed(str(scope["method"]), path, allow))
                 return
         if not replaced:
             await send(message)

@@ -74,6 +74,36 @@ def http_problem(http_status: HTTPStatus, code: int, message: str, reason: str) 
     return Problem(rpc, http_status)
 
 
+_QUOTED_CHARS = 200  # of a path or method an error quotes (a path may be as long as a request)
+
+
+def _quoted(text: str) -> str:
+    if len(text) <= _QUOTED_CHARS:
+        return repr(text)
+    return repr(text[:_QUOTED_CHARS]) + "..."
+
+
+def not_found(path: str) -> Problem:
+    """No route of the port has this path."""
+    return http_problem(
+        HTTPStatus.NOT_FOUND,
+        code_pb2.NOT_FOUND,
+        f"no route {_quoted(path)} on this port",
+        "NOT_FOUND",
+    )
+
+
+def not_allowed(method: str, path: str, allow: str) -> tuple[Problem, list[tuple[bytes, bytes]]]:
+    """The route takes other methods: the Problem and its Allow header."""
+    problem = http_problem(
+        HTTPStatus.METHOD_NOT_ALLOWED,
+        code_pb2.UNIMPLEMENTED,
+        f"{_quoted(path)} does not take {_quoted(method)} (allowed: {allow})",
+        "METHOD_NOT_ALLOWED",
+    )
+    return problem, [(b"allow", allow.encode())]
+
+
 def _detail(any_: Any) -> dict[str, Any]:
     type_name = any_.type_url.rpartition("/")[2]
     detail: dict[str, Any] = {

@@ -43,7 +43,7 @@ from server.web.asgi import (
 from server.web.connect import connect_application
 from server.web.console import PREFIX as CONSOLE
 from server.web.console import Console
-from server.web.errors import Problem, http_problem
+from server.web.errors import Problem, http_problem, not_allowed, not_found
 
 _METHODS = frozenset(f"/{SERVICE.full_name}/{method.name}" for method in SERVICE.methods)
 _ALLOW_HEADERS = (
@@ -57,34 +57,6 @@ _EXPOSE_HEADERS = (
     b"connect-content-encoding"
 )
 _PREFLIGHT_MAX_AGE_S = 7200
-
-
-_QUOTED_PATH_CHARS = 200  # of a path an error quotes (a path may be as long as a request)
-
-
-def _quoted(path: str) -> str:
-    if len(path) <= _QUOTED_PATH_CHARS:
-        return repr(path)
-    return repr(path[:_QUOTED_PATH_CHARS]) + "..."
-
-
-def _not_found(path: str) -> Problem:
-    return http_problem(
-        HTTPStatus.NOT_FOUND,
-        code_pb2.NOT_FOUND,
-        f"no route {_quoted(path)} on this port",
-        "NOT_FOUND",
-    )
-
-
-def _not_allowed(method: str, path: str, allow: str) -> tuple[Problem, Headers]:
-    problem = http_problem(
-        HTTPStatus.METHOD_NOT_ALLOWED,
-        code_pb2.UNIMPLEMENTED,
-        f"{_quoted(path)} does not take {_quoted(method)} (allowed: {allow})",
-        "METHOD_NOT_ALLOWED",
-    )
-    return problem, [(b"allow", allow.encode())]
 
 
 class WebApplication:
@@ -143,7 +115,7 @@ class WebApplication:
         method: str = scope["method"]
         if path in _METHODS:
             if method != "POST":
-                await respond_problem(send, *_not_allowed(method, path, "POST"))
+                await respond_problem(send, *not_allowed(method, path, "POST"))
                 return
             refused = _unanswerable(scope)
             if refused is not None:
@@ -156,7 +128,7 @@ class WebApplication:
             return
         if (match := sse.ROUTE.match(path)) is not None:
             if method not in ("GET", "HEAD"):
-                await respond_problem(send, *_not_allowed(method, path, "GET"))
+                await respond_problem(send, *not_allowed(method, path, "GET"))
                 return
             await sse.serve_events(
                 scope, receive, send, self._servicer, self._gate, match[1], self._event_text
@@ -164,14 +136,14 @@ class WebApplication:
             return
         if path == CONSOLE or path.startswith(CONSOLE + "/") or path == "/":
             if method not in ("GET", "HEAD"):
-                await respond_problem(send, *_not_allowed(method, path, "GET"))
+                await respond_problem(send, *not_allowed(method, path, "GET"))
                 return
             if path in ("/", CONSOLE):
                 await respond(send, 308, headers=[(b"location", b"/console/")])
                 return
             await self._console.serve(path, send, head=method == "HEAD")
             return
-        await respond_problem(send, _not_found(path))
+        await respond_problem(send, not_found(path))
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
