@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Generic, TypeVar
 
 import pydantic_core
 from google.protobuf.duration_pb2 import Duration
@@ -247,3 +247,23 @@ def events_response(encoded_batch: bytes) -> bytes:
     that sends this batch, without copying or re-serializing its events.
     """
     return _EVENTS_FIELD_TAG + varint(len(encoded_batch)) + encoded_batch
+
+
+T = TypeVar("T")
+
+
+class LastBatch(Generic[T]):
+    """What a run's last batch became (its response, its JSON, its SSE text), made once:
+    the streams of a run carry the same encoded batch, the same bytes object, one after
+    another. The batch is held, so its identity stays unique while it is kept."""
+
+    def __init__(self) -> None:
+        self._batch: bytes | None = None
+        self._made: Any = None
+
+    def get(self, batch: bytes, make: Callable[[bytes], T]) -> T:
+        if batch is not self._batch:
+            self._made = make(batch)
+            self._batch = batch
+        made: T = self._made
+        return made

@@ -254,8 +254,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self._max_batch_bytes = max_batch_bytes
         self._draining = draining
         self._default_retention_s = default_retention_s
-        self._last_encoded = b""  # the last batch sent, and its response (_events_response)
-        self._last_response = convert.events_response(b"")
+        self._last_batch = convert.LastBatch[bytes]()  # its response (_events_response)
 
     # Tenants: every resource belongs to the tenant of the caller that made it. Another
     # tenant's resource is missing, with the same error and message as one that never
@@ -682,7 +681,4 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     def _events_response(self, encoded: bytes) -> bytes:
         """convert.events_response, built once per batch: the streams of a run send the
         same batch one after another."""
-        if encoded is not self._last_encoded:
-            self._last_response = convert.events_response(encoded)
-            self._last_encoded = encoded  # held: its identity stays unique while kept
-        return self._last_response
+        return self._last_batch.get(encoded, convert.events_response)

@@ -20,6 +20,8 @@ from connectrpc.codec import Codec
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from server.api.convert import LastBatch
+
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Encoded:
@@ -47,8 +49,7 @@ class JSONCodec(Codec[Any, Any]):
     binary protobuf ignores unknown fields (so newer clients' requests keep working)."""
 
     def __init__(self) -> None:
-        self._last_data = b""  # the last batch encoded, and its JSON
-        self._last_json = b""
+        self._last_batch = LastBatch[bytes]()  # its JSON
 
     def name(self) -> str:
         return "json"
@@ -56,10 +57,10 @@ class JSONCodec(Codec[Any, Any]):
     def encode(self, message: Message | Encoded) -> bytes:
         if not isinstance(message, Encoded):
             return to_json(message).encode()
-        if message.data is not self._last_data:
-            self._last_json = to_json(message.message_type.FromString(message.data)).encode()
-            self._last_data = message.data  # held: its identity stays unique while kept
-        return self._last_json
+        message_type = message.message_type
+        return self._last_batch.get(
+            message.data, lambda data: to_json(message_type.FromString(data)).encode()
+        )
 
     def decode(self, data: bytes | bytearray, message_class: type[Message]) -> Message:
         message = message_class()

@@ -38,6 +38,7 @@ from urllib.parse import parse_qs
 
 from keel.v1 import agent_service_pb2 as pb
 
+from server.api.convert import LastBatch
 from server.api.servicer import AgentServicer
 from server.auth.gate import Gate
 from server.errors import FieldViolation, InvalidArgument
@@ -61,16 +62,14 @@ class EventText:
     so the SSE streams of one run share that work too."""
 
     def __init__(self) -> None:
-        self._last_data = b""
-        self._last_text = ""
+        self._last_batch = LastBatch[str]()
 
     def __call__(self, response: pb.ObserveResponse | bytes) -> str:
         if not isinstance(response, bytes):
             return _text(response)
-        if response is not self._last_data:
-            self._last_text = _text(pb.ObserveResponse.FromString(response))
-            self._last_data = response  # held: its identity stays unique while kept
-        return self._last_text
+        return self._last_batch.get(
+            response, lambda data: _text(pb.ObserveResponse.FromString(data))
+        )
 
 
 def observe_request(run_id: str, scope: Scope, headers: dict[str, str]) -> pb.ObserveRequest:
