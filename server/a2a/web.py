@@ -8,7 +8,9 @@
 Cards are public. Any other call passes the Gate first: without a valid API
 key (on a server with keys) it is answered 401 with the port's JSON error, and
 sending or cancelling with a reader's key 403 (the handler checks roles too).
-A body over `read_max_bytes` is answered 413 with a JSON-RPC error.
+A body over `read_max_bytes` is answered 413 with a JSON-RPC error. The calls
+the Gate lets through count in the RPC metrics as "a2a.<operation>"
+(server/a2a/metered.py).
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from server.a2a import metered
 from server.a2a.cards import CARD_PATH, PREFIX, REST
 from server.a2a.handler import AGENT_STATE, KeelRequestHandler
+from server.a2a.metered import MeteredRequestHandler
 from server.auth.gate import A2A_METHOD_ROLES, Gate, authorize
 from server.auth.keys import Role
 from server.errors import PermissionDenied, Unauthenticated
@@ -66,18 +70,19 @@ class A2AApplication:
         self._cards = cards
         self._default_agent = default_agent
         self._read_max_bytes = read_max_bytes
+        counted = MeteredRequestHandler(handler)  # in the RPC metrics (server/a2a/metered.py)
         routes = [
             Route(CARD_PATH, self._default_card, methods=["GET"]),
             Route(PREFIX + "/{agent_id}" + CARD_PATH, self._agent_card, methods=["GET"]),
             *create_jsonrpc_routes(
-                handler, PREFIX + "/{agent_id}", context_builder=_ContextBuilder()
+                counted, PREFIX + "/{agent_id}", context_builder=_ContextBuilder()
             ),
             # (Without the SDK's "/{tenant}" mount of the same routes: the path names
             # the agent here, and that mount would take every path.)
             *(
                 route
                 for route in create_rest_routes(
-                    handler,
+                    counted,
                     context_builder=_ContextBuilder(),
                     path_prefix=PREFIX + "/{agent_id}/" + REST,
                 )
@@ -117,6 +122,7 @@ class A2AApplication:
             )
             await respond_problem(send, problem, [(b"www-authenticate", b"Bearer")])
             return
+        request: object = None
         if scope["method"] == "POST":
             body = await self._body(receive)
             if body is None:
@@ -166,7 +172,7 @@ class A2AApplication:
                     await respond_problem(send, problem)
                     return
             receive = _replay(body, receive)
-        await self._app(scope, receive, send)
+        await metered.serve(self._app, _operation(scope, rest, request), scope, receive, send)
 
     async def _body(self, receive: Receive) -> bytes | None:
         """The whole body, or None (and the rest read and dropped) when it is too big."""
@@ -195,6 +201,16 @@ class A2AApplication:
             return JSONResponse({"code": "not_found", "message": "no agent here"}, 404)
         base = f"{request.url.scheme}://{request.url.netloc}"
         return JSONResponse(agent_card_to_dict(self._cards(agent_id, base)))
+
+
+def _operation(scope: Scope, rest: str, request: object) -> str:
+    """The A2A operation a call names (its JSON-RPC method, or its REST route's), or ""."""
+    if rest == "":
+        method = request.get("method") if isinstance(request, dict) else None
+        return method if isinstance(method, str) else ""
+    if rest.startswith(REST + "/"):
+        return metered.rest_operation(str(scope["method"]), rest[len(REST) + 1 :])
+    return ""
 
 
 def _running_operation(rest: str, request: object) -> str:
