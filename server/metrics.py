@@ -77,7 +77,8 @@ ASYNCIO_TASKS = Gauge(
 )
 RPC_DURATION = Histogram(
     "keel_rpc_duration_seconds",
-    "AgentService RPCs: time to the end of the call (of the stream, for streaming RPCs).",
+    "AgentService RPCs and A2A calls (method a2a.<operation>): time to the end of the call "
+    "(of the stream, for streaming RPCs).",
     ["method", "code"],
     buckets=_RPC_BUCKETS,
 )
