@@ -17,6 +17,9 @@ from server import tracing
 from server.a2a import cards as a2a_cards
 from server.a2a import service as a2a_service
 from server.a2a.handler import KeelRequestHandler
+from server.a2a.push.dispatcher import Dispatcher
+from server.a2a.push.factory import push_store_for
+from server.a2a.push.sender import Sender
 from server.a2a.web import A2AApplication, is_a2a_path
 from server.agents.registry import load_registry
 from server.agents.types import AgentSpec
@@ -65,6 +68,7 @@ class Keel:
     store_health: StoreHealth
     metrics_server: MetricsServer | None = None
     http: HttpServer | None = None
+    push: Dispatcher | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: bool = False
 
@@ -94,6 +98,8 @@ class Keel:
         await self.ticker.drain()
         await self.executor.drain(grace)
         await self.executor.task_store.close()
+        if self.push is not None:
+            await self.push.close()
         await self.log.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
@@ -290,7 +296,23 @@ async def create_server(settings: Settings, *, reuse_port: bool = False) -> Keel
         limits=follow_limits,
         draining=draining,
         default_agent=a2a_agent,
+        push_allow_private=settings.a2a_push_allow_private,
     )
+    push = Dispatcher(
+        event_log,
+        push_store_for(event_log),
+        Sender(
+            timeout_s=settings.a2a_push_timeout_s, allow_private=settings.a2a_push_allow_private
+        ),
+        a2a_handler.task_of,
+        instance_id=settings.instance_id,
+        hold_ms=max(1, round(settings.lease_ttl_s * 1000)),
+        sweep_interval_s=settings.sweep_interval_s,
+        retry_initial_ms=settings.a2a_push_retry_initial_ms,
+        retry_max_ms=max(settings.a2a_push_retry_max_ms, settings.a2a_push_retry_initial_ms),
+        retention_ms=round(settings.terminal_ttl_s * 1000),
+    )
+    a2a_handler.push = push
     server = grpc.aio.server(
         interceptors=[
             *tracing.server_interceptors(),
@@ -353,6 +375,7 @@ async def create_server(settings: Settings, *, reuse_port: bool = False) -> Keel
         log.info("http (Connect, gRPC-Web, SSE, console, A2A) on %s:%d", settings.host, http.port)
     executor.open()  # take over runs whose owner died, from now on
     ticker.open()  # fire due schedules, from now on
+    push.open()  # deliver push notifications, from now on
     store_health = StoreHealth(
         health_servicer,
         event_log,
@@ -380,6 +403,7 @@ async def create_server(settings: Settings, *, reuse_port: bool = False) -> Keel
         store_health,
         metrics_server,
         http,
+        push,
     )
 
 

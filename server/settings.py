@@ -143,6 +143,14 @@ class Settings(BaseSettings):
     # A2A (docs/a2a.md): the agent of the HTTP port's /.well-known/agent-card.json and of
     # A2A gRPC requests that name none; "": the registry's first agent.
     a2a_default_agent: str = ""
+    # A2A push notifications: a delivery waits a2a_push_timeout_s for a 2xx answer; a failed
+    # one is retried after a2a_push_retry_initial_ms, doubling up to a2a_push_retry_max_ms,
+    # for as long as the task is kept. Targets must be public addresses unless
+    # a2a_push_allow_private (receivers on the operator's own network, tests).
+    a2a_push_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    a2a_push_retry_initial_ms: int = Field(default=1000, ge=1)
+    a2a_push_retry_max_ms: int = Field(default=60_000, ge=1)
+    a2a_push_allow_private: bool = False
 
     # Logs: the lowest level written, and JSON lines (one object per record) or text.
     log_level: str = Field(default="INFO", pattern=r"(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")

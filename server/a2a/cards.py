@@ -60,7 +60,7 @@ def card(
         supported_interfaces=interfaces,
         version="1.0",
         capabilities=a2a.AgentCapabilities(
-            streaming=True, push_notifications=False, extended_agent_card=False
+            streaming=True, push_notifications=True, extended_agent_card=False
         ),
         default_input_modes=["text/plain", "application/json"],
         default_output_modes=["text/plain", "application/json"],

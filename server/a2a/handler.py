@@ -8,8 +8,11 @@ the Gate's (current_caller), set by the transport (web.py, service.py).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import time
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any, ParamSpec, TypeVar
 
@@ -33,6 +36,9 @@ from keel.v1 import agent_service_pb2 as pb
 from keel.v1.agent_service_pb2 import AgentEvent
 
 from server.a2a import tasks
+from server.a2a.push.dispatcher import Dispatcher
+from server.a2a.push.sender import url_problem
+from server.a2a.push.store import PushConfig
 from server.a2a.tasks import Event
 from server.agents.types import AgentSpec
 from server.api import status, validate
@@ -49,6 +55,8 @@ AGENT_STATE = "keel_agent"  # ServerCallContext.state: the agent of the HTTP rou
 DECISIONS = "decisions"  # the data part that answers an input-required task
 MAX_PAGE_SIZE = 100
 _READ_PAGE = 1000  # events read at a time to rebuild a task's text artifact
+MAX_CONFIG_ID_CHARS = 64
+MAX_TOKEN_CHARS = 1024
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -129,8 +137,12 @@ class KeelRequestHandler(RequestHandler):
         limits: FollowLimits,
         draining: Draining,
         default_agent: str,
+        push: Dispatcher | None = None,
+        push_allow_private: bool = False,
     ) -> None:
         self._log = log
+        self.push = push  # set once, after the dispatcher that reads this handler's tasks
+        self._push_allow_private = push_allow_private
         self._executor = executor
         self._threads = Threads(log)
         self._limits = limits
@@ -179,6 +191,10 @@ class KeelRequestHandler(RequestHandler):
             offset = page[-1].index + 1
             last = page[-1]
         return translator, last
+
+    async def task_of(self, record: RunRecord) -> a2a.Task:
+        """The task of a run as GetTask shows it (what a push notification carries)."""
+        return await self._task(record)
 
     async def _task(
         self, record: RunRecord, history_length: int | None = None, *, artifacts: bool = True
@@ -322,10 +338,14 @@ class KeelRequestHandler(RequestHandler):
         """Start the message's run, or resume its task: (the run, its launch, the offset
         its stream starts at)."""
         message = params.message
+        push: PushConfig | None = None  # checked before anything starts
         if params.configuration.HasField("task_push_notification_config"):
-            raise PushNotificationNotSupportedError()
+            push = await self._push_config(params.configuration.task_push_notification_config)
         if message.task_id:
-            return await self._answer(message)
+            record, launch, offset = await self._answer(message)
+            if push is not None:
+                await self._store_push(record.run_id, push)
+            return record, launch, offset
         texts = [part.text for part in message.parts if part.WhichOneof("content") == "text"]
         if not texts:
             raise InvalidParamsError("the message has no text part: a run's input is its text")
@@ -352,6 +372,12 @@ class KeelRequestHandler(RequestHandler):
         started = await self._executor.start(
             agent_id, text, request_id, thread_id=thread_id, tenant=tenant
         )
+        if push is not None:
+            try:
+                await self._store_push(started.run.run_id, push)
+            except BaseException:
+                started.launch()  # the run exists: it runs, without the config
+                raise
         return started.run, started.launch, 0
 
     async def _answer(self, message: a2a.Message) -> tuple[RunRecord, Callable[[], None], int]:
@@ -436,27 +462,110 @@ class KeelRequestHandler(RequestHandler):
             for event in translator.translate(item.events, record):
                 yield event
 
-    # Not served (yet): push notifications.
+    # Push notifications (push/): configs stored with the run, delivered by the dispatcher.
 
+    def _dispatcher(self) -> Dispatcher:
+        if self.push is None:
+            raise PushNotificationNotSupportedError()
+        return self.push
+
+    async def _push_config(self, params: a2a.TaskPushNotificationConfig) -> PushConfig:
+        """`params` checked, as a config (of no run yet; a new id unless it names one)."""
+        self._dispatcher()
+        config_id = params.id or uuid.uuid4().hex
+        if len(config_id) > MAX_CONFIG_ID_CHARS or not config_id.isprintable():
+            raise InvalidParamsError(
+                f"a push notification config id is at most {MAX_CONFIG_ID_CHARS} printable "
+                "characters"
+            )
+        if len(params.token) > MAX_TOKEN_CHARS:
+            raise InvalidParamsError(f"the token is longer than {MAX_TOKEN_CHARS} characters")
+        auth = params.authentication
+        if len(auth.scheme) + len(auth.credentials) > MAX_TOKEN_CHARS:
+            raise InvalidParamsError(
+                f"the authentication is longer than {MAX_TOKEN_CHARS} characters"
+            )
+        problem = await url_problem(params.url, allow_private=self._push_allow_private)
+        if problem:
+            raise InvalidParamsError(f"push notification url {params.url[:200]!r}: {problem}")
+        return PushConfig(
+            config_id=config_id,
+            run_id="",
+            url=params.url,
+            token=params.token,
+            auth_scheme=auth.scheme,
+            auth_credentials=auth.credentials,
+            create_time_ms=time.time_ns() // 1_000_000,
+        )
+
+    async def _store_push(self, run_id: str, config: PushConfig) -> PushConfig:
+        dispatcher = self._dispatcher()
+        config = dataclasses.replace(config, run_id=run_id)
+        await dispatcher.store.put_config(config)
+        dispatcher.poke(run_id)
+        return config
+
+    @_mapped
     async def on_create_task_push_notification_config(
         self, params: a2a.TaskPushNotificationConfig, context: ServerCallContext
     ) -> a2a.TaskPushNotificationConfig:
-        raise PushNotificationNotSupportedError()
+        _require("CreateTaskPushNotificationConfig")
+        self._dispatcher()
+        record = await self._run_of(params.task_id)
+        config = await self._push_config(params)
+        return _config_message(await self._store_push(record.run_id, config))
 
+    async def _config(self, task_id: str, config_id: str) -> PushConfig:
+        record = await self._run_of(task_id)
+        for config in await self._dispatcher().store.configs(record.run_id):
+            if config.config_id == config_id:
+                return config
+        raise TaskNotFoundError(
+            f"task {task_id!r} has no push notification config {config_id[:200]!r}"
+        )
+
+    @_mapped
     async def on_get_task_push_notification_config(
         self, params: a2a.GetTaskPushNotificationConfigRequest, context: ServerCallContext
     ) -> a2a.TaskPushNotificationConfig:
-        raise PushNotificationNotSupportedError()
+        _require("GetTaskPushNotificationConfig")
+        self._dispatcher()
+        return _config_message(await self._config(params.task_id, params.id))
 
+    @_mapped
     async def on_list_task_push_notification_configs(
         self, params: a2a.ListTaskPushNotificationConfigsRequest, context: ServerCallContext
     ) -> a2a.ListTaskPushNotificationConfigsResponse:
-        raise PushNotificationNotSupportedError()
+        _require("ListTaskPushNotificationConfigs")
+        dispatcher = self._dispatcher()
+        record = await self._run_of(params.task_id)
+        if params.page_size < 0:
+            raise InvalidParamsError("page_size must not be negative")
+        start = 0
+        if params.page_token:
+            try:
+                start = int(params.page_token)
+            except ValueError:
+                raise InvalidParamsError("page_token is not one this server gave") from None
+        configs = await dispatcher.store.configs(record.run_id)
+        size = params.page_size or len(configs) or 1
+        page = configs[start : start + size]
+        token = str(start + size) if start + size < len(configs) else ""
+        return a2a.ListTaskPushNotificationConfigsResponse(
+            configs=[_config_message(c) for c in page], next_page_token=token
+        )
 
+    @_mapped
     async def on_delete_task_push_notification_config(
         self, params: a2a.DeleteTaskPushNotificationConfigRequest, context: ServerCallContext
     ) -> None:
-        raise PushNotificationNotSupportedError()
+        _require("DeleteTaskPushNotificationConfig")
+        dispatcher = self._dispatcher()
+        record = await self._run_of(params.task_id)
+        if not await dispatcher.store.delete_config(record.run_id, params.id):
+            raise TaskNotFoundError(
+                f"task {params.task_id!r} has no push notification config {params.id[:200]!r}"
+            )
 
     async def on_get_extended_agent_card(
         self, params: a2a.GetExtendedAgentCardRequest, context: ServerCallContext
@@ -465,6 +574,16 @@ class KeelRequestHandler(RequestHandler):
             "no extended agent card: the public card (GET .../.well-known/agent-card.json) "
             "says everything"
         )
+
+
+def _config_message(config: PushConfig) -> a2a.TaskPushNotificationConfig:
+    message = a2a.TaskPushNotificationConfig(
+        id=config.config_id, task_id=config.run_id, url=config.url, token=config.token
+    )
+    if config.auth_scheme:
+        message.authentication.scheme = config.auth_scheme
+        message.authentication.credentials = config.auth_credentials
+    return message
 
 
 def _uuid_like(value: str) -> bool:

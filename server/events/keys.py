@@ -53,6 +53,16 @@ and the task runner's shared keys under one hash tag of their own:
     {prefix}:{tasks}:running        SET     ids of running tasks (sweeps look for lapsed leases)
     {prefix}:{tasks}:index          ZSET    every task, for list_tasks (members as the run index)
 
+A2A push notifications (server/a2a/push) keep each task's configs and what was
+delivered to each beside its run, in its slot, and one index of the runs whose
+notifications someone must look after, under a hash tag of their own:
+
+    <run keys>:push                 HASH    config id -> the config (JSON, push/records.py)
+    <run keys>:push_sent            HASH    config id -> its delivery state (JSON)
+    {prefix}:{push}:due             ZSET    run ids, score = until when a dispatcher holds
+                                            it (unix ms, Redis's clock); due once passed
+    {prefix}:{push}:owners          HASH    run id -> the dispatcher (instance) holding it
+
 Schedules (server/schedules) all live under one hash tag, so each change of a
 schedule, with its place in the due index and its history, is one script:
 
@@ -61,8 +71,8 @@ schedule, with its place in the due index and its history, is one script:
     {prefix}:{schedules}:index          ZSET  every schedule, for list (members as the run index)
     {prefix}:{schedules}:firings:<id>   ZSET  a schedule's kept firings, score = seq
 
-The run index, the active set, the lease deadlines, the thread indexes and the
-task runner's keys are the only keys outside a run's (or thread's) slot, so the
+The run index, the active set, the lease deadlines, the thread indexes, the
+task runner's keys and the push index are the only keys outside a run's (or thread's) slot, so the
 Lua scripts never write them; a write that needs them updates them in a second
 command after its script. On Redis Cluster each of them is one key in a known
 slot, not sharded: each is read whole by every server (a sweep, a list call),
@@ -269,6 +279,22 @@ class Keys:
 
     def schedule_firings(self, schedule_id: str) -> str:
         return f"{self.prefix}:{{schedules}}:firings:{schedule_id}"
+
+    # A2A push notifications (server/a2a/push).
+
+    def push_configs(self, run_id: str) -> str:
+        return f"{self.run_base(run_id)}:push"
+
+    def push_deliveries(self, run_id: str) -> str:
+        return f"{self.run_base(run_id)}:push_sent"
+
+    @property
+    def push_due(self) -> str:
+        return f"{self.prefix}:{{push}}:due"
+
+    @property
+    def push_owners(self) -> str:
+        return f"{self.prefix}:{{push}}:owners"
 
     @property
     def thread_index(self) -> str:

@@ -246,7 +246,7 @@ async def test_cards(start_keel: Callable[..., Any]) -> None:
         card = (await http.get("/a2a/scripted/.well-known/agent-card.json")).json()
         assert card["name"] == "scripted"
         assert card["capabilities"]["streaming"] is True
-        assert not card["capabilities"].get("pushNotifications", False)
+        assert card["capabilities"]["pushNotifications"] is True
         assert {s["id"] for s in card["skills"]} >= {"approve_me"}
         interfaces = {i["protocolBinding"]: i for i in card["supportedInterfaces"]}
         assert interfaces["JSONRPC"]["url"].endswith("/a2a/scripted")

@@ -1,0 +1,1 @@
+"""A2A push notifications: configs stored with their task's run, delivered durably."""
