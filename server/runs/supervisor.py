@@ -132,6 +132,10 @@ class _CheckpointingSink:
         self.fed: tuple[str, ...] = taken_over.fed if taken_over else ()
         self.judged = taken_over.judged if taken_over else 0
 
+    @property
+    def writer(self) -> EventWriter:
+        return self._writer
+
     async def emit(self, event: pb.AgentEvent) -> None:
         await self._writer.emit(event)
 
@@ -485,7 +489,9 @@ class Supervisor:
             resume=resume,
             attempt=attempt,
             capabilities=[
-                RunCapability(ToolJournal(self._log, record.run_id, record.epoch), background)
+                RunCapability(
+                    ToolJournal(self._log, record.run_id, record.epoch, sink.writer), background
+                )
             ],
             deferred=deferred,
             history=earlier,
