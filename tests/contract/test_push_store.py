@@ -65,8 +65,16 @@ async def test_a_due_run_is_claimed_by_one_holder_until_it_lets_go(store: PushSt
     await store.put_config(config("c1", run_id="r2"))
     assert sorted(await store.claim("a", 10, HOLD_MS)) == ["r1", "r2"]
     assert await store.claim("b", 10, HOLD_MS) == []  # held
-    await store.put_config(config("c2", run_id="r1"))  # does not take r1 from its holder
-    assert await store.claim("b", 10, HOLD_MS) == []
+    # A new config ends the hold: the next claim (here b's) reads it.
+    await store.put_config(config("c2", run_id="r1"))
+    assert not await store.renew("r1", "a", HOLD_MS)
+    assert await store.claim("b", 10, HOLD_MS) == ["r1"]
+    assert not await store.renew("r1", "a", HOLD_MS)
+    assert await store.claim("a", 10, HOLD_MS) == []
+    await store.release("r1", "b")
+    assert await store.claim("a", 10, HOLD_MS) == []
+    await store.mark_due("r1")
+    assert await store.claim("a", 10, HOLD_MS) == ["r1"]
     assert await store.renew("r1", "a", HOLD_MS)
     assert not await store.renew("r1", "b", HOLD_MS)
     await store.release("r1", "b")  # not b's to release

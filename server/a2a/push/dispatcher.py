@@ -13,6 +13,8 @@ it claims the due runs of the PushStore and watches each of them:
 - it renews its hold on the run every third of hold_ms; a server that dies stops
   renewing, the run becomes due, and another server's sweep takes it over and delivers
   what is missing (so a notification may arrive twice, never not at all);
+- adding a config makes the run due at once and ends its hold, wherever it is held, so
+  the next watcher (maybe the same server's) reads the new config;
 - once the run has ended and every config has its final state, it lets go, and the
   configs expire with the run.
 
@@ -41,6 +43,9 @@ from server.events.log import EventLog, RunRecord, Subscription
 log = logging.getLogger(__name__)
 
 CLAIM_BATCH = 100
+# A watched run is read again when its state may have changed, when a retry is due, and
+# at least this often (a safety net; between, the watcher only renews its hold).
+LOOK_AGAIN_MS = 30_000
 # The events after which the task's state may differ.
 _STATE_EVENTS = frozenset({"start", "suspended", "resumed", "finish", "error", "abort"})
 
@@ -97,6 +102,7 @@ class Dispatcher:
         self._retention_ms = retention_ms
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._wakes: dict[str, asyncio.Event] = {}
+        self._reclaimed: set[str] = set()  # claimed again while watched (see _sweep_forever)
         self._poked = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
@@ -128,10 +134,13 @@ class Dispatcher:
         while not self._closed:
             try:
                 for run_id in await self._store.claim(self._owner, CLAIM_BATCH, self._hold_ms):
-                    if run_id not in self._watchers:
-                        self._watchers[run_id] = asyncio.create_task(
-                            self._watch(run_id), name=f"push:{run_id}"
-                        )
+                    if run_id in self._watchers:
+                        # Claimed again while watched here (a config was added): the
+                        # watcher reads it now, or a new one starts if it is ending.
+                        self._reclaimed.add(run_id)
+                        self._wakes[run_id].set()
+                    else:
+                        self._start_watching(run_id)
             except KeelError as exc:  # the store is unreachable: try again next time
                 log.warning("push sweep failed: %s", exc)
             except Exception:  # a bug must not end the sweeps; CancelledError passes
@@ -140,22 +149,30 @@ class Dispatcher:
                 await asyncio.wait_for(self._poked.wait(), self._sweep_interval_s)
             self._poked.clear()
 
+    def _start_watching(self, run_id: str) -> None:
+        self._wakes[run_id] = asyncio.Event()
+        self._watchers[run_id] = asyncio.create_task(self._watch(run_id), name=f"push:{run_id}")
+
     async def _watch(self, run_id: str) -> None:
-        wake = asyncio.Event()
-        self._wakes[run_id] = wake
+        wake = self._wakes[run_id]
         subscription: Subscription | None = None
         try:
             subscription = await self._log.subscribe(run_id, _Wake(wake))
+            renew_ms = max(1, self._hold_ms // 3)
+            look_at_ms = 0  # when to read the run again, unless something wakes us first
             while not self._closed:
-                wake.clear()
-                wait_ms = await self._deliver(run_id)
-                if wait_ms is None:
-                    return
-                renew_ms = self._hold_ms // 3
+                if wake.is_set() or _now_ms() >= look_at_ms:
+                    wake.clear()
+                    self._reclaimed.discard(run_id)
+                    wait_ms = await self._deliver(run_id)
+                    if wait_ms is None:
+                        return
+                    look_at_ms = _now_ms() + min(wait_ms, LOOK_AGAIN_MS)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), min(wait_ms, renew_ms) / 1000)
+                    timeout_ms = min(max(0, look_at_ms - _now_ms()), renew_ms)
+                    await asyncio.wait_for(wake.wait(), timeout_ms / 1000)
                 if not await self._store.renew(run_id, self._owner, self._hold_ms):
-                    return  # another server holds it now
+                    return  # another server holds it now, or a config was added
         except KeelError as exc:
             # The store failed: stop holding it; the run becomes due again by itself.
             log.warning("push notifications of %s: %s", run_id, exc)
@@ -166,6 +183,10 @@ class Dispatcher:
             self._watchers.pop(run_id, None)
             if subscription is not None:
                 await asyncio.shield(subscription.close())
+            if run_id in self._reclaimed:
+                self._reclaimed.discard(run_id)
+                if not self._closed:
+                    self._start_watching(run_id)
 
     async def _deliver(self, run_id: str) -> int | None:
         """Deliver what is due for the run; how long to wait before looking again (ms), or
@@ -195,7 +216,7 @@ class Dispatcher:
         if waiting:
             return max(0, min(waiting) - _now_ms())
         if not record.state.terminal:
-            return self._hold_ms  # until the task changes (or it is time to renew)
+            return LOOK_AGAIN_MS  # until the task changes
         # Ended, and every config has its final state: let go. A config added meanwhile
         # either is seen by the reading below, or made the run due after the release.
         await self._store.release(run_id, self._owner)

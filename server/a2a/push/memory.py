@@ -42,8 +42,7 @@ class MemoryPushStore:
         configs[config.config_id] = config
         self._deliveries.setdefault(config.run_id, {}).pop(config.config_id, None)
         self._expires_ms.pop(config.run_id, None)
-        if config.run_id not in self._due:
-            self._due[config.run_id] = (0, "")
+        self._due[config.run_id] = (0, "")  # due now, whoever held it
 
     async def configs(self, run_id: str) -> list[PushConfig]:
         self._live(run_id)

@@ -105,7 +105,12 @@ class RedisPushStore:
                         f"a task has at most {MAX_CONFIGS_PER_TASK} push notification configs",
                     )
                 )
-            await self._client.zadd(keys.push_due, {run_id: 0}, nx=True)
+            # Due now, whoever held it: its holder's renewal fails, the next claim reads
+            # the new config.
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.zadd(keys.push_due, {run_id: 0})
+                pipe.hdel(keys.push_owners, run_id)
+                await pipe.execute()
 
     async def configs(self, run_id: str) -> list[PushConfig]:
         with store_errors():

@@ -63,7 +63,8 @@ class PushStore(Protocol):
 
     async def put_config(self, config: PushConfig) -> None:
         """Store (or replace, by id) a config of its run, with no delivery yet, and make the
-        run due. Raises InvalidArgument beyond MAX_CONFIGS_PER_TASK configs."""
+        run due now, ending whoever's hold on it (their renew fails). Raises
+        InvalidArgument beyond MAX_CONFIGS_PER_TASK configs."""
 
     async def configs(self, run_id: str) -> list[PushConfig]:
         """The run's configs, oldest first."""
