@@ -16,7 +16,8 @@ line per call in the order of `calls`: "<tool>: <result>" for a result
 (JSON for anything but text) or "<tool> failed: <message>" when the tool
 asked for a retry (it never calls again).
 
-Tools: `ask_remote` (the remote agent at REMOTE_URL_ENV), `ask_nowhere` (an
+Tools: `ask_remote` (the remote agent at REMOTE_URL_ENV, with the API key
+REMOTE_KEY_ENV if set), `ask_nowhere` (an
 A2A agent at a port nothing listens on) and `wait` (sleeps `ms`).
 """
 
@@ -42,6 +43,7 @@ from server.a2a.remote import a2a_agent_tool
 from server.agents.types import AgentSpec
 
 REMOTE_URL_ENV = "KEEL_TEST_REMOTE_A2A_URL"
+REMOTE_KEY_ENV = "KEEL_TEST_REMOTE_A2A_KEY"  # the remote's API key, if it has keys
 NOWHERE = "http://127.0.0.1:9/a2a/nobody"  # the discard port: nothing answers there
 
 
@@ -123,6 +125,7 @@ def build_caller() -> Agent[None, str]:
                 os.environ.get(REMOTE_URL_ENV, NOWHERE),
                 name="ask_remote",
                 description="Ask the remote scripted agent.",
+                bearer_token=os.environ.get(REMOTE_KEY_ENV),
                 max_retries=1,
             ),
             a2a_agent_tool(NOWHERE, name="ask_nowhere", max_retries=1),

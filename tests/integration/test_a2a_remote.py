@@ -13,21 +13,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
-from a2a.client import create_client
+from a2a.client import ClientConfig, create_client
 from a2a.types import a2a_pb2 as a2a
 from keel.v1 import agent_service_pb2 as pb
 from keel.v1 import agent_service_pb2_grpc as pb_grpc
 
 from server.a2a.remote import RemoteAgent, message_ids
+from server.auth.keys import Role, add_key
 from server.events.redis import RedisEventLog
 from server.runs.journal import NOTE_SUFFIX
-from tests.a2a_registry import REMOTE_URL_ENV
+from tests.a2a_registry import REMOTE_KEY_ENV, REMOTE_URL_ENV
 from tests.processes import KeelProcess, start_keel_process
 
 CALLER_ENV = {
@@ -97,21 +101,24 @@ class Servers:
         assert self.remote is not None
         return f"http://127.0.0.1:{self.remote.http_port}/a2a/scripted"
 
-    async def start_remote(self) -> KeelProcess:
+    async def start_remote(
+        self, env: dict[str, str] | None = None, http_port: str = "0"
+    ) -> KeelProcess:
         self.remote = await start_keel_process(
             redis_url=self.redis_url,
             key_prefix=f"{self.key_prefix}-remote",
-            args=["--http-port", "0"],
+            args=["--http-port", http_port],
+            env=env,
         )
         self.processes.append(self.remote)
         return self.remote
 
-    async def start_caller(self) -> KeelProcess:
+    async def start_caller(self, env: dict[str, str] | None = None) -> KeelProcess:
         process = await start_keel_process(
             redis_url=self.redis_url,
             key_prefix=f"{self.key_prefix}-caller",
             agents="tests.a2a_registry:registry",
-            env={**CALLER_ENV, REMOTE_URL_ENV: self.remote_url},
+            env={**CALLER_ENV, REMOTE_URL_ENV: self.remote_url, **(env or {})},
         )
         self.processes.append(process)
         return process
@@ -131,13 +138,20 @@ class Servers:
 
 
 @pytest.fixture
-async def servers(redis_url: str, key_prefix: str) -> AsyncIterator[Servers]:
+async def no_servers(redis_url: str, key_prefix: str) -> AsyncIterator[Servers]:
+    """Servers the test starts itself."""
     group = Servers(redis_url, key_prefix)
     try:
-        await group.start_remote()
         yield group
     finally:
         await group.stop_all()
+
+
+@pytest.fixture
+async def servers(no_servers: Servers) -> Servers:
+    """A remote without API keys, started."""
+    await no_servers.start_remote()
+    return no_servers
 
 
 async def start_run(caller: KeelProcess, input_: str) -> str:
@@ -171,13 +185,15 @@ async def run_record(caller: KeelProcess, run_id: str) -> pb.Run:
         return (await stub.GetRun(pb.GetRunRequest(run_id=run_id))).run
 
 
-async def remote_tasks(servers: Servers) -> list[a2a.Task]:
-    client = await create_client(servers.remote_url)
-    try:
-        listed = await client.list_tasks(a2a.ListTasksRequest(page_size=100))
-        return list(listed.tasks)
-    finally:
-        await client.close()
+async def remote_tasks(servers: Servers, key: str = "") -> list[a2a.Task]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with httpx.AsyncClient(headers=headers) as http:
+        client = await create_client(servers.remote_url, ClientConfig(httpx_client=http))
+        try:
+            listed = await client.list_tasks(a2a.ListTasksRequest(page_size=100))
+            return list(listed.tasks)
+        finally:
+            await client.close()
 
 
 async def wait_for(condition: Callable[[], Awaitable[bool]], what: str) -> None:
@@ -373,3 +389,62 @@ async def test_unreachable_and_failing_remotes_are_told_to_the_model(servers: Se
     events = await observe(caller, run_id)
     assert finished_output(events).startswith("ask_remote failed:")
     assert "invalid script" in finished_output(events)
+
+
+async def test_a_remote_with_api_keys_is_called_with_the_callers_key(
+    no_servers: Servers, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys"
+    key = add_key(keys, "tenant-a", Role.RUNNER)
+    await no_servers.start_remote(env={"KEEL_API_KEYS_FILE": str(keys)})
+    with_key = await no_servers.start_caller(env={REMOTE_KEY_ENV: key})
+    run_id = await start_run(with_key, plan({"tool": "ask_remote", "message": remote_script(3)}))
+    events = await observe(with_key, run_id)
+    assert finished_output(events) == f"ask_remote: {remote_text(3)}"
+    [task] = await remote_tasks(no_servers, key)
+    assert task.status.state == a2a.TASK_STATE_COMPLETED
+    # Without the key the remote refuses the message, and the model is told so.
+    without = await no_servers.start_caller()
+    run_id = await start_run(without, plan({"tool": "ask_remote", "message": remote_script(3)}))
+    events = await observe(without, run_id)
+    assert finished_output(events).startswith("ask_remote failed:")
+    assert "401" in finished_output(events)
+    assert len(await remote_tasks(no_servers, key)) == 1
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def test_a_remote_server_that_dies_mid_call_is_looked_for_again(
+    no_servers: Servers,
+) -> None:
+    """The remote's server dies while its task runs and another takes its place (same
+    store, same port): the call's stream breaks, it looks for the task again (GetTask,
+    SubscribeToTask) and follows it to its end, with no second remote task."""
+    port = str(free_port())
+    remote_env = {**CALLER_ENV}  # short leases: the next remote server takes the task over
+    await no_servers.start_remote(env=remote_env, http_port=port)
+    caller = await no_servers.start_caller()
+    deltas = 40
+    run_id = await start_run(
+        caller, plan({"tool": "ask_remote", "message": remote_script(deltas, delay_ms=100)})
+    )
+
+    def remote_text_flows(events: list[pb.AgentEvent]) -> bool:
+        return any("text" in value for value in outputs(events, "call_0"))
+
+    await observe(caller, run_id, until=remote_text_flows)
+    assert no_servers.remote is not None
+    no_servers.remote.kill()
+    await no_servers.remote.wait()
+    await no_servers.start_remote(env=remote_env, http_port=port)
+    events = await observe(caller, run_id)
+    assert "step_superseded" not in kinds(events)  # the caller's server did not die
+    assert finished_output(events) == f"ask_remote: {remote_text(deltas)}"
+    assert reassembled(outputs(events, "call_0")) == remote_text(deltas)
+    [task] = await remote_tasks(no_servers)
+    assert task.status.state == a2a.TASK_STATE_COMPLETED
