@@ -33,6 +33,7 @@ from server.events.redis import RedisEventLog
 from server.runs.journal import NOTE_SUFFIX
 from tests.a2a_registry import REMOTE_KEY_ENV, REMOTE_URL_ENV
 from tests.processes import KeelProcess, start_keel_process
+from tests.temporal import WorkerProcess, start_worker
 
 CALLER_ENV = {
     "KEEL_LEASE_TTL_S": "1",
@@ -448,3 +449,66 @@ async def test_a_remote_server_that_dies_mid_call_is_looked_for_again(
     assert reassembled(outputs(events, "call_0")) == remote_text(deltas)
     [task] = await remote_tasks(no_servers)
     assert task.status.state == a2a.TASK_STATE_COMPLETED
+
+
+async def test_under_temporal_a_worker_killed_mid_call_follows_the_same_remote_task(
+    servers: Servers, temporal_address: str
+) -> None:
+    """The caller on the Temporal executor: its worker dies while the remote task runs;
+    Temporal retries the tool calls on another worker, which follows the noted task."""
+    queue = f"queue-{servers.key_prefix}"
+    env = {
+        **CALLER_ENV,
+        REMOTE_URL_ENV: servers.remote_url,
+        "KEEL_EXECUTOR": "temporal",
+        "KEEL_TEMPORAL_ADDRESS": temporal_address,
+        "KEEL_TASK_QUEUE": queue,
+        "KEEL_TEMPORAL_HEARTBEAT_TIMEOUT_S": "2",
+    }
+    api = await start_keel_process(
+        redis_url=servers.redis_url,
+        key_prefix=f"{servers.key_prefix}-caller",
+        agents="tests.a2a_registry:registry",
+        env=env,
+    )
+    servers.processes.append(api)
+    workers: list[WorkerProcess] = []
+
+    def worker() -> WorkerProcess:
+        process = start_worker(
+            temporal_address=temporal_address,
+            redis_url=servers.redis_url,
+            key_prefix=f"{servers.key_prefix}-caller",
+            task_queue=queue,
+            agents="tests.a2a_registry:registry",
+            env=env,
+        )
+        workers.append(process)
+        return process
+
+    try:
+        first = worker()
+        deltas = 40
+        run_id = await start_run(
+            api, plan({"tool": "ask_remote", "message": remote_script(deltas, delay_ms=100)})
+        )
+
+        def remote_text_flows(events: list[pb.AgentEvent]) -> bool:
+            return any("text" in value for value in outputs(events, "call_0"))
+
+        await observe(api, run_id, until=remote_text_flows)
+        first.kill()
+        [task] = await remote_tasks(servers)
+        assert task.status.state == a2a.TASK_STATE_WORKING, "the remote ended before the kill"
+        worker()
+        events = await observe(api, run_id)
+        assert_gap_free(events)
+        assert "step_superseded" in kinds(events)
+        assert finished_output(events) == f"ask_remote: {remote_text(deltas)}"
+        kept = outputs(effective(events), "call_0")
+        assert {value.get("task_id") for value in kept} == {task.id}
+        assert reassembled(kept) == remote_text(deltas)
+        assert [t.id for t in await remote_tasks(servers)] == [task.id]
+    finally:
+        for process in workers:
+            process.kill()
