@@ -310,6 +310,23 @@ class Translator:
                             ),
                         )
                     )
+                case "tool_output":
+                    output = event.tool_output
+                    out.append(
+                        self._status(
+                            event,
+                            a2a.TASK_STATE_WORKING,
+                            a2a.Part(text="tool output"),
+                            data_part(
+                                {
+                                    "tool_output": {
+                                        "tool_call_id": output.tool_call_id,
+                                        "output": _json(output.output_json),
+                                    }
+                                }
+                            ),
+                        )
+                    )
                 case "tool_error":
                     error = event.tool_error
                     out.append(

@@ -24,6 +24,7 @@ import httpx
 import pytest
 from a2a.client import ClientConfig, create_client
 from a2a.types import a2a_pb2 as a2a
+from google.protobuf import json_format
 from keel.v1 import agent_service_pb2 as pb
 from keel.v1 import agent_service_pb2_grpc as pb_grpc
 
@@ -114,12 +115,15 @@ class Servers:
         self.processes.append(self.remote)
         return self.remote
 
-    async def start_caller(self, env: dict[str, str] | None = None) -> KeelProcess:
+    async def start_caller(
+        self, env: dict[str, str] | None = None, args: Sequence[str] = ()
+    ) -> KeelProcess:
         process = await start_keel_process(
             redis_url=self.redis_url,
             key_prefix=f"{self.key_prefix}-caller",
             agents="tests.a2a_registry:registry",
             env={**CALLER_ENV, REMOTE_URL_ENV: self.remote_url, **(env or {})},
+            args=args,
         )
         self.processes.append(process)
         return process
@@ -216,7 +220,7 @@ def assert_gap_free(events: Sequence[pb.AgentEvent]) -> None:
 
 
 async def test_a_remote_agents_progress_and_answer_reach_the_run(servers: Servers) -> None:
-    caller = await servers.start_caller()
+    caller = await servers.start_caller(args=["--http-port", "0"])
     run_id = await start_run(
         caller, plan({"tool": "ask_remote", "message": remote_script(20, delay_ms=5)})
     )
@@ -239,6 +243,21 @@ async def test_a_remote_agents_progress_and_answer_reach_the_run(servers: Server
     _, context_id = message_ids(run_id, "call_0")
     assert task.context_id == context_id
     assert task.status.state == a2a.TASK_STATE_COMPLETED
+    # The caller's own A2A stream carries the same outputs, as `tool_output` data parts
+    # of working status messages: progress nests through a chain of agents.
+    client = await create_client(f"http://127.0.0.1:{caller.http_port}/a2a/caller")
+    try:
+        seen = [
+            json_format.MessageToDict(part.data)["tool_output"]
+            async for response in client.subscribe(a2a.SubscribeToTaskRequest(id=run_id))
+            if response.WhichOneof("payload") == "status_update"
+            for part in response.status_update.status.message.parts
+            if part.WhichOneof("content") == "data"
+            and "tool_output" in json_format.MessageToDict(part.data)
+        ]
+    finally:
+        await client.close()
+    assert seen == [{"tool_call_id": "call_0", "output": value} for value in got]
 
 
 async def test_a_sigkill_mid_call_follows_the_same_remote_task(servers: Servers) -> None:
