@@ -148,6 +148,23 @@ def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
 
 
 @pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """The URL of a real PostgreSQL 15 for this test session (tests/postgres.py). Set
+    KEEL_TEST_POSTGRES_URL to use one you started."""
+    external = os.environ.get("KEEL_TEST_POSTGRES_URL")
+    if external:
+        yield external
+        return
+    from tests.postgres import start_postgres
+
+    server = start_postgres()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def temporal_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The address of a Temporal dev server for this test session (tests/temporal.py)."""
     from tests.temporal import start_temporal
