@@ -29,6 +29,7 @@ import redis
 
 from server.events.log import EventLog
 from server.events.memory import MemoryEventLog
+from server.events.postgres import PostgresEventLog
 from server.events.redis import RedisEventLog
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -257,17 +258,27 @@ class LogClock:
             await asyncio.sleep(seconds)
 
 
-@pytest.fixture(params=["memory", "redis", "cluster"])
+# Contract modules that need stores (tasks, schedules, push configs) which do not run
+# beside a PostgreSQL log yet.
+POSTGRES_LATER = frozenset(
+    {"test_task_store", "test_schedule_store", "test_push_store", "test_half_steps"}
+)
+
+
+@pytest.fixture(params=["memory", "redis", "cluster", "postgres"])
 def backend(request: pytest.FixtureRequest) -> str:
-    """The EventLog implementation under test: memory, or Redis on one server or on a
-    3-master Redis Cluster."""
+    """The EventLog implementation under test: memory, Redis on one server or on a
+    3-master Redis Cluster, or PostgreSQL (tests/postgres.py)."""
     name: str = request.param
+    if name == "postgres" and request.module.__name__.rsplit(".", 1)[-1] in POSTGRES_LATER:
+        pytest.skip("this store does not run beside a PostgreSQL log yet")
     return name
 
 
 @pytest.fixture
 def log_clock(backend: str) -> LogClock:
-    """Jumps on memory; waits for real time on Redis (one server or a cluster)."""
+    """Jumps on memory; waits for real time on Redis (one server or a cluster) and
+    PostgreSQL (the database's clock)."""
     return LogClock(jumps=backend == "memory")
 
 
@@ -276,7 +287,8 @@ async def open_event_log(
     request: pytest.FixtureRequest, backend: str, key_prefix: str, log_clock: LogClock
 ) -> AsyncIterator[OpenEventLog]:
     """Opens EventLogs of one backend with chosen retention and lease settings."""
-    url = redis_url_of(request, backend)
+    postgres = str(request.getfixturevalue("postgres_url")) if backend == "postgres" else ""
+    url = "" if postgres else redis_url_of(request, backend)
     opened: list[EventLog] = []
 
     async def open_log(
@@ -287,7 +299,16 @@ async def open_event_log(
         thread_idle_ttl_s: float = 0,
     ) -> EventLog:
         log: EventLog
-        if url:
+        if postgres:
+            log = await PostgresEventLog.connect(
+                postgres,
+                key_prefix=key_prefix,
+                terminal_ttl_s=terminal_ttl_s,
+                retain_events=retain_events,
+                lease_ttl_s=lease_ttl_s,
+                thread_idle_ttl_s=thread_idle_ttl_s,
+            )
+        elif url:
             log = await RedisEventLog.connect(
                 url,
                 key_prefix=key_prefix,
