@@ -193,6 +193,8 @@ class PostgresEventLog:
             "keepalives_idle": 10,
             "keepalives_interval": 5,
             "keepalives_count": 3,
+            # Bounds how long sent data may stay unacknowledged (a broken network).
+            "tcp_user_timeout": max(1000, round(timeout_s * 1000)),
         }
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             url,
