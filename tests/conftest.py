@@ -258,20 +258,11 @@ class LogClock:
             await asyncio.sleep(seconds)
 
 
-# Contract modules that need stores (tasks, schedules, push configs) which do not run
-# beside a PostgreSQL log yet.
-POSTGRES_LATER = frozenset(
-    {"test_task_store", "test_schedule_store", "test_push_store", "test_half_steps"}
-)
-
-
 @pytest.fixture(params=["memory", "redis", "cluster", "postgres"])
 def backend(request: pytest.FixtureRequest) -> str:
     """The EventLog implementation under test: memory, Redis on one server or on a
     3-master Redis Cluster, or PostgreSQL (tests/postgres.py)."""
     name: str = request.param
-    if name == "postgres" and request.module.__name__.rsplit(".", 1)[-1] in POSTGRES_LATER:
-        pytest.skip("this store does not run beside a PostgreSQL log yet")
     return name
 
 

@@ -1,4 +1,5 @@
-"""The PushStore contract: every test runs against the memory and the Redis store alike."""
+"""The PushStore contract: every test runs against the memory, Redis and PostgreSQL stores
+alike."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The ScheduleStore contract: every test runs against the memory and the Redis store alike."""
+"""The ScheduleStore contract: every test runs against the memory, Redis and PostgreSQL stores
+alike."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import dataclasses
 import pytest
 
 from server.errors import ScheduleChanged, ScheduleNotFound
+from server.events.postgres import PostgresEventLog
 from server.events.redis import RedisEventLog
 from server.schedules.factory import schedule_store_for
 from server.schedules.records import (
@@ -195,3 +197,7 @@ async def test_delete_removes_the_schedule_its_due_entry_and_history(
     if isinstance(log, RedisEventLog):  # nothing of the first one is left behind
         keys = log.keys
         assert await log.client.exists(keys.schedule_firings("s1")) == 0
+    if isinstance(log, PostgresEventLog):
+        async with log.pool.connection() as conn:
+            cursor = await conn.execute("SELECT count(*) FROM schedule_firings")
+            assert await cursor.fetchone() == (0,)

@@ -1,4 +1,5 @@
-"""The TaskStore contract: every test runs against the memory and the Redis store alike."""
+"""The TaskStore contract: every test runs against the memory, Redis and PostgreSQL stores
+alike."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from server.errors import StaleEpoch, TaskNotFound, TaskNotRetryable
 from server.events.log import BusyPolicy, EventLog, RunRecord, RunState
 from server.events.memory import MemoryEventLog
-from server.events.redis import RedisEventLog
+from server.tasks.factory import task_store_for
 from server.tasks.memory import MemoryTaskStore
 from server.tasks.records import (
     TaskPageCursor,
@@ -23,7 +24,6 @@ from server.tasks.records import (
     task_id_for,
     task_update,
 )
-from server.tasks.redis import RedisTaskStore
 from server.tasks.store import Renewal, Slot, TaskStore
 from tests.contract.test_event_log import LogClock, OpenEventLog, make_events, new_run
 from tests.contract.test_event_log_threads import new_thread, run_on
@@ -37,11 +37,10 @@ async def open_store(open_event_log: OpenEventLog, log_clock: LogClock) -> OpenS
     async def open_store(**log_options: float) -> tuple[EventLog, TaskStore]:
         log = await open_event_log(**log_options)
         store: TaskStore
-        if isinstance(log, RedisEventLog):
-            store = RedisTaskStore.beside(log, lease_ttl_s=LEASE_TTL_S)
-        else:
-            assert isinstance(log, MemoryEventLog)
+        if isinstance(log, MemoryEventLog):
             store = MemoryTaskStore(log, lease_ttl_s=LEASE_TTL_S, clock=log_clock)
+        else:  # Redis or PostgreSQL: the store beside the log, on the log's connections
+            store = task_store_for(log, lease_ttl_s=LEASE_TTL_S)
         return log, store
 
     return open_store
