@@ -61,13 +61,16 @@ LOCK_RUN: LiteralString = (
     "SELECT 1 FROM runs r WHERE r.run_id = %(run_id)s AND " + _LIVE + " FOR KEY SHARE"
 )
 
-# ... the task (queued at its creation time) -> one row, or none when its id exists ...
+# ... the task, queued now by the database's clock (which "due" compares with, so a
+# creator's clock never delays it) -> one row, or none when its id exists ...
 CREATE: LiteralString = (
     "INSERT INTO tasks ("
     + ", ".join(COLUMNS)
     + ", queued_ms) VALUES ("
     + ", ".join(f"%({c})s" for c in COLUMNS)
-    + ", %(create_time_ms)s) ON CONFLICT (task_id) DO NOTHING RETURNING 1"
+    + ", "
+    + _NOW_MS
+    + ") ON CONFLICT (task_id) DO NOTHING RETURNING 1"
 )
 
 # ... -> COLUMNS of the task that has the id.

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from server.a2a.push.postgres import PostgresPushStore
-from server.a2a.push.store import MAX_CONFIGS_PER_TASK, PushConfig
+from server.a2a.push.store import MAX_CONFIGS_PER_TASK, Delivery, PushConfig
 from server.errors import InvalidArgument, RunNotFound, StoreUnavailable
 from server.events.log import RunState
 from server.events.postgres import PostgresEventLog, schema_of
@@ -194,6 +194,23 @@ async def test_expired_push_configs_are_swept_by_any_expire(log: PostgresEventLo
     assert await store.configs("r1") == []
     await store.expire("r2", 0)  # any run's
     assert (await count(log, "push_configs"), await count(log, "push_runs")) == (0, 0)
+
+
+async def test_a_config_added_after_its_runs_configs_expired_starts_afresh(
+    log: PostgresEventLog,
+) -> None:
+    store = PostgresPushStore.beside(log)
+    for config_id in ("a", "b"):
+        await store.put_config(PushConfig(config_id, "r1", "https://example.com/x"))
+    await store.record("r1", "a", Delivery(mark="m"))
+    await store.expire("r1", 50)
+    await asyncio.sleep(0.2)
+    await store.put_config(PushConfig("c", "r1", "https://example.com/x"))
+    assert [c.config_id for c in await store.configs("r1")] == ["c"]
+    assert await store.deliveries("r1") == {}
+    assert await store.claim("d", 10, 60_000) == ["r1"]
+    await asyncio.sleep(0.2)
+    assert [c.config_id for c in await store.configs("r1")] == ["c"]  # kept: no expiry
 
 
 async def test_task_doorbells_and_run_cancel_requests_share_the_channel_not_listeners(
