@@ -5,11 +5,10 @@ every append (append_events) and cancel request (sql.REQUEST_CANCEL) of any
 run calls pg_notify on it, with the run's id in the payload. One channel
 rather than one per run, because:
 
-- subscribing is then local and instant: the connection LISTENs once, at
-  start, so `subscribe` registers a listener in a dict and returns, with the
-  guarantee that every later commit reaches it (a LISTEN per run would cost
-  a round trip on the shared connection per observer, serialized behind the
-  reader);
+- subscribing needs no LISTEN: the connection LISTENs once, at start (a
+  LISTEN per run would cost a round trip on the shared connection per
+  observer, serialized behind the reader); `subscribe` costs one NOTIFY of
+  a marker on a pooled connection instead (PgFanout.subscribe);
 - PostgreSQL delivers a channel's notifications in commit order, and one
   run's appends commit in index order (its row lock), so a run's batches
   arrive in order on one channel as they would on many.
@@ -24,7 +23,8 @@ Payloads (text; the run id is length-prefixed, so any run id works):
   fanout reads those events from the log (the rows are committed: NOTIFY is
   delivered after commit), and holds back the run's later notifications until
   they are delivered, so listeners still see batches in index order;
-- "c<len>:<run id><reason>": a cancel request, for ControlListeners.
+- "c<len>:<run id><reason>": a cancel request, for ControlListeners;
+- "s<len>:<token>": a new subscription's marker (see PgFanout.subscribe).
 
 The reader task owns the connection: connect, LISTEN, then read
 notifications, checking the connection with a query after a quiet
@@ -45,6 +45,7 @@ import base64
 import binascii
 import contextlib
 import logging
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -70,6 +71,8 @@ _BACKOFF_MAX_S = 2.0
 
 # Reads a run's events [first, first + count) from the log (for a doorbell).
 Fetch = Callable[[str, int, int], Awaitable[list[AgentEvent]]]
+# NOTIFYs a payload on the channel, in a transaction of its own (a subscription's marker).
+Notify = Callable[[str], Awaitable[None]]
 
 
 def events_payload(run_id: str, first: int, count: int, encoded: bytes) -> str:
@@ -98,10 +101,20 @@ class _Run:
 class PgSubscription:
     """A listener's registration with the fanout."""
 
-    def __init__(self, fanout: PgFanout, run_id: str, listener: Listener | ControlListener) -> None:
+    def __init__(
+        self,
+        fanout: PgFanout,
+        run_id: str,
+        listener: Listener | ControlListener,
+        *,
+        active: bool = True,
+    ) -> None:
         self._fanout = fanout
         self.run_id = run_id
         self.listener = listener
+        # An event listener hears nothing until its subscription's own notification
+        # came through (see PgFanout.subscribe).
+        self.active = active
 
     async def close(self) -> None:
         self._fanout.remove(self)
@@ -115,6 +128,7 @@ class PgFanout:
         conninfo: str,
         channel: str,
         fetch: Fetch,
+        notify: Notify,
         *,
         connect_kwargs: dict[str, Any],
         connect_timeout_s: float = 5.0,
@@ -123,6 +137,9 @@ class PgFanout:
         self._conninfo = conninfo
         self.channel = channel
         self._fetch = fetch
+        self._notify = notify
+        # Subscriptions waiting for their marker notification, by its token.
+        self._marks: dict[str, PgSubscription] = {}
         self._connect_kwargs = connect_kwargs
         self._connect_timeout_s = connect_timeout_s
         self._health_s = health_check_interval_s
@@ -145,9 +162,27 @@ class PgFanout:
         return self._conn
 
     async def subscribe(self, run_id: str, listener: Listener) -> PgSubscription:
+        """Register `listener`: it hears every event committed after this returns.
+
+        It also hears nothing committed before: notifications already on their way
+        when it registers (committed, not yet read here) are not for it. So the
+        registration starts inactive and NOTIFYs a marker of its own on the channel
+        (one round trip); the marker commits before this returns, and arrives after
+        every notification committed before it (commit order), so the listener
+        becomes active when the marker arrives, before any later event's
+        notification. (A reconnect in between activates it with on_gap.)
+        """
         await self._wait_ready()
-        subscription = PgSubscription(self, run_id, listener)
+        subscription = PgSubscription(self, run_id, listener, active=False)
+        token = uuid.uuid4().hex
+        self._marks[token] = subscription
         self._runs.setdefault(run_id, _Run()).listeners[subscription] = None
+        try:
+            await self._notify("s" + f"{len(token)}:{token}")
+        except BaseException:
+            self.remove(subscription)
+            self._marks.pop(token, None)
+            raise
         return subscription
 
     async def subscribe_control(self, run_id: str, listener: ControlListener) -> PgSubscription:
@@ -246,16 +281,22 @@ class PgFanout:
             async for notify in conn.notifies(timeout=self._health_s):
                 received = True
                 if notify.channel == self.channel:
-                    self._dispatch(notify.payload)
+                    try:
+                        self._dispatch(notify.payload)
+                    except Exception:
+                        # One bad notification must not end the reader (and every stream).
+                        logger.exception("bad notification on %s", self.channel)
             if not received:  # quiet: check the connection answers
                 async with asyncio.timeout(self._health_s):
                     await conn.execute(sql.PING)
 
     def _gap_all(self) -> None:
         """Every event listener may have missed notifications: tell each once."""
+        self._marks.clear()
         for run in tuple(self._runs.values()):
             run.backlog.clear()
             for subscription in tuple(run.listeners):
+                subscription.active = True
                 try:
                     cast(Listener, subscription.listener).on_gap()
                 except Exception:
@@ -269,6 +310,11 @@ class PgFanout:
             return
         size = int(payload[1:colon])
         run_id = payload[colon + 1 : colon + 1 + size]
+        if kind == "s":  # a subscription's marker (the "run id" is its token)
+            marked = self._marks.pop(run_id, None)
+            if marked is not None:
+                marked.active = True
+            return
         run = self._runs.get(run_id)
         if run is None:
             return  # nobody here listens to this run
@@ -280,7 +326,7 @@ class PgFanout:
                 except Exception:
                     logger.exception("control listener of run %s failed", run_id)
             return
-        listeners = tuple(cast(Listener, s.listener) for s in run.listeners)
+        listeners = tuple(cast(Listener, s.listener) for s in run.listeners if s.active)
         if not listeners:
             return
         item: Batch | tuple[int, int]

@@ -9,9 +9,10 @@ hot paths one round trip, are in migrations/versions.
 
 Writes. Each write of one run is one statement, so it is atomic and one
 round trip on a pooled connection (psycopg 3, AsyncConnectionPool, autocommit;
-psycopg prepares a statement after its fifth use):
+psycopg prepares a statement after its fifth use); the appends of many runs
+made in the same loop turn share a round trip and a commit (pg_batcher.py):
 - append is the function append_events: it locks the run's row
-  (SELECT ... FOR UPDATE), checks the writer's epoch and the expected next
+  (SELECT ... FOR NO KEY UPDATE), checks the writer's epoch and the expected next
   index (an exact replay of a retained batch is a no-op), inserts the events
   (bytea, one row each, from one array parameter), advances next_index and
   the state, trims (retain_events), hands a thread to its next run when a
@@ -83,6 +84,7 @@ from server.events.log import (
     ThreadRecord,
     ThreadRunStart,
 )
+from server.events.pg_batcher import AppendBatcher
 from server.events.pg_fanout import PgFanout, events_payload
 from server.events.pg_migrate import migrate
 from server.events.postgres_records import (
@@ -130,6 +132,7 @@ class PostgresEventLog:
         self._retain_events = retain_events
         self._lease_ttl_ms = max(1, round(lease_ttl_s * 1000))
         self._thread_idle_ttl_ms = round(thread_idle_ttl_s * 1000)
+        self._appends = AppendBatcher(pool)
         self._fanout: PgFanout | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
@@ -226,6 +229,7 @@ class PostgresEventLog:
                 url,
                 schema,
                 log._fetch_events,
+                log._notify,
                 connect_kwargs=listen_kwargs,
                 connect_timeout_s=timeout_s,
                 health_check_interval_s=health_check_interval_s,
@@ -329,27 +333,29 @@ class PostgresEventLog:
         if batch:
             encoded = encode_batch(members)
             payload = events_payload(run_id, first, len(batch), encoded)
-        row = await self._one(
-            sql.APPEND,
-            (
-                run_id,
-                epoch,
-                first,
-                members,
-                None if state is None else state.value,
-                error,
-                checkpoint,
-                goal_progress,
-                list(thread_messages),
-                self._retain_events,
-                self._terminal_ttl_ms,
-                self._thread_idle_ttl_ms,
-                batch[-1].step if batch else 0,
-                batch[-1].attempt if batch else 0,
-                self.channel,
-                payload,
-            ),
+        params = (
+            run_id,
+            epoch,
+            first,
+            members,
+            None if state is None else state.value,
+            error,
+            checkpoint,
+            goal_progress,
+            list(thread_messages),
+            self._retain_events,
+            self._terminal_ttl_ms,
+            self._thread_idle_ttl_ms,
+            batch[-1].step if batch else 0,
+            batch[-1].attempt if batch else 0,
+            self.channel,
+            payload,
         )
+        if state is not None and state.terminal:
+            # May lock a thread's row: never in a shared transaction (pg_batcher.py).
+            row = await self._one(sql.APPEND, params)
+        else:
+            row = await self._appends(params)
         assert row is not None
         status, next_index, current_epoch = row
         if status == _NO_RUN:
@@ -377,6 +383,10 @@ class PostgresEventLog:
     async def _fetch_events(self, run_id: str, first: int, count: int) -> list[AgentEvent]:
         """For the fanout's doorbells: committed events [first, first + count)."""
         return await self.read(run_id, first, count)
+
+    async def _notify(self, payload: str) -> None:
+        """For the fanout: NOTIFY `payload` on the store's channel."""
+        await self._one(sql.NOTIFY, (self.channel, payload))
 
     async def subscribe(self, run_id: str, listener: Listener) -> Subscription:
         # No RunNotFound here: an observer may subscribe before it reads the run.
@@ -685,6 +695,7 @@ class PostgresEventLog:
             await background.stop(self._sweeper, within_s=5.0)
         if self._fanout is not None:
             await self._fanout.close()
+        await self._appends.close()
         await self._pool.close()
 
     async def _one(self, query: str, params: Any) -> tuple[Any, ...] | None:

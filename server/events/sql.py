@@ -50,7 +50,7 @@ SELECT purge_runs(array_agg(run_id)) FROM gone
 """
 
 GET_RUN = f"SELECT {_RUN} FROM runs WHERE run_id = %s AND {LIVE}"
-GET_RUN_FOR_UPDATE = f"SELECT {_RUN} FROM runs WHERE run_id = %s AND {LIVE} FOR UPDATE"
+GET_RUN_FOR_UPDATE = f"SELECT {_RUN} FROM runs WHERE run_id = %s AND {LIVE} FOR NO KEY UPDATE"
 HEAD = f"SELECT next_index FROM runs WHERE run_id = %s AND {LIVE}"
 EXISTS = f"SELECT 1 FROM runs WHERE run_id = %s AND {LIVE}"
 
@@ -66,7 +66,12 @@ def list_runs(
     if states:
         where.append("state = ANY(%(states)s::text[])")
     if thread_id:
+        # A thread's runs are listed while the thread exists (as on the other logs).
         where.append("thread_id = %(thread_id)s")
+        where.append(
+            "EXISTS (SELECT 1 FROM threads t WHERE t.thread_id = %(thread_id)s "
+            "AND (t.expires_at IS NULL OR t.expires_at > clock_timestamp()))"
+        )
     if schedule_id:
         where.append("schedule_id = %(schedule_id)s")
     if tenant:
@@ -271,6 +276,9 @@ def list_threads(*, resource_id: bool, tenant: bool, after: bool) -> str:
 EXPIRE = "SELECT expire(%s)"
 
 PING = "SELECT 1"
+
+# A notification on the store's channel (a new subscription's marker, pg_fanout.py).
+NOTIFY = "SELECT pg_notify(%s, %s)::text"
 
 # The one LISTEN of a process (the channel is the schema's name, quoted by the caller).
 LISTEN = "LISTEN {channel}"

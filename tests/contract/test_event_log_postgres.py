@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from keel.v1.agent_service_pb2 import AgentEvent, TextDelta
 
-from server.errors import StoreUnavailable
+from server.errors import StaleEpoch, StoreUnavailable
 from server.events.factory import open_event_log
 from server.events.log import RunState
 from server.events.pg_fanout import MAX_PAYLOAD_BYTES, events_payload
@@ -52,6 +52,16 @@ async def terminate_listen(admin: psycopg.AsyncConnection[object], schema: str) 
     return len(pids)
 
 
+class GapRecorder(Recorder):
+    """A Recorder that notes how many events it had heard when told on_gap."""
+
+    heard_at_gap = 0
+
+    def on_gap(self) -> None:
+        self.heard_at_gap = len(self.events)
+        super().on_gap()
+
+
 def big_events(run_id: str, start: int, count: int, size: int) -> list[AgentEvent]:
     return [
         AgentEvent(
@@ -68,7 +78,7 @@ async def test_the_listen_connection_killed_mid_stream_gives_on_gap_and_nothing_
     schema = schema_of(key_prefix)
     try:
         run = await new_run(log)
-        recorder = Recorder()
+        recorder = GapRecorder()
         subscription = await log.subscribe(run.run_id, recorder)
         total = 300
         killed = asyncio.Event()
@@ -85,20 +95,18 @@ async def test_the_listen_connection_killed_mid_stream_gives_on_gap_and_nothing_
         assert await terminate_listen(admin, schema) == 1
         await recorder.wait_until(lambda: recorder.gaps == 1, timeout_s=10)
         # The observer's recipe on on_gap: re-read the log from where its events stopped.
-        seen = indices(recorder.events)
-        resumed_at = len(seen)
-        assert seen == list(range(resumed_at)), "what arrived before the gap is in order"
-        reread = indices(await log.read(run.run_id, resumed_at, 1_000))
+        before_gap = indices(recorder.events[: recorder.heard_at_gap])
+        assert before_gap == list(range(len(before_gap))), "what arrived before is in order"
+        reread = indices(await log.read(run.run_id, len(before_gap), 1_000))
         await writing
         await recorder.wait_until(
             lambda: bool(recorder.events) and recorder.events[-1].index == total - 1, timeout_s=10
         )
-        live_after_gap = indices(recorder.events)[resumed_at:]
+        after_gap = indices(recorder.events[recorder.heard_at_gap :])
         assert recorder.gaps == 1
+        assert after_gap == sorted(after_gap), "live events stay in order"
         # Re-read and live events together cover every index: nothing is missed.
-        covered = set(range(resumed_at)) | set(reread) | set(live_after_gap)
-        assert covered == set(range(total))
-        assert live_after_gap == sorted(live_after_gap), "live events stay in order"
+        assert set(before_gap) | set(reread) | set(after_gap) == set(range(total))
         assert len(await listen_backends(admin, schema)) == 1, "LISTEN is back"
         await subscription.close()
     finally:
@@ -295,3 +303,23 @@ async def test_the_factory_opens_a_postgres_log_in_the_key_prefixs_schema(
         await log.close()
     with pytest.raises(ValueError, match="not both"):
         await open_event_log("redis://x", postgres_url=postgres_url)
+
+
+async def test_appends_of_one_loop_turn_share_a_transaction_yet_fail_alone(
+    postgres_url: str, key_prefix: str
+) -> None:
+    log = await PostgresEventLog.connect(postgres_url, key_prefix=key_prefix)
+    try:
+        runs = [await new_run(log) for _ in range(4)]
+        appends = [log.append(run.run_id, 1, make_events(run.run_id, 0, 2)) for run in runs]
+        # A stale writer and a broken call (an epoch PostgreSQL cannot hold) in the same batch.
+        appends.append(log.append(runs[0].run_id, 7, make_events(runs[0].run_id, 2, 1)))
+        appends.append(log.append(runs[1].run_id, 2**70, make_events(runs[1].run_id, 2, 1)))
+        results = await asyncio.gather(*appends, return_exceptions=True)
+        assert results[:4] == [2, 2, 2, 2]
+        assert isinstance(results[4], StaleEpoch)
+        assert isinstance(results[5], psycopg.Error)
+        for run in runs:
+            assert indices(await log.read(run.run_id, 0, 10)) == [0, 1]
+    finally:
+        await log.close()

@@ -144,6 +144,8 @@ CREATE TABLE thread_pending (
 # status: 0 appended, 1 no such run, 2 stale epoch, 3 index conflict, 4 exact replay.
 # A terminal append of a run on a thread locks the thread's row before the run's:
 # every writer that locks both does so in that order (no deadlock).
+# The run's row is locked FOR NO KEY UPDATE: rows that reference a run (the tasks of
+# revision 0002) are inserted meanwhile under FOR KEY SHARE without waiting.
 _APPEND = r"""
 CREATE FUNCTION append_events(
     p_run_id text, p_epoch bigint, p_first bigint, p_bodies bytea[],
@@ -166,7 +168,7 @@ BEGIN
             PERFORM 1 FROM threads WHERE thread_id = v_thread FOR UPDATE;
         END IF;
     END IF;
-    SELECT * INTO r FROM runs WHERE run_id = p_run_id FOR UPDATE;
+    SELECT * INTO r FROM runs WHERE run_id = p_run_id FOR NO KEY UPDATE;
     IF NOT FOUND OR r.expires_at <= now_ts THEN
         status := 1;
         RETURN;
