@@ -117,9 +117,15 @@ async def test_until_idle_gives_the_model_every_result_in_the_order_tasks_end(
     a, b, c = task_ids(out.events)
     said = [e.text_delta.delta for e in out.events if e.WhichOneof("payload") == "text_delta"]
     answers = [d for d in said if d.startswith("got ")]
-    assert answers == [f"got [task {task_id}] slow completed: 1 " for task_id in (b, c, a)], (
+    # Started a, b, c; they end b, c, a unless a loaded machine starts one late: the
+    # results come in the order the log says they completed, whatever that was.
+    completed = [
+        u.task_id for u in task_updates(out.events) if u.status == pb.TASK_STATUS_COMPLETED
+    ]
+    assert sorted(completed) == sorted((a, b, c))
+    assert answers == [f"got [task {task_id}] slow completed: 1 " for task_id in completed], (
         answers
-    )  # ended b, c, a: started a, b, c
+    )
     for task_id in (a, b, c):
         assert statuses_of(out.events, task_id) == [
             "QUEUED",
