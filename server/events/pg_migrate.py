@@ -33,6 +33,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import NullPool
 
 from server.errors import StoreUnavailable
+from server.events import sql
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _LOCK_NAMESPACE = "keel-migrate:"
@@ -95,9 +96,9 @@ def migrate_sync(url: str, schema: str) -> str:
             raise StoreUnavailable(f"PostgreSQL unreachable: {error.orig or error}") from error
         with connection:
             key = _LOCK_NAMESPACE + schema
-            connection.execute(text("SELECT pg_advisory_lock(hashtext(:key))"), {"key": key})
+            connection.execute(text(sql.MIGRATION_LOCK), {"key": key})
             try:
-                connection.execute(text(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}"))
+                connection.execute(text(sql.CREATE_SCHEMA.format(schema=quote_ident(schema))))
                 connection.commit()
                 script = ScriptDirectory(str(MIGRATIONS))
                 head = head_revision()
@@ -115,7 +116,7 @@ def migrate_sync(url: str, schema: str) -> str:
                 return head
             finally:
                 connection.rollback()
-                connection.execute(text("SELECT pg_advisory_unlock(hashtext(:key))"), {"key": key})
+                connection.execute(text(sql.MIGRATION_UNLOCK), {"key": key})
                 connection.commit()
     finally:
         engine.dispose()

@@ -282,3 +282,10 @@ NOTIFY = "SELECT pg_notify(%s, %s)::text"
 
 # The one LISTEN of a process (the channel is the schema's name, quoted by the caller).
 LISTEN = "LISTEN {channel}"
+
+# Migrations (pg_migrate.py, through SQLAlchemy: named parameters are :name; the
+# schema is quoted by the caller).
+MIGRATION_LOCK = "SELECT pg_advisory_lock(hashtext(:key))"
+MIGRATION_UNLOCK = "SELECT pg_advisory_unlock(hashtext(:key))"
+CREATE_SCHEMA = "CREATE SCHEMA IF NOT EXISTS {schema}"
+SET_SEARCH_PATH = "SET search_path TO {schema}"

@@ -13,13 +13,14 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection, text
 
+from server.events import sql
 from server.events.pg_migrate import quote_ident
 
 config = context.config
 connection: Connection = config.attributes["connection"]
 schema: str = config.attributes["schema"]
 
-connection.execute(text(f"SET search_path TO {quote_ident(schema)}"))
+connection.execute(text(sql.SET_SEARCH_PATH.format(schema=quote_ident(schema))))
 context.configure(
     connection=connection,
     version_table_schema=schema,
