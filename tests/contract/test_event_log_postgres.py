@@ -19,7 +19,7 @@ from keel.v1.agent_service_pb2 import AgentEvent, TextDelta
 
 from server.errors import StaleEpoch, StoreUnavailable
 from server.events.factory import open_event_log
-from server.events.log import RunState
+from server.events.log import BusyPolicy, RunState
 from server.events.pg_fanout import MAX_PAYLOAD_BYTES, events_payload
 from server.events.pg_migrate import SchemaTooNew, migrate
 from server.events.postgres import PostgresEventLog, schema_of
@@ -321,5 +321,64 @@ async def test_appends_of_one_loop_turn_share_a_transaction_yet_fail_alone(
         assert isinstance(results[5], psycopg.Error)
         for run in runs:
             assert indices(await log.read(run.run_id, 0, 10)) == [0, 1]
+    finally:
+        await log.close()
+
+
+async def test_many_claimers_of_one_lapsed_run_one_wins(postgres_url: str, key_prefix: str) -> None:
+    log = await PostgresEventLog.connect(postgres_url, key_prefix=key_prefix, lease_ttl_s=0.2)
+    try:
+        run = await new_run(log)
+        await asyncio.sleep(0.4)
+        claims = await asyncio.gather(*(log.claim(run.run_id, f"i{n}") for n in range(20)))
+        winners = [claim for claim in claims if claim is not None]
+        assert len(winners) == 1
+        assert winners[0].epoch == 2
+        assert (await log.get_run(run.run_id)).owner == winners[0].owner
+    finally:
+        await log.close()
+
+
+async def test_a_busy_thread_under_racing_writers_never_deadlocks(
+    postgres_url: str, key_prefix: str
+) -> None:
+    """Ends of runs (which lock the thread, then the run), interrupts (the thread, then
+    the active run), cancels and appends (one run each) racing on one thread."""
+    from tests.contract.test_event_log_threads import abort, events, run_on, thread_record
+
+    log = await PostgresEventLog.connect(postgres_url, key_prefix=key_prefix)
+    try:
+        thread, _ = await log.create_thread(thread_record())
+        first = (await log.start_thread_run(run_on(thread.thread_id), BusyPolicy.ENQUEUE)).run
+        for _round in range(10):
+            active = (await log.get_thread(thread.thread_id)).active_run_id
+            assert active
+            run = await log.get_run(active)
+            if run.owner == "":
+                claimed = await log.claim(run.run_id, "me", force=True)
+                assert claimed is not None
+                run = claimed
+            head = run.next_index
+            starts = [
+                log.start_thread_run(run_on(thread.thread_id), policy)
+                for policy in (BusyPolicy.ENQUEUE, BusyPolicy.INTERRUPT, BusyPolicy.ENQUEUE)
+            ]
+            results = await asyncio.gather(
+                log.append(run.run_id, run.epoch, events(run.run_id, head, 2)),
+                *starts,
+                log.request_cancel(run.run_id, "stop"),
+                return_exceptions=True,
+            )
+            assert not [r for r in results if isinstance(r, BaseException)], results
+            await log.append(
+                run.run_id,
+                run.epoch,
+                abort(run.run_id, head + 2),
+                state=RunState.CANCELLED,
+                thread_messages=[b"m"],
+            )
+        final = await log.get_thread(thread.thread_id)
+        assert final.active_run_id and final.active_run_id != first.run_id
+        assert final.message_count == 10
     finally:
         await log.close()
