@@ -123,9 +123,7 @@ async def test_until_idle_gives_the_model_every_result_in_the_order_tasks_end(
         u.task_id for u in task_updates(out.events) if u.status == pb.TASK_STATUS_COMPLETED
     ]
     assert sorted(completed) == sorted((a, b, c))
-    assert answers == [f"got [task {task_id}] slow completed: 1 " for task_id in completed], (
-        answers
-    )
+    assert answers == [f"got [task {task_id}] slow completed: 1 " for task_id in completed], answers
     for task_id in (a, b, c):
         assert statuses_of(out.events, task_id) == [
             "QUEUED",
