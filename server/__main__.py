@@ -36,6 +36,7 @@ _FLAGS = (
     "port",
     "workers",
     "redis_url",
+    "postgres_url",
     "redis_wait_replicas",
     "agents",
     "key_prefix",
@@ -61,6 +62,11 @@ def _add_common(command: argparse.ArgumentParser) -> None:
         "--redis-url",
         help="Redis for durable runs, e.g. redis://127.0.0.1:6379/0, or a Redis Cluster "
         "by any one of its nodes: redis+cluster://127.0.0.1:7000",
+    )
+    command.add_argument(
+        "--postgres-url",
+        help="PostgreSQL for durable runs instead of Redis, e.g. "
+        "postgresql://keel@127.0.0.1:5432/keel (its schema is migrated at start)",
     )
     command.add_argument(
         "--redis-wait-replicas",

@@ -25,6 +25,7 @@ from server.agents.registry import load_registry
 from server.agents.types import AgentSpec
 from server.api.servicer import SERVICE, AgentServicer, add_to_server
 from server.auth.gate import A2A_METHOD_ROLES, A2A_SERVICE, AuthInterceptor, Gate
+from server.errors import StoreUnavailable
 from server.events.factory import open_event_log
 from server.events.log import EventLog
 from server.goals.judge import check_default_goals
@@ -195,16 +196,29 @@ async def create_server(settings: Settings, *, reuse_port: bool = False) -> Keel
     `reuse_port`: one of the workers of `serve --workers` (see server_options)."""
     keys = check_settings(settings)
     agents = load_agents(settings)
-    event_log = await open_event_log(
-        settings.redis_url or None,
-        key_prefix=settings.key_prefix,
-        terminal_ttl_s=settings.terminal_ttl_s,
-        retain_events=settings.retain_events,
-        lease_ttl_s=settings.lease_ttl_s,
-        thread_idle_ttl_s=settings.thread_idle_ttl_s,
-        wait_replicas=settings.redis_wait_replicas,
-        wait_timeout_ms=settings.redis_wait_timeout_ms,
-    )
+    try:
+        event_log = await open_event_log(
+            settings.redis_url or None,
+            postgres_url=settings.postgres_url or None,
+            key_prefix=settings.key_prefix,
+            terminal_ttl_s=settings.terminal_ttl_s,
+            retain_events=settings.retain_events,
+            lease_ttl_s=settings.lease_ttl_s,
+            thread_idle_ttl_s=settings.thread_idle_ttl_s,
+            wait_replicas=settings.redis_wait_replicas,
+            wait_timeout_ms=settings.redis_wait_timeout_ms,
+        )
+    except StoreUnavailable as exc:
+        # At start there is nothing to serve yet: say so once and stop (a supervisor
+        # restarts the process; the server does not spin on an unreachable store).
+        raise ConfigurationError(f"cannot reach the store at start: {exc}") from exc
+    except Exception as exc:
+        if settings.postgres_url:  # imported only then: the migrations import Alembic
+            from server.events.pg_migrate import SchemaTooNew
+
+            if isinstance(exc, SchemaTooNew):  # migrated by a newer Keel: refuse to start
+                raise ConfigurationError(str(exc)) from exc
+        raise
     task_limits = TaskLimits(
         global_concurrency=settings.tasks_global_concurrency,
         default_timeout_s=settings.tasks_default_timeout_s,
@@ -388,7 +402,7 @@ async def create_server(settings: Settings, *, reuse_port: bool = False) -> Keel
         "keel serving on %s:%d (%s, %s executor)",
         settings.host,
         port,
-        "redis" if settings.redis_url else "memory",
+        "redis" if settings.redis_url else "postgres" if settings.postgres_url else "memory",
         settings.executor,
     )
     return Keel(

@@ -32,7 +32,11 @@ class Settings(BaseSettings):
     # Redis for the event log and run records; empty: the in-memory log (one process,
     # no durability).
     redis_url: str = ""
-    # Prefix of every Redis key, so several deployments (or tests) can share one Redis.
+    # PostgreSQL instead (postgresql://user@host:port/db; docs/postgres.md): the same
+    # store in tables, its schema migrated at start. One of redis_url and postgres_url.
+    postgres_url: str = ""
+    # Prefix of every Redis key, so several deployments (or tests) can share one Redis;
+    # on PostgreSQL, the schema Keel's tables live in.
     key_prefix: str = "keel"
     # With replicas: every append of events waits (Redis WAIT) until this many replicas
     # acknowledged it, at most redis_wait_timeout_ms; an append they do not acknowledge in
@@ -190,6 +194,18 @@ class ConfigurationError(Exception):
 
 def check_settings(settings: Settings) -> KeyRing | None:
     """ConfigurationError for settings that cannot work together; the API keys."""
+    if settings.redis_url and settings.postgres_url:
+        raise ConfigurationError(
+            "give one store: --redis-url (KEEL_REDIS_URL) or --postgres-url "
+            "(KEEL_POSTGRES_URL), not both"
+        )
+    if settings.postgres_url and not settings.postgres_url.startswith(
+        ("postgresql://", "postgres://")
+    ):
+        raise ConfigurationError(
+            "--postgres-url (KEEL_POSTGRES_URL) must look like "
+            "postgresql://user:password@host:port/database"
+        )
     if settings.executor == "temporal" and not settings.redis_url:
         raise ConfigurationError(
             "the temporal executor needs Redis for the event log: give --redis-url "

@@ -113,7 +113,7 @@ def backend(request: pytest.FixtureRequest) -> str:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend" not in metafunc.fixturenames or hasattr(metafunc.module, "backend"):
         return  # a module with a backend of its own
-    backends = ["memory", "redis"]
+    backends = ["memory", "redis", "postgres"]
     if metafunc.definition.get_closest_marker("executors"):
         backends.append("temporal")
     if metafunc.definition.get_closest_marker("cluster"):
@@ -128,7 +128,8 @@ def make_settings(backend: str, request: pytest.FixtureRequest) -> Callable[...,
     On "temporal", the first call also starts a worker with the same settings
     (its own task queue), killed when the test ends.
     """
-    redis_url = redis_url_of(request, backend)
+    redis_url = "" if backend == "postgres" else redis_url_of(request, backend)
+    postgres_url = str(request.getfixturevalue("postgres_url")) if backend == "postgres" else ""
     prefix = f"test-{uuid.uuid4().hex[:12]}"
     workers: list[WorkerProcess] = []
     request.addfinalizer(lambda: [worker.kill() for worker in workers])
@@ -138,6 +139,7 @@ def make_settings(backend: str, request: pytest.FixtureRequest) -> Callable[...,
             "port": 0,
             "agents": SCRIPTED,
             "redis_url": redis_url,
+            "postgres_url": postgres_url,
             "key_prefix": prefix,
             "heartbeat_interval_s": 0.2,
             "shutdown_grace_s": 5.0,

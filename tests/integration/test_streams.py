@@ -19,6 +19,7 @@ from keel.v1 import agent_service_pb2 as pb
 from keel.v1 import agent_service_pb2_grpc as pb_grpc
 
 from server.app import Keel
+from server.events.factory import open_event_log
 from tests.integration.conftest import (
     Collected,
     assert_contiguous,
@@ -382,4 +383,17 @@ async def test_graceful_shutdown_says_not_serving_and_ends_streams_with_unavaila
     assert error_info(err.value).reason == "SERVER_DRAINING"
     assert_contiguous(seen.events)
     await stopping  # the run had its grace time and finished
-    assert (await keel.log.get_run(started.run.run_id)).state.terminal
+    settings = keel.settings
+    if not (settings.redis_url or settings.postgres_url):
+        assert (await keel.log.get_run(started.run.run_id)).state.terminal
+        return
+    # The server closed its log: read the store anew.
+    log = await open_event_log(
+        settings.redis_url or None,
+        postgres_url=settings.postgres_url or None,
+        key_prefix=settings.key_prefix,
+    )
+    try:
+        assert (await log.get_run(started.run.run_id)).state.terminal
+    finally:
+        await log.close()
