@@ -154,7 +154,19 @@ class PgFanout:
     async def start(self) -> None:
         """Connect and LISTEN; raises StoreUnavailable if the first attempt fails."""
         self._task = asyncio.create_task(self._run(), name=f"pg-listen-{self.channel}")
+        self._task.add_done_callback(self._reader_done)
         await asyncio.shield(self._first)
+
+    def _reader_done(self, task: asyncio.Task[None]) -> None:
+        """The reader ends only when closed, or at a failed first connection; anything
+        else is a bug, which must not leave start() (or subscribers) waiting for ever."""
+        error = None if task.cancelled() else task.exception()
+        if not self._first.done():
+            self._first.set_exception(
+                StoreUnavailable(f"PostgreSQL LISTEN reader ended: {error or 'cancelled'}")
+            )
+        elif error is not None and not self._closed:
+            logger.error("PostgreSQL LISTEN reader failed", exc_info=error)
 
     @property
     def connection(self) -> psycopg.AsyncConnection[Any] | None:
@@ -249,7 +261,7 @@ class PgFanout:
         while not self._closed:
             try:
                 self._conn = await self._connect()
-            except psycopg.Error as error:
+            except (psycopg.Error, TimeoutError, OSError) as error:
                 if not self._first.done():
                     self._first.set_exception(
                         StoreUnavailable(f"PostgreSQL unreachable (LISTEN): {error}")
