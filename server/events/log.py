@@ -2,8 +2,9 @@
 
 A run's events have dense indices 0, 1, 2, ... An event is appended (and so
 committed) before anyone is told about it; notifications to listeners are a
-doorbell, the log is the truth. Two implementations pass one contract suite
-(tests/contract): MemoryEventLog (the embedded default) and RedisEventLog.
+doorbell, the log is the truth. Three implementations pass one contract suite
+(tests/contract): MemoryEventLog (the embedded default), RedisEventLog and
+PostgresEventLog.
 
 The log also holds each run's record (state, epoch, next index, ...): an
 append checks the writer's epoch and the expected next index and may move
