@@ -196,8 +196,11 @@ class Dispatcher:
         except RunNotFound:
             await self._store.expire(run_id, 0)  # its run is gone: so are its configs
             return None
-        configs = await self._store.configs(run_id)
+        # Deliveries first: a config replaced between the two reads then looks delivered
+        # (its replacement made the run due, so it is looked at again), never the other way
+        # round (the old config's url told, and the mark recorded for the new one).
         deliveries = await self._store.deliveries(run_id)
+        configs = await self._store.configs(run_id)
         mark = mark_of(record)
         now_ms = _now_ms()
         due = [c for c in configs if deliveries.get(c.config_id, Delivery()).mark != mark]
@@ -217,17 +220,19 @@ class Dispatcher:
             return max(0, min(waiting) - _now_ms())
         if not record.state.terminal:
             return LOOK_AGAIN_MS  # until the task changes
-        # Ended, and every config has its final state: let go. A config added meanwhile
-        # either is seen by the reading below, or made the run due after the release.
+        # Ended, and every config has its final state: let go, and let the configs expire
+        # with the run. A config added meanwhile either was added before the expiry, and
+        # is seen by the reading below (which makes the run due again), or after it, and
+        # made the run due itself (expire takes the run out of the index: reading first
+        # would lose a config added between the reading and the expiry).
         await self._store.release(run_id, self._owner)
+        await self._store.expire(run_id, self._remaining_ms(record))
         deliveries = await self._store.deliveries(run_id)
         if any(
             deliveries.get(c.config_id, Delivery()).mark != mark
             for c in await self._store.configs(run_id)
         ):
             await self._store.mark_due(run_id)
-            return None
-        await self._store.expire(run_id, self._remaining_ms(record))
         return None
 
     async def _record(
