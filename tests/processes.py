@@ -42,6 +42,11 @@ class KeelProcess:
         return await asyncio.wait_for(self.process.wait(), timeout_s)
 
 
+def is_postgres(url: str) -> bool:
+    """Whether a store URL names PostgreSQL (start_keel_process passes it as --postgres-url)."""
+    return url.startswith(("postgresql://", "postgres://"))
+
+
 async def start_keel_process(
     *,
     redis_url: str,
@@ -53,7 +58,8 @@ async def start_keel_process(
     ready_timeout_s: float = 30.0,
 ) -> KeelProcess:
     """Start a server (with the flags `args` added) and wait until it listens; its log goes
-    to this process's stderr. A server that does not get there is killed."""
+    to this process's stderr. A server that does not get there is killed. `redis_url` may
+    name PostgreSQL instead (is_postgres)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -61,8 +67,7 @@ async def start_keel_process(
         "serve",
         "--port",
         str(port),
-        "--redis-url",
-        redis_url,
+        *(("--postgres-url", redis_url) if is_postgres(redis_url) else ("--redis-url", redis_url)),
         "--key-prefix",
         key_prefix,
         "--agents",

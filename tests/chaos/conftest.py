@@ -1,4 +1,7 @@
-"""Crash tests: Keel servers as subprocesses on one Redis, killed with SIGKILL mid-run."""
+"""Crash tests: Keel servers as subprocesses on one store, killed with SIGKILL mid-run.
+
+Each test runs on Redis and on PostgreSQL (a module may pick a store of its own by
+defining `chaos_redis_url`: the Redis Cluster's, or Redis only for Temporal)."""
 
 from __future__ import annotations
 
@@ -14,8 +17,9 @@ import pytest
 from keel.v1 import agent_service_pb2 as pb
 from keel.v1 import agent_service_pb2_grpc as pb_grpc
 
-from server.events.redis import RedisEventLog
-from tests.processes import KeelProcess, start_keel_process
+from server.events.factory import open_event_log
+from server.events.log import EventLog
+from tests.processes import KeelProcess, is_postgres, start_keel_process
 
 # Short leases so takeovers happen within a test's patience.
 CHAOS_ENV = {
@@ -34,7 +38,8 @@ def free_port() -> int:
 
 
 class Cluster:
-    """Keel processes sharing one Redis and key prefix; stopped at the end of the test."""
+    """Keel processes sharing one store (`redis_url`: Redis, or PostgreSQL) and key prefix;
+    stopped at the end of the test."""
 
     def __init__(self, redis_url: str, key_prefix: str) -> None:
         self.redis_url = redis_url
@@ -58,10 +63,10 @@ class Cluster:
             await process.wait()
 
 
-@pytest.fixture
-def chaos_redis_url(redis_url: str) -> str:
-    """The store of the chaos tests: the session's Redis (a module may pick a cluster)."""
-    return redis_url
+@pytest.fixture(params=["redis", "postgres"])
+def chaos_redis_url(request: pytest.FixtureRequest) -> str:
+    """The store of the chaos tests: the session's Redis, or its PostgreSQL."""
+    return str(request.getfixturevalue(f"{request.param}_url"))
 
 
 @pytest.fixture
@@ -74,13 +79,20 @@ async def cluster(chaos_redis_url: str, key_prefix: str) -> AsyncIterator[Cluste
 
 
 @pytest.fixture
-async def store(chaos_redis_url: str, key_prefix: str) -> AsyncIterator[RedisEventLog]:
-    """The cluster's Redis log, read directly: counters and records."""
-    log = await RedisEventLog.connect(chaos_redis_url, key_prefix=key_prefix)
+async def store(chaos_redis_url: str, key_prefix: str) -> AsyncIterator[EventLog]:
+    """The cluster's log, read directly: counters and records."""
+    log = await open_store(chaos_redis_url, key_prefix)
     try:
         yield log
     finally:
         await log.close()
+
+
+async def open_store(url: str, key_prefix: str) -> EventLog:
+    """The log of a store URL (Redis or PostgreSQL)."""
+    if is_postgres(url):
+        return await open_event_log(None, postgres_url=url, key_prefix=key_prefix)
+    return await open_event_log(url, key_prefix=key_prefix)
 
 
 def script(*steps: dict[str, Any]) -> str:

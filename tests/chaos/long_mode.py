@@ -52,8 +52,7 @@ from keel.v1 import agent_service_pb2 as pb
 from keel.v1 import agent_service_pb2_grpc as pb_grpc
 
 from server.events.keys import Keys, RunField
-from server.events.log import RunState
-from server.events.redis import RedisEventLog
+from server.events.log import EventLog, RunState
 from tests.chaos.conftest import (
     CHAOS_ENV,
     Cluster,
@@ -168,7 +167,7 @@ class Followed:
 
 
 class LongChaos:
-    def __init__(self, cluster: Cluster, store: RedisEventLog, kills: int) -> None:
+    def __init__(self, cluster: Cluster, store: EventLog, kills: int) -> None:
         self.cluster = cluster
         self.store = store
         self.kills = kills

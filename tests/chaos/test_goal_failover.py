@@ -10,12 +10,12 @@ from keel.v1 import agent_service_pb2 as pb
 from keel.v1 import agent_service_pb2_grpc as pb_grpc
 
 from server.agents.checkpoint import Checkpoint
-from server.events.redis import RedisEventLog
+from server.events.log import EventLog
 from tests.chaos.conftest import Cluster, effective_events, kinds, observe_all, wait_for
 
 
 async def test_a_goal_survives_sigkill_of_its_owner_between_attempts(
-    cluster: Cluster, store: RedisEventLog
+    cluster: Cluster, store: EventLog
 ) -> None:
     first = await cluster.start(KEEL_INSTANCE_ID="first")
     second = await cluster.start(KEEL_INSTANCE_ID="second")

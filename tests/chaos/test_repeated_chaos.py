@@ -15,7 +15,7 @@ import pytest
 from keel.v1 import agent_service_pb2 as pb
 from keel_client import KeelClient
 
-from server.events.redis import RedisEventLog
+from server.events.log import EventLog
 from tests.chaos.conftest import (
     Cluster,
     assert_run_invariants,
@@ -47,7 +47,7 @@ LONG_KILLS = kills_requested()
 
 @pytest.mark.skipif(LONG_KILLS > 0, reason="KEEL_CHAOS_KILLS selects the long mode")
 async def test_runs_finish_exactly_once_through_repeated_sigkills(
-    cluster: Cluster, store: RedisEventLog
+    cluster: Cluster, store: EventLog
 ) -> None:
     rng = random.Random(SEED)
     ports = [free_port() for _ in range(3)]
@@ -93,7 +93,7 @@ if LONG_KILLS:  # the long mode exists only when asked for (scripts/chaos), not 
 
     @pytest.mark.timeout(300 + 20 * LONG_KILLS)
     async def test_long_mode_many_sigkills_with_runs_all_along(
-        cluster: Cluster, store: RedisEventLog
+        cluster: Cluster, store: EventLog
     ) -> None:
         result = await LongChaos(cluster, store, LONG_KILLS).run()
         write_report(result, report_path())  # before the verdict: a failure is in the report

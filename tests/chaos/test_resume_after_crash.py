@@ -6,7 +6,7 @@ import grpc
 from keel.v1 import agent_service_pb2 as pb
 from keel.v1 import agent_service_pb2_grpc as pb_grpc
 
-from server.events.redis import RedisEventLog
+from server.events.log import EventLog
 from tests.chaos.conftest import Cluster, expected_text, kinds, observe_all, script
 from tests.chaos.test_takeover import start_run, watch_until
 
@@ -19,7 +19,7 @@ STEPS = (
 
 
 async def test_resume_after_sigkill_of_the_suspended_runs_process(
-    cluster: Cluster, store: RedisEventLog
+    cluster: Cluster, store: EventLog
 ) -> None:
     a = await cluster.start()
     run_id = await start_run(a, script(*STEPS))

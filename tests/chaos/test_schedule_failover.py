@@ -9,16 +9,16 @@ import grpc
 from keel.v1 import agent_service_pb2 as pb
 from keel.v1 import agent_service_pb2_grpc as pb_grpc
 
-from server.events.redis import RedisEventLog
+from server.events.log import EventLog
+from server.schedules.factory import schedule_store_for
 from server.schedules.records import Outcome
-from server.schedules.redis import RedisScheduleStore
 from tests.chaos.conftest import Cluster, script, wait_for
 
 TICKS = 22
 
 
 async def test_three_servers_fire_each_tick_once_and_survive_a_sigkill(
-    cluster: Cluster, store: RedisEventLog
+    cluster: Cluster, store: EventLog
 ) -> None:
     servers = [
         await cluster.start(KEEL_INSTANCE_ID=name, KEEL_SCHEDULES_POLL_INTERVAL_S="0.2")
@@ -35,7 +35,7 @@ async def test_three_servers_fire_each_tick_once_and_survive_a_sigkill(
             )
         )
     schedule_id = created.schedule.schedule_id
-    schedules = RedisScheduleStore.beside(store)
+    schedules = schedule_store_for(store)
 
     async def recorded(n: int) -> bool:
         return len(await schedules.firings(schedule_id, limit=1000)) >= n

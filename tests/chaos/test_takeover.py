@@ -14,7 +14,7 @@ from keel.v1 import agent_service_pb2 as pb
 from keel.v1 import agent_service_pb2_grpc as pb_grpc
 
 from server.events.keys import Keys
-from server.events.redis import RedisEventLog
+from server.events.log import EventLog
 from tests.chaos.conftest import (
     Cluster,
     assert_run_invariants,
@@ -25,7 +25,7 @@ from tests.chaos.conftest import (
     script,
     wait_for,
 )
-from tests.processes import KeelProcess
+from tests.processes import KeelProcess, is_postgres
 from tests.redis_cluster import async_client
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,11 @@ async def kill_owner_and_finish_on(
         await before_kill()
     owner.kill()
     killed_at = time.time()
-    redis = async_client(cluster.redis_url)
-    lease_ttl_ms = await redis.pttl(Keys(cluster.key_prefix).lease(run_id))
-    await redis.aclose()
+    lease_ttl_ms = 0  # (read on Redis only: for the log line below)
+    if not is_postgres(cluster.redis_url):
+        redis = async_client(cluster.redis_url)
+        lease_ttl_ms = await redis.pttl(Keys(cluster.key_prefix).lease(run_id))
+        await redis.aclose()
     events = await observe_all(survivor.target, run_id)
     resumed = [e for e in events if e.time.ToNanoseconds() / 1e9 > killed_at]
     if resumed and lease_ttl_ms > 0:
@@ -93,11 +95,11 @@ async def kill_owner_and_finish_on(
     return events
 
 
-async def counters(store: RedisEventLog, run_id: str, *keys: str) -> dict[str, int]:
+async def counters(store: EventLog, run_id: str, *keys: str) -> dict[str, int]:
     return {key: await store.get_counter(run_id, key) for key in keys}
 
 
-async def test_run_survives_sigkill_of_its_owner(cluster: Cluster, store: RedisEventLog) -> None:
+async def test_run_survives_sigkill_of_its_owner(cluster: Cluster, store: EventLog) -> None:
     a, b = await cluster.start(), await cluster.start()
     run_id = await start_run(a, script(*TEXT_AND_RECORDS))
     # Mid-text of the second text step: one record done, the other to come.
@@ -116,9 +118,7 @@ async def test_run_survives_sigkill_of_its_owner(cluster: Cluster, store: RedisE
     assert record.epoch >= 2 and record.owner != ""
 
 
-async def test_run_survives_sigkill_during_a_tool_call(
-    cluster: Cluster, store: RedisEventLog
-) -> None:
+async def test_run_survives_sigkill_during_a_tool_call(cluster: Cluster, store: EventLog) -> None:
     steps = (
         {"text": 5},
         {"tool": "record", "args": {"key": "slow", "delay_ms": 1500}},
@@ -148,7 +148,7 @@ async def test_run_survives_sigkill_during_a_tool_call(
 
 
 async def test_run_survives_sigkill_right_after_a_checkpoint(
-    cluster: Cluster, store: RedisEventLog
+    cluster: Cluster, store: EventLog
 ) -> None:
     a, b = await cluster.start(), await cluster.start()
     run_id = await start_run(a, script(*TEXT_AND_RECORDS))
@@ -166,7 +166,7 @@ async def test_run_survives_sigkill_right_after_a_checkpoint(
 
 
 async def test_run_survives_sigkill_during_a_burst_of_appends(
-    cluster: Cluster, store: RedisEventLog
+    cluster: Cluster, store: EventLog
 ) -> None:
     steps = ({"text": 3000}, {"tool": "record", "args": {"key": "k"}}, {"text": 3000})
     a, b = await cluster.start(), await cluster.start()
@@ -176,7 +176,7 @@ async def test_run_survives_sigkill_during_a_burst_of_appends(
     assert await counters(store, run_id, "k") == {"k": 1}
 
 
-async def test_zombie_owner_is_fenced(cluster: Cluster, store: RedisEventLog) -> None:
+async def test_zombie_owner_is_fenced(cluster: Cluster, store: EventLog) -> None:
     steps = ({"text": 60, "delay_ms": 20}, {"tool": "record", "args": {"key": "z"}}, {"text": 5})
     a, b = await cluster.start(), await cluster.start()
     run_id = await start_run(a, script(*steps))
@@ -208,7 +208,7 @@ async def test_zombie_owner_is_fenced(cluster: Cluster, store: RedisEventLog) ->
 
 
 async def test_restart_of_a_lone_instance_resumes_its_runs_from_their_checkpoints(
-    cluster: Cluster, store: RedisEventLog
+    cluster: Cluster, store: EventLog
 ) -> None:
     steps = ({"text": 40, "delay_ms": 10}, {"tool": "record", "args": {"key": "r"}}, {"text": 20})
     port = (a := await cluster.start()).port
@@ -224,7 +224,7 @@ async def test_restart_of_a_lone_instance_resumes_its_runs_from_their_checkpoint
 
 
 async def test_cancel_of_a_run_whose_owner_died_is_not_lost(
-    cluster: Cluster, store: RedisEventLog
+    cluster: Cluster, store: EventLog
 ) -> None:
     a, b = await cluster.start(), await cluster.start()
     run_id = await start_run(a, script({"text": 500, "delay_ms": 10}))
@@ -242,7 +242,7 @@ async def test_cancel_of_a_run_whose_owner_died_is_not_lost(
 
 
 async def test_sigterm_hands_runs_back_and_another_instance_resumes_them(
-    cluster: Cluster, store: RedisEventLog
+    cluster: Cluster, store: EventLog
 ) -> None:
     steps = ({"text": 50, "delay_ms": 10}, {"tool": "record", "args": {"key": "h"}}, {"text": 10})
     a, b = await cluster.start(), await cluster.start()

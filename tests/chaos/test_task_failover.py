@@ -1,4 +1,4 @@
-"""Background tasks across Keel processes on one Redis: one global limit for all of
+"""Background tasks across Keel processes on one store: one global limit for all of
 them, and a task (or a waiting run) that survives SIGKILL of the server running it."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from keel.v1 import agent_service_pb2 as pb
 from keel.v1 import agent_service_pb2_grpc as pb_grpc
 
 from server.agents.checkpoint import Checkpoint, Phase
-from server.events.redis import RedisEventLog
+from server.events.log import EventLog
+from server.tasks.factory import task_store_for
 from server.tasks.records import TaskStatus
-from server.tasks.redis import RedisTaskStore
 from tests.chaos.conftest import (
     Cluster,
     effective_events,
@@ -59,7 +59,7 @@ async def start_run(target: str, *steps: dict[str, Any]) -> str:
 
 
 async def test_ten_tasks_on_two_servers_never_run_more_than_the_global_limit(
-    cluster: Cluster, store: RedisEventLog
+    cluster: Cluster, store: EventLog
 ) -> None:
     limit = {"KEEL_TASKS_GLOBAL_CONCURRENCY": "3"}
     first = await cluster.start(KEEL_INSTANCE_ID="first", **limit)
@@ -77,13 +77,13 @@ async def test_ten_tasks_on_two_servers_never_run_more_than_the_global_limit(
 
 
 async def test_a_task_survives_sigkill_of_its_server_and_completes_once(
-    cluster: Cluster, store: RedisEventLog
+    cluster: Cluster, store: EventLog
 ) -> None:
     first = await cluster.start(KEEL_INSTANCE_ID="first")
     second = await cluster.start(KEEL_INSTANCE_ID="second")
     processes = {"first": first, "second": second}
     run_id = await start_run(first.target, slow("k", 3000), {"text": 1})
-    tasks = RedisTaskStore.beside(store, lease_ttl_s=1.5)
+    tasks = task_store_for(store, lease_ttl_s=1.5)
 
     async def running() -> bool:
         # Running, and its tool has begun (it counts its attempts first).
@@ -114,7 +114,7 @@ async def test_a_task_survives_sigkill_of_its_server_and_completes_once(
 
 
 async def test_a_run_waiting_for_its_tasks_survives_sigkill_of_its_owner(
-    cluster: Cluster, store: RedisEventLog
+    cluster: Cluster, store: EventLog
 ) -> None:
     first = await cluster.start(KEEL_INSTANCE_ID="first")
     second = await cluster.start(KEEL_INSTANCE_ID="second")

@@ -81,6 +81,12 @@ class TemporalCluster:
 
 
 @pytest.fixture
+def chaos_redis_url(redis_url: str) -> str:
+    """The Temporal executor keeps its event log on Redis."""
+    return redis_url
+
+
+@pytest.fixture
 async def temporal_cluster(
     redis_url: str, key_prefix: str, temporal_address: str
 ) -> AsyncIterator[TemporalCluster]:

@@ -11,7 +11,7 @@ from keel.v1 import agent_service_pb2 as pb
 from keel.v1 import agent_service_pb2_grpc as pb_grpc
 
 from server.errors import RunNotResumable
-from server.events.redis import RedisEventLog
+from server.events.log import EventLog
 from tests.chaos.conftest import (
     CHAOS_ENV,
     Cluster,
@@ -59,7 +59,7 @@ async def test_reject_raced_from_two_instances_starts_exactly_one_run(cluster: C
 
 
 async def test_a_queued_run_survives_sigkill_of_the_active_runs_owner_and_starts_after_it(
-    cluster: Cluster, store: RedisEventLog
+    cluster: Cluster, store: EventLog
 ) -> None:
     doomed, survivor = await cluster.start(), await cluster.start()
     async with (
@@ -130,12 +130,12 @@ async def test_a_queued_run_survives_sigkill_of_the_active_runs_owner_and_starts
 
 
 async def test_a_live_only_run_is_taken_over_and_finishes_keeping_no_events(
-    redis_url: str, key_prefix: str, store: RedisEventLog
+    chaos_redis_url: str, key_prefix: str, store: EventLog
 ) -> None:
     """A live-only agent's runs keep their record and checkpoints: takeover works as for any."""
     processes = [
         await start_keel_process(
-            redis_url=redis_url,
+            redis_url=chaos_redis_url,
             key_prefix=key_prefix,
             env=CHAOS_ENV,
             agents="tests.registries:options",
