@@ -78,6 +78,9 @@ def configure(level: str = "INFO", fmt: LogFormat = "json", stream: TextIO | Non
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Alembic says at INFO what it does at every start on PostgreSQL (its plugins, "Context
+    # impl", each revision): a dozen lines of noise; its warnings and errors still show.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))
 
 
 def run_task_context(run_id: str, thread_id: str = "") -> contextvars.Context:

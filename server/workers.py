@@ -82,11 +82,11 @@ def check_workers(settings: Settings) -> None:
     """ConfigurationError for settings `serve --workers` cannot run with."""
     if settings.workers == 1:
         return
-    if not settings.redis_url:
+    if not (settings.redis_url or settings.postgres_url):
         raise ConfigurationError(
-            f"--workers {settings.workers} needs Redis (--redis-url, KEEL_REDIS_URL): "
-            "the workers are separate processes and share runs through Redis; the "
-            "in-memory event log cannot be shared between processes"
+            f"--workers {settings.workers} needs a shared store (--redis-url or "
+            "--postgres-url): the workers are separate processes and share runs through "
+            "it; the in-memory event log cannot be shared between processes"
         )
     if not hasattr(socket, "SO_REUSEPORT"):
         raise ConfigurationError("--workers needs SO_REUSEPORT, which this system lacks")

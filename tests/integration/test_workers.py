@@ -229,11 +229,23 @@ async def retry_unavailable(call: Callable[[], Awaitable[T]]) -> T:
 
 
 async def test_two_workers_share_the_port_and_each_serves(parents: Parents) -> None:
+    await share_the_port(parents)
+
+
+async def test_two_workers_share_the_port_on_postgresql(postgres_url: str, key_prefix: str) -> None:
+    started = Parents(postgres_url, key_prefix)
+    try:
+        await share_the_port(started)
+    finally:
+        await started.stop_all()
+
+
+async def share_the_port(parents: Parents) -> None:
     keel = await parents.start(workers=2)
     workers = await two_workers(keel)
     async with contextlib.AsyncExitStack() as stack:
         first, second = (await channel_per_worker(keel.port, workers, stack)).values()
-        # Runs live in Redis: a run one worker started, the other streams, all of it.
+        # Runs live in the store: a run one worker started, the other streams, all of it.
         started = await pb_grpc.AgentServiceStub(first).StartRun(
             pb.StartRunRequest(agent_id="scripted", input=script(text(20, delay_ms=5))),
             timeout=CALL_TIMEOUT_S,
@@ -377,7 +389,7 @@ def test_workers_without_redis_are_refused(how: str) -> None:
         env["KEEL_WORKERS"] = "2"
     done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, timeout=DEADLINE_S)
     assert done.returncode != 0
-    assert b"--workers 2 needs Redis" in done.stderr
+    assert b"--workers 2 needs a shared store" in done.stderr
     assert not done.stdout  # it never listened
 
 
@@ -400,7 +412,7 @@ def test_each_worker_gets_its_settings() -> None:
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"workers": 2}, "needs Redis"),
+        ({"workers": 2}, "needs a shared store"),
         ({"workers": 2, "redis_url": "redis://x", "metrics_port": 65535}, "not a port"),
         ({"workers": 3, "redis_url": "redis://x", "port": 9101, "metrics_port": 9100}, "include"),
     ],
