@@ -40,7 +40,11 @@ def _parser() -> argparse.ArgumentParser:
         "workloads a, b and f); default those three. Also, never by default, what runs on "
         "redis on other stores: redis-aof-everysec and redis-aof-always (a redis-server "
         "with an append-only file, appendfsync everysec or always), cluster (a 3-master "
-        "Redis Cluster); each store's raw Redis ceiling is measured too",
+        "Redis Cluster); each store's raw Redis ceiling is measured too. And postgres: "
+        "Keel on a PostgreSQL server of the benchmark's own (--postgres-url; workloads a, "
+        "b and d), with the raw PostgreSQL ceiling (bare INSERTs and reads); postgres-sync: "
+        "the same on one whose commits wait for their WAL flush (fsync, synchronous_commit "
+        "on)",
     )
     parser.add_argument(
         "--only",
@@ -165,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             "protobuf": metadata.version("protobuf"),
             "redis_py": metadata.version("redis"),
             "redis_server": run.redis_version,
+            **({"postgres": run.postgres_version} if run.postgres_version else {}),
             "keel_root": str(args.keel_root.resolve()),
             "keel_commit": _keel_version(args.keel_root.resolve()),
         },

@@ -7,7 +7,10 @@ means Keel takes three times the ceiling's time. `efficiency` folds both
 into one scale (1.0 = as good as the ceiling, higher is better) for charts.
 A figure of "redis" is also one of each Redis variant (a redis-server with
 an AOF, a cluster: procs.REDIS_VARIANTS), held against that store's own raw
-Redis ceiling.
+Redis ceiling. PostgreSQL ("postgres": workloads a, b and d) is held against
+the gRPC ceilings as the others are, and against the raw PostgreSQL ceiling
+(bare INSERTs and reads by the primary key) where Redis is against the raw
+Redis one; "postgres-sync" likewise, against its own store's raw ceiling.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from bench.procs import REDIS_VARIANTS
+from bench.procs import POSTGRES_VARIANTS, REDIS_VARIANTS
 
 Params = dict[str, Any]
 Better = Literal["higher", "lower"]
@@ -36,12 +39,18 @@ class FigureSpec:
 
 
 WITH_TEMPORAL = ("memory", "redis", "temporal")
+WITH_POSTGRES = (*WITH_TEMPORAL, "postgres")
+LOCAL_POSTGRES = ("memory", "redis", "postgres")
 
 
 def applies(backends: tuple[str, ...], backend: str) -> bool:
     """Whether what is judged on `backends` is judged on `backend`: a Redis variant counts
-    as "redis"."""
-    return backend in backends or (backend in REDIS_VARIANTS and "redis" in backends)
+    as "redis", a PostgreSQL variant as "postgres"."""
+    return (
+        backend in backends
+        or (backend in REDIS_VARIANTS and "redis" in backends)
+        or (backend in POSTGRES_VARIANTS and "postgres" in backends)
+    )
 
 
 def _ceilings_on(ceilings: Params, workloads: dict[str, dict[str, Params]], backend: str) -> Params:
@@ -52,6 +61,9 @@ def _ceilings_on(ceilings: Params, workloads: dict[str, dict[str, Params]], back
     store = ceilings.get(f"redis@{backend}")
     if store is not None:
         own["redis"] = store
+    pg_store = ceilings.get(f"postgres@{backend}")
+    if pg_store is not None:
+        own["postgres"] = pg_store
     w1 = workloads.get("b_concurrent_w1", {}).get(backend)
     if w1 is not None and w1.get("ok"):
         own["_b_concurrent_w1"] = w1
@@ -136,7 +148,7 @@ FIGURES = (
         _field("events_per_s"),
         "raw gRPC, 1 stream, 1 event per message: messages/s",
         _ceiling("grpc_one_stream", "messages_per_s"),
-        WITH_TEMPORAL,
+        WITH_POSTGRES,
     ),
     FigureSpec(
         "a_stream",
@@ -146,7 +158,7 @@ FIGURES = (
         _field("time_to_first_event_ms"),
         "raw gRPC, 1 stream: time to first message",
         _ceiling("grpc_one_stream", "time_to_first_ms"),
-        WITH_TEMPORAL,
+        WITH_POSTGRES,
     ),
     FigureSpec(
         "a_stream",
@@ -160,11 +172,21 @@ FIGURES = (
     ),
     FigureSpec(
         "a_stream",
+        "events/s at the client (vs PostgreSQL)",
+        "events/s",
+        "higher",
+        _field("events_per_s"),
+        "raw INSERT, 1 event per statement, 1 at a time: events/s",
+        _ceiling("postgres", "insert_one", "events_per_s"),
+        ("postgres",),
+    ),
+    FigureSpec(
+        "a_stream",
         SERVER_CPU,
         "µs",
         "lower",
         _field("server_cpu_us_per_event"),
-        backends=WITH_TEMPORAL,
+        backends=WITH_POSTGRES,
     ),
     FigureSpec(
         "b_concurrent",
@@ -174,7 +196,7 @@ FIGURES = (
         _field("events_per_s"),
         "raw gRPC, as many streams, 1 event per message: messages/s",
         _ceiling("grpc_many_streams", "messages_per_s"),
-        WITH_TEMPORAL,
+        WITH_POSTGRES,
     ),
     FigureSpec(
         "b_concurrent",
@@ -182,9 +204,9 @@ FIGURES = (
         "µs",
         "lower",
         _field("server_cpu_us_per_event"),
-        backends=WITH_TEMPORAL,
+        backends=WITH_POSTGRES,
     ),
-    FigureSpec("b_concurrent", "server peak RSS", "MiB", "lower", _mib),
+    FigureSpec("b_concurrent", "server peak RSS", "MiB", "lower", _mib, backends=LOCAL_POSTGRES),
     FigureSpec(
         "b_concurrent_w1",
         "aggregate events/s, a connection per run, one server process",
@@ -265,6 +287,7 @@ FIGURES = (
         _field("time_to_last_event_ms"),
         "raw gRPC, the same events in messages of 1000: time to last",
         _ceiling("grpc_batched", "total_ms"),
+        LOCAL_POSTGRES,
     ),
     FigureSpec(
         "d_replay",
@@ -275,6 +298,16 @@ FIGURES = (
         "raw ZRANGEBYSCORE of the same events, in pages of 1000",
         _ceiling("redis", "zrangebyscore_pages_1000", "ms"),
         ("redis",),
+    ),
+    FigureSpec(
+        "d_replay",
+        "time to the last event (vs PostgreSQL)",
+        "ms",
+        "lower",
+        _field("time_to_last_event_ms"),
+        "raw SELECT of the same events by primary key, in pages of 1000 (a bytea[] each)",
+        _ceiling("postgres", "select_array_pages_1000", "ms"),
+        ("postgres",),
     ),
     FigureSpec(
         "e_rejoin",
@@ -809,7 +842,7 @@ CPU_ROWS = (
     ("h_live_runs_w2", "many live runs, several connections, --workers", "ms/run", "run"),
     ("i_short_runs", "short runs", "ms/run", "run"),
 )
-CPU_PROCESSES = ("server", "redis", "client")
+CPU_PROCESSES = ("server", "redis", "postgres", "client")
 
 
 def cpu(workloads: dict[str, dict[str, Params]]) -> list[Params]:

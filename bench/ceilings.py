@@ -1,9 +1,9 @@
-"""The ceilings' client side: raw grpc.aio streaming and raw redis-py, without Keel.
+"""The ceilings' client side: raw grpc.aio streaming, raw redis-py and raw psycopg, without Keel.
 
 Each function runs in a client process of its own (see child.py) and
 returns a JSON-able dict. The gRPC ones talk to bench/raw_grpc.py; the
 Redis one to one of the benchmark's stores (a redis-server, or a cluster:
-redis+cluster://).
+redis+cluster://); the PostgreSQL one to the benchmark's PostgreSQL.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import uuid
 from typing import Any
 
 import grpc
+import psycopg
 from keel.v1 import agent_service_pb2 as pb
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -261,3 +262,124 @@ async def redis(params: Params) -> Params:
         return results
     finally:
         await client.aclose()
+
+
+# The raw PostgreSQL ceiling's table: the shape of Keel's events table (one row per event,
+# its serialized AgentEvent as bytea, the primary key its run and index), in a schema of
+# its own, without Keel's runs row, checks, trimming or NOTIFY.
+PG_TABLE = """
+CREATE TABLE {schema}.events (
+    run_id text NOT NULL,
+    idx bigint NOT NULL,
+    body bytea NOT NULL,
+    PRIMARY KEY (run_id, idx)
+)
+"""
+# One row: a bare INSERT. A batch: one INSERT of every row from one array parameter (as
+# Keel's append_events inserts a batch).
+PG_INSERT_ONE = "INSERT INTO {schema}.events (run_id, idx, body) VALUES (%s, %s, %s)"
+PG_INSERT_BATCH = (
+    "INSERT INTO {schema}.events (run_id, idx, body) "
+    "SELECT %s, %s + u.o - 1, u.b FROM unnest(%s::bytea[]) WITH ORDINALITY AS u(b, o)"
+)
+PG_READ_ALL = "SELECT body FROM {schema}.events WHERE run_id = %s AND idx >= %s ORDER BY idx"
+PG_READ_PAGE = PG_READ_ALL + " LIMIT 1000"
+# The same rows as one bytea[] value (one row to decode instead of one per event), as
+# Keel's read does.
+PG_READ_ALL_ARRAY = f"SELECT ARRAY({PG_READ_ALL})"
+PG_READ_PAGE_ARRAY = f"SELECT ARRAY({PG_READ_PAGE})"
+
+
+async def postgres(params: Params) -> Params:
+    """Raw psycopg 3 (async, autocommit, as Keel uses it): a bare INSERT of the same
+    serialized events Keel appends (one at a time, 100 pipelined, batched 10, 100 and
+    1000 per INSERT), and reads of them by the primary key, whole and in pages of 1000,
+    as rows (one per event) and as one bytea[] per read (what Keel's read does).
+
+    The raw PostgreSQL counterpart of `redis`, variant for variant: each append variant
+    `append_reps` times in rounds, the reads `reps` times; the best counts, the spread is
+    kept beside it. Each rep inserts a run of its own (a fresh run_id) into one table, so
+    the index grows as a store's does; the schema is dropped at the end.
+    """
+    events = int(params["events"])
+    members = [text_delta_event(i).SerializeToString() for i in range(events)]
+    schema = f"ceiling_{uuid.uuid4().hex[:8]}"
+    one, batch_sql = PG_INSERT_ONE.format(schema=schema), PG_INSERT_BATCH.format(schema=schema)
+    conn = await psycopg.AsyncConnection.connect(params["url"], autocommit=True)
+    try:
+        await conn.execute(f"CREATE SCHEMA {schema}")
+        await conn.execute(PG_TABLE.format(schema=schema))
+        results: Params = {"member_bytes": median([len(m) for m in members])}
+
+        async def timed(batch: int, pipelined: int) -> float:
+            """Insert every member, `batch` per INSERT or `pipelined` INSERTs per round
+            trip (psycopg's pipeline mode): s."""
+            run_id = uuid.uuid4().hex
+            start = time.perf_counter()
+            if pipelined > 1:
+                for first in range(0, events, pipelined):
+                    async with conn.pipeline():
+                        for i in range(first, min(events, first + pipelined)):
+                            await conn.execute(one, (run_id, i, members[i]), prepare=True)
+            elif batch == 1:
+                for i, member in enumerate(members):
+                    await conn.execute(one, (run_id, i, member), prepare=True)
+            else:
+                for first in range(0, events, batch):
+                    await conn.execute(
+                        batch_sql, (run_id, first, members[first : first + batch]), prepare=True
+                    )
+            return time.perf_counter() - start
+
+        await timed(min(events, 100), 1)  # warm: the statements prepared, the table touched
+        variants = {
+            "insert_one": (1, 1),
+            "insert_pipelined_100": (1, 100),
+            "insert_batch_10": (10, 1),
+            "insert_batch_100": (100, 1),
+            "insert_batch_1000": (1000, 1),
+        }
+        rates: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(max(1, int(params.get("append_reps", 1)))):
+            for name, (batch, pipelined) in variants.items():
+                rates[name].append(events / await timed(batch, pipelined))
+        for name, (batch, _pipelined) in variants.items():
+            best = max(rates[name])
+            results[name] = {
+                "events_per_s": best,
+                "calls_per_s": best / batch,
+                "events_per_s_spread": spread(rates[name]),
+            }
+
+        # One run of `events` rows read by the primary key, whole and in pages of 1000.
+        run_id = uuid.uuid4().hex
+        for first in range(0, events, 1000):
+            await conn.execute(batch_sql, (run_id, first, members[first : first + 1000]))
+        await conn.execute(f"ANALYZE {schema}.events")
+        reads = {
+            "select_all": (PG_READ_ALL, False, False),
+            "select_pages_1000": (PG_READ_PAGE, True, False),
+            "select_array_all": (PG_READ_ALL_ARRAY, False, True),
+            "select_array_pages_1000": (PG_READ_PAGE_ARRAY, True, True),
+        }
+        times: dict[str, list[float]] = {name: [] for name in reads}
+        async with conn.cursor(binary=True) as cursor:
+            for _ in range(int(params.get("reps", 7))):
+                for name, (sql, paged, array) in reads.items():
+                    query = sql.format(schema=schema)
+                    got = 0
+                    start = time.perf_counter()
+                    for first in range(0, events, 1000) if paged else (0,):
+                        await cursor.execute(query, (run_id, first), prepare=True)
+                        rows = await cursor.fetchall()
+                        got += len(rows[0][0]) if array else len(rows)
+                    times[name].append((time.perf_counter() - start) * 1000)
+                    assert got == events, (name, got)
+        for name, measured in times.items():
+            results[name] = {"events": events, "ms": min(measured), "spread_ms": spread(measured)}
+        return results
+    finally:
+        try:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        finally:
+            await conn.close()

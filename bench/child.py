@@ -4,8 +4,8 @@ The result is one JSON line on stdout (the last line; the runner reads it).
 A client run with `"barrier": true` first prints `ready` once it is connected
 and warmed up, and waits for a `go` line on stdin (runner.py starts several
 such processes and lets them go at once).
-Clients live in keel_load.py (Keel's workloads) and ceilings.py (raw gRPC
-and Redis).
+Clients live in keel_load.py (Keel's workloads) and ceilings.py (raw gRPC,
+Redis and PostgreSQL).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ CLIENTS: dict[str, Client] = {
     "grpc_stream": ceilings.grpc_stream,
     "grpc_fanout": ceilings.grpc_fanout,
     "redis": ceilings.redis,
+    "postgres": ceilings.postgres,
 }
 
 

@@ -13,8 +13,9 @@ carrying it; both processes read the same machine clock.
 
 CPU: the runner passes the Keel server's process ids (`server_pids`: the
 server, on temporal also its worker; their descendants count too, so a
-server's `--workers` are included) and Redis's (`redis_pids`: every node of a
-cluster). A client reads their CPU time from /proc right before and right
+server's `--workers` are included), Redis's (`redis_pids`: every node of a
+cluster) and PostgreSQL's (`postgres_pids`: the postmaster, whose children are
+its backends). A client reads their CPU time from /proc right before and right
 after each measured part (not the warm-up), and its own by
 time.process_time(), and divides by the events (or runs) the measured part
 delivered.
@@ -201,23 +202,27 @@ async def _channels(params: Params, first: Any) -> AsyncIterator[list[Any]]:
 
 @dataclass
 class Cpu:
-    """The CPU of the server, Redis and this client over the measured windows."""
+    """The CPU of the server, its store (Redis or PostgreSQL) and this client over the
+    measured windows."""
 
     server: Meter | None
     redis: Meter | None
     client: Meter = field(default_factory=Meter)
+    postgres: Meter | None = None
 
     @classmethod
     def of(cls, params: Params) -> Cpu:
         pids = tuple(int(pid) for pid in params.get("server_pids", ()))
         redis_pids = tuple(int(pid) for pid in params.get("redis_pids", ()))
+        postgres_pids = tuple(int(pid) for pid in params.get("postgres_pids", ()))
         return cls(
             server=Meter(pids) if pids else None,
             redis=Meter(redis_pids) if redis_pids else None,
+            postgres=Meter(postgres_pids) if postgres_pids else None,
         )
 
     def _meters(self) -> list[Meter]:
-        return [m for m in (self.server, self.redis, self.client) if m is not None]
+        return [m for m in (self.server, self.redis, self.postgres, self.client) if m is not None]
 
     @contextlib.contextmanager
     def window(self) -> Iterator[None]:
@@ -233,7 +238,12 @@ class Cpu:
         """CPU seconds of each process, and per `unit` (µs with the default scale)."""
         suffix = "us" if scale == 1e6 else "ms"
         result: Params = {}
-        meters = (("server", self.server), ("redis", self.redis), ("client", self.client))
+        meters = (
+            ("server", self.server),
+            ("redis", self.redis),
+            ("postgres", self.postgres),
+            ("client", self.client),
+        )
         for name, meter in meters:
             if meter is None:
                 continue

@@ -1,9 +1,11 @@
-"""The benchmark's processes: Redis stores, Keel servers, the raw gRPC server, clients.
+"""The benchmark's processes: stores, Keel servers, the raw gRPC server, clients.
 
 A store is a redis-server without persistence ("redis"), with an append-only
 file fsynced on every write or every second ("redis-aof-always",
-"redis-aof-everysec"), or a Redis Cluster of 3 masters ("cluster"); see
-start_store. Everything binds 127.0.0.1. Servers are started as
+"redis-aof-everysec"), a Redis Cluster of 3 masters ("cluster"), or a
+PostgreSQL server (Debian's PostgreSQL 15 binaries, a fresh cluster in a
+temp dir) that waits for no disk ("postgres") or makes each commit wait for
+its WAL flush ("postgres-sync"); see start_store. Everything binds 127.0.0.1. Servers are started as
 `python -m ...` with the repo as cwd and announce their port on stdout;
 clients are `python -m bench.child NAME PARAMS_JSON` and print their result
 as the last line of stdout (see child.py).
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -38,6 +41,12 @@ REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 # Keel's Redis backends besides the plain "redis": each reports the same figures on a
 # store of its own (start_store).
 REDIS_VARIANTS = ("redis-aof-everysec", "redis-aof-always", "cluster")
+# The PostgreSQL stores' backends; Keel serves them with --postgres-url. "postgres-sync"
+# runs what runs on "postgres", on a store of its own (as the Redis variants do "redis").
+POSTGRES = "postgres"
+POSTGRES_VARIANTS = ("postgres-sync",)
+POSTGRES_BACKENDS = (POSTGRES, *POSTGRES_VARIANTS)
+PG_BIN = Path(os.environ.get("KEEL_BENCH_PG_BIN", "/usr/lib/postgresql/15/bin"))
 CLUSTER_MASTERS = 3
 SCRIPTED_AGENTS = "server.agents.testing:registry"
 READY_TIMEOUT_S = 60.0
@@ -304,19 +313,159 @@ class RedisCluster:
             self.owned_dir.cleanup()
 
 
-Store = RedisServer | RedisCluster
+def _as_postgres_user(argv: list[str]) -> list[str]:
+    """`argv` run as the unprivileged `postgres` user when we are root (initdb and pg_ctl
+    refuse to run as root)."""
+    if os.geteuid() == 0:
+        return ["runuser", "-u", "postgres", "--", *argv]
+    return argv
+
+
+# The "postgres" store's settings: like the plain "redis" store (no persistence), nothing
+# waits for the disk: no fsync, commits not waiting for their WAL flush, no full-page
+# writes. What is measured is the database's work, not this machine's disk.
+POSTGRES_SETTINGS = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "max_connections": "200",
+}
+# "postgres-sync": PostgreSQL's defaults for durability, a commit returns once its WAL is
+# flushed to disk (the counterpart of redis-aof-always).
+POSTGRES_SYNC_SETTINGS = {
+    "fsync": "on",
+    "synchronous_commit": "on",
+    "full_page_writes": "on",
+    "max_connections": "200",
+}
+
+
+@dataclass
+class PostgresServer:
+    """A PostgreSQL server of the benchmark's own: a fresh cluster (initdb, trust
+    authentication) in a temp dir, on 127.0.0.1 and a Unix socket in that dir, with
+    `settings` (POSTGRES_SETTINGS or POSTGRES_SYNC_SETTINGS). Each Keel server gets a
+    schema of its own (its key prefix)."""
+
+    root: Path
+    port: int
+    settings: dict[str, str] = field(default_factory=lambda: dict(POSTGRES_SETTINGS))
+
+    @classmethod
+    def start(cls, settings: dict[str, str] | None = None) -> PostgresServer:
+        settings = dict(settings or POSTGRES_SETTINGS)
+        if not (PG_BIN / "initdb").exists():
+            raise BenchError(f"PostgreSQL's server binaries are not in {PG_BIN}")
+        root = Path(tempfile.mkdtemp(prefix="keel-bench-pg-"))
+        datadir = root / "data"
+        datadir.mkdir()
+        if os.geteuid() == 0:
+            owner = pwd.getpwnam("postgres")
+            for path in (root, datadir):
+                os.chown(path, owner.pw_uid, owner.pw_gid)
+        os.chmod(root, 0o755)
+        initdb = [str(PG_BIN / "initdb"), "-D", str(datadir), "-A", "trust", "-U", "postgres"]
+        done = subprocess.run(_as_postgres_user(initdb), capture_output=True, check=False)
+        if done.returncode != 0:
+            shutil.rmtree(root, ignore_errors=True)
+            raise BenchError(f"initdb failed: {done.stderr.decode(errors='replace')[-500:]}")
+        options_c = " ".join(f"-c {k}={v}" for k, v in settings.items())
+        why = ""
+        for _attempt in range(3):  # the free port may be taken before the server binds it
+            port = free_port()
+            options = f"-p {port} -k {datadir} -c listen_addresses=127.0.0.1 {options_c}"
+            # fmt: off
+            started = subprocess.run(
+                _as_postgres_user([
+                    str(PG_BIN / "pg_ctl"), "-D", str(datadir), "-o", options,
+                    "-l", str(datadir / "server.log"), "-t", str(int(READY_TIMEOUT_S)),
+                    "-w", "start",
+                ]),
+                capture_output=True,
+                check=False,
+            )
+            # fmt: on
+            if started.returncode == 0:
+                return cls(root, port, settings)
+            why = started.stderr.decode(errors="replace")[-500:]
+            time.sleep(0.2)
+        shutil.rmtree(root, ignore_errors=True)
+        raise BenchError(f"could not start PostgreSQL: {why}")
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    @property
+    def pids(self) -> list[int]:
+        """The postmaster: every backend and background process is its child (cpu.tree)."""
+        try:
+            return [int((self.root / "data" / "postmaster.pid").read_text().split()[0])]
+        except (OSError, ValueError, IndexError):
+            return []
+
+    def _psql(self, sql: str) -> str:
+        done = subprocess.run(
+            [str(PG_BIN / "psql"), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", self.url, "-c", sql],
+            capture_output=True,
+            text=True,
+            timeout=READY_TIMEOUT_S,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise BenchError(f"psql failed: {done.stderr[-500:]}")
+        return done.stdout.strip()
+
+    def flush(self) -> None:
+        """Drop every schema but PostgreSQL's own: each workload starts from an empty
+        database (its Keel server migrates a fresh schema)."""
+        self._psql(
+            "DO $$ DECLARE s text; BEGIN FOR s IN SELECT nspname FROM pg_namespace "
+            "WHERE nspname NOT IN ('public', 'information_schema') AND nspname NOT LIKE 'pg\\_%' "
+            "LOOP EXECUTE format('DROP SCHEMA %I CASCADE', s); END LOOP; END $$"
+        )
+
+    def version(self) -> str:
+        return self._psql("SHOW server_version")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "postgresql",
+            "nodes": 1,
+            "version": self.version(),
+            "settings": dict(self.settings),
+        }
+
+    def stop(self) -> None:
+        # fmt: off
+        subprocess.run(
+            _as_postgres_user([
+                str(PG_BIN / "pg_ctl"), "-D", str(self.root / "data"), "-m", "immediate", "stop",
+            ]),
+            capture_output=True,
+            check=False,
+        )
+        # fmt: on
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+Store = RedisServer | RedisCluster | PostgresServer
 
 
 def start_store(backend: str) -> Store:
-    """The store of a Redis backend: "redis", "redis-aof-everysec", "redis-aof-always" or
-    "cluster"."""
+    """The store of a backend: "redis", "redis-aof-everysec", "redis-aof-always",
+    "cluster", "postgres" or "postgres-sync"."""
+    if backend == POSTGRES:
+        return PostgresServer.start()
+    if backend == "postgres-sync":
+        return PostgresServer.start(POSTGRES_SYNC_SETTINGS)
     if backend == "cluster":
         return RedisCluster.start()
     if backend.startswith("redis-aof-"):
         return RedisServer.start(appendfsync=backend.removeprefix("redis-aof-"))
     if backend == "redis":
         return RedisServer.start()
-    raise BenchError(f"no Redis store is called {backend}")
+    raise BenchError(f"no store is called {backend}")
 
 
 @dataclass
@@ -551,7 +700,8 @@ class Launcher:
         key_prefix: str = "",
         workers: int = 0,
     ) -> ServerProcess:
-        """A Keel server serving the scripted agent, on the memory log or on `redis_url`,
+        """A Keel server serving the scripted agent, on the memory log or on `redis_url`
+        (a postgresql:// URL: PostgreSQL, --postgres-url),
         with the KEEL_* settings of `env` added; `workers` > 0: `--workers N` (worker
         processes, children of the server). Unsupported if this server has no `--workers`."""
         # With workers, a port of our choosing: every worker must serve the same one.
@@ -559,14 +709,19 @@ class Launcher:
         argv = ["-m", "server", "serve", "--port", str(port), "--agents", SCRIPTED_AGENTS]
         argv += ["--log-level", log_level]
         if redis_url:
+            # A postgresql:// URL is a PostgreSQL store: the prefix names its schema.
+            flag = "--postgres-url" if redis_url.startswith("postgresql://") else "--redis-url"
             prefix = key_prefix or f"bench-{uuid.uuid4().hex[:8]}"
-            argv += ["--redis-url", redis_url, "--key-prefix", prefix]
+            argv += [flag, redis_url, "--key-prefix", prefix]
         # Stop fast: the benchmark waits for nothing at shutdown.
         settings = {"KEEL_SHUTDOWN_GRACE_S": "0", **(env or {})}
         if workers:
             argv += ["--workers", str(workers)]
             settings["KEEL_WORKERS"] = str(workers)
-        name = "keel-" + ((env or {}).get("KEEL_EXECUTOR") or ("redis" if redis_url else "memory"))
+        store = "memory"
+        if redis_url:
+            store = "postgres" if redis_url.startswith("postgresql://") else "redis"
+        name = "keel-" + ((env or {}).get("KEEL_EXECUTOR") or store)
         try:
             return self.start_server(name, argv, "keel listening on ", env=settings)
         except BenchError as exc:

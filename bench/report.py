@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from bench import analysis
-from bench.procs import REDIS_VARIANTS
+from bench.procs import POSTGRES_BACKENDS, REDIS_VARIANTS
 
 Params = dict[str, Any]
-BACKENDS = ("memory", "redis", "temporal", *REDIS_VARIANTS)
+BACKENDS = ("memory", "redis", "temporal", *REDIS_VARIANTS, *POSTGRES_BACKENDS)
 NONE = "\N{EN DASH}"  # a missing value in a table
 TIMES = analysis.TIMES
 
@@ -89,7 +89,9 @@ def markdown(results: Params, chart: str | None) -> str:
         f"{results['duration_s']:.0f} s on {machine.get('cpus')} cores, load average "
         f"{load.get('start', '?')} before and {load.get('end', '?')} after; "
         f"Keel {machine.get('keel_commit', '?')}; Python {machine.get('python')}, "
-        f"grpcio {machine.get('grpcio')}, redis-server {machine.get('redis_server')}. "
+        f"grpcio {machine.get('grpcio')}, redis-server {machine.get('redis_server')}"
+        + (f", PostgreSQL {machine['postgres']}" if machine.get("postgres") else "")
+        + ". "
         "How to read this: [README.md](README.md).",
         "",
     ]
@@ -151,10 +153,11 @@ def _value(row: Params | None, backend: str, field: str = "value") -> Any:
 
 
 def _shown(rows: list[Params]) -> tuple[str, ...]:
-    """The columns of the targets and figures tables: memory and redis, and each Redis
-    variant that ran (the Temporal executor has a table of its own)."""
+    """The columns of the targets and figures tables: memory and redis, each Redis
+    variant that ran, and postgres if it ran (the Temporal executor has a table of its
+    own)."""
     ran = {backend for row in rows for backend in row["backends"]}
-    return ("memory", "redis", *(b for b in REDIS_VARIANTS if b in ran))
+    return ("memory", "redis", *(b for b in (*REDIS_VARIANTS, *POSTGRES_BACKENDS) if b in ran))
 
 
 def _targets_table(targets: list[Params], before: Params | None = None) -> list[str]:
@@ -314,7 +317,8 @@ def _cpu_table(rows: list[Params], before: Params | None = None) -> list[str]:
         "CPU time (user + system, all threads, the server's worker processes included) over",
         "each client's measured part, divided by the events it received (µs/event) or the",
         "runs it made (ms/run). server: the Keel server (on temporal, the API server and",
-        "its worker); redis: the redis-server; client: the measuring client process;",
+        "its worker); redis: the redis-server; postgres: the PostgreSQL server (the",
+        "postmaster and its backends); client: the measuring client process;",
         "in-process: the client process running the agent itself (workload f).",
         "",
         f"| workload | what | process | unit | {' | '.join(heads)} |",
@@ -475,7 +479,7 @@ def _executors_table(rows: list[Params], before: Params | None = None) -> list[s
 def _ceilings_table(ceilings: Params) -> list[str]:
     lines = ["## Ceilings of this run", "", "| ceiling | measured |", "|---|---|"]
     for name, value in ceilings.items():
-        if name == "redis" or name.startswith("redis@"):
+        if name in ("redis", "postgres") or name.startswith(("redis@", "postgres@")):
             for key, sub in value.items():
                 if isinstance(sub, dict) and "events_per_s" in sub:
                     lines.append(
@@ -564,6 +568,8 @@ def write_chart(results: Params, path: Path) -> bool:
         "redis-aof-everysec": "#C44E52",
         "redis-aof-always": "#8172B3",
         "cluster": "#937860",
+        "postgres": "#336791",
+        "postgres-sync": "#64B5CD",
     }
     ran = {b for row in [*results["figures"], *results["targets"]] for b in row["backends"]}
     colors = {b: color for b, color in palette.items() if b in ran or b in ("memory", "redis")}

@@ -3,10 +3,12 @@
 1. On first need, start the stores of our own (procs.start_store: a
    memory-only redis-server for "redis" and "temporal"; one with an AOF for
    "redis-aof-everysec" and "redis-aof-always"; a 3-master Redis Cluster for
-   "cluster") and the raw gRPC server.
+   "cluster"; a PostgreSQL server for "postgres", one whose commits wait for
+   their WAL flush for "postgres-sync") and the raw gRPC server.
 2. For each workload a-i: measure the ceilings it is compared with (once per
    benchmark run, just before the first workload that needs them; a store's
-   raw Redis ceiling just before the first workload on it), then run its
+   raw Redis ceiling, or the raw PostgreSQL one, just before the first
+   workload on it), then run its
    client against a Keel server on each backend. A workload that runs on
    "redis" runs on its variants (REDIS_VARIANTS) too, when they are asked
    for. A full run starts a fresh server per workload and backend, so its
@@ -41,6 +43,9 @@ from typing import Any
 from bench import cpu
 from bench.cpu import Meter
 from bench.procs import (
+    POSTGRES,
+    POSTGRES_BACKENDS,
+    POSTGRES_VARIANTS,
     REDIS_VARIANTS,
     BenchError,
     Launcher,
@@ -56,8 +61,10 @@ from bench.stats import latency_summary_ms
 Params = dict[str, Any]
 BACKENDS = ("memory", "redis", "temporal")  # temporal: the Temporal executor, on Redis
 LOCAL = ("memory", "redis")
-# Besides the default ones: "redis" on other stores, asked for with --backends.
-ALL_BACKENDS = (*BACKENDS, *REDIS_VARIANTS)
+# Besides the default ones: "redis" on other stores, and PostgreSQL (workloads a, b and d;
+# "postgres-sync" runs them too), asked for with --backends.
+ALL_BACKENDS = (*BACKENDS, *REDIS_VARIANTS, *POSTGRES_BACKENDS)
+WITH_POSTGRES = (*BACKENDS, POSTGRES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +93,7 @@ WORKLOADS = (
         "stream_one",
         lambda s: {"deltas": s.stream_deltas, "reps": s.stream_reps},
         ("grpc_one_stream", "redis"),
-        backends=BACKENDS,
+        backends=WITH_POSTGRES,
     ),
     Workload(
         "b_concurrent",
@@ -94,7 +101,7 @@ WORKLOADS = (
         "stream_many",
         lambda s: {"runs": s.many_runs, "deltas": s.many_deltas},
         ("grpc_many_streams",),
-        backends=BACKENDS,
+        backends=WITH_POSTGRES,
     ),
     # Workers: b again on Redis, each run on a connection of its own (the kernel hands
     # each connection to one worker), in one server process and with --workers N.
@@ -132,6 +139,7 @@ WORKLOADS = (
         "replay",
         lambda s: {"deltas": s.replay_deltas, "reps": s.replay_reps},
         ("grpc_batched", "redis"),
+        backends=(*LOCAL, POSTGRES),
     ),
     Workload(
         "e_rejoin",
@@ -211,10 +219,12 @@ WORKLOADS = (
 
 
 def runs_on(workload: Workload, backend: str) -> bool:
-    """Whether `workload` runs on `backend`: where it says, and on every Redis variant
-    wherever it runs on "redis"."""
+    """Whether `workload` runs on `backend`: where it says, on every Redis variant
+    wherever it runs on "redis", on every PostgreSQL variant wherever on "postgres"."""
     if backend in REDIS_VARIANTS:
         return "redis" in workload.backends
+    if backend in POSTGRES_VARIANTS:
+        return POSTGRES in workload.backends
     return backend in workload.backends
 
 
@@ -226,8 +236,11 @@ def store_of(backend: str) -> str | None:
 
 
 def store_ceiling(store: str) -> str:
-    """The key of a store's raw Redis ceiling: "redis" for the plain one, else redis@STORE."""
-    return "redis" if store == "redis" else f"redis@{store}"
+    """The key of a store's raw ceiling: "redis" for the plain Redis one, "postgres" for
+    the plain PostgreSQL one, else redis@STORE or postgres@STORE."""
+    if store in ("redis", POSTGRES):
+        return store
+    return f"postgres@{store}" if store in POSTGRES_VARIANTS else f"redis@{store}"
 
 
 def _live_params(sizes: Sizes, channels: int) -> Params:
@@ -317,12 +330,16 @@ class Run:
     # -- processes --------------------------------------------------------------
 
     redis_version: str = ""
+    postgres_version: str = ""
 
     def store(self, name: str = "redis") -> Store:
         """The store `name` (see store_of), started on first need."""
         if name not in self.stores:
             self.stores[name] = start_store(name)
-            self.redis_version = self.redis_version or self.stores[name].version()
+            if name in POSTGRES_BACKENDS:
+                self.postgres_version = self.stores[name].version()
+            else:
+                self.redis_version = self.redis_version or self.stores[name].version()
         return self.stores[name]
 
     def redis_url(self, name: str = "redis") -> str:
@@ -444,7 +461,8 @@ class Run:
                 }
                 name = store_of(backend)
                 if name is not None:
-                    params["redis_pids"] = self.store(name).pids
+                    pids = "postgres_pids" if name in POSTGRES_BACKENDS else "redis_pids"
+                    params[pids] = self.store(name).pids
                 log_offset = server.log_offset()
                 cpu_before = cpu.per_process_cpu_s([server.pid])
                 companions_before = cpu.tree_cpu_s(server.companions)
@@ -558,7 +576,7 @@ class Run:
                     if not runs_on(workload, backend):
                         continue
                     name = store_of(backend)
-                    if name is not None:  # its raw Redis ceiling, once per store
+                    if name is not None:  # its raw store ceiling, once per store
                         self.measure_ceiling(store_ceiling(name))
                     results[backend] = self.measure_workload(workload, backend)
                 self.workloads[workload.key] = results
@@ -614,6 +632,18 @@ def _grpc_fanout(run: Run) -> Params:
     )
 
 
+def _postgres(run: Run, store: str = POSTGRES) -> Params:
+    """The raw PostgreSQL ceiling: as many events as the Redis one, the same variants."""
+    return run.client(
+        "postgres",
+        {
+            "url": run.redis_url(store),
+            "events": run.sizes.redis_events,
+            "append_reps": run.sizes.ceiling_reps,
+        },
+    )
+
+
 def _redis(run: Run, store: str = "redis") -> Params:
     return run.client(
         "redis",
@@ -631,12 +661,16 @@ CEILINGS: dict[str, Callable[[Run], Params]] = {
     "grpc_batched": _grpc_batched,
     "grpc_fanout": _grpc_fanout,
     "redis": _redis,
+    POSTGRES: _postgres,
 }
 
 
 def ceiling(key: str) -> Callable[[Run], Params]:
-    """How to measure the ceiling `key`: one of CEILINGS, or redis@STORE (the raw Redis
-    ceiling on that store)."""
+    """How to measure the ceiling `key`: one of CEILINGS (the raw PostgreSQL one is
+    "postgres"), or redis@STORE / postgres@STORE (the raw ceiling on that store)."""
+    if key.startswith("postgres@"):
+        pg_store = key.removeprefix("postgres@")
+        return lambda run: _postgres(run, pg_store)
     if key.startswith("redis@"):
         store = key.removeprefix("redis@")
         return lambda run: _redis(run, store)
