@@ -51,7 +51,9 @@ class StoreHealth:
         except (StoreUnavailable, TimeoutError) as exc:
             reachable = False
             if self._serving is not False:
-                log.warning("store unreachable, health NOT_SERVING: %s", exc or "ping timed out")
+                log.warning(
+                    "store unreachable, health NOT_SERVING: %s", str(exc) or "the ping timed out"
+                )
         if reachable and self._serving is False:
             log.info("store reachable again, health SERVING")
         if reachable is not self._serving:

@@ -3,7 +3,7 @@ by every server.
 
 Schedules are rows of their own table, not tied to any run; a schedule's
 history is a second table whose rows go with their schedule (ON DELETE
-CASCADE). Every statement is in sql.py. A write is one statement, or one
+CASCADE). Every statement is in server/events/sql.py (SCHEDULE_). A write is one statement, or one
 transaction when it is two (a compare-and-set that also records firings):
 the version in the UPDATE's WHERE is what makes racing writers lose
 (ScheduleChanged), as the version check inside the Redis store's script
@@ -20,9 +20,9 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 
 from server.errors import ScheduleChanged, ScheduleNotFound
+from server.events import sql
 from server.events.postgres import PostgresEventLog
 from server.events.postgres_records import store_errors
-from server.schedules import sql
 from server.schedules.records import FIRINGS_KEPT, Firing, SchedulePageCursor, ScheduleRecord
 
 
@@ -50,10 +50,10 @@ class PostgresScheduleStore:
         with store_errors():
             async with self._pool.connection() as conn:
                 while True:
-                    made = await (await conn.execute(sql.CREATE, params)).fetchone()
+                    made = await (await conn.execute(sql.SCHEDULE_CREATE, params)).fetchone()
                     if made is not None:
                         return stored, True
-                    found = await (await conn.execute(sql.GET, params)).fetchone()
+                    found = await (await conn.execute(sql.SCHEDULE_GET, params)).fetchone()
                     if found is not None:
                         return ScheduleRecord.decode(found[0]), False
                     # Deleted between the two statements: try again.
@@ -61,7 +61,7 @@ class PostgresScheduleStore:
     async def get(self, schedule_id: str) -> ScheduleRecord:
         with store_errors():
             async with self._pool.connection() as conn:
-                cursor = await conn.execute(sql.GET, {"schedule_id": schedule_id})
+                cursor = await conn.execute(sql.SCHEDULE_GET, {"schedule_id": schedule_id})
                 found = await cursor.fetchone()
         if found is None:
             raise ScheduleNotFound(schedule_id)
@@ -86,7 +86,7 @@ class PostgresScheduleStore:
         }
         with store_errors():
             async with self._pool.connection() as conn:
-                rows = await (await conn.execute(sql.PAGE, params)).fetchall()
+                rows = await (await conn.execute(sql.SCHEDULE_PAGE, params)).fetchall()
         return [ScheduleRecord.decode(row[0]) for row in rows]
 
     async def put(
@@ -102,25 +102,25 @@ class PostgresScheduleStore:
                     "due_ms": stored.due_ms,
                     "expected": expected_version,
                 }
-                won = await (await conn.execute(sql.PUT, put)).fetchone()
+                won = await (await conn.execute(sql.SCHEDULE_PUT, put)).fetchone()
                 if won is None:
-                    current = await (await conn.execute(sql.VERSION, key)).fetchone()
+                    current = await (await conn.execute(sql.SCHEDULE_VERSION, key)).fetchone()
                     if current is None:
                         raise ScheduleNotFound(record.schedule_id)
                     raise ScheduleChanged(record.schedule_id)
                 if firings:
                     async with conn.cursor() as cursor:
                         await cursor.executemany(
-                            sql.ADD_FIRING,
+                            sql.SCHEDULE_ADD_FIRING,
                             [{**key, "seq": f.seq, "firing": f.encode()} for f in firings],
                         )
-                    await conn.execute(sql.TRIM_FIRINGS, {**key, "kept": FIRINGS_KEPT})
+                    await conn.execute(sql.SCHEDULE_TRIM_FIRINGS, {**key, "kept": FIRINGS_KEPT})
         return stored
 
     async def delete(self, schedule_id: str) -> None:
         with store_errors():
             async with self._pool.connection() as conn:
-                cursor = await conn.execute(sql.DELETE, {"schedule_id": schedule_id})
+                cursor = await conn.execute(sql.SCHEDULE_DELETE, {"schedule_id": schedule_id})
                 deleted = await cursor.fetchone()
         if deleted is None:
             raise ScheduleNotFound(schedule_id)
@@ -128,14 +128,14 @@ class PostgresScheduleStore:
     async def due(self, now_ms: int, limit: int) -> list[str]:
         with store_errors():
             async with self._pool.connection() as conn:
-                cursor = await conn.execute(sql.DUE, {"now_ms": now_ms, "limit": limit})
+                cursor = await conn.execute(sql.SCHEDULE_DUE, {"now_ms": now_ms, "limit": limit})
                 rows = await cursor.fetchall()
         return [str(row[0]) for row in rows]
 
     async def next_due_ms(self) -> int | None:
         with store_errors():
             async with self._pool.connection() as conn:
-                row = await (await conn.execute(sql.NEXT_DUE)).fetchone()
+                row = await (await conn.execute(sql.SCHEDULE_NEXT_DUE)).fetchone()
         return None if row is None or row[0] is None else int(row[0])
 
     async def firings(
@@ -145,7 +145,7 @@ class PostgresScheduleStore:
         params = {"schedule_id": schedule_id, "before_seq": before_seq, "limit": limit}
         with store_errors():
             async with self._pool.connection() as conn:
-                rows = await (await conn.execute(sql.FIRINGS, params)).fetchall()
+                rows = await (await conn.execute(sql.SCHEDULE_FIRINGS, params)).fetchall()
         return [Firing.decode(row[0]) for row in rows]
 
     async def close(self) -> None:

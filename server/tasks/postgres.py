@@ -3,7 +3,7 @@ every server.
 
 A task is a row of `tasks` (its record's fields, its lease, its place in the
 queue), its run's task log is rows of `task_log`, and the slots are rows of
-`task_slots`; sql.py has every statement and says how the tables hang
+`task_slots`; server/events/sql.py (TASK_) has every statement and says how the tables hang
 together. What a Lua script does on Redis is one transaction here: the
 task's row is locked (SELECT ... FOR UPDATE), the checks and the new state
 are computed from it (the same steps as the memory store's), and the row,
@@ -40,11 +40,11 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from server.errors import RunNotFound, StaleEpoch, TaskNotFound, TaskNotRetryable
+from server.events import sql
 from server.events.log import Subscription
 from server.events.pg_fanout import PgFanout
 from server.events.postgres import PostgresEventLog
 from server.events.postgres_records import store_errors
-from server.tasks import sql
 from server.tasks.records import TaskPageCursor, TaskRecord, TaskStatus, log_entry
 from server.tasks.store import Renewal, Slot, TaskListener
 
@@ -54,7 +54,7 @@ def _now_ms() -> int:
 
 
 def _task(row: Sequence[Any]) -> TaskRecord:
-    """A TaskRecord from a row of sql.COLUMNS."""
+    """A TaskRecord from a row of sql.TASK_COLUMNS."""
     return TaskRecord(
         task_id=row[0],
         run_id=row[1],
@@ -146,16 +146,16 @@ class PostgresTaskStore:
         )
 
     async def create_task(self, task: TaskRecord) -> tuple[TaskRecord, bool]:
-        params = {c: getattr(task, c) for c in sql.COLUMNS}
+        params = {c: getattr(task, c) for c in sql.TASK_COLUMNS}
         params["status"] = task.status.value
         with store_errors():
             async with self._pool.connection() as conn, conn.transaction():
-                run = await (await conn.execute(sql.LOCK_RUN, params)).fetchone()
+                run = await (await conn.execute(sql.TASK_LOCK_RUN, params)).fetchone()
                 if run is None:
                     raise RunNotFound(task.run_id)
-                made = await (await conn.execute(sql.CREATE, params)).fetchone()
+                made = await (await conn.execute(sql.TASK_CREATE, params)).fetchone()
                 if made is None:  # its id exists (and stays: its run's row is locked)
-                    existing = await (await conn.execute(sql.GET, params)).fetchone()
+                    existing = await (await conn.execute(sql.TASK_GET, params)).fetchone()
                     if existing is None:
                         raise TaskNotFound(task.task_id)
                     return _task(existing), False
@@ -165,7 +165,7 @@ class PostgresTaskStore:
     async def get_task(self, task_id: str) -> TaskRecord:
         with store_errors():
             async with self._pool.connection() as conn:
-                row = await (await conn.execute(sql.GET, {"task_id": task_id})).fetchone()
+                row = await (await conn.execute(sql.TASK_GET, {"task_id": task_id})).fetchone()
         if row is None:
             raise TaskNotFound(task_id)
         return _task(row)
@@ -193,14 +193,14 @@ class PostgresTaskStore:
         }
         with store_errors():
             async with self._pool.connection() as conn:
-                rows = await (await conn.execute(sql.LIST, params)).fetchall()
+                rows = await (await conn.execute(sql.TASK_LIST, params)).fetchall()
         return [_task(row) for row in rows]
 
     async def task_log(self, run_id: str, start: int) -> list[bytes]:
         params = {"run_id": run_id, "start": max(0, start)}
         with store_errors():
             async with self._pool.connection() as conn:
-                rows = await (await conn.execute(sql.TASK_LOG, params)).fetchall()
+                rows = await (await conn.execute(sql.TASK_LOG_ENTRIES, params)).fetchall()
         return [bytes(row[0]) for row in rows]
 
     async def subscribe_tasks(self, run_id: str, listener: TaskListener) -> Subscription:
@@ -209,7 +209,7 @@ class PostgresTaskStore:
     async def due(self, limit: int) -> list[str]:
         with store_errors():
             async with self._pool.connection() as conn:
-                rows = await (await conn.execute(sql.DUE, {"limit": limit})).fetchall()
+                rows = await (await conn.execute(sql.TASK_DUE, {"limit": limit})).fetchall()
         return [str(row[0]) for row in rows]
 
     async def acquire_slot(
@@ -224,21 +224,23 @@ class PostgresTaskStore:
         }
         with store_errors():
             async with self._pool.connection() as conn, conn.transaction():
-                await conn.execute(sql.LOCK_SLOTS)
-                await conn.execute(sql.DROP_LAPSED_SLOTS)
-                row = await (await conn.execute(sql.ACQUIRE_SLOT, params)).fetchone()
+                await conn.execute(sql.TASK_LOCK_SLOTS)
+                await conn.execute(sql.TASK_DROP_LAPSED_SLOTS)
+                row = await (await conn.execute(sql.TASK_ACQUIRE_SLOT, params)).fetchone()
         held = 0 if row is None else int(row[0])
         return {1: Slot.HELD, 0: Slot.FULL}.get(held, Slot.AGENT_FULL)
 
     async def renew_slot(self, task_id: str, agent_id: str) -> None:
         with store_errors():
             async with self._pool.connection() as conn:
-                await conn.execute(sql.RENEW_SLOT, {"task_id": task_id, "lease_ms": self._lease_ms})
+                await conn.execute(
+                    sql.TASK_RENEW_SLOT, {"task_id": task_id, "lease_ms": self._lease_ms}
+                )
 
     async def release_slot(self, task_id: str, agent_id: str) -> None:
         with store_errors():
             async with self._pool.connection() as conn:
-                await conn.execute(sql.RELEASE_SLOT, {"task_id": task_id})
+                await conn.execute(sql.TASK_RELEASE_SLOT, {"task_id": task_id})
 
     async def start_task(self, task_id: str, owner: str) -> TaskRecord | None:
         with store_errors():
@@ -270,7 +272,7 @@ class PostgresTaskStore:
         params = {"task_id": task_id, "epoch": epoch, "lease_ms": self._lease_ms}
         with store_errors():
             async with self._pool.connection() as conn:
-                row = await (await conn.execute(sql.RENEW, params)).fetchone()
+                row = await (await conn.execute(sql.TASK_RENEW, params)).fetchone()
         if row is None:
             return Renewal.LOST
         return Renewal.CANCEL_REQUESTED if row[0] else Renewal.RENEWED
@@ -328,7 +330,7 @@ class PostgresTaskStore:
                 late = status in (TaskStatus.COMPLETED, TaskStatus.FAILED)
                 if late and task.thread_id and not task.until_idle and thread_entry:
                     await conn.execute(
-                        sql.ADD_TO_THREAD,
+                        sql.TASK_ADD_TO_THREAD,
                         {"thread_id": task.thread_id, "entry": thread_entry,
                          "idle_ttl_ms": self._thread_idle_ttl_ms},
                     )  # fmt: skip
@@ -388,13 +390,13 @@ class PostgresTaskStore:
     async def run_tasks(self, run_id: str) -> list[TaskRecord]:
         with store_errors():
             async with self._pool.connection() as conn:
-                rows = await (await conn.execute(sql.RUN_TASKS, {"run_id": run_id})).fetchall()
+                rows = await (await conn.execute(sql.TASK_RUN_TASKS, {"run_id": run_id})).fetchall()
         return [_task(row) for row in rows]
 
     async def lapsed(self, limit: int) -> list[str]:
         with store_errors():
             async with self._pool.connection() as conn:
-                rows = await (await conn.execute(sql.LAPSED, {"limit": limit})).fetchall()
+                rows = await (await conn.execute(sql.TASK_LAPSED, {"limit": limit})).fetchall()
         return [str(row[0]) for row in rows]
 
     async def close(self) -> None:
@@ -403,10 +405,10 @@ class PostgresTaskStore:
     # Steps of a transaction (the caller holds the connection in one).
 
     async def _lock(self, conn: AsyncConnection[Any], task_id: str) -> _Locked | None:
-        row = await (await conn.execute(sql.LOCK, {"task_id": task_id})).fetchone()
+        row = await (await conn.execute(sql.TASK_LOCK, {"task_id": task_id})).fetchone()
         if row is None:
             return None
-        width = len(sql.COLUMNS)
+        width = len(sql.TASK_COLUMNS)
         return _Locked(_task(row), bool(row[width]), row[width + 1], int(row[width + 2]))
 
     async def _running(self, conn: AsyncConnection[Any], task_id: str, epoch: int) -> _Locked:
@@ -422,7 +424,7 @@ class PostgresTaskStore:
         self, conn: AsyncConnection[Any], task: TaskRecord, *, lease: str, queued_ms: int | None
     ) -> None:
         await conn.execute(
-            sql.SAVE,
+            sql.TASK_SAVE,
             {
                 "task_id": task.task_id,
                 "status": task.status.value,
@@ -444,9 +446,9 @@ class PostgresTaskStore:
 
     async def _log(self, conn: AsyncConnection[Any], task: TaskRecord, entry: bytes) -> None:
         """Append `entry` to the run's task log and ring its doorbell (at commit)."""
-        await conn.execute(sql.APPEND_LOG, {"run_id": task.run_id, "entry": entry})
+        await conn.execute(sql.TASK_APPEND_LOG, {"run_id": task.run_id, "entry": entry})
         await self._notify(conn, task.run_id, "log")
 
     async def _notify(self, conn: AsyncConnection[Any], run_id: str, message: str) -> None:
         payload = doorbell_payload(run_id, message)
-        await conn.execute(sql.NOTIFY, {"channel": self._fanout.channel, "payload": payload})
+        await conn.execute(sql.TASK_NOTIFY, {"channel": self._fanout.channel, "payload": payload})

@@ -4,10 +4,10 @@ Revision ID: 0002
 Revises: 0001
 Create Date: 2026-12-01
 
-Raw SQL; each store's statements are in its own module (server/tasks/sql.py,
-server/schedules/sql.py, server/a2a/push/sql.py), and docs/postgres.md
-explains the tables. Times that decide anything (leases, slot holds, push
-holds, expiry) are timestamptz of the database's clock.
+Raw SQL; the stores' statements are in server/events/sql.py (TASK_,
+SCHEDULE_, PUSH_), and docs/postgres.md explains the tables. Times that
+decide anything (leases, slot holds, push holds, expiry) are timestamptz of
+the database's clock.
 
 A task lives and expires with its run: tasks and task_logs reference runs
 ON DELETE CASCADE, so the log's retention (expire(), which deletes the runs
