@@ -8,11 +8,20 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 
+import grpc
 import psycopg
 import pytest
+from grpc_status import rpc_status
+from keel.v1 import agent_service_pb2 as pb
+from keel.v1 import agent_service_pb2_grpc as pb_grpc
 
+from server.app import Keel
 from server.events.postgres import schema_of
+from tests.integration.conftest import collect, script, text
+from tests.integration.test_streams import error_info
+from tests.postgres import start_postgres
 from tests.processes import ROOT, start_keel_process
 
 DEADLINE_S = 60
@@ -95,3 +104,42 @@ async def test_servers_starting_together_migrate_once_and_all_serve(
         for server in servers:
             server.kill()
             await server.wait()
+
+
+async def test_a_database_lost_mid_run_is_unavailable_with_retry_info(
+    start_keel: Callable[..., Awaitable[Keel]],
+) -> None:
+    """As on Redis (test_server.py): an outage answers UNAVAILABLE with RetryInfo, and the
+    run is not failed for it: its task stops, leaving it to whoever owns it later."""
+    database = start_postgres()
+    try:
+        keel = await start_keel(postgres_url=database.url, lease_ttl_s=1.0)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{keel.port}") as channel:
+            stub = pb_grpc.AgentServiceStub(channel)
+            started = await stub.StartRun(
+                pb.StartRunRequest(agent_id="scripted", input=script(text(1000, delay_ms=5)))
+            )
+            run_id = started.run.run_id
+            while (await stub.GetRun(pb.GetRunRequest(run_id=run_id))).run.next_offset < 5:
+                await asyncio.sleep(0.01)
+            database.stop()  # the outage
+            for call in (
+                lambda: stub.GetRun(pb.GetRunRequest(run_id=run_id)),
+                lambda: collect(stub.Observe(pb.ObserveRequest(run_id=run_id))),
+                lambda: stub.StartRun(
+                    pb.StartRunRequest(agent_id="scripted", input=script(text(1)))
+                ),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call()
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+                status = rpc_status.from_call(err.value)  # type: ignore[arg-type]
+                assert status is not None
+                kinds = {detail.type_url.rsplit(".", 1)[-1] for detail in status.details}
+                assert {"ErrorInfo", "RetryInfo"} <= kinds
+                assert error_info(err.value).reason == "STORE_UNAVAILABLE"
+            async with asyncio.timeout(60):
+                while keel.executor.running:
+                    await asyncio.sleep(0.05)
+    finally:
+        database.stop()
