@@ -41,6 +41,18 @@ def value(
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+async def ended_run_counted(port: int) -> Samples:
+    """The server's metrics once its run has ended there: the run's task counts its end,
+    and leaves, a moment after its last event is out (a bound, not a timing goal)."""
+    for _ in range(1000):
+        metrics = scrape(port)
+        ended = value(metrics, "keel_runs_ended_total", agent="scripted", state="succeeded")
+        if ended >= 1 and value(metrics, "keel_runs_active") == 0:
+            break
+        await asyncio.sleep(0.01)
+    return metrics
+
+
 async def test_a_run_a_replay_and_a_takeover_are_counted(cluster: Cluster) -> None:
     port_a, port_b = free_port(), free_port()
     a = await cluster.start(KEEL_METRICS_PORT=str(port_a))
@@ -53,7 +65,7 @@ async def test_a_run_a_replay_and_a_takeover_are_counted(cluster: Cluster) -> No
             pb.StreamRequest(agent_id="scripted", input=script({"text": 5}))
         ):
             streamed.extend(response.events.events)
-    on_a = scrape(port_a)
+    on_a = await ended_run_counted(port_a)
     assert value(on_a, "keel_runs_started_total", agent="scripted") == 1
     assert value(on_a, "keel_runs_ended_total", agent="scripted", state="succeeded") == 1
     assert value(on_a, "keel_events_appended_total") == len(streamed)
@@ -76,12 +88,8 @@ async def test_a_run_a_replay_and_a_takeover_are_counted(cluster: Cluster) -> No
     a.kill()
     events = await observe_all(b.target, run_id)
     assert_run_invariants(events, expected_text(*TEXT_AND_RECORDS))
-    on_b = scrape(port_b)
+    on_b = await ended_run_counted(port_b)
     assert value(on_b, "keel_takeovers_total") == 1
     assert value(on_b, "keel_runs_ended_total", agent="scripted", state="succeeded") == 1
     assert value(on_b, "keel_runs_started_total", agent="scripted") == 0  # A stored it
-    for _ in range(500):  # the run's task ends a moment after its last event
-        if value(scrape(port_b), "keel_runs_active") == 0:
-            break
-        await asyncio.sleep(0.01)
-    assert value(scrape(port_b), "keel_runs_active") == 0
+    assert value(on_b, "keel_runs_active") == 0
