@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -172,6 +173,30 @@ def _client(url: str) -> Redis | RedisCluster:
     return Redis.from_url(url)
 
 
+async def append_rates(
+    variants: dict[str, tuple[int, int]],
+    timed: Callable[[int, int], Awaitable[float]],
+    events: int,
+    reps: int,
+) -> Params:
+    """Each variant (name: (batch, pipelined)) measured `reps` times, in rounds (so a slow
+    moment of the machine does not fall on one variant only): its best rate, in events
+    and calls per second, and the spread of its rates."""
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(max(1, reps)):
+        for name, (batch, pipelined) in variants.items():
+            rates[name].append(events / await timed(batch, pipelined))
+    results: Params = {}
+    for name, (batch, _pipelined) in variants.items():
+        best = max(rates[name])
+        results[name] = {
+            "events_per_s": best,
+            "calls_per_s": best / batch,
+            "events_per_s_spread": spread(rates[name]),
+        }
+    return results
+
+
 async def redis(params: Params) -> Params:
     """Raw redis-py: Lua appends (one at a time, pipelined, batched) and ZRANGEBYSCORE.
 
@@ -221,17 +246,9 @@ async def redis(params: Params) -> Params:
             "lua_append_batch_100": (100, 1),
             "lua_append_batch_1000": (1000, 1),
         }
-        rates: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(max(1, int(params.get("append_reps", 1)))):
-            for name, (batch, pipelined) in variants.items():
-                rates[name].append(events / await timed(batch, pipelined))
-        for name, (batch, _pipelined) in variants.items():
-            best = max(rates[name])
-            results[name] = {
-                "events_per_s": best,
-                "calls_per_s": best / batch,
-                "events_per_s_spread": spread(rates[name]),
-            }
+        results.update(
+            await append_rates(variants, timed, events, int(params.get("append_reps", 1)))
+        )
 
         # ZRANGEBYSCORE of a 10,000-event run (or `events`), read whole and in pages.
         key = f"ceiling:{{{uuid.uuid4().hex}}}:events"
@@ -339,17 +356,9 @@ async def postgres(params: Params) -> Params:
             "insert_batch_100": (100, 1),
             "insert_batch_1000": (1000, 1),
         }
-        rates: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(max(1, int(params.get("append_reps", 1)))):
-            for name, (batch, pipelined) in variants.items():
-                rates[name].append(events / await timed(batch, pipelined))
-        for name, (batch, _pipelined) in variants.items():
-            best = max(rates[name])
-            results[name] = {
-                "events_per_s": best,
-                "calls_per_s": best / batch,
-                "events_per_s_spread": spread(rates[name]),
-            }
+        results.update(
+            await append_rates(variants, timed, events, int(params.get("append_reps", 1)))
+        )
 
         # One run of `events` rows read by the primary key, whole and in pages of 1000.
         run_id = uuid.uuid4().hex
