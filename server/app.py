@@ -25,7 +25,7 @@ from server.agents.registry import load_registry
 from server.agents.types import AgentSpec
 from server.api.servicer import SERVICE, AgentServicer, add_to_server
 from server.auth.gate import A2A_METHOD_ROLES, A2A_SERVICE, AuthInterceptor, Gate
-from server.errors import StoreUnavailable
+from server.errors import SchemaTooNew, StoreUnavailable
 from server.events.factory import open_event_log
 from server.events.log import EventLog
 from server.goals.judge import check_default_goals
@@ -212,13 +212,8 @@ async def create_server(settings: Settings, *, reuse_port: bool = False) -> Keel
         # At start there is nothing to serve yet: say so once and stop (a supervisor
         # restarts the process; the server does not spin on an unreachable store).
         raise ConfigurationError(f"cannot reach the store at start: {exc}") from exc
-    except Exception as exc:
-        if settings.postgres_url:  # imported only then: the migrations import Alembic
-            from server.events.pg_migrate import SchemaTooNew
-
-            if isinstance(exc, SchemaTooNew):  # migrated by a newer Keel: refuse to start
-                raise ConfigurationError(str(exc)) from exc
-        raise
+    except SchemaTooNew as exc:  # migrated by a newer Keel: refuse to start
+        raise ConfigurationError(str(exc)) from exc
     task_limits = TaskLimits(
         global_concurrency=settings.tasks_global_concurrency,
         default_timeout_s=settings.tasks_default_timeout_s,

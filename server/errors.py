@@ -281,6 +281,18 @@ class IndexConflict(KeelError):
         )
 
 
+class SchemaTooNew(Exception):
+    """The database's schema was migrated by a newer Keel than this one."""
+
+    def __init__(self, schema: str, revision: str, head: str) -> None:
+        self.schema, self.revision, self.head = schema, revision, head
+        super().__init__(
+            f"PostgreSQL schema {schema!r} is at revision {revision!r}, which this Keel does "
+            f"not know (its newest is {head!r}): the database was migrated by a newer Keel; "
+            "run that version (or a newer one), never an older one, on this database"
+        )
+
+
 class StoreUnavailable(KeelError):
     """The store (Redis) could not be reached."""
 

@@ -32,23 +32,11 @@ from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import NullPool
 
-from server.errors import StoreUnavailable
+from server.errors import SchemaTooNew, StoreUnavailable
 from server.events import sql
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _LOCK_NAMESPACE = "keel-migrate:"
-
-
-class SchemaTooNew(Exception):
-    """The database's schema was migrated by a newer Keel than this one."""
-
-    def __init__(self, schema: str, revision: str, head: str) -> None:
-        self.schema, self.revision, self.head = schema, revision, head
-        super().__init__(
-            f"PostgreSQL schema {schema!r} is at revision {revision!r}, which this Keel does "
-            f"not know (its newest is {head!r}): the database was migrated by a newer Keel; "
-            "run that version (or a newer one), never an older one, on this database"
-        )
 
 
 def quote_ident(name: str) -> str:

@@ -182,7 +182,7 @@ class PostgresEventLog:
         """Migrate the schema, open the pool and the LISTEN connection, and start the sweep.
 
         Raises StoreUnavailable if the database cannot be reached, SchemaTooNew
-        (pg_migrate.py) if a newer Keel migrated it. `timeout_s` bounds the wait
+        (from pg_migrate.py) if a newer Keel migrated it. `timeout_s` bounds the wait
         for a free pooled connection (of at most `max_connections`, plus the
         LISTEN connection) and for connecting. `health_check_interval_s` is how long
         the LISTEN connection may stay quiet before it is checked with a query.

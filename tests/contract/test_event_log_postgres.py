@@ -17,11 +17,11 @@ import psycopg
 import pytest
 from keel.v1.agent_service_pb2 import AgentEvent, TextDelta
 
-from server.errors import StaleEpoch, StoreUnavailable
+from server.errors import SchemaTooNew, StaleEpoch, StoreUnavailable
 from server.events.factory import open_event_log
 from server.events.log import BusyPolicy, RunState
 from server.events.pg_fanout import MAX_PAYLOAD_BYTES, events_payload
-from server.events.pg_migrate import SchemaTooNew, migrate
+from server.events.pg_migrate import migrate
 from server.events.postgres import PostgresEventLog, schema_of
 from tests.contract.test_event_log import Recorder, indices, make_events, make_record, new_run
 from tests.postgres import start_postgres

@@ -8,8 +8,8 @@ import uuid
 import psycopg
 import pytest
 
-from server.errors import StoreUnavailable
-from server.events.pg_migrate import SchemaTooNew, head_revision, migrate
+from server.errors import SchemaTooNew, StoreUnavailable
+from server.events.pg_migrate import head_revision, migrate
 
 
 def _schema() -> str:
