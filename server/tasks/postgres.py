@@ -46,7 +46,7 @@ from server.events.pg_fanout import PgFanout
 from server.events.postgres import PostgresEventLog
 from server.events.postgres_records import store_errors
 from server.tasks.records import TaskPageCursor, TaskRecord, TaskStatus, log_entry
-from server.tasks.store import Renewal, Slot, TaskListener
+from server.tasks.store import Renewal, Slot, TaskDoorbell, TaskListener
 
 
 def _now_ms() -> int:
@@ -104,19 +104,6 @@ def doorbell_payload(run_id: str, message: str) -> str:
     whose rest is `message`: "log", or "cancel:<task id>"."""
     key = channel_key(run_id)
     return f"c{len(key)}:{key}{message}"
-
-
-class _Doorbell:
-    """Turns the control notifications of a run's task key into TaskListener calls."""
-
-    def __init__(self, listener: TaskListener) -> None:
-        self._listener = listener
-
-    def on_cancel(self, reason: str) -> None:  # the fanout's control-listener callback
-        if reason.startswith("cancel:"):
-            self._listener.on_task_cancel(reason.removeprefix("cancel:"))
-        else:
-            self._listener.on_task_log()
 
 
 class PostgresTaskStore:
@@ -204,7 +191,7 @@ class PostgresTaskStore:
         return [bytes(row[0]) for row in rows]
 
     async def subscribe_tasks(self, run_id: str, listener: TaskListener) -> Subscription:
-        return await self._fanout.subscribe_control(channel_key(run_id), _Doorbell(listener))
+        return await self._fanout.subscribe_control(channel_key(run_id), TaskDoorbell(listener))
 
     async def due(self, limit: int) -> list[str]:
         with store_errors():

@@ -23,7 +23,7 @@ from server.events.redis_client import AnyFanout, RedisClient, register
 from server.events.redis_records import flatten, pairs, store_errors, walk_index
 from server.tasks import scripts
 from server.tasks.records import TaskPageCursor, TaskRecord, TaskStatus, run_id_of
-from server.tasks.store import Renewal, Slot, TaskListener
+from server.tasks.store import Renewal, Slot, TaskDoorbell, TaskListener
 
 # The fields of a task's hash: the names of TaskRecord's fields.
 _FIELDS = list(TaskRecord.__dataclass_fields__)
@@ -76,19 +76,6 @@ def _task(fields: Mapping[bytes, bytes]) -> TaskRecord:
         until_idle=text["until_idle"] == "1",
         tenant=text["tenant"],
     )
-
-
-class _Doorbell:
-    """Turns the messages of a run's task channel into TaskListener calls."""
-
-    def __init__(self, listener: TaskListener) -> None:
-        self._listener = listener
-
-    def on_cancel(self, message: str) -> None:  # the fanout's control-channel callback
-        if message.startswith("cancel:"):
-            self._listener.on_task_cancel(message.removeprefix("cancel:"))
-        else:
-            self._listener.on_task_log()
 
 
 class RedisTaskStore:
@@ -208,7 +195,7 @@ class RedisTaskStore:
 
     async def subscribe_tasks(self, run_id: str, listener: TaskListener) -> Subscription:
         return await self._fanout.subscribe_control(
-            self._keys.task_events(run_id), _Doorbell(listener)
+            self._keys.task_events(run_id), TaskDoorbell(listener)
         )
 
     async def due(self, limit: int) -> list[str]:

@@ -56,6 +56,21 @@ class TaskListener(Protocol):
         """A running task of the run was asked to stop."""
 
 
+class TaskDoorbell:
+    """The control listener of a run's task notifications, as both shared stores send
+    them ("cancel:<task id>", or "log": the run's task log grew), turned into
+    TaskListener calls."""
+
+    def __init__(self, listener: TaskListener) -> None:
+        self._listener = listener
+
+    def on_cancel(self, message: str) -> None:  # the fanout's control-listener callback
+        if message.startswith("cancel:"):
+            self._listener.on_task_cancel(message.removeprefix("cancel:"))
+        else:
+            self._listener.on_task_log()
+
+
 class TaskStore(Protocol):
     """Background tasks; see the module docstring."""
 
